@@ -1,0 +1,214 @@
+"""Settings (flag > environment > .env > default), URL parsing and masking."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote
+
+import psycopg2.extensions
+from dotenv import dotenv_values
+
+from .errors import ConfigError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+# Every password seen while parsing URLs; the log filter blanks them out wherever
+# they might slip into a message.
+_SECRETS: set[str] = set()
+
+# libpq parameters that map onto environment variables for child processes.
+_ENV_PARAMS = {
+    "sslmode": "PGSSLMODE",
+    "sslrootcert": "PGSSLROOTCERT",
+    "sslcert": "PGSSLCERT",
+    "sslkey": "PGSSLKEY",
+    "connect_timeout": "PGCONNECT_TIMEOUT",
+    "options": "PGOPTIONS",
+    "target_session_attrs": "PGTARGETSESSIONATTRS",
+    "application_name": "PGAPPNAME",
+}
+
+
+def known_secrets() -> set[str]:
+    return set(_SECRETS)
+
+
+def redact(text: str) -> str:
+    """Blank out every known password and any password inside a URL."""
+    for secret in sorted(_SECRETS, key=len, reverse=True):
+        if secret:
+            text = text.replace(secret, "***")
+    text = re.sub(r"(postgres(?:ql)?://[^:/@\s]*):[^@\s]*@", r"\1:***@", text)
+    return re.sub(r"(password\s*=\s*)('[^']*'|\S+)", r"\1***", text, flags=re.I)
+
+
+@dataclass(frozen=True)
+class ConnInfo:
+    """A parsed connection target. ``password`` never leaves this object
+    except through a passfile or a psycopg2 connect call."""
+
+    host: str | None
+    port: int
+    user: str | None
+    dbname: str
+    password: str | None = field(default=None, repr=False)
+    params: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def parse(cls, url: str, what: str = "database URL") -> ConnInfo:
+        if not url or not url.strip():
+            raise ConfigError(f"The {what} is empty.")
+        url = url.strip()
+        if "://" in url and not re.match(r"^postgres(ql)?://", url):
+            raise ConfigError(
+                f"The {what} {redact(url)!r} is not a PostgreSQL URL.",
+                "Write it as postgresql://user:password@host:5432/dbname.",
+            )
+        try:
+            parts = psycopg2.extensions.parse_dsn(url)
+        except psycopg2.ProgrammingError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unparsable"
+            raise ConfigError(
+                f"The {what} {redact(url)!r} is malformed ({redact(first)}).",
+                "Write it as postgresql://user:password@host:5432/dbname.",
+            ) from None
+        password = parts.pop("password", None)
+        if password:
+            _SECRETS.add(password)
+        dbname = parts.pop("dbname", None)
+        if not dbname:
+            raise ConfigError(
+                f"The {what} {redact(url)!r} names no database.",
+                "Add the database name after the last slash: postgresql://user@host:5432/dbname.",
+            )
+        host = parts.pop("host", None)
+        port_text = parts.pop("port", None) or "5432"
+        try:
+            port = int(port_text)
+        except ValueError:
+            raise ConfigError(f"The {what} has a port that is not a number: {port_text!r}.") from None
+        user = parts.pop("user", None)
+        return cls(host, port, user, dbname, password, tuple(sorted(parts.items())))
+
+    def with_dbname(self, dbname: str) -> ConnInfo:
+        return ConnInfo(self.host, self.port, self.user, dbname, self.password, self.params)
+
+    def masked(self) -> str:
+        """The URL with the password replaced by ***; safe for logs, manifests, audit."""
+        user = quote(self.user or "", safe="")
+        auth = f"{user}:***@" if self.password else (f"{user}@" if user else "")
+        host = self.host or "localhost"
+        if "," in host or host.startswith("/"):
+            host = quote(host, safe="")
+        query = "&".join(f"{k}={quote(v, safe='')}" for k, v in self.params)
+        return f"postgresql://{auth}{host}:{self.port}/{quote(self.dbname, safe='')}" + (
+            f"?{query}" if query else ""
+        )
+
+    def server_label(self) -> str:
+        return f"{self.host or 'localhost'}:{self.port}"
+
+    def connect_kwargs(self, dbname: str | None = None) -> dict[str, object]:
+        kwargs: dict[str, object] = {"dbname": dbname or self.dbname, "port": self.port}
+        if self.host:
+            kwargs["host"] = self.host
+        if self.user:
+            kwargs["user"] = self.user
+        if self.password is not None:
+            kwargs["password"] = self.password
+        kwargs.update(dict(self.params))
+        kwargs.setdefault("connect_timeout", "10")
+        return kwargs
+
+    def tool_args(self, dbname: str | None = None) -> list[str]:
+        """Connection flags for pg_dump / pg_restore / psql; no password."""
+        args = ["--no-password", "-p", str(self.port)]
+        if self.host:
+            args += ["-h", self.host]
+        if self.user:
+            args += ["-U", self.user]
+        return args + ["-d", dbname or self.dbname]
+
+    def tool_env(self, passfile: Path | None) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        for key, value in self.params:
+            if key in _ENV_PARAMS:
+                env[_ENV_PARAMS[key]] = value
+        if passfile is not None:
+            env["PGPASSFILE"] = str(passfile)
+        env.setdefault("PGCONNECT_TIMEOUT", "10")
+        return env
+
+
+def _passfile_escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace(":", "\\:")
+
+
+def passfile_line(info: ConnInfo) -> str:
+    return ":".join(_passfile_escape(x) for x in ("*", "*", "*", "*", info.password or "")) + "\n"
+
+
+@dataclass
+class Settings:
+    staging_url: str | None
+    v2_url: str | None
+    backup_dir: Path
+    log_dir: Path
+    pg_bin_dirs: list[Path]
+    pg_bin_dir_only: bool
+    restore_jobs: int
+
+    def staging(self) -> ConnInfo:
+        if not self.staging_url:
+            raise ConfigError(
+                "STAGING_DATABASE_URL is not set, so there is no database to work on.",
+                "Set it in the environment or in .env "
+                "(STAGING_DATABASE_URL=postgresql://user:password@host:5432/staging), "
+                "or pass --database-url.",
+            )
+        return ConnInfo.parse(self.staging_url, "staging database URL")
+
+    def v2(self) -> ConnInfo | None:
+        return ConnInfo.parse(self.v2_url, "V2 database URL") if self.v2_url else None
+
+
+def load_settings(
+    *,
+    staging_url: str | None = None,
+    v2_url: str | None = None,
+    backup_dir: str | None = None,
+    env_file: Path | None = None,
+) -> Settings:
+    """flag > environment > .env > default."""
+    dotenv_path = env_file or Path(os.environ.get("ROLLBACK_ENV_FILE", PROJECT_ROOT / ".env"))
+    file_values = {k: v for k, v in dotenv_values(dotenv_path).items() if v is not None} if dotenv_path.is_file() else {}
+
+    def pick(flag: str | None, name: str, default: str | None = None) -> str | None:
+        if flag:
+            return flag
+        if os.environ.get(name):
+            return os.environ[name]
+        return file_values.get(name) or default
+
+    def as_path(value: str) -> Path:
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else PROJECT_ROOT / path
+
+    bin_dirs = pick(None, "PG_BIN_DIR", "") or ""
+    jobs_text = pick(None, "RESTORE_JOBS", "2") or "2"
+    try:
+        jobs = max(1, int(jobs_text))
+    except ValueError:
+        raise ConfigError(f"RESTORE_JOBS must be a whole number, not {jobs_text!r}.") from None
+    return Settings(
+        staging_url=pick(staging_url, "STAGING_DATABASE_URL"),
+        v2_url=pick(v2_url, "V2_DATABASE_URL"),
+        backup_dir=as_path(pick(backup_dir, "BACKUP_DIR", "backups") or "backups"),
+        log_dir=as_path(pick(None, "LOG_DIR", "logs") or "logs"),
+        pg_bin_dirs=[Path(p) for p in bin_dirs.split(":") if p],
+        pg_bin_dir_only=(pick(None, "PG_BIN_DIR_ONLY", "") or "").lower() in ("1", "true", "yes"),
+        restore_jobs=jobs,
+    )

@@ -1,0 +1,76 @@
+"""What people see: rich output on stderr, results on stdout, confirmations."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.markup import escape
+from rich.prompt import Confirm
+
+from .errors import ConfirmationRefused
+
+
+class UI:
+    """Human messages go to stderr so that stdout carries only results (and JSON)."""
+
+    def __init__(self, *, json_mode: bool = False, quiet: bool = False) -> None:
+        self.json_mode = json_mode
+        self.quiet = quiet
+        # Piped output is not wrapped at 80 columns: ids and paths stay whole for grep.
+        self.err = Console(stderr=True, highlight=False, soft_wrap=True)
+        self.out = Console(highlight=False)
+        if not self.out.is_terminal:
+            self.out = Console(highlight=False, width=220)
+
+    def info(self, text: str) -> None:
+        if not self.quiet:
+            self.err.print(text)
+
+    def step(self, text: str) -> None:
+        self.info(f"[cyan]•[/] {text}")
+
+    def ok(self, text: str) -> None:
+        self.info(f"[green]✓[/] {text}")
+
+    def warn(self, text: str) -> None:
+        self.err.print(f"[yellow]warning:[/] {text}")
+
+    def error(self, text: str) -> None:
+        self.err.print(f"[bold red]error:[/] {escape(text)}")
+
+    def emit_json(self, document) -> None:
+        sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
+        sys.stdout.flush()
+
+    @contextmanager
+    def progress(self, label: str) -> Iterator[callable]:
+        """A spinner with elapsed time; the yielded callback updates its detail text."""
+        if self.quiet or not self.err.is_terminal:
+            self.info(f"[cyan]•[/] {label} …")
+            yield lambda detail=None: None
+            return
+        started = time.monotonic()
+        with self.err.status(label) as status:
+
+            def update(detail: str | None = None) -> None:
+                extra = f" — {detail}" if detail else ""
+                status.update(f"{label}{extra} ({time.monotonic() - started:.0f} s)")
+
+            yield update
+
+    def confirm(self, question: str, *, assume_yes: bool, what: str) -> None:
+        """Ask; with --yes go ahead; with no terminal refuse before anything changes."""
+        if assume_yes:
+            return
+        if not sys.stdin.isatty():
+            raise ConfirmationRefused(
+                f"Refusing to {what} without confirmation: there is no terminal to ask on.",
+                "Run it again with --yes to confirm (nothing has been changed).",
+            )
+        if not Confirm.ask(question, console=self.err, default=False):
+            raise ConfirmationRefused(f"Not confirmed; did not {what}.", "Nothing has been changed.")

@@ -1,0 +1,393 @@
+"""psycopg2 connections, server facts, sessions and database-level DDL."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+
+import psycopg2
+import psycopg2.extensions
+from psycopg2 import sql
+
+from .config import ConnInfo, redact
+from .errors import DatabaseError
+
+log = logging.getLogger(__name__)
+
+MAINTENANCE_DB = "postgres"
+MAX_IDENTIFIER_BYTES = 63
+
+
+def _explain_connect_error(info: ConnInfo, dbname: str, exc: Exception) -> DatabaseError:
+    text = redact(str(exc).strip())
+    target = f"database {dbname!r} on {info.server_label()} as {info.user or 'the default user'}"
+    low = text.lower()
+    if "password authentication failed" in low or "no password supplied" in low:
+        hint = "Check the password in the URL (STAGING_DATABASE_URL / V2_DATABASE_URL or .env)."
+    elif "does not exist" in low and "database" in low:
+        hint = "Check the database name in the URL; `rollback_manager.py list` shows the points and their databases."
+    elif "could not connect" in low or "connection refused" in low or "timeout" in low or "could not translate" in low:
+        hint = "Check that the server is running and that host and port in the URL are right (try: pg_isready -h HOST -p PORT)."
+    elif "not currently accepting connections" in low:
+        hint = "The database has connections disabled (ALLOW_CONNECTIONS false); a rollback may have been interrupted. See ROLLBACK_GUIDE.md, 'Recovering by hand'."
+    else:
+        hint = "See the log for details."
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return DatabaseError(f"Could not connect to {target}: {first}.", hint)
+
+
+def connect(
+    info: ConnInfo,
+    dbname: str | None = None,
+    *,
+    autocommit: bool = True,
+    readonly: bool = False,
+    application_name: str = "rollback-toolkit",
+) -> psycopg2.extensions.connection:
+    name = dbname or info.dbname
+    kwargs = info.connect_kwargs(name)
+    kwargs.setdefault("application_name", application_name)
+    if readonly:
+        kwargs["options"] = (str(kwargs.get("options", "")) + " -c default_transaction_read_only=on").strip()
+    try:
+        conn = psycopg2.connect(**kwargs)
+    except psycopg2.Error as exc:
+        raise _explain_connect_error(info, name, exc) from None
+    conn.autocommit = autocommit
+    if readonly:
+        conn.set_session(readonly=True, autocommit=autocommit)
+    return conn
+
+
+@contextmanager
+def connection(info: ConnInfo, dbname: str | None = None, **kwargs) -> Iterator[psycopg2.extensions.connection]:
+    conn = connect(info, dbname, **kwargs)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def query(conn, statement, params=None) -> list[tuple]:
+    with conn.cursor() as cur:
+        cur.execute(statement, params)
+        return cur.fetchall() if cur.description else []
+
+
+def scalar(conn, statement, params=None):
+    rows = query(conn, statement, params)
+    return rows[0][0] if rows else None
+
+
+def execute(conn, statement, params=None) -> None:
+    with conn.cursor() as cur:
+        cur.execute(statement, params)
+
+
+@dataclass
+class ServerFacts:
+    version: str
+    major: int
+    system_identifier: str | None
+    database_oid: int
+    database_size: int
+    current_user: str
+    is_superuser: bool
+    can_create_db: bool
+    is_db_owner: bool
+    db_owner: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def server_facts(conn) -> ServerFacts:
+    row = query(
+        conn,
+        """
+        SELECT current_setting('server_version'),
+               current_setting('server_version_num')::int / 10000,
+               d.oid, pg_database_size(d.oid), current_user,
+               r.rolsuper, r.rolcreatedb,
+               pg_has_role(current_user, d.datdba, 'USAGE'),
+               pg_get_userbyid(d.datdba)
+          FROM pg_database d, pg_roles r
+         WHERE d.datname = current_database() AND r.rolname = current_user
+        """,
+    )[0]
+    return ServerFacts(
+        version=row[0],
+        major=row[1],
+        system_identifier=system_identifier(conn),
+        database_oid=row[2],
+        database_size=row[3],
+        current_user=row[4],
+        is_superuser=row[5],
+        can_create_db=row[5] or row[6],
+        is_db_owner=row[5] or row[7],
+        db_owner=row[8],
+    )
+
+
+def system_identifier(conn) -> str | None:
+    """The cluster's system identifier; None where the role may not read it."""
+    statement = "SELECT system_identifier::text FROM pg_control_system()"
+    if conn.autocommit:
+        try:
+            return scalar(conn, statement)
+        except psycopg2.Error:
+            return None
+    execute(conn, "SAVEPOINT sysid")
+    try:
+        value = scalar(conn, statement)
+    except psycopg2.Error:
+        execute(conn, "ROLLBACK TO SAVEPOINT sysid")
+        return None
+    execute(conn, "RELEASE SAVEPOINT sysid")
+    return value
+
+
+@dataclass
+class Session:
+    pid: int
+    user: str | None
+    application: str | None
+    client: str | None
+    state: str | None
+    since: str | None
+
+    def describe(self) -> str:
+        return (
+            f"pid {self.pid} user {self.user or '?'} app {self.application or '-'} "
+            f"from {self.client or 'local socket'} {self.state or '?'} since {self.since or '?'}"
+        )
+
+
+def sessions_on(conn, dbname: str) -> list[Session]:
+    rows = query(
+        conn,
+        """
+        SELECT pid, usename, application_name, client_addr::text, state,
+               to_char(backend_start, 'YYYY-MM-DD HH24:MI:SS')
+          FROM pg_stat_activity
+         WHERE datname = %s AND pid <> pg_backend_pid()
+           AND backend_type = 'client backend'
+         ORDER BY backend_start
+        """,
+        (dbname,),
+    )
+    return [Session(*r) for r in rows]
+
+
+def terminate_sessions(conn, dbname: str, wait_seconds: float = 10.0) -> list[Session]:
+    """Terminate every other session on ``dbname`` and wait until they are gone."""
+    gone = sessions_on(conn, dbname)
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        current = sessions_on(conn, dbname)
+        if not current:
+            return gone
+        for s in current:
+            ok = scalar(conn, "SELECT pg_terminate_backend(%s)", (s.pid,))
+            if not ok:
+                log.warning("could not terminate pid %s", s.pid)
+        if time.monotonic() > deadline:
+            raise DatabaseError(
+                f"Sessions on {dbname!r} did not end within {wait_seconds:.0f} s: "
+                + "; ".join(s.describe() for s in current)
+                + ".",
+                "The role may lack the right to end them (pg_signal_backend); ask a superuser, or stop those clients and run the command again.",
+            )
+        time.sleep(0.1)
+
+
+def database_exists(conn, name: str) -> bool:
+    return bool(scalar(conn, "SELECT 1 FROM pg_database WHERE datname = %s", (name,)))
+
+
+def set_allow_connections(conn, name: str, allow: bool) -> None:
+    execute(
+        conn,
+        sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS {}").format(
+            sql.Identifier(name), sql.SQL("true" if allow else "false")
+        ),
+    )
+
+
+def drop_database(conn, name: str) -> None:
+    """Drop ``name`` if it exists; nobody may be connected (our own aside databases only)."""
+    if not database_exists(conn, name):
+        return
+    set_allow_connections(conn, name, False)
+    terminate_sessions(conn, name)
+    execute(conn, sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
+
+
+def rename_database(conn, old: str, new: str) -> None:
+    execute(conn, sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(old), sql.Identifier(new)))
+
+
+def derived_name(base: str, suffix: str) -> str:
+    """``base`` + ``suffix`` trimmed to 63 bytes, with a hash keeping distinct inputs distinct."""
+    name = f"{base}{suffix}"
+    if len(name.encode()) <= MAX_IDENTIFIER_BYTES:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    room = MAX_IDENTIFIER_BYTES - len(suffix.encode()) - 9
+    head = base.encode()[: max(room, 1)].decode(errors="ignore")
+    return f"{head}_{digest}{suffix}"[:MAX_IDENTIFIER_BYTES]
+
+
+@dataclass
+class DatabaseProperties:
+    """What pg_dump without --create leaves out: the database's own settings."""
+
+    owner: str
+    encoding: str
+    collate: str
+    ctype: str
+    locale_provider: str
+    icu_locale: str | None
+    comment: str | None
+    acl: list[dict]
+    settings: list[str]
+    connection_limit: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def database_properties(conn, dbname: str) -> DatabaseProperties:
+    major = int(scalar(conn, "SELECT current_setting('server_version_num')::int")) // 10000
+    provider = "d.datlocprovider::text" if major >= 15 else "'c'"
+    icu = "d.datlocale" if major >= 17 else ("d.daticulocale" if major >= 15 else "NULL")
+    row = query(
+        conn,
+        sql.SQL(
+            """
+        SELECT pg_get_userbyid(d.datdba), pg_encoding_to_char(d.encoding), d.datcollate, d.datctype,
+               {provider}, {icu}, shobj_description(d.oid, 'pg_database'), d.datconnlimit,
+               d.datacl IS NULL
+          FROM pg_database d WHERE d.datname = %s
+        """
+        ).format(provider=sql.SQL(provider), icu=sql.SQL(icu)),
+        (dbname,),
+    )[0]
+    acl = []
+    if not row[8]:
+        acl = [
+            {"grantee": g, "privilege": p, "grantable": w}
+            for g, p, w in query(
+                conn,
+                """
+                SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_get_userbyid(a.grantee) END,
+                       a.privilege_type, a.is_grantable
+                  FROM pg_database d, aclexplode(d.datacl) a
+                 WHERE d.datname = %s ORDER BY 1, 2
+                """,
+                (dbname,),
+            )
+        ]
+    settings = [
+        s
+        for (cfg,) in query(
+            conn,
+            """
+            SELECT s.setconfig FROM pg_db_role_setting s JOIN pg_database d ON d.oid = s.setdatabase
+             WHERE d.datname = %s AND s.setrole = 0
+            """,
+            (dbname,),
+        )
+        for s in (cfg or [])
+    ]
+    return DatabaseProperties(
+        owner=row[0],
+        encoding=row[1],
+        collate=row[2],
+        ctype=row[3],
+        locale_provider=row[4],
+        icu_locale=row[5],
+        comment=row[6],
+        acl=acl,
+        settings=settings,
+        connection_limit=row[7],
+    )
+
+
+def create_database_like(conn, name: str, props: dict, server_major: int) -> None:
+    """An empty database with the encoding, locale and owner recorded in ``props``."""
+    parts = [
+        sql.SQL("CREATE DATABASE {} TEMPLATE template0 ENCODING {} LC_COLLATE {} LC_CTYPE {}").format(
+            sql.Identifier(name),
+            sql.Literal(props["encoding"]),
+            sql.Literal(props["collate"]),
+            sql.Literal(props["ctype"]),
+        )
+    ]
+    if server_major >= 15 and props.get("locale_provider") == "i" and props.get("icu_locale"):
+        parts.append(sql.SQL("LOCALE_PROVIDER icu ICU_LOCALE {}").format(sql.Literal(props["icu_locale"])))
+    execute(conn, sql.SQL(" ").join(parts))
+    apply_database_properties(conn, name, props)
+
+
+def apply_database_properties(conn, name: str, props: dict) -> None:
+    ident = sql.Identifier(name)
+    current_owner = scalar(conn, "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = %s", (name,))
+    if props.get("owner") and props["owner"] != current_owner:
+        execute(conn, sql.SQL("ALTER DATABASE {} OWNER TO {}").format(ident, sql.Identifier(props["owner"])))
+    execute(conn, sql.SQL("COMMENT ON DATABASE {} IS {}").format(ident, sql.Literal(props.get("comment"))))
+    if props.get("connection_limit", -1) != -1:
+        execute(
+            conn,
+            sql.SQL("ALTER DATABASE {} WITH CONNECTION LIMIT {}").format(ident, sql.Literal(props["connection_limit"])),
+        )
+    for setting in props.get("settings", []):
+        key, _, value = setting.partition("=")
+        execute(conn, sql.SQL("ALTER DATABASE {} SET {} = {}").format(ident, sql.Identifier(key), sql.Literal(value)))
+    if props.get("acl"):
+        execute(conn, sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(ident))
+        for entry in props["acl"]:
+            grantee = sql.SQL("PUBLIC") if entry["grantee"] == "PUBLIC" else sql.Identifier(entry["grantee"])
+            execute(
+                conn,
+                sql.SQL("GRANT {} ON DATABASE {} TO {}{}").format(
+                    sql.SQL(entry["privilege"]),
+                    ident,
+                    grantee,
+                    sql.SQL(" WITH GRANT OPTION" if entry["grantable"] else ""),
+                ),
+            )
+
+
+def lock_key(system_identifier: str | None, dbname: str) -> int:
+    """A stable 63-bit advisory lock key per database."""
+    digest = hashlib.sha256(f"rollback-toolkit:{system_identifier}:{dbname}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & 0x7FFFFFFFFFFFFFFF
+
+
+def advisory_lock_holder(conn, key: int) -> str | None:
+    rows = query(
+        conn,
+        """
+        SELECT a.pid, a.usename, a.application_name, a.client_addr::text,
+               to_char(a.backend_start, 'YYYY-MM-DD HH24:MI:SS')
+          FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+         WHERE l.locktype = 'advisory' AND l.granted
+           AND ((l.classid::bigint << 32) | l.objid::bigint) = %s
+        """,
+        (key,),
+    )
+    if not rows:
+        return None
+    pid, user, app, client, since = rows[0]
+    return f"server session pid {pid} (user {user}, application {app or '-'}, from {client or 'local socket'}, since {since})"
+
+
+def safe_identifier_text(name: str) -> str:
+    """A name as an operator would type it in SQL, for messages only."""
+    return name if re.fullmatch(r"[a-z_][a-z0-9_$]*", name) else '"' + name.replace('"', '""') + '"'

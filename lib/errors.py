@@ -1,0 +1,98 @@
+"""One exception root, one subclass per area, and the exit codes every script shares."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """Exit codes of every script; documented in --help and ROLLBACK_GUIDE.md."""
+
+    DONE = 0
+    FAILED = 1
+    USAGE = 2
+    VERIFICATION_FAILED = 3
+    LOCKED = 4
+    INTERRUPTED = 130
+
+
+EXIT_CODES_HELP = (
+    "exit codes: 0 done, 1 failed (the message says what state things are in), "
+    "2 usage or configuration error or a confirmation that could not be asked, "
+    "3 verification failed, 4 another operation holds the lock, 130 interrupted"
+)
+
+
+class RollbackError(Exception):
+    """Root of every error the toolkit raises on purpose.
+
+    ``hint`` is the next step for the operator; scripts print message and hint
+    as one paragraph and exit with ``exit_code``.
+    """
+
+    exit_code: ExitCode = ExitCode.FAILED
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def paragraph(self) -> str:
+        text = self.message.rstrip()
+        if self.hint:
+            text = f"{text} {self.hint.strip()}"
+        return text
+
+
+class ConfigError(RollbackError):
+    """Missing or malformed settings, bad arguments, unknown point ids."""
+
+    exit_code = ExitCode.USAGE
+
+
+class ConfirmationRefused(RollbackError):
+    """A destructive step was not confirmed, or could not be asked."""
+
+    exit_code = ExitCode.USAGE
+
+
+class DatabaseError(RollbackError):
+    """The server could not be reached, refused us, or a statement failed."""
+
+
+class ToolError(RollbackError):
+    """A PostgreSQL client tool failed or none fits the server / archive."""
+
+    def __init__(
+        self,
+        message: str,
+        hint: str | None = None,
+        *,
+        argv: list[str] | None = None,
+        returncode: int | None = None,
+        stderr: str = "",
+    ) -> None:
+        super().__init__(message, hint)
+        self.argv = argv or []
+        self.returncode = returncode
+        self.stderr = stderr
+
+
+class VersionMismatch(ToolError):
+    """The tool refused because of the server's or the archive's version."""
+
+
+class VerificationError(RollbackError):
+    """Checksums, row counts or schema digest do not match."""
+
+    exit_code = ExitCode.VERIFICATION_FAILED
+
+
+class LockHeld(RollbackError):
+    """Another mutating operation on the same database is running."""
+
+    exit_code = ExitCode.LOCKED
+
+
+class CatalogError(RollbackError):
+    """The backup folder or a point on disk is unusable."""

@@ -1,0 +1,225 @@
+"""Points as pg_dump custom-format archives, taken in one exported snapshot so the
+recorded row counts are exactly the archive's."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+from pathlib import Path
+
+from ..catalog import Catalog, Point, human_size, utc_now
+from ..config import redact
+from ..console import UI
+from ..db import connection, database_properties, query
+from ..errors import CatalogError, ToolError, VerificationError
+from ..pgtools import (
+    Tool,
+    candidates_for_archive,
+    candidates_for_server,
+    companion,
+    passfile,
+    run_tool,
+    run_with_fallback,
+)
+from ..target import Target
+from ..verify import fingerprint
+
+log = logging.getLogger(__name__)
+
+ARCHIVE_NAME = "database.dump"
+
+
+def check_free_space(folder: Path, database_size: int) -> None:
+    free = shutil.disk_usage(folder).free
+    if free < database_size:
+        raise CatalogError(
+            f"Not enough free space in {folder}: the database is {human_size(database_size)} "
+            f"({database_size} bytes) and only {human_size(free)} ({free} bytes) is free.",
+            "Free some space (`python3 rollback_manager.py list` shows old points), or set BACKUP_DIR to a larger disk.",
+        )
+
+
+def database_section(target: Target, props: dict) -> dict:
+    f = target.facts
+    return {
+        "name": target.dbname,
+        "url": target.masked,
+        "server": target.info.server_label(),
+        "server_version": f.version,
+        "server_major": f.major,
+        "system_identifier": f.system_identifier,
+        "database_oid": f.database_oid,
+        "size_bytes": f.database_size,
+        "properties": props,
+    }
+
+
+def take(
+    target: Target,
+    catalog: Catalog,
+    ui: UI,
+    *,
+    label: str,
+    base_manifest: dict,
+) -> Point:
+    check_free_space(catalog.root, target.facts.database_size)
+    candidates = candidates_for_server("pg_dump", target.facts.major, target.settings)
+    started = utc_now()
+    with connection(target.info, autocommit=False, application_name="rollback-toolkit snapshot") as snap_conn:
+        snap_conn.set_session(isolation_level="REPEATABLE READ", readonly=True)
+        snapshot = query(snap_conn, "SELECT pg_export_snapshot()")[0][0]
+        with catalog.writing(label) as writer:
+            archive = writer.new_file(ARCHIVE_NAME)
+            with ui.progress(f"Dumping {target.dbname} ({human_size(target.facts.database_size)})") as tick:
+                tool, _ = run_with_fallback(
+                    candidates,
+                    lambda t: ["--format=custom", f"--snapshot={snapshot}", f"--file={archive}", *target.info.tool_args()],
+                    target.info,
+                    on_tick=lambda _e: tick(f"{human_size(archive.stat().st_size)} written"),
+                )
+            ui.step(f"Archive written by {tool.path} ({tool.version}); counting rows in the same snapshot")
+            fp = fingerprint(snap_conn)
+            props = database_properties(snap_conn, target.dbname).as_dict()
+            manifest = dict(base_manifest)
+            manifest.update(
+                created_at=started.isoformat(timespec="seconds"),
+                method="dump",
+                database=database_section(target, props),
+                tool={"name": tool.name, "path": str(tool.path), "major": tool.major, "version": tool.version},
+                archive=ARCHIVE_NAME,
+                fingerprint=fp.as_dict(),
+                duration_seconds=round((utc_now() - started).total_seconds(), 3),
+            )
+            point = writer.commit(manifest)
+        snap_conn.rollback()
+    return point
+
+
+def restore_candidates(point: Point, target: Target) -> list[Tool]:
+    writer_major = (point.manifest.get("tool") or {}).get("major")
+    return candidates_for_archive("pg_restore", writer_major, target.settings)
+
+
+def restore_into(target: Target, point: Point, dbname: str, ui: UI) -> Tool:
+    """pg_restore --exit-on-error into an existing empty database."""
+    archive = point.file_path(point.manifest.get("archive", ARCHIVE_NAME))
+    jobs = target.settings.restore_jobs
+    with ui.progress(f"Restoring {point.id} into {dbname}") as tick:
+        tool, _ = run_with_fallback(
+            restore_candidates(point, target),
+            lambda t: ["--exit-on-error", f"--jobs={jobs}", *target.info.tool_args(dbname), str(archive)],
+            target.info,
+            on_tick=lambda _e: tick(),
+        )
+    return tool
+
+
+def read_through(archive: Path, writer_major: int | None, settings) -> Tool:
+    """Read every block of the archive (decompressing it) without touching a database."""
+    tool, _ = run_with_fallback(
+        candidates_for_archive("pg_restore", writer_major, settings),
+        lambda t: ["--file=/dev/null", str(archive)],
+    )
+    return tool
+
+
+def archive_header(archive: Path, settings) -> dict:
+    """What pg_restore -l says about an archive: versions, format, entries."""
+    tool, listing = run_with_fallback(candidates_for_archive("pg_restore", None, settings), lambda t: ["--list", str(archive)])
+    info: dict = {"read_by": str(tool.path), "entries": 0}
+    keys = {
+        "Archive created at": "created_at",
+        "dbname": "database",
+        "Format": "format",
+        "Compression": "compression",
+        "Dumped from database version": "server_version",
+        "Dumped by pg_dump version": "pg_dump_version",
+        "TOC Entries": "entries",
+    }
+    for line in listing.splitlines():
+        text = line.lstrip(";").strip()
+        for prefix, key in keys.items():
+            if text.startswith(prefix):
+                info[key] = text.split(":", 1)[1].strip()
+    return info
+
+
+def _clear_sql(server_major: int) -> str:
+    """Empty the database in the same transaction as the restore (in-place mode)."""
+    public_grant = "GRANT USAGE ON SCHEMA public TO PUBLIC;" if server_major >= 15 else "GRANT ALL ON SCHEMA public TO PUBLIC;"
+    owner = "ALTER SCHEMA public OWNER TO pg_database_owner;" if server_major >= 14 else ""
+    return f"""
+DO $clear$
+DECLARE r record;
+BEGIN
+  FOR r IN SELECT nspname FROM pg_namespace
+            WHERE nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast')
+              AND nspname NOT LIKE 'pg\\_temp\\_%' AND nspname NOT LIKE 'pg\\_toast\\_temp\\_%'
+  LOOP
+    EXECUTE format('DROP SCHEMA %I CASCADE', r.nspname);
+  END LOOP;
+  FOR r IN SELECT extname FROM pg_extension WHERE extname <> 'plpgsql' LOOP
+    EXECUTE format('DROP EXTENSION %I CASCADE', r.extname);
+  END LOOP;
+  PERFORM lo_unlink(oid) FROM pg_largeobject_metadata;
+END
+$clear$;
+CREATE SCHEMA public;
+{owner}
+{public_grant}
+COMMENT ON SCHEMA public IS 'standard public schema';
+"""
+
+
+def restore_in_place(target: Target, point: Point, ui: UI) -> Tool:
+    """pg_restore's script piped into psql --single-transaction after emptying the database:
+    all of it commits or none of it does."""
+    archive = point.file_path(point.manifest.get("archive", ARCHIVE_NAME))
+    restore = restore_candidates(point, target)[0]
+    psql = companion(restore, "psql", target.settings)
+    clear = point.path.parent / f".clear-{point.id}.sql"
+    clear.write_text(_clear_sql(target.facts.major))
+    clear.chmod(0o600)
+    try:
+        producer_argv = [str(restore.path), "--file=-", str(archive)]
+        consumer_argv = ["--no-psqlrc", "--quiet", "--single-transaction", "--set=ON_ERROR_STOP=1",
+                         f"--file={clear}", "--file=-", *target.info.tool_args()]
+        log.info("running: %s | %s %s", redact(" ".join(producer_argv)), psql.path, redact(" ".join(consumer_argv)))
+        with ui.progress(f"Restoring {point.id} into {target.dbname} in one transaction"):
+            producer = subprocess.Popen(producer_argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+            try:
+                run_tool(psql, consumer_argv, target.info, stdin=producer.stdout)
+            finally:
+                producer.stdout.close()
+                producer_err = producer.stderr.read().decode(errors="replace")
+                producer.wait()
+            if producer.returncode != 0:
+                raise ToolError(f"pg_restore {restore.major} could not read {archive}: {producer_err.strip()}")
+    finally:
+        clear.unlink(missing_ok=True)
+    return restore
+
+
+def verify_archive(point: Point, settings) -> dict:
+    archive = point.file_path(point.manifest.get("archive", ARCHIVE_NAME))
+    try:
+        tool = read_through(archive, (point.manifest.get("tool") or {}).get("major"), settings)
+    except ToolError as exc:
+        raise VerificationError(
+            f"The archive {archive} could not be read end to end: {exc.message}",
+            "Use an earlier point (`python3 rollback_manager.py list`).",
+        ) from None
+    return {"archive": "read end to end", "read_by": str(tool.path)}
+
+
+__all__ = [
+    "take",
+    "restore_into",
+    "restore_in_place",
+    "verify_archive",
+    "archive_header",
+    "check_free_space",
+    "database_section",
+    "passfile",
+]

@@ -1,0 +1,83 @@
+"""Tables and detail views for people; the scripts print JSON themselves."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from rich.table import Table
+
+from .catalog import Point, human_size
+from .console import UI
+
+
+def age(created_at: str | None) -> str:
+    if not created_at:
+        return "?"
+    try:
+        delta = datetime.now(timezone.utc) - datetime.fromisoformat(created_at)
+    except ValueError:
+        return "?"
+    seconds = int(delta.total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds // size} {unit} ago"
+    return f"{seconds} s ago"
+
+
+def points_table(ui: UI, points: list[Point]) -> None:
+    if not points:
+        ui.out.print("No rollback points yet. Take one with: python3 create_rollback_point.py \"Before migration\"")
+        return
+    table = Table(title="Rollback points (oldest first)", title_justify="left")
+    for col in ("ID", "Migration ID", "Database", "Table", "Method", "Size", "Status", "Created", "Description"):
+        table.add_column(col, overflow="fold")
+    for p in points:
+        s = p.summary()
+        created = (s["created_at"] or "?").replace("T", " ").replace("+00:00", " UTC")
+        table.add_row(
+            s["id"], s["migration_id"] or "-", s["database"], s["table"] or "(all)", s["method"],
+            human_size(s["size_bytes"]), s["status"] or "?", created, s["description"] or "",
+        )
+    ui.out.print(table)
+
+
+def point_details(ui: UI, point: Point) -> None:
+    m = point.manifest
+    db = m.get("database", {})
+    fp = m.get("fingerprint", {})
+    tool = m.get("tool") or {}
+    rows = [
+        ("ID", point.id),
+        ("Description", m.get("description") or ""),
+        ("Migration ID", m.get("migration_id") or "-"),
+        ("Kind", m.get("kind", "manual") + (f" (restoring {m['restored_point']})" if m.get("restored_point") else "")),
+        ("Created", f"{m.get('created_at')} ({age(m.get('created_at'))})"),
+        ("Status", m.get("status")),
+        ("Method", point.method),
+        ("Database", f"{db.get('name')} — {db.get('url')}"),
+        ("Server", f"PostgreSQL {db.get('server_version')} (system id {db.get('system_identifier') or 'unknown'})"),
+        ("Database size", human_size(db.get("size_bytes"))),
+        ("Written by", f"{tool.get('path')} ({tool.get('version')})" if tool else "-"),
+        ("Database copy", m.get("template_database") or "-"),
+        ("Folder", str(point.path)),
+        ("Schema digest", f"{fp.get('schema_digest', '?')[:16]}… over {fp.get('schema_objects')} objects"),
+        ("Rows", f"{sum(fp.get('row_counts', {}).values())} in {len(fp.get('row_counts', {}))} tables"),
+        ("Sequences", str(len(fp.get("sequences", {})))),
+        ("Large objects", str(fp.get("large_objects", 0))),
+    ]
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    for k, v in rows:
+        table.add_row(k, str(v))
+    ui.out.print(table)
+    files = Table("File", "Size", "sha256", title="Files", title_justify="left")
+    for f in m.get("files", []):
+        files.add_row(f["name"], human_size(f["size"]), f["sha256"])
+    if m.get("files"):
+        ui.out.print(files)
+    counts = Table("Table", "Rows", title="Row counts", title_justify="left")
+    for name, n in sorted(fp.get("row_counts", {}).items()):
+        counts.add_row(name, str(n))
+    if fp.get("row_counts"):
+        ui.out.print(counts)

@@ -1,0 +1,271 @@
+"""Restoring a point without ever leaving staging half-restored.
+
+Swap mode (the role may create and rename databases): build the point's state
+in a new database beside staging, verify it against the manifest, then in one
+short step disable connections to staging, end its sessions and rename both
+databases in one transaction. The old staging stays on the server, sealed, as a
+point of its own, so the restore can be undone with the same command.
+
+In-place mode (it may not): keep the current state as a dump point first, then
+empty staging and restore in a single transaction: all or nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from .catalog import Catalog, Point, check_files, utc_now
+from .console import UI
+from .db import (
+    Session,
+    connection,
+    create_database_like,
+    apply_database_properties,
+    database_exists,
+    database_properties,
+    derived_name,
+    drop_database,
+    execute,
+    rename_database,
+    sessions_on,
+    set_allow_connections,
+    terminate_sessions,
+)
+from .errors import ConfigError, DatabaseError, RollbackError, VerificationError
+from .methods import dump as dump_method
+from .methods import template as template_method
+from .target import Target
+from .verify import compare, fingerprint
+
+log = logging.getLogger(__name__)
+
+ASIDE_SUFFIX = "_rb_restoring"
+
+
+@dataclass
+class RestorePlan:
+    point: Point
+    mode: str  # "swap" or "in-place"
+    sessions: list[Session]
+    reason: str = ""
+
+    def describe(self, target: Target) -> str:
+        p = self.point
+        lines = [
+            f"Restore database [bold]{target.dbname}[/] on {target.info.server_label()} "
+            f"(PostgreSQL {target.facts.major}) to point [bold]{p.id}[/]",
+            f"  taken {p.manifest.get('created_at')} — {p.manifest.get('description') or 'no description'} ({p.method})",
+        ]
+        if self.mode == "swap":
+            lines.append(
+                "  The point is rebuilt beside staging and verified first; staging is then swapped "
+                "in one short step, and its current state kept as a new point (undo: restore that point)."
+            )
+        else:
+            lines.append(
+                f"  In place, in one transaction ({self.reason}); the current state is first kept as a dump point."
+            )
+        if self.sessions:
+            lines.append(f"  These {len(self.sessions)} session(s) on {target.dbname} will be disconnected:")
+            lines += [f"    - {s.describe()}" for s in self.sessions]
+        else:
+            lines.append(f"  No sessions are connected to {target.dbname} now.")
+        return "\n".join(lines)
+
+
+@dataclass
+class RestoreResult:
+    point_id: str
+    database: str
+    mode: str
+    before_point_id: str | None
+    unavailable_seconds: float | None
+    sessions_terminated: int
+    verified: bool = True
+    tool: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def check_point_usable(target: Target, catalog: Catalog, point: Point) -> None:
+    """Before anything is touched: the point is of this database, complete, and intact."""
+    m = point.manifest
+    if m.get("status") != "completed":
+        raise ConfigError(f"Point {point.id} is not complete (status: {m.get('status')}).", "Use another point.")
+    if point.database_name != target.dbname:
+        raise ConfigError(
+            f"Point {point.id} is of database {point.database_name!r}, but staging is {target.dbname!r}.",
+            "Pass --database-url for that database, or choose a point of this one (`rollback_manager.py list`).",
+        )
+    problems = check_files(point)
+    if problems:
+        good = [
+            p.id
+            for p in catalog.points()
+            if p.id != point.id and p.database_name == target.dbname and p.manifest.get("created_at", "") < m.get("created_at", "")
+            and p.manifest.get("status") == "completed" and not check_files(p)
+        ]
+        hint = (
+            "Earlier points that verify: " + ", ".join(reversed(good[-5:])) + "."
+            if good
+            else "No earlier point of this database verifies; `python3 reset_staging.py` rebuilds staging from V2."
+        )
+        raise VerificationError(f"Point {point.id} failed its checksums: " + "; ".join(problems) + ". Nothing was changed.", hint)
+    if point.method == "template":
+        same_server = m.get("database", {}).get("system_identifier") in (None, target.facts.system_identifier)
+        if not same_server:
+            raise ConfigError(
+                f"Point {point.id} is a database copy on another server ({m.get('database', {}).get('server')}).",
+                "Restore it against that server, or choose a dump point.",
+            )
+        state = template_method.database_state(target.maint, m.get("template_database", ""))
+        if state is None or state["invalid"]:
+            raise VerificationError(
+                f"Point {point.id}'s database {m.get('template_database')!r} is "
+                f"{'missing' if state is None else 'invalid (an interrupted DROP left it)'}. Nothing was changed.",
+                "Choose another point (`python3 rollback_manager.py list`).",
+            )
+
+
+def plan(target: Target, point: Point) -> RestorePlan:
+    f = target.facts
+    can_swap = f.is_superuser or (f.can_create_db and f.is_db_owner)
+    sessions = sessions_on(target.maint, target.dbname)
+    if can_swap:
+        return RestorePlan(point, "swap", sessions)
+    if point.method == "template":
+        raise ConfigError(
+            f"Role {f.current_user} may not create or rename databases, which restoring the database copy {point.id} needs.",
+            "Run it as the database owner with CREATEDB, or as a superuser; or restore a dump point.",
+        )
+    reason = f"role {f.current_user} may not create or rename databases"
+    return RestorePlan(point, "in-place", sessions, reason)
+
+
+def _build_aside(target: Target, point: Point, aside: str, ui: UI) -> str | None:
+    props = point.manifest.get("database", {}).get("properties", {})
+    if point.method == "dump":
+        create_database_like(target.maint, aside, {**props, "comment": None, "acl": [], "settings": []}, target.facts.major)
+        tool = dump_method.restore_into(target, point, aside, ui)
+        return f"{tool.path} ({tool.version})"
+    source = point.manifest["template_database"]
+    with ui.progress(f"Copying {source} into {aside} on the server"):
+        template_method.copy_database(target, source, aside, props.get("owner"))
+    return None
+
+
+def swap_databases(target: Target, aside: str, before: str, attempts: int = 3) -> tuple[float, int]:
+    """Staging becomes ``before`` and ``aside`` becomes staging, in one transaction.
+
+    Returns how long staging refused connections, and how many sessions ended.
+    """
+    maint, name = target.maint, target.dbname
+    started = time.monotonic()
+    set_allow_connections(maint, name, False)
+    ended = 0
+    try:
+        for attempt in range(1, attempts + 1):
+            ended += len(terminate_sessions(maint, name))
+            try:
+                execute(maint, "BEGIN")
+                rename_database(maint, name, before)
+                rename_database(maint, aside, name)
+                execute(maint, "COMMIT")
+                return time.monotonic() - started, ended
+            except Exception as exc:  # noqa: BLE001 - retried, then re-raised
+                execute(maint, "ROLLBACK")
+                if attempt == attempts or "being accessed by other users" not in str(exc):
+                    raise DatabaseError(f"Could not swap {aside} in for {name}: {str(exc).strip()}") from None
+                log.warning("swap attempt %s met a new session; retrying", attempt)
+    except BaseException:
+        set_allow_connections(maint, name, True)
+        raise
+    raise AssertionError("unreachable")
+
+
+def restore_swap(target: Target, catalog: Catalog, rplan: RestorePlan, ui: UI) -> RestoreResult:
+    point = rplan.point
+    aside = derived_name(target.dbname, ASIDE_SUFFIX)
+    if database_exists(target.maint, aside):
+        ui.warn(f"Dropping {aside}, left behind by an interrupted restore.")
+        drop_database(target.maint, aside)
+    swapped = False
+    try:
+        tool = _build_aside(target, point, aside, ui)
+        ui.step(f"Verifying {aside} against the manifest of {point.id}")
+        with connection(target.info, aside, application_name="rollback-toolkit verify") as conn:
+            problems = compare(point.manifest.get("fingerprint", {}), fingerprint(conn))
+        if problems:
+            raise VerificationError(
+                f"The rebuilt copy of {point.id} does not match its manifest: " + "; ".join(problems[:10])
+                + f". Staging {target.dbname} was not touched.",
+                "Try an earlier point (`python3 rollback_manager.py list`).",
+            )
+        ui.ok("Rebuilt copy matches the point (schema digest, row counts, sequences, large objects)")
+        apply_database_properties(target.maint, aside, point.manifest.get("database", {}).get("properties", {}))
+        current_props = database_properties(target.maint, target.dbname).as_dict()
+        description = f"state before rollback to {point.id}"
+        with catalog.writing(f"before rollback {target.dbname}") as writer:
+            before = derived_name(writer.id, "")
+            unavailable, ended = swap_databases(target, aside, before)
+            swapped = True
+            ui.ok(f"{target.dbname} swapped in ({unavailable:.2f} s without connections, {ended} session(s) ended)")
+            before_point = _keep_before_state(target, writer, before, description, current_props, point.id)
+        return RestoreResult(point.id, target.dbname, "swap", before_point.id, round(unavailable, 3), ended, tool=tool)
+    except BaseException:
+        if not swapped:
+            try:
+                drop_database(target.maint, aside)
+            except Exception as exc:  # noqa: BLE001 - report, keep the original error
+                ui.warn(f"Could not drop the temporary database {aside}: {exc}")
+        raise
+
+
+def _keep_before_state(target, writer, before: str, description: str, props: dict, restored_id: str) -> Point:
+    template_method.seal(target.maint, before, writer.id, description)
+    try:
+        fp = template_method.read_fingerprint(target, before)
+    except RollbackError as exc:
+        raise DatabaseError(
+            f"Staging was restored, but the previous state, kept as database {before!r}, could not be read: {exc.message}",
+            f"Nothing is lost: database {before!r} holds it. See ROLLBACK_GUIDE.md, 'Recovering by hand'.",
+        ) from None
+    manifest = {
+        "created_at": utc_now().isoformat(timespec="seconds"),
+        "description": description,
+        "migration_id": None,
+        "table": None,
+        "kind": "before_rollback",
+        "restored_point": restored_id,
+        "method": "template",
+        "template_database": before,
+        "database": dump_method.database_section(target, props),
+        "fingerprint": fp.as_dict(),
+    }
+    return writer.commit(manifest)
+
+
+def restore_in_place(target: Target, catalog: Catalog, rplan: RestorePlan, ui: UI, take_point) -> RestoreResult:
+    point = rplan.point
+    ui.step(f"Keeping the current state of {target.dbname} as a dump point first")
+    before = take_point(f"state before rollback to {point.id}", "before_rollback")
+    if rplan.sessions:
+        terminate_sessions(target.maint, target.dbname)
+    tool = dump_method.restore_in_place(target, point, ui)
+    with connection(target.info, application_name="rollback-toolkit verify") as conn:
+        problems = compare(point.manifest.get("fingerprint", {}), fingerprint(conn))
+    if problems:
+        raise VerificationError(
+            f"Staging {target.dbname} was restored in place but does not match point {point.id}: "
+            + "; ".join(problems[:10]) + ".",
+            f"Its previous state is point {before.id}: `python3 rollback_manager.py restore {before.id}` puts it back.",
+        )
+    return RestoreResult(
+        point.id, target.dbname, "in-place", before.id, None, len(rplan.sessions),
+        tool=f"{tool.path} ({tool.version})",
+        notes=[rplan.reason],
+    )

@@ -1,0 +1,245 @@
+"""Fingerprints of a database: a schema digest read from the catalogs, exact
+per-table row counts, sequence positions, large objects and, on request,
+per-table content hashes.
+
+The digest is built from catalog text (pg_get_*def, format_type, pg_describe_object),
+never from OIDs, so a faithful copy on the same server digests the same, whatever
+client tool wrote it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+
+from psycopg2 import sql
+
+from .db import query, scalar
+
+log = logging.getLogger(__name__)
+
+USER_NAMESPACES = """
+    n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast')
+    AND n.nspname NOT LIKE 'pg\\_temp\\_%' AND n.nspname NOT LIKE 'pg\\_toast\\_temp\\_%'
+"""
+
+_SCHEMA_QUERIES = {
+    "schema": f"""
+        SELECT format('%I owner=%s acl=%s', n.nspname, pg_get_userbyid(n.nspowner), n.nspacl::text)
+          FROM pg_namespace n WHERE {USER_NAMESPACES}""",
+    "relation": f"""
+        SELECT format('%I.%I kind=%s owner=%s persistence=%s acl=%s options=%s rls=%s/%s replident=%s part=%s bound=%s',
+                      n.nspname, c.relname, c.relkind, pg_get_userbyid(c.relowner), c.relpersistence,
+                      c.relacl::text, c.reloptions::text, c.relrowsecurity, c.relforcerowsecurity,
+                      c.relreplident,
+                      CASE WHEN c.relkind = 'p' THEN pg_get_partkeydef(c.oid) END,
+                      pg_get_expr(c.relpartbound, c.oid))
+          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f', 'c', 'S') AND {USER_NAMESPACES}""",
+    "column": f"""
+        SELECT format('%I.%I #%s %I %s notnull=%s default=%s identity=%s generated=%s collation=%s acl=%s',
+                      n.nspname, c.relname,
+                      row_number() OVER (PARTITION BY c.oid ORDER BY a.attnum),
+                      a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull,
+                      pg_get_expr(d.adbin, d.adrelid), a.attidentity, a.attgenerated,
+                      CASE WHEN a.attcollation <> 0 THEN (SELECT collname FROM pg_collation WHERE oid = a.attcollation) END,
+                      a.attacl::text)
+          FROM pg_attribute a
+          JOIN pg_class c ON c.oid = a.attrelid
+          JOIN pg_namespace n ON n.oid = c.relnamespace
+          LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+         WHERE a.attnum > 0 AND NOT a.attisdropped
+           AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'c') AND {USER_NAMESPACES}""",
+    "constraint": f"""
+        SELECT format('%I on %s/%s: %s', co.conname,
+                      coalesce((SELECT format('%I.%I', n2.nspname, c.relname) FROM pg_class c
+                                  JOIN pg_namespace n2 ON n2.oid = c.relnamespace WHERE c.oid = co.conrelid), ''),
+                      coalesce(format_type(nullif(co.contypid, 0), NULL), ''),
+                      pg_get_constraintdef(co.oid))
+          FROM pg_constraint co JOIN pg_namespace n ON n.oid = co.connamespace
+         WHERE {USER_NAMESPACES}""",
+    "index": f"""
+        SELECT pg_get_indexdef(i.indexrelid)
+          FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+          JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE {USER_NAMESPACES}""",
+    "view": f"""
+        SELECT format('%I.%I %s', n.nspname, c.relname, pg_get_viewdef(c.oid))
+          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE c.relkind IN ('v', 'm') AND {USER_NAMESPACES}""",
+    "function": f"""
+        SELECT format('%s owner=%s acl=%s %s', p.oid::regprocedure::text, pg_get_userbyid(p.proowner),
+                      p.proacl::text,
+                      CASE WHEN p.prokind IN ('f', 'p') THEN pg_get_functiondef(p.oid) ELSE p.prokind::text END)
+          FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+         WHERE {USER_NAMESPACES}""",
+    "trigger": f"""
+        SELECT format('%s enabled=%s', pg_get_triggerdef(t.oid), t.tgenabled)
+          FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+          JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE NOT t.tgisinternal AND {USER_NAMESPACES}""",
+    "rule": """
+        SELECT format('%I.%I %s', schemaname, tablename, definition) FROM pg_rules
+         WHERE schemaname NOT IN ('pg_catalog', 'information_schema')""",
+    "policy": """
+        SELECT format('%I.%I %I %s %s roles=%s using=%s check=%s', schemaname, tablename, policyname,
+                      permissive, cmd, roles::text, qual, with_check)
+          FROM pg_policies""",
+    "sequence": f"""
+        SELECT format('%I.%I %s start=%s inc=%s min=%s max=%s cache=%s cycle=%s',
+                      n.nspname, c.relname, format_type(s.seqtypid, NULL), s.seqstart, s.seqincrement,
+                      s.seqmin, s.seqmax, s.seqcache, s.seqcycle)
+          FROM pg_sequence s JOIN pg_class c ON c.oid = s.seqrelid
+          JOIN pg_namespace n ON n.oid = c.relnamespace WHERE {USER_NAMESPACES}""",
+    "type": f"""
+        SELECT format('%s kind=%s owner=%s labels=%s', format_type(t.oid, NULL), t.typtype,
+                      pg_get_userbyid(t.typowner),
+                      (SELECT string_agg(quote_literal(e.enumlabel), ',' ORDER BY e.enumsortorder)
+                         FROM pg_enum e WHERE e.enumtypid = t.oid))
+          FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+         WHERE t.typtype IN ('e', 'd', 'r', 'm') AND {USER_NAMESPACES}""",
+    "extension": """
+        SELECT format('%I %s in %I', e.extname, e.extversion, n.nspname)
+          FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace""",
+    "comment": """
+        SELECT format('%s: %s', pg_describe_object(classoid, objoid, objsubid), description)
+          FROM pg_description WHERE objoid >= 16384""",
+    "inherits": f"""
+        SELECT format('%s inherits %s #%s', i.inhrelid::regclass::text, i.inhparent::regclass::text, i.inhseqno)
+          FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+          JOIN pg_namespace n ON n.oid = c.relnamespace WHERE {USER_NAMESPACES}""",
+    "default_acl": """
+        SELECT format('%s %s %s', pg_get_userbyid(defaclrole), defaclobjtype, defaclacl::text)
+          FROM pg_default_acl""",
+}
+
+
+@dataclass
+class Fingerprint:
+    schema_digest: str
+    schema_objects: int
+    row_counts: dict[str, int]
+    sequences: dict[str, list]
+    large_objects: int
+    content: dict[str, str] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        d = {
+            "schema_digest": self.schema_digest,
+            "schema_objects": self.schema_objects,
+            "row_counts": self.row_counts,
+            "sequences": self.sequences,
+            "large_objects": self.large_objects,
+        }
+        if self.content:
+            d["content"] = self.content
+        return d
+
+    @property
+    def total_rows(self) -> int:
+        return sum(self.row_counts.values())
+
+
+def schema_lines(conn) -> list[str]:
+    lines: list[str] = []
+    for kind, statement in _SCHEMA_QUERIES.items():
+        lines += [f"{kind} {row[0]}" for row in query(conn, statement)]
+    return sorted(lines)
+
+
+def counted_tables(conn) -> list[tuple[str, str]]:
+    rows = query(
+        conn,
+        f"""
+        SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE (c.relkind = 'r' OR (c.relkind = 'm' AND c.relispopulated)) AND {USER_NAMESPACES}
+         ORDER BY 1, 2""",
+    )
+    return [(r[0], r[1]) for r in rows]
+
+
+def qualified(schema: str, name: str) -> str:
+    return f"{schema}.{name}"
+
+
+def row_counts(conn) -> dict[str, int]:
+    counts = {}
+    for schema, name in counted_tables(conn):
+        counts[qualified(schema, name)] = scalar(
+            conn, sql.SQL("SELECT count(*) FROM ONLY {}.{}").format(sql.Identifier(schema), sql.Identifier(name))
+        )
+    return counts
+
+
+def sequence_positions(conn) -> dict[str, list]:
+    positions = {}
+    seqs = query(
+        conn,
+        f"""
+        SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE c.relkind = 'S' AND {USER_NAMESPACES} ORDER BY 1, 2""",
+    )
+    for schema, name in seqs:
+        last, called = query(
+            conn,
+            sql.SQL("SELECT last_value, is_called FROM {}.{}").format(sql.Identifier(schema), sql.Identifier(name)),
+        )[0]
+        positions[qualified(schema, name)] = [int(last), bool(called)]
+    return positions
+
+
+def content_hashes(conn) -> dict[str, str]:
+    """Order-independent hash of every row of every table, and of all large objects."""
+    hashes = {}
+    for schema, name in counted_tables(conn):
+        count, total = query(
+            conn,
+            sql.SQL(
+                "SELECT count(*), coalesce(sum(('x' || substr(md5(t::text), 1, 15))::bit(60)::bigint), 0) "
+                "FROM ONLY {}.{} t"
+            ).format(sql.Identifier(schema), sql.Identifier(name)),
+        )[0]
+        hashes[qualified(schema, name)] = f"{count}:{total}"
+    lo = query(
+        conn,
+        "SELECT count(*), coalesce(sum(('x' || substr(md5(oid::text || md5(lo_get(oid))), 1, 15))::bit(60)::bigint), 0) "
+        "FROM pg_largeobject_metadata",
+    )[0]
+    hashes["<large objects>"] = f"{lo[0]}:{lo[1]}"
+    return hashes
+
+
+def fingerprint(conn, *, deep: bool = False) -> Fingerprint:
+    """Read inside whatever transaction ``conn`` has open (a snapshot, when taking a point)."""
+    lines = schema_lines(conn)
+    digest = hashlib.sha256("\n".join(lines).encode()).hexdigest()
+    return Fingerprint(
+        schema_digest=digest,
+        schema_objects=len(lines),
+        row_counts=row_counts(conn),
+        sequences=sequence_positions(conn),
+        large_objects=int(scalar(conn, "SELECT count(*) FROM pg_largeobject_metadata")),
+        content=content_hashes(conn) if deep else {},
+    )
+
+
+def compare(expected: dict, actual: Fingerprint) -> list[str]:
+    """Differences between a manifest's fingerprint and a database's, as sentences."""
+    problems: list[str] = []
+    if expected.get("schema_digest") != actual.schema_digest:
+        problems.append(
+            f"schema digest differs ({expected.get('schema_objects')} objects recorded, {actual.schema_objects} found)"
+        )
+    want = expected.get("row_counts", {})
+    for table in sorted(set(want) | set(actual.row_counts)):
+        a, b = want.get(table), actual.row_counts.get(table)
+        if a != b:
+            problems.append(f"{table}: {a if a is not None else 'absent'} rows recorded, {b if b is not None else 'absent'} found")
+    want_seq = expected.get("sequences", {})
+    for seq in sorted(set(want_seq) | set(actual.sequences)):
+        if list(want_seq.get(seq) or []) != list(actual.sequences.get(seq) or []):
+            problems.append(f"sequence {seq}: {want_seq.get(seq)} recorded, {actual.sequences.get(seq)} found")
+    if expected.get("large_objects", 0) != actual.large_objects:
+        problems.append(f"large objects: {expected.get('large_objects')} recorded, {actual.large_objects} found")
+    return problems
