@@ -16,11 +16,13 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from .config import ConnInfo, Settings, passfile_line, redact
 from .errors import ToolError, VersionMismatch
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 TOOLS = ("pg_dump", "pg_restore", "psql")
 _MISMATCH_PATTERNS = (
@@ -296,27 +298,119 @@ def _communicate_stdout(proc: subprocess.Popen, timeout, on_tick, started):
     return b"".join(chunks), b""
 
 
-def run_with_fallback(
-    candidates: list[Tool],
-    build_args: Callable[[Tool], list[str]],
-    conn: ConnInfo | None = None,
-    *,
-    before_retry: Callable[[], None] | None = None,
-    **kwargs,
-) -> tuple[Tool, str]:
-    """Try each candidate in turn; a version mismatch moves on to the next one."""
+def try_each(candidates: list[Tool], attempt: Callable[[Tool], T]) -> tuple[Tool, T]:
+    """Call ``attempt`` with each candidate in turn; a version mismatch moves on to the next."""
     mismatches: list[str] = []
     for tool in candidates:
         try:
-            return tool, run_tool(tool, build_args(tool), conn, **kwargs)
+            return tool, attempt(tool)
         except VersionMismatch as exc:
             log.warning("%s refused on version grounds, trying the next candidate: %s", tool.describe(), exc.message)
             mismatches.append(f"{tool.path}: {exc.message}")
-            if before_retry:
-                before_retry()
     name = candidates[0].name if candidates else "tool"
     raise ToolError(
         f"Every installed {name} refused on version grounds: " + "; ".join(mismatches) + ".",
         f"Install a newer {name} or point PG_BIN_DIR at one; or use simple_rollback.py, which needs no pg_dump.",
     )
 
+
+def run_with_fallback(
+    candidates: list[Tool],
+    build_args: Callable[[Tool], list[str]],
+    conn: ConnInfo | None = None,
+    **kwargs,
+) -> tuple[Tool, str]:
+    return try_each(candidates, lambda tool: run_tool(tool, build_args(tool), conn, **kwargs))
+
+
+def run_pipeline(
+    producer: Tool,
+    producer_args: Sequence[str],
+    consumer: Tool,
+    consumer_args: Sequence[str],
+    conn: ConnInfo,
+    *,
+    line_filter: Callable[[bytes], bool] | None = None,
+    on_tick: Callable[[float], None] | None = None,
+) -> None:
+    """``producer | consumer``: pg_restore's SQL script into psql. Lines for which
+    ``line_filter`` returns False are dropped on the way."""
+    p_argv = [str(producer.path), *producer_args]
+    c_argv = [str(consumer.path), *consumer_args]
+    log.info("running: %s | %s", redact(" ".join(p_argv)), redact(" ".join(c_argv)))
+    with passfile(conn) as pf:
+        prod = subprocess.Popen(p_argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        cons = subprocess.Popen(c_argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=conn.tool_env(pf))
+        errs: dict[str, bytes] = {}
+        readers = [
+            threading.Thread(target=lambda: errs.__setitem__("p", prod.stderr.read()), daemon=True),
+            threading.Thread(target=lambda: errs.__setitem__("c", cons.stderr.read()), daemon=True),
+        ]
+        for r in readers:
+            r.start()
+        started = time.monotonic()
+        last_tick = started
+        try:
+            try:
+                for line in prod.stdout:
+                    if line_filter is None or line_filter(line):
+                        cons.stdin.write(line)
+                    if on_tick and time.monotonic() - last_tick > 0.25:
+                        last_tick = time.monotonic()
+                        on_tick(last_tick - started)
+            except BrokenPipeError:
+                pass  # the consumer stopped; its exit code tells why
+            finally:
+                try:
+                    cons.stdin.close()
+                except BrokenPipeError:
+                    pass
+            cons.wait()
+            if cons.returncode != 0:
+                prod.kill()  # nothing reads its output any more
+            prod.wait()
+        except BaseException:
+            prod.kill()
+            cons.kill()
+            prod.wait()
+            cons.wait()
+            raise
+        for r in readers:
+            r.join(timeout=10)
+    for tool, proc, key in ((consumer, cons, "c"), (producer, prod, "p")):
+        stderr = redact(errs.get(key, b"").decode(errors="replace"))
+        if stderr.strip():
+            log.info("%s stderr: %s", tool.name, stderr.strip())
+        if proc.returncode != 0:
+            cls = VersionMismatch if is_version_mismatch(stderr) else ToolError
+            first = _first_error_line(stderr) or f"exit code {proc.returncode}"
+            raise cls(f"{tool.name} {tool.major} failed: {first}", argv=[redact(a) for a in proc.args],
+                      returncode=proc.returncode, stderr=stderr)
+
+
+class UnknownSettingsFilter:
+    """Drops top-level ``SET name = ...;`` lines for settings the target server does not
+    know (a newer pg_restore writes e.g. transaction_timeout, which PostgreSQL 16 and
+    older reject). COPY data is passed through untouched."""
+
+    _SET = re.compile(rb"^SET ([a-z_][a-z0-9_.]*) = .*;\s*$")
+    _COPY = re.compile(rb"^COPY .* FROM stdin;\s*$")
+
+    def __init__(self, known: set[str]) -> None:
+        self.known = known
+        self.in_copy = False
+        self.dropped: list[str] = []
+
+    def __call__(self, line: bytes) -> bool:
+        if self.in_copy:
+            if line.rstrip(b"\r\n") == b"\\.":
+                self.in_copy = False
+            return True
+        if self._COPY.match(line):
+            self.in_copy = True
+            return True
+        m = self._SET.match(line)
+        if m and m.group(1).decode() not in self.known:
+            self.dropped.append(m.group(1).decode())
+            return False
+        return True

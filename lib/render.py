@@ -33,7 +33,7 @@ def points_table(ui: UI, points: list[Point]) -> None:
         table.add_column(col, overflow="fold")
     for p in points:
         s = p.summary()
-        created = (s["created_at"] or "?").replace("T", " ").replace("+00:00", " UTC")
+        created = (s["created_at"] or "?")[:19].replace("T", " ") + " UTC"
         table.add_row(
             s["id"], s["migration_id"] or "-", s["database"], s["table"] or "(all)", s["method"],
             human_size(s["size_bytes"]), s["status"] or "?", created, s["description"] or "",

@@ -106,7 +106,7 @@ def check_point_usable(target: Target, catalog: Catalog, point: Point) -> None:
         good = [
             p.id
             for p in catalog.points()
-            if p.id != point.id and p.database_name == target.dbname and p.manifest.get("created_at", "") < m.get("created_at", "")
+            if p.id != point.id and p.database_name == target.dbname and p.manifest.get("created_at", "") <= m.get("created_at", "")
             and p.manifest.get("status") == "completed" and not check_files(p)
         ]
         hint = (
@@ -235,7 +235,7 @@ def _keep_before_state(target, writer, before: str, description: str, props: dic
             f"Nothing is lost: database {before!r} holds it. See ROLLBACK_GUIDE.md, 'Recovering by hand'.",
         ) from None
     manifest = {
-        "created_at": utc_now().isoformat(timespec="seconds"),
+        "created_at": utc_now().isoformat(timespec="milliseconds"),
         "description": description,
         "migration_id": None,
         "table": None,

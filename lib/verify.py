@@ -104,7 +104,10 @@ _SCHEMA_QUERIES = {
           FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace""",
     "comment": """
         SELECT format('%s: %s', pg_describe_object(classoid, objoid, objsubid), description)
-          FROM pg_description WHERE objoid >= 16384""",
+          FROM pg_description
+         WHERE objoid >= 16384
+           -- the default comment of a public schema recreated by an in-place restore
+           AND NOT (classoid = 'pg_namespace'::regclass AND description = 'standard public schema')""",
     "inherits": f"""
         SELECT format('%s inherits %s #%s', i.inhrelid::regclass::text, i.inhparent::regclass::text, i.inhseqno)
           FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid

@@ -5,22 +5,22 @@ from __future__ import annotations
 
 import logging
 import shutil
-import subprocess
 from pathlib import Path
 
-from ..catalog import Catalog, Point, human_size, utc_now
-from ..config import redact
+from ..catalog import Catalog, Point, human_size, utc_now, write_private_file
 from ..console import UI
 from ..db import connection, database_properties, query
 from ..errors import CatalogError, ToolError, VerificationError
 from ..pgtools import (
     Tool,
+    UnknownSettingsFilter,
     candidates_for_archive,
     candidates_for_server,
     companion,
-    passfile,
+    run_pipeline,
     run_tool,
     run_with_fallback,
+    try_each,
 )
 from ..target import Target
 from ..verify import fingerprint
@@ -83,7 +83,7 @@ def take(
             props = database_properties(snap_conn, target.dbname).as_dict()
             manifest = dict(base_manifest)
             manifest.update(
-                created_at=started.isoformat(timespec="seconds"),
+                created_at=started.isoformat(timespec="milliseconds"),
                 method="dump",
                 database=database_section(target, props),
                 tool={"name": tool.name, "path": str(tool.path), "major": tool.major, "version": tool.version},
@@ -105,14 +105,50 @@ def restore_into(target: Target, point: Point, dbname: str, ui: UI) -> Tool:
     """pg_restore --exit-on-error into an existing empty database."""
     archive = point.file_path(point.manifest.get("archive", ARCHIVE_NAME))
     jobs = target.settings.restore_jobs
-    with ui.progress(f"Restoring {point.id} into {dbname}") as tick:
-        tool, _ = run_with_fallback(
-            restore_candidates(point, target),
-            lambda t: ["--exit-on-error", f"--jobs={jobs}", *target.info.tool_args(dbname), str(archive)],
-            target.info,
-            on_tick=lambda _e: tick(),
-        )
+
+    def attempt(tool: Tool) -> None:
+        with ui.progress(f"Restoring {point.id} into {dbname}") as tick:
+            if tool.major > target.facts.major:
+                # A newer pg_restore writes settings an older server rejects; go through
+                # its SQL script, filtered, into psql, stopping at the first error.
+                restore_script(target, tool, archive, dbname, single_transaction=False, on_tick=lambda _e: tick())
+            else:
+                run_tool(
+                    tool,
+                    ["--exit-on-error", f"--jobs={jobs}", *target.info.tool_args(dbname), str(archive)],
+                    target.info,
+                    on_tick=lambda _e: tick(),
+                )
+
+    tool, _ = try_each(restore_candidates(point, target), attempt)
     return tool
+
+
+def restore_script(
+    target: Target,
+    tool: Tool,
+    archive: Path,
+    dbname: str,
+    *,
+    single_transaction: bool,
+    prelude: Path | None = None,
+    on_tick=None,
+) -> None:
+    """``pg_restore --file=-`` piped into psql with ON_ERROR_STOP, filtered for the server."""
+    psql = companion(tool, "psql", target.settings)
+    with connection(target.info, dbname) as conn:
+        known = {row[0] for row in query(conn, "SELECT name FROM pg_settings")}
+    files = [f"--file={prelude}"] if prelude else []
+    consumer_args = [
+        "--no-psqlrc", "--quiet", "--set=ON_ERROR_STOP=1",
+        *(["--single-transaction"] if single_transaction else []),
+        *files, "--file=-", *target.info.tool_args(dbname),
+    ]
+    line_filter = UnknownSettingsFilter(known)
+    run_pipeline(tool, ["--file=-", str(archive)], psql, consumer_args, target.info,
+                 line_filter=line_filter, on_tick=on_tick)
+    if line_filter.dropped:
+        log.info("left out settings unknown to PostgreSQL %s: %s", target.facts.major, sorted(set(line_filter.dropped)))
 
 
 def read_through(archive: Path, writer_major: int | None, settings) -> Tool:
@@ -173,32 +209,20 @@ COMMENT ON SCHEMA public IS 'standard public schema';
 
 
 def restore_in_place(target: Target, point: Point, ui: UI) -> Tool:
-    """pg_restore's script piped into psql --single-transaction after emptying the database:
-    all of it commits or none of it does."""
+    """Empty staging and restore the point in one transaction: all of it commits or none."""
     archive = point.file_path(point.manifest.get("archive", ARCHIVE_NAME))
-    restore = restore_candidates(point, target)[0]
-    psql = companion(restore, "psql", target.settings)
     clear = point.path.parent / f".clear-{point.id}.sql"
-    clear.write_text(_clear_sql(target.facts.major))
-    clear.chmod(0o600)
+    write_private_file(clear, _clear_sql(target.facts.major).encode())
     try:
-        producer_argv = [str(restore.path), "--file=-", str(archive)]
-        consumer_argv = ["--no-psqlrc", "--quiet", "--single-transaction", "--set=ON_ERROR_STOP=1",
-                         f"--file={clear}", "--file=-", *target.info.tool_args()]
-        log.info("running: %s | %s %s", redact(" ".join(producer_argv)), psql.path, redact(" ".join(consumer_argv)))
-        with ui.progress(f"Restoring {point.id} into {target.dbname} in one transaction"):
-            producer = subprocess.Popen(producer_argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
-            try:
-                run_tool(psql, consumer_argv, target.info, stdin=producer.stdout)
-            finally:
-                producer.stdout.close()
-                producer_err = producer.stderr.read().decode(errors="replace")
-                producer.wait()
-            if producer.returncode != 0:
-                raise ToolError(f"pg_restore {restore.major} could not read {archive}: {producer_err.strip()}")
+        with ui.progress(f"Restoring {point.id} into {target.dbname} in one transaction") as tick:
+            tool, _ = try_each(
+                restore_candidates(point, target),
+                lambda t: restore_script(target, t, archive, target.dbname, single_transaction=True,
+                                         prelude=clear, on_tick=lambda _e: tick()),
+            )
     finally:
         clear.unlink(missing_ok=True)
-    return restore
+    return tool
 
 
 def verify_archive(point: Point, settings) -> dict:
@@ -221,5 +245,4 @@ __all__ = [
     "archive_header",
     "check_free_space",
     "database_section",
-    "passfile",
 ]

@@ -1,0 +1,270 @@
+"""Restores are exact, verified, undoable, and never leave staging half-done."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import psycopg2
+import pytest
+
+from lib.config import load_settings
+from lib.db import connection
+from lib.locking import operation_lock
+from lib.target import open_target
+from tests.helpers import deep_state, schema_dump
+
+MIGRATION = """
+INSERT INTO customers (email, name) SELECT 'new' || g || '@example.com', 'New ' || g FROM generate_series(1, 50) g;
+UPDATE "Sales Ops"."Order ""Lines"" Ü" SET status = 'cancelled' WHERE id % 3 = 0;
+DELETE FROM measurements WHERE city = 'Tainan';
+ALTER TABLE customers ADD COLUMN legacy_code text;
+DROP VIEW customer_totals;
+CREATE TABLE migration_log (id int);
+SELECT setval('invoice_no', 5000);
+SELECT lo_unlink(lo) FROM attachments WHERE id = 1;
+DROP POLICY documents_reader ON documents;
+COMMENT ON TABLE customers IS 'changed';
+"""
+
+
+def databases(server) -> set[str]:
+    conn = server.connect()
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT datname FROM pg_database")
+            return {r[0] for r in cur.fetchall()}
+    finally:
+        conn.close()
+
+
+def test_restore_is_exact_and_can_be_undone_exactly(staging):
+    before_schema, before_state = schema_dump(staging.server, staging.name), deep_state(staging.server, staging.name)
+    point_id = staging.create_point("Before migration test", "--migration-id", "client_migration")
+    assert point_id.startswith("rb_client_migration_")
+
+    staging.sql(MIGRATION)
+    migrated_schema, migrated_state = schema_dump(staging.server, staging.name), deep_state(staging.server, staging.name)
+    assert migrated_state != before_state
+
+    result = staging.run_json("rollback_manager.py", "restore", point_id, "--yes")
+    assert result["mode"] == "swap" and result["verified"] is True
+    assert schema_dump(staging.server, staging.name) == before_schema
+    assert deep_state(staging.server, staging.name) == before_state
+
+    # the migrated state was kept as a point: restoring it undoes the rollback, exactly
+    undo = staging.run_json("rollback_manager.py", "restore", result["before_point_id"], "--yes")
+    assert undo["mode"] == "swap"
+    assert schema_dump(staging.server, staging.name) == migrated_schema
+    assert deep_state(staging.server, staging.name) == migrated_state
+
+    # and the original point still restores after that
+    staging.run_json("rollback_manager.py", "restore", point_id, "--yes")
+    assert deep_state(staging.server, staging.name) == before_state
+    assert not any(name.endswith("_rb_restoring") for name in databases(staging.server))
+
+
+def test_database_level_settings_come_back(staging):
+    staging.sql(f'ALTER DATABASE "{staging.name}" SET work_mem = \'7MB\'')
+    staging.sql(f'COMMENT ON DATABASE "{staging.name}" IS \'staging for V2 import\'')
+    point_id = staging.create_point()
+    result = staging.run("rollback_manager.py", "restore", point_id, "--yes")
+    assert result.returncode == 0, result.stderr
+    assert staging.sql("SHOW work_mem")[0][0] == "7MB"
+    assert staging.sql("SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = current_database()")[0][0] == "staging for V2 import"
+
+
+def test_no_terminal_and_no_yes_refuses_before_anything_changes(staging):
+    point_id = staging.create_point()
+    staging.sql("DELETE FROM customers WHERE id > 100")
+    result = staging.run("rollback_manager.py", "restore", point_id)
+    assert result.returncode == 2
+    assert "--yes" in result.stderr and "no terminal" in result.stderr
+    assert staging.sql("SELECT count(*) FROM customers")[0][0] == 100
+    assert [p["id"] for p in staging.run_json("rollback_manager.py", "list")] == [point_id]
+
+
+def test_connected_sessions_are_named_and_ended_with_yes(staging):
+    point_id = staging.create_point()
+    idle = psycopg2.connect(staging.url, application_name="night-migration")
+    idle.autocommit = True
+    try:
+        refused = staging.run("rollback_manager.py", "restore", point_id)
+        assert refused.returncode == 2
+        assert "night-migration" in refused.stderr and "will be disconnected" in refused.stderr
+        assert idle.closed == 0
+        with idle.cursor() as cur:
+            cur.execute("SELECT 1")  # still alive: nothing was done
+
+        done = staging.run("rollback_manager.py", "restore", point_id, "--yes", "--json")
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["sessions_terminated"] == 1
+        with pytest.raises(psycopg2.OperationalError):
+            with idle.cursor() as cur:
+                cur.execute("SELECT 1")
+    finally:
+        idle.close()
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "truncate"])
+def test_damaged_archive_is_refused_with_exit_3_naming_good_points(staging, damage):
+    good = staging.create_point("Good one")
+    bad = staging.create_point("Bad one")
+    archive = staging.backup_dir / bad / "database.dump"
+    data = archive.read_bytes()
+    archive.write_bytes(data[:-100] if damage == "truncate" else data[:200] + b"X" + data[201:])
+    staging.sql("DELETE FROM customers")
+
+    result = staging.run("rollback_manager.py", "restore", bad, "--yes")
+    assert result.returncode == 3
+    assert str(archive) in result.stderr
+    assert good in result.stderr
+    assert staging.sql("SELECT count(*) FROM customers")[0][0] == 0  # untouched
+    assert staging.run("rollback_manager.py", "verify", bad).returncode == 3
+    assert staging.run("rollback_manager.py", "verify", good).returncode == 0
+
+
+def test_a_restore_that_fails_before_the_swap_leaves_staging_as_it_was(staging):
+    """pg_restore stops at the first error (a role the archive needs is gone)."""
+    staging.sql("DROP ROLE IF EXISTS rollback_test_owner")
+    staging.sql("CREATE ROLE rollback_test_owner")
+    staging.sql("CREATE TABLE owned_elsewhere (x int); ALTER TABLE owned_elsewhere OWNER TO rollback_test_owner")
+    point_id = staging.create_point()
+    staging.sql("DROP TABLE owned_elsewhere; DROP ROLE rollback_test_owner")
+    staging.sql("INSERT INTO customers (email, name) VALUES ('after@x', 'after')")
+    state = deep_state(staging.server, staging.name)
+
+    result = staging.run("rollback_manager.py", "restore", point_id, "--yes")
+    assert result.returncode == 1
+    assert "rollback_test_owner" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert deep_state(staging.server, staging.name) == state
+    assert not any(n.endswith("_rb_restoring") for n in databases(staging.server))
+    assert [p["id"] for p in staging.run_json("rollback_manager.py", "list")] == [point_id]
+
+
+def test_a_point_that_does_not_match_its_rebuilt_copy_is_refused_with_exit_3(staging):
+    point_id = staging.create_point()
+    manifest_path = staging.backup_dir / point_id / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["fingerprint"]["row_counts"]["public.customers"] = 999
+    manifest_path.write_text(json.dumps(manifest))
+    staging.sql("DELETE FROM customers WHERE id > 5")
+
+    result = staging.run("rollback_manager.py", "restore", point_id, "--yes")
+    assert result.returncode == 3
+    assert "public.customers: 999 rows recorded, 300 found" in result.stderr
+    assert staging.sql("SELECT count(*) FROM customers")[0][0] == 5
+    assert not any(n.endswith("_rb_restoring") for n in databases(staging.server))
+
+
+OWNED_SCHEMA = '''
+CREATE TABLE plain (id int PRIMARY KEY, v text, doc jsonb);
+CREATE SEQUENCE tickets START 10;
+CREATE VIEW plain_view AS SELECT id, upper(v) AS v FROM plain;
+CREATE FUNCTION twice(x int) RETURNS int LANGUAGE sql IMMUTABLE AS 'SELECT 2 * x';
+CREATE SCHEMA "Reports Ü";
+CREATE TABLE "Reports Ü"."Daily ""Totals""" (day date PRIMARY KEY, total numeric);
+COMMENT ON TABLE plain IS 'owned by the staging role';
+INSERT INTO plain SELECT g, 'v' || g, jsonb_build_object('g', g) FROM generate_series(1, 100) g;
+INSERT INTO "Reports Ü"."Daily ""Totals""" VALUES ('2024-01-01', 1.5);
+SELECT setval('tickets', 42);
+SELECT lo_from_bytea(0, 'blob');
+'''
+
+
+def test_without_the_right_to_create_databases_the_restore_runs_in_place_in_one_transaction(server, new_staging):
+    staging = new_staging(server, "owned")
+    role = f"owner_{staging.name}"[:60]
+    db = f"{staging.name}_own"
+    admin = server.connect()
+    with admin.cursor() as cur:
+        cur.execute(f"CREATE ROLE \"{role}\" LOGIN PASSWORD 'owner-pw-123' NOCREATEDB")
+        cur.execute(f'CREATE DATABASE "{db}" OWNER "{role}" TEMPLATE template0')
+    owner = psycopg2.connect(server.url(db, user=role, password="owner-pw-123"))
+    owner.autocommit = True
+    with owner.cursor() as cur:
+        cur.execute(OWNED_SCHEMA)
+    owner.close()
+    env = {"STAGING_DATABASE_URL": server.url(db, user=role, password="owner-pw-123")}
+    try:
+        before_schema, before = schema_dump(server, db), deep_state(server, db)
+        point_id = staging.run_json("create_rollback_point.py", "owner point", env=env)["id"]
+        conn = server.connect(db, user=role, password="owner-pw-123")  # the migration runs as that role
+        with conn.cursor() as cur:
+            cur.execute("DELETE FROM plain WHERE id > 10; CREATE TABLE junk (x int); SELECT setval('tickets', 99)")
+        conn.close()
+        result = staging.run("rollback_manager.py", "restore", point_id, "--yes", "--json", env=env)
+        assert result.returncode == 0, result.stderr
+        out = json.loads(result.stdout)
+        assert out["mode"] == "in-place"
+        assert "may not create or rename databases" in result.stderr
+        assert deep_state(server, db) == before
+        assert schema_dump(server, db) == before_schema
+        listed = {p["id"]: p for p in staging.run_json("rollback_manager.py", "list", env=env)}
+        assert listed[out["before_point_id"]]["method"] == "dump"
+        assert listed[out["before_point_id"]]["kind"] == "before_rollback"
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+            cur.execute(f'DROP ROLE IF EXISTS "{role}"')
+        admin.close()
+
+
+def test_a_second_operation_fails_at_once_with_exit_4_naming_the_holder(staging):
+    point_id = staging.create_point()
+    settings = load_settings()
+    target = open_target(settings)
+    try:
+        with operation_lock(settings.backup_dir, target.maint, target.facts.system_identifier, staging.name, "restore"):
+            started = time.monotonic()
+            result = staging.run("rollback_manager.py", "restore", point_id, "--yes")
+            assert time.monotonic() - started < 30
+            assert result.returncode == 4
+            assert "restore by process" in result.stderr
+            # from another machine: a different backup folder, only the server lock is shared
+            other = staging.run("create_rollback_point.py", "x", env={"BACKUP_DIR": str(staging.backup_dir.parent / "other")})
+            assert other.returncode == 4
+            assert "server session pid" in other.stderr
+    finally:
+        target.close()
+    assert staging.run("rollback_manager.py", "restore", point_id, "--yes").returncode == 0
+
+
+def test_restore_of_a_point_of_another_database_is_refused(staging, new_staging):
+    other = new_staging(staging.server, "other")
+    point_id = staging.create_point()
+    other_env = {"STAGING_DATABASE_URL": other.url}
+    result = staging.run("rollback_manager.py", "restore", point_id, "--yes", env=other_env)
+    assert result.returncode == 2
+    assert f"is of database {staging.name!r}" in result.stderr
+
+
+def test_sessions_arriving_during_the_restore_do_not_break_it(staging):
+    point_id = staging.create_point()
+    stop = threading.Event()
+    errors: list[str] = []
+
+    def hammer():
+        while not stop.is_set():
+            try:
+                conn = psycopg2.connect(staging.url, connect_timeout=2)
+                with conn.cursor() as cur:
+                    cur.execute("SELECT count(*) FROM customers")
+                conn.close()
+            except psycopg2.Error as exc:
+                errors.append(str(exc))
+            time.sleep(0.01)
+
+    t = threading.Thread(target=hammer, daemon=True)
+    t.start()
+    try:
+        result = staging.run("rollback_manager.py", "restore", point_id, "--yes")
+    finally:
+        stop.set()
+        t.join()
+    assert result.returncode == 0, result.stderr
+    assert staging.sql("SELECT count(*) FROM customers")[0][0] == 300
+    with connection(load_settings().staging()) as conn:
+        assert conn.closed == 0
