@@ -41,7 +41,7 @@ def redact(text: str) -> str:
     for secret in sorted(_SECRETS, key=len, reverse=True):
         if secret:
             text = text.replace(secret, "***")
-    text = re.sub(r"(postgres(?:ql)?://[^:/@\s]*):[^@\s]*@", r"\1:***@", text)
+    text = re.sub(r"([a-zA-Z][\w+.-]*://[^:/@\s]*):(?!PASSWORD@)[^@\s]*@", r"\1:***@", text)
     return re.sub(r"(password\s*=\s*)('[^']*'|\S+)", r"\1***", text, flags=re.I)
 
 
@@ -65,7 +65,7 @@ class ConnInfo:
         if "://" in url and not re.match(r"^postgres(ql)?://", url):
             raise ConfigError(
                 f"The {what} {redact(url)!r} is not a PostgreSQL URL.",
-                "Write it as postgresql://user:password@host:5432/dbname.",
+                "Write it as postgresql://USER:PASSWORD@HOST:5432/DBNAME.",
             )
         try:
             parts = psycopg2.extensions.parse_dsn(url)
@@ -73,7 +73,7 @@ class ConnInfo:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unparsable"
             raise ConfigError(
                 f"The {what} {redact(url)!r} is malformed ({redact(first)}).",
-                "Write it as postgresql://user:password@host:5432/dbname.",
+                "Write it as postgresql://USER:PASSWORD@HOST:5432/DBNAME.",
             ) from None
         password = parts.pop("password", None)
         if password:
@@ -89,7 +89,10 @@ class ConnInfo:
         try:
             port = int(port_text)
         except ValueError:
-            raise ConfigError(f"The {what} has a port that is not a number: {port_text!r}.") from None
+            raise ConfigError(
+                f"The {what} has a port that is not a number: {port_text!r}.",
+                "Write it as postgresql://USER:PASSWORD@HOST:5432/DBNAME.",
+            ) from None
         user = parts.pop("user", None)
         return cls(host, port, user, dbname, password, tuple(sorted(parts.items())))
 
@@ -166,7 +169,7 @@ class Settings:
             raise ConfigError(
                 "STAGING_DATABASE_URL is not set, so there is no database to work on.",
                 "Set it in the environment or in .env "
-                "(STAGING_DATABASE_URL=postgresql://user:password@host:5432/staging), "
+                "(STAGING_DATABASE_URL=postgresql://USER:PASSWORD@HOST:5432/staging), "
                 "or pass --database-url.",
             )
         return ConnInfo.parse(self.staging_url, "staging database URL")

@@ -1,0 +1,145 @@
+"""Points on disk: ids, atomic creation, permissions, listing, info, verify."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import stat
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+
+import pytest
+
+import create_rollback_point
+import rollback_manager
+from lib.catalog import Catalog
+from lib.localserver import embedded_bin_dir
+from tests.conftest import ROOT
+from tests.helpers import write_tool_wrapper
+
+
+def test_ids_follow_the_seed_form_and_stay_unique_within_one_second(tmp_path):
+    catalog = Catalog(tmp_path / "b")
+    when = datetime(2024, 1, 20, 14, 30, 22, tzinfo=timezone.utc)
+    a, _ = catalog.reserve("client_migration", when)
+    b, _ = catalog.reserve("client_migration", when)
+    c, _ = catalog.reserve("Før migration: «test» #2", when)
+    assert a == "rb_client_migration_20240120_143022"
+    assert b != a and b.startswith(a)
+    assert re.fullmatch(r"rb_[a-z0-9_]+_\d{8}_\d{6}", c), c
+
+
+def test_create_writes_a_complete_private_point_whatever_the_umask(staging):
+    old = os.umask(0)
+    try:
+        result = staging.run("create_rollback_point.py", "Before migration test", "--migration-id", "orders_v2", "--json")
+    finally:
+        os.umask(old)
+    assert result.returncode == 0, result.stderr
+    created = json.loads(result.stdout)  # exactly one JSON document on stdout
+    point_dir = staging.backup_dir / created["id"]
+    assert created["id"].startswith("rb_orders_v2_")
+    assert stat.S_IMODE(staging.backup_dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE(point_dir.stat().st_mode) == 0o700
+    for f in point_dir.iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
+    manifest = json.loads((point_dir / "manifest.json").read_text())
+    for key in ("id", "created_at", "description", "migration_id", "database", "method", "tool", "files", "fingerprint", "status"):
+        assert key in manifest, key
+    assert manifest["status"] == "completed" and manifest["method"] == "dump"
+    assert manifest["database"]["url"].count("***") == 1
+    assert manifest["database"]["server_major"] == staging.server.major
+    assert manifest["database"]["system_identifier"]
+    assert manifest["fingerprint"]["row_counts"]['Sales Ops.Order "Lines" Ü'] == 1200
+    assert manifest["fingerprint"]["row_counts"]["public.measurements_2024"] + manifest["fingerprint"]["row_counts"]["public.measurements_2025"] == 2000
+    assert manifest["fingerprint"]["sequences"]["public.invoice_no"] == [1077, True]
+    assert manifest["fingerprint"]["large_objects"] == 3
+    archive = manifest["files"][0]
+    assert archive["size"] == (point_dir / archive["name"]).stat().st_size and len(archive["sha256"]) == 64
+
+
+def test_list_info_verify_in_process_and_as_json(staging, capsys):
+    assert create_rollback_point.main(["First", "--json"]) == 0
+    first = json.loads(capsys.readouterr().out)["id"]
+    assert rollback_manager.main(["list", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [p["id"] for p in listed] == [first]
+    for key in ("id", "created_at", "method", "status", "description"):
+        assert key in listed[0]
+
+    assert rollback_manager.main(["list"]) == 0
+    table = capsys.readouterr().out
+    assert first in table and "dump" in table and "First" in table and "completed" in table
+
+    assert rollback_manager.main(["details", first, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["id"] == first
+    assert rollback_manager.main(["info", first]) == 0
+    assert "Schema digest" in capsys.readouterr().out
+
+    assert rollback_manager.main(["verify", first, "--json"]) == 0
+    verified = json.loads(capsys.readouterr().out)
+    assert verified["verified"] is True and verified["archive"] == "read end to end"
+
+
+def test_info_file_reads_any_archive(staging, capsys):
+    point_id = staging.create_point()
+    archive = staging.backup_dir / point_id / "database.dump"
+    assert rollback_manager.main(["info", "--file", str(archive), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["database"] == staging.name
+    assert info["server_version"].startswith(str(staging.server.major))
+    assert int(info["entries"]) > 20
+    assert rollback_manager.main(["info", "--file", str(staging.backup_dir / point_id), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["point"]["id"] == point_id
+
+
+def test_seed_form_with_two_leading_urls(staging):
+    result = staging.run("rollback_manager.py", staging.url, staging.url, "list", env={"STAGING_DATABASE_URL": ""})
+    assert result.returncode == 0, result.stderr
+
+
+def test_a_killed_creation_leaves_nothing_that_lists(staging, tmp_path):
+    real = embedded_bin_dir() / "pg_dump" if staging.server.major == 18 else staging.server.bin_dir / "pg_dump"
+    slow = write_tool_wrapper(tmp_path / "slowbin", "pg_dump", real, '"$REAL" "$@"; sleep 60')
+    env = {**staging.env, "PG_BIN_DIR": str(slow.parent), "PG_BIN_DIR_ONLY": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "create_rollback_point.py"), "doomed"],
+        env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            tmp = [p for p in staging.backup_dir.glob(".tmp-*")] if staging.backup_dir.exists() else []
+            if tmp and (tmp[0] / "database.dump").exists() and (tmp[0] / "database.dump").stat().st_size > 0:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail("the dump never started")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert any(p.name.startswith(".tmp-") for p in staging.backup_dir.iterdir())
+    assert staging.run_json("rollback_manager.py", "list") == []
+    # the next run clears the leftovers, then works normally
+    staging.create_point("after the crash")
+    assert not any(p.name.startswith(".tmp-") for p in staging.backup_dir.iterdir())
+
+
+def test_a_shortfall_of_free_space_is_refused_with_both_numbers(staging, monkeypatch, capsys):
+    import shutil as real_shutil
+
+    from lib.methods import dump
+
+    usage = real_shutil.disk_usage(staging.backup_dir.parent)
+    monkeypatch.setattr(dump.shutil, "disk_usage", lambda p: usage._replace(free=1024))
+    assert create_rollback_point.main(["tight"]) == 1
+    err = capsys.readouterr().err
+    assert "Not enough free space" in err and "1024 bytes" in err
+    size = re.search(r"\((\d+) bytes\) and only", err)
+    assert size and int(size.group(1)) > 1024
+    assert Catalog(staging.backup_dir).points() == []

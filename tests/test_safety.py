@@ -1,0 +1,124 @@
+"""Bad input, secrets, the audit trail and the V2 guard."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.helpers import write_tool_wrapper
+
+
+def _one_paragraph(stderr: str) -> None:
+    assert "Traceback" not in stderr
+    assert "error:" in stderr
+
+
+@pytest.mark.parametrize(
+    "env, args, code, words",
+    [
+        ({"STAGING_DATABASE_URL": ""}, ["Before"], 2, "STAGING_DATABASE_URL is not set"),
+        ({"STAGING_DATABASE_URL": "mysql://u:pw@h/db"}, ["Before"], 2, "not a PostgreSQL URL"),
+        ({"STAGING_DATABASE_URL": "postgresql://u:pw@127.0.0.1:notaport/db"}, ["Before"], 2, "port that is not a number"),
+        ({"STAGING_DATABASE_URL": "postgresql://u:pw@127.0.0.1:1/db"}, ["Before"], 1, "Check that the server is running"),
+    ],
+)
+def test_bad_configuration_gets_one_paragraph(staging, env, args, code, words):
+    result = staging.run("create_rollback_point.py", *args, env=env)
+    assert result.returncode == code, result.stderr
+    assert words in result.stderr
+    _one_paragraph(result.stderr)
+    assert "pw@" not in result.stderr
+
+
+def test_wrong_password(staging):
+    url = staging.server.url(staging.name, password="definitely-wrong-pw")
+    result = staging.run("create_rollback_point.py", "x", env={"STAGING_DATABASE_URL": url})
+    assert result.returncode == 1
+    assert "password authentication failed" in result.stderr and "Check the password" in result.stderr
+    assert "definitely-wrong-pw" not in result.stderr
+    _one_paragraph(result.stderr)
+
+
+def test_unknown_point_id(staging):
+    staging.create_point("real one")
+    result = staging.run("rollback_manager.py", "restore", "rb_nope_20240101_000000", "--yes")
+    assert result.returncode == 2
+    assert "rb_nope_20240101_000000 not found" in result.stderr and "rollback_manager.py list" in result.stderr
+    _one_paragraph(result.stderr)
+
+
+def test_unusable_backup_folder(staging, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = staging.run("create_rollback_point.py", "x", env={"BACKUP_DIR": str(blocker / "backups")})
+    assert result.returncode == 1
+    assert "backup folder" in result.stderr and "BACKUP_DIR" in result.stderr
+    _one_paragraph(result.stderr)
+
+
+def test_debug_shows_the_traceback(staging):
+    result = staging.run("rollback_manager.py", "info", "rb_missing", "--debug")
+    assert result.returncode == 2 and "Traceback" in result.stderr
+
+
+def test_secrets_appear_nowhere(staging, tmp_path):
+    password = staging.server.url_base.password
+    real = staging.server.bin_dir
+    argv_log = tmp_path / "argv.log"
+    spy = tmp_path / "spybin"
+    for tool in ("pg_dump", "pg_restore", "psql"):
+        write_tool_wrapper(spy, tool, real / tool, f'echo "{tool} $*" >> "{argv_log}"; exec "$REAL" "$@"')
+    env = {"PG_BIN_DIR": str(spy), "PG_BIN_DIR_ONLY": "1"}
+    point_id = staging.run_json("create_rollback_point.py", "secret test", env=env)["id"]
+    assert staging.run("rollback_manager.py", "verify", point_id, env=env).returncode == 0
+    assert staging.run("rollback_manager.py", "restore", point_id, "--yes", env=env).returncode == 0
+    failed = staging.run("rollback_manager.py", "--debug", "restore", "rb_missing", "--yes", env=env)
+    assert failed.returncode == 2
+
+    recorded = argv_log.read_text()
+    assert "pg_dump" in recorded and "pg_restore" in recorded
+    assert password not in recorded
+    for folder in (staging.backup_dir, staging.log_dir):
+        for path in folder.rglob("*"):
+            if path.is_file():
+                assert password.encode() not in path.read_bytes(), path
+    assert password not in failed.stderr
+
+
+def test_every_create_verify_and_restore_leaves_one_audit_line(staging):
+    point_id = staging.create_point()
+    staging.run("rollback_manager.py", "verify", point_id)
+    staging.run("rollback_manager.py", "restore", point_id, "--yes")
+    staging.run("rollback_manager.py", "restore", "rb_unknown_1", "--yes")
+    lines = (staging.log_dir / "rollback_audit.jsonl").read_text().splitlines()
+    entries = [json.loads(line) for line in lines]
+    assert [e["event"] for e in entries] == ["create", "verify", "restore"]
+    for e in entries:
+        for key in ("timestamp", "event", "point_id", "database", "user", "host", "pid", "outcome", "duration_seconds", "error"):
+            assert key in e, key
+        assert e["point_id"] == point_id
+        assert e["outcome"] in ("succeeded", "verified")
+    assert "***" in entries[0]["database"]
+    logs = list(staging.log_dir.glob("rollback_manager_*.log")) + list(staging.log_dir.glob("create_rollback_point_*.log"))
+    assert logs
+
+
+def test_a_failed_restore_is_audited_with_its_error(staging):
+    point_id = staging.create_point()
+    archive = staging.backup_dir / point_id / "database.dump"
+    archive.write_bytes(archive.read_bytes()[:-10])
+    assert staging.run("rollback_manager.py", "restore", point_id, "--yes").returncode == 3
+    last = json.loads((staging.log_dir / "rollback_audit.jsonl").read_text().splitlines()[-1])
+    assert last["event"] == "restore" and last["outcome"] == "failed" and "checksums" in last["error"]
+
+
+def test_staging_that_is_really_v2_is_refused_before_anything_runs(staging):
+    point_id = staging.create_point()
+    staging.sql("DELETE FROM customers")
+    result = staging.run("rollback_manager.py", staging.url, staging.url, "restore", point_id, "--yes")
+    assert result.returncode == 2
+    assert "is the V2 database" in result.stderr
+    assert staging.sql("SELECT count(*) FROM customers")[0][0] == 0
+    other = staging.run("rollback_manager.py", staging.server.url("rich_template"), staging.url, "restore", point_id, "--yes")
+    assert other.returncode == 0, other.stderr
