@@ -25,8 +25,9 @@ server's PostgreSQL version; see ROLLBACK_GUIDE.md for the version rules.
 def build_parser() -> Parser:
     p = Parser(prog="create_rollback_point.py", description=__doc__, epilog=epilog(EXAMPLES))
     p.add_argument("description", nargs="?", default="Manual rollback point", help="what this point is for")
-    p.add_argument("--method", choices=operations.METHODS, default="dump",
-                   help="dump: a pg_dump archive on this machine (default)")
+    p.add_argument(
+        "--method", choices=operations.METHODS, default="dump", help="dump: a pg_dump archive on this machine (default)"
+    )
     p.add_argument("--migration-id", help="the migration this point guards; also names the point id")
     p.add_argument("--database-url", help="staging database URL (default: STAGING_DATABASE_URL)")
     common_flags(p)
@@ -43,8 +44,10 @@ def action(args, ui) -> int:
         ui.emit_json({**summary, "path": str(point.path), "duration_seconds": point.manifest.get("duration_seconds")})
     else:
         rows = sum(point.manifest["fingerprint"]["row_counts"].values())
-        ui.ok(f"Point created: {human_size(summary['size_bytes'])}, {rows} rows in "
-              f"{len(point.manifest['fingerprint']['row_counts'])} tables, in {point.manifest.get('duration_seconds')} s")
+        ui.ok(
+            f"Point created: {human_size(summary['size_bytes'])}, {rows} rows in "
+            f"{len(point.manifest['fingerprint']['row_counts'])} tables, in {point.manifest.get('duration_seconds')} s"
+        )
         ui.info(f"Restore it with: python3 rollback_manager.py restore {point.id}")
         print(point.id)
     return 0

@@ -98,8 +98,10 @@ def action(args, ui) -> int:
     else:
         ui.ok(f"{result.database} restored to {result.point_id} and verified ({result.mode}).")
         if result.before_point_id:
-            ui.info(f"The state before is kept as point {result.before_point_id}; "
-                    f"undo with: python3 rollback_manager.py restore {result.before_point_id}")
+            ui.info(
+                f"The state before is kept as point {result.before_point_id}; "
+                f"undo with: python3 rollback_manager.py restore {result.before_point_id}"
+            )
     return 0
 
 

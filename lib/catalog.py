@@ -20,7 +20,7 @@ import unicodedata
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from .errors import CatalogError, ConfigError
@@ -40,7 +40,7 @@ def slugify(text: str, limit: int = 40) -> str:
 
 
 def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def fsync_path(path: Path) -> None:
@@ -183,9 +183,7 @@ class Catalog:
             except FileExistsError:
                 continue
             tmp.chmod(0o700)
-            write_private_file(
-                tmp / ".owner", json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode()
-            )
+            write_private_file(tmp / ".owner", json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode())
             if (self.root / point_id).exists():  # lost a race with a finished point
                 shutil.rmtree(tmp)
                 continue

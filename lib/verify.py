@@ -199,8 +199,7 @@ def content_hashes(conn) -> dict[str, str]:
         count, total = query(
             conn,
             sql.SQL(
-                "SELECT count(*), coalesce(sum(('x' || substr(md5(t::text), 1, 15))::bit(60)::bigint), 0) "
-                "FROM ONLY {}.{} t"
+                "SELECT count(*), coalesce(sum(('x' || substr(md5(t::text), 1, 15))::bit(60)::bigint), 0) FROM ONLY {}.{} t"
             ).format(sql.Identifier(schema), sql.Identifier(name)),
         )[0]
         hashes[qualified(schema, name)] = f"{count}:{total}"
@@ -238,7 +237,9 @@ def compare(expected: dict, actual: Fingerprint) -> list[str]:
     for table in sorted(set(want) | set(actual.row_counts)):
         a, b = want.get(table), actual.row_counts.get(table)
         if a != b:
-            problems.append(f"{table}: {a if a is not None else 'absent'} rows recorded, {b if b is not None else 'absent'} found")
+            problems.append(
+                f"{table}: {a if a is not None else 'absent'} rows recorded, {b if b is not None else 'absent'} found"
+            )
     want_seq = expected.get("sequences", {})
     for seq in sorted(set(want_seq) | set(actual.sequences)):
         if list(want_seq.get(seq) or []) != list(actual.sequences.get(seq) or []):

@@ -19,7 +19,10 @@ def schema_dump(server, dbname: str) -> str:
     env["PGPASSWORD"] = info.password
     out = subprocess.run(
         [str(server.bin_dir / "pg_dump"), "--schema-only", "-h", info.host, "-p", str(info.port), "-U", info.user, dbname],
-        capture_output=True, text=True, env=env, check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
     ).stdout
     return "\n".join(ln for ln in out.splitlines() if not ln.startswith(("\\restrict", "\\unrestrict")))
 
@@ -35,11 +38,6 @@ def write_tool_wrapper(folder: Path, name: str, real: Path, body: str) -> Path:
     and otherwise runs ``body`` (with $REAL set). Used to watch argv or simulate a hang."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
-    path.write_text(
-        "#!/bin/sh\n"
-        f'REAL="{real}"\n'
-        'if [ "$1" = "--version" ]; then exec "$REAL" --version; fi\n'
-        f"{body}\n"
-    )
+    path.write_text(f'#!/bin/sh\nREAL="{real}"\nif [ "$1" = "--version" ]; then exec "$REAL" --version; fi\n{body}\n')
     path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     return path

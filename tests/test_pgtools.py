@@ -75,7 +75,8 @@ def test_pg_restore_15_cannot_read_an_18_archive_and_falls_back(pg18, tmp_path):
 def test_no_fitting_pg_dump_lists_every_place_and_names_simple_rollback(pg18, new_staging):
     staging = new_staging(pg18)
     result = staging.run(
-        "create_rollback_point.py", "no tools",
+        "create_rollback_point.py",
+        "no tools",
         env={"PG_BIN_DIR": str(debian_bin_dir(15)), "PG_BIN_DIR_ONLY": "1"},
     )
     assert result.returncode == 1

@@ -10,7 +10,7 @@ import stat
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
@@ -24,7 +24,7 @@ from tests.helpers import write_tool_wrapper
 
 def test_ids_follow_the_seed_form_and_stay_unique_within_one_second(tmp_path):
     catalog = Catalog(tmp_path / "b")
-    when = datetime(2024, 1, 20, 14, 30, 22, tzinfo=timezone.utc)
+    when = datetime(2024, 1, 20, 14, 30, 22, tzinfo=UTC)
     a, _ = catalog.reserve("client_migration", when)
     b, _ = catalog.reserve("client_migration", when)
     c, _ = catalog.reserve("Før migration: «test» #2", when)
@@ -48,14 +48,29 @@ def test_create_writes_a_complete_private_point_whatever_the_umask(staging):
     for f in point_dir.iterdir():
         assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
     manifest = json.loads((point_dir / "manifest.json").read_text())
-    for key in ("id", "created_at", "description", "migration_id", "database", "method", "tool", "files", "fingerprint", "status"):
+    for key in (
+        "id",
+        "created_at",
+        "description",
+        "migration_id",
+        "database",
+        "method",
+        "tool",
+        "files",
+        "fingerprint",
+        "status",
+    ):
         assert key in manifest, key
     assert manifest["status"] == "completed" and manifest["method"] == "dump"
     assert manifest["database"]["url"].count("***") == 1
     assert manifest["database"]["server_major"] == staging.server.major
     assert manifest["database"]["system_identifier"]
     assert manifest["fingerprint"]["row_counts"]['Sales Ops.Order "Lines" Ü'] == 1200
-    assert manifest["fingerprint"]["row_counts"]["public.measurements_2024"] + manifest["fingerprint"]["row_counts"]["public.measurements_2025"] == 2000
+    assert (
+        manifest["fingerprint"]["row_counts"]["public.measurements_2024"]
+        + manifest["fingerprint"]["row_counts"]["public.measurements_2025"]
+        == 2000
+    )
     assert manifest["fingerprint"]["sequences"]["public.invoice_no"] == [1077, True]
     assert manifest["fingerprint"]["large_objects"] == 3
     archive = manifest["files"][0]
@@ -108,7 +123,11 @@ def test_a_killed_creation_leaves_nothing_that_lists(staging, tmp_path):
     env = {**staging.env, "PG_BIN_DIR": str(slow.parent), "PG_BIN_DIR_ONLY": "1"}
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "create_rollback_point.py"), "doomed"],
-        env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
         start_new_session=True,
     )
     try:

@@ -66,13 +66,16 @@ def test_restore_is_exact_and_can_be_undone_exactly(staging):
 
 
 def test_database_level_settings_come_back(staging):
-    staging.sql(f'ALTER DATABASE "{staging.name}" SET work_mem = \'7MB\'')
-    staging.sql(f'COMMENT ON DATABASE "{staging.name}" IS \'staging for V2 import\'')
+    staging.sql(f"ALTER DATABASE \"{staging.name}\" SET work_mem = '7MB'")
+    staging.sql(f"COMMENT ON DATABASE \"{staging.name}\" IS 'staging for V2 import'")
     point_id = staging.create_point()
     result = staging.run("rollback_manager.py", "restore", point_id, "--yes")
     assert result.returncode == 0, result.stderr
     assert staging.sql("SHOW work_mem")[0][0] == "7MB"
-    assert staging.sql("SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = current_database()")[0][0] == "staging for V2 import"
+    assert (
+        staging.sql("SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = current_database()")[0][0]
+        == "staging for V2 import"
+    )
 
 
 def test_no_terminal_and_no_yes_refuses_before_anything_changes(staging):
@@ -100,9 +103,8 @@ def test_connected_sessions_are_named_and_ended_with_yes(staging):
         done = staging.run("rollback_manager.py", "restore", point_id, "--yes", "--json")
         assert done.returncode == 0, done.stderr
         assert json.loads(done.stdout)["sessions_terminated"] == 1
-        with pytest.raises(psycopg2.OperationalError):
-            with idle.cursor() as cur:
-                cur.execute("SELECT 1")
+        with pytest.raises(psycopg2.OperationalError), idle.cursor() as cur:
+            cur.execute("SELECT 1")
     finally:
         idle.close()
 

@@ -140,13 +140,16 @@ def restore_script(
         known = {row[0] for row in query(conn, "SELECT name FROM pg_settings")}
     files = [f"--file={prelude}"] if prelude else []
     consumer_args = [
-        "--no-psqlrc", "--quiet", "--set=ON_ERROR_STOP=1",
+        "--no-psqlrc",
+        "--quiet",
+        "--set=ON_ERROR_STOP=1",
         *(["--single-transaction"] if single_transaction else []),
-        *files, "--file=-", *target.info.tool_args(dbname),
+        *files,
+        "--file=-",
+        *target.info.tool_args(dbname),
     ]
     line_filter = UnknownSettingsFilter(known)
-    run_pipeline(tool, ["--file=-", str(archive)], psql, consumer_args, target.info,
-                 line_filter=line_filter, on_tick=on_tick)
+    run_pipeline(tool, ["--file=-", str(archive)], psql, consumer_args, target.info, line_filter=line_filter, on_tick=on_tick)
     if line_filter.dropped:
         log.info("left out settings unknown to PostgreSQL %s: %s", target.facts.major, sorted(set(line_filter.dropped)))
 
@@ -217,8 +220,9 @@ def restore_in_place(target: Target, point: Point, ui: UI) -> Tool:
         with ui.progress(f"Restoring {point.id} into {target.dbname} in one transaction") as tick:
             tool, _ = try_each(
                 restore_candidates(point, target),
-                lambda t: restore_script(target, t, archive, target.dbname, single_transaction=True,
-                                         prelude=clear, on_tick=lambda _e: tick()),
+                lambda t: restore_script(
+                    target, t, archive, target.dbname, single_transaction=True, prelude=clear, on_tick=lambda _e: tick()
+                ),
             )
     finally:
         clear.unlink(missing_ok=True)

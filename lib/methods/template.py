@@ -32,7 +32,10 @@ def database_state(maint, name: str) -> dict | None:
 
 def seal(maint, name: str, point_id: str, description: str) -> None:
     set_allow_connections(maint, name, False)
-    execute(maint, sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(name), sql.Literal(comment_for(point_id, description))))
+    execute(
+        maint,
+        sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(name), sql.Literal(comment_for(point_id, description))),
+    )
 
 
 @contextmanager
