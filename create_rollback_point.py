@@ -11,24 +11,28 @@ from lib.cli import Parser, common_flags, epilog, run
 from lib.config import load_settings
 
 EXAMPLES = """
+methods:
+  auto      template where the role may create databases on staging's server, dump otherwise (default;
+            ROLLBACK_METHOD sets another default)
+  template  a copy of staging on the same server (CREATE DATABASE ... TEMPLATE): fastest to take and restore;
+            sessions on staging are disconnected for the copy (asked first)
+  dump      a pg_dump archive in BACKUP_DIR, chosen to fit the server's PostgreSQL version
+
 examples:
   python3 create_rollback_point.py "Before migration test"
-  python3 create_rollback_point.py "Before clients import" --migration-id client_migration
-  python3 create_rollback_point.py "Nightly" --json          # prints {"id": ..., ...}
+  python3 create_rollback_point.py "Before clients import" --migration-id client_migration --keep 5
+  python3 create_rollback_point.py "Nightly" --method dump --json      # prints {"id": ..., ...}
 
-The point is written to BACKUP_DIR/<id>/ (an archive and manifest.json) and
-listed by `python3 rollback_manager.py list`. pg_dump is chosen to fit the
-server's PostgreSQL version; see ROLLBACK_GUIDE.md for the version rules.
+Every point has BACKUP_DIR/<id>/manifest.json and is listed by `python3 rollback_manager.py list`.
 """
 
 
 def build_parser() -> Parser:
     p = Parser(prog="create_rollback_point.py", description=__doc__, epilog=epilog(EXAMPLES))
     p.add_argument("description", nargs="?", default="Manual rollback point", help="what this point is for")
-    p.add_argument(
-        "--method", choices=operations.METHODS, default="dump", help="dump: a pg_dump archive on this machine (default)"
-    )
+    p.add_argument("--method", choices=operations.METHODS, help="how to take it (default: ROLLBACK_METHOD or auto)")
     p.add_argument("--migration-id", help="the migration this point guards; also names the point id")
+    p.add_argument("--keep", type=int, metavar="N", help="afterwards keep only the N newest points of this database")
     p.add_argument("--database-url", help="staging database URL (default: STAGING_DATABASE_URL)")
     common_flags(p)
     return p
@@ -36,20 +40,34 @@ def build_parser() -> Parser:
 
 def action(args, ui) -> int:
     settings = load_settings(staging_url=args.database_url, backup_dir=args.backup_dir)
-    point = operations.create_point(
-        settings, ui, description=args.description, migration_id=args.migration_id, method=args.method
+    point, removed = operations.create_point(
+        settings,
+        ui,
+        description=args.description,
+        migration_id=args.migration_id,
+        method=args.method,
+        assume_yes=args.yes,
+        keep=args.keep,
     )
     summary = point.summary()
     if args.json:
-        ui.emit_json({**summary, "path": str(point.path), "duration_seconds": point.manifest.get("duration_seconds")})
-    else:
-        rows = sum(point.manifest["fingerprint"]["row_counts"].values())
-        ui.ok(
-            f"Point created: {human_size(summary['size_bytes'])}, {rows} rows in "
-            f"{len(point.manifest['fingerprint']['row_counts'])} tables, in {point.manifest.get('duration_seconds')} s"
+        ui.emit_json(
+            {
+                **summary,
+                "path": str(point.path),
+                "template_database": point.manifest.get("template_database"),
+                "duration_seconds": point.manifest.get("duration_seconds"),
+                "removed": [p.id for p in removed],
+            }
         )
-        ui.info(f"Restore it with: python3 rollback_manager.py restore {point.id}")
-        print(point.id)
+        return 0
+    counts = point.manifest["fingerprint"]["row_counts"]
+    ui.ok(
+        f"Point created ({point.method}): {human_size(summary['size_bytes'])}, {sum(counts.values())} rows in "
+        f"{len(counts)} tables, in {point.manifest.get('duration_seconds')} s"
+    )
+    ui.info(f"Restore it with: python3 rollback_manager.py restore {point.id}")
+    print(point.id)
     return 0
 
 

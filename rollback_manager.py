@@ -9,6 +9,7 @@ import sys
 from lib import operations, render
 from lib.cli import Parser, common_flags, epilog, run
 from lib.config import load_settings
+from lib.errors import ConfigError
 
 EXAMPLES = """
 commands:
@@ -16,12 +17,16 @@ commands:
   info ID | --file PATH    one point in detail (alias: details), or any pg_dump archive / point folder
   verify ID                checksums, and the archive read end to end
   restore ID               staging back to that point (alias: execute); asks first, --yes to skip
+  delete ID                remove one point, its database copy included
+  cleanup                  remove old points of staging: --keep N, --older-than DAYS, --dry-run;
+                           the newest point that verifies is never removed
 
 examples:
   python3 rollback_manager.py list
   python3 rollback_manager.py info rb_before_migration_test_20261121_101500
   python3 rollback_manager.py verify rb_before_migration_test_20261121_101500 --json
   python3 rollback_manager.py restore rb_before_migration_test_20261121_101500
+  python3 rollback_manager.py cleanup --keep 5 --dry-run
   python3 rollback_manager.py "$V2_DATABASE_URL" "$STAGING_DATABASE_URL" list
 
 A restore keeps staging's current state as a new point first, so it can be undone
@@ -44,6 +49,12 @@ def build_parser() -> Parser:
     verify.add_argument("point_id", metavar="ID")
     restore = sub.add_parser("restore", aliases=["execute"], parents=[parent], help="put staging back to a point")
     restore.add_argument("point_id", metavar="ID")
+    delete = sub.add_parser("delete", parents=[parent], help="remove one point and its database copy")
+    delete.add_argument("point_id", metavar="ID")
+    clean = sub.add_parser("cleanup", parents=[parent], help="remove old points of staging")
+    clean.add_argument("--keep", type=int, metavar="N", help="keep the N newest points")
+    clean.add_argument("--older-than", type=float, metavar="DAYS", help="remove only points older than DAYS days")
+    clean.add_argument("--dry-run", action="store_true", help="show what would be removed, remove nothing")
     return p
 
 
@@ -66,6 +77,8 @@ def action(args, ui) -> int:
             render.points_table(ui, points)
         return 0
     if args.command in ("info", "details"):
+        if not args.file and not args.point_id:
+            raise ConfigError("info needs a point id or --file PATH.", "See `python3 rollback_manager.py list`.")
         if args.file:
             details = operations.file_info(settings, args.file)
             if args.json:
@@ -74,10 +87,6 @@ def action(args, ui) -> int:
                 for key, value in details.items():
                     ui.out.print(f"[bold]{key}[/]: {value}")
             return 0
-        if not args.point_id:
-            from lib.errors import ConfigError
-
-            raise ConfigError("info needs a point id or --file PATH.", "See `python3 rollback_manager.py list`.")
         point = operations.get_point(settings, args.point_id)
         if args.json:
             ui.emit_json({**point.manifest, "path": str(point.path)})
@@ -90,6 +99,28 @@ def action(args, ui) -> int:
             ui.emit_json(result)
         else:
             ui.ok(f"Point {result['id']} verified")
+        return 0
+    if args.command == "delete":
+        point = operations.delete_point(settings, ui, args.point_id, assume_yes=args.yes)
+        if args.json:
+            ui.emit_json({"deleted": point.id})
+        else:
+            ui.ok(f"Point {point.id} deleted")
+        return 0
+    if args.command == "cleanup":
+        removed, protected = operations.cleanup(
+            settings, ui, keep=args.keep, older_than_days=args.older_than, dry_run=args.dry_run, assume_yes=args.yes
+        )
+        if args.json:
+            ui.emit_json(
+                {
+                    "dry_run": args.dry_run,
+                    "removed": [p.id for p in removed],
+                    "kept_newest_verified": protected.id if protected else None,
+                }
+            )
+        elif removed:
+            ui.ok(f"{len(removed)} point(s) {'would be ' if args.dry_run else ''}removed")
         return 0
     # restore / execute
     result = operations.restore_point(settings, ui, args.point_id, assume_yes=args.yes)

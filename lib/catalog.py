@@ -134,6 +134,7 @@ class Point:
 class Catalog:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+        self.stale_ids: list[str] = []  # ids of creations found interrupted, for their databases
 
     def ensure(self) -> Catalog:
         """Create the folder (0700) and prove it writable, before any work starts."""
@@ -165,6 +166,7 @@ class Catalog:
             if not alive:
                 log.info("removing %s, left by an interrupted creation", entry)
                 shutil.rmtree(entry, ignore_errors=True)
+                self.stale_ids.append(entry.name[len(TMP_PREFIX) :].removeprefix("deleting-"))
 
     # ---- ids -------------------------------------------------------------
 

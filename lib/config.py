@@ -161,6 +161,7 @@ class Settings:
     pg_bin_dirs: list[Path]
     pg_bin_dir_only: bool
     restore_jobs: int
+    rollback_method: str = "auto"
 
     def staging(self) -> ConnInfo:
         if not self.staging_url:
@@ -212,4 +213,5 @@ def load_settings(
         pg_bin_dirs=[Path(p) for p in bin_dirs.split(":") if p],
         pg_bin_dir_only=(pick(None, "PG_BIN_DIR_ONLY", "") or "").lower() in ("1", "true", "yes"),
         restore_jobs=jobs,
+        rollback_method=(pick(None, "ROLLBACK_METHOD", "auto") or "auto").strip().lower(),
     )

@@ -11,11 +11,12 @@ import os
 import socket
 from pathlib import Path
 
+from . import retention
 from .audit import audited
 from .catalog import Catalog, Point, check_files, sha256_file
 from .config import Settings
 from .console import UI
-from .errors import ConfigError, VerificationError
+from .errors import ConfigError, RollbackError, VerificationError
 from .locking import operation_lock
 from .methods import dump as dump_method
 from .methods import template as template_method
@@ -24,7 +25,26 @@ from .target import Target, open_target
 
 log = logging.getLogger(__name__)
 
-METHODS = ("dump",)
+METHODS = ("auto", "template", "dump")
+
+
+def default_method(settings: Settings) -> str:
+    value = settings.rollback_method
+    if value not in METHODS:
+        raise ConfigError(f"ROLLBACK_METHOD={value!r} is not a method.", f"Use one of: {', '.join(METHODS)}.")
+    return value
+
+
+def choose_method(target: Target, requested: str) -> tuple[str, str]:
+    """auto: a server-side copy where the role may create databases, a dump otherwise."""
+    f = target.facts
+    if requested == "template":
+        return "template", "asked for"
+    if requested == "dump":
+        return "dump", "asked for"
+    if f.can_create_db:
+        return "template", f"role {f.current_user} may create databases on this server: a server-side copy is fastest"
+    return "dump", f"role {f.current_user} may not create databases on this server"
 
 
 def _who() -> dict:
@@ -36,7 +56,15 @@ def _who() -> dict:
 
 
 def _take(
-    target: Target, catalog: Catalog, ui: UI, *, description: str, migration_id: str | None, method: str, kind: str = "manual"
+    target: Target,
+    catalog: Catalog,
+    ui: UI,
+    *,
+    description: str,
+    migration_id: str | None,
+    method: str,
+    kind: str = "manual",
+    assume_yes: bool = False,
 ) -> Point:
     base = {
         "description": description,
@@ -48,23 +76,49 @@ def _take(
     label = migration_id or description
     if method == "dump":
         return dump_method.take(target, catalog, ui, label=label, base_manifest=base)
+    if method == "template":
+        template_method.drop_orphans(target, catalog.stale_ids)
+        return template_method.take(target, catalog, ui, label=label, base_manifest=base, assume_yes=assume_yes)
     raise ConfigError(f"Unknown method {method!r}.", f"Choose one of: {', '.join(METHODS)}.")
 
 
-def create_point(settings: Settings, ui: UI, *, description: str, migration_id: str | None = None, method: str = "dump") -> Point:
-    if method not in METHODS:
-        raise ConfigError(f"Unknown method {method!r}.", f"Choose one of: {', '.join(METHODS)}.")
+def create_point(
+    settings: Settings,
+    ui: UI,
+    *,
+    description: str,
+    migration_id: str | None = None,
+    method: str | None = None,
+    assume_yes: bool = False,
+    keep: int | None = None,
+) -> tuple[Point, list[Point]]:
+    """The new point, and the points --keep removed."""
+    requested = method or default_method(settings)
+    if requested not in METHODS:
+        raise ConfigError(f"Unknown method {requested!r}.", f"Choose one of: {', '.join(METHODS)}.")
+    if keep is not None and keep < 1:
+        raise ConfigError("--keep must be at least 1.", "The new point is always kept.")
     catalog = Catalog(settings.backup_dir).ensure()
     with open_target(settings) as target:
+        chosen, why = choose_method(target, requested)
         ui.step(
             f"Rollback point of {target.dbname} on {target.info.server_label()} "
-            f"(PostgreSQL {target.facts.version}, method {method})"
+            f"(PostgreSQL {target.facts.version}), method {chosen}" + (f": {why}" if requested == "auto" else "")
         )
         with audited(settings.log_dir, "create", target.masked) as record:
             with operation_lock(catalog.root, target.maint, target.facts.system_identifier, target.dbname, "create"):
-                point = _take(target, catalog, ui, description=description, migration_id=migration_id, method=method)
-            record.set(point_id=point.id, method=point.method)
-    return point
+                point = _take(
+                    target,
+                    catalog,
+                    ui,
+                    description=description,
+                    migration_id=migration_id,
+                    method=chosen,
+                    assume_yes=assume_yes,
+                )
+                record.set(point_id=point.id, method=point.method)
+                removed = retention.apply(target, catalog, ui, keep=keep) if keep else []
+    return point, removed
 
 
 def list_points(settings: Settings) -> list[Point]:
@@ -138,3 +192,65 @@ def restore_point(settings: Settings, ui: UI, point_id: str, *, assume_yes: bool
                 )
         record.set(mode=result.mode, before_point_id=result.before_point_id, unavailable_seconds=result.unavailable_seconds)
     return result
+
+
+def delete_point(settings: Settings, ui: UI, point_id: str, *, assume_yes: bool) -> Point:
+    catalog = Catalog(settings.backup_dir).ensure()
+    point = catalog.get(point_id)
+    with open_target(settings, check_v2=False) as target:
+        with audited(settings.log_dir, "delete", target.masked, point.id):
+            with operation_lock(catalog.root, target.maint, target.facts.system_identifier, target.dbname, "delete"):
+                copy = f" and its database copy {point.manifest.get('template_database')!r}" if point.method == "template" else ""
+                ui.info(f"Delete point {point.id}{copy} ({point.manifest.get('description') or 'no description'})?")
+                ui.confirm("Delete it?", assume_yes=assume_yes, what=f"delete {point.id}")
+                retention.delete_point(target, catalog, point)
+    return point
+
+
+def cleanup(
+    settings: Settings, ui: UI, *, keep: int | None, older_than_days: float | None, dry_run: bool, assume_yes: bool
+) -> tuple[list[Point], Point | None]:
+    catalog = Catalog(settings.backup_dir).ensure()
+    with open_target(settings, check_v2=False) as target:
+        with operation_lock(catalog.root, target.maint, target.facts.system_identifier, target.dbname, "cleanup"):
+            cleanup_plan = retention.plan(target, catalog, keep=keep, older_than_days=older_than_days)
+            if cleanup_plan.protected:
+                ui.info(f"Newest verified point, always kept: {cleanup_plan.protected.id}")
+            manual = cleanup_plan.protected_manual
+            if manual and manual is not cleanup_plan.protected and manual.id != cleanup_plan.protected.id:
+                ui.info(f"Newest verified point quick_rollback.py would use, also kept: {manual.id}")
+            if not cleanup_plan.remove:
+                ui.info("Nothing to remove.")
+                return [], cleanup_plan.protected
+            if dry_run:
+                retention.apply(target, catalog, ui, dry_run=True, cleanup=cleanup_plan)
+                return cleanup_plan.remove, cleanup_plan.protected
+            ui.info(f"{len(cleanup_plan.remove)} point(s) of {target.dbname} will be removed, database copies included:")
+            for p in cleanup_plan.remove:
+                ui.info(f"  - {p.id} ({p.method}, {p.manifest.get('created_at', '?')[:19]})")
+            ui.confirm("Remove them?", assume_yes=assume_yes, what="remove points")
+            with audited(settings.log_dir, "cleanup", target.masked) as record:
+                removed = retention.apply(target, catalog, ui, cleanup=cleanup_plan)
+                record.set(removed=[p.id for p in removed])
+    return removed, cleanup_plan.protected
+
+
+class NoPointError(RollbackError):
+    """quick_rollback with nothing to go back to."""
+
+
+def newest_point_for_quick_rollback(settings: Settings, ui: UI) -> Point:
+    """The newest completed point of staging taken on purpose (not a 'state before
+    rollback' safety net) that passes its checks; skipped ones are named."""
+    catalog = Catalog(settings.backup_dir)
+    with open_target(settings, check_v2=False) as target:
+        candidates = [p for p in retention.points_of(catalog, target) if p.manifest.get("kind", "manual") != "before_rollback"]
+        for point in reversed(candidates):
+            if retention.is_good(target, point):
+                return point
+            ui.warn(f"Skipping point {point.id}: it does not verify (`rollback_manager.py verify {point.id}` says why).")
+        raise NoPointError(
+            f"There is no usable rollback point of {target.dbname} on {target.info.server_label()} in {catalog.root}.",
+            "Rebuild staging from V2 with `python3 quick_rollback.py --from-v2`, and take a point "
+            '(`python3 create_rollback_point.py "Before migration"`) before the next migration.',
+        )

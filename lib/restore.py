@@ -36,6 +36,7 @@ from .db import (
 from .errors import ConfigError, DatabaseError, RollbackError, VerificationError
 from .methods import dump as dump_method
 from .methods import template as template_method
+from .render import age
 from .target import Target
 from .verify import compare, fingerprint
 
@@ -56,7 +57,8 @@ class RestorePlan:
         lines = [
             f"Restore database [bold]{target.dbname}[/] on {target.info.server_label()} "
             f"(PostgreSQL {target.facts.major}) to point [bold]{p.id}[/]",
-            f"  taken {p.manifest.get('created_at')} — {p.manifest.get('description') or 'no description'} ({p.method})",
+            f"  taken {p.manifest.get('created_at', '?')[:19].replace('T', ' ')} UTC ({age(p.manifest.get('created_at'))}) — "
+            f"{p.manifest.get('description') or 'no description'} ({p.method})",
         ]
         if self.mode == "swap":
             lines.append(

@@ -4,16 +4,30 @@ nobody writes to them by accident; restored by a server-side copy."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import psycopg2
 from psycopg2 import sql
 
-from ..catalog import Point
-from ..db import connection, execute, query, set_allow_connections
-from ..errors import VerificationError
+from ..catalog import Catalog, Point, human_size, utc_now
+from ..console import UI
+from ..db import (
+    connection,
+    database_properties,
+    derived_name,
+    drop_database,
+    execute,
+    query,
+    sessions_on,
+    set_allow_connections,
+    terminate_sessions,
+)
+from ..errors import ConfigError, DatabaseError, VerificationError
 from ..target import Target
 from ..verify import Fingerprint, compare, fingerprint
+from .dump import database_section
 
 log = logging.getLogger(__name__)
 
@@ -86,3 +100,98 @@ def verify_point_database(target: Target, point: Point) -> dict:
             "Someone changed it; use another point.",
         )
     return {"database": name, "fingerprint": "matches the manifest"}
+
+
+def invalid_databases(maint) -> list[str]:
+    """Databases an interrupted DROP DATABASE left invalid: never a source, never a point."""
+    return [r[0] for r in query(maint, "SELECT datname FROM pg_database WHERE datconnlimit = -2 ORDER BY 1")]
+
+
+def preflight(target: Target, ui: UI, *, assume_yes: bool) -> None:
+    """Before copying: rights, invalid databases, space, and the sessions that must end."""
+    f = target.facts
+    if not f.can_create_db:
+        raise ConfigError(
+            f"Role {f.current_user} may not create databases, which a template point needs.",
+            "Use --method dump, or grant CREATEDB to the role.",
+        )
+    invalid = invalid_databases(target.maint)
+    if target.dbname in invalid:
+        raise VerificationError(
+            f"Database {target.dbname!r} is invalid (an interrupted DROP DATABASE left it) and cannot be a source.",
+            "Drop it and restore a point, or rebuild staging.",
+        )
+    if invalid:
+        ui.warn("Invalid databases on this server (left by interrupted drops; never used as sources): " + ", ".join(invalid))
+    ui.info(f"  The copy needs about {human_size(f.database_size)} of free space on the server.")
+    sessions = sessions_on(target.maint, target.dbname)
+    if sessions:
+        ui.info(f"  A copy needs {target.dbname} to itself; these {len(sessions)} session(s) will be disconnected:")
+        for s in sessions:
+            ui.info(f"    - {s.describe()}")
+        ui.confirm(
+            "Disconnect them and take the point?", assume_yes=assume_yes, what=f"disconnect the sessions on {target.dbname}"
+        )
+
+
+def copy_staging(target: Target, new_name: str, attempts: int = 5) -> int:
+    """CREATE DATABASE new TEMPLATE staging: the source must have no other sessions, so
+    end them and retry when one slips in. Staging's connections are never disabled, so
+    a killed copy leaves staging fully usable."""
+    ended = 0
+    for attempt in range(1, attempts + 1):
+        ended += len(terminate_sessions(target.maint, target.dbname))
+        try:
+            copy_database(target, target.dbname, new_name, None)
+            return ended
+        except psycopg2.Error as exc:
+            if "being accessed by other users" not in str(exc) or attempt == attempts:
+                raise DatabaseError(
+                    f"Could not copy {target.dbname}: {str(exc).strip().splitlines()[0]}",
+                    "Stop the clients that keep connecting to it, then try again.",
+                ) from None
+            log.info("a session reconnected to %s during the copy; retrying (%s)", target.dbname, attempt)
+    raise AssertionError("unreachable")
+
+
+def drop_orphans(target: Target, point_ids: list[str]) -> None:
+    """Databases of creations that were killed before their manifest was written."""
+    for point_id in point_ids:
+        name = derived_name(point_id, "")
+        if database_state(target.maint, name) is not None:
+            log.info("dropping %s, left by an interrupted template point", name)
+            drop_database(target.maint, name)
+
+
+def take(target: Target, catalog: Catalog, ui: UI, *, label: str, base_manifest: dict, assume_yes: bool) -> Point:
+    preflight(target, ui, assume_yes=assume_yes)
+    started = utc_now()
+    with catalog.writing(label) as writer:
+        name = derived_name(writer.id, "")
+        clock = time.monotonic()
+        try:
+            with ui.progress(f"Copying {target.dbname} to {name} on the server"):
+                ended = copy_staging(target, name)
+            copy_seconds = time.monotonic() - clock
+            description = base_manifest.get("description") or ""
+            seal(target.maint, name, writer.id, description)
+            fp = read_fingerprint(target, name)
+        except BaseException:
+            try:
+                drop_database(target.maint, name)
+            except Exception as exc:  # noqa: BLE001 - keep the original error
+                log.error("could not drop %s after a failed copy: %s", name, exc)
+            raise
+        props = database_properties(target.maint, target.dbname).as_dict()
+        manifest = dict(base_manifest)
+        manifest.update(
+            created_at=started.isoformat(timespec="milliseconds"),
+            method="template",
+            template_database=name,
+            database=database_section(target, props),
+            fingerprint=fp.as_dict(),
+            sessions_terminated=ended,
+            copy_seconds=round(copy_seconds, 3),
+            duration_seconds=round((utc_now() - started).total_seconds(), 3),
+        )
+        return writer.commit(manifest)

@@ -1,0 +1,70 @@
+#!/usr/bin/env python3
+"""Put staging back to its newest good rollback point, in one command."""
+
+from __future__ import annotations
+
+import sys
+
+from lib import operations
+from lib.cli import Parser, common_flags, epilog, run
+from lib.config import load_settings
+from lib.errors import ConfigError
+
+EXAMPLES = """
+The newest completed point of staging that verifies is restored (any method; the
+"state before rollback" points a restore leaves are skipped), through the same
+verified build-aside-and-swap as `rollback_manager.py restore`. The state before is
+kept as a point, so this can be undone: the last line names it.
+
+examples:
+  python3 quick_rollback.py              # shows the point, its age and description, asks
+  python3 quick_rollback.py --yes --json
+  python3 quick_rollback.py --from-v2    # rebuild staging from V2 instead
+"""
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="quick_rollback.py", description=__doc__, epilog=epilog(EXAMPLES))
+    p.add_argument("--from-v2", action="store_true", help="rebuild staging from the V2 database instead of a point")
+    p.add_argument("--database-url", help="staging database URL (default: STAGING_DATABASE_URL)")
+    common_flags(p)
+    return p
+
+
+def reset_from_v2() -> int:
+    raise ConfigError(
+        "Rebuilding staging from V2 needs reset_staging.py, which is not in this version.",
+        "Restore a point instead (`python3 rollback_manager.py list`), or rebuild staging by hand.",
+    )
+
+
+def action(args, ui) -> int:
+    settings = load_settings(staging_url=args.database_url, backup_dir=args.backup_dir)
+    if args.from_v2:
+        return reset_from_v2()
+    try:
+        point = operations.newest_point_for_quick_rollback(settings, ui)
+    except operations.NoPointError as exc:
+        ui.error(exc.paragraph())
+        if not args.json and not args.yes and sys.stdin.isatty():
+            from rich.prompt import Confirm
+
+            if Confirm.ask("Rebuild staging from V2 instead?", console=ui.err, default=False):
+                return reset_from_v2()
+        return int(exc.exit_code)
+    result = operations.restore_point(settings, ui, point.id, assume_yes=args.yes)
+    if args.json:
+        ui.emit_json(result.as_dict())
+    else:
+        ui.ok(f"{result.database} is back at {result.point_id} ({point.manifest.get('description') or 'no description'}).")
+        if result.before_point_id:
+            ui.info(f"Undo with: python3 rollback_manager.py restore {result.before_point_id}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run("quick_rollback", argv, build_parser, action)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""Same-server points (CREATE DATABASE ... TEMPLATE), quick rollback and retention."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psycopg2
+import pytest
+
+from tests.conftest import ROOT
+from tests.helpers import deep_state, schema_dump
+from tests.test_restore import MIGRATION, databases
+
+
+def db_row(server, name: str):
+    conn = server.connect()
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT datallowconn, shobj_description(oid, 'pg_database'), datconnlimit FROM pg_database WHERE datname = %s",
+                (name,),
+            )
+            return cur.fetchone()
+    finally:
+        conn.close()
+
+
+def test_template_point_is_a_sealed_copy_that_lists_verifies_restores_and_deletes(staging):
+    before = deep_state(staging.server, staging.name)
+    created = staging.run_json("create_rollback_point.py", "Before migration", "--method", "template")
+    point_id, copy = created["id"], created["template_database"]
+    assert created["method"] == "template"
+    assert len(copy.encode()) <= 63
+    allow, comment, _ = db_row(staging.server, copy)
+    assert allow is False and point_id in comment
+    manifest = json.loads((staging.backup_dir / point_id / "manifest.json").read_text())
+    assert manifest["template_database"] == copy and manifest["fingerprint"]["row_counts"]["public.customers"] == 300
+
+    verified = staging.run_json("rollback_manager.py", "verify", point_id)
+    assert verified["verified"] is True and verified["fingerprint"] == "matches the manifest"
+
+    staging.sql(MIGRATION)
+    restored = staging.run_json("rollback_manager.py", "restore", point_id, "--yes")
+    assert restored["verified"] is True
+    assert deep_state(staging.server, staging.name) == before
+    assert db_row(staging.server, copy)[0] is False  # the point stays intact for next time
+
+    deleted = staging.run("rollback_manager.py", "delete", point_id, "--yes")
+    assert deleted.returncode == 0, deleted.stderr
+    assert copy not in databases(staging.server)
+    assert point_id not in [p["id"] for p in staging.run_json("rollback_manager.py", "list")]
+
+
+def test_auto_chooses_template_for_a_role_that_may_create_databases_and_says_why(staging):
+    result = staging.run("create_rollback_point.py", "auto", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["method"] == "template"
+    assert "may create databases" in result.stderr
+    dumped = staging.run_json("create_rollback_point.py", "from env", env={"ROLLBACK_METHOD": "dump"})
+    assert dumped["method"] == "dump"
+
+
+def test_auto_chooses_dump_for_a_role_that_may_not(server, new_staging):
+    staging = new_staging(server, "nocreate")
+    role = f"r_{staging.name}"[:60]
+    staging.sql(f"CREATE ROLE \"{role}\" LOGIN PASSWORD 'role-pw-123' NOCREATEDB")
+    try:
+        db = f"{staging.name}_r"
+        staging.sql(f'CREATE DATABASE "{db}" OWNER "{role}"')
+        env = {"STAGING_DATABASE_URL": server.url(db, user=role, password="role-pw-123")}
+        result = staging.run("create_rollback_point.py", "auto", "--json", env=env)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["method"] == "dump"
+        assert "may not create databases" in result.stderr
+        refused = staging.run("create_rollback_point.py", "t", "--method", "template", env=env)
+        assert refused.returncode == 2 and "--method dump" in refused.stderr
+    finally:
+        staging.sql(f'DROP DATABASE IF EXISTS "{staging.name}_r" WITH (FORCE)')
+        staging.sql(f'DROP ROLE IF EXISTS "{role}"')
+
+
+def test_sessions_during_create_are_named_and_only_ended_with_yes(staging):
+    idle = psycopg2.connect(staging.url, application_name="etl-worker")
+    try:
+        refused = staging.run("create_rollback_point.py", "x", "--method", "template")
+        assert refused.returncode == 2
+        assert "etl-worker" in refused.stderr and "--yes" in refused.stderr
+        assert staging.run_json("rollback_manager.py", "list") == []
+        assert not [d for d in databases(staging.server) if d.startswith("rb_x_")]
+        with idle.cursor() as cur:
+            cur.execute("SELECT 1")
+
+        done = staging.run("create_rollback_point.py", "x", "--method", "template", "--yes")
+        assert done.returncode == 0, done.stderr
+        with pytest.raises(psycopg2.OperationalError), idle.cursor() as cur:
+            cur.execute("SELECT 1")
+    finally:
+        idle.close()
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.05, 0.15])
+def test_a_copy_killed_half_way_leaves_no_point_and_staging_intact(staging, delay):
+    before = deep_state(staging.server, staging.name)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "create_rollback_point.py"), "doomed", "--method", "template", "--yes"],
+        env=staging.env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not list(staging.backup_dir.glob(".tmp-*")) and proc.poll() is None:
+        time.sleep(0.005)
+    time.sleep(delay)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(0.5)  # the server finishes or aborts the killed session's statement
+    listed = staging.run_json("rollback_manager.py", "list")
+    if proc.returncode == -signal.SIGKILL and listed:
+        pytest.fail(f"a killed creation listed a point: {listed}")
+    assert deep_state(staging.server, staging.name) == before
+    assert db_row(staging.server, staging.name)[0] is True  # staging still takes connections
+    # the next creation clears what the killed one left on disk and on the server
+    staging.create_point("after", "--method", "template", "--yes")
+    assert not list(staging.backup_dir.glob(".tmp-*"))
+    listed_ids = {p["id"] for p in staging.run_json("rollback_manager.py", "list")}
+    orphans = [d for d in databases(staging.server) if d.startswith("rb_doomed_") and d not in listed_ids]
+    assert orphans == []
+
+
+def test_an_undone_quick_rollback_gives_back_the_migrated_state_exactly(staging):
+    staging.create_point("Before migration", "--method", "template")
+    staging.sql(MIGRATION)
+    migrated_schema, migrated = schema_dump(staging.server, staging.name), deep_state(staging.server, staging.name)
+    quick = staging.run_json("quick_rollback.py", "--yes")
+    assert quick["unavailable_seconds"] < 5
+    undo = staging.run_json("rollback_manager.py", "restore", quick["before_point_id"], "--yes")
+    assert undo["verified"] is True
+    assert deep_state(staging.server, staging.name) == migrated
+    assert schema_dump(staging.server, staging.name) == migrated_schema
+
+
+def test_two_quick_rollbacks_in_a_row_both_work(staging):
+    before = deep_state(staging.server, staging.name)
+    point_id = staging.create_point("Before migration", "--method", "template")
+    for _ in range(2):
+        staging.sql(MIGRATION.replace("CREATE TABLE migration_log", "CREATE TABLE IF NOT EXISTS migration_log"))
+        result = staging.run_json("quick_rollback.py", "--yes")
+        assert result["point_id"] == point_id  # not the 'state before' point the first one left
+        assert deep_state(staging.server, staging.name) == before
+
+
+def test_quick_rollback_uses_dump_points_too_and_names_the_point_when_asking(staging):
+    point_id = staging.create_point("Before the orders import", "--method", "dump")
+    staging.sql("DELETE FROM customers")
+    asked = staging.run("quick_rollback.py")
+    assert asked.returncode == 2
+    assert point_id in asked.stderr and "Before the orders import" in asked.stderr and " ago)" in asked.stderr
+    assert staging.sql("SELECT count(*) FROM customers")[0][0] == 0
+    assert staging.run_json("quick_rollback.py", "--yes")["point_id"] == point_id
+    assert staging.sql("SELECT count(*) FROM customers")[0][0] == 300
+
+
+def test_quick_rollback_without_points_offers_the_v2_reset(staging):
+    result = staging.run("quick_rollback.py", "--yes")
+    assert result.returncode == 1
+    assert "no usable rollback point" in result.stderr and "--from-v2" in result.stderr
+    reset = staging.run("quick_rollback.py", "--from-v2", "--yes")
+    assert reset.returncode == 2 and "reset_staging.py" in reset.stderr
+
+
+def test_an_invalid_point_database_is_recognised_and_never_used(staging):
+    good = staging.create_point("good", "--method", "template")
+    bad = staging.run_json("create_rollback_point.py", "bad", "--method", "template")
+    staging.sql("UPDATE pg_database SET datconnlimit = -2 WHERE datname = %s", (bad["template_database"],))
+    try:
+        assert staging.run("rollback_manager.py", "verify", bad["id"]).returncode == 3
+        refused = staging.run("rollback_manager.py", "restore", bad["id"], "--yes")
+        assert refused.returncode == 3 and "invalid" in refused.stderr
+        quick = staging.run("quick_rollback.py", "--yes", "--json")
+        assert quick.returncode == 0, quick.stderr
+        assert json.loads(quick.stdout)["point_id"] == good
+        assert f"Skipping point {bad['id']}" in quick.stderr
+        warned = staging.run("create_rollback_point.py", "third", "--method", "template")
+        assert warned.returncode == 0 and bad["template_database"] in warned.stderr
+    finally:
+        staging.sql("UPDATE pg_database SET datconnlimit = -1 WHERE datname = %s", (bad["template_database"],))
+
+
+def test_cleanup_never_removes_the_newest_verified_point(staging):
+    oldest = staging.create_point("oldest", "--method", "dump")
+    verified = staging.create_point("middle", "--method", "template")
+    newest = staging.create_point("newest", "--method", "dump")
+    archive = staging.backup_dir / newest / "database.dump"
+    archive.write_bytes(archive.read_bytes()[:-50])  # the newest no longer verifies
+
+    dry = staging.run_json("rollback_manager.py", "cleanup", "--keep", "1", "--dry-run")
+    assert dry["removed"] == [oldest] and dry["kept_newest_verified"] == verified
+    assert len(staging.run_json("rollback_manager.py", "list")) == 3
+
+    assert staging.run("rollback_manager.py", "cleanup", "--keep", "1").returncode == 2  # no terminal, no --yes
+    assert staging.run_json("rollback_manager.py", "cleanup", "--older-than", "1", "--yes")["removed"] == []
+    done = staging.run_json("rollback_manager.py", "cleanup", "--keep", "1", "--yes")
+    assert done["removed"] == [oldest]
+    remaining = [p["id"] for p in staging.run_json("rollback_manager.py", "list")]
+    assert remaining == [verified, newest]
+    template_db = json.loads((staging.backup_dir / verified / "manifest.json").read_text())["template_database"]
+    assert template_db in databases(staging.server)
+
+
+def test_create_keep_removes_old_points_and_their_copies(staging):
+    first = staging.run_json("create_rollback_point.py", "one", "--method", "template")
+    staging.create_point("two", "--method", "template")
+    third = staging.run_json("create_rollback_point.py", "three", "--method", "template", "--keep", "2")
+    assert third["removed"] == [first["id"]]
+    assert first["template_database"] not in databases(staging.server)
+    assert len(staging.run_json("rollback_manager.py", "list")) == 2
+
+
+def test_template_point_of_a_database_with_a_long_name(server, new_staging):
+    staging = new_staging(server, "long_" + "x" * 45)
+    assert len(staging.name.encode()) >= 58
+    before = deep_state(server, staging.name)
+    created = staging.run_json(
+        "create_rollback_point.py", "a rather long description for a template point", "--method", "template"
+    )
+    assert len(created["template_database"].encode()) <= 63
+    staging.sql("DELETE FROM customers WHERE id > 3")
+    result = staging.run_json("quick_rollback.py", "--yes")
+    assert deep_state(server, staging.name) == before
+    assert len(result["before_point_id"]) > 0
+    assert all(len(d.encode()) <= 63 for d in databases(server))
