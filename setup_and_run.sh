@@ -96,7 +96,7 @@ EOF
         run_py create_rollback_point.py "${id:-Manual rollback point}" || true
         ;;
       6) run_py rollback_manager.py list || true ;;
-      7) not_yet "Quick rollback" ;;
+      7) run_py quick_rollback.py || true ;;
       8)
         run_py rollback_manager.py list || true
         read -r -p "Point id to restore: " id

@@ -162,6 +162,7 @@ class Settings:
     pg_bin_dir_only: bool
     restore_jobs: int
     rollback_method: str = "auto"
+    file_copy_method: str = "copy"
 
     def staging(self) -> ConnInfo:
         if not self.staging_url:
@@ -214,4 +215,5 @@ def load_settings(
         pg_bin_dir_only=(pick(None, "PG_BIN_DIR_ONLY", "") or "").lower() in ("1", "true", "yes"),
         restore_jobs=jobs,
         rollback_method=(pick(None, "ROLLBACK_METHOD", "auto") or "auto").strip().lower(),
+        file_copy_method=(pick(None, "FILE_COPY_METHOD", "copy") or "copy").strip().lower(),
     )

@@ -86,6 +86,7 @@ class RestoreResult:
     verified: bool = True
     tool: str | None = None
     notes: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -197,8 +198,18 @@ def restore_swap(target: Target, catalog: Catalog, rplan: RestorePlan, ui: UI) -
         ui.warn(f"Dropping {aside}, left behind by an interrupted restore.")
         drop_database(target.maint, aside)
     swapped = False
+    timings: dict[str, float] = {}
+    clock = time.monotonic()
+
+    def lap(step: str) -> None:
+        nonlocal clock
+        now = time.monotonic()
+        timings[step] = round(now - clock, 3)
+        clock = now
+
     try:
         tool = _build_aside(target, point, aside, ui)
+        lap("build")
         ui.step(f"Verifying {aside} against the manifest of {point.id}")
         with connection(target.info, aside, application_name="rollback-toolkit verify") as conn:
             problems = compare(point.manifest.get("fingerprint", {}), fingerprint(conn))
@@ -209,17 +220,24 @@ def restore_swap(target: Target, catalog: Catalog, rplan: RestorePlan, ui: UI) -
                 + f". Staging {target.dbname} was not touched.",
                 "Try an earlier point (`python3 rollback_manager.py list`).",
             )
+        lap("verify")
         ui.ok("Rebuilt copy matches the point (schema digest, row counts, sequences, large objects)")
         apply_database_properties(target.maint, aside, point.manifest.get("database", {}).get("properties", {}))
         current_props = database_properties(target.maint, target.dbname).as_dict()
         description = f"state before rollback to {point.id}"
         with catalog.writing(f"before rollback {target.dbname}") as writer:
             before = derived_name(writer.id, "")
+            lap("prepare swap")
             unavailable, ended = swap_databases(target, aside, before)
             swapped = True
+            lap("swap")
             ui.ok(f"{target.dbname} swapped in ({unavailable:.2f} s without connections, {ended} session(s) ended)")
             before_point = _keep_before_state(target, writer, before, description, current_props, point.id)
-        return RestoreResult(point.id, target.dbname, "swap", before_point.id, round(unavailable, 3), ended, tool=tool)
+            lap("keep state before")
+        log.info("restore timings: %s", timings)
+        return RestoreResult(
+            point.id, target.dbname, "swap", before_point.id, round(unavailable, 3), ended, tool=tool, timings=timings
+        )
     except BaseException:
         if not swapped:
             try:

@@ -191,6 +191,7 @@ def make_staging(server: Server, tmp_path: Path, prefix: str = "staging") -> Sta
         BACKUP_DIR=str(backup_dir),
         LOG_DIR=str(log_dir),
         ROLLBACK_ENV_FILE=str(tmp_path / "no.env"),
+        ROLLBACK_METHOD="dump",  # tests of other methods ask for them
     )
     return Staging(server, name, env, backup_dir, log_dir)
 
@@ -200,7 +201,7 @@ def staging(server, tmp_path, monkeypatch) -> Staging:
     s = make_staging(server, tmp_path)
     for key in ("V2_DATABASE_URL", "PG_BIN_DIR", "PG_BIN_DIR_ONLY"):
         monkeypatch.delenv(key, raising=False)
-    for key in ("STAGING_DATABASE_URL", "BACKUP_DIR", "LOG_DIR", "ROLLBACK_ENV_FILE"):
+    for key in ("STAGING_DATABASE_URL", "BACKUP_DIR", "LOG_DIR", "ROLLBACK_ENV_FILE", "ROLLBACK_METHOD"):
         monkeypatch.setenv(key, s.env[key])
     yield s
     _drop_databases_like(server, s.name)

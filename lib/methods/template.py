@@ -69,14 +69,32 @@ def read_fingerprint(target: Target, name: str) -> Fingerprint:
 
 
 def copy_database(target: Target, source: str, new_name: str, owner: str | None) -> None:
-    """CREATE DATABASE ... TEMPLATE (FILE_COPY from PostgreSQL 15 on: a file copy plus
-    two checkpoints, much faster than WAL_LOG for large databases)."""
+    """CREATE DATABASE ... TEMPLATE, with STRATEGY FILE_COPY from PostgreSQL 15 on: a file
+    copy plus two checkpoints, several times faster than WAL_LOG for large databases.
+
+    FILE_COPY_METHOD=clone (PostgreSQL 18+) asks the kernel to clone the files: near
+    instant reflinks on XFS and btrfs, but slower than a plain copy on ext4, hence not
+    the default; where clone fails, the plain copy is used."""
     parts = [sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(new_name), sql.Identifier(source))]
     if target.facts.major >= 15:
         parts.append(sql.SQL("STRATEGY FILE_COPY"))
     if owner:
         parts.append(sql.SQL("OWNER {}").format(sql.Identifier(owner)))
-    execute(target.maint, sql.SQL(" ").join(parts))
+    statement = sql.SQL(" ").join(parts)
+    if target.settings.file_copy_method != "clone" or target.facts.major < 18:
+        execute(target.maint, statement)
+        return
+    execute(target.maint, "SET file_copy_method = clone")
+    try:
+        execute(target.maint, statement)
+    except psycopg2.Error as exc:
+        if "being accessed by other users" in str(exc) or "already exists" in str(exc):
+            raise
+        log.warning("file_copy_method = clone failed (%s); copying the plain way", str(exc).strip())
+        execute(target.maint, "SET file_copy_method = copy")
+        execute(target.maint, statement)
+    finally:
+        execute(target.maint, "RESET file_copy_method")
 
 
 def verify_point_database(target: Target, point: Point) -> dict:
