@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from lib import operations
+from lib import operations, render
 from lib.cli import Parser, common_flags, epilog, run
 from lib.config import load_settings
 from lib.errors import ConfigError
@@ -53,12 +53,10 @@ def action(args, ui) -> int:
                 return reset_from_v2()
         return int(exc.exit_code)
     result = operations.restore_point(settings, ui, point.id, assume_yes=args.yes)
-    if args.json:
-        ui.emit_json(result.as_dict())
-    else:
-        ui.ok(f"{result.database} is back at {result.point_id} ({point.manifest.get('description') or 'no description'}).")
-        if result.before_point_id:
-            ui.info(f"Undo with: python3 rollback_manager.py restore {result.before_point_id}")
+    description = point.manifest.get("description") or "no description"
+    render.restore_outcome(
+        ui, result, as_json=args.json, headline=f"{result.database} is back at {result.point_id} ({description})."
+    )
     return 0
 
 

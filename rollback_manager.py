@@ -124,15 +124,8 @@ def action(args, ui) -> int:
         return 0
     # restore / execute
     result = operations.restore_point(settings, ui, args.point_id, assume_yes=args.yes)
-    if args.json:
-        ui.emit_json(result.as_dict())
-    else:
-        ui.ok(f"{result.database} restored to {result.point_id} and verified ({result.mode}).")
-        if result.before_point_id:
-            ui.info(
-                f"The state before is kept as point {result.before_point_id}; "
-                f"undo with: python3 rollback_manager.py restore {result.before_point_id}"
-            )
+    headline = f"{result.database} restored to {result.point_id} and verified ({result.mode})."
+    render.restore_outcome(ui, result, as_json=args.json, headline=headline)
     return 0
 
 

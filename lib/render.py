@@ -88,3 +88,16 @@ def point_details(ui: UI, point: Point) -> None:
         counts.add_row(name, str(n))
     if fp.get("row_counts"):
         ui.out.print(counts)
+
+
+def restore_outcome(ui: UI, result, *, as_json: bool, headline: str) -> None:
+    """The end of a restore: the result as JSON, or a line and the way to undo it."""
+    if as_json:
+        ui.emit_json(result.as_dict())
+        return
+    ui.ok(headline)
+    if result.before_point_id:
+        ui.info(
+            f"The state before is kept as point {result.before_point_id}; "
+            f"undo with: python3 rollback_manager.py restore {result.before_point_id}"
+        )
