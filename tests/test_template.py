@@ -103,7 +103,7 @@ def test_sessions_during_create_are_named_and_only_ended_with_yes(staging):
         idle.close()
 
 
-@pytest.mark.parametrize("delay", [0.0, 0.05, 0.15])
+@pytest.mark.parametrize("delay", [0.0, 0.02, 0.05, 0.15])
 def test_a_copy_killed_half_way_leaves_no_point_and_staging_intact(staging, delay):
     before = deep_state(staging.server, staging.name)
     proc = subprocess.Popen(
@@ -122,9 +122,9 @@ def test_a_copy_killed_half_way_leaves_no_point_and_staging_intact(staging, dela
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     time.sleep(0.5)  # the server finishes or aborts the killed session's statement
-    listed = staging.run_json("rollback_manager.py", "list")
-    if proc.returncode == -signal.SIGKILL and listed:
-        pytest.fail(f"a killed creation listed a point: {listed}")
+    # whatever moment the kill hit, a point is listed only when it is complete
+    for listed in staging.run_json("rollback_manager.py", "list"):
+        assert staging.run("rollback_manager.py", "verify", listed["id"]).returncode == 0, listed
     assert deep_state(staging.server, staging.name) == before
     assert db_row(staging.server, staging.name)[0] is True  # staging still takes connections
     # the next creation clears what the killed one left on disk and on the server
