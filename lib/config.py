@@ -163,6 +163,7 @@ class Settings:
     restore_jobs: int
     rollback_method: str = "auto"
     file_copy_method: str = "copy"
+    rollback_spare: bool = True
 
     def staging(self) -> ConnInfo:
         if not self.staging_url:
@@ -216,4 +217,5 @@ def load_settings(
         restore_jobs=jobs,
         rollback_method=(pick(None, "ROLLBACK_METHOD", "auto") or "auto").strip().lower(),
         file_copy_method=(pick(None, "FILE_COPY_METHOD", "copy") or "copy").strip().lower(),
+        rollback_spare=(pick(None, "ROLLBACK_SPARE", "1") or "1").strip().lower() not in ("0", "false", "no", "off"),
     )

@@ -11,7 +11,7 @@ import os
 import socket
 from pathlib import Path
 
-from . import retention
+from . import retention, spare
 from .audit import audited
 from .catalog import Catalog, Point, check_files, sha256_file
 from .config import Settings
@@ -78,7 +78,15 @@ def _take(
         return dump_method.take(target, catalog, ui, label=label, base_manifest=base)
     if method == "template":
         template_method.drop_orphans(target, catalog.stale_ids)
-        return template_method.take(target, catalog, ui, label=label, base_manifest=base, assume_yes=assume_yes)
+        point = template_method.take(target, catalog, ui, label=label, base_manifest=base, assume_yes=assume_yes)
+        if spare.enabled(target.settings) and kind == "manual":
+            spare.drop_all_but(target, catalog, point)
+            spare.start_in_background(target.settings, point)
+            ui.info(
+                "  A spare copy is being prepared in the background, so a quick rollback is only a swap "
+                "(it needs the database's size once more on the server; ROLLBACK_SPARE=0 turns it off)."
+            )
+        return point
     raise ConfigError(f"Unknown method {method!r}.", f"Choose one of: {', '.join(METHODS)}.")
 
 
@@ -154,8 +162,10 @@ def verify_point(settings: Settings, ui: UI, point_id: str) -> dict:
                 f"Point {point.id} failed its checksums: " + "; ".join(problems) + ".",
                 "Use an earlier point (`python3 rollback_manager.py list`).",
             )
-        result["checksums"] = f"{len(point.manifest.get('files', []))} file(s) match"
-        ui.ok(f"Checksums of {point.id} match")
+        files = len(point.manifest.get("files", []))
+        result["checksums"] = f"{files} file(s) match"
+        if files:
+            ui.ok(f"Checksums of {point.id} match ({files} file(s))")
         if point.method == "dump":
             with ui.progress(f"Reading the archive of {point.id} end to end"):
                 result.update(dump_method.verify_archive(point, settings))
@@ -180,6 +190,8 @@ def restore_point(settings: Settings, ui: UI, point_id: str, *, assume_yes: bool
             ui.confirm("Go ahead?", assume_yes=assume_yes, what=f"restore {target.dbname}")
             if rplan.mode == "swap":
                 result = restore_swap(target, catalog, rplan, ui)
+                if point.method == "template" and spare.enabled(settings) and point.manifest.get("kind", "manual") == "manual":
+                    spare.start_in_background(settings, point)  # ready for the next rollback
             else:
                 result = restore_in_place(
                     target,

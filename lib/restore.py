@@ -16,6 +16,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from . import spare
 from .catalog import Catalog, Point, check_files, utc_now
 from .console import UI
 from .db import (
@@ -157,6 +158,12 @@ def _build_aside(target: Target, point: Point, aside: str, ui: UI) -> str | None
         tool = dump_method.restore_into(target, point, aside, ui)
         return f"{tool.path} ({tool.version})"
     source = point.manifest["template_database"]
+    if spare.enabled(target.settings):
+        with ui.progress(f"Taking the spare copy of {point.id} (waiting if it is still being prepared)"):
+            claimed = spare.claim(target, point, aside)
+        if claimed:
+            ui.step(f"Using the spare copy of {point.id} prepared in the background")
+            return "spare copy"
     with ui.progress(f"Copying {source} into {aside} on the server"):
         template_method.copy_database(target, source, aside, props.get("owner"))
     return None

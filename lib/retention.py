@@ -7,6 +7,7 @@ import logging
 from dataclasses import dataclass
 from datetime import timedelta
 
+from . import spare
 from .catalog import Catalog, Point, check_files, utc_now
 from .console import UI
 from .db import drop_database
@@ -84,6 +85,7 @@ def delete_point(target: Target, catalog: Catalog, point: Point) -> None:
             )
         if name:
             drop_database(target.maint, name)
+        spare.drop(target, point)
     catalog.remove(point)
 
 

@@ -237,3 +237,48 @@ def test_template_point_of_a_database_with_a_long_name(server, new_staging):
     assert deep_state(server, staging.name) == before
     assert len(result["before_point_id"]) > 0
     assert all(len(d.encode()) <= 63 for d in databases(server))
+
+
+def wait_for_database(server, name: str, present: bool = True, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while (name in databases(server)) != present:
+        if time.monotonic() > deadline:
+            pytest.fail(f"database {name} {'never appeared' if present else 'never went away'}")
+        time.sleep(0.1)
+    time.sleep(0.2)  # the background helper seals it right after creating it
+
+
+def test_a_spare_copy_makes_quick_rollback_a_swap_and_is_prepared_again(staging):
+    env = {"ROLLBACK_SPARE": "1"}
+    before = deep_state(staging.server, staging.name)
+    created = staging.run_json("create_rollback_point.py", "Before migration", "--method", "template", env=env)
+    spare = created["template_database"] + "_spare"
+    wait_for_database(staging.server, spare)
+    assert db_row(staging.server, spare)[0] is False  # sealed like the point
+
+    staging.sql(MIGRATION)
+    result = staging.run("quick_rollback.py", "--yes", "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["tool"] == "spare copy"
+    assert "Using the spare copy" in result.stderr
+    assert deep_state(staging.server, staging.name) == before
+    wait_for_database(staging.server, spare)  # ready again for the next rollback
+
+    # a spare that no longer matches its point is never swapped in
+    staging.sql(f'ALTER DATABASE "{spare}" WITH ALLOW_CONNECTIONS true')
+    conn = staging.server.connect(spare)
+    with conn.cursor() as cur:
+        cur.execute("DELETE FROM customers WHERE id < 10")
+    conn.close()
+    staging.sql(MIGRATION)
+    tampered = staging.run("quick_rollback.py", "--yes", env=env)
+    assert tampered.returncode == 3 and "does not match its manifest" in tampered.stderr
+    assert spare not in databases(staging.server)  # the bad copy was dropped
+    staging.sql("DROP TABLE migration_log")
+    again = staging.run("quick_rollback.py", "--yes", env={"ROLLBACK_SPARE": "0"})
+    assert again.returncode == 0, again.stderr
+    assert deep_state(staging.server, staging.name) == before
+
+    deleted = staging.run("rollback_manager.py", "delete", created["id"], "--yes", env=env)
+    assert deleted.returncode == 0
+    assert spare not in databases(staging.server)
