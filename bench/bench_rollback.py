@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         pg_env = {**env, "PGPASSWORD": server.password}
         admin_url = server.url()
-        warm = int(size * 1.5)
+        warm = int(size * 3)
         conn_args = ["-h", "127.0.0.1", "-p", str(server.port), "-U", "postgres"]
 
         console.print("pg_dump -Fc …")
@@ -260,10 +260,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     unavailable = results["staging unavailable"]
     table.add_row("staging unavailable", f"{unavailable:.3f}", "-", "-", "-", "<= 0.2 s", "yes" if unavailable <= 0.2 else "NO")
-    Console().print(table)
+    screen = Console(stderr=args.json)  # with --json, stdout carries only the JSON
+    screen.print(table)
     inside = [(k, v) for k, v in results.items() if ":" in k]
     if inside:
-        Console().print("inside ours: " + ", ".join(f"{k} {v:.2f} s" for k, v in inside))
+        screen.print("inside ours: " + ", ".join(f"{k} {v:.2f} s" for k, v in inside))
     if args.json:
         print(json.dumps({"size_bytes": size, "seconds": results}, indent=2))
     return 0
