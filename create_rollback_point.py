@@ -17,11 +17,14 @@ methods:
   template  a copy of staging on the same server (CREATE DATABASE ... TEMPLATE): fastest to take and restore;
             sessions on staging are disconnected for the copy (asked first)
   dump      a pg_dump archive in BACKUP_DIR, chosen to fit the server's PostgreSQL version
+  data      the rows of every table, or of --table ones, copied with COPY (no client tools needed);
+            restores data, not schema
 
 examples:
   python3 create_rollback_point.py "Before migration test"
   python3 create_rollback_point.py "Before clients import" --migration-id client_migration --keep 5
   python3 create_rollback_point.py "Nightly" --method dump --json      # prints {"id": ..., ...}
+  python3 create_rollback_point.py "Before orders fix" --method data --table customers --table orders
 
 Every point has BACKUP_DIR/<id>/manifest.json and is listed by `python3 rollback_manager.py list`.
 """
@@ -32,6 +35,7 @@ def build_parser() -> Parser:
     p.add_argument("description", nargs="?", default="Manual rollback point", help="what this point is for")
     p.add_argument("--method", choices=operations.METHODS, help="how to take it (default: ROLLBACK_METHOD or auto)")
     p.add_argument("--migration-id", help="the migration this point guards; also names the point id")
+    p.add_argument("--table", action="append", metavar="TABLE", help="a data point of this table (repeatable)")
     p.add_argument("--keep", type=int, metavar="N", help="afterwards keep only the N newest points of this database")
     p.add_argument("--database-url", help="staging database URL (default: STAGING_DATABASE_URL)")
     common_flags(p)
@@ -48,6 +52,7 @@ def action(args, ui) -> int:
         method=args.method,
         assume_yes=args.yes,
         keep=args.keep,
+        tables=args.table,
     )
     summary = point.summary()
     if args.json:

@@ -17,6 +17,7 @@ commands:
   info ID | --file PATH    one point in detail (alias: details), or any pg_dump archive / point folder
   verify ID                checksums, and the archive read end to end
   restore ID               staging back to that point (alias: execute); asks first, --yes to skip
+  backup TABLE             a data point of one table (--description TEXT)
   delete ID                remove one point, its database copy included
   cleanup                  remove old points of staging: --keep N, --older-than DAYS, --dry-run;
                            the newest point that verifies is never removed
@@ -49,6 +50,9 @@ def build_parser() -> Parser:
     verify.add_argument("point_id", metavar="ID")
     restore = sub.add_parser("restore", aliases=["execute"], parents=[parent], help="put staging back to a point")
     restore.add_argument("point_id", metavar="ID")
+    backup = sub.add_parser("backup", parents=[parent], help="a data point of one or more tables")
+    backup.add_argument("tables", nargs="+", metavar="TABLE")
+    backup.add_argument("--description", default=None, help="what this point is for")
     delete = sub.add_parser("delete", parents=[parent], help="remove one point and its database copy")
     delete.add_argument("point_id", metavar="ID")
     clean = sub.add_parser("cleanup", parents=[parent], help="remove old points of staging")
@@ -99,6 +103,15 @@ def action(args, ui) -> int:
             ui.emit_json(result)
         else:
             ui.ok(f"Point {result['id']} verified")
+        return 0
+    if args.command == "backup":
+        description = args.description or f"Backup of {', '.join(args.tables)}"
+        point, _ = operations.create_point(settings, ui, description=description, method="data", tables=args.tables)
+        if args.json:
+            ui.emit_json({**point.summary(), "path": str(point.path)})
+        else:
+            ui.ok(f"Data point {point.id} of {point.manifest.get('table')}")
+            print(point.id)
         return 0
     if args.command == "delete":
         point = operations.delete_point(settings, ui, args.point_id, assume_yes=args.yes)

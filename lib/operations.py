@@ -18,14 +18,15 @@ from .config import Settings
 from .console import UI
 from .errors import ConfigError, RollbackError, VerificationError
 from .locking import operation_lock
+from .methods import data as data_method
 from .methods import dump as dump_method
 from .methods import template as template_method
-from .restore import RestoreResult, check_point_usable, plan, restore_in_place, restore_swap
+from .restore import RestoreResult, check_point_usable, plan, restore_data, restore_in_place, restore_swap
 from .target import Target, open_target
 
 log = logging.getLogger(__name__)
 
-METHODS = ("auto", "template", "dump")
+METHODS = ("auto", "template", "dump", "data")
 
 
 def default_method(settings: Settings) -> str:
@@ -40,8 +41,8 @@ def choose_method(target: Target, requested: str) -> tuple[str, str]:
     f = target.facts
     if requested == "template":
         return "template", "asked for"
-    if requested == "dump":
-        return "dump", "asked for"
+    if requested in ("dump", "data"):
+        return requested, "asked for"
     if f.can_create_db:
         return "template", f"role {f.current_user} may create databases on this server: a server-side copy is fastest"
     return "dump", f"role {f.current_user} may not create databases on this server"
@@ -65,6 +66,7 @@ def _take(
     method: str,
     kind: str = "manual",
     assume_yes: bool = False,
+    tables: list[str] | None = None,
 ) -> Point:
     base = {
         "description": description,
@@ -76,6 +78,8 @@ def _take(
     label = migration_id or description
     if method == "dump":
         return dump_method.take(target, catalog, ui, label=label, base_manifest=base)
+    if method == "data":
+        return data_method.take(target, catalog, ui, label=label, base_manifest=base, tables=tables)
     if method == "template":
         template_method.drop_orphans(target, catalog.stale_ids)
         point = template_method.take(target, catalog, ui, label=label, base_manifest=base, assume_yes=assume_yes)
@@ -99,11 +103,16 @@ def create_point(
     method: str | None = None,
     assume_yes: bool = False,
     keep: int | None = None,
+    tables: list[str] | None = None,
 ) -> tuple[Point, list[Point]]:
     """The new point, and the points --keep removed."""
-    requested = method or default_method(settings)
+    requested = method or ("data" if tables else default_method(settings))
     if requested not in METHODS:
         raise ConfigError(f"Unknown method {requested!r}.", f"Choose one of: {', '.join(METHODS)}.")
+    if tables and requested != "data":
+        raise ConfigError(
+            "--table makes a data point of those tables.", "Use --method data with --table (or leave --method out)."
+        )
     if keep is not None and keep < 1:
         raise ConfigError("--keep must be at least 1.", "The new point is always kept.")
     catalog = Catalog(settings.backup_dir).ensure()
@@ -123,6 +132,7 @@ def create_point(
                     migration_id=migration_id,
                     method=chosen,
                     assume_yes=assume_yes,
+                    tables=tables,
                 )
                 record.set(point_id=point.id, method=point.method)
                 removed = retention.apply(target, catalog, ui, keep=keep) if keep else []
@@ -170,6 +180,10 @@ def verify_point(settings: Settings, ui: UI, point_id: str) -> dict:
             with ui.progress(f"Reading the archive of {point.id} end to end"):
                 result.update(dump_method.verify_archive(point, settings))
             ui.ok("Archive read end to end")
+        elif point.method == "data":
+            with ui.progress(f"Reading the data of {point.id} end to end"):
+                result.update(data_method.read_through(point))
+            ui.ok("Every table file read end to end, row counts match")
         elif point.method == "template":
             with open_target(settings, check_v2=False) as target:
                 result.update(template_method.verify_point_database(target, point))
@@ -188,7 +202,16 @@ def restore_point(settings: Settings, ui: UI, point_id: str, *, assume_yes: bool
             rplan = plan(target, point)
             ui.info(rplan.describe(target))
             ui.confirm("Go ahead?", assume_yes=assume_yes, what=f"restore {target.dbname}")
-            if rplan.mode == "swap":
+            if rplan.mode == "data":
+                result = restore_data(
+                    target,
+                    rplan,
+                    ui,
+                    lambda description, kind, tables: _take(
+                        target, catalog, ui, description=description, migration_id=None, method="data", kind=kind, tables=tables
+                    ),
+                )
+            elif rplan.mode == "swap":
                 result = restore_swap(target, catalog, rplan, ui)
                 if point.method == "template" and spare.enabled(settings) and point.manifest.get("kind", "manual") == "manual":
                     spare.start_in_background(settings, point)  # ready for the next rollback
@@ -198,7 +221,7 @@ def restore_point(settings: Settings, ui: UI, point_id: str, *, assume_yes: bool
                     catalog,
                     rplan,
                     ui,
-                    lambda description, kind: _take(
+                    lambda description, kind, _tables: _take(
                         target, catalog, ui, description=description, migration_id=None, method="dump", kind=kind
                     ),
                 )
@@ -251,12 +274,17 @@ class NoPointError(RollbackError):
     """quick_rollback with nothing to go back to."""
 
 
-def newest_point_for_quick_rollback(settings: Settings, ui: UI) -> Point:
+def newest_point_for_quick_rollback(settings: Settings, ui: UI, method: str | None = None) -> Point:
     """The newest completed point of staging taken on purpose (not a 'state before
     rollback' safety net) that passes its checks; skipped ones are named."""
     catalog = Catalog(settings.backup_dir)
     with open_target(settings, check_v2=False) as target:
-        candidates = [p for p in retention.points_of(catalog, target) if p.manifest.get("kind", "manual") != "before_rollback"]
+        candidates = [
+            p
+            for p in retention.points_of(catalog, target)
+            if p.manifest.get("kind", "manual") != "before_rollback"
+            and (p.method == method if method else not p.manifest.get("table"))  # table-level points are not staging
+        ]
         for point in reversed(candidates):
             if retention.is_good(target, point):
                 return point

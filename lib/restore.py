@@ -35,6 +35,7 @@ from .db import (
     terminate_sessions,
 )
 from .errors import ConfigError, DatabaseError, RollbackError, VerificationError
+from .methods import data as data_method
 from .methods import dump as dump_method
 from .methods import template as template_method
 from .render import age
@@ -61,6 +62,13 @@ class RestorePlan:
             f"  taken {p.manifest.get('created_at', '?')[:19].replace('T', ' ')} UTC ({age(p.manifest.get('created_at'))}) — "
             f"{p.manifest.get('description') or 'no description'} ({p.method})",
         ]
+        if self.mode == "data":
+            lines.append(
+                f"  Its {len(p.manifest.get('tables', []))} table(s) are emptied and refilled in one transaction; "
+                "the rest of the database is untouched and sessions stay connected. "
+                "Their current data is first kept as a data point (undo: restore that point)."
+            )
+            return "\n".join(lines)
         if self.mode == "swap":
             lines.append(
                 "  The point is rebuilt beside staging and verified first; staging is then swapped "
@@ -138,6 +146,8 @@ def check_point_usable(target: Target, catalog: Catalog, point: Point) -> None:
 
 def plan(target: Target, point: Point) -> RestorePlan:
     f = target.facts
+    if point.method == "data":
+        return RestorePlan(point, "data", [])
     can_swap = f.is_superuser or (f.can_create_db and f.is_db_owner)
     sessions = sessions_on(target.maint, target.dbname)
     if can_swap:
@@ -278,10 +288,22 @@ def _keep_before_state(target, writer, before: str, description: str, props: dic
     return writer.commit(manifest)
 
 
+def restore_data(target: Target, rplan: RestorePlan, ui: UI, take_point) -> RestoreResult:
+    point = rplan.point
+    tables = [data_method.quoted(data_method.Table(t["schema"], t["name"])) for t in point.manifest.get("tables", [])]
+    ui.step(f"Keeping the current data of {len(tables)} table(s) as a data point first")
+    data_method.preflight(target, point)  # refuse before anything is written
+    scope = tables if point.manifest.get("table") else None  # a whole-database point: all tables and sequences
+    before = take_point(f"state before rollback to {point.id}", "before_rollback", scope)
+    mode = data_method.restore_in_transaction(target, point, ui)
+    ui.ok(f"{len(tables)} table(s) restored and their row counts checked before the commit")
+    return RestoreResult(point.id, target.dbname, "data", before.id, None, 0, notes=[mode])
+
+
 def restore_in_place(target: Target, catalog: Catalog, rplan: RestorePlan, ui: UI, take_point) -> RestoreResult:
     point = rplan.point
     ui.step(f"Keeping the current state of {target.dbname} as a dump point first")
-    before = take_point(f"state before rollback to {point.id}", "before_rollback")
+    before = take_point(f"state before rollback to {point.id}", "before_rollback", None)
     if rplan.sessions:
         terminate_sessions(target.maint, target.dbname)
     tool = dump_method.restore_in_place(target, point, ui)

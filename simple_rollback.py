@@ -1,0 +1,71 @@
+#!/usr/bin/env python3
+"""Rollback points in pure Python: COPY through psycopg2, no pg_dump, no client tools.
+
+The way out when no pg_dump / pg_restore fits the server. Points hold table data,
+not schema (a restore refuses when a table's columns changed), and are listed by
+`rollback_manager.py list` with the rest (method "data")."""
+
+from __future__ import annotations
+
+import sys
+
+from lib import operations, render
+from lib.cli import Parser, common_flags, epilog, run
+from lib.config import load_settings
+
+EXAMPLES = """
+commands:
+  create ["DESCRIPTION"] [--table T]...   copy every table (or the chosen ones) in one snapshot
+  list                                    the data points
+  restore [ID]                            the newest data point of staging, or ID; asks first
+
+examples:
+  python3 simple_rollback.py create "Before migration"
+  python3 simple_rollback.py create "Before orders fix" --table orders --table order_items
+  python3 simple_rollback.py restore --yes
+"""
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="simple_rollback.py", description=__doc__, epilog=epilog(EXAMPLES))
+    p.add_argument("--database-url", help="staging database URL (default: STAGING_DATABASE_URL)")
+    parent = Parser(add_help=False)
+    common_flags(parent)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    create = sub.add_parser("create", parents=[parent], help="take a data point")
+    create.add_argument("description", nargs="?", default="Simple rollback point")
+    create.add_argument("--table", action="append", metavar="TABLE", help="only this table (repeatable)")
+    sub.add_parser("list", parents=[parent], help="list data points")
+    restore = sub.add_parser("restore", parents=[parent], help="restore a data point")
+    restore.add_argument("point_id", nargs="?", metavar="ID")
+    return p
+
+
+def action(args, ui) -> int:
+    settings = load_settings(staging_url=args.database_url, backup_dir=args.backup_dir)
+    if args.command == "create":
+        point, _ = operations.create_point(settings, ui, description=args.description, method="data", tables=args.table)
+        if args.json:
+            ui.emit_json({**point.summary(), "path": str(point.path)})
+        else:
+            print(point.id)
+        return 0
+    if args.command == "list":
+        points = [p for p in operations.list_points(settings) if p.method == "data"]
+        if args.json:
+            ui.emit_json([p.summary() for p in points])
+        else:
+            render.points_table(ui, points)
+        return 0
+    point_id = args.point_id or operations.newest_point_for_quick_rollback(settings, ui, method="data").id
+    result = operations.restore_point(settings, ui, point_id, assume_yes=args.yes)
+    render.restore_outcome(ui, result, as_json=args.json, headline=f"{result.database} restored to {result.point_id} (data).")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run("simple_rollback", argv, build_parser, action)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
