@@ -8,7 +8,7 @@ import sys
 from lib import operations, render
 from lib.cli import Parser, common_flags, epilog, run
 from lib.config import load_settings
-from lib.errors import ConfigError
+from lib.reset import reset_staging
 
 EXAMPLES = """
 The newest completed point of staging that verifies is restored (any method; the
@@ -31,17 +31,16 @@ def build_parser() -> Parser:
     return p
 
 
-def reset_from_v2() -> int:
-    raise ConfigError(
-        "Rebuilding staging from V2 needs reset_staging.py, which is not in this version.",
-        "Restore a point instead (`python3 rollback_manager.py list`), or rebuild staging by hand.",
-    )
+def reset_from_v2(settings, ui, args) -> int:
+    result = reset_staging(settings, ui, assume_yes=args.yes)
+    render.restore_outcome(ui, result, as_json=args.json, headline=f"{result.database} rebuilt from V2 and checked.")
+    return 0
 
 
 def action(args, ui) -> int:
     settings = load_settings(staging_url=args.database_url, backup_dir=args.backup_dir)
     if args.from_v2:
-        return reset_from_v2()
+        return reset_from_v2(settings, ui, args)
     try:
         point = operations.newest_point_for_quick_rollback(settings, ui)
     except operations.NoPointError as exc:
@@ -50,7 +49,7 @@ def action(args, ui) -> int:
             from rich.prompt import Confirm
 
             if Confirm.ask("Rebuild staging from V2 instead?", console=ui.err, default=False):
-                return reset_from_v2()
+                return reset_from_v2(settings, ui, args)
         return int(exc.exit_code)
     result = operations.restore_point(settings, ui, point.id, assume_yes=args.yes)
     description = point.manifest.get("description") or "no description"

@@ -102,7 +102,7 @@ EOF
         read -r -p "Point id to restore: " id
         [[ -n "${id}" ]] && { run_py rollback_manager.py restore "${id}" || true; }
         ;;
-      9) not_yet "Reset from V2" ;;
+      9) run_py reset_staging.py || true ;;
       q | Q) exit 0 ;;
       *) err "unknown choice: ${choice}" ;;
     esac

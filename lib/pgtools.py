@@ -218,12 +218,15 @@ def run_tool(
     stdin: int | None = subprocess.DEVNULL,
     stdout_path: Path | None = None,
     on_tick: Callable[[float], None] | None = None,
+    readonly: bool = False,
 ) -> str:
     """Run one tool; raise VersionMismatch or ToolError with masked argv and stderr."""
     argv = [str(tool.path), *args]
     log.info("running: %s", redact(" ".join(argv)))
     with passfile(conn) if conn else _nothing() as pf:
         env = conn.tool_env(pf) if conn else dict(os.environ)
+        if readonly:
+            env["PGOPTIONS"] = (env.get("PGOPTIONS", "") + " -c default_transaction_read_only=on").strip()
         out_handle = open(stdout_path, "wb") if stdout_path else subprocess.PIPE  # noqa: SIM115
         try:
             proc = subprocess.Popen(argv, stdin=stdin, stdout=out_handle, stderr=subprocess.PIPE, env=env)
@@ -328,19 +331,33 @@ def run_pipeline(
     consumer_args: Sequence[str],
     conn: ConnInfo,
     *,
+    producer_conn: ConnInfo | None = None,
+    producer_readonly: bool = False,
     line_filter: Callable[[bytes], bool] | None = None,
     on_tick: Callable[[float], None] | None = None,
 ) -> None:
-    """``producer | consumer``: pg_restore's SQL script into psql. Lines for which
-    ``line_filter`` returns False are dropped on the way."""
+    """``producer | consumer``, e.g. pg_restore's SQL script into psql, or pg_dump from
+    one server into pg_restore on another. With ``line_filter``, lines for which it
+    returns False are dropped on the way; without, the two are joined by an OS pipe.
+    ``producer_readonly`` makes every transaction of the producer read-only."""
     p_argv = [str(producer.path), *producer_args]
     c_argv = [str(consumer.path), *consumer_args]
     log.info("running: %s | %s", redact(" ".join(p_argv)), redact(" ".join(c_argv)))
-    with passfile(conn) as pf:
-        prod = subprocess.Popen(p_argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    with passfile(conn) as pf, passfile(producer_conn) if producer_conn else _nothing() as ppf:
+        p_env = producer_conn.tool_env(ppf) if producer_conn else {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        if producer_readonly:
+            p_env["PGOPTIONS"] = (p_env.get("PGOPTIONS", "") + " -c default_transaction_read_only=on").strip()
+        prod = subprocess.Popen(p_argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=p_env)
+        direct = line_filter is None
         cons = subprocess.Popen(
-            c_argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=conn.tool_env(pf)
+            c_argv,
+            stdin=prod.stdout if direct else subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=conn.tool_env(pf),
         )
+        if direct:
+            prod.stdout.close()  # the consumer holds the pipe; a dying consumer ends the producer
         errs: dict[str, bytes] = {}
         readers = [
             threading.Thread(target=lambda: errs.__setitem__("p", prod.stderr.read()), daemon=True),
@@ -351,21 +368,22 @@ def run_pipeline(
         started = time.monotonic()
         last_tick = started
         try:
-            try:
-                for line in prod.stdout:
-                    if line_filter is None or line_filter(line):
-                        cons.stdin.write(line)
-                    if on_tick and time.monotonic() - last_tick > 0.25:
-                        last_tick = time.monotonic()
-                        on_tick(last_tick - started)
-            except BrokenPipeError:
-                pass  # the consumer stopped; its exit code tells why
-            finally:
+            if not direct:
                 try:
-                    cons.stdin.close()
+                    for line in prod.stdout:
+                        if line_filter(line):
+                            cons.stdin.write(line)
+                        if on_tick and time.monotonic() - last_tick > 0.25:
+                            last_tick = time.monotonic()
+                            on_tick(last_tick - started)
                 except BrokenPipeError:
-                    pass
-            cons.wait()
+                    pass  # the consumer stopped; its exit code tells why
+                finally:
+                    try:
+                        cons.stdin.close()
+                    except BrokenPipeError:
+                        pass
+            _wait(cons, None, on_tick, started)
             if cons.returncode != 0:
                 prod.kill()  # nothing reads its output any more
             prod.wait()

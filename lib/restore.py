@@ -210,6 +210,36 @@ def swap_databases(target: Target, aside: str, before: str, attempts: int = 3) -
 
 def restore_swap(target: Target, catalog: Catalog, rplan: RestorePlan, ui: UI) -> RestoreResult:
     point = rplan.point
+
+    def verify(conn) -> None:
+        ui.step(f"Verifying the rebuilt copy against the manifest of {point.id}")
+        problems = compare(point.manifest.get("fingerprint", {}), fingerprint(conn))
+        if problems:
+            raise VerificationError(
+                f"The rebuilt copy of {point.id} does not match its manifest: "
+                + "; ".join(problems[:10])
+                + f". Staging {target.dbname} was not touched.",
+                "Try an earlier point (`python3 rollback_manager.py list`).",
+            )
+        ui.ok("Rebuilt copy matches the point (schema digest, row counts, sequences, large objects)")
+
+    return build_verify_swap(
+        target,
+        catalog,
+        ui,
+        build=lambda aside: _build_aside(target, point, aside, ui),
+        verify=verify,
+        properties=point.manifest.get("database", {}).get("properties", {}),
+        restored=point.id,
+    )
+
+
+def build_verify_swap(
+    target: Target, catalog: Catalog, ui: UI, *, build, verify, properties: dict, restored: str
+) -> RestoreResult:
+    """The one way staging is replaced: build beside it, verify, swap names in one
+    transaction, keep the old staging as a point. Any failure before the swap drops
+    what was built and leaves staging exactly as it was."""
     aside = derived_name(target.dbname, ASIDE_SUFFIX)
     if database_exists(target.maint, aside):
         ui.warn(f"Dropping {aside}, left behind by an interrupted restore.")
@@ -225,23 +255,14 @@ def restore_swap(target: Target, catalog: Catalog, rplan: RestorePlan, ui: UI) -
         clock = now
 
     try:
-        tool = _build_aside(target, point, aside, ui)
+        tool = build(aside)
         lap("build")
-        ui.step(f"Verifying {aside} against the manifest of {point.id}")
         with connection(target.info, aside, application_name="rollback-toolkit verify") as conn:
-            problems = compare(point.manifest.get("fingerprint", {}), fingerprint(conn))
-        if problems:
-            raise VerificationError(
-                f"The rebuilt copy of {point.id} does not match its manifest: "
-                + "; ".join(problems[:10])
-                + f". Staging {target.dbname} was not touched.",
-                "Try an earlier point (`python3 rollback_manager.py list`).",
-            )
+            verify(conn)
         lap("verify")
-        ui.ok("Rebuilt copy matches the point (schema digest, row counts, sequences, large objects)")
-        apply_database_properties(target.maint, aside, point.manifest.get("database", {}).get("properties", {}))
+        apply_database_properties(target.maint, aside, properties)
         current_props = database_properties(target.maint, target.dbname).as_dict()
-        description = f"state before rollback to {point.id}"
+        description = f"state before rollback to {restored}"
         with catalog.writing(f"before rollback {target.dbname}") as writer:
             before = derived_name(writer.id, "")
             lap("prepare swap")
@@ -249,11 +270,11 @@ def restore_swap(target: Target, catalog: Catalog, rplan: RestorePlan, ui: UI) -
             swapped = True
             lap("swap")
             ui.ok(f"{target.dbname} swapped in ({unavailable:.2f} s without connections, {ended} session(s) ended)")
-            before_point = _keep_before_state(target, writer, before, description, current_props, point.id)
+            before_point = _keep_before_state(target, writer, before, description, current_props, restored)
             lap("keep state before")
         log.info("restore timings: %s", timings)
         return RestoreResult(
-            point.id, target.dbname, "swap", before_point.id, round(unavailable, 3), ended, tool=tool, timings=timings
+            restored, target.dbname, "swap", before_point.id, round(unavailable, 3), ended, tool=tool, timings=timings
         )
     except BaseException:
         if not swapped:

@@ -1,0 +1,142 @@
+"""Rebuilding staging from V2, the last resort.
+
+V2 is only read: its sessions are read-only (default_transaction_read_only) and the
+staging URL must not resolve to it. V2 is streamed with pg_dump (chosen for V2's
+major) straight into pg_restore (chosen for the archive and staging's major) into a
+new database beside staging, with no intermediate file; the row counts are compared
+with V2's, counted in the very snapshot pg_dump read, and only then is the new
+database swapped in. The old staging is kept as a point, as after any restore."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+from .audit import audited
+from .catalog import Catalog, human_size
+from .config import Settings
+from .console import UI
+from .db import connection, create_database_like, database_properties, query, scalar, sessions_on
+from .errors import ConfigError, VerificationError
+from .locking import operation_lock
+from .methods.dump import restore_script
+from .pgtools import candidates_for_archive, candidates_for_server, run_pipeline, run_tool, try_each
+from .restore import RestoreResult, build_verify_swap
+from .target import Target, open_target
+from .verify import row_counts
+
+log = logging.getLogger(__name__)
+
+
+def _v2_facts(settings: Settings):
+    v2 = settings.v2()
+    if v2 is None:
+        raise ConfigError(
+            "V2_DATABASE_URL is not set, so there is nothing to rebuild staging from.",
+            "Set it in the environment or in .env (V2_DATABASE_URL=postgresql://USER:PASSWORD@HOST:5432/v2).",
+        )
+    with connection(v2, readonly=True, application_name="rollback-toolkit v2 facts") as conn:
+        major = scalar(conn, "SELECT current_setting('server_version_num')::int / 10000")
+        size = scalar(conn, "SELECT pg_database_size(current_database())")
+    return v2, major, size
+
+
+def describe(target: Target, v2, v2_major: int, v2_size: int) -> str:
+    sessions = sessions_on(target.maint, target.dbname)
+    lines = [
+        f"Rebuild [bold]{target.dbname}[/] on {target.info.server_label()} (PostgreSQL {target.facts.major}) "
+        f"from V2 {v2.masked()} (PostgreSQL {v2_major}, {human_size(v2_size)}).",
+        "  V2 is only read. The copy is built beside staging and its row counts checked against V2's;",
+        "  staging is then swapped in one short step and its current state kept as a point (undo: restore it).",
+    ]
+    if sessions:
+        lines.append(f"  These {len(sessions)} session(s) on {target.dbname} will be disconnected:")
+        lines += [f"    - {s.describe()}" for s in sessions]
+    return "\n".join(lines)
+
+
+def _copy_v2(target: Target, v2, v2_major: int, aside: str, snapshot: str, ui: UI) -> str:
+    dumps = candidates_for_server("pg_dump", v2_major, target.settings)
+
+    def attempt_dump(dump_tool):
+        restores = candidates_for_archive("pg_restore", dump_tool.major, target.settings)
+
+        def attempt_restore(restore_tool):
+            dump_args = ["--format=custom", "--compress=0", f"--snapshot={snapshot}", *v2.tool_args()]
+            if restore_tool.major > target.facts.major:
+                # tools newer than staging's server: through the SQL script, filtered for it
+                _dump_then_script(target, v2, dump_tool, dump_args, restore_tool, aside)
+            else:
+                run_pipeline(
+                    dump_tool,
+                    dump_args,
+                    restore_tool,
+                    ["--exit-on-error", *target.info.tool_args(aside)],
+                    target.info,
+                    producer_conn=v2,
+                    producer_readonly=True,
+                )
+            return restore_tool
+
+        return try_each(restores, attempt_restore)[1]
+
+    with ui.progress(f"Streaming V2 into {aside}"):
+        dump_tool, restore_tool = try_each(dumps, attempt_dump)
+    return f"{dump_tool.path} ({dump_tool.version}) | {restore_tool.path} ({restore_tool.version})"
+
+
+def _dump_then_script(target: Target, v2, dump_tool, dump_args, restore_tool, aside: str) -> None:
+    """pg_dump newer than staging's server: archive to a private temporary file, then
+    its SQL script, filtered for the older server, into psql."""
+    with tempfile.TemporaryDirectory(prefix="rollback-reset-") as tmp:
+        archive = Path(tmp) / "v2.dump"
+        env_args = [*dump_args, f"--file={archive}"]
+        run_tool(dump_tool, env_args, v2, readonly=True)
+        restore_script(target, restore_tool, archive, aside, single_transaction=False)
+
+
+def reset_staging(settings: Settings, ui: UI, *, assume_yes: bool) -> RestoreResult:
+    v2, v2_major, v2_size = _v2_facts(settings)
+    catalog = Catalog(settings.backup_dir).ensure()
+    with open_target(settings) as target:  # refuses a staging URL that is V2
+        f = target.facts
+        if not (f.is_superuser or (f.can_create_db and f.is_db_owner)):
+            raise ConfigError(
+                f"Role {f.current_user} may not create and rename databases, which rebuilding staging needs.",
+                "Run it as staging's owner with CREATEDB, or as a superuser.",
+            )
+        with audited(settings.log_dir, "reset", target.masked) as record:
+            with operation_lock(catalog.root, target.maint, f.system_identifier, target.dbname, "reset"):
+                ui.info(describe(target, v2, v2_major, v2_size))
+                ui.confirm("Rebuild staging from V2?", assume_yes=assume_yes, what=f"rebuild {target.dbname} from V2")
+                props = database_properties(target.maint, target.dbname).as_dict()
+                with connection(v2, autocommit=False, readonly=True, application_name="rollback-toolkit v2 snapshot") as snap:
+                    snap.set_session(isolation_level="REPEATABLE READ", readonly=True)
+                    snapshot = query(snap, "SELECT pg_export_snapshot()")[0][0]
+                    expected = row_counts(snap)
+
+                    def build(aside: str) -> str:
+                        create_database_like(target.maint, aside, {**props, "comment": None, "acl": [], "settings": []}, f.major)
+                        return _copy_v2(target, v2, v2_major, aside, snapshot, ui)
+
+                    def verify(conn) -> None:
+                        got = row_counts(conn)
+                        problems = [
+                            f"{t}: V2 has {expected.get(t)}, the copy {got.get(t)}"
+                            for t in sorted(set(expected) | set(got))
+                            if expected.get(t) != got.get(t)
+                        ]
+                        if problems:
+                            raise VerificationError(
+                                "The copy of V2 does not match V2's row counts: "
+                                + "; ".join(problems[:10])
+                                + f". Staging {target.dbname} was not touched."
+                            )
+                        ui.ok(f"The copy matches V2: {sum(got.values())} rows in {len(got)} tables")
+
+                    result = build_verify_swap(target, catalog, ui, build=build, verify=verify, properties=props, restored="V2")
+                    snap.rollback()
+                record.set(before_point_id=result.before_point_id)
+    result.mode = "reset from V2"
+    return result

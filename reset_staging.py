@@ -1,0 +1,47 @@
+#!/usr/bin/env python3
+"""Rebuild staging from the V2 database: the last resort when no point will do."""
+
+from __future__ import annotations
+
+import sys
+
+from lib import render
+from lib.cli import Parser, common_flags, epilog, run
+from lib.config import load_settings
+from lib.reset import reset_staging
+
+EXAMPLES = """
+V2 is only read (read-only sessions); a staging URL that is really V2 is refused.
+V2 is streamed with pg_dump into pg_restore (each chosen for its server's PostgreSQL
+version) into a new database beside staging, its row counts checked against V2's in
+the same snapshot, then swapped in; the old staging is kept as a point (undo:
+`rollback_manager.py restore <that id>`).
+
+examples:
+  python3 reset_staging.py
+  python3 reset_staging.py --yes --json
+  python3 quick_rollback.py --from-v2          # the same
+"""
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="reset_staging.py", description=__doc__, epilog=epilog(EXAMPLES))
+    p.add_argument("--database-url", help="staging database URL (default: STAGING_DATABASE_URL)")
+    p.add_argument("--v2-url", help="V2 database URL (default: V2_DATABASE_URL)")
+    common_flags(p)
+    return p
+
+
+def action(args, ui) -> int:
+    settings = load_settings(staging_url=args.database_url, v2_url=args.v2_url, backup_dir=args.backup_dir)
+    result = reset_staging(settings, ui, assume_yes=args.yes)
+    render.restore_outcome(ui, result, as_json=args.json, headline=f"{result.database} rebuilt from V2 and checked.")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run("reset_staging", argv, build_parser, action)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

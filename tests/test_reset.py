@@ -1,0 +1,77 @@
+"""reset_staging.py: staging rebuilt from V2 across majors; V2 only read; aliases of V2 refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.helpers import deep_state
+
+V2_EXTRA = (
+    "CREATE TABLE v2_only (id int PRIMARY KEY, note text); INSERT INTO v2_only SELECT g, 'v2 ' || g FROM generate_series(1, 77) g"
+)
+
+
+def content(state: dict) -> dict:
+    return {k: state[k] for k in ("row_counts", "sequences", "large_objects", "content")}
+
+
+@pytest.mark.parametrize("v2_major, staging_major", [(15, 18), (18, 15), (18, 18)])
+def test_reset_rebuilds_staging_from_v2_across_majors(servers, new_staging, v2_major, staging_major):
+    from tests.conftest import get_server
+
+    v2 = new_staging(get_server(servers, v2_major), "v2")
+    v2.sql(V2_EXTRA)
+    staging = new_staging(get_server(servers, staging_major), "stg")
+    staging.sql("DELETE FROM customers WHERE id > 3; CREATE TABLE junk (x int)")
+    v2_before = deep_state(v2.server, v2.name)
+
+    result = staging.run("reset_staging.py", "--yes", "--json", env={"V2_DATABASE_URL": v2.url})
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["mode"] == "reset from V2" and out["before_point_id"]
+    assert content(deep_state(staging.server, staging.name)) == content(v2_before)
+    assert staging.sql("SELECT to_regclass('junk')")[0][0] is None
+    assert deep_state(v2.server, v2.name) == v2_before  # V2 only read
+
+    undo = staging.run("rollback_manager.py", "restore", out["before_point_id"], "--yes")
+    assert undo.returncode == 0, undo.stderr
+    assert staging.sql("SELECT count(*) FROM customers")[0][0] == 3
+
+
+def test_an_object_the_older_server_lacks_leaves_staging_untouched(pg18, pg15, new_staging):
+    v2 = new_staging(pg18, "v2new")
+    v2.sql("CREATE TABLE virt (a int, b int GENERATED ALWAYS AS (a * 2) VIRTUAL)")
+    staging = new_staging(pg15, "stgold")
+    before = deep_state(staging.server, staging.name)
+    result = staging.run("reset_staging.py", "--yes", env={"V2_DATABASE_URL": v2.url})
+    assert result.returncode == 1
+    assert "VIRTUAL" in result.stderr or "syntax error" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert deep_state(staging.server, staging.name) == before
+    assert staging.run_json("rollback_manager.py", "list") == []
+
+
+@pytest.mark.parametrize("alias", ["localhost", "other user"])
+def test_a_staging_url_that_is_v2_under_another_name_is_refused(staging, alias):
+    if alias == "localhost":
+        v2_url = staging.url.replace("@127.0.0.1:", "@localhost:")
+    else:
+        staging.sql("DROP ROLE IF EXISTS v2_reader")
+        staging.sql("CREATE ROLE v2_reader LOGIN PASSWORD 'reader-pw-1' SUPERUSER")
+        v2_url = staging.server.url(staging.name, user="v2_reader", password="reader-pw-1")
+    staging.sql("DELETE FROM documents")
+    result = staging.run("reset_staging.py", "--yes", env={"V2_DATABASE_URL": v2_url})
+    assert result.returncode == 2
+    assert "is the V2 database" in result.stderr
+    assert staging.sql("SELECT count(*) FROM documents")[0][0] == 0
+    if alias != "localhost":
+        staging.sql("DROP ROLE v2_reader")
+
+
+def test_reset_asks_first_and_needs_v2(staging, new_staging):
+    assert staging.run("reset_staging.py", "--yes").returncode == 2  # no V2_DATABASE_URL
+    v2 = new_staging(staging.server, "v2ask")
+    refused = staging.run("reset_staging.py", env={"V2_DATABASE_URL": v2.url})
+    assert refused.returncode == 2 and "--yes" in refused.stderr
