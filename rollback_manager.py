@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from lib import operations, render
 from lib.cli import Parser, common_flags, epilog, run
@@ -17,6 +18,9 @@ commands:
   info ID | --file PATH    one point in detail (alias: details), or any pg_dump archive / point folder
   verify ID                checksums, and the archive read end to end
   restore ID               staging back to that point (alias: execute); asks first, --yes to skip
+      --type partial [--table T]...   only delete the rows added since the point, keep the rest
+      --type backup --file PATH       straight from a pg_dump archive or a point folder
+  diff ID                  what restoring ID would undo: rows added, deleted, changed per table
   backup TABLE             a data point of one table (--description TEXT)
   delete ID                remove one point, its database copy included
   cleanup                  remove old points of staging: --keep N, --older-than DAYS, --dry-run;
@@ -49,7 +53,17 @@ def build_parser() -> Parser:
     verify = sub.add_parser("verify", parents=[parent], help="check a point's checksums and read it end to end")
     verify.add_argument("point_id", metavar="ID")
     restore = sub.add_parser("restore", aliases=["execute"], parents=[parent], help="put staging back to a point")
-    restore.add_argument("point_id", metavar="ID")
+    restore.add_argument("point_id", metavar="ID", nargs="?")
+    restore.add_argument(
+        "--type",
+        choices=("full", "partial", "backup", "transaction"),
+        default="full",
+        help="full (default), partial, backup (with --file), transaction",
+    )
+    restore.add_argument("--table", action="append", metavar="TABLE", help="partial: only this table (repeatable)")
+    restore.add_argument("--file", help="backup: a pg_dump archive or a point folder")
+    differ = sub.add_parser("diff", parents=[parent], help="what restoring a point would undo")
+    differ.add_argument("point_id", metavar="ID")
     backup = sub.add_parser("backup", parents=[parent], help="a data point of one or more tables")
     backup.add_argument("tables", nargs="+", metavar="TABLE")
     backup.add_argument("--description", default=None, help="what this point is for")
@@ -135,8 +149,40 @@ def action(args, ui) -> int:
         elif removed:
             ui.ok(f"{len(removed)} point(s) {'would be ' if args.dry_run else ''}removed")
         return 0
-    # restore / execute
-    result = operations.restore_point(settings, ui, args.point_id, assume_yes=args.yes)
+    if args.command == "diff":
+        result = operations.diff_point(settings, ui, args.point_id)
+        if args.json:
+            ui.emit_json(result.as_dict())
+        else:
+            ui.out.print(f"Restoring {result.point_id} would undo:")
+            for line in result.lines():
+                ui.out.print(f"  {line}")
+        return 0
+    return restore(args, ui, settings)
+
+
+def restore(args, ui, settings) -> int:
+    if args.type == "transaction":
+        raise ConfigError(
+            "A transaction rollback exists only inside a running migration: the migration's own transaction "
+            "is rolled back when it fails (the Python API's MigrationTransaction).",
+            "For a finished migration, restore a point: `python3 rollback_manager.py restore <id>`.",
+        )
+    if args.type == "backup" and not args.file:
+        raise ConfigError("--type backup needs --file PATH (a pg_dump archive or a point folder).")
+    if args.type != "backup" and not args.point_id:
+        raise ConfigError("restore needs a point id.", "See `python3 rollback_manager.py list`.")
+    if args.type == "partial":
+        outcome = operations.partial_rollback(settings, ui, args.point_id, tables=args.table, assume_yes=args.yes)
+        if args.json:
+            ui.emit_json(outcome)
+        else:
+            ui.ok(f"{sum(outcome['deleted'].values())} row(s) added since {args.point_id} deleted; every other row kept.")
+            if outcome.get("before_point_id"):
+                ui.info(f"Undo with: python3 rollback_manager.py restore {outcome['before_point_id']}")
+        return 0
+    archive = Path(args.file) if args.type == "backup" else None
+    result = operations.restore_point(settings, ui, args.point_id, assume_yes=args.yes, archive=archive)
     headline = f"{result.database} restored to {result.point_id} and verified ({result.mode})."
     render.restore_outcome(ui, result, as_json=args.json, headline=headline)
     return 0

@@ -6,16 +6,19 @@ changes anything, leaves an audit entry, and raises on failure."""
 from __future__ import annotations
 
 import getpass
+import json
 import logging
 import os
+import re
 import socket
 from pathlib import Path
 
-from . import retention, spare
+from . import diff, partial, retention, spare
 from .audit import audited
-from .catalog import Catalog, Point, check_files, sha256_file
+from .catalog import Catalog, Point, check_files, sha256_file, utc_now
 from .config import Settings
 from .console import UI
+from .db import database_properties
 from .errors import ConfigError, RollbackError, VerificationError
 from .locking import operation_lock
 from .methods import data as data_method
@@ -193,14 +196,24 @@ def verify_point(settings: Settings, ui: UI, point_id: str) -> dict:
     return result
 
 
-def restore_point(settings: Settings, ui: UI, point_id: str, *, assume_yes: bool) -> RestoreResult:
+def restore_point(
+    settings: Settings, ui: UI, point_id: str | None, *, assume_yes: bool, archive: Path | None = None
+) -> RestoreResult:
     catalog = Catalog(settings.backup_dir).ensure()
-    point = catalog.get(point_id)
+    point = archive_point(settings, archive) if archive else catalog.get(point_id or "")
     with open_target(settings) as target, audited(settings.log_dir, "restore", target.masked, point.id) as record:
         with operation_lock(catalog.root, target.maint, target.facts.system_identifier, target.dbname, "restore"):
+            if archive and point.method == "dump":
+                # a bare archive: restored here, with staging's own encoding, locale, owner and settings
+                point.manifest["database"]["name"] = target.dbname
+                point.manifest["database"]["properties"] = database_properties(target.maint, target.dbname).as_dict()
             check_point_usable(target, catalog, point)
             rplan = plan(target, point)
             ui.info(rplan.describe(target))
+            if not assume_yes and point.manifest.get("fingerprint"):
+                ui.info("  What it undoes, per table:")
+                for line in diff.summary_for_confirmation(target, point, ui):
+                    ui.info(f"    {line}")
             ui.confirm("Go ahead?", assume_yes=assume_yes, what=f"restore {target.dbname}")
             if rplan.mode == "data":
                 result = restore_data(
@@ -227,6 +240,77 @@ def restore_point(settings: Settings, ui: UI, point_id: str, *, assume_yes: bool
                 )
         record.set(mode=result.mode, before_point_id=result.before_point_id, unavailable_seconds=result.unavailable_seconds)
     return result
+
+
+def archive_point(settings: Settings, path: Path) -> Point:
+    """restore --type backup --file: a point folder anywhere, or a bare pg_dump archive."""
+    path = Path(path).expanduser().resolve()
+    if path.is_dir() and (path / "manifest.json").is_file():
+        return Point(path, json.loads((path / "manifest.json").read_text()))
+    if not path.is_file():
+        raise ConfigError(f"{path} is neither a pg_dump archive nor a point folder.", "Give the path of one.")
+    header = dump_method.archive_header(path, settings)
+    writer = re.match(r"(\d+)", header.get("pg_dump_version", "") or "")
+    return Point(
+        path.parent,
+        {
+            "id": f"file:{path.name}",
+            "created_at": utc_now().isoformat(timespec="milliseconds"),
+            "description": f"archive {path}",
+            "method": "dump",
+            "archive": path.name,
+            "status": "completed",
+            "kind": "file",
+            "tool": {"major": int(writer.group(1))} if writer else {},
+            "database": {"name": None, "properties": {}},
+            "files": [],
+            "fingerprint": None,  # nothing recorded: checked against the archive's own table of contents
+            "archive_table_count": dump_method.archive_table_count(path, settings),
+        },
+    )
+
+
+def diff_point(settings: Settings, ui: UI, point_id: str) -> diff.Diff:
+    point = Catalog(settings.backup_dir).get(point_id)
+    with open_target(settings, check_v2=False) as target:
+        with ui.progress(f"Comparing staging with {point.id}"):
+            return diff.compute(target, point, ui)
+
+
+def partial_rollback(settings: Settings, ui: UI, point_id: str, *, tables: list[str] | None, assume_yes: bool) -> dict:
+    catalog = Catalog(settings.backup_dir).ensure()
+    point = catalog.get(point_id)
+    with open_target(settings) as target, audited(settings.log_dir, "partial rollback", target.masked, point.id) as record:
+        with operation_lock(catalog.root, target.maint, target.facts.system_identifier, target.dbname, "partial rollback"):
+            check_point_usable(target, catalog, point)
+            kept: dict = {}
+
+            def confirm(partial_plan) -> None:
+                ui.info(
+                    f"Partial rollback of {target.dbname} to {point.id}: rows added since the point are deleted, "
+                    "every other row is kept; in one transaction."
+                )
+                for line in partial_plan.lines():
+                    ui.info(f"  {line}")
+                ui.confirm("Delete them?", assume_yes=assume_yes, what="delete rows")
+                names = [data_method.quoted(t) for t in partial_plan.tables]
+                kept["point"] = _take(
+                    target,
+                    catalog,
+                    ui,
+                    description=f"state before partial rollback to {point.id}",
+                    migration_id=None,
+                    method="data",
+                    kind="before_rollback",
+                    tables=names,
+                )
+
+            outcome = partial.run(target, point, ui, tables=tables, confirm=confirm)
+            outcome.update(
+                point_id=point.id, database=target.dbname, mode="partial", before_point_id=kept["point"].id if kept else None
+            )
+            record.set(mode="partial", deleted=outcome["deleted"], before_point_id=outcome["before_point_id"])
+    return outcome
 
 
 def delete_point(settings: Settings, ui: UI, point_id: str, *, assume_yes: bool) -> Point:

@@ -40,7 +40,7 @@ from .methods import dump as dump_method
 from .methods import template as template_method
 from .render import age
 from .target import Target
-from .verify import compare, fingerprint
+from .verify import compare, counted_tables, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -212,16 +212,7 @@ def restore_swap(target: Target, catalog: Catalog, rplan: RestorePlan, ui: UI) -
     point = rplan.point
 
     def verify(conn) -> None:
-        ui.step(f"Verifying the rebuilt copy against the manifest of {point.id}")
-        problems = compare(point.manifest.get("fingerprint", {}), fingerprint(conn))
-        if problems:
-            raise VerificationError(
-                f"The rebuilt copy of {point.id} does not match its manifest: "
-                + "; ".join(problems[:10])
-                + f". Staging {target.dbname} was not touched.",
-                "Try an earlier point (`python3 rollback_manager.py list`).",
-            )
-        ui.ok("Rebuilt copy matches the point (schema digest, row counts, sequences, large objects)")
+        verify_restored(conn, point, ui, untouched=f"Staging {target.dbname} was not touched.")
 
     return build_verify_swap(
         target,
@@ -232,6 +223,30 @@ def restore_swap(target: Target, catalog: Catalog, rplan: RestorePlan, ui: UI) -
         properties=point.manifest.get("database", {}).get("properties", {}),
         restored=point.id,
     )
+
+
+def verify_restored(conn, point: Point, ui: UI, *, untouched: str) -> None:
+    """Against the point's manifest; a bare archive (restore --file) against its own
+    table of contents, since nothing else was recorded."""
+    expected = point.manifest.get("fingerprint")
+    if expected is None:
+        found = len(counted_tables(conn))
+        want = point.manifest.get("archive_table_count", 0)
+        if found < want:
+            raise VerificationError(
+                f"The archive lists data for {want} tables, the restored database has {found}. {untouched}",
+                "Check the archive with `rollback_manager.py info --file`.",
+            )
+        ui.ok(f"Restored without an error; all {want} tables of the archive's table of contents are there")
+        return
+    ui.step(f"Verifying the restored database against the manifest of {point.id}")
+    problems = compare(expected, fingerprint(conn))
+    if problems:
+        raise VerificationError(
+            f"The rebuilt copy of {point.id} does not match its manifest: " + "; ".join(problems[:10]) + f". {untouched}",
+            "Try an earlier point (`python3 rollback_manager.py list`).",
+        )
+    ui.ok("Rebuilt copy matches the point (schema digest, row counts, sequences, large objects)")
 
 
 def build_verify_swap(
@@ -329,14 +344,13 @@ def restore_in_place(target: Target, catalog: Catalog, rplan: RestorePlan, ui: U
         terminate_sessions(target.maint, target.dbname)
     tool = dump_method.restore_in_place(target, point, ui)
     with connection(target.info, application_name="rollback-toolkit verify") as conn:
-        problems = compare(point.manifest.get("fingerprint", {}), fingerprint(conn))
-    if problems:
-        raise VerificationError(
-            f"Staging {target.dbname} was restored in place but does not match point {point.id}: "
-            + "; ".join(problems[:10])
-            + ".",
-            f"Its previous state is point {before.id}: `python3 rollback_manager.py restore {before.id}` puts it back.",
-        )
+        try:
+            verify_restored(conn, point, ui, untouched="Staging was restored in place and differs.")
+        except VerificationError as exc:
+            raise VerificationError(
+                exc.message,
+                f"Its previous state is point {before.id}: `python3 rollback_manager.py restore {before.id}` puts it back.",
+            ) from None
     return RestoreResult(
         point.id,
         target.dbname,

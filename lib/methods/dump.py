@@ -4,6 +4,7 @@ recorded row counts are exactly the archive's."""
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -182,6 +183,12 @@ def archive_header(archive: Path, settings) -> dict:
             if text.startswith(prefix):
                 info[key] = text.split(":", 1)[1].strip()
     return info
+
+
+def archive_table_count(archive: Path, settings) -> int:
+    """How many TABLE DATA entries the archive's table of contents lists."""
+    _, listing = run_with_fallback(candidates_for_archive("pg_restore", None, settings), lambda t: ["--list", str(archive)])
+    return sum(1 for line in listing.splitlines() if re.match(r"^\d+; \d+ \d+ TABLE DATA ", line))
 
 
 def _clear_sql(server_major: int) -> str:
