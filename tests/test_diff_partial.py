@@ -107,3 +107,21 @@ def test_restore_straight_from_an_archive_file_or_a_point_folder(staging, tmp_pa
 def test_transaction_type_explains_itself(staging):
     result = staging.run("rollback_manager.py", "restore", "rb_x", "--type", "transaction")
     assert result.returncode == 2 and "inside a running migration" in result.stderr
+
+
+def test_composite_primary_keys_and_foreign_key_chains(staging):
+    from tests.test_data import FK_CHAIN
+
+    staging.sql(FK_CHAIN)
+    point_id = staging.create_point("chain", "--method", "template")
+    staging.sql(
+        "INSERT INTO regions VALUES (6, 'r6'); INSERT INTO shops VALUES (51, 6, 's51');"
+        "INSERT INTO sales SELECT 51, DATE '2030-01-01' + g, g FROM generate_series(1, 9) g;"
+        "UPDATE sales SET amount = -1 WHERE shop_id = 2 AND day = DATE '2024-01-01';"
+    )
+    diff = {t["table"]: t for t in staging.run_json("rollback_manager.py", "diff", point_id)["tables"]}
+    assert (diff["public.sales"]["added"], diff["public.sales"]["changed"]) == (9, 1)
+    scope = ["--table", "regions", "--table", "shops", "--table", "sales"]
+    done = staging.run_json("rollback_manager.py", "restore", point_id, "--type", "partial", *scope, "--yes")
+    assert done["deleted"] == {"public.regions": 1, "public.shops": 1, "public.sales": 9}
+    assert staging.sql("SELECT amount FROM sales WHERE shop_id = 2 AND day = DATE '2024-01-01'")[0][0] == -1
