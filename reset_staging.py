@@ -8,6 +8,7 @@ import sys
 from lib import render
 from lib.cli import Parser, common_flags, epilog, run
 from lib.config import load_settings
+from lib.errors import ConfigError
 from lib.reset import reset_staging
 
 EXAMPLES = """
@@ -20,6 +21,7 @@ the same snapshot, then swapped in; the old staging is kept as a point (undo:
 examples:
   python3 reset_staging.py
   python3 reset_staging.py --yes --json
+  python3 reset_staging.py --jobs 4            # parallel, through a temporary folder
   python3 quick_rollback.py --from-v2          # the same
 """
 
@@ -28,13 +30,22 @@ def build_parser() -> Parser:
     p = Parser(prog="reset_staging.py", description=__doc__, epilog=epilog(EXAMPLES))
     p.add_argument("--database-url", help="staging database URL (default: STAGING_DATABASE_URL)")
     p.add_argument("--v2-url", help="V2 database URL (default: V2_DATABASE_URL)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="parallel dump and restore workers (through a temporary folder; default 1: streamed)",
+    )
     common_flags(p)
     return p
 
 
 def action(args, ui) -> int:
     settings = load_settings(staging_url=args.database_url, v2_url=args.v2_url, backup_dir=args.backup_dir)
-    result = reset_staging(settings, ui, assume_yes=args.yes)
+    if args.jobs < 1:
+        raise ConfigError("--jobs must be at least 1.")
+    result = reset_staging(settings, ui, assume_yes=args.yes, jobs=args.jobs)
     render.restore_outcome(ui, result, as_json=args.json, headline=f"{result.database} rebuilt from V2 and checked.")
     return 0
 

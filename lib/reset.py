@@ -56,7 +56,7 @@ def describe(target: Target, v2, v2_major: int, v2_size: int) -> str:
     return "\n".join(lines)
 
 
-def _copy_v2(target: Target, v2, v2_major: int, aside: str, snapshot: str, ui: UI) -> str:
+def _copy_v2(target: Target, v2, v2_major: int, aside: str, snapshot: str, ui: UI, jobs: int = 1) -> str:
     dumps = candidates_for_server("pg_dump", v2_major, target.settings)
 
     def attempt_dump(dump_tool):
@@ -67,6 +67,8 @@ def _copy_v2(target: Target, v2, v2_major: int, aside: str, snapshot: str, ui: U
             if restore_tool.major > target.facts.major:
                 # tools newer than staging's server: through the SQL script, filtered for it
                 _dump_then_script(target, v2, dump_tool, dump_args, restore_tool, aside)
+            elif jobs > 1:
+                _parallel(target, v2, dump_tool, restore_tool, snapshot, aside, jobs)
             else:
                 run_pipeline(
                     dump_tool,
@@ -86,6 +88,27 @@ def _copy_v2(target: Target, v2, v2_major: int, aside: str, snapshot: str, ui: U
     return f"{dump_tool.path} ({dump_tool.version}) | {restore_tool.path} ({restore_tool.version})"
 
 
+def _parallel(target: Target, v2, dump_tool, restore_tool, snapshot: str, aside: str, jobs: int) -> None:
+    """--jobs N: a directory-format dump with N workers into a private temporary folder,
+    then pg_restore with N workers."""
+    with tempfile.TemporaryDirectory(prefix="rollback-reset-") as tmp:
+        folder = Path(tmp) / "v2"
+        run_tool(
+            dump_tool,
+            [
+                "--format=directory",
+                "--compress=0",
+                f"--jobs={jobs}",
+                f"--snapshot={snapshot}",
+                f"--file={folder}",
+                *v2.tool_args(),
+            ],
+            v2,
+            readonly=True,
+        )
+        run_tool(restore_tool, ["--exit-on-error", f"--jobs={jobs}", *target.info.tool_args(aside), str(folder)], target.info)
+
+
 def _dump_then_script(target: Target, v2, dump_tool, dump_args, restore_tool, aside: str) -> None:
     """pg_dump newer than staging's server: archive to a private temporary file, then
     its SQL script, filtered for the older server, into psql."""
@@ -96,7 +119,7 @@ def _dump_then_script(target: Target, v2, dump_tool, dump_args, restore_tool, as
         restore_script(target, restore_tool, archive, aside, single_transaction=False)
 
 
-def reset_staging(settings: Settings, ui: UI, *, assume_yes: bool) -> RestoreResult:
+def reset_staging(settings: Settings, ui: UI, *, assume_yes: bool, jobs: int = 1) -> RestoreResult:
     v2, v2_major, v2_size = _v2_facts(settings)
     catalog = Catalog(settings.backup_dir).ensure()
     with open_target(settings) as target:  # refuses a staging URL that is V2
@@ -118,7 +141,7 @@ def reset_staging(settings: Settings, ui: UI, *, assume_yes: bool) -> RestoreRes
 
                     def build(aside: str) -> str:
                         create_database_like(target.maint, aside, {**props, "comment": None, "acl": [], "settings": []}, f.major)
-                        return _copy_v2(target, v2, v2_major, aside, snapshot, ui)
+                        return _copy_v2(target, v2, v2_major, aside, snapshot, ui, jobs)
 
                     def verify(conn) -> None:
                         got = row_counts(conn)

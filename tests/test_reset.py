@@ -17,8 +17,8 @@ def content(state: dict) -> dict:
     return {k: state[k] for k in ("row_counts", "sequences", "large_objects", "content")}
 
 
-@pytest.mark.parametrize("v2_major, staging_major", [(15, 18), (18, 15), (18, 18)])
-def test_reset_rebuilds_staging_from_v2_across_majors(servers, new_staging, v2_major, staging_major):
+@pytest.mark.parametrize("v2_major, staging_major, jobs", [(15, 18, "1"), (18, 15, "1"), (18, 18, "1"), (15, 15, "2")])
+def test_reset_rebuilds_staging_from_v2_across_majors(servers, new_staging, v2_major, staging_major, jobs):
     from tests.conftest import get_server
 
     v2 = new_staging(get_server(servers, v2_major), "v2")
@@ -27,7 +27,7 @@ def test_reset_rebuilds_staging_from_v2_across_majors(servers, new_staging, v2_m
     staging.sql("DELETE FROM customers WHERE id > 3; CREATE TABLE junk (x int)")
     v2_before = deep_state(v2.server, v2.name)
 
-    result = staging.run("reset_staging.py", "--yes", "--json", env={"V2_DATABASE_URL": v2.url})
+    result = staging.run("reset_staging.py", "--yes", "--json", "--jobs", jobs, env={"V2_DATABASE_URL": v2.url})
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
     assert out["mode"] == "reset from V2" and out["before_point_id"]
