@@ -13,15 +13,16 @@ from lib.reset import reset_staging
 
 EXAMPLES = """
 V2 is only read (read-only sessions); a staging URL that is really V2 is refused.
-V2 is streamed with pg_dump into pg_restore (each chosen for its server's PostgreSQL
-version) into a new database beside staging, its row counts checked against V2's in
+V2's tables and rows are streamed with pg_dump into pg_restore (each chosen for its
+server's PostgreSQL version) into a new database beside staging, indexes and
+constraints built by parallel workers, its row counts checked against V2's in
 the same snapshot, then swapped in; the old staging is kept as a point (undo:
 `rollback_manager.py restore <that id>`).
 
 examples:
   python3 reset_staging.py
   python3 reset_staging.py --yes --json
-  python3 reset_staging.py --jobs 4            # parallel, through a temporary folder
+  python3 reset_staging.py --jobs 4            # four workers for indexes and constraints
   python3 quick_rollback.py --from-v2          # the same
 """
 
@@ -31,11 +32,7 @@ def build_parser() -> Parser:
     p.add_argument("--database-url", help="staging database URL (default: STAGING_DATABASE_URL)")
     p.add_argument("--v2-url", help="V2 database URL (default: V2_DATABASE_URL)")
     p.add_argument(
-        "--jobs",
-        type=int,
-        default=1,
-        metavar="N",
-        help="parallel dump and restore workers (through a temporary folder; default 1: streamed)",
+        "--jobs", type=int, metavar="N", help="workers building indexes and constraints at once (default: the number of CPUs)"
     )
     common_flags(p)
     return p
@@ -43,7 +40,7 @@ def build_parser() -> Parser:
 
 def action(args, ui) -> int:
     settings = load_settings(staging_url=args.database_url, v2_url=args.v2_url, backup_dir=args.backup_dir)
-    if args.jobs < 1:
+    if args.jobs is not None and args.jobs < 1:
         raise ConfigError("--jobs must be at least 1.")
     result = reset_staging(settings, ui, assume_yes=args.yes, jobs=args.jobs)
     render.restore_outcome(ui, result, as_json=args.json, headline=f"{result.database} rebuilt from V2 and checked.")

@@ -4,7 +4,7 @@
 Two throwaway PostgreSQL 18 servers, V2 and staging (fsync off, as throwaway servers
 run); V2 gets the same ~1 GB database as bench_rollback.py. Measured once, in one run:
 
-  ours:      reset_staging.py (streamed) and reset_staging.py --jobs 2
+  ours:      reset_staging.py
   baselines: pgcopydb clone (Debian's package; installed when missing and root) and
              pg_dump -Fc | pg_restore into a new database
 
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     table = Table(title=f"Reset from V2, {size / 1048576:.0f} MB, PostgreSQL 18 to 18 (fsync off), one run")
     for col in ("ours", "s", "against", "s", "ratio", "target", "met"):
         table.add_column(col)
-    for ours in ("reset_staging.py", "reset_staging.py --jobs 2"):
+    for ours in ("reset_staging.py",):
         for base, target in (("pgcopydb clone", 1.0), ("pg_dump -Fc | pg_restore", 0.7)):
             if base in results and ours in results:
                 ratio = results[ours] / results[base]

@@ -219,6 +219,7 @@ def run_tool(
     stdout_path: Path | None = None,
     on_tick: Callable[[float], None] | None = None,
     readonly: bool = False,
+    options: str = "",
 ) -> str:
     """Run one tool; raise VersionMismatch or ToolError with masked argv and stderr."""
     argv = [str(tool.path), *args]
@@ -226,7 +227,9 @@ def run_tool(
     with passfile(conn) if conn else _nothing() as pf:
         env = conn.tool_env(pf) if conn else dict(os.environ)
         if readonly:
-            env["PGOPTIONS"] = (env.get("PGOPTIONS", "") + " -c default_transaction_read_only=on").strip()
+            options = f"{options} -c default_transaction_read_only=on"
+        if options.strip():
+            env["PGOPTIONS"] = f"{env.get('PGOPTIONS', '')} {options}".strip()
         out_handle = open(stdout_path, "wb") if stdout_path else subprocess.PIPE  # noqa: SIM115
         try:
             proc = subprocess.Popen(argv, stdin=stdin, stdout=out_handle, stderr=subprocess.PIPE, env=env)

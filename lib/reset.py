@@ -10,6 +10,7 @@ database swapped in. The old staging is kept as a point, as after any restore.""
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from pathlib import Path
 
@@ -27,6 +28,8 @@ from .target import Target, open_target
 from .verify import row_counts
 
 log = logging.getLogger(__name__)
+
+INDEX_MEMORY = "256MB"  # per index-building session; the server default (64MB) makes large indexes spill
 
 
 def _v2_facts(settings: Settings):
@@ -56,57 +59,53 @@ def describe(target: Target, v2, v2_major: int, v2_size: int) -> str:
     return "\n".join(lines)
 
 
-def _copy_v2(target: Target, v2, v2_major: int, aside: str, snapshot: str, ui: UI, jobs: int = 1) -> str:
+def _copy_v2(target: Target, v2, v2_major: int, aside: str, snapshot: str, ui: UI, jobs: int) -> str:
     dumps = candidates_for_server("pg_dump", v2_major, target.settings)
 
     def attempt_dump(dump_tool):
         restores = candidates_for_archive("pg_restore", dump_tool.major, target.settings)
 
         def attempt_restore(restore_tool):
-            dump_args = ["--format=custom", "--compress=0", f"--snapshot={snapshot}", *v2.tool_args()]
+            common = ["--format=custom", "--compress=0", f"--snapshot={snapshot}"]
             if restore_tool.major > target.facts.major:
                 # tools newer than staging's server: through the SQL script, filtered for it
-                _dump_then_script(target, v2, dump_tool, dump_args, restore_tool, aside)
-            elif jobs > 1:
-                _parallel(target, v2, dump_tool, restore_tool, snapshot, aside, jobs)
+                _dump_then_script(target, v2, dump_tool, [*common, *v2.tool_args()], restore_tool, aside)
             else:
-                run_pipeline(
-                    dump_tool,
-                    dump_args,
-                    restore_tool,
-                    ["--exit-on-error", *target.info.tool_args(aside)],
-                    target.info,
-                    producer_conn=v2,
-                    producer_readonly=True,
-                )
+                _stream_then_index(target, v2, dump_tool, restore_tool, common, aside, jobs, ui)
             return restore_tool
 
         return try_each(restores, attempt_restore)[1]
 
-    with ui.progress(f"Streaming V2 into {aside}"):
-        dump_tool, restore_tool = try_each(dumps, attempt_dump)
+    dump_tool, restore_tool = try_each(dumps, attempt_dump)
     return f"{dump_tool.path} ({dump_tool.version}) | {restore_tool.path} ({restore_tool.version})"
 
 
-def _parallel(target: Target, v2, dump_tool, restore_tool, snapshot: str, aside: str, jobs: int) -> None:
-    """--jobs N: a directory-format dump with N workers into a private temporary folder,
-    then pg_restore with N workers."""
-    with tempfile.TemporaryDirectory(prefix="rollback-reset-") as tmp:
-        folder = Path(tmp) / "v2"
-        run_tool(
+def _stream_then_index(target: Target, v2, dump_tool, restore_tool, common: list[str], aside: str, jobs: int, ui: UI) -> None:
+    """Tables and rows streamed from V2 into staging's server with no intermediate file,
+    then indexes, constraints and the rest built by ``jobs`` workers at once (from a
+    small schema-only archive, in the same snapshot)."""
+    with ui.progress(f"Streaming V2's tables and rows into {aside}"):
+        run_pipeline(
             dump_tool,
-            [
-                "--format=directory",
-                "--compress=0",
-                f"--jobs={jobs}",
-                f"--snapshot={snapshot}",
-                f"--file={folder}",
-                *v2.tool_args(),
-            ],
-            v2,
-            readonly=True,
+            [*common, "--section=pre-data", "--section=data", *v2.tool_args()],
+            restore_tool,
+            ["--exit-on-error", *target.info.tool_args(aside)],
+            target.info,
+            producer_conn=v2,
+            producer_readonly=True,
         )
-        run_tool(restore_tool, ["--exit-on-error", f"--jobs={jobs}", *target.info.tool_args(aside), str(folder)], target.info)
+    with (
+        tempfile.TemporaryDirectory(prefix="rollback-reset-") as tmp,
+        ui.progress(f"Building indexes and constraints with {jobs} worker(s)"),
+    ):
+        post = Path(tmp) / "post-data.dump"
+        run_tool(dump_tool, [*common, "--section=post-data", f"--file={post}", *v2.tool_args()], v2, readonly=True)
+        run_tool(
+            restore_tool,
+            ["--exit-on-error", f"--jobs={jobs}", *target.info.tool_args(aside), str(post)],
+            target.info,
+            options=f"-c maintenance_work_mem={INDEX_MEMORY}",
+        )
 
 
 def _dump_then_script(target: Target, v2, dump_tool, dump_args, restore_tool, aside: str) -> None:
@@ -119,7 +118,8 @@ def _dump_then_script(target: Target, v2, dump_tool, dump_args, restore_tool, as
         restore_script(target, restore_tool, archive, aside, single_transaction=False)
 
 
-def reset_staging(settings: Settings, ui: UI, *, assume_yes: bool, jobs: int = 1) -> RestoreResult:
+def reset_staging(settings: Settings, ui: UI, *, assume_yes: bool, jobs: int | None = None) -> RestoreResult:
+    jobs = jobs or max(1, os.cpu_count() or 1)
     v2, v2_major, v2_size = _v2_facts(settings)
     catalog = Catalog(settings.backup_dir).ensure()
     with open_target(settings) as target:  # refuses a staging URL that is V2

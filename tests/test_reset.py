@@ -17,7 +17,7 @@ def content(state: dict) -> dict:
     return {k: state[k] for k in ("row_counts", "sequences", "large_objects", "content")}
 
 
-@pytest.mark.parametrize("v2_major, staging_major, jobs", [(15, 18, "1"), (18, 15, "1"), (18, 18, "1"), (15, 15, "2")])
+@pytest.mark.parametrize("v2_major, staging_major, jobs", [(15, 18, "1"), (18, 15, "1"), (18, 18, "1"), (15, 15, "3")])
 def test_reset_rebuilds_staging_from_v2_across_majors(servers, new_staging, v2_major, staging_major, jobs):
     from tests.conftest import get_server
 
