@@ -114,10 +114,6 @@ def main(argv: list[str] | None = None) -> int:
 
         console.print("reset_staging.py …")
         results["reset_staging.py"], _ = timed([py, "reset_staging.py", "--yes", "--json"], env, admin, warm)
-        console.print("reset_staging.py --jobs 2 …")
-        results["reset_staging.py --jobs 2"], _ = timed(
-            [py, "reset_staging.py", "--yes", "--json", "--jobs", "2"], env, admin, warm
-        )
     finally:
         v2_server.destroy()
         staging_server.destroy()

@@ -29,7 +29,7 @@ from .verify import row_counts
 
 log = logging.getLogger(__name__)
 
-INDEX_MEMORY = "256MB"  # per index-building session; the server default (64MB) makes large indexes spill
+INDEX_MEMORY = "512MB"  # per index-building session; the server default (64MB) makes large indexes spill
 
 
 def _v2_facts(settings: Settings):
