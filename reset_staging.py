@@ -13,16 +13,17 @@ from lib.reset import reset_staging
 
 EXAMPLES = """
 V2 is only read (read-only sessions); a staging URL that is really V2 is refused.
-V2's tables and rows are streamed with pg_dump into pg_restore (each chosen for its
-server's PostgreSQL version) into a new database beside staging, indexes and
-constraints built by parallel workers, its row counts checked against V2's in
+V2 is copied in one snapshot into a new database beside staging: the schema with
+pg_dump into pg_restore (each chosen for its server's PostgreSQL version), the rows
+by parallel COPY pipes, then indexes and constraints by parallel workers; its row
+counts and sequences are checked against V2's in
 the same snapshot, then swapped in; the old staging is kept as a point (undo:
 `rollback_manager.py restore <that id>`).
 
 examples:
   python3 reset_staging.py
   python3 reset_staging.py --yes --json
-  python3 reset_staging.py --jobs 4            # four workers for indexes and constraints
+  python3 reset_staging.py --jobs 4            # four COPY pipes, four index builders
   python3 quick_rollback.py --from-v2          # the same
 """
 
@@ -31,9 +32,7 @@ def build_parser() -> Parser:
     p = Parser(prog="reset_staging.py", description=__doc__, epilog=epilog(EXAMPLES))
     p.add_argument("--database-url", help="staging database URL (default: STAGING_DATABASE_URL)")
     p.add_argument("--v2-url", help="V2 database URL (default: V2_DATABASE_URL)")
-    p.add_argument(
-        "--jobs", type=int, metavar="N", help="workers building indexes and constraints at once (default: the number of CPUs)"
-    )
+    p.add_argument("--jobs", type=int, metavar="N", help="COPY pipes and index builders at once (default: the number of CPUs)")
     common_flags(p)
     return p
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from .audit import audited
@@ -21,11 +22,13 @@ from .console import UI
 from .db import connection, create_database_like, database_properties, query, scalar, sessions_on
 from .errors import ConfigError, VerificationError
 from .locking import operation_lock
+from .methods import data as data_method
+from .methods.data import Table
 from .methods.dump import restore_script
-from .pgtools import candidates_for_archive, candidates_for_server, run_pipeline, run_tool, try_each
+from .pgtools import candidates_for_archive, candidates_for_server, companion, run_pipeline, run_tool, try_each
 from .restore import RestoreResult, build_verify_swap
 from .target import Target, open_target
-from .verify import row_counts
+from .verify import row_counts, sequence_positions
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +62,7 @@ def describe(target: Target, v2, v2_major: int, v2_size: int) -> str:
     return "\n".join(lines)
 
 
-def _copy_v2(target: Target, v2, v2_major: int, aside: str, snapshot: str, ui: UI, jobs: int) -> str:
+def _copy_v2(target: Target, v2, v2_major: int, aside: str, snapshot: str, ui: UI, jobs: int, sequences: dict) -> str:
     dumps = candidates_for_server("pg_dump", v2_major, target.settings)
 
     def attempt_dump(dump_tool):
@@ -71,7 +74,7 @@ def _copy_v2(target: Target, v2, v2_major: int, aside: str, snapshot: str, ui: U
                 # tools newer than staging's server: through the SQL script, filtered for it
                 _dump_then_script(target, v2, dump_tool, [*common, *v2.tool_args()], restore_tool, aside)
             else:
-                _stream_then_index(target, v2, dump_tool, restore_tool, common, aside, jobs, ui)
+                _stream_then_index(target, v2, dump_tool, restore_tool, common, aside, jobs, ui, sequences)
             return restore_tool
 
         return try_each(restores, attempt_restore)[1]
@@ -80,16 +83,38 @@ def _copy_v2(target: Target, v2, v2_major: int, aside: str, snapshot: str, ui: U
     return f"{dump_tool.path} ({dump_tool.version}) | {restore_tool.path} ({restore_tool.version})"
 
 
-def _stream_then_index(target: Target, v2, dump_tool, restore_tool, common: list[str], aside: str, jobs: int, ui: UI) -> None:
-    """Tables and rows streamed from V2 into staging's server with no intermediate file,
-    then indexes, constraints and the rest built by ``jobs`` workers at once (from a
-    small schema-only archive, in the same snapshot)."""
-    with ui.progress(f"Streaming V2's tables and rows into {aside}"):
+def _stream_then_index(
+    target: Target, v2, dump_tool, restore_tool, common: list[str], aside: str, jobs: int, ui: UI, sequences: dict
+) -> None:
+    """Schema first; then every table's rows streamed from V2 by ``jobs`` COPY pipes at
+    once (large tables split by block ranges), sequences and large objects, all in the
+    same snapshot and with no intermediate file; then indexes, constraints and the rest
+    built by ``jobs`` workers from a small schema-only archive."""
+    staging_args = ["--exit-on-error", *target.info.tool_args(aside)]
+    with ui.progress(f"Creating V2's tables in {aside}"):
         run_pipeline(
             dump_tool,
-            [*common, "--section=pre-data", "--section=data", *v2.tool_args()],
+            [*common, "--section=pre-data", *v2.tool_args()],
             restore_tool,
-            ["--exit-on-error", *target.info.tool_args(aside)],
+            staging_args,
+            target.info,
+            producer_conn=v2,
+            producer_readonly=True,
+        )
+    snapshot = next(a.split("=", 1)[1] for a in common if a.startswith("--snapshot="))
+    units = _copy_units(v2, snapshot, jobs)
+    with ui.progress(f"Streaming {len(units)} part(s) of V2's tables with {jobs} pipe(s)") as tick:
+        _run_units(target, v2, dump_tool, restore_tool, units, aside, snapshot, jobs, tick)
+    with connection(target.info, aside, application_name="rollback-toolkit reset") as conn:
+        for key, (last, called) in sequences.items():
+            schema, _, name = key.partition(".")
+            query(conn, "SELECT setval(%s::regclass, %s, %s)", (data_method.quoted(Table(schema, name)), last, called))
+    with ui.progress("Copying large objects"):
+        run_pipeline(
+            dump_tool,
+            [*common, "--section=data", "--exclude-table-data=*.*", *v2.tool_args()],
+            restore_tool,
+            staging_args,
             target.info,
             producer_conn=v2,
             producer_readonly=True,
@@ -106,6 +131,70 @@ def _stream_then_index(target: Target, v2, dump_tool, restore_tool, common: list
             target.info,
             options=f"-c maintenance_work_mem={INDEX_MEMORY}",
         )
+
+
+SPLIT_PAGES = 16384  # 128 MB of 8 kB blocks per part of a large table
+
+
+def _copy_units(v2, snapshot: str, jobs: int) -> list[tuple[Table, list[str], str]]:
+    """(table, columns, block-range condition) for every part to copy, largest first."""
+    with connection(v2, autocommit=False, readonly=True, application_name="rollback-toolkit v2 plan") as conn:
+        conn.set_session(isolation_level="REPEATABLE READ", readonly=True)
+        query(conn, "SET TRANSACTION SNAPSHOT %s", (snapshot,))
+        tid_ranges = scalar(conn, "SELECT current_setting('server_version_num')::int") >= 140000
+        units = []
+        for table in data_method.all_tables(conn):
+            cols = [c[0] for c in data_method.columns(conn, table) if not c[2]]
+            pages = scalar(conn, "SELECT pg_relation_size(to_regclass(%s)) / 8192", (data_method.quoted(table),)) or 0
+            if tid_ranges and pages > SPLIT_PAGES and jobs > 1:
+                starts = list(range(0, pages, SPLIT_PAGES))
+                for n, first in enumerate(starts):
+                    upper = "" if n == len(starts) - 1 else f" AND ctid < '({first + SPLIT_PAGES},0)'::tid"
+                    units.append((table, cols, f"ctid >= '({first},0)'::tid{upper}", SPLIT_PAGES))
+            else:
+                units.append((table, cols, "", pages))
+        conn.rollback()
+    units.sort(key=lambda u: -u[3])
+    return [u[:3] for u in units]
+
+
+def _run_units(target: Target, v2, dump_tool, restore_tool, units, aside: str, snapshot: str, jobs: int, tick) -> None:
+    v2_psql = companion(dump_tool, "psql", target.settings)
+    staging_psql = companion(restore_tool, "psql", target.settings)
+    quiet = ["--no-psqlrc", "--quiet", "--set=ON_ERROR_STOP=1"]
+
+    def copy_one(unit) -> None:
+        table, cols, where = unit
+        column_list = ", ".join('"' + c.replace('"', '""') + '"' for c in cols)
+        condition = f" WHERE {where}" if where else ""
+        name = data_method.quoted(table)
+        out = [
+            *quiet,
+            "-c",
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
+            "-c",
+            f"SET TRANSACTION SNAPSHOT '{snapshot}'",
+            "-c",
+            f"COPY (SELECT {column_list} FROM ONLY {name}{condition}) TO STDOUT",
+            "-c",
+            "COMMIT",
+            *v2.tool_args(),
+        ]
+        into = [*quiet, "-c", f"COPY {name} ({column_list}) FROM STDIN", *target.info.tool_args(aside)]
+        run_pipeline(v2_psql, out, staging_psql, into, target.info, producer_conn=v2, producer_readonly=True)
+
+    done = 0
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(copy_one, unit) for unit in units]
+        try:
+            for future in as_completed(futures):
+                future.result()
+                done += 1
+                tick(f"{done}/{len(units)} parts")
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
 
 
 def _dump_then_script(target: Target, v2, dump_tool, dump_args, restore_tool, aside: str) -> None:
@@ -138,10 +227,11 @@ def reset_staging(settings: Settings, ui: UI, *, assume_yes: bool, jobs: int | N
                     snap.set_session(isolation_level="REPEATABLE READ", readonly=True)
                     snapshot = query(snap, "SELECT pg_export_snapshot()")[0][0]
                     expected = row_counts(snap)
+                    sequences = sequence_positions(snap)
 
                     def build(aside: str) -> str:
                         create_database_like(target.maint, aside, {**props, "comment": None, "acl": [], "settings": []}, f.major)
-                        return _copy_v2(target, v2, v2_major, aside, snapshot, ui, jobs)
+                        return _copy_v2(target, v2, v2_major, aside, snapshot, ui, jobs, sequences)
 
                     def verify(conn) -> None:
                         got = row_counts(conn)
@@ -149,6 +239,12 @@ def reset_staging(settings: Settings, ui: UI, *, assume_yes: bool, jobs: int | N
                             f"{t}: V2 has {expected.get(t)}, the copy {got.get(t)}"
                             for t in sorted(set(expected) | set(got))
                             if expected.get(t) != got.get(t)
+                        ]
+                        got_sequences = sequence_positions(conn)
+                        problems += [
+                            f"sequence {q}: V2 at {sequences.get(q)}, the copy at {got_sequences.get(q)}"
+                            for q in sorted(set(sequences) | set(got_sequences))
+                            if sequences.get(q) != got_sequences.get(q)
                         ]
                         if problems:
                             raise VerificationError(

@@ -75,3 +75,18 @@ def test_reset_asks_first_and_needs_v2(staging, new_staging):
     v2 = new_staging(staging.server, "v2ask")
     refused = staging.run("reset_staging.py", env={"V2_DATABASE_URL": v2.url})
     assert refused.returncode == 2 and "--yes" in refused.stderr
+
+
+def test_large_tables_are_split_by_block_ranges_and_still_copied_exactly(servers, new_staging, monkeypatch, capsys):
+    import reset_staging
+    from lib import reset
+    from tests.conftest import get_server
+
+    v2 = new_staging(get_server(servers, 15), "v2split")
+    staging = new_staging(get_server(servers, 18), "stgsplit")
+    monkeypatch.setattr(reset, "SPLIT_PAGES", 2)  # every table of more than 2 blocks in parts
+    for key, value in {**staging.env, "V2_DATABASE_URL": v2.url}.items():
+        monkeypatch.setenv(key, value)
+    assert reset_staging.main(["--yes", "--json", "--jobs", "3"]) == 0
+    assert "part(s)" in capsys.readouterr().err
+    assert content(deep_state(staging.server, staging.name)) == content(deep_state(v2.server, v2.name))
