@@ -14,7 +14,12 @@ V2_EXTRA = (
 
 
 def content(state: dict) -> dict:
-    return {k: state[k] for k in ("row_counts", "sequences", "large_objects", "content")}
+    """Rows, sequences and large objects. A materialized view is compared by its row
+    count only: the copy refreshes it from rows loaded in another physical order, and
+    avg() over double precision depends on that order in its last bits."""
+    picked = {k: state[k] for k in ("row_counts", "sequences", "large_objects", "content")}
+    picked["content"] = {k: v for k, v in picked["content"].items() if k != "public.city_stats"}
+    return picked
 
 
 @pytest.mark.parametrize("v2_major, staging_major, jobs", [(15, 18, "1"), (18, 15, "1"), (18, 18, "1"), (15, 15, "3")])
