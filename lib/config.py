@@ -32,10 +32,6 @@ _ENV_PARAMS = {
 }
 
 
-def known_secrets() -> set[str]:
-    return set(_SECRETS)
-
-
 def redact(text: str) -> str:
     """Blank out every known password and any password inside a URL."""
     for secret in sorted(_SECRETS, key=len, reverse=True):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -386,8 +385,3 @@ def advisory_lock_holder(conn, key: int) -> str | None:
         return None
     pid, user, app, client, since = rows[0]
     return f"server session pid {pid} (user {user}, application {app or '-'}, from {client or 'local socket'}, since {since})"
-
-
-def safe_identifier_text(name: str) -> str:
-    """A name as an operator would type it in SQL, for messages only."""
-    return name if re.fullmatch(r"[a-z_][a-z0-9_$]*", name) else '"' + name.replace('"', '""') + '"'
