@@ -66,7 +66,20 @@ def write_private_file(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
+_sha256_seen: dict[tuple[str, int, int, int], str] = {}
+
+
 def sha256_file(path: Path) -> str:
+    """Memoised per process on (path, inode, size, mtime): choosing a point and then
+    restoring it checks the same archive twice, and it may be gigabytes."""
+    st = os.stat(path)
+    key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _sha256_seen:
+        _sha256_seen[key] = _hash_file(path)
+    return _sha256_seen[key]
+
+
+def _hash_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):

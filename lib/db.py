@@ -88,6 +88,23 @@ def execute(conn, statement, params=None) -> None:
         cur.execute(statement, params)
 
 
+@contextmanager
+def snapshot_session(
+    info: ConnInfo, *, application_name: str, snapshot: str | None = None
+) -> Iterator[psycopg2.extensions.connection]:
+    """A read-only repeatable-read transaction: one consistent view of the database for
+    as long as it is open (``snapshot`` imports one exported elsewhere). Rolled back at the end."""
+    conn = connect(info, autocommit=False, readonly=True, application_name=application_name)
+    try:
+        conn.set_session(isolation_level="REPEATABLE READ", readonly=True)
+        if snapshot:
+            execute(conn, "SET TRANSACTION SNAPSHOT %s", (snapshot,))
+        yield conn
+        conn.rollback()
+    finally:
+        conn.close()
+
+
 @dataclass
 class ServerFacts:
     version: str

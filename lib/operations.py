@@ -231,7 +231,6 @@ def restore_point(
             else:
                 result = restore_in_place(
                     target,
-                    catalog,
                     rplan,
                     ui,
                     lambda description, kind, _tables: _take(

@@ -19,7 +19,7 @@ from .audit import audited
 from .catalog import Catalog, human_size
 from .config import Settings
 from .console import UI
-from .db import connection, create_database_like, database_properties, query, scalar, sessions_on
+from .db import connection, create_database_like, database_properties, query, scalar, sessions_on, snapshot_session
 from .errors import ConfigError, VerificationError
 from .locking import operation_lock
 from .methods import data as data_method
@@ -138,9 +138,7 @@ SPLIT_PAGES = 16384  # 128 MB of 8 kB blocks per part of a large table
 
 def _copy_units(v2, snapshot: str, jobs: int) -> list[tuple[Table, list[str], str]]:
     """(table, columns, block-range condition) for every part to copy, largest first."""
-    with connection(v2, autocommit=False, readonly=True, application_name="rollback-toolkit v2 plan") as conn:
-        conn.set_session(isolation_level="REPEATABLE READ", readonly=True)
-        query(conn, "SET TRANSACTION SNAPSHOT %s", (snapshot,))
+    with snapshot_session(v2, application_name="rollback-toolkit v2 plan", snapshot=snapshot) as conn:
         tid_ranges = scalar(conn, "SELECT current_setting('server_version_num')::int") >= 140000
         units = []
         for table in data_method.all_tables(conn):
@@ -153,7 +151,6 @@ def _copy_units(v2, snapshot: str, jobs: int) -> list[tuple[Table, list[str], st
                     units.append((table, cols, f"ctid >= '({first},0)'::tid{upper}", SPLIT_PAGES))
             else:
                 units.append((table, cols, "", pages))
-        conn.rollback()
     units.sort(key=lambda u: -u[3])
     return [u[:3] for u in units]
 
@@ -223,8 +220,7 @@ def reset_staging(settings: Settings, ui: UI, *, assume_yes: bool, jobs: int | N
                 ui.info(describe(target, v2, v2_major, v2_size))
                 ui.confirm("Rebuild staging from V2?", assume_yes=assume_yes, what=f"rebuild {target.dbname} from V2")
                 props = database_properties(target.maint, target.dbname).as_dict()
-                with connection(v2, autocommit=False, readonly=True, application_name="rollback-toolkit v2 snapshot") as snap:
-                    snap.set_session(isolation_level="REPEATABLE READ", readonly=True)
+                with snapshot_session(v2, application_name="rollback-toolkit v2 snapshot") as snap:
                     snapshot = query(snap, "SELECT pg_export_snapshot()")[0][0]
                     expected = row_counts(snap)
                     sequences = sequence_positions(snap)
@@ -255,7 +251,6 @@ def reset_staging(settings: Settings, ui: UI, *, assume_yes: bool, jobs: int | N
                         ui.ok(f"The copy matches V2: {sum(got.values())} rows in {len(got)} tables")
 
                     result = build_verify_swap(target, catalog, ui, build=build, verify=verify, properties=props, restored="V2")
-                    snap.rollback()
                 record.set(before_point_id=result.before_point_id)
     result.mode = "reset from V2"
     return result

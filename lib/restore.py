@@ -327,8 +327,8 @@ def _keep_before_state(target, writer, before: str, description: str, props: dic
 def restore_data(target: Target, rplan: RestorePlan, ui: UI, take_point) -> RestoreResult:
     point = rplan.point
     tables = [data_method.quoted(data_method.Table(t["schema"], t["name"])) for t in point.manifest.get("tables", [])]
-    ui.step(f"Keeping the current data of {len(tables)} table(s) as a data point first")
     data_method.preflight(target, point)  # refuse before anything is written
+    ui.step(f"Keeping the current data of {len(tables)} table(s) as a data point first")
     scope = tables if point.manifest.get("table") else None  # a whole-database point: all tables and sequences
     before = take_point(f"state before rollback to {point.id}", "before_rollback", scope)
     mode = data_method.restore_in_transaction(target, point, ui)
@@ -336,7 +336,7 @@ def restore_data(target: Target, rplan: RestorePlan, ui: UI, take_point) -> Rest
     return RestoreResult(point.id, target.dbname, "data", before.id, None, 0, notes=[mode])
 
 
-def restore_in_place(target: Target, catalog: Catalog, rplan: RestorePlan, ui: UI, take_point) -> RestoreResult:
+def restore_in_place(target: Target, rplan: RestorePlan, ui: UI, take_point) -> RestoreResult:
     point = rplan.point
     ui.step(f"Keeping the current state of {target.dbname} as a dump point first")
     before = take_point(f"state before rollback to {point.id}", "before_rollback", None)

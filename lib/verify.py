@@ -102,12 +102,14 @@ _SCHEMA_QUERIES = {
     "extension": """
         SELECT format('%I %s in %I', e.extname, e.extversion, n.nspname)
           FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace""",
-    "comment": """
+    "comment": f"""
         SELECT format('%s: %s', pg_describe_object(classoid, objoid, objsubid), description)
           FROM pg_description
-         WHERE objoid >= 16384
-           -- the default comment of a public schema recreated by an in-place restore
-           AND NOT (classoid = 'pg_namespace'::regclass AND description = 'standard public schema')""",
+         -- comments on user schemas whatever their oid (public's is below 16384 until an
+         -- in-place restore recreates it), on other objects only past the built-in oids
+         WHERE CASE WHEN classoid = 'pg_namespace'::regclass
+                    THEN objoid IN (SELECT n.oid FROM pg_namespace n WHERE {USER_NAMESPACES})
+                    ELSE objoid >= 16384 END""",
     "inherits": f"""
         SELECT format('%s inherits %s #%s', i.inhrelid::regclass::text, i.inhparent::regclass::text, i.inhseqno)
           FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid

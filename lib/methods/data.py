@@ -18,7 +18,7 @@ from psycopg2 import sql
 
 from ..catalog import Catalog, Point, human_size, utc_now
 from ..console import UI
-from ..db import connection, database_properties, query
+from ..db import connection, database_properties, query, snapshot_session
 from ..errors import CatalogError, ConfigError, VerificationError
 from ..target import Target
 from ..verify import USER_NAMESPACES, schema_lines
@@ -174,8 +174,7 @@ def take(
 ) -> Point:
     check_free_space(catalog.root, target.facts.database_size)
     started = utc_now()
-    with connection(target.info, autocommit=False, application_name="rollback-toolkit data point") as conn:
-        conn.set_session(isolation_level="REPEATABLE READ", readonly=True)
+    with snapshot_session(target.info, application_name="rollback-toolkit data point") as conn:
         chosen = resolve_tables(conn, tables) if tables else all_tables(conn)
         sequences = owned_sequences(conn, chosen) if tables else all_sequences(conn)
         entries, counts = [], {}
@@ -218,7 +217,6 @@ def take(
                 duration_seconds=round((utc_now() - started).total_seconds(), 3),
             )
             point = writer.commit(manifest)
-        conn.rollback()
     ui.step(f"{len(chosen)} table(s), {sum(counts.values())} rows, {human_size(point.size)} compressed")
     return point
 

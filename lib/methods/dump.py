@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..catalog import Catalog, Point, human_size, utc_now, write_private_file
 from ..console import UI
-from ..db import connection, database_properties, query
+from ..db import connection, database_properties, query, snapshot_session
 from ..errors import CatalogError, ToolError, VerificationError
 from ..pgtools import (
     Tool,
@@ -67,8 +67,7 @@ def take(
     check_free_space(catalog.root, target.facts.database_size)
     candidates = candidates_for_server("pg_dump", target.facts.major, target.settings)
     started = utc_now()
-    with connection(target.info, autocommit=False, application_name="rollback-toolkit snapshot") as snap_conn:
-        snap_conn.set_session(isolation_level="REPEATABLE READ", readonly=True)
+    with snapshot_session(target.info, application_name="rollback-toolkit snapshot") as snap_conn:
         snapshot = query(snap_conn, "SELECT pg_export_snapshot()")[0][0]
         with catalog.writing(label) as writer:
             archive = writer.new_file(ARCHIVE_NAME)
@@ -93,7 +92,6 @@ def take(
                 duration_seconds=round((utc_now() - started).total_seconds(), 3),
             )
             point = writer.commit(manifest)
-        snap_conn.rollback()
     return point
 
 
