@@ -7,10 +7,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from lib import operations, render
+from lib import audit, operations, render
+from lib.api import MigrationBackup, MigrationTransaction, RollbackManager, RollbackType, Verification
 from lib.cli import Parser, common_flags, epilog, run
 from lib.config import load_settings
 from lib.errors import ConfigError
+
+# The Python API of seed 000: from rollback_manager import RollbackManager, MigrationTransaction, RollbackType
+__all__ = ["MigrationBackup", "MigrationTransaction", "RollbackManager", "RollbackType", "Verification", "main"]
 
 EXAMPLES = """
 commands:
@@ -25,6 +29,7 @@ commands:
   delete ID                remove one point, its database copy included
   cleanup                  remove old points of staging: --keep N, --older-than DAYS, --dry-run;
                            the newest point that verifies is never removed
+  audit [--limit N]        the audit trail: points, restores, verifications, resets, migrations
 
 examples:
   python3 rollback_manager.py list
@@ -32,6 +37,7 @@ examples:
   python3 rollback_manager.py verify rb_before_migration_test_20261121_101500 --json
   python3 rollback_manager.py restore rb_before_migration_test_20261121_101500
   python3 rollback_manager.py cleanup --keep 5 --dry-run
+  python3 rollback_manager.py audit --limit 50 --json
   python3 rollback_manager.py "$V2_DATABASE_URL" "$STAGING_DATABASE_URL" list
 
 A restore keeps staging's current state as a new point first, so it can be undone
@@ -73,6 +79,8 @@ def build_parser() -> Parser:
     clean.add_argument("--keep", type=int, metavar="N", help="keep the N newest points")
     clean.add_argument("--older-than", type=float, metavar="DAYS", help="remove only points older than DAYS days")
     clean.add_argument("--dry-run", action="store_true", help="show what would be removed, remove nothing")
+    trail = sub.add_parser("audit", parents=[parent], help="show the audit trail")
+    trail.add_argument("--limit", type=int, default=50, metavar="N", help="the newest N entries (default 50, 0 for all)")
     return p
 
 
@@ -148,6 +156,15 @@ def action(args, ui) -> int:
             )
         elif removed:
             ui.ok(f"{len(removed)} point(s) {'would be ' if args.dry_run else ''}removed")
+        return 0
+    if args.command == "audit":
+        found = audit.read(settings.log_dir, args.limit or None)
+        for number in found.damaged:
+            ui.warn(f"line {number} of {found.path} is damaged (not a JSON entry); skipped")
+        if args.json:
+            ui.emit_json(found.entries)
+        else:
+            render.audit_trail(ui, found.entries)
         return 0
     if args.command == "diff":
         result = operations.diff_point(settings, ui, args.point_id)

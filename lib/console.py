@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeRemainingColumn
 from rich.prompt import Confirm
 
 from .errors import ConfirmationRefused
@@ -62,6 +63,38 @@ class UI:
                 status.update(f"{label}{extra} ({time.monotonic() - started:.0f} s)")
 
             yield update
+
+    @contextmanager
+    def counter(self, label: str, total: int | None, failed: Callable[[], int]) -> Iterator[Callable[[], None]]:
+        """Records done, rate, ETA and failures; the yielded callback counts one record.
+        Without a terminal, one line every 5 s."""
+        started = last = time.monotonic()
+        done = 0
+        if self.quiet or not self.err.is_terminal:
+
+            def tick() -> None:
+                nonlocal done, last
+                done += 1
+                now = time.monotonic()
+                if now - last >= 5:
+                    last = now
+                    of = f"/{total}" if total else ""
+                    self.info(f"  {label}: {done}{of} records, {done / (now - started):.0f}/s, {failed()} failed")
+
+            yield tick
+            return
+        columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()]
+        columns += [TextColumn("{task.fields[rate]}/s"), TimeRemainingColumn(), TextColumn("{task.fields[failed]} failed")]
+        with Progress(*columns, console=self.err) as progress:
+            task = progress.add_task(label, total=total, rate="0", failed=0)
+
+            def tick() -> None:
+                nonlocal done
+                done += 1
+                elapsed = max(time.monotonic() - started, 1e-6)
+                progress.update(task, advance=1, rate=f"{done / elapsed:.0f}", failed=failed())
+
+            yield tick
 
     def confirm(self, question: str, *, assume_yes: bool, what: str) -> None:
         """Ask; with --yes go ahead; with no terminal refuse before anything changes."""

@@ -47,10 +47,13 @@ def connect(
     autocommit: bool = True,
     readonly: bool = False,
     application_name: str = "rollback-toolkit",
+    connection_factory=None,
 ) -> psycopg2.extensions.connection:
     name = dbname or info.dbname
     kwargs = info.connect_kwargs(name)
     kwargs.setdefault("application_name", application_name)
+    if connection_factory is not None:
+        kwargs["connection_factory"] = connection_factory
     if readonly:
         kwargs["options"] = (str(kwargs.get("options", "")) + " -c default_transaction_read_only=on").strip()
     try:

@@ -101,3 +101,59 @@ def restore_outcome(ui: UI, result, *, as_json: bool, headline: str) -> None:
             f"The state before is kept as point {result.before_point_id}; "
             f"undo with: python3 rollback_manager.py restore {result.before_point_id}"
         )
+
+
+def migration_report(ui: UI, report) -> None:
+    """run_migration.py's summary: counts, rate, duration, point, what changed."""
+    d = report.as_dict()
+    table = Table(show_header=False, box=None, pad_edge=False, title=f"{d['migration_id']}: {d['mode']}", title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    rate = f"{d['failure_rate']:.1%} (threshold {d['failure_threshold']:.0%})"
+    for key, value in (
+        ("Outcome", d["outcome"]),
+        ("Migrated", d["migrated"]),
+        ("Failed", d["failed"]),
+        ("Skipped", d["skipped"]),
+        ("Failure rate", rate + (", passed" if d["threshold_exceeded"] else "")),
+        ("Batches committed", d["batches_committed"] if d["mode"] == "production" else "none (dry run)"),
+        ("Duration", f"{d['duration_seconds']:.1f} s"),
+        ("Rollback point", d["point_id"] or "none"),
+        ("Restored to", d["restored_to"] or "-"),
+        ("Failures file", d["failures_file"] or "-"),
+    ):
+        table.add_row(key, str(value))
+    ui.out.print(table)
+    verb = "would change" if d["mode"] == "dry run" else "changed"
+    if d["changes"] and d["outcome"] in ("dry run", "succeeded"):
+        changes = Table("Table", "Inserted", "Updated", "Deleted", title=f"Rows the migration {verb}", title_justify="left")
+        for name, c in d["changes"].items():
+            changes.add_row(name, str(c["inserted"]), str(c["updated"]), str(c["deleted"]))
+        ui.out.print(changes)
+    for note in d["notes"]:
+        ui.info(note)
+    if d["before_rollback_point_id"]:
+        ui.info(f"The migrated state is kept as point {d['before_rollback_point_id']}.")
+
+
+def audit_trail(ui: UI, entries: list[dict]) -> None:
+    from .audit import details
+
+    if not entries:
+        ui.out.print("The audit trail is empty.")
+        return
+    table = Table(title="Audit trail (oldest first)", title_justify="left")
+    for col in ("Time (UTC)", "Event", "Point", "Migration", "User", "Host", "Outcome", "Details"):
+        table.add_column(col, overflow="fold")
+    for e in entries:
+        table.add_row(
+            str(e.get("timestamp", "?"))[:19].replace("T", " "),
+            str(e.get("event", "?")),
+            e.get("point_id") or "-",
+            e.get("migration_id") or "-",
+            str(e.get("user", "?")),
+            str(e.get("host", "?")),
+            str(e.get("outcome") or "?"),
+            details(e),
+        )
+    ui.out.print(table)

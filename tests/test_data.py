@@ -72,14 +72,23 @@ def test_table_level_points_restore_only_their_tables(staging):
     assert quick.returncode == 1 and "no usable rollback point" in quick.stderr
 
 
-def test_a_table_referenced_from_outside_the_point_is_refused(staging):
-    point_id = staging.run_json("create_rollback_point.py", "customers only", "--table", "customers")["id"]
+def test_tables_that_reference_the_chosen_ones_are_taken_with_them(staging):
+    created = staging.run_json("create_rollback_point.py", "customers only", "--table", "customers")
+    assert created["table"].startswith("public.customers, Sales Ops.Order") and "Lines" in created["table"]
     staging.sql("UPDATE customers SET name = 'x'")
+    result = staging.run("rollback_manager.py", "restore", created["id"], "--yes")
+    assert result.returncode == 0, result.stderr
+    assert staging.sql("SELECT count(*) FROM customers WHERE name = 'x'")[0][0] == 0
+
+
+def test_a_reference_added_after_the_point_is_refused(staging):
+    point_id = staging.run_json("create_rollback_point.py", "documents only", "--table", "documents")["id"]
+    staging.sql("CREATE TABLE doc_links (doc int REFERENCES documents (id)); UPDATE documents SET body = 'x'")
     result = staging.run("rollback_manager.py", "restore", point_id, "--yes")
     assert result.returncode == 2
-    assert 'Order ""Lines""' in result.stderr
+    assert "doc_links" in result.stderr
     assert [p["id"] for p in staging.run_json("rollback_manager.py", "list")] == [point_id]  # no 'before' point either
-    assert staging.sql("SELECT count(*) FROM customers WHERE name = 'x'")[0][0] == 300
+    assert staging.sql("SELECT count(*) FROM documents WHERE body = 'x'")[0][0] == 2
 
 
 def test_a_damaged_data_file_fails_verification(staging):

@@ -176,6 +176,10 @@ def take(
     started = utc_now()
     with snapshot_session(target.info, application_name="rollback-toolkit data point") as conn:
         chosen = resolve_tables(conn, tables) if tables else all_tables(conn)
+        if tables:
+            chosen, added = with_referencing_tables(conn, chosen)
+            if added:
+                ui.info(f"  Also in the point, because their foreign keys point into the tables asked for: {', '.join(added)}")
         sequences = owned_sequences(conn, chosen) if tables else all_sequences(conn)
         entries, counts = [], {}
         with catalog.writing(label) as writer:
@@ -223,6 +227,7 @@ def take(
 
 def read_through(point: Point) -> dict:
     """Decompress every file and count its rows against the manifest."""
+    counted = {}
     for entry in point.manifest.get("tables", []):
         path = point.file_path(entry["file"])
         try:
@@ -232,7 +237,8 @@ def read_through(point: Point) -> dict:
             raise VerificationError(f"{path} cannot be read: {exc}.", "Use an earlier point.") from None
         if rows != entry["rows"]:
             raise VerificationError(f"{path} holds {rows} rows, the manifest says {entry['rows']}.", "Use an earlier point.")
-    return {"archive": "read end to end", "tables": len(point.manifest.get("tables", []))}
+        counted[f"{entry['schema']}.{entry['name']}"] = rows
+    return {"archive": "read end to end", "tables": len(counted), "rows_read": counted}
 
 
 def _check_columns(conn, point: Point) -> list[Table]:
@@ -281,6 +287,19 @@ def _outside_references(conn, tables: list[Table]) -> list[str]:
         (keys, keys),
     )
     return [r[0] for r in rows]
+
+
+def with_referencing_tables(conn, tables: list[Table]) -> tuple[list[Table], list[str]]:
+    """The tables, plus every table whose foreign keys point into them (transitively):
+    restoring a table empties it, so the rows that reference it must come back too."""
+    chosen, added = list(tables), []
+    while True:
+        outside = _outside_references(conn, chosen)
+        if not outside:
+            return chosen, added
+        more = resolve_tables(conn, outside)
+        chosen += [t for t in more if t not in chosen]
+        added += outside
 
 
 def check_restorable(conn, point: Point) -> list[Table]:

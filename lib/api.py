@@ -1,0 +1,304 @@
+"""The Python API seed 000 shows: RollbackManager, MigrationTransaction,
+RollbackType and MigrationBackup, on top of the same operations the scripts use.
+
+Every method works called plainly (it runs and returns) and awaited inside an
+event loop (it runs in a worker thread, so the loop keeps serving): when a loop
+is running in the calling thread, the method returns an awaitable; otherwise it
+returns the result. ``get_rollback_history`` only reads a file and is always
+plain. Nothing asks for confirmation: calling ``execute_rollback`` is the
+confirmation."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+from . import audit, operations
+from .config import Settings, load_settings
+from .console import UI
+from .db import connection
+from .errors import ConfigError, VerificationError
+from .migrate import SequenceGuard, TrackedConnection, open_staging
+from .verify import compare, fingerprint, row_counts
+
+log = logging.getLogger(__name__)
+
+
+def _sync_or_async(method):
+    """Plain call outside an event loop; an awaitable (run in a thread) inside one."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return method(self, *args, **kwargs)
+        return asyncio.to_thread(method, self, *args, **kwargs)
+
+    return wrapper
+
+
+class RollbackType(StrEnum):
+    """Seed 000's four kinds of rollback."""
+
+    FULL = "full"  # the point restored whole (a table point: its tables)
+    PARTIAL = "partial"  # only the rows added since the point deleted
+    TRANSACTION = "transaction"  # the open transaction of a running MigrationTransaction rolled back
+    BACKUP = "backup"  # straight from a pg_dump archive or a point folder (file=...)
+
+
+@dataclass
+class Verification:
+    """verify_rollback's answer: does staging now match the point?"""
+
+    rollback_id: str
+    matches: bool
+    tables: dict[str, dict] = field(default_factory=dict)  # table: expected_rows, actual_rows, matches
+    problems: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return self.matches
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class RollbackManager:
+    """Rollback points of one staging database.
+
+    ``RollbackManager(url)``; without a url, STAGING_DATABASE_URL (environment or .env).
+    """
+
+    def __init__(
+        self,
+        database_url: str | None = None,
+        *,
+        v2_url: str | None = None,
+        backup_dir: str | Path | None = None,
+        method: str | None = None,
+        ui: UI | None = None,
+    ) -> None:
+        self.settings: Settings = load_settings(
+            staging_url=database_url, v2_url=v2_url, backup_dir=str(backup_dir) if backup_dir else None
+        )
+        self.settings.staging()  # a missing or malformed URL fails here, not later
+        self.method = method
+        self.ui = ui or UI(quiet=True)
+        self._open_transactions: dict[str, MigrationTransaction] = {}
+
+    # -- points
+
+    def _create(self, migration_id: str | None, table_name: str | list[str] | None, description: str | None) -> str:
+        tables = [table_name] if isinstance(table_name, str) else list(table_name or [])
+        point, _ = operations.create_point(
+            self.settings,
+            self.ui,
+            description=description or (f"before {migration_id}" if migration_id else "rollback point"),
+            migration_id=migration_id,
+            method="data" if tables else self.method,
+            assume_yes=True,
+            tables=tables or None,
+        )
+        return point.id
+
+    @_sync_or_async
+    def create_rollback_point(
+        self,
+        session=None,
+        migration_id: str | None = None,
+        table_name: str | list[str] | None = None,
+        description: str | None = None,
+    ) -> str:
+        """A point of ``table_name`` (a data point of that table, or those tables), or of
+        the whole database when it is None; returns its id. ``session`` is accepted for
+        seed 000's signature: the point is read in its own snapshot, so it holds what was
+        committed, never ``session``'s uncommitted work."""
+        return self._create(migration_id, table_name, description)
+
+    @_sync_or_async
+    def execute_rollback(
+        self,
+        rollback_id: str,
+        rollback_type: RollbackType | str = RollbackType.FULL,
+        *,
+        tables: list[str] | None = None,
+        file: str | Path | None = None,
+    ) -> dict:
+        kind = RollbackType(rollback_type)
+        if kind is RollbackType.TRANSACTION:
+            tx = self._open_transactions.get(rollback_id)
+            if tx is None:
+                raise ConfigError(
+                    f"No MigrationTransaction of point {rollback_id} is open in this RollbackManager, so there is no "
+                    "transaction to roll back.",
+                    "Use RollbackType.FULL to restore the point.",
+                )
+            return tx.rollback_transaction()
+        if kind is RollbackType.PARTIAL:
+            return operations.partial_rollback(self.settings, self.ui, rollback_id, tables=tables, assume_yes=True)
+        archive = None
+        if kind is RollbackType.BACKUP:
+            archive = Path(file) if file else operations.get_point(self.settings, rollback_id).path
+        return self._restore(rollback_id, archive)
+
+    def _restore(self, rollback_id: str, archive: Path | None = None) -> dict:
+        return operations.restore_point(self.settings, self.ui, rollback_id, assume_yes=True, archive=archive).as_dict()
+
+    @_sync_or_async
+    def verify_rollback(self, rollback_id: str) -> Verification:
+        """Does staging now hold what the point holds? Row counts per table, sequences,
+        and for a whole-database point the schema digest and large objects."""
+        point = operations.get_point(self.settings, rollback_id)
+        expected = point.manifest.get("fingerprint") or {}
+        with audit.audited(self.settings.log_dir, "verify rollback", self.settings.staging().masked(), point.id) as record:
+            with connection(self.settings.staging(), readonly=True, application_name="rollback-toolkit verify") as conn:
+                if point.method == "data":
+                    actual = row_counts(conn)
+                    want = expected.get("row_counts", {})
+                    tables = {
+                        t: {"expected_rows": n, "actual_rows": actual.get(t), "matches": actual.get(t) == n}
+                        for t, n in want.items()
+                    }
+                    problems = [
+                        f"{t}: {d['expected_rows']} rows in the point, {d['actual_rows']} now"
+                        for t, d in tables.items()
+                        if not d["matches"]
+                    ]
+                else:
+                    fp = fingerprint(conn)
+                    want = expected.get("row_counts", {})
+                    tables = {
+                        t: {
+                            "expected_rows": want.get(t),
+                            "actual_rows": fp.row_counts.get(t),
+                            "matches": want.get(t) == fp.row_counts.get(t),
+                        }
+                        for t in sorted(set(want) | set(fp.row_counts))
+                    }
+                    problems = compare(expected, fp)
+            result = Verification(point.id, not problems, tables, problems)
+            record.set(outcome="matches" if result.matches else "differs", problems=problems[:10])
+        return result
+
+    def get_rollback_history(self, limit: int | None = None) -> list[dict]:
+        """The audit trail, oldest first (the newest ``limit`` entries)."""
+        return audit.read(self.settings.log_dir, limit).entries
+
+    def list_rollback_points(self) -> list[dict]:
+        return [p.summary() for p in operations.list_points(self.settings)]
+
+
+class MigrationTransaction:
+    """``with`` / ``async with``: a point on entry, a psycopg2 connection in a transaction
+    as the session; commit on success. On an exception the transaction is rolled back
+    and, when the body had already committed (batches), the point is restored."""
+
+    def __init__(
+        self,
+        manager: RollbackManager,
+        migration_id: str,
+        table_name: str | list[str] | None = None,
+        description: str | None = None,
+    ) -> None:
+        self.manager = manager
+        self.migration_id = migration_id
+        self.table_name = table_name
+        self.description = description
+        self.rollback_id: str | None = None
+        self.session: TrackedConnection | None = None
+        self.restored: dict | None = None
+
+    def _event(self, name: str, **fields) -> None:
+        audit.event(
+            self.manager.settings.log_dir,
+            name,
+            database=self.manager.settings.staging().masked(),
+            point_id=self.rollback_id,
+            migration_id=self.migration_id,
+            **fields,
+        )
+
+    def __enter__(self) -> TrackedConnection:
+        self.rollback_id = self.manager._create(self.migration_id, self.table_name, self.description)
+        self._sequences = SequenceGuard(self.manager.settings)
+        self.session = open_staging(self.manager.settings, f"migration {self.migration_id}")
+        self.manager._open_transactions[self.rollback_id] = self
+        self._event("migration start", mode="MigrationTransaction")
+        return self.session
+
+    def rollback_transaction(self) -> dict:
+        """RollbackType.TRANSACTION: the open transaction's work is undone; committed work stays."""
+        assert self.session is not None
+        self.session.rollback()
+        self._event("transaction rollback", outcome="succeeded")
+        return {"rollback_id": self.rollback_id, "type": "transaction", "commits_kept": self.session.commits}
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        session = self.session
+        assert session is not None and self.rollback_id is not None
+        self.manager._open_transactions.pop(self.rollback_id, None)
+        try:
+            if exc_type is None:
+                session.commit()
+                self._event("migration end", outcome="succeeded", commits=session.commits)
+                return False
+            committed = session.commits
+            if not committed:
+                self._sequences.note_where_left()
+            session.rollback()
+        finally:
+            session.close()
+        if not committed:
+            self._sequences.put_back()
+        reason = f"{exc_type.__name__}: {exc}"
+        if committed:
+            database = self.manager.settings.staging().masked()
+            with audit.audited(
+                self.manager.settings.log_dir, "automatic rollback", database, self.rollback_id, self.migration_id
+            ) as record:
+                record.set(reason=reason)
+                self.restored = self.manager._restore(self.rollback_id)
+            outcome = "rolled back"
+        else:
+            outcome = "transaction rolled back"
+        self._event("migration end", outcome=outcome, error=reason, commits=committed)
+        return False  # the exception goes on to the caller
+
+    async def __aenter__(self) -> TrackedConnection:
+        return await asyncio.to_thread(self.__enter__)
+
+    async def __aexit__(self, exc_type, exc, tb) -> bool:
+        return await asyncio.to_thread(self.__exit__, exc_type, exc, tb)
+
+
+class MigrationBackup:
+    """Table backups (data points): create, verify, restore."""
+
+    def __init__(self, manager: RollbackManager | str | None = None) -> None:
+        self.manager = manager if isinstance(manager, RollbackManager) else RollbackManager(manager)
+
+    @_sync_or_async
+    def create_backup(self, table_name: str | list[str], description: str | None = None, migration_id: str | None = None) -> str:
+        names = [table_name] if isinstance(table_name, str) else list(table_name)
+        return self.manager._create(migration_id, names, description or f"Backup of {', '.join(names)}")
+
+    @_sync_or_async
+    def verify_backup(self, backup_id: str) -> Verification:
+        """Checksums, and every file read end to end against its row counts."""
+        point = operations.get_point(self.manager.settings, backup_id)
+        try:
+            details = operations.verify_point(self.manager.settings, self.manager.ui, backup_id)
+        except VerificationError as exc:
+            return Verification(backup_id, False, problems=[exc.message])
+        read = details.get("rows_read", {})
+        want = (point.manifest.get("fingerprint") or {}).get("row_counts", {})
+        tables = {t: {"expected_rows": n, "actual_rows": read[t], "matches": read[t] == n} for t, n in want.items() if t in read}
+        return Verification(backup_id, True, tables=tables)
+
+    @_sync_or_async
+    def restore_backup(self, backup_id: str) -> dict:
+        return self.manager._restore(backup_id)

@@ -1,0 +1,107 @@
+#!/usr/bin/env python3
+"""Run a data migration into staging, with a rollback point and automatic rollback."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lib import render, runner
+from lib.cli import Parser, common_flags, epilog, run
+from lib.config import load_settings
+from lib.errors import ConfigError
+from lib.migrate import load
+from lib.operations import METHODS
+
+EXAMPLES = """
+By default a migration is a dry run: it runs whole, in one transaction on staging,
+reports what it would change and which records would fail, and rolls back.
+
+--production first takes a rollback point of staging and verifies it, then commits
+every --batch-size records. A record that fails validation is written to a failures
+file (logs/<migration>_<time>_failures.csv) and the run goes on. When the failure
+rate passes --failure-threshold, or the migration crashes, staging is put back to the
+point by itself. Ctrl-C rolls back the open batch and asks whether to restore the
+point (without a terminal it restores).
+
+A migration is a .py file with def migrate(ctx) or a .sql file run as one unit;
+see ROLLBACK_GUIDE.md, "Writing a migration".
+
+examples:
+  python3 run_migration.py migrations/001_migrate_clients.py                 # dry run
+  python3 run_migration.py migrations/001_migrate_clients.py --production
+  python3 run_migration.py migrations/001_migrate_clients.py --production --param strict=1
+  python3 run_migration.py migrations/001_migrate_clients.py --rollback      # its newest point
+  python3 run_migration.py migrations/002_fix_prices.sql --production --limit 10
+
+exit codes of a migration: 0 it ran (a dry run, or a production run that succeeded),
+1 it failed or was rolled back (the summary says which).
+"""
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="run_migration.py", description=__doc__, epilog=epilog(EXAMPLES))
+    p.add_argument("migration", help="the migration file (.py with migrate(ctx), or .sql)")
+    p.add_argument("--production", action="store_true", help="really migrate: rollback point, committed batches")
+    p.add_argument("--no-rollback", action="store_true", help="production without a rollback point (asks first)")
+    p.add_argument("--rollback", nargs="?", const="", metavar="ID", help="restore ID, or the newest point this migration made")
+    p.add_argument("--batch-size", type=int, default=100, metavar="N", help="records per committed batch (default 100)")
+    p.add_argument(
+        "--failure-threshold",
+        type=float,
+        default=0.10,
+        metavar="F",
+        help="stop and roll back above this failure rate (default 0.10)",
+    )
+    p.add_argument("--limit", type=int, metavar="N", help="migrate at most N records")
+    p.add_argument(
+        "--param", action="append", default=[], metavar="KEY=VALUE", help="passed to the migration as ctx.params (repeatable)"
+    )
+    p.add_argument("--method", choices=METHODS, help="how the rollback point is taken (default: ROLLBACK_METHOD or auto)")
+    p.add_argument("--database-url", help="staging database URL (default: STAGING_DATABASE_URL)")
+    p.add_argument("--v2-url", help="V2 database URL (default: V2_DATABASE_URL)")
+    common_flags(p)
+    return p
+
+
+def parse_params(pairs: list[str]) -> dict[str, str]:
+    params = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--param {pair!r} is not KEY=VALUE.")
+        params[key] = value
+    return params
+
+
+def action(args: argparse.Namespace, ui) -> int:
+    settings = load_settings(staging_url=args.database_url, v2_url=args.v2_url, backup_dir=args.backup_dir)
+    migration = load(args.migration)
+    if args.rollback is not None:
+        result = runner.rollback(settings, ui, migration, args.rollback or None, assume_yes=args.yes)
+        render.restore_outcome(
+            ui, result, as_json=args.json, headline=f"{result.database} restored to {result.point_id} and verified."
+        )
+        return 0
+    if args.no_rollback and not args.production:
+        raise ConfigError("--no-rollback only applies with --production.", "A dry run never changes staging.")
+    options = runner.Options(args.batch_size, args.failure_threshold, args.limit, parse_params(args.param))
+    if args.production:
+        report = runner.production(
+            settings, ui, migration, options, no_rollback=args.no_rollback, assume_yes=args.yes, method=args.method
+        )
+    else:
+        report = runner.dry_run(settings, ui, migration, options)
+    if args.json:
+        ui.emit_json(report.as_dict())
+    else:
+        render.migration_report(ui, report)
+    return 0 if report.ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run("run_migration", argv, build_parser, action)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
