@@ -2,7 +2,8 @@
 # Usage: ./setup_and_run.sh [COMMAND] [ARGS...]
 #
 # Commands:
-#   demo       set up .venv and run the demo on an embedded PostgreSQL (no configuration)
+#   demo       set up .venv and run the demo on an embedded PostgreSQL (no configuration):
+#              a dry run of a migration, a production run rolled back by itself, the audit trail
 #   test       set up .venv (and PostgreSQL 15 from Debian if missing) and run the whole test suite
 #   install    only set up .venv with the pinned requirements
 #   menu       the interactive menu (the default when run on a terminal with no command)
@@ -64,12 +65,10 @@ cmd_test() {
   exec "${PY}" -m pytest tests "$@"
 }
 
-not_yet() { echo "$1 is not available in this version."; }
-
 menu() {
   [[ -t 0 ]] || die "the menu needs a terminal; use a command instead: $0 help"
   install_venv
-  local choice id
+  local choice id answer
   while true; do
     cat <<'EOF'
 
@@ -90,7 +89,11 @@ EOF
       1) install_venv ;;
       2) run_py demo.py || true ;;
       3) (cmd_test) || true ;;
-      4) not_yet "Running a migration" ;;
+      4)
+        (cd "${ROOT}" && ls -1 migrations/*)
+        read -r -a answer -p "Migration file (a dry run; add --production after it to run it for real): "
+        [[ ${#answer[@]} -gt 0 ]] && { run_py run_migration.py "${answer[@]}" || true; }
+        ;;
       5)
         read -r -p "Description: " id
         run_py create_rollback_point.py "${id:-Manual rollback point}" || true

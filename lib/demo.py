@@ -1,5 +1,6 @@
-"""The zero-configuration demo: an embedded PostgreSQL, a sample staging database,
-a rollback point, a botched migration, a restore, and proof that it is exact."""
+"""The zero-configuration demo: an embedded PostgreSQL with a sample V2 and staging,
+a dry run of the client migration, a production run that passes its failure
+threshold and is rolled back by itself, proof that staging is exact, the audit trail."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import shutil
 import subprocess
 import sys
 
+from . import sample
 from .catalog import make_private_dir, write_private_file
 from .config import PROJECT_ROOT, ConnInfo
 from .console import UI
@@ -17,46 +19,17 @@ from .localserver import LocalServer, embedded_bin_dir
 from .verify import fingerprint
 
 DEMO_DIR = PROJECT_ROOT / ".demo"
-
-SAMPLE = """
-CREATE TABLE customers (
-    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    email text NOT NULL UNIQUE,
-    name text NOT NULL,
-    profile jsonb NOT NULL DEFAULT '{}'
-);
-CREATE TABLE orders (
-    id bigserial PRIMARY KEY,
-    customer_id bigint NOT NULL REFERENCES customers (id),
-    amount numeric(12, 2) NOT NULL,
-    placed_at timestamptz NOT NULL
-);
-CREATE INDEX orders_customer ON orders (customer_id);
-CREATE VIEW customer_totals AS
-    SELECT c.id, c.name, sum(o.amount) AS total FROM customers c LEFT JOIN orders o ON o.customer_id = c.id GROUP BY c.id;
-INSERT INTO customers (email, name, profile)
-    SELECT 'customer' || g || '@example.com', 'Customer ' || g, jsonb_build_object('tier', g % 3)
-      FROM generate_series(1, 2000) g;
-INSERT INTO orders (customer_id, amount, placed_at)
-    SELECT (g % 2000) + 1, (g % 997) * 1.5, TIMESTAMPTZ '2024-01-01' + g * INTERVAL '1 minute'
-      FROM generate_series(1, 20000) g;
-"""
-
-BOTCHED_MIGRATION = """
-INSERT INTO customers (email, name) SELECT 'dup' || g || '@v2', 'Imported twice ' || g FROM generate_series(1, 500) g;
-DELETE FROM orders WHERE id % 4 = 0;
-ALTER TABLE customers DROP COLUMN profile CASCADE;
-"""
+MIGRATION = "migrations/001_migrate_clients.py"
 
 
-def _run(ui: UI, env: dict, *args: str) -> subprocess.CompletedProcess:
+def _run(ui: UI, env: dict, *args: str, expect: int = 0) -> subprocess.CompletedProcess:
     ui.info(f"\n[bold]$ python3 {' '.join(args)}[/]")
     result = subprocess.run(
         [sys.executable, *args], cwd=PROJECT_ROOT, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True
     )
     sys.stderr.write(result.stderr)
     sys.stdout.write(result.stdout)
-    if result.returncode != 0:
+    if result.returncode != expect:
         raise ConfigError(
             f"The demo step `{' '.join(args)}` failed with exit code {result.returncode}.",
             f"See the output above and the logs in {DEMO_DIR / 'logs'}.",
@@ -82,46 +55,47 @@ def run_demo(ui: UI, keep: bool = False) -> int:
         info = ConnInfo.parse(server.url("staging"))
         with connection(info, "postgres") as conn:
             execute(conn, "CREATE DATABASE staging")
+            execute(conn, "CREATE DATABASE v2")
+        with connection(ConnInfo.parse(server.url("v2"))) as conn:
+            execute(conn, sample.V2)
+            clients = scalar(conn, "SELECT count(*) FROM clients")
         with connection(info) as conn:
-            execute(conn, SAMPLE)
+            execute(conn, sample.STAGING)
             before = fingerprint(conn, deep=True)
+        ui.ok(f"Sample V2 database: {clients} clients, some of which fail validation")
         ui.ok(f"Sample staging database: {before.total_rows} rows in {len(before.row_counts)} tables")
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "V2_"))}
         env.update(
             STAGING_DATABASE_URL=server.url("staging"),
+            V2_DATABASE_URL=server.url("v2"),
             BACKUP_DIR=str(DEMO_DIR / "backups"),
             LOG_DIR=str(DEMO_DIR / "logs"),
             ROLLBACK_ENV_FILE=str(DEMO_DIR / "none.env"),
         )
 
-        point_id = (
-            _run(ui, env, "create_rollback_point.py", "Before migration test", "--migration-id", "demo_import")
-            .stdout.strip()
-            .splitlines()[-1]
+        ui.info("\n[bold]A dry run of the client migration: nothing changes[/]")
+        _run(ui, env, "run_migration.py", MIGRATION)
+        ui.info(
+            "\n[bold]The same migration for real, in strict mode:[/] clients without an e-mail address are refused too, "
+            "the failure rate passes 10% part-way, and staging is put back by itself"
         )
-        ui.info("\n[bold]A migration goes wrong:[/] duplicates imported, orders deleted, a column dropped")
-        with connection(info) as conn:
-            execute(conn, BOTCHED_MIGRATION)
-            ui.info(
-                f"  customers: {scalar(conn, 'SELECT count(*) FROM customers')} (was 2000), "
-                f"orders: {scalar(conn, 'SELECT count(*) FROM orders')} (was 20000)"
-            )
-        _run(ui, env, "rollback_manager.py", "list")
-        _run(ui, env, "rollback_manager.py", "verify", point_id)
-        _run(ui, env, "rollback_manager.py", "restore", point_id, "--yes")
+        _run(ui, env, "run_migration.py", MIGRATION, "--production", "--param", "strict=1", expect=1)
         with connection(info) as conn:
             after = fingerprint(conn, deep=True)
         if after.as_dict() != before.as_dict():
-            raise ConfigError("After the restore, staging differs from the point.", f"See {DEMO_DIR / 'logs'}.")
+            raise ConfigError(
+                "After the automatic rollback, staging differs from before the migration.", f"See {DEMO_DIR / 'logs'}."
+            )
         ui.ok(
-            f"Staging is back, identical to the point: schema digest, {after.total_rows} rows and every row's "
+            f"Staging is exactly as before the migration: schema digest, {after.total_rows} rows and every row's "
             f"content in {len(after.row_counts)} tables"
         )
+        _run(ui, env, "rollback_manager.py", "audit", "--limit", "8")
         _run(ui, env, "rollback_manager.py", "list")
         if keep:
             write_private_file(
                 DEMO_DIR / "demo.env",
-                f"STAGING_DATABASE_URL={server.url('staging')}\n"
+                f"STAGING_DATABASE_URL={server.url('staging')}\nV2_DATABASE_URL={server.url('v2')}\n"
                 f"BACKUP_DIR={DEMO_DIR / 'backups'}\nLOG_DIR={DEMO_DIR / 'logs'}\n".encode(),
             )
             ui.info(

@@ -112,7 +112,7 @@ def migration_report(ui: UI, report) -> None:
     rate = f"{d['failure_rate']:.1%} (threshold {d['failure_threshold']:.0%})"
     for key, value in (
         ("Outcome", d["outcome"]),
-        ("Migrated", d["migrated"]),
+        ("Migrated", f"{d['migrated']} (undone by the rollback)" if d["restored_to"] else d["migrated"]),
         ("Failed", d["failed"]),
         ("Skipped", d["skipped"]),
         ("Failure rate", rate + (", passed" if d["threshold_exceeded"] else "")),

@@ -106,7 +106,7 @@ def _context(settings, ui, migration, staging, options: Options, *, dry_run: boo
                 migration_id=migration.id,
                 batch=batch,
                 failed=len(failures),
-                record_keys=[str(k) for k, _ in failures[:20]],
+                record_keys=[str(k) for k, _ in failures[:10]],
                 dry_run=dry_run,
             )
 
@@ -160,17 +160,7 @@ def dry_run(settings: Settings, ui: UI, migration: Migration, options: Options) 
         _put_back(guard, report)
         report.tally = ctx.tally
         report.duration_seconds = time.monotonic() - started
-        audit.event(
-            settings.log_dir,
-            "migration end",
-            database=database,
-            migration_id=migration.id,
-            outcome=report.outcome,
-            mode="dry run",
-            migrated=ctx.tally.migrated,
-            failed=ctx.tally.failed,
-            skipped=ctx.tally.skipped,
-        )
+        _audit_end(settings, report, database)
     if ctx.tally.threshold_batch is not None:
         report.notes.append(
             f"The failure rate passed the threshold of {options.threshold:.0%} after batch {ctx.tally.threshold_batch}: "
@@ -247,25 +237,14 @@ def production(
         failure = failure or exc
     if ctx is not None:
         report.tally = ctx.tally
-    if failure is not None:
-        _after_failure(settings, ui, migration, report, failure, database)
-        if report.tally.batches_committed == 0:
-            _put_back(guard, report)
-    report.duration_seconds = time.monotonic() - started
-    audit.event(
-        settings.log_dir,
-        "migration end",
-        database=database,
-        point_id=report.point_id,
-        migration_id=migration.id,
-        outcome=report.outcome,
-        mode="production",
-        migrated=report.tally.migrated,
-        failed=report.tally.failed,
-        skipped=report.tally.skipped,
-        batches_committed=report.tally.batches_committed,
-        error=report.error,
-    )
+    try:
+        if failure is not None:
+            _after_failure(settings, ui, migration, report, failure, database)
+            if report.tally.batches_committed == 0:
+                _put_back(guard, report)
+    finally:  # also when the automatic rollback itself failed
+        report.duration_seconds = time.monotonic() - started
+        _audit_end(settings, report, database)
     if isinstance(failure, KeyboardInterrupt):
         raise failure
     return report
@@ -352,6 +331,24 @@ def rollback(settings: Settings, ui: UI, migration: Migration, point_id: str | N
         point_id = mine[-1].id
         ui.info(f"The newest point made by {migration.id}: {point_id}")
     return operations.restore_point(settings, ui, point_id, assume_yes=assume_yes)
+
+
+def _audit_end(settings: Settings, report: Report, database: str) -> None:
+    t = report.tally
+    audit.event(
+        settings.log_dir,
+        "migration end",
+        database=database,
+        point_id=report.point_id,
+        migration_id=report.migration_id,
+        outcome=report.outcome,
+        mode=report.mode,
+        migrated=t.migrated,
+        failed=t.failed,
+        skipped=t.skipped,
+        batches_committed=t.batches_committed,
+        error=report.error,
+    )
 
 
 def _put_back(guard: SequenceGuard, report: Report) -> None:

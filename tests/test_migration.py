@@ -419,3 +419,36 @@ def test_api_async_migration_transaction(mig18):
     ends = [e for e in manager.get_rollback_history() if e["event"] == "migration end"]
     assert [e["outcome"] for e in ends] == ["rolled back", "succeeded", "transaction rolled back"]
     assert [e["migration_id"] for e in ends] == ["my_migration_001", "my_migration_002", "my_migration_003"]
+
+
+def _append_many(log_dir: str, worker: int) -> None:
+    from lib import audit
+
+    for n in range(80):
+        audit.event(Path(log_dir), "concurrency", worker=worker, n=n, padding="x" * (n * 40))
+
+
+def test_concurrent_audit_writers_never_interleave(tmp_path):
+    import multiprocessing
+
+    from lib import audit
+
+    ctx = multiprocessing.get_context("fork")
+    workers = [ctx.Process(target=_append_many, args=(str(tmp_path), w)) for w in range(4)]
+    for p in workers:
+        p.start()
+    for p in workers:
+        p.join(60)
+    trail = audit.read(tmp_path)
+    assert trail.damaged == []
+    assert sorted((e["worker"], e["n"]) for e in trail.entries) == [(w, n) for w in range(4) for n in range(80)]
+    assert (tmp_path / audit.AUDIT_FILE).stat().st_mode & 0o777 == 0o600
+
+
+def test_the_demo_runs_end_to_end():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "demo.py")], cwd=ROOT, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Staging is exactly as before the migration" in result.stderr
+    assert "automatic rollback" in result.stdout and "threshold breach" in result.stdout
