@@ -245,6 +245,11 @@ class MigrationContext:
         self._batch_failures: list[tuple] = []
         self._on_batch = on_batch
         self._pending_undo = Tally()  # rows written by records that were rolled back, not yet subtracted
+        self._release = ""  # releases the previous record's savepoint, sent with the next one
+        # Exact per-table counts need the transaction's counters read before every record
+        # (a rolled-back record's attempts stay counted); a dry run reports them, and a
+        # .sql migration has no records. A production run of records skips that cost.
+        self.count_changes = dry_run or migration.kind == "sql"
 
     # -- for migrations
 
@@ -287,7 +292,15 @@ class MigrationContext:
     # -- for the runner
 
     def _one(self, record, handle: Callable, record_key) -> None:
-        before = _xact_changes(self.staging, before="SAVEPOINT migration_record;")
+        # The previous record's savepoint is released in the same round trip that opens this one.
+        opening = self._release + "SAVEPOINT migration_record"
+        if self.count_changes:
+            before = _xact_changes(self.staging, before=opening + ";")
+        else:
+            before = {}
+            with self.staging.cursor() as cur:
+                cur.execute(opening)
+        self._release = "RELEASE SAVEPOINT migration_record; "
         try:
             handle(record)
         except RecordFailed as exc:
@@ -300,15 +313,13 @@ class MigrationContext:
             reason = (exc.pgerror or str(exc)).strip().splitlines()[0].removeprefix("ERROR:").strip()
             self._record_failure(record_key, reason)
         else:
-            with self.staging.cursor() as cur:
-                cur.execute("RELEASE SAVEPOINT migration_record")
             self.tally.migrated += 1
 
     def _undo_record(self, before: dict) -> None:
         with self.staging.cursor() as cur:
             cur.execute("ROLLBACK TO SAVEPOINT migration_record")
-            cur.execute("RELEASE SAVEPOINT migration_record")
-        self._pending_undo.add_changes(_minus(_xact_changes(self.staging), before))
+        if self.count_changes:
+            self._pending_undo.add_changes(_minus(_xact_changes(self.staging), before))
 
     def _record_failure(self, key, reason: str, *, skipped: bool = False) -> None:
         if skipped:
@@ -330,10 +341,8 @@ class MigrationContext:
         self.log.info("record %s %s: %s", key, "skipped" if skipped else "failed", reason)
 
     def end_batch(self) -> None:
-        """Commit the batch (production), count its changes, and stop when the failure
-        rate has passed the threshold."""
+        """Commit the batch (production) and stop when the failure rate has passed the threshold."""
         self._batch += 1
-        changes = _minus(_xact_changes(self.staging), self._pending_undo.changes)
         if self._on_batch:
             self._on_batch(self._batch, self._batch_failures)
         self._batch_failures = []
@@ -347,18 +356,16 @@ class MigrationContext:
                 f"The failed records and why are in {self.tally.failures_file}.",
             )
         if not self.dry_run:
-            self.staging.commit()
+            self.staging.commit()  # releases the last record's savepoint too
+            self._release = ""
             self.tally.batches_committed += 1
-            self.tally.add_changes(changes)
-            self._pending_undo = Tally()
 
     def finish(self) -> None:
-        """The changes made outside batches, counted; committed in production."""
-        changes = _minus(_xact_changes(self.staging), self._pending_undo.changes)
-        self.tally.add_changes(changes)
+        """Count the changes (one transaction: a dry run or a .sql migration); commit in production."""
+        if self.count_changes:
+            self.tally.add_changes(_minus(_xact_changes(self.staging), self._pending_undo.changes))
         if not self.dry_run:
             self.staging.commit()
-        self._pending_undo = Tally()
 
     def close(self) -> None:
         if self._failures_fh:

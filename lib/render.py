@@ -125,7 +125,7 @@ def migration_report(ui: UI, report) -> None:
         table.add_row(key, str(value))
     ui.out.print(table)
     verb = "would change" if d["mode"] == "dry run" else "changed"
-    if d["changes"] and d["outcome"] in ("dry run", "succeeded"):
+    if d["changes"] and d["outcome"] in ("dry run", "succeeded"):  # counted for dry runs and .sql migrations
         changes = Table("Table", "Inserted", "Updated", "Deleted", title=f"Rows the migration {verb}", title_justify="left")
         for name, c in d["changes"].items():
             changes.add_row(name, str(c["inserted"]), str(c["updated"]), str(c["deleted"]))

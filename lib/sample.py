@@ -3,11 +3,15 @@ which fail validation) and a staging database with customers, products and order
 
 from __future__ import annotations
 
+
 # 3,060 clients. About 4% have no phone (always refused), 60 re-enter an existing
 # client code (refused as duplicates), and from client 1,500 on every fourth one has
 # no e-mail address: refused only in strict mode, where the failure rate passes 10%
 # after about twenty committed batches.
-V2 = """
+def v2_sql(clients: int = 3000) -> str:
+    """The V2 sample with ``clients`` clients (plus one re-entered per 50)."""
+    half = clients // 2
+    return f"""
 CREATE TABLE clients (
     id serial PRIMARY KEY,
     client_code text NOT NULL,
@@ -21,15 +25,18 @@ INSERT INTO clients (client_code, name, phone, email, address, created_at)
 SELECT 'CL' || lpad(g::text, 5, '0'),
        'Client ' || g,
        CASE WHEN g % 25 = 0 THEN NULL ELSE '+886-2-' || lpad((g * 7919 % 10000000)::text, 7, '0') END,
-       CASE WHEN g > 1500 AND g % 4 = 0 THEN NULL ELSE 'client' || g || '@example.tw' END,
+       CASE WHEN g > {half} AND g % 4 = 0 THEN NULL ELSE 'client' || g || '@example.tw' END,
        g || ' Zhongshan Road, Taipei',
        TIMESTAMPTZ '2020-01-01 00:00+00' + g * INTERVAL '1 hour'
-  FROM generate_series(1, 3000) g;
+  FROM generate_series(1, {clients}) g;
 INSERT INTO clients (client_code, name, phone, email, address, created_at)
 SELECT 'CL' || lpad(g::text, 5, '0'), 'Client ' || g || ' (entered twice)', '+886-2-0000000', NULL,
        'unknown', TIMESTAMPTZ '2024-01-01 00:00+00' + g * INTERVAL '1 minute'
-  FROM generate_series(10, 3000, 50) g;
+  FROM generate_series(10, {clients}, 50) g;
 """
+
+
+V2 = v2_sql()
 
 STAGING = """
 CREATE TABLE customers (

@@ -25,3 +25,19 @@ def test_benchmark_runs_end_to_end_on_a_small_database():
         assert seconds[key] > 0, key
     assert figures["size_bytes"] >= 20 * 1024 * 1024
     assert "template point" in result.stderr and "ratio" in result.stderr
+
+
+def test_migration_benchmark_runs_end_to_end_on_a_small_sample():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench_migration.py"), "--clients", "500", "--json"],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout)
+    # every variant migrated the same records (the script checks it and fails otherwise)
+    assert {(r["migrated"], r["failed"]) for r in figures["results"].values()} == {(500 + 10 - 20 - 10, 30)}
+    assert "baseline+" in result.stderr and "peak RSS" in result.stderr
