@@ -32,7 +32,7 @@ Every point has BACKUP_DIR/<id>/manifest.json and is listed by `python3 rollback
 
 def build_parser() -> Parser:
     p = Parser(prog="create_rollback_point.py", description=__doc__, epilog=epilog(EXAMPLES))
-    p.add_argument("description", nargs="?", default="Manual rollback point", help="what this point is for")
+    p.add_argument("description", nargs="?", help="what this point is for (asked on a terminal; default 'Manual rollback point')")
     p.add_argument("--method", choices=operations.METHODS, help="how to take it (default: ROLLBACK_METHOD or auto)")
     p.add_argument("--migration-id", help="the migration this point guards; also names the point id")
     p.add_argument("--table", action="append", metavar="TABLE", help="a data point of this table (repeatable)")
@@ -42,12 +42,18 @@ def build_parser() -> Parser:
     return p
 
 
+DEFAULT_DESCRIPTION = "Manual rollback point"
+
+
 def action(args, ui) -> int:
     settings = load_settings(staging_url=args.database_url, backup_dir=args.backup_dir)
+    description = args.description or DEFAULT_DESCRIPTION
+    if args.description is None and not args.yes and not args.json and sys.stdin.isatty():
+        description = ui.ask("Description", default=DEFAULT_DESCRIPTION, what="a description")
     point, removed = operations.create_point(
         settings,
         ui,
-        description=args.description,
+        description=description,
         migration_id=args.migration_id,
         method=args.method,
         assume_yes=args.yes,

@@ -8,9 +8,9 @@ import sys
 
 from lib import render, runner
 from lib.cli import Parser, common_flags, epilog, run
-from lib.config import load_settings
+from lib.config import PROJECT_ROOT, load_settings
 from lib.errors import ConfigError
-from lib.migrate import load
+from lib.migrate import available, load
 from lib.operations import METHODS
 
 EXAMPLES = """
@@ -41,7 +41,7 @@ exit codes of a migration: 0 it ran (a dry run, or a production run that succeed
 
 def build_parser() -> Parser:
     p = Parser(prog="run_migration.py", description=__doc__, epilog=epilog(EXAMPLES))
-    p.add_argument("migration", help="the migration file (.py with migrate(ctx), or .sql)")
+    p.add_argument("migration", nargs="?", help="the migration file (.py with migrate(ctx), or .sql); asked on a terminal")
     p.add_argument("--production", action="store_true", help="really migrate: rollback point, committed batches")
     p.add_argument("--no-rollback", action="store_true", help="production without a rollback point (asks first)")
     p.add_argument("--rollback", nargs="?", const="", metavar="ID", help="restore ID, or the newest point this migration made")
@@ -74,9 +74,25 @@ def parse_params(pairs: list[str]) -> dict[str, str]:
     return params
 
 
+def choose(ui) -> str:
+    found = available()
+    names = [str(p.relative_to(PROJECT_ROOT)) for p in found]
+    if not sys.stdin.isatty() or not found:
+        raise ConfigError(
+            "Which migration? Give its file.",
+            "For example: python3 run_migration.py " + (names[0] if names else "migrations/<file>.py") + ".",
+        )
+    for n, name in enumerate(names, start=1):
+        ui.info(f"  {n}) {name}")
+    answer = ui.ask(
+        "Run which migration? (number)", default="1", choices=[str(n) for n in range(1, len(names) + 1)], what="the migration"
+    )
+    return names[int(answer) - 1]
+
+
 def action(args: argparse.Namespace, ui) -> int:
     settings = load_settings(staging_url=args.database_url, v2_url=args.v2_url, backup_dir=args.backup_dir)
-    migration = load(args.migration)
+    migration = load(args.migration or choose(ui))
     if args.rollback is not None:
         result = runner.rollback(settings, ui, migration, args.rollback or None, assume_yes=args.yes)
         render.restore_outcome(

@@ -1,15 +1,26 @@
 #!/usr/bin/env bash
-# Usage: ./setup_and_run.sh [COMMAND] [ARGS...]
+# Usage: ./setup_and_run.sh [COMMAND | OPTION NUMBER] [ARGS...]
 #
-# Commands:
-#   demo       set up .venv and run the demo on an embedded PostgreSQL (no configuration):
-#              a dry run of a migration, a production run rolled back by itself, the audit trail
-#   test       set up .venv (and PostgreSQL 15 from Debian if missing) and run the whole test suite
-#   install    only set up .venv with the pinned requirements
-#   menu       the interactive menu (the default when run on a terminal with no command)
-#   help       this text
+# With no command on a terminal: the menu. Each command runs one Python script;
+# ARGS go to that script (for example --yes, --json, a point id, a migration file).
 #
-# Menu options 5-9 are the rollback operations; each runs one Python script.
+#   1  install        install / update .venv with the pinned requirements
+#   2  check          check the configuration and the connections (check_setup.py)
+#   3  migrate        run a migration as a dry run (run_migration.py [FILE])
+#   4  migrate-prod   run a migration for real (run_migration.py [FILE] --production)
+#   5  point          create a rollback point (create_rollback_point.py [DESCRIPTION])
+#   6  list           list rollback points (rollback_manager.py list)
+#   7  quick          quick rollback to the newest point (quick_rollback.py)
+#   8  advanced       pick a point, full or partial, see the diff, confirm (advanced_rollback.py)
+#   9  reset          reset staging from V2, the last resort (reset_staging.py)
+#      demo           the demo on an embedded PostgreSQL in .pgdata/, no configuration;
+#                     demo --stop stops its server
+#      test           set up .venv (and PostgreSQL 15 from Debian if missing), run the test suite
+#      menu           the menu
+#      help, --help   this text
+#
+# Examples: ./setup_and_run.sh 7        ./setup_and_run.sh quick --yes
+#           ./setup_and_run.sh migrate migrations/001_migrate_clients.py
 # Settings come from the environment or .env: STAGING_DATABASE_URL, V2_DATABASE_URL,
 # BACKUP_DIR, LOG_DIR, PG_BIN_DIR (see ROLLBACK_GUIDE.md).
 set -euo pipefail
@@ -65,50 +76,55 @@ cmd_test() {
   exec "${PY}" -m pytest tests "$@"
 }
 
-menu() {
-  [[ -t 0 ]] || die "the menu needs a terminal; use a command instead: $0 help"
-  install_venv
-  local choice id answer
-  while true; do
-    cat <<'EOF'
+# One option: install, or one Python script with the given arguments.
+dispatch() {
+  local option="$1"
+  shift
+  case "${option}" in
+    1 | install) install_venv ;;
+    2 | check) run_py check_setup.py "$@" ;;
+    3 | migrate) run_py run_migration.py "$@" ;;
+    4 | migrate-prod) run_py run_migration.py "$@" --production ;;
+    5 | point) run_py create_rollback_point.py "$@" ;;
+    6 | list) run_py rollback_manager.py list "$@" ;;
+    7 | quick) run_py quick_rollback.py "$@" ;;
+    8 | advanced) run_py advanced_rollback.py "$@" ;;
+    9 | reset) run_py reset_staging.py "$@" ;;
+    *) return 64 ;;
+  esac
+}
+
+show_menu() {
+  cat <<'EOF'
 
   Migration rollback toolkit
-  1) Set up (.venv and requirements)
-  2) Demo on an embedded PostgreSQL
-  3) Run the test suite
-  4) Run a migration
-  5) Create a rollback point
-  6) List rollback points
-  7) Quick rollback to the newest point
-  8) Advanced rollback (restore a chosen point)
-  9) Reset staging from V2
-  q) Quit
+
+  1) Install / update dependencies        6) List rollback points
+  2) Check configuration and connections  7) Quick rollback
+  3) Run migration (dry run)              8) Advanced rollback
+  4) Run migration (production)           9) Reset staging from V2
+  5) Create rollback point                0) Exit
+
 EOF
-    read -r -p "Choose: " choice || exit 0
+}
+
+menu() {
+  [[ -t 0 ]] || die "the menu needs a terminal; use a command instead (./setup_and_run.sh --help)"
+  install_venv
+  local choice status
+  while true; do
+    show_menu
+    read -r -p "Choose 0-9: " choice || exit 0
     case "${choice}" in
-      1) install_venv ;;
-      2) run_py demo.py || true ;;
-      3) (cmd_test) || true ;;
-      4)
-        (cd "${ROOT}" && ls -1 migrations/*)
-        read -r -a answer -p "Migration file (a dry run; add --production after it to run it for real): "
-        [[ ${#answer[@]} -gt 0 ]] && { run_py run_migration.py "${answer[@]}" || true; }
+      0 | q | Q) exit 0 ;;
+      [1-9])
+        status=0
+        dispatch "${choice}" || status=$?
+        ((status == 0)) || err "option ${choice} ended with exit code ${status} (the message above says why)"
         ;;
-      5)
-        read -r -p "Description: " id
-        run_py create_rollback_point.py "${id:-Manual rollback point}" || true
-        ;;
-      6) run_py rollback_manager.py list || true ;;
-      7) run_py quick_rollback.py || true ;;
-      8)
-        run_py rollback_manager.py list || true
-        read -r -p "Point id to restore: " id
-        [[ -n "${id}" ]] && { run_py rollback_manager.py restore "${id}" || true; }
-        ;;
-      9) run_py reset_staging.py || true ;;
-      q | Q) exit 0 ;;
-      *) err "unknown choice: ${choice}" ;;
+      *) err "no option ${choice}: choose a number from 0 to 9" ;;
     esac
+    read -r -p "Press Enter to return to the menu" _ || exit 0
   done
 }
 
@@ -120,20 +136,21 @@ main() {
       install_venv
       run_py demo.py "$@"
       ;;
-    demo-stop)
-      install_venv
-      run_py demo.py --stop
-      ;;
     test) cmd_test "$@" ;;
-    install) install_venv ;;
     menu) menu ;;
     help | -h | --help) usage ;;
     "")
       if [[ -t 0 ]]; then menu; else usage; fi
       ;;
     *)
-      usage >&2
-      die "unknown command: ${command}"
+      [[ -x "${PY}" ]] || install_venv
+      local status=0
+      dispatch "${command}" "$@" || status=$?
+      if ((status == 64)); then
+        usage >&2
+        die "unknown command: ${command}"
+      fi
+      exit "${status}"
       ;;
   esac
 }

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeRemainingColumn
-from rich.prompt import Confirm
+from rich.prompt import Confirm, Prompt
 
 from .errors import ConfirmationRefused
 
@@ -95,6 +95,12 @@ class UI:
                 progress.update(task, advance=1, rate=f"{done / elapsed:.0f}", failed=failed())
 
             yield tick
+
+    def ask(self, question: str, *, default: str | None = None, choices: list[str] | None = None, what: str) -> str:
+        """A question that needs a terminal; without one, refuse and say which flag answers it."""
+        if not sys.stdin.isatty():
+            raise ConfirmationRefused(f"Cannot ask for {what}: there is no terminal to ask on.", "Give it on the command line.")
+        return Prompt.ask(question, console=self.err, default=default, choices=choices, show_choices=bool(choices))
 
     def confirm(self, question: str, *, assume_yes: bool, what: str) -> None:
         """Ask; with --yes go ahead; with no terminal refuse before anything changes."""

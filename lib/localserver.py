@@ -46,7 +46,15 @@ def free_port() -> int:
 class LocalServer:
     """One cluster in its own folder, listening on 127.0.0.1 with password auth."""
 
-    def __init__(self, bin_dir: Path, base_dir: Path | None = None, *, fast: bool = True) -> None:
+    def __init__(
+        self,
+        bin_dir: Path,
+        base_dir: Path | None = None,
+        *,
+        fast: bool = True,
+        port: int | None = None,
+        password: str | None = None,
+    ) -> None:
         self.bin_dir = Path(bin_dir)
         version = probe(self.bin_dir / "postgres")
         if version is None:
@@ -54,9 +62,9 @@ class LocalServer:
         self.major = version[0]
         self.base_dir = Path(base_dir) if base_dir else Path(tempfile.mkdtemp(prefix=f"rollback-pg{self.major}-"))
         self.data_dir = self.base_dir / "data"
-        self.port = free_port()
+        self.port = port or free_port()
         self.user = "postgres"
-        self.password = secrets.token_urlsafe(12)
+        self.password = password or secrets.token_urlsafe(12)
         self.fast = fast
         self._as_root = os.geteuid() == 0
 
@@ -145,6 +153,12 @@ class LocalServer:
         conf = self.data_dir / "postgresql.auto.conf"
         lines = [ln for ln in conf.read_text().splitlines() if not ln.startswith("port =")]
         conf.write_text("\n".join(lines + [f"port = {self.port}"]) + "\n")
+
+    def is_running(self) -> bool:
+        if not (self.data_dir / "PG_VERSION").exists():
+            return False
+        out = self._run([str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), "status"])
+        return out.returncode == 0
 
     def stop(self) -> None:
         self._run([str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), "-m", "fast", "-w", "stop"])

@@ -105,6 +105,14 @@ class Migration:
         return "sql" if self.sql is not None else "python"
 
 
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+
+
+def available() -> list[Path]:
+    """The migrations shipped in migrations/, in name order."""
+    return sorted(p for p in MIGRATIONS_DIR.glob("*") if p.suffix in (".py", ".sql") and not p.name.startswith("_"))
+
+
 def load(path: str | Path) -> Migration:
     path = Path(path).expanduser()
     if not path.is_file():

@@ -24,17 +24,20 @@ def age(created_at: str | None) -> str:
     return f"{seconds} s ago"
 
 
-def points_table(ui: UI, points: list[Point]) -> None:
+def points_table(ui: UI, points: list[Point], *, numbered: bool = False) -> None:
     if not points:
         ui.out.print('No rollback points yet. Take one with: python3 create_rollback_point.py "Before migration"')
         return
     table = Table(title="Rollback points (oldest first)", title_justify="left")
+    if numbered:
+        table.add_column("#", justify="right")
     for col in ("ID", "Migration ID", "Database", "Table", "Method", "Size", "Status", "Created", "Description"):
         table.add_column(col, overflow="fold")
-    for p in points:
+    for n, p in enumerate(points, start=1):
         s = p.summary()
         created = (s["created_at"] or "?")[:19].replace("T", " ") + " UTC"
         table.add_row(
+            *([str(n)] if numbered else []),
             s["id"],
             s["migration_id"] or "-",
             s["database"],
@@ -157,3 +160,17 @@ def audit_trail(ui: UI, entries: list[dict]) -> None:
             details(e),
         )
     ui.out.print(table)
+
+
+def findings(ui: UI, found: list) -> None:
+    """check_setup.py's table: one line per finding, with the fix where it is not ok."""
+    mark = {"ok": "[green]ok[/]", "warn": "[yellow]warning[/]", "fail": "[bold red]FAILED[/]"}
+    table = Table(title="Configuration and connections", title_justify="left")
+    for col in ("Check", "Status", "Detail", "Fix"):
+        table.add_column(col, overflow="fold")
+    for f in found:
+        table.add_row(f.item, mark.get(f.status, f.status), f.detail, f.fix)
+    ui.out.print(table)
+    failed = sum(f.status == "fail" for f in found)
+    warned = sum(f.status == "warn" for f in found)
+    ui.out.print(f"{failed} failed, {warned} warning(s), {len(found) - failed - warned} ok")

@@ -189,7 +189,7 @@ def production(
             f"--no-rollback: no rollback point of {dbname} is taken. If {migration.id} fails after a batch was committed, "
             "staging keeps those batches, and only an older point or a reset from V2 can put it back."
         )
-        ui.confirm("Run the migration without a rollback point?", assume_yes=assume_yes, what="run without a rollback point")
+        ui.confirm("Run the migration without a rollback point?", assume_yes=assume_yes, what="skip the rollback point")
     else:
         point, _ = operations.create_point(
             settings, ui, description=f"before migration {migration.id}", migration_id=migration.id, method=method

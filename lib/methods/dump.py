@@ -106,6 +106,13 @@ def restore_into(target: Target, point: Point, dbname: str, ui: UI) -> Tool:
     jobs = target.settings.restore_jobs
 
     def attempt(tool: Tool) -> None:
+        if tool.major > target.facts.major:
+            ui.step(
+                f"Restoring with {tool.describe()}, which is newer than the server (PostgreSQL {target.facts.major}): "
+                "its SQL script goes into psql, without the settings that server does not know"
+            )
+        else:
+            ui.step(f"Restoring with {tool.describe()}")
         with ui.progress(f"Restoring {point.id} into {dbname}") as tick:
             if tool.major > target.facts.major:
                 # A newer pg_restore writes settings an older server rejects; go through

@@ -1,0 +1,43 @@
+#!/usr/bin/env python3
+"""Advanced rollback, step by step: pick a point from a numbered list, full or partial,
+see what it would undo, confirm."""
+
+from __future__ import annotations
+
+import sys
+
+from lib import advanced
+from lib.cli import Parser, epilog, run
+from lib.config import load_settings
+
+EXAMPLES = """
+Needs a terminal: it asks. The same work without questions:
+  python3 rollback_manager.py restore <id> [--yes]
+  python3 rollback_manager.py restore <id> --type partial [--yes]
+
+examples:
+  python3 advanced_rollback.py
+  ./setup_and_run.sh advanced       (menu option 8)
+"""
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="advanced_rollback.py", description=__doc__, epilog=epilog(EXAMPLES))
+    p.add_argument("--database-url", help="staging database URL (default: STAGING_DATABASE_URL)")
+    p.add_argument("--backup-dir", metavar="DIR", help="where points live (default: BACKUP_DIR or backups/)")
+    p.add_argument("--debug", action="store_true", help="log at debug level and show tracebacks on screen")
+    return p
+
+
+def action(args, ui) -> int:
+    settings = load_settings(staging_url=args.database_url, backup_dir=args.backup_dir)
+    advanced.run(settings, ui)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run("advanced_rollback", argv, build_parser, action)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""ROLLBACK_GUIDE.md cannot drift from the code: every flag of every script is in it,
+every message its troubleshooting table quotes is one the code prints, and its
+runnable examples run against the demo servers. The demo itself runs end to end."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+GUIDE = (ROOT / "ROLLBACK_GUIDE.md").read_text()
+SCRIPTS = [
+    "create_rollback_point",
+    "rollback_manager",
+    "quick_rollback",
+    "simple_rollback",
+    "reset_staging",
+    "run_migration",
+    "check_setup",
+    "advanced_rollback",
+    "demo",
+]
+SOURCE = "\n".join(p.read_text() for p in [*ROOT.glob("*.py"), *ROOT.glob("lib/**/*.py"), ROOT / "setup_and_run.sh"])
+
+
+def _flags(parser) -> set[str]:
+    found = set()
+    for action in parser._actions:
+        if action.help == "==SUPPRESS==":
+            continue
+        found |= {o for o in action.option_strings if o.startswith("--") and o != "--help"}
+        choices = getattr(action, "choices", None)
+        if isinstance(choices, dict):  # subcommands
+            for sub in choices.values():
+                found |= _flags(sub)
+    return found
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_flag_of_every_script_is_in_the_guide(script):
+    module = importlib.import_module(script)
+    missing = sorted(f for f in _flags(module.build_parser()) if not re.search(rf"(?<![\w-]){re.escape(f)}(?![\w-])", GUIDE))
+    assert not missing, f"{script}.py flags missing from ROLLBACK_GUIDE.md: {missing}"
+    assert f"{script}.py" in GUIDE
+
+
+def _troubleshooting_messages() -> list[str]:
+    section = GUIDE[GUIDE.index("## When things go wrong") :]
+    section = section[: section.index("\n## ", 3)]
+    return [m.group(1) for m in re.finditer(r"^\| `([^`]+)` \|", section, re.M)]
+
+
+def test_the_troubleshooting_table_quotes_messages_the_code_prints():
+    messages = _troubleshooting_messages()
+    assert len(messages) >= 15
+    for message in messages:
+        pieces = [p.strip() for p in message.split("…") if len(p.strip()) >= 6]
+        assert pieces, message
+        for piece in pieces:
+            assert piece in SOURCE, f"the guide quotes {piece!r}, which no script or lib module prints"
+
+
+def _runnable_blocks() -> list[str]:
+    return re.findall(r"<!-- runnable -->\n```bash\n(.*?)```", GUIDE, re.S)
+
+
+@pytest.fixture(scope="module")
+def demo_env():
+    env_file, had_env = ROOT / ".env", (ROOT / ".env").exists()
+    before = env_file.read_text() if had_env else None
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "STAGING_", "V2_", "BACKUP_DIR", "LOG_DIR"))}
+    env.pop("ROLLBACK_ENV_FILE", None)
+    runs = [
+        subprocess.run(
+            [str(ROOT / "setup_and_run.sh"), "demo"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            timeout=900,
+        )
+        for _ in range(2)  # running it twice works
+    ]
+    try:
+        yield env, runs, before
+    finally:
+        subprocess.run([str(ROOT / "setup_and_run.sh"), "demo", "--stop"], cwd=ROOT, env=env, capture_output=True, timeout=120)
+        if not had_env and env_file.exists():
+            env_file.unlink()
+
+
+def test_the_demo_runs_end_to_end_twice_and_leaves_env_alone(demo_env):
+    env, runs, before = demo_env
+    for run in runs:
+        assert run.returncode == 0, run.stderr[-3000:]
+        for step in (
+            "1. Check",
+            "2. Take a rollback point",
+            "4. The migration for real",
+            "5. Verification",
+            "6. The rollback points",
+            "7. The audit trail",
+        ):
+            assert step in run.stderr, step
+        assert "Staging is exactly as before" in run.stderr
+        assert "threshold breach" in run.stdout and "automatic rollback" in run.stdout
+        assert "Where things are" in run.stderr and "Try next" in run.stderr
+    assert "already running" in runs[1].stderr
+    if before is not None:
+        assert (ROOT / ".env").read_text() == before  # an existing .env is never overwritten
+    else:
+        assert "STAGING_DATABASE_URL" in (ROOT / ".env").read_text()
+
+
+def test_the_guides_runnable_examples_run_against_the_demo(demo_env):
+    env, runs, _ = demo_env
+    assert all(r.returncode == 0 for r in runs)
+    env = {**env, "ROLLBACK_ENV_FILE": str(ROOT / ".pgdata" / "demo.env")}
+    blocks = _runnable_blocks()
+    assert len(blocks) >= 4
+    ran = 0
+    for block in blocks:
+        for line in block.splitlines():
+            command, _, comment = line.partition("  #")
+            command = command.strip()
+            if not command or command.startswith("#"):
+                continue
+            expect = int(m.group(1)) if (m := re.search(r"exit (\d+)", comment)) else 0
+            newest = _newest_point(env)
+            argv = [sys.executable if w == "python3" else w for w in shlex.split(command.replace("<id>", newest))]
+            result = subprocess.run(
+                argv, cwd=ROOT, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600
+            )
+            assert result.returncode == expect, f"{command}: exit {result.returncode}\n{result.stderr[-2000:]}"
+            ran += 1
+    assert ran >= 10
+
+
+def _newest_point(env) -> str:
+    out = subprocess.run(
+        [sys.executable, "rollback_manager.py", "list", "--json"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    points = __import__("json").loads(out.stdout or "[]")
+    manual = [p["id"] for p in points if not p["id"].startswith("rb_before_rollback")]
+    return manual[-1] if manual else "no-point"
+
+
+def test_runnable_blocks_use_only_the_toolkit():
+    for block in _runnable_blocks():
+        for line in block.splitlines():
+            command = line.partition("  #")[0].strip()
+            if command and not command.startswith("#"):
+                assert command.startswith(("python3 ", "./setup_and_run.sh ")), command
+                assert Path(ROOT / shlex.split(command)[1]).exists() or command.startswith("./"), command
