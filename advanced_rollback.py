@@ -7,8 +7,7 @@ from __future__ import annotations
 import sys
 
 from lib import advanced
-from lib.cli import Parser, epilog, run
-from lib.config import load_settings
+from lib.cli import Parser, epilog, run, settings_from
 
 EXAMPLES = """
 Needs a terminal: it asks. The same work without questions:
@@ -30,7 +29,7 @@ def build_parser() -> Parser:
 
 
 def action(args, ui) -> int:
-    settings = load_settings(staging_url=args.database_url, backup_dir=args.backup_dir)
+    settings = settings_from(args)
     advanced.run(settings, ui)
     return 0
 

@@ -7,8 +7,7 @@ import sys
 
 from lib import render
 from lib.check import run_checks
-from lib.cli import Parser, common_flags, epilog, run
-from lib.config import load_settings
+from lib.cli import Parser, common_flags, epilog, run, settings_from
 
 EXAMPLES = """
 Reports, each with ok or how to fix it: both URLs (passwords masked), each server's
@@ -33,7 +32,7 @@ def build_parser() -> Parser:
 
 
 def action(args, ui) -> int:
-    settings = load_settings(staging_url=args.database_url, v2_url=args.v2_url, backup_dir=args.backup_dir)
+    settings = settings_from(args)
     findings = run_checks(settings)
     if args.json:
         ui.emit_json([f.as_dict() for f in findings])

@@ -7,8 +7,7 @@ import sys
 
 from lib import operations
 from lib.catalog import human_size
-from lib.cli import Parser, common_flags, epilog, run
-from lib.config import load_settings
+from lib.cli import Parser, common_flags, epilog, run, settings_from
 
 EXAMPLES = """
 methods:
@@ -36,6 +35,11 @@ def build_parser() -> Parser:
     p.add_argument("--method", choices=operations.METHODS, help="how to take it (default: ROLLBACK_METHOD or auto)")
     p.add_argument("--migration-id", help="the migration this point guards; also names the point id")
     p.add_argument("--table", action="append", metavar="TABLE", help="a data point of this table (repeatable)")
+    p.add_argument(
+        "--encrypt",
+        action="store_true",
+        help="write every file of the point in the age format, to the recipients in ROLLBACK_ENCRYPT_TO",
+    )
     p.add_argument("--keep", type=int, metavar="N", help="afterwards keep only the N newest points of this database")
     p.add_argument("--database-url", help="staging database URL (default: STAGING_DATABASE_URL)")
     common_flags(p)
@@ -46,7 +50,7 @@ DEFAULT_DESCRIPTION = "Manual rollback point"
 
 
 def action(args, ui) -> int:
-    settings = load_settings(staging_url=args.database_url, backup_dir=args.backup_dir)
+    settings = settings_from(args)
     description = args.description or DEFAULT_DESCRIPTION
     if args.description is None and not args.yes and not args.json and sys.stdin.isatty():
         description = ui.ask("Description", default=DEFAULT_DESCRIPTION, what="a description")

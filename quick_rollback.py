@@ -6,8 +6,7 @@ from __future__ import annotations
 import sys
 
 from lib import operations, render
-from lib.cli import Parser, common_flags, epilog, run
-from lib.config import load_settings
+from lib.cli import Parser, common_flags, epilog, run, settings_from
 from lib.reset import reset_staging
 
 EXAMPLES = """
@@ -38,7 +37,7 @@ def reset_from_v2(settings, ui, args) -> int:
 
 
 def action(args, ui) -> int:
-    settings = load_settings(staging_url=args.database_url, backup_dir=args.backup_dir)
+    settings = settings_from(args)
     if args.from_v2:
         return reset_from_v2(settings, ui, args)
     try:

@@ -6,8 +6,7 @@ from __future__ import annotations
 import sys
 
 from lib import render
-from lib.cli import Parser, common_flags, epilog, run
-from lib.config import load_settings
+from lib.cli import Parser, common_flags, epilog, run, settings_from
 from lib.errors import ConfigError
 from lib.reset import reset_staging
 
@@ -38,7 +37,7 @@ def build_parser() -> Parser:
 
 
 def action(args, ui) -> int:
-    settings = load_settings(staging_url=args.database_url, v2_url=args.v2_url, backup_dir=args.backup_dir)
+    settings = settings_from(args)
     if args.jobs is not None and args.jobs < 1:
         raise ConfigError("--jobs must be at least 1.")
     result = reset_staging(settings, ui, assume_yes=args.yes, jobs=args.jobs)

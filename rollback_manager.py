@@ -9,8 +9,7 @@ from pathlib import Path
 
 from lib import audit, operations, render
 from lib.api import MigrationBackup, MigrationTransaction, RollbackManager, RollbackType, Verification
-from lib.cli import Parser, common_flags, epilog, run
-from lib.config import load_settings
+from lib.cli import Parser, common_flags, epilog, run, settings_from
 from lib.errors import ConfigError
 
 # The Python API of seed 000: from rollback_manager import RollbackManager, MigrationTransaction, RollbackType
@@ -27,8 +26,9 @@ commands:
   diff ID                  what restoring ID would undo: rows added, deleted, changed per table
   backup TABLE             a data point of one table (--description TEXT)
   delete ID                remove one point, its database copy included
-  cleanup                  remove old points of staging: --keep N, --older-than DAYS, --dry-run;
-                           the newest point that verifies is never removed
+  cleanup                  remove what interrupted runs left (half-made points, temporary databases
+                           and files), and old points of staging: --keep N, --older-than DAYS;
+                           --dry-run; the newest point that verifies is never removed
   audit [--limit N]        the audit trail: points, restores, verifications, resets, migrations
 
 examples:
@@ -73,6 +73,7 @@ def build_parser() -> Parser:
     backup = sub.add_parser("backup", parents=[parent], help="a data point of one or more tables")
     backup.add_argument("tables", nargs="+", metavar="TABLE")
     backup.add_argument("--description", default=None, help="what this point is for")
+    backup.add_argument("--encrypt", action="store_true", help="age-encrypt the files, to ROLLBACK_ENCRYPT_TO")
     delete = sub.add_parser("delete", parents=[parent], help="remove one point and its database copy")
     delete.add_argument("point_id", metavar="ID")
     clean = sub.add_parser("cleanup", parents=[parent], help="remove old points of staging")
@@ -94,7 +95,7 @@ def split_leading_urls(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def action(args, ui) -> int:
-    settings = load_settings(staging_url=args.database_url, v2_url=args.v2_url, backup_dir=args.backup_dir)
+    settings = settings_from(args)
     if args.command == "list":
         points = operations.list_points(settings)
         if args.json:
@@ -143,7 +144,7 @@ def action(args, ui) -> int:
             ui.ok(f"Point {point.id} deleted")
         return 0
     if args.command == "cleanup":
-        removed, protected = operations.cleanup(
+        removed, protected, left = operations.cleanup(
             settings, ui, keep=args.keep, older_than_days=args.older_than, dry_run=args.dry_run, assume_yes=args.yes
         )
         if args.json:
@@ -151,6 +152,7 @@ def action(args, ui) -> int:
                 {
                     "dry_run": args.dry_run,
                     "removed": [p.id for p in removed],
+                    "leftovers": left,
                     "kept_newest_verified": protected.id if protected else None,
                 }
             )

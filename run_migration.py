@@ -7,8 +7,8 @@ import argparse
 import sys
 
 from lib import render, runner
-from lib.cli import Parser, common_flags, epilog, run
-from lib.config import PROJECT_ROOT, load_settings
+from lib.cli import Parser, common_flags, epilog, run, settings_from
+from lib.config import PROJECT_ROOT
 from lib.errors import ConfigError
 from lib.migrate import available, load
 from lib.operations import METHODS
@@ -91,7 +91,7 @@ def choose(ui) -> str:
 
 
 def action(args: argparse.Namespace, ui) -> int:
-    settings = load_settings(staging_url=args.database_url, v2_url=args.v2_url, backup_dir=args.backup_dir)
+    settings = settings_from(args)
     migration = load(args.migration or choose(ui))
     if args.rollback is not None:
         result = runner.rollback(settings, ui, migration, args.rollback or None, assume_yes=args.yes)

@@ -58,6 +58,7 @@ install_test_tools() {
   local missing=()
   [[ -x "/usr/lib/postgresql/${PG_TEST_MAJOR}/bin/postgres" ]] || missing+=("postgresql-${PG_TEST_MAJOR}")
   command -v shellcheck >/dev/null || missing+=(shellcheck)
+  command -v age >/dev/null || missing+=(age)
   [[ ${#missing[@]} -eq 0 ]] && return 0
   if [[ "$(id -u)" -ne 0 ]] || ! command -v apt-get >/dev/null; then
     die "the tests need ${missing[*]} from Debian: sudo apt-get install ${missing[*]}"

@@ -10,8 +10,7 @@ from __future__ import annotations
 import sys
 
 from lib import operations, render
-from lib.cli import Parser, common_flags, epilog, run
-from lib.config import load_settings
+from lib.cli import Parser, common_flags, epilog, run, settings_from
 
 EXAMPLES = """
 commands:
@@ -35,6 +34,7 @@ def build_parser() -> Parser:
     create = sub.add_parser("create", parents=[parent], help="take a data point")
     create.add_argument("description", nargs="?", default="Simple rollback point")
     create.add_argument("--table", action="append", metavar="TABLE", help="only this table (repeatable)")
+    create.add_argument("--encrypt", action="store_true", help="age-encrypt the files, to ROLLBACK_ENCRYPT_TO")
     sub.add_parser("list", parents=[parent], help="list data points")
     restore = sub.add_parser("restore", parents=[parent], help="restore a data point")
     restore.add_argument("point_id", nargs="?", metavar="ID")
@@ -42,7 +42,7 @@ def build_parser() -> Parser:
 
 
 def action(args, ui) -> int:
-    settings = load_settings(staging_url=args.database_url, backup_dir=args.backup_dir)
+    settings = settings_from(args)
     if args.command == "create":
         point, _ = operations.create_point(settings, ui, description=args.description, method="data", tables=args.table)
         if args.json:

@@ -81,9 +81,13 @@ class RollbackManager:
         backup_dir: str | Path | None = None,
         method: str | None = None,
         ui: UI | None = None,
+        confirm_database: str | None = None,
     ) -> None:
         self.settings: Settings = load_settings(
-            staging_url=database_url, v2_url=v2_url, backup_dir=str(backup_dir) if backup_dir else None
+            staging_url=database_url,
+            v2_url=v2_url,
+            backup_dir=str(backup_dir) if backup_dir else None,
+            confirm_database=confirm_database,
         )
         self.settings.staging()  # a missing or malformed URL fails here, not later
         self.method = method

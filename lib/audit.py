@@ -104,7 +104,7 @@ def audited(
     try:
         yield record
     except BaseException as exc:
-        record.entry["outcome"] = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        record.entry["outcome"] = "aborted" if isinstance(exc, KeyboardInterrupt) else "failed"
         record.entry["error"] = getattr(exc, "message", None) or str(exc) or type(exc).__name__
         raise
     else:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from .errors import CatalogError, ConfigError
+from .errors import CatalogError, ConfigError, VerificationError
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ class Catalog:
         self.root = Path(root)
         self.stale_ids: list[str] = []  # ids of creations found interrupted, for their databases
 
-    def ensure(self) -> Catalog:
+    def ensure(self, clean: bool = True) -> Catalog:
         """Create the folder (0700) and prove it writable, before any work starts."""
         try:
             make_private_dir(self.root)
@@ -161,12 +161,15 @@ class Catalog:
                 f"The backup folder {self.root} is not usable: {exc.strerror or exc}.",
                 "Make it writable for this user, or set BACKUP_DIR (or --backup-dir) to a folder that is.",
             ) from None
-        self.remove_stale_temporaries()
+        if clean:
+            self.remove_stale_temporaries()
         return self
 
-    def remove_stale_temporaries(self) -> None:
+    def remove_stale_temporaries(self, dry_run: bool = False) -> list[Path]:
+        """Folders of creations and deletions whose process is gone; returns them."""
+        found: list[Path] = []
         if not self.root.is_dir():
-            return
+            return found
         for entry in self.root.iterdir():
             if not entry.name.startswith(TMP_PREFIX) or not entry.is_dir():
                 continue
@@ -177,9 +180,12 @@ class Catalog:
             except (OSError, ValueError, KeyError):
                 alive = False
             if not alive:
-                log.info("removing %s, left by an interrupted creation", entry)
-                shutil.rmtree(entry, ignore_errors=True)
+                found.append(entry)
                 self.stale_ids.append(entry.name[len(TMP_PREFIX) :].removeprefix("deleting-"))
+                if not dry_run:
+                    log.info("removing %s, left by an interrupted creation", entry)
+                    shutil.rmtree(entry, ignore_errors=True)
+        return found
 
     # ---- ids -------------------------------------------------------------
 
@@ -211,6 +217,16 @@ class Catalog:
         writer = PointWriter(self, point_id, tmp)
         try:
             yield writer
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise CatalogError(
+                    f"The backup folder {self.root} ran out of space while point {point_id} was written "
+                    f"({exc.strerror}). The unfinished point was removed; older points are untouched.",
+                    "Free some space or set BACKUP_DIR to a larger disk; "
+                    "`python3 rollback_manager.py cleanup --keep N` removes old points.",
+                ) from None
+            raise
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -230,7 +246,10 @@ class Catalog:
             try:
                 data = json.loads(manifest.read_text())
             except FileNotFoundError:
-                continue
+                if not any(entry.iterdir()):
+                    continue
+                log.warning("point folder %s has no manifest", entry)
+                data = {"id": entry.name, "status": "manifest missing", "created_at": "1970-01-01T00:00:00+00:00"}
             except (OSError, ValueError) as exc:
                 log.warning("unreadable manifest %s: %s", manifest, exc)
                 data = {"id": entry.name, "status": "unreadable manifest", "created_at": "1970-01-01T00:00:00+00:00"}
@@ -288,6 +307,7 @@ class PointWriter:
             files.append({"name": path.name, "size": path.stat().st_size, "sha256": sha256_file(path)})
         manifest = dict(manifest)
         manifest.update(format=FORMAT_VERSION, id=self.id, files=files, status=STATUS_COMPLETED)
+        manifest["manifest_sha256"] = manifest_digest(manifest)
         staged = self.tmp / (MANIFEST + ".tmp")
         write_private_file(staged, json.dumps(manifest, indent=2, sort_keys=True).encode())
         os.rename(staged, self.tmp / MANIFEST)
@@ -300,18 +320,50 @@ class PointWriter:
         return Point(final, manifest)
 
 
+DAMAGED = ("manifest missing", "unreadable manifest")
+
+
+def refuse_damaged_manifest(point: Point) -> None:
+    if point.manifest.get("status") in DAMAGED:
+        raise VerificationError(
+            f"Point {point.id} cannot be trusted: its {MANIFEST} is {point.manifest['status'].split()[-1]}"
+            f" ({point.path / MANIFEST}). Nothing was changed.",
+            "Use another point (`python3 rollback_manager.py list`).",
+        )
+
+
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of the manifest's canonical JSON, its own digest left out: an edit shows."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def check_files(point: Point) -> list[str]:
-    """Every file's presence, size and sha256 against the manifest."""
+    """The manifest unedited; every file's presence, size and sha256 against it; no file
+    that it does not list."""
     problems = []
+    recorded = point.manifest.get("manifest_sha256")
+    if recorded is not None and recorded != manifest_digest(point.manifest):
+        problems.append(f"{point.path / MANIFEST} was edited after the point was taken (its own checksum does not match)")
+    listed = {entry["name"] for entry in point.manifest.get("files", [])}
+    if point.path.is_dir():
+        for extra in sorted(point.path.iterdir()):
+            if extra.name not in listed and extra.name != MANIFEST and not extra.name.startswith("."):
+                problems.append(f"{extra} is not part of the point (a file was added)")
     for entry in point.manifest.get("files", []):
         path = point.file_path(entry["name"])
         if not path.is_file():
-            problems.append(f"{path} is missing")
+            problems.append(f"{path} is {'not a readable file' if path.exists() else 'missing'}")
             continue
         size = path.stat().st_size
         if size != entry["size"]:
             problems.append(f"{path} is {size} bytes, the manifest says {entry['size']} (truncated or replaced)")
             continue
-        if sha256_file(path) != entry["sha256"]:
+        try:
+            digest = sha256_file(path)
+        except OSError as exc:
+            problems.append(f"{path} cannot be read ({exc.strerror or exc})")
+            continue
+        if digest != entry["sha256"]:
             problems.append(f"{path} does not match its sha256 checksum (corrupted)")
     return problems

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 
 from .catalog import make_private_dir, utc_now
-from .config import PROJECT_ROOT, load_settings, redact
+from .config import PROJECT_ROOT, load_settings, loose_password_file, redact
 from .console import UI
 from .errors import EXIT_CODES_HELP, ExitCode, RollbackError
 
@@ -69,6 +70,22 @@ def common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--yes", "-y", action="store_true", help="confirm destructive steps without asking")
     parser.add_argument("--debug", action="store_true", help="log at debug level and show tracebacks on screen")
     parser.add_argument("--backup-dir", metavar="DIR", help="where points live (default: BACKUP_DIR or backups/)")
+    parser.add_argument(
+        "--confirm-database",
+        metavar="NAME",
+        help="the staging database's name, typed ahead: needed with --yes for a database in PROTECTED_DATABASES",
+    )
+
+
+def settings_from(args: argparse.Namespace):
+    """Settings from the flags every script names alike, then the environment, then .env."""
+    return load_settings(
+        staging_url=getattr(args, "database_url", None),
+        v2_url=getattr(args, "v2_url", None),
+        backup_dir=getattr(args, "backup_dir", None),
+        confirm_database=getattr(args, "confirm_database", None),
+        encrypt=bool(getattr(args, "encrypt", False)),
+    )
 
 
 def epilog(examples: str) -> str:
@@ -82,6 +99,11 @@ def run(script: str, argv: list[str] | None, build_parser: Callable[[], argparse
     ui = UI(json_mode=getattr(args, "json", False))
     log_path = setup_logging(script, getattr(args, "debug", False))
     log.info("%s started: %s", script, redact(" ".join(sys.argv if argv is None else [script, *argv])))
+    previous_term = signal.signal(signal.SIGTERM, _stop_as_interrupt)  # kill: the same clean-up as Ctrl-C
+    loose = loose_password_file()
+    if loose:
+        ui.warn(loose)
+        log.warning("%s", loose)
     try:
         code = action(args, ui)
         return int(code if code is not None else ExitCode.DONE)
@@ -94,7 +116,7 @@ def run(script: str, argv: list[str] | None, build_parser: Callable[[], argparse
             ui.err.print(f"[dim]log: {log_path}[/]")
         return int(exc.exit_code)
     except KeyboardInterrupt:
-        log.error("%s interrupted", script)
+        log.error("%s aborted (Ctrl-C or SIGTERM)", script)
         ui.error("Interrupted. Anything half-built was removed; staging is as it was unless a message above says otherwise.")
         return int(ExitCode.INTERRUPTED)
     except Exception as exc:  # noqa: BLE001 - the last line of defence for people at 3 a.m.
@@ -106,3 +128,9 @@ def run(script: str, argv: list[str] | None, build_parser: Callable[[], argparse
         if getattr(args, "debug", False):
             ui.err.print(redact(traceback.format_exc()))
         return int(ExitCode.FAILED)
+    finally:
+        signal.signal(signal.SIGTERM, previous_term)
+
+
+def _stop_as_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt

@@ -32,6 +32,21 @@ _ENV_PARAMS = {
 }
 
 
+def loose_password_file() -> str | None:
+    """A warning when the password file libpq would read is open to others."""
+    path = Path(os.environ.get("PGPASSFILE") or Path.home() / ".pgpass").expanduser()
+    try:
+        mode = path.stat().st_mode & 0o777
+    except OSError:
+        return None
+    if mode & 0o077:
+        return (
+            f"{path} can be read by others (mode {mode:o}): libpq ignores such a file, and the passwords in it are "
+            f"exposed. Run: chmod 600 {path}"
+        )
+    return None
+
+
 def redact(text: str) -> str:
     """Blank out every known password and any password inside a URL."""
     for secret in sorted(_SECRETS, key=len, reverse=True):
@@ -160,6 +175,11 @@ class Settings:
     rollback_method: str = "auto"
     file_copy_method: str = "copy"
     rollback_spare: bool = True
+    protected_databases: tuple[str, ...] = ()  # PROTECTED_DATABASES: their name must be typed to change them
+    confirm_database: str | None = None  # --confirm-database: that name, typed ahead
+    encrypt_to: str | None = None  # ROLLBACK_ENCRYPT_TO: age recipients, or a file of them
+    decrypt_key_file: str | None = None  # ROLLBACK_DECRYPT_KEY_FILE: the age identity file
+    encrypt: bool = False  # --encrypt, or ROLLBACK_ENCRYPT_TO set: payload files in the age format
 
     def staging(self) -> ConnInfo:
         if not self.staging_url:
@@ -181,6 +201,8 @@ def load_settings(
     v2_url: str | None = None,
     backup_dir: str | None = None,
     env_file: Path | None = None,
+    confirm_database: str | None = None,
+    encrypt: bool = False,
 ) -> Settings:
     """flag > environment > .env > default."""
     dotenv_path = env_file or Path(os.environ.get("ROLLBACK_ENV_FILE", PROJECT_ROOT / ".env"))
@@ -214,4 +236,9 @@ def load_settings(
         rollback_method=(pick(None, "ROLLBACK_METHOD", "auto") or "auto").strip().lower(),
         file_copy_method=(pick(None, "FILE_COPY_METHOD", "copy") or "copy").strip().lower(),
         rollback_spare=(pick(None, "ROLLBACK_SPARE", "1") or "1").strip().lower() not in ("0", "false", "no", "off"),
+        protected_databases=tuple(n.strip() for n in (pick(None, "PROTECTED_DATABASES", "") or "").split(",") if n.strip()),
+        confirm_database=confirm_database,
+        encrypt_to=pick(None, "ROLLBACK_ENCRYPT_TO"),
+        decrypt_key_file=pick(None, "ROLLBACK_DECRYPT_KEY_FILE"),
+        encrypt=encrypt or bool(pick(None, "ROLLBACK_ENCRYPT_TO")),
     )

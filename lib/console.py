@@ -102,8 +102,26 @@ class UI:
             raise ConfirmationRefused(f"Cannot ask for {what}: there is no terminal to ask on.", "Give it on the command line.")
         return Prompt.ask(question, console=self.err, default=default, choices=choices, show_choices=bool(choices))
 
-    def confirm(self, question: str, *, assume_yes: bool, what: str) -> None:
-        """Ask; with --yes go ahead; with no terminal refuse before anything changes."""
+    def confirm(
+        self, question: str, *, assume_yes: bool, what: str, protected: str | None = None, typed: str | None = None
+    ) -> None:
+        """Ask; with --yes go ahead; with no terminal refuse before anything changes.
+
+        ``protected``: a database in PROTECTED_DATABASES, whose name must be typed (at the
+        prompt, or ahead with --confirm-database as ``typed``); --yes alone is not enough."""
+        if protected:
+            if typed == protected:
+                return
+            if not sys.stdin.isatty():
+                raise ConfirmationRefused(
+                    f"Refusing to {what}: {protected} is a protected database (PROTECTED_DATABASES), and --yes alone "
+                    "is not enough for it.",
+                    f"Type its name when asked on a terminal, or add --confirm-database {protected} (nothing has been changed).",
+                )
+            answer = Prompt.ask(f"{question} {protected} is protected: type its name to confirm", console=self.err)
+            if answer.strip() != protected:
+                raise ConfirmationRefused(f"The name typed is not {protected}; did not {what}.", "Nothing has been changed.")
+            return
         if assume_yes:
             return
         if not sys.stdin.isatty():

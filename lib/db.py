@@ -203,6 +203,24 @@ def sessions_on(conn, dbname: str) -> list[Session]:
     return [Session(*r) for r in rows]
 
 
+def refuse_prepared_transactions(conn, dbname: str, doing: str) -> None:
+    """A prepared transaction keeps a database busy for every copy, rename and drop, and
+    no session can be ended to free it: refuse before anything starts, naming each one."""
+    rows = query(
+        conn,
+        "SELECT gid, owner, to_char(prepared, 'YYYY-MM-DD HH24:MI:SS') FROM pg_prepared_xacts WHERE database = %s",
+        (dbname,),
+    )
+    if rows:
+        names = "; ".join(f"{gid!r} by {owner}, prepared {when}" for gid, owner, when in rows)
+        gid = rows[0][0]
+        raise DatabaseError(
+            f"Cannot {doing}: {dbname!r} has {len(rows)} prepared transaction(s), which keep it busy until they are "
+            f"committed or rolled back: {names}. Nothing was changed.",
+            f"Finish each on {dbname}, for example COMMIT PREPARED '{gid}'; or ROLLBACK PREPARED '{gid}'; then run the command again.",
+        )
+
+
 def terminate_sessions(conn, dbname: str, wait_seconds: float = 10.0) -> list[Session]:
     """Terminate every other session on ``dbname`` and wait until they are gone."""
     gone = sessions_on(conn, dbname)

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 from psycopg2 import sql
 
+from . import crypto
 from .catalog import Point
 from .console import UI
 from .db import connection, create_database_like, derived_name, drop_database, query
@@ -121,9 +122,10 @@ def copy_lines(conn, table: Table, cols: list[str], on_line) -> None:
 class PointSide:
     """Rows and columns of the point's tables, wherever the point keeps them."""
 
-    def __init__(self, point: Point, conn=None) -> None:
+    def __init__(self, point: Point, conn=None, settings=None) -> None:
         self.point = point
         self.conn = conn  # a connection to the point's data, for template and dump points
+        self.settings = settings  # for the key of an encrypted data point
 
     def tables(self) -> list[Table]:
         if self.conn is None:
@@ -148,7 +150,7 @@ class PointSide:
         stored = [c[0] for c in entry["columns"] if not c[2]]
         keep = [stored.index(c) for c in cols]
         whole = keep == list(range(len(stored)))
-        with gzip.open(self.point.file_path(entry["file"]), "rb") as fh:
+        with crypto.payload(self.point, entry["file"], self.settings) as raw, gzip.GzipFile(fileobj=raw, mode="rb") as fh:
             for raw in fh:
                 line = raw.rstrip(b"\n")
                 if not whole:
@@ -163,7 +165,7 @@ class PointSide:
 @contextmanager
 def point_side(target: Target, point: Point, ui: UI) -> Iterator[PointSide]:
     if point.method == "data":
-        yield PointSide(point)
+        yield PointSide(point, settings=target.settings)
         return
     if point.method == "template":
         with template_method.opened(target, point.manifest["template_database"]) as conn:

@@ -117,6 +117,7 @@ class LocalServer:
             f"unix_socket_directories = '{self.base_dir}'",
             "max_connections = 100",
             "shared_buffers = 128MB",
+            "max_prepared_transactions = 10",
         ]
         if self.fast:
             conf += ["fsync = off", "synchronous_commit = off", "full_page_writes = off"]

@@ -13,9 +13,9 @@ import re
 import socket
 from pathlib import Path
 
-from . import diff, partial, retention, spare
+from . import crypto, diff, leftovers, partial, retention, spare
 from .audit import audited
-from .catalog import Catalog, Point, check_files, sha256_file, utc_now
+from .catalog import Catalog, Point, check_files, refuse_damaged_manifest, sha256_file, utc_now
 from .config import Settings
 from .console import UI
 from .db import database_properties
@@ -25,7 +25,7 @@ from .methods import data as data_method
 from .methods import dump as dump_method
 from .methods import template as template_method
 from .restore import RestoreResult, check_point_usable, plan, restore_data, restore_in_place, restore_swap
-from .target import Target, open_target
+from .target import Target, confirm_change, open_target
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,14 @@ def default_method(settings: Settings) -> str:
 def choose_method(target: Target, requested: str) -> tuple[str, str]:
     """auto: a server-side copy where the role may create databases, a dump otherwise."""
     f = target.facts
+    if target.settings.encrypt and requested == "template":
+        raise ConfigError(
+            "A template point is a database on the server, which this toolkit cannot encrypt, and encryption was "
+            "asked for (--encrypt or ROLLBACK_ENCRYPT_TO). Nothing was written.",
+            "Use --method dump or --method data (or auto, which then takes a dump).",
+        )
+    if target.settings.encrypt and requested == "auto":
+        return "dump", "encryption asked for: a template point would be an unencrypted database copy"
     if requested == "template":
         return "template", "asked for"
     if requested in ("dump", "data"):
@@ -169,6 +177,7 @@ def verify_point(settings: Settings, ui: UI, point_id: str) -> dict:
     point = catalog.get(point_id)
     with audited(settings.log_dir, "verify", point.manifest.get("database", {}).get("url"), point.id) as record:
         result: dict = {"id": point.id, "method": point.method}
+        refuse_damaged_manifest(point)
         problems = check_files(point)
         if problems:
             raise VerificationError(
@@ -179,13 +188,16 @@ def verify_point(settings: Settings, ui: UI, point_id: str) -> dict:
         result["checksums"] = f"{files} file(s) match"
         if files:
             ui.ok(f"Checksums of {point.id} match ({files} file(s))")
+        if crypto.is_encrypted(point):
+            crypto.check_point_keys(point, settings)
+            result["encryption"] = "age; the key opens every file"
         if point.method == "dump":
             with ui.progress(f"Reading the archive of {point.id} end to end"):
                 result.update(dump_method.verify_archive(point, settings))
             ui.ok("Archive read end to end")
         elif point.method == "data":
             with ui.progress(f"Reading the data of {point.id} end to end"):
-                result.update(data_method.read_through(point))
+                result.update(data_method.read_through(point, settings))
             ui.ok("Every table file read end to end, row counts match")
         elif point.method == "template":
             with open_target(settings, check_v2=False) as target:
@@ -214,7 +226,7 @@ def restore_point(
                 ui.info("  What it undoes, per table:")
                 for line in diff.summary_for_confirmation(target, point, ui):
                     ui.info(f"    {line}")
-            ui.confirm("Go ahead?", assume_yes=assume_yes, what=f"restore {target.dbname}")
+            confirm_change(target, ui, "Go ahead?", assume_yes=assume_yes, what=f"restore {target.dbname}")
             if rplan.mode == "data":
                 result = restore_data(
                     target,
@@ -291,7 +303,7 @@ def partial_rollback(settings: Settings, ui: UI, point_id: str, *, tables: list[
                 )
                 for line in partial_plan.lines():
                     ui.info(f"  {line}")
-                ui.confirm("Delete them?", assume_yes=assume_yes, what="delete rows")
+                confirm_change(target, ui, "Delete them?", assume_yes=assume_yes, what="delete rows")
                 names = [data_method.quoted(t) for t in partial_plan.tables]
                 kept["point"] = _take(
                     target,
@@ -327,10 +339,18 @@ def delete_point(settings: Settings, ui: UI, point_id: str, *, assume_yes: bool)
 
 def cleanup(
     settings: Settings, ui: UI, *, keep: int | None, older_than_days: float | None, dry_run: bool, assume_yes: bool
-) -> tuple[list[Point], Point | None]:
-    catalog = Catalog(settings.backup_dir).ensure()
+) -> tuple[list[Point], Point | None, list[str]]:
+    """Old points by the retention asked for, and always what interrupted runs left."""
+    catalog = Catalog(settings.backup_dir).ensure(clean=False)
     with open_target(settings, check_v2=False) as target:
         with operation_lock(catalog.root, target.maint, target.facts.system_identifier, target.dbname, "cleanup"):
+            left = leftovers.remove(target, catalog, dry_run=dry_run)
+            for line in left:
+                ui.info(f"{'Would remove' if dry_run else 'Removed'} {line}")
+            if not left:
+                ui.info("Nothing left behind by interrupted runs.")
+            if keep is None and older_than_days is None:
+                return [], None, left
             cleanup_plan = retention.plan(target, catalog, keep=keep, older_than_days=older_than_days)
             if cleanup_plan.protected:
                 ui.info(f"Newest verified point, always kept: {cleanup_plan.protected.id}")
@@ -338,19 +358,19 @@ def cleanup(
             if manual and manual is not cleanup_plan.protected and manual.id != cleanup_plan.protected.id:
                 ui.info(f"Newest verified point quick_rollback.py would use, also kept: {manual.id}")
             if not cleanup_plan.remove:
-                ui.info("Nothing to remove.")
-                return [], cleanup_plan.protected
+                ui.info("No point to remove.")
+                return [], cleanup_plan.protected, left
             if dry_run:
                 retention.apply(target, catalog, ui, dry_run=True, cleanup=cleanup_plan)
-                return cleanup_plan.remove, cleanup_plan.protected
+                return cleanup_plan.remove, cleanup_plan.protected, left
             ui.info(f"{len(cleanup_plan.remove)} point(s) of {target.dbname} will be removed, database copies included:")
             for p in cleanup_plan.remove:
                 ui.info(f"  - {p.id} ({p.method}, {p.manifest.get('created_at', '?')[:19]})")
             ui.confirm("Remove them?", assume_yes=assume_yes, what="remove points")
             with audited(settings.log_dir, "cleanup", target.masked) as record:
                 removed = retention.apply(target, catalog, ui, cleanup=cleanup_plan)
-                record.set(removed=[p.id for p in removed])
-    return removed, cleanup_plan.protected
+                record.set(removed=[p.id for p in removed], leftovers=left)
+    return removed, cleanup_plan.protected, left
 
 
 class NoPointError(RollbackError):

@@ -190,13 +190,16 @@ def is_version_mismatch(stderr: str) -> bool:
     return any(p.search(stderr) for p in _MISMATCH_PATTERNS)
 
 
+TEMP_PREFIX = "rollback-"  # files and folders in the system's temporary folder: rollback-<what>-<pid>-...
+
+
 @contextmanager
 def passfile(info: ConnInfo) -> Iterator[Path | None]:
     """A 0600 passfile for one run; the password never reaches argv or the environment."""
     if info.password is None:
         yield None
         return
-    fd, name = tempfile.mkstemp(prefix="rollback-pgpass-")
+    fd, name = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}pgpass-{os.getpid()}-")
     try:
         os.fchmod(fd, 0o600)
         os.write(fd, passfile_line(info).encode())
@@ -220,8 +223,10 @@ def run_tool(
     on_tick: Callable[[float], None] | None = None,
     readonly: bool = False,
     options: str = "",
+    pass_fds: tuple[int, ...] = (),
 ) -> str:
-    """Run one tool; raise VersionMismatch or ToolError with masked argv and stderr."""
+    """Run one tool; raise VersionMismatch or ToolError with masked argv and stderr.
+    ``pass_fds``: pipes the tool reads or writes as /dev/fd/N (encrypted points)."""
     argv = [str(tool.path), *args]
     log.info("running: %s", redact(" ".join(argv)))
     with passfile(conn) if conn else _nothing() as pf:
@@ -232,7 +237,7 @@ def run_tool(
             env["PGOPTIONS"] = f"{env.get('PGOPTIONS', '')} {options}".strip()
         out_handle = open(stdout_path, "wb") if stdout_path else subprocess.PIPE  # noqa: SIM115
         try:
-            proc = subprocess.Popen(argv, stdin=stdin, stdout=out_handle, stderr=subprocess.PIPE, env=env)
+            proc = subprocess.Popen(argv, stdin=stdin, stdout=out_handle, stderr=subprocess.PIPE, env=env, pass_fds=pass_fds)
             stderr_chunks: list[bytes] = []
             reader = threading.Thread(target=lambda: stderr_chunks.append(proc.stderr.read()), daemon=True)
             reader.start()
@@ -254,6 +259,14 @@ def run_tool(
     stderr = redact(b"".join(stderr_chunks).decode(errors="replace"))
     if stderr.strip():
         log.info("%s stderr: %s", tool.name, stderr.strip())
+    if proc.returncode == 0 and "errors ignored on restore" in stderr:
+        raise ToolError(
+            f"{tool.name} {tool.major} reported errors it ignored ({_first_error_line(stderr) or 'errors ignored on restore'}): "
+            "a restore with ignored errors is incomplete, so it counts as failed",
+            argv=[redact(a) for a in argv],
+            returncode=proc.returncode,
+            stderr=stderr,
+        )
     if proc.returncode != 0:
         masked = [redact(a) for a in argv]
         first = _first_error_line(stderr) or f"exit code {proc.returncode}"
@@ -338,6 +351,7 @@ def run_pipeline(
     producer_readonly: bool = False,
     line_filter: Callable[[bytes], bool] | None = None,
     on_tick: Callable[[float], None] | None = None,
+    producer_stdin=subprocess.DEVNULL,
 ) -> None:
     """``producer | consumer``, e.g. pg_restore's SQL script into psql, or pg_dump from
     one server into pg_restore on another. With ``line_filter``, lines for which it
@@ -350,7 +364,7 @@ def run_pipeline(
         p_env = producer_conn.tool_env(ppf) if producer_conn else {k: v for k, v in os.environ.items() if not k.startswith("PG")}
         if producer_readonly:
             p_env["PGOPTIONS"] = (p_env.get("PGOPTIONS", "") + " -c default_transaction_read_only=on").strip()
-        prod = subprocess.Popen(p_argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=p_env)
+        prod = subprocess.Popen(p_argv, stdin=producer_stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=p_env)
         direct = line_filter is None
         cons = subprocess.Popen(
             c_argv,

@@ -19,7 +19,16 @@ from .audit import audited
 from .catalog import Catalog, human_size
 from .config import Settings
 from .console import UI
-from .db import connection, create_database_like, database_properties, query, scalar, sessions_on, snapshot_session
+from .db import (
+    connection,
+    create_database_like,
+    database_properties,
+    query,
+    refuse_prepared_transactions,
+    scalar,
+    sessions_on,
+    snapshot_session,
+)
 from .errors import ConfigError, VerificationError
 from .locking import operation_lock
 from .methods import data as data_method
@@ -27,7 +36,7 @@ from .methods.data import Table
 from .methods.dump import restore_script
 from .pgtools import candidates_for_archive, candidates_for_server, companion, run_pipeline, run_tool, try_each
 from .restore import RestoreResult, build_verify_swap
-from .target import Target, open_target
+from .target import Target, confirm_change, open_target
 from .verify import row_counts, sequence_positions
 
 log = logging.getLogger(__name__)
@@ -120,7 +129,7 @@ def _stream_then_index(
             producer_readonly=True,
         )
     with (
-        tempfile.TemporaryDirectory(prefix="rollback-reset-") as tmp,
+        tempfile.TemporaryDirectory(prefix=f"rollback-reset-{os.getpid()}-") as tmp,
         ui.progress(f"Building indexes and constraints with {jobs} worker(s)"),
     ):
         post = Path(tmp) / "post-data.dump"
@@ -197,11 +206,11 @@ def _run_units(target: Target, v2, dump_tool, restore_tool, units, aside: str, s
 def _dump_then_script(target: Target, v2, dump_tool, dump_args, restore_tool, aside: str) -> None:
     """pg_dump newer than staging's server: archive to a private temporary file, then
     its SQL script, filtered for the older server, into psql."""
-    with tempfile.TemporaryDirectory(prefix="rollback-reset-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"rollback-reset-{os.getpid()}-") as tmp:
         archive = Path(tmp) / "v2.dump"
         env_args = [*dump_args, f"--file={archive}"]
         run_tool(dump_tool, env_args, v2, readonly=True)
-        restore_script(target, restore_tool, archive, aside, single_transaction=False)
+        restore_script(target, restore_tool, [str(archive)], aside, single_transaction=False)
 
 
 def reset_staging(settings: Settings, ui: UI, *, assume_yes: bool, jobs: int | None = None) -> RestoreResult:
@@ -217,8 +226,11 @@ def reset_staging(settings: Settings, ui: UI, *, assume_yes: bool, jobs: int | N
             )
         with audited(settings.log_dir, "reset", target.masked) as record:
             with operation_lock(catalog.root, target.maint, f.system_identifier, target.dbname, "reset"):
+                refuse_prepared_transactions(target.maint, target.dbname, f"rebuild {target.dbname}")
                 ui.info(describe(target, v2, v2_major, v2_size))
-                ui.confirm("Rebuild staging from V2?", assume_yes=assume_yes, what=f"rebuild {target.dbname} from V2")
+                confirm_change(
+                    target, ui, "Rebuild staging from V2?", assume_yes=assume_yes, what=f"rebuild {target.dbname} from V2"
+                )
                 props = database_properties(target.maint, target.dbname).as_dict()
                 with snapshot_session(v2, application_name="rollback-toolkit v2 snapshot") as snap:
                     snapshot = query(snap, "SELECT pg_export_snapshot()")[0][0]

@@ -16,8 +16,8 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from . import spare
-from .catalog import Catalog, Point, check_files, utc_now
+from . import crypto, faults, spare
+from .catalog import Catalog, Point, check_files, refuse_damaged_manifest, utc_now
 from .console import UI
 from .db import (
     Session,
@@ -29,6 +29,7 @@ from .db import (
     derived_name,
     drop_database,
     execute,
+    refuse_prepared_transactions,
     rename_database,
     sessions_on,
     set_allow_connections,
@@ -104,6 +105,7 @@ class RestoreResult:
 def check_point_usable(target: Target, catalog: Catalog, point: Point) -> None:
     """Before anything is touched: the point is of this database, complete, and intact."""
     m = point.manifest
+    refuse_damaged_manifest(point)
     if m.get("status") != "completed":
         raise ConfigError(f"Point {point.id} is not complete (status: {m.get('status')}).", "Use another point.")
     if point.database_name != target.dbname:
@@ -128,6 +130,8 @@ def check_point_usable(target: Target, catalog: Catalog, point: Point) -> None:
             else "No earlier point of this database verifies; `python3 reset_staging.py` rebuilds staging from V2."
         )
         raise VerificationError(f"Point {point.id} failed its checksums: " + "; ".join(problems) + ". Nothing was changed.", hint)
+    crypto.check_point_keys(point, target.settings)  # a missing or wrong key: refused here, nothing touched
+    refuse_prepared_transactions(target.maint, target.dbname, f"restore {target.dbname}")
     if point.method == "template":
         same_server = m.get("database", {}).get("system_identifier") in (None, target.facts.system_identifier)
         if not same_server:
@@ -194,6 +198,7 @@ def swap_databases(target: Target, aside: str, before: str, attempts: int = 3) -
             try:
                 execute(maint, "BEGIN")
                 rename_database(maint, name, before)
+                faults.pause("between renames")
                 rename_database(maint, aside, name)
                 execute(maint, "COMMIT")
                 return time.monotonic() - started, ended

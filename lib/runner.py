@@ -29,7 +29,7 @@ from .migrate import (
     open_staging,
 )
 from .restore import RestoreResult
-from .target import open_target
+from .target import confirm_change, open_target
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 class Report:
     migration_id: str
     mode: str  # "dry run" | "production"
-    outcome: str = "running"  # dry run | succeeded | rolled back | failed | interrupted
+    outcome: str = "running"  # dry run | succeeded | rolled back | failed | aborted
     point_id: str | None = None
     tally: Tally = field(default_factory=Tally)
     threshold: float = 0.1
@@ -145,7 +145,7 @@ def dry_run(settings: Settings, ui: UI, migration: Migration, options: Options) 
         report.outcome = "failed"
         raise
     except KeyboardInterrupt:
-        report.outcome = "interrupted"
+        report.outcome = "aborted"
         raise
     except Exception as exc:
         report.outcome = "failed"
@@ -184,6 +184,8 @@ def production(
     started = time.monotonic()
     with open_target(settings) as target:
         database, dbname = target.masked, target.dbname
+        if dbname in settings.protected_databases:
+            confirm_change(target, ui, f"Run {migration.id} on {dbname}?", assume_yes=assume_yes, what=f"run {migration.id}")
     if no_rollback:
         ui.warn(
             f"--no-rollback: no rollback point of {dbname} is taken. If {migration.id} fails after a batch was committed, "
@@ -276,7 +278,7 @@ def _after_failure(
         )
     ui.error(f"{migration.id} stopped: {report.error}")
     ui.info(f"The open batch was rolled back. {committed} batch(es) had been committed.")
-    report.outcome = "interrupted" if interrupted else "failed"
+    report.outcome = "aborted" if interrupted else "failed"
     if committed == 0:
         report.notes.append("Nothing had been committed: rolling back the open transaction undid everything.")
         return
@@ -311,7 +313,7 @@ def _after_failure(
             f"Run `python3 rollback_manager.py restore {report.point_id}` once the cause is fixed, "
             "or `python3 quick_rollback.py --from-v2` as a last resort.",
         ) from exc
-    report.outcome = "interrupted" if interrupted else "rolled back"
+    report.outcome = "aborted" if interrupted else "rolled back"
     ui.ok(f"Staging is back at {report.point_id}, verified")
 
 

@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
 
 import psycopg2
 
 from .config import ConnInfo, Settings
-from .db import MAINTENANCE_DB, ServerFacts, connect, connection, scalar, server_facts, system_identifier
-from .errors import ConfigError, DatabaseError
+from .db import (
+    MAINTENANCE_DB,
+    ServerFacts,
+    advisory_lock_holder,
+    connect,
+    connection,
+    lock_key,
+    scalar,
+    server_facts,
+    set_allow_connections,
+    system_identifier,
+)
+from .errors import ConfigError, DatabaseError, LockHeld
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +52,16 @@ class Target:
         self.close()
 
 
+def confirm_change(target: Target, ui, question: str, *, assume_yes: bool, what: str) -> None:
+    """The confirmation before staging changes; a protected database's name must be typed.
+    Once typed, the rest of this run (an automatic rollback) does not ask again."""
+    settings = target.settings
+    protected = target.dbname if target.dbname in settings.protected_databases else None
+    ui.confirm(question, assume_yes=assume_yes, what=what, protected=protected, typed=settings.confirm_database)
+    if protected:
+        settings.confirm_database = protected
+
+
 def connect_maintenance(info: ConnInfo) -> psycopg2.extensions.connection:
     """An autocommit session outside staging, so staging can be renamed and emptied of sessions."""
     last: DatabaseError | None = None
@@ -61,12 +83,53 @@ def connect_maintenance(info: ConnInfo) -> psycopg2.extensions.connection:
 
 def open_target(settings: Settings, *, check_v2: bool = True) -> Target:
     info = settings.staging()
-    with connection(info, application_name="rollback-toolkit") as conn:
-        facts = server_facts(conn)
+    try:
+        with connection(info, application_name="rollback-toolkit") as conn:
+            facts = server_facts(conn)
+    except DatabaseError as exc:
+        if "not currently accepting connections" not in exc.message:
+            raise
+        reopen_after_interrupted_swap(info)
+        with connection(info, application_name="rollback-toolkit") as conn:
+            facts = server_facts(conn)
     if check_v2:
         guard_against_v2(settings, info, facts)
     maint = connect_maintenance(info)
     return Target(settings, info, maint, facts)
+
+
+def reopen_after_interrupted_swap(info: ConnInfo) -> None:
+    """Staging refuses connections only during a swap. When no operation holds its lock,
+    the run that disabled them was killed before it could allow them again: allow them."""
+    maint = connect_maintenance(info)
+    try:
+        key = lock_key(system_identifier(maint), info.dbname)
+        if not scalar(maint, "SELECT pg_try_advisory_lock(%s)", (key,)):
+            who = advisory_lock_holder(maint, key) or "another session"
+            raise LockHeld(
+                f"Database {info.dbname!r} refuses connections because an operation is swapping it right now ({who}).",
+                "Wait a few seconds for it to finish, then run the command again.",
+            )
+        try:
+            comment = scalar(
+                maint,
+                "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s AND NOT datallowconn",
+                (info.dbname,),
+            )
+            if comment and comment.startswith("rollback point "):
+                raise ConfigError(
+                    f"Database {info.dbname!r} is a rollback point's copy ({comment.split(':')[0]}), sealed on purpose.",
+                    "Point STAGING_DATABASE_URL at the staging database itself.",
+                )
+            set_allow_connections(maint, info.dbname, True)
+        finally:
+            scalar(maint, "SELECT pg_advisory_unlock(%s)", (key,))
+        log.warning("%s was left refusing connections by an interrupted swap; connections allowed again", info.dbname)
+        sys.stderr.write(
+            f"warning: {info.dbname} was left refusing connections by an interrupted restore; connections are allowed again.\n"
+        )
+    finally:
+        maint.close()
 
 
 def guard_against_v2(settings: Settings, staging: ConnInfo, facts: ServerFacts) -> None:

@@ -294,7 +294,7 @@ def migrate(ctx):
     assert "Staging is back at" in err
     assert state(mig18) == before
     end = [e for e in audit_events(mig18) if e["event"] == "migration end"][-1]
-    assert end["outcome"] == "interrupted"
+    assert end["outcome"] == "aborted"
 
 
 def test_a_broken_migration_file_is_a_clear_error(mig18, tmp_path):

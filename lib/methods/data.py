@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import psycopg2
 from psycopg2 import sql
 
+from .. import crypto, faults
 from ..catalog import Catalog, Point, human_size, utc_now
 from ..console import UI
 from ..db import connection, database_properties, query, snapshot_session
@@ -146,8 +147,8 @@ def all_sequences(conn) -> list[Table]:
 class _CountingGzip:
     """A file-like sink for copy_expert: gzip on disk, rows counted on the way."""
 
-    def __init__(self, path) -> None:
-        self.handle = gzip.open(path, "wb", compresslevel=COMPRESS_LEVEL)  # noqa: SIM115 - closed by close()
+    def __init__(self, stream) -> None:
+        self.handle = gzip.GzipFile(fileobj=stream, mode="wb", compresslevel=COMPRESS_LEVEL)
         self.rows = 0
 
     def write(self, data) -> int:
@@ -172,6 +173,7 @@ def take(
     base_manifest: dict,
     tables: list[str] | None = None,
 ) -> Point:
+    to = crypto.recipients(target.settings) if target.settings.encrypt else None  # refused before anything is written
     check_free_space(catalog.root, target.facts.database_size)
     started = utc_now()
     with snapshot_session(target.info, application_name="rollback-toolkit data point") as conn:
@@ -186,19 +188,22 @@ def take(
             total = len(chosen)
             with ui.progress(f"Copying {total} table(s) of {target.dbname}") as tick:
                 for n, table in enumerate(chosen, start=1):
+                    faults.pause("data copy")
                     cols = columns(conn, table)
-                    filename = f"table_{n:04d}.copy.gz"
-                    sink = _CountingGzip(writer.new_file(filename))
-                    try:
-                        with conn.cursor() as cur:
-                            cur.copy_expert(
-                                sql.SQL("COPY (SELECT {} FROM ONLY {}) TO STDOUT")
-                                .format(copy_columns(cols), table.ident())
-                                .as_string(conn),
-                                sink,
-                            )
-                    finally:
-                        sink.close()
+                    filename = f"table_{n:04d}.copy.gz" + (crypto.SUFFIX if to else "")
+                    path = writer.new_file(filename)
+                    with crypto.encrypting(path, to) if to else open(path, "wb") as stream:
+                        sink = _CountingGzip(stream)
+                        try:
+                            with conn.cursor() as cur:
+                                cur.copy_expert(
+                                    sql.SQL("COPY (SELECT {} FROM ONLY {}) TO STDOUT")
+                                    .format(copy_columns(cols), table.ident())
+                                    .as_string(conn),
+                                    sink,
+                                )
+                        finally:
+                            sink.close()
                     entries.append(
                         {"schema": table.schema, "name": table.name, "file": filename, "rows": sink.rows, "columns": cols}
                     )
@@ -218,6 +223,7 @@ def take(
                 database=database_section(target, props),
                 tables=entries,
                 fingerprint={"row_counts": counts, "sequences": positions, "schema_objects": len(lines)},
+                encryption=crypto.manifest_section() if to else None,
                 duration_seconds=round((utc_now() - started).total_seconds(), 3),
             )
             point = writer.commit(manifest)
@@ -225,13 +231,13 @@ def take(
     return point
 
 
-def read_through(point: Point) -> dict:
-    """Decompress every file and count its rows against the manifest."""
+def read_through(point: Point, settings) -> dict:
+    """Decompress (and decrypt) every file and count its rows against the manifest."""
     counted = {}
     for entry in point.manifest.get("tables", []):
         path = point.file_path(entry["file"])
         try:
-            with gzip.open(path, "rb") as fh:
+            with crypto.payload(point, entry["file"], settings) as raw, gzip.GzipFile(fileobj=raw, mode="rb") as fh:
                 rows = sum(block.count(b"\n") for block in iter(lambda: fh.read(1 << 20), b""))
         except (OSError, EOFError) as exc:
             raise VerificationError(f"{path} cannot be read: {exc}.", "Use an earlier point.") from None
@@ -338,7 +344,11 @@ def restore_in_transaction(target: Target, point: Point, ui: UI) -> str:
             by_key = {f"{e['schema']}.{e['name']}": e for e in point.manifest["tables"]}
             for n, table in enumerate(ordered, start=1):
                 entry = by_key[table.key]
-                with gzip.open(point.file_path(entry["file"]), "rb") as fh, conn.cursor() as cur:
+                with (
+                    crypto.payload(point, entry["file"], target.settings) as raw,
+                    gzip.GzipFile(fileobj=raw, mode="rb") as fh,
+                    conn.cursor() as cur,
+                ):
                     cur.copy_expert(
                         sql.SQL("COPY {} ({}) FROM STDIN").format(table.ident(), copy_columns(entry["columns"])).as_string(conn),
                         fh,

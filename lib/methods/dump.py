@@ -6,8 +6,12 @@ from __future__ import annotations
 import logging
 import re
 import shutil
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
+from .. import crypto
 from ..catalog import Catalog, Point, human_size, utc_now, write_private_file
 from ..console import UI
 from ..db import connection, database_properties, query, snapshot_session
@@ -64,21 +68,37 @@ def take(
     label: str,
     base_manifest: dict,
 ) -> Point:
+    to = crypto.recipients(target.settings) if target.settings.encrypt else None  # refused before anything is written
     check_free_space(catalog.root, target.facts.database_size)
     candidates = candidates_for_server("pg_dump", target.facts.major, target.settings)
     started = utc_now()
+    name = ARCHIVE_NAME + (crypto.SUFFIX if to else "")
     with snapshot_session(target.info, application_name="rollback-toolkit snapshot") as snap_conn:
         snapshot = query(snap_conn, "SELECT pg_export_snapshot()")[0][0]
         with catalog.writing(label) as writer:
-            archive = writer.new_file(ARCHIVE_NAME)
-            with ui.progress(f"Dumping {target.dbname} ({human_size(target.facts.database_size)})") as tick:
+            archive = writer.new_file(name)
+            with (
+                ui.progress(f"Dumping {target.dbname} ({human_size(target.facts.database_size)})") as tick,
+                crypto.encrypting(archive, to) if to else nullcontext() as sink,
+            ):
+                fds = (sink.fileno(),) if sink else ()
                 tool, _ = run_with_fallback(
                     candidates,
-                    lambda t: ["--format=custom", f"--snapshot={snapshot}", f"--file={archive}", *target.info.tool_args()],
+                    lambda t: [
+                        "--format=custom",
+                        f"--snapshot={snapshot}",
+                        *([f"--file=/dev/fd/{fds[0]}", "--no-sync"] if fds else [f"--file={archive}"]),  # we fsync the file
+                        *target.info.tool_args(),
+                    ],
                     target.info,
-                    on_tick=lambda _e: tick(f"{human_size(archive.stat().st_size)} written"),
+                    on_tick=lambda _e: tick(f"{human_size(archive.stat().st_size if archive.exists() else 0)} written"),
+                    pass_fds=fds,
                 )
-            ui.step(f"Archive written by {tool.path} ({tool.version}); counting rows in the same snapshot")
+            ui.step(
+                f"Archive written by {tool.path} ({tool.version})"
+                + (", encrypted with age" if to else "")
+                + "; counting rows in the same snapshot"
+            )
             fp = fingerprint(snap_conn)
             props = database_properties(snap_conn, target.dbname).as_dict()
             manifest = dict(base_manifest)
@@ -87,12 +107,26 @@ def take(
                 method="dump",
                 database=database_section(target, props),
                 tool={"name": tool.name, "path": str(tool.path), "major": tool.major, "version": tool.version},
-                archive=ARCHIVE_NAME,
+                archive=name,
+                encryption=crypto.manifest_section() if to else None,
                 fingerprint=fp.as_dict(),
                 duration_seconds=round((utc_now() - started).total_seconds(), 3),
             )
             point = writer.commit(manifest)
     return point
+
+
+@contextmanager
+def archive_source(point: Point, settings) -> Iterator[tuple[list[str], int]]:
+    """The archive as pg_restore reads it: (arguments, stdin). Its path; or for an
+    encrypted point no path and, on stdin, a pipe of its plaintext decrypted as
+    pg_restore reads (pg_restore reads a custom archive from stdin in one pass)."""
+    archive = point.file_path(point.manifest.get("archive", ARCHIVE_NAME))
+    if not crypto.is_encrypted(point):
+        yield [str(archive)], subprocess.DEVNULL
+        return
+    with crypto.decrypting(archive, crypto.identities(settings, point.id), point.id) as plain:
+        yield [], plain.fileno()
 
 
 def restore_candidates(point: Point, target: Target) -> list[Tool]:
@@ -102,7 +136,6 @@ def restore_candidates(point: Point, target: Target) -> list[Tool]:
 
 def restore_into(target: Target, point: Point, dbname: str, ui: UI) -> Tool:
     """pg_restore --exit-on-error into an existing empty database."""
-    archive = point.file_path(point.manifest.get("archive", ARCHIVE_NAME))
     jobs = target.settings.restore_jobs
 
     def attempt(tool: Tool) -> None:
@@ -113,17 +146,19 @@ def restore_into(target: Target, point: Point, dbname: str, ui: UI) -> Tool:
             )
         else:
             ui.step(f"Restoring with {tool.describe()}")
-        with ui.progress(f"Restoring {point.id} into {dbname}") as tick:
+        with ui.progress(f"Restoring {point.id} into {dbname}") as tick, archive_source(point, target.settings) as (src, stdin):
             if tool.major > target.facts.major:
                 # A newer pg_restore writes settings an older server rejects; go through
                 # its SQL script, filtered, into psql, stopping at the first error.
-                restore_script(target, tool, archive, dbname, single_transaction=False, on_tick=lambda _e: tick())
+                restore_script(target, tool, src, dbname, single_transaction=False, on_tick=lambda _e: tick(), stdin=stdin)
             else:
+                parallel = [f"--jobs={jobs}"] if src else []  # a pipe cannot be read in parallel
                 run_tool(
                     tool,
-                    ["--exit-on-error", f"--jobs={jobs}", *target.info.tool_args(dbname), str(archive)],
+                    ["--exit-on-error", *parallel, *target.info.tool_args(dbname), *src],
                     target.info,
                     on_tick=lambda _e: tick(),
+                    stdin=stdin,
                 )
 
     tool, _ = try_each(restore_candidates(point, target), attempt)
@@ -133,12 +168,13 @@ def restore_into(target: Target, point: Point, dbname: str, ui: UI) -> Tool:
 def restore_script(
     target: Target,
     tool: Tool,
-    archive: Path,
+    archive: list[str],
     dbname: str,
     *,
     single_transaction: bool,
     prelude: Path | None = None,
     on_tick=None,
+    stdin=subprocess.DEVNULL,
 ) -> None:
     """``pg_restore --file=-`` piped into psql with ON_ERROR_STOP, filtered for the server."""
     psql = companion(tool, "psql", target.settings)
@@ -155,17 +191,28 @@ def restore_script(
         *target.info.tool_args(dbname),
     ]
     line_filter = UnknownSettingsFilter(known)
-    run_pipeline(tool, ["--file=-", str(archive)], psql, consumer_args, target.info, line_filter=line_filter, on_tick=on_tick)
+    run_pipeline(
+        tool,
+        ["--file=-", *archive],
+        psql,
+        consumer_args,
+        target.info,
+        line_filter=line_filter,
+        on_tick=on_tick,
+        producer_stdin=stdin,
+    )
     if line_filter.dropped:
         log.info("left out settings unknown to PostgreSQL %s: %s", target.facts.major, sorted(set(line_filter.dropped)))
 
 
-def read_through(archive: Path, writer_major: int | None, settings) -> Tool:
-    """Read every block of the archive (decompressing it) without touching a database."""
-    tool, _ = run_with_fallback(
-        candidates_for_archive("pg_restore", writer_major, settings),
-        lambda t: ["--file=/dev/null", str(archive)],
-    )
+def read_through(point: Point, settings) -> Tool:
+    """Read every block of the archive (decompressing, and decrypting, it) without touching a database."""
+
+    def attempt(tool: Tool) -> None:
+        with archive_source(point, settings) as (src, stdin):
+            run_tool(tool, ["--file=/dev/null", *src], stdin=stdin)
+
+    tool, _ = try_each(candidates_for_archive("pg_restore", (point.manifest.get("tool") or {}).get("major"), settings), attempt)
     return tool
 
 
@@ -225,17 +272,25 @@ COMMENT ON SCHEMA public IS 'standard public schema';
 
 def restore_in_place(target: Target, point: Point, ui: UI) -> Tool:
     """Empty staging and restore the point in one transaction: all of it commits or none."""
-    archive = point.file_path(point.manifest.get("archive", ARCHIVE_NAME))
     clear = point.path.parent / f".clear-{point.id}.sql"
     write_private_file(clear, _clear_sql(target.facts.major).encode())
     try:
         with ui.progress(f"Restoring {point.id} into {target.dbname} in one transaction") as tick:
-            tool, _ = try_each(
-                restore_candidates(point, target),
-                lambda t: restore_script(
-                    target, t, archive, target.dbname, single_transaction=True, prelude=clear, on_tick=lambda _e: tick()
-                ),
-            )
+
+            def attempt(t: Tool) -> None:
+                with archive_source(point, target.settings) as (src, stdin):
+                    restore_script(
+                        target,
+                        t,
+                        src,
+                        target.dbname,
+                        single_transaction=True,
+                        prelude=clear,
+                        on_tick=lambda _e: tick(),
+                        stdin=stdin,
+                    )
+
+            tool, _ = try_each(restore_candidates(point, target), attempt)
     finally:
         clear.unlink(missing_ok=True)
     return tool
@@ -244,7 +299,7 @@ def restore_in_place(target: Target, point: Point, ui: UI) -> Tool:
 def verify_archive(point: Point, settings) -> dict:
     archive = point.file_path(point.manifest.get("archive", ARCHIVE_NAME))
     try:
-        tool = read_through(archive, (point.manifest.get("tool") or {}).get("major"), settings)
+        tool = read_through(point, settings)
     except ToolError as exc:
         raise VerificationError(
             f"The archive {archive} could not be read end to end: {exc.message}",

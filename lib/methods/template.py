@@ -20,6 +20,7 @@ from ..db import (
     drop_database,
     execute,
     query,
+    refuse_prepared_transactions,
     sessions_on,
     set_allow_connections,
     terminate_sessions,
@@ -141,6 +142,7 @@ def preflight(target: Target, ui: UI, *, assume_yes: bool) -> None:
         )
     if invalid:
         ui.warn("Invalid databases on this server (left by interrupted drops; never used as sources): " + ", ".join(invalid))
+    refuse_prepared_transactions(target.maint, target.dbname, "copy it")
     ui.info(f"  The copy needs about {human_size(f.database_size)} of free space on the server.")
     sessions = sessions_on(target.maint, target.dbname)
     if sessions:

@@ -1,0 +1,61 @@
+"""What interrupted runs left behind (kill -9, a power cut): half-written point
+folders, the databases a killed restore, diff or template copy was building, and
+private temporary files. Only what no live run can still be using is touched:
+folders and files by the liveness of the process that made them, databases of
+staging while holding its operation lock (no other operation on it is running)."""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from .catalog import Catalog, _pid_alive
+from .db import database_exists, derived_name, drop_database
+from .diff import DIFF_SUFFIX
+from .methods import template as template_method
+from .pgtools import TEMP_PREFIX
+from .restore import ASIDE_SUFFIX
+from .target import Target
+
+log = logging.getLogger(__name__)
+
+_TEMP_NAME = re.compile(rf"^{re.escape(TEMP_PREFIX)}(pgpass|reset)-(\d+)-")
+
+
+def temporary_files(dry_run: bool) -> list[str]:
+    """Passfiles and V2 dump folders in the system's temporary folder whose process is gone."""
+    found = []
+    for entry in Path(tempfile.gettempdir()).glob(f"{TEMP_PREFIX}*"):
+        m = _TEMP_NAME.match(entry.name)
+        if not m or _pid_alive(int(m.group(2))):
+            continue
+        found.append(f"temporary {'folder' if entry.is_dir() else 'file'} {entry}")
+        if not dry_run:
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+    return found
+
+
+def remove(target: Target, catalog: Catalog, *, dry_run: bool) -> list[str]:
+    """Call with staging's operation lock held. Returns what was (or would be) removed."""
+    found = [f"unfinished point folder {p}" for p in catalog.remove_stale_temporaries(dry_run=dry_run)]
+    for name in [derived_name(target.dbname, ASIDE_SUFFIX), derived_name(target.dbname, DIFF_SUFFIX)]:
+        if database_exists(target.maint, name):
+            found.append(f"database {name}, left by an interrupted restore, reset or diff")
+            if not dry_run:
+                drop_database(target.maint, name)
+    for point_id in catalog.stale_ids:
+        name = derived_name(point_id, "")
+        if template_method.database_state(target.maint, name) is not None:
+            found.append(f"database {name}, the copy of a point whose creation was interrupted")
+            if not dry_run:
+                drop_database(target.maint, name)
+    found += temporary_files(dry_run)
+    for line in found:
+        log.info("%s %s", "would remove" if dry_run else "removed", line)
+    return found

@@ -1,0 +1,103 @@
+"""Helpers of the fault suite: slow client tools to stop a run at a known place,
+waiting, killing, and looking for what a broken run left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.helpers import write_tool_wrapper
+
+TOOLS = ("pg_dump", "pg_restore", "psql")
+
+
+def slow_tools(folder: Path, bin_dir: Path, slow: str, marker: Path, seconds: int = 60) -> dict:
+    """PG_BIN_DIR holding only wrappers of the real tools; ``slow`` writes its pid to
+    ``marker`` and sleeps before running. Returns the environment to add."""
+    for name in TOOLS:
+        body = f'echo $$ > "{marker}"; sleep {seconds}; exec "$REAL" "$@"' if name == slow else 'exec "$REAL" "$@"'
+        write_tool_wrapper(folder, name, bin_dir / name, body)
+    return {"PG_BIN_DIR": str(folder), "PG_BIN_DIR_ONLY": "1"}
+
+
+def start(staging, script: str, *args: str, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / script), *args],
+        env={**staging.env, **(env or {})},
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for(condition, proc: subprocess.Popen | None = None, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc is not None and proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"the run ended (exit {proc.returncode}) before the fault could be injected:\n{err[-3000:]}")
+        assert time.monotonic() < deadline, "timed out waiting for the run to reach the fault"
+        time.sleep(0.05)
+
+
+def kill_9(proc: subprocess.Popen, marker: Path | None = None) -> None:
+    """kill -9 of the tool itself; a wrapper it left sleeping is stopped too."""
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    if marker is not None and marker.exists():
+        try:
+            os.kill(int(marker.read_text().strip()), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
+
+
+def interrupt(proc: subprocess.Popen) -> tuple[str, str]:
+    proc.send_signal(signal.SIGINT)
+    return proc.communicate(timeout=120)
+
+
+def databases(staging) -> set[str]:
+    return set(_query(staging, "SELECT datname FROM pg_database"))
+
+
+def _query(staging, statement: str, params=None) -> list:
+    conn = staging.server.connect()
+    try:
+        with conn.cursor() as cur:
+            cur.execute(statement, params)
+            return [r[0] for r in cur.fetchall()]
+    finally:
+        conn.close()
+
+
+def leftovers(staging) -> list[str]:
+    """Temporary databases of this staging, and unfinished point folders."""
+    found = [d for d in _query(staging, "SELECT datname FROM pg_database") if d.startswith(f"{staging.name}_rb_")]
+    if staging.backup_dir.is_dir():
+        found += [p.name for p in staging.backup_dir.iterdir() if p.name.startswith(".tmp-")]
+    return found
+
+
+def points(staging) -> list[str]:
+    result = staging.run("rollback_manager.py", "list", "--json")
+    assert result.returncode == 0, result.stderr
+    return [p["id"] for p in json.loads(result.stdout)]
+
+
+def last_audit(staging) -> dict:
+    return json.loads((staging.log_dir / "rollback_audit.jsonl").read_text().splitlines()[-1])
+
+
+@pytest.fixture
+def staging18(pg18, new_staging):
+    return new_staging(pg18)

@@ -1,0 +1,95 @@
+"""kill -9 of the tool in the middle of its work: staging is wholly old or wholly new,
+no listed point is half-made, and the next run cleans up and succeeds."""
+
+from __future__ import annotations
+
+from tests.faults.conftest import databases, kill_9, leftovers, points, slow_tools, start, wait_for
+from tests.helpers import deep_state
+
+
+def test_kill_9_during_create(staging18, tmp_path):
+    """Fault: kill -9 while pg_dump writes the point. Injected: a pg_dump wrapper that
+    pauses before dumping. Holds: no point listed; the next create removes the
+    unfinished folder and succeeds."""
+    s = staging18
+    marker = tmp_path / "paused"
+    proc = start(s, "create_rollback_point.py", "killed", env=slow_tools(tmp_path / "bin", s.server.bin_dir, "pg_dump", marker))
+    wait_for(marker.exists, proc)
+    kill_9(proc, marker)
+    assert points(s) == []
+    assert any(name.startswith(".tmp-") for name in leftovers(s))  # what the killed run left
+    point_id = s.create_point("after the kill")
+    assert points(s) == [point_id]
+    assert leftovers(s) == []
+
+
+def test_kill_9_during_restore(staging18, tmp_path):
+    """Fault: kill -9 while the point is rebuilt beside staging. Injected: a pg_restore
+    wrapper that pauses. Holds: staging is wholly the old state; the next restore drops
+    the half-built copy and succeeds."""
+    s = staging18
+    point_id = s.create_point("good")
+    at_point = deep_state(s.server, s.name)
+    s.sql("DELETE FROM documents; UPDATE customers SET name = 'migrated'")
+    migrated = deep_state(s.server, s.name)
+    marker = tmp_path / "paused"
+    proc = start(s, "rollback_manager.py", "restore", point_id, "--yes", env=slow_tools(tmp_path / "bin", s.server.bin_dir, "pg_restore", marker))
+    wait_for(marker.exists, proc)
+    kill_9(proc, marker)
+    assert f"{s.name}_rb_restoring" in databases(s)
+    assert deep_state(s.server, s.name) == migrated
+    result = s.run("rollback_manager.py", "restore", point_id, "--yes")
+    assert result.returncode == 0, result.stderr
+    assert deep_state(s.server, s.name) == at_point
+    assert leftovers(s) == []
+
+
+def test_kill_9_during_reset(pg18, new_staging, tmp_path):
+    """Fault: kill -9 while staging is rebuilt from V2. Injected: a pg_dump wrapper that
+    pauses. Holds: staging is wholly the old state; the next reset succeeds."""
+    v2 = new_staging(pg18, "v2")
+    v2.sql("CREATE TABLE only_in_v2 (id int PRIMARY KEY); INSERT INTO only_in_v2 SELECT generate_series(1, 10)")
+    s = new_staging(pg18)
+    before = deep_state(s.server, s.name)
+    marker = tmp_path / "paused"
+    env = {"V2_DATABASE_URL": v2.url, **slow_tools(tmp_path / "bin", s.server.bin_dir, "pg_dump", marker)}
+    proc = start(s, "reset_staging.py", "--yes", env=env)
+    wait_for(marker.exists, proc)
+    kill_9(proc, marker)
+    assert deep_state(s.server, s.name) == before
+    result = s.run("reset_staging.py", "--yes", env={"V2_DATABASE_URL": v2.url})
+    assert result.returncode == 0, result.stderr
+    assert s.sql("SELECT count(*) FROM only_in_v2")[0][0] == 10
+    assert leftovers(s) == []
+
+
+def test_kill_9_between_the_two_renames_of_a_swap(staging18, tmp_path):
+    """Fault: kill -9 after staging was renamed away and before the copy took its name.
+    Injected: ROLLBACK_FAULT_PAUSE='between renames' stops the run inside the swap's
+    transaction. Holds: the server rolls the transaction back, so staging keeps its name
+    and its old state; the next run allows connections again and the restore succeeds."""
+    s = staging18
+    point_id = s.create_point("good")
+    at_point = deep_state(s.server, s.name)
+    s.sql("DELETE FROM documents")
+    migrated = deep_state(s.server, s.name)
+    ready = tmp_path / "ready"
+    proc = start(
+        s,
+        "rollback_manager.py",
+        "restore",
+        point_id,
+        "--yes",
+        env={"ROLLBACK_FAULT_PAUSE": "between renames", "ROLLBACK_FAULT_READY": str(ready)},
+    )
+    wait_for(ready.exists, proc)
+    kill_9(proc)
+    wait_for(lambda: s.name in databases(s) and not any(d.startswith("rb_before_rollback") for d in databases(s)))
+    listing = s.run("rollback_manager.py", "diff", point_id)  # opens staging: connections are allowed again
+    assert listing.returncode == 0, listing.stderr
+    assert "left refusing connections by an interrupted restore" in listing.stderr
+    assert deep_state(s.server, s.name) == migrated  # wholly old
+    result = s.run("rollback_manager.py", "restore", point_id, "--yes")
+    assert result.returncode == 0, result.stderr
+    assert deep_state(s.server, s.name) == at_point  # and then wholly new
+    assert leftovers(s) == []
