@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from .errors import CatalogError, ConfigError, VerificationError
+from .pgtools import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +177,7 @@ class Catalog:
             owner = entry / ".owner"
             try:
                 info = json.loads(owner.read_text())
-                alive = info.get("host") == socket.gethostname() and _pid_alive(int(info["pid"]))
+                alive = info.get("host") == socket.gethostname() and pid_alive(int(info["pid"]))
             except (OSError, ValueError, KeyError):
                 alive = False
             if not alive:
@@ -274,14 +275,6 @@ class Catalog:
         os.rename(point.path, trash)
         fsync_path(self.root)
         shutil.rmtree(trash, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError as exc:
-        return exc.errno == errno.EPERM
-    return True
 
 
 class PointWriter:

@@ -15,6 +15,7 @@ from .catalog import make_private_dir, utc_now
 from .config import PROJECT_ROOT, load_settings, loose_password_file, redact
 from .console import UI
 from .errors import EXIT_CODES_HELP, ExitCode, RollbackError
+from .pgtools import dead_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,8 @@ def run(script: str, argv: list[str] | None, build_parser: Callable[[], argparse
     log_path = setup_logging(script, getattr(args, "debug", False))
     log.info("%s started: %s", script, redact(" ".join(sys.argv if argv is None else [script, *argv])))
     previous_term = signal.signal(signal.SIGTERM, _stop_as_interrupt)  # kill: the same clean-up as Ctrl-C
+    for line in dead_temporaries():
+        log.info("removed %s, left by a run that was killed", line)
     loose = loose_password_file()
     if loose:
         ui.warn(loose)

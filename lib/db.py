@@ -258,10 +258,12 @@ def set_allow_connections(conn, name: str, allow: bool) -> None:
 
 def drop_database(conn, name: str) -> None:
     """Drop ``name`` if it exists; nobody may be connected (our own aside databases only)."""
-    if not database_exists(conn, name):
+    rows = query(conn, "SELECT datconnlimit = -2 FROM pg_database WHERE datname = %s", (name,))
+    if not rows:
         return
-    set_allow_connections(conn, name, False)
-    terminate_sessions(conn, name)
+    if not rows[0][0]:  # an invalid database takes no connections, and ALTER on it ends our session
+        set_allow_connections(conn, name, False)
+        terminate_sessions(conn, name)
     execute(conn, sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
 
 

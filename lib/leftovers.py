@@ -7,38 +7,16 @@ staging while holding its operation lock (no other operation on it is running)."
 from __future__ import annotations
 
 import logging
-import re
-import shutil
-import tempfile
-from pathlib import Path
 
-from .catalog import Catalog, _pid_alive
+from .catalog import Catalog
 from .db import database_exists, derived_name, drop_database
 from .diff import DIFF_SUFFIX
 from .methods import template as template_method
-from .pgtools import TEMP_PREFIX
+from .pgtools import dead_temporaries
 from .restore import ASIDE_SUFFIX
 from .target import Target
 
 log = logging.getLogger(__name__)
-
-_TEMP_NAME = re.compile(rf"^{re.escape(TEMP_PREFIX)}(pgpass|reset)-(\d+)-")
-
-
-def temporary_files(dry_run: bool) -> list[str]:
-    """Passfiles and V2 dump folders in the system's temporary folder whose process is gone."""
-    found = []
-    for entry in Path(tempfile.gettempdir()).glob(f"{TEMP_PREFIX}*"):
-        m = _TEMP_NAME.match(entry.name)
-        if not m or _pid_alive(int(m.group(2))):
-            continue
-        found.append(f"temporary {'folder' if entry.is_dir() else 'file'} {entry}")
-        if not dry_run:
-            if entry.is_dir():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
-    return found
 
 
 def remove(target: Target, catalog: Catalog, *, dry_run: bool) -> list[str]:
@@ -55,7 +33,7 @@ def remove(target: Target, catalog: Catalog, *, dry_run: bool) -> list[str]:
             found.append(f"database {name}, the copy of a point whose creation was interrupted")
             if not dry_run:
                 drop_database(target.maint, name)
-    found += temporary_files(dry_run)
+    found += dead_temporaries(dry_run)
     for line in found:
         log.info("%s %s", "would remove" if dry_run else "removed", line)
     return found

@@ -8,6 +8,7 @@ import importlib.util
 import logging
 import os
 import re
+import shutil
 import subprocess
 import tempfile
 import threading
@@ -191,6 +192,34 @@ def is_version_mismatch(stderr: str) -> bool:
 
 
 TEMP_PREFIX = "rollback-"  # files and folders in the system's temporary folder: rollback-<what>-<pid>-...
+_TEMP_NAME = re.compile(rf"^{re.escape(TEMP_PREFIX)}(pgpass|reset)-(\d+)-")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def dead_temporaries(dry_run: bool = False) -> list[str]:
+    """Passfiles and V2 dump folders in the system's temporary folder whose process is
+    gone (killed with -9): removed, since they hold a password or V2's data."""
+    found = []
+    for entry in Path(tempfile.gettempdir()).glob(f"{TEMP_PREFIX}*"):
+        m = _TEMP_NAME.match(entry.name)
+        if not m or pid_alive(int(m.group(2))):
+            continue
+        found.append(f"temporary {'folder' if entry.is_dir() else 'file'} {entry}")
+        if not dry_run:
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+    return found
 
 
 @contextmanager

@@ -161,3 +161,17 @@ def test_runnable_blocks_use_only_the_toolkit():
             if command and not command.startswith("#"):
                 assert command.startswith(("python3 ", "./setup_and_run.sh ")), command
                 assert Path(ROOT / shlex.split(command)[1]).exists() or command.startswith("./"), command
+
+
+def test_what_we_test_lists_every_fault_test_and_only_real_ones():
+    section = GUIDE[GUIDE.index("## What we test") :]
+    section = section[: section.index("\n## ", 3)]
+    named = set(re.findall(r"`(test_\w+)`", section))
+    faults = set()
+    for path in (ROOT / "tests" / "faults").glob("test_*.py"):
+        faults |= set(re.findall(r"^def (test_\w+)", path.read_text(), re.M))
+    assert faults - named == set(), f"fault tests missing from 'What we test': {sorted(faults - named)}"
+    every = set()
+    for path in (ROOT / "tests").rglob("test_*.py"):
+        every |= set(re.findall(r"^def (test_\w+)", path.read_text(), re.M))
+    assert named - every == set(), f"'What we test' names tests that do not exist: {sorted(named - every)}"

@@ -17,11 +17,15 @@ from tests.helpers import write_tool_wrapper
 @contextmanager
 def small_filesystem(path, megabytes: int):
     path.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={megabytes}m,mode=0700", "tmpfs", str(path)], capture_output=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={megabytes}m,mode=0700", "tmpfs", str(path)], capture_output=True
+    )
     if mounted.returncode != 0:
         if IN_CI:
             pytest.fail(f"CI machines run as root and can mount a tmpfs: {mounted.stderr.decode()}")
-        pytest.skip(f"this machine does not allow mounting a tmpfs here ({mounted.stderr.decode().strip()}); the file-size-limit test covers it")
+        pytest.skip(
+            f"this machine does not allow mounting a tmpfs here ({mounted.stderr.decode().strip()}); the file-size-limit test covers it"
+        )
     try:
         yield path
     finally:

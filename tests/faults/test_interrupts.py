@@ -67,7 +67,13 @@ def test_ctrl_c_during_a_data_point(staging18, tmp_path):
     ROLLBACK_FAULT_PAUSE='data copy'. Holds: exit 130, no folder left, no point listed."""
     s = staging18
     ready = tmp_path / "ready"
-    proc = start(s, "simple_rollback.py", "create", "interrupted", env={"ROLLBACK_FAULT_PAUSE": "data copy", "ROLLBACK_FAULT_READY": str(ready)})
+    proc = start(
+        s,
+        "simple_rollback.py",
+        "create",
+        "interrupted",
+        env={"ROLLBACK_FAULT_PAUSE": "data copy", "ROLLBACK_FAULT_READY": str(ready)},
+    )
     wait_for(ready.exists, proc)
     out, err = interrupt(proc)
     assert proc.returncode == 130, err

@@ -33,7 +33,14 @@ def test_kill_9_during_restore(staging18, tmp_path):
     s.sql("DELETE FROM documents; UPDATE customers SET name = 'migrated'")
     migrated = deep_state(s.server, s.name)
     marker = tmp_path / "paused"
-    proc = start(s, "rollback_manager.py", "restore", point_id, "--yes", env=slow_tools(tmp_path / "bin", s.server.bin_dir, "pg_restore", marker))
+    proc = start(
+        s,
+        "rollback_manager.py",
+        "restore",
+        point_id,
+        "--yes",
+        env=slow_tools(tmp_path / "bin", s.server.bin_dir, "pg_restore", marker),
+    )
     wait_for(marker.exists, proc)
     kill_9(proc, marker)
     assert f"{s.name}_rb_restoring" in databases(s)

@@ -1,0 +1,44 @@
+"""cleanup removes what interrupted runs left, and says what it removed."""
+
+from __future__ import annotations
+
+import json
+
+from tests.faults.conftest import databases, kill_9, leftovers, points, slow_tools, start, wait_for
+
+
+def test_cleanup_removes_what_killed_runs_left_and_says_so(staging18, tmp_path):
+    """Fault: a create and a restore killed with -9. Injected: kill -9 while each waits
+    on a paused client tool. Holds: --dry-run names the unfinished folder and the
+    half-built database and removes nothing; cleanup removes both and says so; the
+    point taken before is kept."""
+    s = staging18
+    point_id = s.create_point("good")
+    for n, (args, slow) in enumerate(
+        [
+            (["rollback_manager.py", "restore", point_id, "--yes"], "pg_restore"),
+            (["create_rollback_point.py", "killed"], "pg_dump"),  # last: every run removes dead folders
+        ]
+    ):
+        marker = tmp_path / f"paused{n}"
+        proc = start(s, *args, env=slow_tools(tmp_path / f"bin{n}", s.server.bin_dir, slow, marker))
+        wait_for(marker.exists, proc)
+        kill_9(proc, marker)
+    left = leftovers(s)
+    assert f"{s.name}_rb_restoring" in left and any(name.startswith(".tmp-rb_killed") for name in left)
+
+    dry = s.run("rollback_manager.py", "cleanup", "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stderr
+    said = json.loads(dry.stdout)["leftovers"]
+    assert any("unfinished point folder" in line and ".tmp-rb_killed" in line for line in said)
+    assert any(f"database {s.name}_rb_restoring" in line for line in said)
+    assert sorted(leftovers(s)) == sorted(left)  # a dry run removes nothing
+
+    done = s.run("rollback_manager.py", "cleanup")
+    assert done.returncode == 0, done.stderr
+    assert f"Removed database {s.name}_rb_restoring" in done.stderr and "Removed unfinished point folder" in done.stderr
+    assert leftovers(s) == []
+    assert points(s) == [point_id]
+    assert f"{s.name}_rb_restoring" not in databases(s)
+    again = s.run("rollback_manager.py", "cleanup")
+    assert "Nothing left behind by interrupted runs." in again.stderr
