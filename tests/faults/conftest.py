@@ -40,6 +40,18 @@ def start(staging, script: str, *args: str, env: dict | None = None) -> subproce
     )
 
 
+def start_paused(
+    staging, tmp_path: Path, slow: str, *args: str, seconds: int = 60, env: dict | None = None, tag: str = ""
+) -> tuple:
+    """Start the script with ``slow`` paused, and return once it is paused: (process, marker)."""
+    marker = tmp_path / f"paused{tag}"
+    proc = start(
+        staging, *args, env={**(env or {}), **slow_tools(tmp_path / f"bin{tag}", staging.server.bin_dir, slow, marker, seconds)}
+    )
+    wait_for(marker.exists, proc)
+    return proc, marker
+
+
 def wait_for(condition, proc: subprocess.Popen | None = None, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -101,3 +113,15 @@ def last_audit(staging) -> dict:
 @pytest.fixture
 def staging18(pg18, new_staging):
     return new_staging(pg18)
+
+
+@pytest.fixture
+def age_keys(tmp_path):
+    """A new age identity: the environment that encrypts to it and opens with it."""
+    from pyrage import x25519
+
+    identity = x25519.Identity.generate()
+    key = tmp_path / "key.txt"
+    key.write_text(f"# created for the test\n# public key: {identity.to_public()}\n{identity}\n")
+    key.chmod(0o600)
+    return {"ROLLBACK_ENCRYPT_TO": str(identity.to_public()), "ROLLBACK_DECRYPT_KEY_FILE": str(key)}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from tests.faults.conftest import databases, kill_9, leftovers, points, slow_tools, start, wait_for
+from tests.faults.conftest import databases, kill_9, leftovers, points, start_paused
 
 
 def test_cleanup_removes_what_killed_runs_left_and_says_so(staging18, tmp_path):
@@ -20,9 +20,7 @@ def test_cleanup_removes_what_killed_runs_left_and_says_so(staging18, tmp_path):
             (["create_rollback_point.py", "killed"], "pg_dump"),  # last: every run removes dead folders
         ]
     ):
-        marker = tmp_path / f"paused{n}"
-        proc = start(s, *args, env=slow_tools(tmp_path / f"bin{n}", s.server.bin_dir, slow, marker))
-        wait_for(marker.exists, proc)
+        proc, marker = start_paused(s, tmp_path, slow, *args, tag=str(n))
         kill_9(proc, marker)
     left = leftovers(s)
     assert f"{s.name}_rb_restoring" in left and any(name.startswith(".tmp-rb_killed") for name in left)

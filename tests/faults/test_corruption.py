@@ -100,17 +100,6 @@ def test_an_encrypted_point_with_a_flipped_byte_is_refused(staging18, tmp_path, 
     assert deep_state(s.server, s.name) == before and leftovers(s) == []
 
 
-@pytest.fixture
-def age_keys(tmp_path):
-    from pyrage import x25519
-
-    identity = x25519.Identity.generate()
-    key = tmp_path / "key.txt"
-    key.write_text(f"# a test key\n{identity}\n")
-    key.chmod(0o600)
-    return {"ROLLBACK_ENCRYPT_TO": str(identity.to_public()), "ROLLBACK_DECRYPT_KEY_FILE": str(key)}
-
-
 def test_copying_a_point_elsewhere_keeps_it_checkable(staging18, tmp_path):
     """Not a fault: a point folder copied with its manifest still verifies (the manifest's
     own checksum covers content, not the folder's place)."""

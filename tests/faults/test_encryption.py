@@ -15,26 +15,17 @@ from tests.faults.conftest import leftovers, points
 from tests.helpers import deep_state
 
 
-@pytest.fixture
-def keys(tmp_path):
-    identity = x25519.Identity.generate()
-    key = tmp_path / "key.txt"
-    key.write_text(f"# created for the test\n# public key: {identity.to_public()}\n{identity}\n")
-    key.chmod(0o600)
-    return {"ROLLBACK_ENCRYPT_TO": str(identity.to_public()), "ROLLBACK_DECRYPT_KEY_FILE": str(key)}
-
-
 def _files(s, point_id: str) -> list:
     return sorted(p for p in (s.backup_dir / point_id).iterdir() if p.name != "manifest.json")
 
 
 @pytest.mark.parametrize("method", ["dump", "data"])
-def test_an_encrypted_point_round_trip(server, new_staging, keys, method):
+def test_an_encrypted_point_round_trip(server, new_staging, age_keys, method):
     """Encrypted dump and data points on PostgreSQL 15 and 18: every payload file is age
     (no plaintext on disk: no archive magic, no gzip header, no row text), verify reads
     it end to end, the restore is exact, and the age tool decrypts the files."""
     s = new_staging(server)
-    s.env.update(keys)
+    s.env.update(age_keys)
     s.sql("INSERT INTO documents (owner_name, body) VALUES ('plain', 'a row that must not be on disk in clear')")
     created = s.run_json("create_rollback_point.py", "encrypted", "--method", method)
     point_id = created["id"]
@@ -53,35 +44,35 @@ def test_an_encrypted_point_round_trip(server, new_staging, keys, method):
     if shutil.which("age"):
         first = _files(s, point_id)[0]
         plain = subprocess.run(
-            ["age", "-d", "-i", keys["ROLLBACK_DECRYPT_KEY_FILE"], str(first)], capture_output=True, check=True
+            ["age", "-d", "-i", age_keys["ROLLBACK_DECRYPT_KEY_FILE"], str(first)], capture_output=True, check=True
         ).stdout
         assert plain.startswith(b"PGDMP") if method == "dump" else gzip.decompress(plain).count(b"\n") > 0
     else:
         pytest.fail("the age tool is installed by ./setup_and_run.sh test; it is missing")
 
 
-def test_a_recipients_file_with_several_keys(staging18, tmp_path, keys):
+def test_a_recipients_file_with_several_keys(staging18, tmp_path, age_keys):
     """ROLLBACK_ENCRYPT_TO may name a file of recipients: either key opens the point."""
     s = staging18
     other = x25519.Identity.generate()
     recipients = tmp_path / "recipients.txt"
-    recipients.write_text(f"# the on-call key\n{keys['ROLLBACK_ENCRYPT_TO']}\n\n# the backup key\n{other.to_public()}\n")
+    recipients.write_text(f"# the on-call key\n{age_keys['ROLLBACK_ENCRYPT_TO']}\n\n# the backup key\n{other.to_public()}\n")
     other_key = tmp_path / "other.txt"
     other_key.write_text(f"{other}\n")
     other_key.chmod(0o600)
     s.env.update(ROLLBACK_ENCRYPT_TO=str(recipients))
     point_id = s.create_point("two recipients", "--encrypt")
-    for key in (keys["ROLLBACK_DECRYPT_KEY_FILE"], str(other_key)):
+    for key in (age_keys["ROLLBACK_DECRYPT_KEY_FILE"], str(other_key)):
         assert s.run("rollback_manager.py", "verify", point_id, env={"ROLLBACK_DECRYPT_KEY_FILE": key}).returncode == 0
 
 
 @pytest.mark.parametrize("key", ["missing", "wrong"])
-def test_without_the_right_key_nothing_is_touched(staging18, keys, tmp_path, key):
+def test_without_the_right_key_nothing_is_touched(staging18, age_keys, tmp_path, key):
     """Fault: the key is missing or is another one. Injected: ROLLBACK_DECRYPT_KEY_FILE
     unset, or pointing at a new identity. Holds: verify and restore exit 2 with a clear
     message, staging unchanged, no half-built database, no 'state before' point."""
     s = staging18
-    s.env.update(keys)
+    s.env.update(age_keys)
     point_id = s.create_point("encrypted", "--encrypt")
     s.sql("DELETE FROM documents")
     before = deep_state(s.server, s.name)
@@ -111,11 +102,11 @@ def test_encryption_without_a_recipient_writes_nothing(staging18):
     assert points(s) == [] and leftovers(s) == []
 
 
-def test_a_template_point_is_not_taken_when_encryption_is_asked(staging18, keys):
+def test_a_template_point_is_not_taken_when_encryption_is_asked(staging18, age_keys):
     """A template point is a database copy on the server: with encryption asked for,
     --method template is refused and auto takes an encrypted dump."""
     s = staging18
-    s.env.update(keys)
+    s.env.update(age_keys)
     refused = s.run("create_rollback_point.py", "x", "--method", "template", "--yes")
     assert refused.returncode == 2 and "cannot encrypt" in refused.stderr
     created = s.run_json("create_rollback_point.py", "auto", "--method", "auto")

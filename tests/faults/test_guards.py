@@ -13,7 +13,7 @@ import pexpect
 import pytest
 
 from tests.conftest import ROOT
-from tests.faults.conftest import kill_9, leftovers, slow_tools, start, wait_for
+from tests.faults.conftest import kill_9, leftovers, start_paused
 from tests.helpers import deep_state, write_tool_wrapper
 
 
@@ -143,11 +143,7 @@ def test_the_password_is_in_no_argv_log_audit_manifest_or_message(secret_staging
     every process's argv sampled while a dump is paused, then all files and messages
     searched. Holds: it appears nowhere."""
     s = secret_staging
-    marker = tmp_path / "paused"
-    proc = start(
-        s, "create_rollback_point.py", "secret", env=slow_tools(tmp_path / "bin", s.server.bin_dir, "pg_dump", marker, seconds=3)
-    )
-    wait_for(marker.exists, proc)
+    proc, _ = start_paused(s, tmp_path, "pg_dump", "create_rollback_point.py", "secret", seconds=3)
     sampled = _argv_of_every_process()
     assert any("pg_dump" in argv for argv in sampled)
     assert not [argv for argv in sampled if PASSWORD in argv]
@@ -203,9 +199,7 @@ def test_a_killed_run_leaves_no_password_file_behind(secret_staging, tmp_path):
     kill -9 during a paused pg_dump. Holds: the next run removes the file (it names the
     dead process), so the password does not stay on disk."""
     s = secret_staging
-    marker = tmp_path / "paused"
-    proc = start(s, "create_rollback_point.py", "killed", env=slow_tools(tmp_path / "bin", s.server.bin_dir, "pg_dump", marker))
-    wait_for(marker.exists, proc)
+    proc, marker = start_paused(s, tmp_path, "pg_dump", "create_rollback_point.py", "killed")
     pid = proc.pid
     left = [p for p in Path(tempfile.gettempdir()).glob(f"rollback-pgpass-{pid}-*")]
     assert left and PASSWORD in left[0].read_text()

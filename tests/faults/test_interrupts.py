@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.faults.conftest import interrupt, last_audit, leftovers, points, slow_tools, start, wait_for
+from tests.faults.conftest import interrupt, last_audit, leftovers, points, slow_tools, start, start_paused, wait_for
 from tests.helpers import deep_state
 
 
@@ -51,10 +51,7 @@ def test_ctrl_c_during_reset(pg18, new_staging, tmp_path):
     s = new_staging(pg18)
     s.sql("CREATE TABLE local_only (id int)")
     before = deep_state(s.server, s.name)
-    marker = tmp_path / "paused"
-    env = {"V2_DATABASE_URL": v2.url, **slow_tools(tmp_path / "bin", s.server.bin_dir, "pg_dump", marker)}
-    proc = start(s, "reset_staging.py", "--yes", env=env)
-    wait_for(marker.exists, proc)
+    proc, _ = start_paused(s, tmp_path, "pg_dump", "reset_staging.py", "--yes", env={"V2_DATABASE_URL": v2.url})
     out, err = interrupt(proc)
     assert proc.returncode == 130, err
     assert leftovers(s) == []

@@ -3,7 +3,7 @@ no listed point is half-made, and the next run cleans up and succeeds."""
 
 from __future__ import annotations
 
-from tests.faults.conftest import databases, kill_9, leftovers, points, slow_tools, start, wait_for
+from tests.faults.conftest import databases, kill_9, leftovers, points, start, start_paused, wait_for
 from tests.helpers import deep_state
 
 
@@ -12,9 +12,7 @@ def test_kill_9_during_create(staging18, tmp_path):
     pauses before dumping. Holds: no point listed; the next create removes the
     unfinished folder and succeeds."""
     s = staging18
-    marker = tmp_path / "paused"
-    proc = start(s, "create_rollback_point.py", "killed", env=slow_tools(tmp_path / "bin", s.server.bin_dir, "pg_dump", marker))
-    wait_for(marker.exists, proc)
+    proc, marker = start_paused(s, tmp_path, "pg_dump", "create_rollback_point.py", "killed")
     kill_9(proc, marker)
     assert points(s) == []
     assert any(name.startswith(".tmp-") for name in leftovers(s))  # what the killed run left
@@ -32,16 +30,7 @@ def test_kill_9_during_restore(staging18, tmp_path):
     at_point = deep_state(s.server, s.name)
     s.sql("DELETE FROM documents; UPDATE customers SET name = 'migrated'")
     migrated = deep_state(s.server, s.name)
-    marker = tmp_path / "paused"
-    proc = start(
-        s,
-        "rollback_manager.py",
-        "restore",
-        point_id,
-        "--yes",
-        env=slow_tools(tmp_path / "bin", s.server.bin_dir, "pg_restore", marker),
-    )
-    wait_for(marker.exists, proc)
+    proc, marker = start_paused(s, tmp_path, "pg_restore", "rollback_manager.py", "restore", point_id, "--yes")
     kill_9(proc, marker)
     assert f"{s.name}_rb_restoring" in databases(s)
     assert deep_state(s.server, s.name) == migrated
@@ -58,10 +47,7 @@ def test_kill_9_during_reset(pg18, new_staging, tmp_path):
     v2.sql("CREATE TABLE only_in_v2 (id int PRIMARY KEY); INSERT INTO only_in_v2 SELECT generate_series(1, 10)")
     s = new_staging(pg18)
     before = deep_state(s.server, s.name)
-    marker = tmp_path / "paused"
-    env = {"V2_DATABASE_URL": v2.url, **slow_tools(tmp_path / "bin", s.server.bin_dir, "pg_dump", marker)}
-    proc = start(s, "reset_staging.py", "--yes", env=env)
-    wait_for(marker.exists, proc)
+    proc, marker = start_paused(s, tmp_path, "pg_dump", "reset_staging.py", "--yes", env={"V2_DATABASE_URL": v2.url})
     kill_9(proc, marker)
     assert deep_state(s.server, s.name) == before
     result = s.run("reset_staging.py", "--yes", env={"V2_DATABASE_URL": v2.url})

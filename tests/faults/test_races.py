@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from contextlib import closing
 
-from tests.faults.conftest import databases, kill_9, leftovers, slow_tools, start, wait_for
+from tests.faults.conftest import databases, kill_9, leftovers, start_paused
 from tests.helpers import deep_state
 
 
@@ -16,16 +16,7 @@ def test_a_second_operation_exits_4_at_once(staging18, tmp_path):
     names the restore's process; the restore then finishes."""
     s = staging18
     point_id = s.create_point("good")
-    marker = tmp_path / "paused"
-    proc = start(
-        s,
-        "rollback_manager.py",
-        "restore",
-        point_id,
-        "--yes",
-        env=slow_tools(tmp_path / "bin", s.server.bin_dir, "pg_restore", marker, seconds=5),
-    )
-    wait_for(marker.exists, proc)
+    proc, marker = start_paused(s, tmp_path, "pg_restore", "rollback_manager.py", "restore", point_id, "--yes", seconds=5)
     began = time.monotonic()
     second = s.run("create_rollback_point.py", "meanwhile")
     assert second.returncode == 4, second.stderr
@@ -41,16 +32,7 @@ def test_the_lock_of_a_killed_run_does_not_block_the_next(staging18, tmp_path):
     and the server's advisory lock both die with the process)."""
     s = staging18
     point_id = s.create_point("good")
-    marker = tmp_path / "paused"
-    proc = start(
-        s,
-        "rollback_manager.py",
-        "restore",
-        point_id,
-        "--yes",
-        env=slow_tools(tmp_path / "bin", s.server.bin_dir, "pg_restore", marker),
-    )
-    wait_for(marker.exists, proc)
+    proc, marker = start_paused(s, tmp_path, "pg_restore", "rollback_manager.py", "restore", point_id, "--yes")
     kill_9(proc, marker)
     began = time.monotonic()
     result = s.run("rollback_manager.py", "restore", point_id, "--yes")
