@@ -9,6 +9,7 @@ import time
 import psycopg2
 import pytest
 
+from lib.catalog import manifest_digest
 from lib.config import load_settings
 from lib.db import connection
 from lib.locking import operation_lock
@@ -151,6 +152,7 @@ def test_a_point_that_does_not_match_its_rebuilt_copy_is_refused_with_exit_3(sta
     manifest_path = staging.backup_dir / point_id / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     manifest["fingerprint"]["row_counts"]["public.customers"] = 999
+    manifest["manifest_sha256"] = manifest_digest(manifest)  # as if the point had been written so: only the rebuild can tell
     manifest_path.write_text(json.dumps(manifest))
     staging.sql("DELETE FROM customers WHERE id > 5")
 
