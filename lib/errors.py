@@ -18,8 +18,8 @@ class ExitCode(IntEnum):
 
 EXIT_CODES_HELP = (
     "exit codes: 0 done, 1 failed (the message says what state things are in), "
-    "2 usage or configuration error or a confirmation that could not be asked, "
-    "3 verification failed, 4 another operation holds the lock, 130 interrupted"
+    "2 usage or configuration error, a confirmation that could not be asked, or a missing or wrong key, "
+    "3 verification failed, 4 another operation holds the lock, 130 interrupted (Ctrl-C or SIGTERM)"
 )
 
 
