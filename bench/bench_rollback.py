@@ -23,6 +23,7 @@ import ctypes
 import json
 import mmap
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -225,6 +226,22 @@ def main(argv: list[str] | None = None) -> int:
         results["dump point"], _ = timed(
             [py, "create_rollback_point.py", "bench dump", "--method", "dump", "--json"], env, admin_url, warm
         )
+        if shutil.which("age"):
+            from pyrage import x25519
+
+            recipient = str(x25519.Identity.generate().to_public())
+            console.print("pg_dump -Fc | age …")
+            dump_cmd = " ".join([str(bin_dir / "pg_dump"), "-Fc", *conn_args, "staging"])
+            results["pg_dump -Fc | age"], _ = timed(
+                ["sh", "-c", f"{dump_cmd} | age -r {recipient} -o {work / 'base.dump.age'}"], pg_env, admin_url, warm
+            )
+            console.print("encrypted dump point …")
+            results["encrypted dump point"], _ = timed(
+                [py, "create_rollback_point.py", "bench encrypted", "--method", "dump", "--encrypt", "--json"],
+                {**env, "ROLLBACK_ENCRYPT_TO": recipient},
+                admin_url,
+                warm,
+            )
         console.print("template point …")
         results["template point"], created = timed(
             [py, "create_rollback_point.py", "bench template", "--method", "template", "--yes", "--json"], env, admin_url, warm
@@ -246,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         ("quick rollback", "DSLR restore", 0.4),
         ("quick rollback", "pg_restore", 0.1),
         ("dump point", "pg_dump -Fc", None),
+        ("encrypted dump point", "pg_dump -Fc | age", None),
     ]
     table = Table(title=f"Rollback benchmark, staging {size / 1048576:.0f} MB, PostgreSQL {server.major} ({settings}), one run")
     for col in ("ours", "s", "against", "s", "ratio", "target", "met"):
