@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from lib import audit, operations, render
+from lib import operations, render
 from lib.api import MigrationBackup, MigrationTransaction, RollbackManager, RollbackType, Verification
 from lib.cli import Parser, common_flags, epilog, run, settings_from
 from lib.errors import ConfigError
@@ -96,110 +96,57 @@ def split_leading_urls(argv: list[str]) -> tuple[list[str], list[str]]:
 
 def action(args, ui) -> int:
     settings = settings_from(args)
-    if args.command == "list":
+    command = {"details": "info", "execute": "restore"}.get(args.command, args.command)
+    if command == "list":
         points = operations.list_points(settings)
-        if args.json:
-            ui.emit_json([p.summary() for p in points])
-        else:
-            render.points_table(ui, points)
-        return 0
-    if args.command in ("info", "details"):
-        if not args.file and not args.point_id:
-            raise ConfigError("info needs a point id or --file PATH.", "See `python3 rollback_manager.py list`.")
+        return ui.result([p.summary() for p in points], lambda: render.points_table(ui, points))
+    if command == "info":
         if args.file:
             details = operations.file_info(settings, args.file)
-            if args.json:
-                ui.emit_json(details)
-            else:
-                for key, value in details.items():
-                    ui.out.print(f"[bold]{key}[/]: {value}")
-            return 0
+            return ui.result(details, lambda: [ui.out.print(f"[bold]{k}[/]: {v}") for k, v in details.items()])
+        if not args.point_id:
+            raise ConfigError("info needs a point id or --file PATH.", "See `python3 rollback_manager.py list`.")
         point = operations.get_point(settings, args.point_id)
-        if args.json:
-            ui.emit_json({**point.manifest, "path": str(point.path)})
-        else:
-            render.point_details(ui, point)
-        return 0
-    if args.command == "verify":
+        return ui.result({**point.manifest, "path": str(point.path)}, lambda: render.point_details(ui, point))
+    if command == "verify":
         result = operations.verify_point(settings, ui, args.point_id)
-        if args.json:
-            ui.emit_json(result)
-        else:
-            ui.ok(f"Point {result['id']} verified")
-        return 0
-    if args.command == "backup":
+        return ui.result(result, lambda: ui.ok(f"Point {result['id']} verified"))
+    if command == "backup":
         description = args.description or f"Backup of {', '.join(args.tables)}"
         point, _ = operations.create_point(settings, ui, description=description, method="data", tables=args.tables)
-        if args.json:
-            ui.emit_json({**point.summary(), "path": str(point.path)})
-        else:
-            ui.ok(f"Data point {point.id} of {point.manifest.get('table')}")
-            print(point.id)
-        return 0
-    if args.command == "delete":
+        return ui.result(
+            {**point.summary(), "path": str(point.path)},
+            lambda: (ui.ok(f"Data point {point.id} of {point.manifest.get('table')}"), print(point.id)),
+        )
+    if command == "delete":
         point = operations.delete_point(settings, ui, args.point_id, assume_yes=args.yes)
-        if args.json:
-            ui.emit_json({"deleted": point.id})
-        else:
-            ui.ok(f"Point {point.id} deleted")
-        return 0
-    if args.command == "cleanup":
+        return ui.result({"deleted": point.id}, lambda: ui.ok(f"Point {point.id} deleted"))
+    if command == "cleanup":
         removed, protected, left = operations.cleanup(
             settings, ui, keep=args.keep, older_than_days=args.older_than, dry_run=args.dry_run, assume_yes=args.yes
         )
-        if args.json:
-            ui.emit_json(
-                {
-                    "dry_run": args.dry_run,
-                    "removed": [p.id for p in removed],
-                    "leftovers": left,
-                    "kept_newest_verified": protected.id if protected else None,
-                }
-            )
-        elif removed:
-            ui.ok(f"{len(removed)} point(s) {'would be ' if args.dry_run else ''}removed")
-        return 0
-    if args.command == "audit":
-        found = audit.read(settings.log_dir, args.limit or None)
-        for number in found.damaged:
-            ui.warn(f"line {number} of {found.path} is damaged (not a JSON entry); skipped")
-        if args.json:
-            ui.emit_json(found.entries)
-        else:
-            render.audit_trail(ui, found.entries)
-        return 0
-    if args.command == "diff":
-        result = operations.diff_point(settings, ui, args.point_id)
-        if args.json:
-            ui.emit_json(result.as_dict())
-        else:
-            ui.out.print(f"Restoring {result.point_id} would undo:")
-            for line in result.lines():
-                ui.out.print(f"  {line}")
-        return 0
+        document = {
+            "dry_run": args.dry_run,
+            "removed": [p.id for p in removed],
+            "leftovers": left,
+            "kept_newest_verified": protected.id if protected else None,
+        }
+        verb = "would be removed" if args.dry_run else "removed"
+        return ui.result(document, lambda: removed and ui.ok(f"{len(removed)} point(s) {verb}"))
+    if command == "audit":
+        entries = operations.audit_trail(settings, ui, args.limit or None)
+        return ui.result(entries, lambda: render.audit_trail(ui, entries))
+    if command == "diff":
+        found = operations.diff_point(settings, ui, args.point_id)
+        return ui.result(found.as_dict(), lambda: render.diff_lines(ui, found))
     return restore(args, ui, settings)
 
 
 def restore(args, ui, settings) -> int:
-    if args.type == "transaction":
-        raise ConfigError(
-            "A transaction rollback exists only inside a running migration: the migration's own transaction "
-            "is rolled back when it fails (the Python API's MigrationTransaction).",
-            "For a finished migration, restore a point: `python3 rollback_manager.py restore <id>`.",
-        )
-    if args.type == "backup" and not args.file:
-        raise ConfigError("--type backup needs --file PATH (a pg_dump archive or a point folder).")
-    if args.type != "backup" and not args.point_id:
-        raise ConfigError("restore needs a point id.", "See `python3 rollback_manager.py list`.")
+    operations.check_restore_request(args.type, args.point_id, args.file)
     if args.type == "partial":
         outcome = operations.partial_rollback(settings, ui, args.point_id, tables=args.table, assume_yes=args.yes)
-        if args.json:
-            ui.emit_json(outcome)
-        else:
-            ui.ok(f"{sum(outcome['deleted'].values())} row(s) added since {args.point_id} deleted; every other row kept.")
-            if outcome.get("before_point_id"):
-                ui.info(f"Undo with: python3 rollback_manager.py restore {outcome['before_point_id']}")
-        return 0
+        return ui.result(outcome, lambda: render.partial_outcome(ui, outcome))
     archive = Path(args.file) if args.type == "backup" else None
     result = operations.restore_point(settings, ui, args.point_id, assume_yes=args.yes, archive=archive)
     headline = f"{result.database} restored to {result.point_id} and verified ({result.mode})."

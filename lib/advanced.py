@@ -63,7 +63,7 @@ def run(settings: Settings, ui: UI) -> dict:
                 ui.ok(f"No rows were added since {point.id} in tables with a primary key: nothing to delete.")
                 return {"deleted": {}}
         outcome = operations.partial_rollback(settings, ui, point.id, tables=tables, assume_yes=False)
-        ui.ok(f"{sum(outcome['deleted'].values())} row(s) added since {point.id} deleted; every other row kept.")
+        render.partial_outcome(ui, outcome)
         return outcome
     result = operations.restore_point(settings, ui, point.id, assume_yes=False)
     render.restore_outcome(ui, result, as_json=False, headline=f"{result.database} restored to {result.point_id} and verified.")

@@ -23,7 +23,7 @@ from .console import UI
 from .db import connection
 from .errors import ConfigError, VerificationError
 from .migrate import SequenceGuard, TrackedConnection, open_staging
-from .verify import compare, fingerprint, row_counts
+from .verify import compare, fingerprint, row_counts, sequence_positions
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +171,12 @@ class RollbackManager:
                         f"{t}: {d['expected_rows']} rows in the point, {d['actual_rows']} now"
                         for t, d in tables.items()
                         if not d["matches"]
+                    ]
+                    now = sequence_positions(conn)
+                    problems += [
+                        f"sequence {name}: {list(position)} in the point, {now.get(name)} now"
+                        for name, position in expected.get("sequences", {}).items()
+                        if list(position) != list(now.get(name) or [])
                     ]
                 else:
                     fp = fingerprint(conn)

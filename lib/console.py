@@ -44,6 +44,14 @@ class UI:
     def error(self, text: str) -> None:
         self.err.print(f"[bold red]error:[/] {escape(text)}")
 
+    def result(self, document, human: Callable[[], None]) -> int:
+        """The command's result: ``document`` as JSON with --json, else ``human()``. Returns 0."""
+        if self.json_mode:
+            self.emit_json(document)
+        else:
+            human()
+        return 0
+
     def emit_json(self, document) -> None:
         sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
         sys.stdout.flush()

@@ -13,7 +13,7 @@ import re
 import socket
 from pathlib import Path
 
-from . import crypto, diff, leftovers, partial, retention, spare
+from . import audit, crypto, diff, leftovers, partial, retention, spare
 from .audit import audited
 from .catalog import Catalog, Point, check_files, refuse_damaged_manifest, sha256_file, utc_now
 from .config import Settings
@@ -279,6 +279,28 @@ def archive_point(settings: Settings, path: Path) -> Point:
             "archive_table_count": dump_method.archive_table_count(path, settings),
         },
     )
+
+
+def check_restore_request(kind: str, point_id: str | None, file: str | None) -> None:
+    """restore --type full|partial|backup|transaction: what each needs, or why it does not apply."""
+    if kind == "transaction":
+        raise ConfigError(
+            "A transaction rollback exists only inside a running migration: the migration's own transaction "
+            "is rolled back when it fails (the Python API's MigrationTransaction).",
+            "For a finished migration, restore a point: `python3 rollback_manager.py restore <id>`.",
+        )
+    if kind == "backup" and not file:
+        raise ConfigError("--type backup needs --file PATH (a pg_dump archive or a point folder).")
+    if kind != "backup" and not point_id:
+        raise ConfigError("restore needs a point id.", "See `python3 rollback_manager.py list`.")
+
+
+def audit_trail(settings: Settings, ui: UI, limit: int | None) -> list[dict]:
+    """The newest entries; damaged lines are named and skipped."""
+    found = audit.read(settings.log_dir, limit)
+    for number in found.damaged:
+        ui.warn(f"line {number} of {found.path} is damaged (not a JSON entry); skipped")
+    return found.entries
 
 
 def diff_point(settings: Settings, ui: UI, point_id: str) -> diff.Diff:

@@ -93,6 +93,18 @@ def point_details(ui: UI, point: Point) -> None:
         ui.out.print(counts)
 
 
+def diff_lines(ui: UI, found) -> None:
+    ui.out.print(f"Restoring {found.point_id} would undo:")
+    for line in found.lines():
+        ui.out.print(f"  {line}")
+
+
+def partial_outcome(ui: UI, outcome: dict) -> None:
+    ui.ok(f"{sum(outcome['deleted'].values())} row(s) added since {outcome['point_id']} deleted; every other row kept.")
+    if outcome.get("before_point_id"):
+        ui.info(f"Undo with: python3 rollback_manager.py restore {outcome['before_point_id']}")
+
+
 def restore_outcome(ui: UI, result, *, as_json: bool, headline: str) -> None:
     """The end of a restore: the result as JSON, or a line and the way to undo it."""
     if as_json:
