@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 TMP_PREFIX = ".tmp-"
+PENDING = ".pending.json"
 FORMAT_VERSION = 1
 STATUS_COMPLETED = "completed"
 
@@ -149,6 +150,7 @@ class Catalog:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.stale_ids: list[str] = []  # ids of creations found interrupted, for their databases
+        self.pending: list[Path] = []  # folders of interrupted runs that the next run can finish
 
     def ensure(self, clean: bool = True) -> Catalog:
         """Create the folder (0700) and prove it writable, before any work starts."""
@@ -180,6 +182,9 @@ class Catalog:
                 alive = info.get("host") == socket.gethostname() and pid_alive(int(info["pid"]))
             except (OSError, ValueError, KeyError):
                 alive = False
+            if not alive and (entry / PENDING).is_file():
+                self.pending.append(entry)  # finished by the next run that can (see restore.recover_pending)
+                continue
             if not alive:
                 found.append(entry)
                 self.stale_ids.append(entry.name[len(TMP_PREFIX) :].removeprefix("deleting-"))
@@ -229,7 +234,8 @@ class Catalog:
                 ) from None
             raise
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if not writer.recoverable:
+                shutil.rmtree(tmp, ignore_errors=True)
             raise
         if not writer.committed:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -283,6 +289,13 @@ class PointWriter:
         self.id = point_id
         self.tmp = tmp
         self.committed = False
+        self.recoverable = False
+
+    def pending(self, info: dict) -> None:
+        """What the next run needs to finish this point should this one die: from now on
+        a failure leaves the folder for it instead of removing it."""
+        write_private_file(self.tmp / PENDING, json.dumps(info, default=str).encode())
+        self.recoverable = True
 
     def new_file(self, name: str) -> Path:
         """An empty 0600 file for a tool to write into."""

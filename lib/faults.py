@@ -11,7 +11,7 @@ import os
 import time
 from pathlib import Path
 
-PLACES = ("between renames", "data copy")
+PLACES = ("between renames", "after swap", "data copy")
 
 
 def pause(name: str) -> None:

@@ -13,27 +13,32 @@ from .db import database_exists, derived_name, drop_database
 from .diff import DIFF_SUFFIX
 from .methods import template as template_method
 from .pgtools import dead_temporaries
-from .restore import ASIDE_SUFFIX
+from .restore import ASIDE_SUFFIX, recover_pending
 from .target import Target
 
 log = logging.getLogger(__name__)
 
 
 def remove(target: Target, catalog: Catalog, *, dry_run: bool) -> list[str]:
-    """Call with staging's operation lock held. Returns what was (or would be) removed."""
-    found = [f"unfinished point folder {p}" for p in catalog.remove_stale_temporaries(dry_run=dry_run)]
+    """Call with staging's lock held. Returns what was (or would be) done, as sentences."""
+    verb = "Would remove" if dry_run else "Removed"
+    found = [f"{verb} unfinished point folder {p}" for p in catalog.remove_stale_temporaries(dry_run=dry_run)]
+    if dry_run:
+        found += [f"Would finish unfinished point folder {p} (or remove it if its swap did not happen)" for p in catalog.pending]
+    else:
+        found += [line[0].upper() + line[1:] for line in recover_pending(target, catalog)]
     for name in [derived_name(target.dbname, ASIDE_SUFFIX), derived_name(target.dbname, DIFF_SUFFIX)]:
         if database_exists(target.maint, name):
-            found.append(f"database {name}, left by an interrupted restore, reset or diff")
+            found.append(f"{verb} database {name}, left by an interrupted restore, reset or diff")
             if not dry_run:
                 drop_database(target.maint, name)
     for point_id in catalog.stale_ids:
         name = derived_name(point_id, "")
         if template_method.database_state(target.maint, name) is not None:
-            found.append(f"database {name}, the copy of a point whose creation was interrupted")
+            found.append(f"{verb} database {name}, the copy of a point whose creation was interrupted")
             if not dry_run:
                 drop_database(target.maint, name)
-    found += dead_temporaries(dry_run)
+    found += [f"{verb} {line}" for line in dead_temporaries(dry_run)]
     for line in found:
-        log.info("%s %s", "would remove" if dry_run else "removed", line)
+        log.info("%s", line)
     return found

@@ -24,7 +24,15 @@ from .locking import operation_lock
 from .methods import data as data_method
 from .methods import dump as dump_method
 from .methods import template as template_method
-from .restore import RestoreResult, check_point_usable, plan, restore_data, restore_in_place, restore_swap
+from .restore import (
+    RestoreResult,
+    check_point_usable,
+    plan,
+    recover_pending,
+    restore_data,
+    restore_in_place,
+    restore_swap,
+)
 from .target import Target, confirm_change, open_target
 
 log = logging.getLogger(__name__)
@@ -135,6 +143,8 @@ def create_point(
         )
         with audited(settings.log_dir, "create", target.masked) as record:
             with operation_lock(catalog.root, target.maint, target.facts.system_identifier, target.dbname, "create"):
+                for line in recover_pending(target, catalog):
+                    ui.info(f"Finished what an interrupted run left: {line}")
                 point = _take(
                     target,
                     catalog,
@@ -368,7 +378,7 @@ def cleanup(
         with operation_lock(catalog.root, target.maint, target.facts.system_identifier, target.dbname, "cleanup"):
             left = leftovers.remove(target, catalog, dry_run=dry_run)
             for line in left:
-                ui.info(f"{'Would remove' if dry_run else 'Removed'} {line}")
+                ui.info(line)
             if not left:
                 ui.info("Nothing left behind by interrupted runs.")
             if keep is None and older_than_days is None:

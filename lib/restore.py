@@ -12,12 +12,14 @@ empty staging and restore in a single transaction: all or nothing.
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 
 from . import crypto, faults, spare
-from .catalog import Catalog, Point, check_files, refuse_damaged_manifest, utc_now
+from .catalog import PENDING, TMP_PREFIX, Catalog, Point, PointWriter, check_files, refuse_damaged_manifest, utc_now
 from .console import UI
 from .db import (
     Session,
@@ -260,6 +262,8 @@ def build_verify_swap(
     """The one way staging is replaced: build beside it, verify, swap names in one
     transaction, keep the old staging as a point. Any failure before the swap drops
     what was built and leaves staging exactly as it was."""
+    for line in recover_pending(target, catalog):
+        ui.info(f"Finished what an interrupted run left: {line}")
     aside = derived_name(target.dbname, ASIDE_SUFFIX)
     if database_exists(target.maint, aside):
         ui.warn(f"Dropping {aside}, left behind by an interrupted restore.")
@@ -285,12 +289,15 @@ def build_verify_swap(
         description = f"state before rollback to {restored}"
         with catalog.writing(f"before rollback {target.dbname}") as writer:
             before = derived_name(writer.id, "")
+            info = _before_state_info(target, before, description, current_props, restored)
+            writer.pending(info)  # killed after the swap: the next run finishes this point
             lap("prepare swap")
             unavailable, ended = swap_databases(target, aside, before)
             swapped = True
             lap("swap")
             ui.ok(f"{target.dbname} swapped in ({unavailable:.2f} s without connections, {ended} session(s) ended)")
-            before_point = _keep_before_state(target, writer, before, description, current_props, restored)
+            faults.pause("after swap")
+            before_point = _keep_before_state(target, writer, info)
             lap("keep state before")
         log.info("restore timings: %s", timings)
         return RestoreResult(
@@ -305,17 +312,8 @@ def build_verify_swap(
         raise
 
 
-def _keep_before_state(target, writer, before: str, description: str, props: dict, restored_id: str) -> Point:
-    template_method.seal(target.maint, before, writer.id, description)
-    try:
-        fp = template_method.read_fingerprint(target, before)
-    except RollbackError as exc:
-        raise DatabaseError(
-            f"Staging was restored, but the previous state, kept as database {before!r}, could not be read: {exc.message}",
-            f"Nothing is lost: database {before!r} holds it. See ROLLBACK_GUIDE.md, 'Recovering by hand'.",
-        ) from None
-    manifest = {
-        "created_at": utc_now().isoformat(timespec="milliseconds"),
+def _before_state_info(target: Target, before: str, description: str, props: dict, restored_id: str) -> dict:
+    return {
         "description": description,
         "migration_id": None,
         "table": None,
@@ -324,9 +322,47 @@ def _keep_before_state(target, writer, before: str, description: str, props: dic
         "method": "template",
         "template_database": before,
         "database": dump_method.database_section(target, props),
-        "fingerprint": fp.as_dict(),
     }
-    return writer.commit(manifest)
+
+
+def _keep_before_state(target: Target, writer, info: dict) -> Point:
+    before = info["template_database"]
+    template_method.seal(target.maint, before, writer.id, info["description"])
+    try:
+        fp = template_method.read_fingerprint(target, before)
+    except RollbackError as exc:
+        raise DatabaseError(
+            f"Staging was restored, but the previous state, kept as database {before!r}, could not be read: {exc.message}",
+            f"Nothing is lost: database {before!r} holds it. See ROLLBACK_GUIDE.md, 'Recovering by hand'.",
+        ) from None
+    return writer.commit({**info, "created_at": utc_now().isoformat(timespec="milliseconds"), "fingerprint": fp.as_dict()})
+
+
+def recover_pending(target: Target, catalog: Catalog) -> list[str]:
+    """Finish the 'state before rollback' points of restores killed after their swap: the
+    database is there, only its manifest is missing. A folder whose swap never happened
+    is removed. Call with staging's lock held; returns what was done, as sentences."""
+    done = []
+    for folder in list(catalog.pending):
+        try:
+            info = json.loads((folder / PENDING).read_text())
+        except (OSError, ValueError):
+            continue
+        db = info.get("database", {})
+        if db.get("name") != target.dbname or db.get("system_identifier") not in (None, target.facts.system_identifier):
+            continue  # another staging's: left for its own runs
+        catalog.pending.remove(folder)
+        point_id = folder.name[len(TMP_PREFIX) :]
+        state = template_method.database_state(target.maint, info["template_database"])
+        if state is None or state["invalid"]:
+            shutil.rmtree(folder, ignore_errors=True)
+            done.append(f"unfinished point folder {folder} (the swap it was made for did not happen)")
+            continue
+        writer = PointWriter(catalog, point_id, folder)
+        (folder / PENDING).unlink()
+        _keep_before_state(target, writer, info)
+        done.append(f"point {point_id}, the state before an interrupted restore, recovered and listed")
+    return done
 
 
 def restore_data(target: Target, rplan: RestorePlan, ui: UI, take_point) -> RestoreResult:

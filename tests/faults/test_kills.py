@@ -86,3 +86,37 @@ def test_kill_9_between_the_two_renames_of_a_swap(staging18, tmp_path):
     assert result.returncode == 0, result.stderr
     assert deep_state(s.server, s.name) == at_point  # and then wholly new
     assert leftovers(s) == []
+
+
+def test_kill_9_after_the_swap_before_the_undo_point_is_written(staging18, tmp_path):
+    """Fault: kill -9 after the swap committed and before the 'state before rollback'
+    point's manifest was written. Injected: ROLLBACK_FAULT_PAUSE='after swap'. Holds:
+    staging is wholly the restored state; the old state is not lost: the next run
+    finishes its point, which lists, and restoring it undoes the restore exactly."""
+    s = staging18
+    point_id = s.create_point("good")
+    at_point = deep_state(s.server, s.name)
+    s.sql("DELETE FROM documents")
+    migrated = deep_state(s.server, s.name)
+    ready = tmp_path / "ready"
+    proc = start(
+        s,
+        "rollback_manager.py",
+        "restore",
+        point_id,
+        "--yes",
+        env={"ROLLBACK_FAULT_PAUSE": "after swap", "ROLLBACK_FAULT_READY": str(ready)},
+    )
+    wait_for(ready.exists, proc)
+    kill_9(proc)
+    assert deep_state(s.server, s.name) == at_point  # wholly new
+    assert points(s) == [point_id]  # the undo point is not listed half-made
+    cleanup = s.run("rollback_manager.py", "cleanup")
+    assert cleanup.returncode == 0, cleanup.stderr
+    assert "the state before an interrupted restore, recovered and listed" in cleanup.stderr
+    listed = points(s)
+    assert len(listed) == 2 and listed[-1].startswith("rb_before_rollback")
+    undo = s.run("rollback_manager.py", "restore", listed[-1], "--yes")
+    assert undo.returncode == 0, undo.stderr
+    assert deep_state(s.server, s.name) == migrated
+    assert leftovers(s) == []
