@@ -56,27 +56,27 @@ def test_kill_9_during_reset(pg18, new_staging, tmp_path):
     assert leftovers(s) == []
 
 
+def _restore_killed_at(s, tmp_path, place: str) -> tuple[str, dict, dict]:
+    """A point, staging changed after it, and a restore to it killed -9 at ``place``."""
+    point_id = s.create_point("good")
+    at_point = deep_state(s.server, s.name)
+    s.sql("DELETE FROM documents")
+    migrated = deep_state(s.server, s.name)
+    ready = tmp_path / "ready"
+    env = {"ROLLBACK_FAULT_PAUSE": place, "ROLLBACK_FAULT_READY": str(ready)}
+    proc = start(s, "rollback_manager.py", "restore", point_id, "--yes", env=env)
+    wait_for(ready.exists, proc)
+    kill_9(proc)
+    return point_id, at_point, migrated
+
+
 def test_kill_9_between_the_two_renames_of_a_swap(staging18, tmp_path):
     """Fault: kill -9 after staging was renamed away and before the copy took its name.
     Injected: ROLLBACK_FAULT_PAUSE='between renames' stops the run inside the swap's
     transaction. Holds: the server rolls the transaction back, so staging keeps its name
     and its old state; the next run allows connections again and the restore succeeds."""
     s = staging18
-    point_id = s.create_point("good")
-    at_point = deep_state(s.server, s.name)
-    s.sql("DELETE FROM documents")
-    migrated = deep_state(s.server, s.name)
-    ready = tmp_path / "ready"
-    proc = start(
-        s,
-        "rollback_manager.py",
-        "restore",
-        point_id,
-        "--yes",
-        env={"ROLLBACK_FAULT_PAUSE": "between renames", "ROLLBACK_FAULT_READY": str(ready)},
-    )
-    wait_for(ready.exists, proc)
-    kill_9(proc)
+    point_id, at_point, migrated = _restore_killed_at(s, tmp_path, "between renames")
     wait_for(lambda: s.name in databases(s) and not any(d.startswith("rb_before_rollback") for d in databases(s)))
     listing = s.run("rollback_manager.py", "diff", point_id)  # opens staging: connections are allowed again
     assert listing.returncode == 0, listing.stderr
@@ -94,21 +94,7 @@ def test_kill_9_after_the_swap_before_the_undo_point_is_written(staging18, tmp_p
     staging is wholly the restored state; the old state is not lost: the next run
     finishes its point, which lists, and restoring it undoes the restore exactly."""
     s = staging18
-    point_id = s.create_point("good")
-    at_point = deep_state(s.server, s.name)
-    s.sql("DELETE FROM documents")
-    migrated = deep_state(s.server, s.name)
-    ready = tmp_path / "ready"
-    proc = start(
-        s,
-        "rollback_manager.py",
-        "restore",
-        point_id,
-        "--yes",
-        env={"ROLLBACK_FAULT_PAUSE": "after swap", "ROLLBACK_FAULT_READY": str(ready)},
-    )
-    wait_for(ready.exists, proc)
-    kill_9(proc)
+    point_id, at_point, migrated = _restore_killed_at(s, tmp_path, "after swap")
     assert deep_state(s.server, s.name) == at_point  # wholly new
     assert points(s) == [point_id]  # the undo point is not listed half-made
     cleanup = s.run("rollback_manager.py", "cleanup")
