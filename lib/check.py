@@ -119,7 +119,7 @@ def run_checks(settings: Settings) -> list[Finding]:
 
 def _backup_dir(settings: Settings, staging_facts) -> list[Finding]:
     root = settings.backup_dir
-    existing = next(p for p in [root, *root.parents] if p.exists())
+    existing = _nearest_existing(root)
     if not os.access(existing, os.W_OK | os.X_OK):
         return [Finding("backup folder", "fail", f"{root} cannot be written", f"Make {existing} writable, or set BACKUP_DIR.")]
     points = Catalog(root).points() if root.is_dir() else []
@@ -136,8 +136,13 @@ def _backup_dir(settings: Settings, staging_facts) -> list[Finding]:
     return found
 
 
+def _nearest_existing(path: Path) -> Path:
+    """The folder itself, or the nearest parent that exists (where it would be created)."""
+    return next(p for p in [path, *path.parents] if p.exists())
+
+
 def log_dir_finding(log_dir: Path) -> Finding:
-    existing = next(p for p in [log_dir, *log_dir.parents] if p.exists())
+    existing = _nearest_existing(log_dir)
     if os.access(existing, os.W_OK | os.X_OK):
         return Finding("log folder", "ok", str(log_dir))
     return Finding("log folder", "fail", f"{log_dir} cannot be written", "Make it writable, or set LOG_DIR.")

@@ -65,6 +65,11 @@ def recipients(settings: Settings) -> list:
     return [_parse_recipient(t) for t in texts]
 
 
+def recipients_if_asked(settings: Settings) -> list | None:
+    """The recipients when encryption is asked for (refused without one), else None."""
+    return recipients(settings) if settings.encrypt else None
+
+
 def identities(settings: Settings, point_id: str) -> list:
     """ROLLBACK_DECRYPT_KEY_FILE: an age identity file (AGE-SECRET-KEY-1… lines)."""
     value = (settings.decrypt_key_file or "").strip()
@@ -157,10 +162,8 @@ def check_key(path: Path, keys: list, point_id: str) -> None:
         with open(path, "rb") as f:
             pyrage.decrypt_io(f, _FirstBytes(), keys)
     except _Opened:
-        return
-    except Exception as exc:  # noqa: BLE001 - pyrage wraps the sink's exception in its own
-        if "_Opened" in repr(exc) or isinstance(exc.__cause__ or exc.__context__, _Opened):
-            return
+        return  # the sink's exception comes through as it is: the key opened the file
+    except Exception as exc:  # noqa: BLE001 - pyrage's errors, and unreadable files
         raise _explain(exc, path, point_id) from None
 
 

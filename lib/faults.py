@@ -15,6 +15,7 @@ PLACES = ("between renames", "after swap", "data copy")
 
 
 def pause(name: str) -> None:
+    assert name in PLACES, name
     if os.environ.get("ROLLBACK_FAULT_PAUSE") != name:
         return
     ready = os.environ.get("ROLLBACK_FAULT_READY")

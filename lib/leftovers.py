@@ -32,12 +32,8 @@ def remove(target: Target, catalog: Catalog, *, dry_run: bool) -> list[str]:
             found.append(f"{verb} database {name}, left by an interrupted restore, reset or diff")
             if not dry_run:
                 drop_database(target.maint, name)
-    for point_id in catalog.stale_ids:
-        name = derived_name(point_id, "")
-        if template_method.database_state(target.maint, name) is not None:
-            found.append(f"{verb} database {name}, the copy of a point whose creation was interrupted")
-            if not dry_run:
-                drop_database(target.maint, name)
+    for name in template_method.drop_orphans(target, catalog.stale_ids, dry_run=dry_run):
+        found.append(f"{verb} database {name}, the copy of a point whose creation was interrupted")
     found += [f"{verb} {line}" for line in dead_temporaries(dry_run)]
     for line in found:
         log.info("%s", line)

@@ -171,11 +171,15 @@ class Tally:
     def failure_rate(self) -> float:
         return self.failed / self.processed if self.processed else 0.0
 
-    def add_changes(self, counts: dict[str, list[int]], sign: int = 1) -> None:
-        for table, values in counts.items():
-            now = self.changes.setdefault(table, [0, 0, 0])
-            for i, v in enumerate(values):
-                now[i] += sign * v
+    def add_changes(self, counts: dict[str, list[int]]) -> None:
+        _accumulate(self.changes, counts)
+
+
+def _accumulate(into: dict[str, list[int]], counts: dict[str, list[int]]) -> None:
+    for table, values in counts.items():
+        now = into.setdefault(table, [0, 0, 0])
+        for i, v in enumerate(values):
+            now[i] += v
 
 
 _XACT_CHANGES = """
@@ -252,7 +256,7 @@ class MigrationContext:
         self._batch = 0
         self._batch_failures: list[tuple] = []
         self._on_batch = on_batch
-        self._pending_undo = Tally()  # rows written by records that were rolled back, not yet subtracted
+        self._undone: dict[str, list[int]] = {}  # rows written by records that were rolled back
         self._release = ""  # releases the previous record's savepoint, sent with the next one
         # Exact per-table counts need the transaction's counters read before every record
         # (a rolled-back record's attempts stay counted); a dry run reports them, and a
@@ -327,7 +331,7 @@ class MigrationContext:
         with self.staging.cursor() as cur:
             cur.execute("ROLLBACK TO SAVEPOINT migration_record")
         if self.count_changes:
-            self._pending_undo.add_changes(_minus(_xact_changes(self.staging), before))
+            _accumulate(self._undone, _minus(_xact_changes(self.staging), before))
 
     def _record_failure(self, key, reason: str, *, skipped: bool = False) -> None:
         if skipped:
@@ -371,7 +375,7 @@ class MigrationContext:
     def finish(self) -> None:
         """Count the changes (one transaction: a dry run or a .sql migration); commit in production."""
         if self.count_changes:
-            self.tally.add_changes(_minus(_xact_changes(self.staging), self._pending_undo.changes))
+            self.tally.add_changes(_minus(_xact_changes(self.staging), self._undone))
         if not self.dry_run:
             self.staging.commit()
 

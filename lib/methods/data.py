@@ -173,7 +173,7 @@ def take(
     base_manifest: dict,
     tables: list[str] | None = None,
 ) -> Point:
-    to = crypto.recipients(target.settings) if target.settings.encrypt else None  # refused before anything is written
+    to = crypto.recipients_if_asked(target.settings)  # refused before anything is written
     check_free_space(catalog.root, target.facts.database_size)
     started = utc_now()
     with snapshot_session(target.info, application_name="rollback-toolkit data point") as conn:

@@ -68,7 +68,7 @@ def take(
     label: str,
     base_manifest: dict,
 ) -> Point:
-    to = crypto.recipients(target.settings) if target.settings.encrypt else None  # refused before anything is written
+    to = crypto.recipients_if_asked(target.settings)  # refused before anything is written
     check_free_space(catalog.root, target.facts.database_size)
     candidates = candidates_for_server("pg_dump", target.facts.major, target.settings)
     started = utc_now()

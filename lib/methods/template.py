@@ -174,13 +174,17 @@ def copy_staging(target: Target, new_name: str, attempts: int = 5) -> int:
     raise AssertionError("unreachable")
 
 
-def drop_orphans(target: Target, point_ids: list[str]) -> None:
-    """Databases of creations that were killed before their manifest was written."""
+def drop_orphans(target: Target, point_ids: list[str], dry_run: bool = False) -> list[str]:
+    """Databases of creations that were killed before their manifest was written; returns their names."""
+    found = []
     for point_id in point_ids:
         name = derived_name(point_id, "")
         if database_state(target.maint, name) is not None:
-            log.info("dropping %s, left by an interrupted template point", name)
-            drop_database(target.maint, name)
+            found.append(name)
+            if not dry_run:
+                log.info("dropping %s, left by an interrupted template point", name)
+                drop_database(target.maint, name)
+    return found
 
 
 def take(target: Target, catalog: Catalog, ui: UI, *, label: str, base_manifest: dict, assume_yes: bool) -> Point:
