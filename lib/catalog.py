@@ -17,6 +17,7 @@ import re
 import shutil
 import socket
 import unicodedata
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 TMP_PREFIX = ".tmp-"
 PENDING = ".pending.json"
+INTENTS = ".intents"  # one file per database the toolkit is about to create, written before it exists
+CATALOG_ID = ".catalog-id"  # ties the databases this catalog creates to it (their comment names it)
 FORMAT_VERSION = 1
 STATUS_COMPLETED = "completed"
 
@@ -167,6 +170,55 @@ class Catalog:
         if clean:
             self.remove_stale_temporaries()
         return self
+
+    # ---- the databases this catalog creates ---------------------------------
+
+    @property
+    def id(self) -> str:
+        """This catalog's id, made on first use; database comments name it."""
+        path = self.root / CATALOG_ID
+        try:
+            return path.read_text().strip()
+        except FileNotFoundError:
+            make_private_dir(self.root)
+            write_private_file(path, uuid.uuid4().hex.encode())
+            fsync_path(self.root)
+            return path.read_text().strip()
+
+    def intend(self, database: str, *, purpose: str, server: str | None, staging: str, point_id: str | None = None) -> Path:
+        """Record, on disk and fsynced, the name of a database before it is created: whatever
+        happens next (a full disk refusing a later COMMENT, kill -9, a power cut), cleanup
+        finds it by this record."""
+        folder = self.root / INTENTS
+        make_private_dir(folder)
+        record = {
+            "database": database,
+            "purpose": purpose,
+            "server": server,
+            "staging": staging,
+            "point_id": point_id,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "created_at": utc_now().isoformat(timespec="seconds"),
+        }
+        path = folder / f"{hashlib.sha256(f'{server}:{database}'.encode()).hexdigest()[:24]}.json"
+        write_private_file(path, json.dumps(record).encode())
+        fsync_path(folder)
+        return path
+
+    def settle(self, intent: Path) -> None:
+        """The database is owned now (a listed point's, or staging itself), or gone."""
+        intent.unlink(missing_ok=True)
+
+    def intents(self) -> list[tuple[Path, dict]]:
+        folder = self.root / INTENTS
+        found = []
+        for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+            try:
+                found.append((path, json.loads(path.read_text())))
+            except (OSError, ValueError):
+                log.warning("unreadable intent record %s", path)
+        return found
 
     def remove_stale_temporaries(self, dry_run: bool = False) -> list[Path]:
         """Folders of creations and deletions whose process is gone; returns them."""

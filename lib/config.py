@@ -145,7 +145,7 @@ class ConnInfo:
         return args + ["-d", dbname or self.dbname]
 
     def tool_env(self, passfile: Path | None) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        env = child_environment()
         for key, value in self.params:
             if key in _ENV_PARAMS:
                 env[_ENV_PARAMS[key]] = value
@@ -153,6 +153,18 @@ class ConnInfo:
             env["PGPASSFILE"] = str(passfile)
         env.setdefault("PGCONNECT_TIMEOUT", "10")
         return env
+
+
+def child_environment() -> dict[str, str]:
+    """The environment every child process starts from: no PG* variable of the caller's
+    (connections are given explicitly), and messages in English (LC_MESSAGES=C), since
+    the toolkit reads what the tools say; the character type is kept as it was."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG") and k != "LANGUAGE"}
+    every = env.pop("LC_ALL", None)
+    if every:
+        env.setdefault("LC_CTYPE", every)
+    env["LC_MESSAGES"] = "C"
+    return env
 
 
 def _passfile_escape(value: str) -> str:

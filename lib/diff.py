@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 from psycopg2 import sql
 
-from . import crypto
+from . import crypto, intents
 from .catalog import Point
 from .console import UI
 from .db import connection, create_database_like, derived_name, drop_database, query
@@ -175,13 +175,17 @@ def point_side(target: Target, point: Point, ui: UI) -> Iterator[PointSide]:
         name = derived_name(target.dbname, DIFF_SUFFIX)
         drop_database(target.maint, name)
         props = point.manifest.get("database", {}).get("properties", {})
-        try:
-            create_database_like(target.maint, name, {**props, "comment": None, "acl": [], "settings": []}, target.facts.major)
-            dump_method.restore_into(target, point, name, ui)
-            with connection(target.info, name, application_name="rollback-toolkit diff") as conn:
-                yield PointSide(point, conn)
-        finally:
-            drop_database(target.maint, name)
+        with intents.new_database(target, name, f"{point.id} rebuilt for a diff"):
+            try:
+                create_database_like(
+                    target.maint, name, {**props, "comment": None, "acl": [], "settings": []}, target.facts.major
+                )
+                intents.mark(target, name, f"{point.id} rebuilt for a diff")
+                dump_method.restore_into(target, point, name, ui)
+                with connection(target.info, name, application_name="rollback-toolkit diff") as conn:
+                    yield PointSide(point, conn)
+            finally:
+                drop_database(target.maint, name)
         return
     raise ConfigError(f"Point {point.id} has method {point.method!r}, which diff does not read.")
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from enum import IntEnum
+from enum import IntEnum, StrEnum
 
 
 class ExitCode(IntEnum):
@@ -58,6 +58,27 @@ class ConfirmationRefused(RollbackError):
 
 class DatabaseError(RollbackError):
     """The server could not be reached, refused us, or a statement failed."""
+
+
+class ConnectProblem(StrEnum):
+    """Why a connection failed, found by probing the server rather than by reading its
+    message (psycopg2 gives no SQLSTATE for a failed connection, and before
+    authentication the server speaks its own language)."""
+
+    UNREACHABLE = "unreachable"  # nothing answers at host:port, or the host name does not resolve
+    NOT_READY = "not ready"  # the server answers but takes no connections yet (starting, stopping, recovering)
+    LOGIN_REFUSED = "login refused"  # the server answers and refuses this role or password (or pg_hba.conf)
+    NO_DATABASE = "no database"  # the login works elsewhere on the server; the database does not exist
+    NOT_ACCEPTING = "not accepting"  # the database exists with ALLOW_CONNECTIONS false
+    OTHER = "other"  # none of these: the server's message says what
+
+
+class ConnectError(DatabaseError):
+    """A connection could not be opened; ``problem`` says why."""
+
+    def __init__(self, message: str, hint: str | None = None, *, problem: ConnectProblem) -> None:
+        super().__init__(message, hint)
+        self.problem = problem
 
 
 class ToolError(RollbackError):

@@ -1,9 +1,12 @@
-"""Named places where the fault tests stop a run on purpose, to kill it there.
+"""Named places where the fault tests stop a run on purpose, to kill it there or to
+change the world under it.
 
 With ROLLBACK_FAULT_PAUSE=<name> in the environment, a run reaching that place
-writes its pid to the file named by ROLLBACK_FAULT_READY and sleeps, or, with
-ROLLBACK_FAULT_RESUME naming a file, waits until that file exists and goes on.
-Nothing else happens, and without the variable the call returns at once."""
+appends its pid as a line to the file named by ROLLBACK_FAULT_READY and sleeps, or,
+with ROLLBACK_FAULT_RESUME naming a file, waits until that file exists and goes on.
+Only the first arrival pauses, unless ROLLBACK_FAULT_EVERY=1: then the n-th arrival
+waits until the resume file has n lines. Nothing else happens, and without the
+variable the call returns at once."""
 
 from __future__ import annotations
 
@@ -11,17 +14,29 @@ import os
 import time
 from pathlib import Path
 
-PLACES = ("between renames", "after swap", "data copy")
+PLACES = ("between renames", "after swap", "data copy", "before copy")
+_arrivals: dict[str, int] = {}
 
 
 def pause(name: str) -> None:
     assert name in PLACES, name
     if os.environ.get("ROLLBACK_FAULT_PAUSE") != name:
         return
+    arrival = _arrivals[name] = _arrivals.get(name, 0) + 1
+    every = os.environ.get("ROLLBACK_FAULT_EVERY") == "1"
+    if arrival > 1 and not every:
+        return
     ready = os.environ.get("ROLLBACK_FAULT_READY")
     if ready:
-        Path(ready).write_text(str(os.getpid()))
-    resume = os.environ.get("ROLLBACK_FAULT_RESUME")
+        with open(ready, "a") as fh:
+            fh.write(f"{os.getpid()}\n")
+    resume = Path(os.environ.get("ROLLBACK_FAULT_RESUME") or "")
     deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and not (resume and Path(resume).exists()):
+
+    def resumed() -> bool:
+        if not resume.name or not resume.exists():
+            return False
+        return not every or len(resume.read_text().splitlines()) >= arrival
+
+    while time.monotonic() < deadline and not resumed():
         time.sleep(0.05)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from .config import ConnInfo, Settings, passfile_line, redact
+from .config import ConnInfo, Settings, child_environment, passfile_line, redact
 from .errors import ToolError, VersionMismatch
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,14 @@ def probe(path: Path) -> tuple[int, str] | None:
         return _version_cache[real]
     result = None
     try:
-        out = subprocess.run([str(path), "--version"], capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL)
+        out = subprocess.run(
+            [str(path), "--version"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            stdin=subprocess.DEVNULL,
+            env=child_environment(),
+        )
         if out.returncode == 0 and "postgres" in out.stdout.lower() + out.stderr.lower():
             result = parse_version(out.stdout or out.stderr)
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -187,6 +194,23 @@ def companion(tool: Tool, name: str, settings: Settings | None) -> Tool:
     return candidates_for_server(name, tool.major, settings)[0]
 
 
+def ping(info: ConnInfo, dbname: str) -> int | None:
+    """pg_isready's answer for the server: 0 accepting connections, 1 rejecting them
+    (starting up, shutting down), 2 no answer; None when no pg_isready is installed.
+    It asks the server without logging in, so no password is involved."""
+    tools, _ = discover("pg_isready")
+    if not tools:
+        return None
+    argv = [str(tools[-1].path), "--timeout=5", *[a for a in info.tool_args(dbname) if a != "--no-password"]]
+    env = info.tool_env(None)
+    try:
+        out = subprocess.run(argv, capture_output=True, stdin=subprocess.DEVNULL, env=env, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.debug("pg_isready did not run: %s", exc)
+        return None
+    return out.returncode if out.returncode in (0, 1, 2) else None
+
+
 def is_version_mismatch(stderr: str) -> bool:
     return any(p.search(stderr) for p in _MISMATCH_PATTERNS)
 
@@ -259,7 +283,7 @@ def run_tool(
     argv = [str(tool.path), *args]
     log.info("running: %s", redact(" ".join(argv)))
     with passfile(conn) if conn else _nothing() as pf:
-        env = conn.tool_env(pf) if conn else dict(os.environ)
+        env = conn.tool_env(pf) if conn else child_environment()
         if readonly:
             options = f"{options} -c default_transaction_read_only=on"
         if options.strip():
@@ -390,7 +414,7 @@ def run_pipeline(
     c_argv = [str(consumer.path), *consumer_args]
     log.info("running: %s | %s", redact(" ".join(p_argv)), redact(" ".join(c_argv)))
     with passfile(conn) as pf, passfile(producer_conn) if producer_conn else _nothing() as ppf:
-        p_env = producer_conn.tool_env(ppf) if producer_conn else {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        p_env = producer_conn.tool_env(ppf) if producer_conn else child_environment()
         if producer_readonly:
             p_env["PGOPTIONS"] = (p_env.get("PGOPTIONS", "") + " -c default_transaction_read_only=on").strip()
         prod = subprocess.Popen(p_argv, stdin=producer_stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=p_env)

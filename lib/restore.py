@@ -18,10 +18,13 @@ import shutil
 import time
 from dataclasses import dataclass, field
 
-from . import crypto, faults, spare
+import psycopg2
+
+from . import crypto, faults, intents, spare
 from .catalog import PENDING, TMP_PREFIX, Catalog, Point, PointWriter, check_files, refuse_damaged_manifest, utc_now
 from .console import UI
 from .db import (
+    OBJECT_IN_USE,
     Session,
     apply_database_properties,
     connection,
@@ -35,6 +38,7 @@ from .db import (
     rename_database,
     sessions_on,
     set_allow_connections,
+    sqlstate,
     terminate_sessions,
 )
 from .errors import ConfigError, DatabaseError, RollbackError, VerificationError
@@ -181,7 +185,10 @@ def _build_aside(target: Target, point: Point, aside: str, ui: UI) -> str | None
             ui.step(f"Using the spare copy of {point.id} prepared in the background")
             return "spare copy"
     with ui.progress(f"Copying {source} into {aside} on the server"):
-        template_method.copy_database(target, source, aside, props.get("owner"))
+        try:
+            template_method.copy_database(target, source, aside, props.get("owner"))
+        except psycopg2.Error as exc:
+            raise template_method.copy_error(target, exc, source) from None
     return None
 
 
@@ -204,9 +211,9 @@ def swap_databases(target: Target, aside: str, before: str, attempts: int = 3) -
                 rename_database(maint, aside, name)
                 execute(maint, "COMMIT")
                 return time.monotonic() - started, ended
-            except Exception as exc:  # noqa: BLE001 - retried, then re-raised
+            except psycopg2.Error as exc:
                 execute(maint, "ROLLBACK")
-                if attempt == attempts or "being accessed by other users" not in str(exc):
+                if attempt == attempts or sqlstate(exc) != OBJECT_IN_USE:
                     raise DatabaseError(f"Could not swap {aside} in for {name}: {str(exc).strip()}") from None
                 log.warning("swap attempt %s met a new session; retrying", attempt)
     except BaseException:
@@ -268,7 +275,6 @@ def build_verify_swap(
     if database_exists(target.maint, aside):
         ui.warn(f"Dropping {aside}, left behind by an interrupted restore.")
         drop_database(target.maint, aside)
-    swapped = False
     timings: dict[str, float] = {}
     clock = time.monotonic()
 
@@ -278,8 +284,9 @@ def build_verify_swap(
         timings[step] = round(now - clock, 3)
         clock = now
 
-    try:
+    with intents.new_database(target, aside, f"{restored} rebuilt beside {target.dbname}") as new:
         tool = build(aside)
+        intents.mark(target, aside, f"{restored} rebuilt beside {target.dbname}")
         lap("build")
         with connection(target.info, aside, application_name="rollback-toolkit verify") as conn:
             verify(conn)
@@ -293,23 +300,16 @@ def build_verify_swap(
             writer.pending(info)  # killed after the swap: the next run finishes this point
             lap("prepare swap")
             unavailable, ended = swap_databases(target, aside, before)
-            swapped = True
+            new.own()  # it is staging now
             lap("swap")
             ui.ok(f"{target.dbname} swapped in ({unavailable:.2f} s without connections, {ended} session(s) ended)")
             faults.pause("after swap")
             before_point = _keep_before_state(target, writer, info)
             lap("keep state before")
-        log.info("restore timings: %s", timings)
-        return RestoreResult(
-            restored, target.dbname, "swap", before_point.id, round(unavailable, 3), ended, tool=tool, timings=timings
-        )
-    except BaseException:
-        if not swapped:
-            try:
-                drop_database(target.maint, aside)
-            except Exception as exc:  # noqa: BLE001 - report, keep the original error
-                ui.warn(f"Could not drop the temporary database {aside}: {exc}")
-        raise
+    log.info("restore timings: %s", timings)
+    return RestoreResult(
+        restored, target.dbname, "swap", before_point.id, round(unavailable, 3), ended, tool=tool, timings=timings
+    )
 
 
 def _before_state_info(target: Target, before: str, description: str, props: dict, restored_id: str) -> dict:
@@ -327,7 +327,7 @@ def _before_state_info(target: Target, before: str, description: str, props: dic
 
 def _keep_before_state(target: Target, writer, info: dict) -> Point:
     before = info["template_database"]
-    template_method.seal(target.maint, before, writer.id, info["description"])
+    template_method.seal(target, before, writer.id, info["description"])
     try:
         fp = template_method.read_fingerprint(target, before)
     except RollbackError as exc:

@@ -20,6 +20,7 @@ import time
 
 from psycopg2 import sql
 
+from . import intents
 from .catalog import Catalog, Point
 from .config import PROJECT_ROOT, Settings, load_settings
 from .db import derived_name, drop_database, execute, lock_key, scalar, set_allow_connections
@@ -75,8 +76,10 @@ def prepare(target: Target, point: Point) -> bool:
         state = template_method.database_state(target.maint, source) if source else None
         if state is None or state["invalid"] or template_method.database_state(target.maint, name) is not None:
             return False
-        template_method.copy_database(target, source, name, None)
-        template_method.seal(target.maint, name, point.id, "spare copy for quick rollback")
+        with intents.new_database(target, name, "spare copy", point_id=point.id) as new:
+            template_method.copy_database(target, source, name, None)
+            template_method.seal(target, name, point.id, "spare copy for quick rollback")
+            new.own()
         return True
     finally:
         scalar(target.maint, "SELECT pg_advisory_unlock(%s)", (key,))

@@ -21,7 +21,7 @@ from .db import (
     set_allow_connections,
     system_identifier,
 )
-from .errors import ConfigError, DatabaseError, LockHeld
+from .errors import ConfigError, ConnectError, ConnectProblem, DatabaseError, LockHeld
 
 log = logging.getLogger(__name__)
 
@@ -64,20 +64,21 @@ def confirm_change(target: Target, ui, question: str, *, assume_yes: bool, what:
 
 def connect_maintenance(info: ConnInfo) -> psycopg2.extensions.connection:
     """An autocommit session outside staging, so staging can be renamed and emptied of sessions."""
-    last: DatabaseError | None = None
+    last: ConnectError | None = None
     for name in (MAINTENANCE_DB, "template1"):
         if name == info.dbname:
             continue
         try:
             return connect(info, name, application_name="rollback-toolkit maintenance")
-        except DatabaseError as exc:
+        except ConnectError as exc:
             last = exc
-            if "does not exist" not in exc.message and "not currently accepting" not in exc.message:
+            if exc.problem not in (ConnectProblem.NO_DATABASE, ConnectProblem.NOT_ACCEPTING):
                 break
     assert last is not None
-    raise DatabaseError(
+    raise ConnectError(
         f"Could not open a maintenance session on {info.server_label()} (database 'postgres'): {last.message}",
         last.hint,
+        problem=last.problem,
     )
 
 
@@ -86,8 +87,8 @@ def open_target(settings: Settings, *, check_v2: bool = True) -> Target:
     try:
         with connection(info, application_name="rollback-toolkit") as conn:
             facts = server_facts(conn)
-    except DatabaseError as exc:
-        if "not currently accepting connections" not in exc.message:
+    except ConnectError as exc:
+        if exc.problem is not ConnectProblem.NOT_ACCEPTING:
             raise
         reopen_after_interrupted_swap(info)
         with connection(info, application_name="rollback-toolkit") as conn:

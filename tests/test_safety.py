@@ -31,12 +31,25 @@ def test_bad_configuration_gets_one_paragraph(staging, env, args, code, words):
     assert "pw@" not in result.stderr
 
 
+@pytest.mark.german
 def test_wrong_password(staging):
+    """The next step is chosen by probing the server, so it is right whatever language
+    the server's message is in (the German server's says 'Passwort-Authentifizierung')."""
     url = staging.server.url(staging.name, password="definitely-wrong-pw")
     result = staging.run("create_rollback_point.py", "x", env={"STAGING_DATABASE_URL": url})
     assert result.returncode == 1
-    assert "password authentication failed" in result.stderr and "Check the password" in result.stderr
+    assert "refused this role's login" in result.stderr and "the password in the URL" in result.stderr
     assert "definitely-wrong-pw" not in result.stderr
+    _one_paragraph(result.stderr)
+
+
+@pytest.mark.german
+def test_missing_database(staging):
+    url = staging.server.url(staging.name + "_gone")
+    result = staging.run("create_rollback_point.py", "x", env={"STAGING_DATABASE_URL": url})
+    assert result.returncode == 1
+    assert "Check the database name in the URL" in result.stderr
+    assert "refused this role's login" not in result.stderr
     _one_paragraph(result.stderr)
 
 

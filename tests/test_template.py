@@ -282,3 +282,70 @@ def test_a_spare_copy_makes_quick_rollback_a_swap_and_is_prepared_again(staging)
     deleted = staging.run("rollback_manager.py", "delete", created["id"], "--yes", env=env)
     assert deleted.returncode == 0
     assert spare not in databases(staging.server)
+
+
+def _copy_with_sessions(staging, tmp_path, *, reconnects: int):
+    """A template point whose copy is paused before each attempt; at the first
+    ``reconnects`` pauses a new session connects to staging (and holds on), as an
+    application that reconnects at once would. Returns the run and the sessions."""
+    ready, resume = tmp_path / "ready", tmp_path / "resume"
+    env = {
+        "ROLLBACK_FAULT_PAUSE": "before copy",
+        "ROLLBACK_FAULT_EVERY": "1",
+        "ROLLBACK_FAULT_READY": str(ready),
+        "ROLLBACK_FAULT_RESUME": str(resume),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "create_rollback_point.py"), "held", "--method", "template", "--yes", "--json"],
+        env={**staging.env, **env},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    sessions = []
+    arrivals = 0
+    while proc.poll() is None:
+        seen = len(ready.read_text().splitlines()) if ready.exists() else 0
+        if seen > arrivals:
+            arrivals = seen
+            if arrivals <= reconnects:
+                sessions.append(psycopg2.connect(staging.url, application_name="reconnecting-app"))
+            with open(resume, "a") as fh:
+                fh.write("go\n")
+        time.sleep(0.02)
+    out, err = proc.communicate()
+    return proc.returncode, out, err, arrivals, sessions
+
+
+@pytest.mark.german
+def test_a_session_that_slips_in_before_the_copy_is_ended_and_the_copy_retried(staging, tmp_path):
+    """The retry is decided by SQLSTATE 55006, so it works on a server that speaks German."""
+    code, out, err, arrivals, sessions = _copy_with_sessions(staging, tmp_path, reconnects=1)
+    try:
+        assert code == 0, err
+        assert arrivals == 2  # the first copy met the session, the second succeeded
+        created = json.loads(out)
+        assert created["method"] == "template"
+        assert staging.run("rollback_manager.py", "verify", created["id"]).returncode == 0
+        with pytest.raises(psycopg2.OperationalError), sessions[0].cursor() as cur:
+            cur.execute("SELECT 1")  # it was ended for the copy
+    finally:
+        for conn in sessions:
+            conn.close()
+
+
+@pytest.mark.servers("18", "15de")  # each attempt waits the server's 5 s for the session to go
+def test_a_session_that_keeps_reconnecting_fails_the_copy_clearly_and_leaves_nothing(staging, tmp_path):
+    code, out, err, arrivals, sessions = _copy_with_sessions(staging, tmp_path, reconnects=99)
+    try:
+        assert code == 1, err
+        assert arrivals == 5
+        assert "sessions kept connecting" in err and "Stop the clients" in err
+        assert "Traceback" not in err
+        assert staging.run_json("rollback_manager.py", "list") == []
+        assert not [d for d in databases(staging.server) if d.startswith("rb_held_")]
+    finally:
+        for conn in sessions:
+            conn.close()

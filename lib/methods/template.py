@@ -11,9 +11,13 @@ from contextlib import contextmanager
 import psycopg2
 from psycopg2 import sql
 
+from .. import faults, intents
 from ..catalog import Catalog, Point, human_size, utc_now
 from ..console import UI
 from ..db import (
+    DISK_FULL,
+    DUPLICATE_DATABASE,
+    OBJECT_IN_USE,
     connection,
     database_properties,
     derived_name,
@@ -23,6 +27,7 @@ from ..db import (
     refuse_prepared_transactions,
     sessions_on,
     set_allow_connections,
+    sqlstate,
     terminate_sessions,
 )
 from ..errors import ConfigError, DatabaseError, VerificationError
@@ -33,8 +38,8 @@ from .dump import database_section
 log = logging.getLogger(__name__)
 
 
-def comment_for(point_id: str, description: str) -> str:
-    return f"rollback point {point_id}: {description} (managed by rollback_manager.py; do not connect)"
+def comment_for(point_id: str, description: str, marker: str) -> str:
+    return f"rollback point {point_id}: {description} (managed by rollback_manager.py, {marker}; do not connect)"
 
 
 def database_state(maint, name: str) -> dict | None:
@@ -45,12 +50,11 @@ def database_state(maint, name: str) -> dict | None:
     return {"allow_connections": rows[0][0], "invalid": rows[0][1] == -2}
 
 
-def seal(maint, name: str, point_id: str, description: str) -> None:
-    set_allow_connections(maint, name, False)
-    execute(
-        maint,
-        sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(name), sql.Literal(comment_for(point_id, description))),
-    )
+def seal(target: Target, name: str, point_id: str, description: str) -> None:
+    """No connections, and a comment naming the point and the catalog it belongs to."""
+    set_allow_connections(target.maint, name, False)
+    text = comment_for(point_id, description, intents.marker(Catalog(target.settings.backup_dir)))
+    execute(target.maint, sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(name), sql.Literal(text)))
 
 
 @contextmanager
@@ -89,7 +93,7 @@ def copy_database(target: Target, source: str, new_name: str, owner: str | None)
     try:
         execute(target.maint, statement)
     except psycopg2.Error as exc:
-        if "being accessed by other users" in str(exc) or "already exists" in str(exc):
+        if sqlstate(exc) in (OBJECT_IN_USE, DUPLICATE_DATABASE, DISK_FULL):
             raise
         log.warning("file_copy_method = clone failed (%s); copying the plain way", str(exc).strip())
         execute(target.maint, "SET file_copy_method = copy")
@@ -161,17 +165,34 @@ def copy_staging(target: Target, new_name: str, attempts: int = 5) -> int:
     ended = 0
     for attempt in range(1, attempts + 1):
         ended += len(terminate_sessions(target.maint, target.dbname))
+        faults.pause("before copy")
         try:
             copy_database(target, target.dbname, new_name, None)
             return ended
         except psycopg2.Error as exc:
-            if "being accessed by other users" not in str(exc) or attempt == attempts:
-                raise DatabaseError(
-                    f"Could not copy {target.dbname}: {str(exc).strip().splitlines()[0]}",
-                    "Stop the clients that keep connecting to it, then try again.",
-                ) from None
+            if sqlstate(exc) != OBJECT_IN_USE or attempt == attempts:
+                raise copy_error(target, exc, target.dbname, attempts=attempt) from None
             log.info("a session reconnected to %s during the copy; retrying (%s)", target.dbname, attempt)
     raise AssertionError("unreachable")
+
+
+def copy_error(target: Target, exc: psycopg2.Error, source: str, *, attempts: int = 1) -> DatabaseError:
+    """Why a server-side copy failed, and what to do, decided by its SQLSTATE."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    code = sqlstate(exc)
+    if code == OBJECT_IN_USE:
+        return DatabaseError(
+            f"Could not copy {source}: sessions kept connecting to it ({attempts} attempt(s)): {first}",
+            "Stop the clients that keep connecting to it, then try again.",
+        )
+    if code == DISK_FULL:
+        return DatabaseError(
+            f"The server ran out of disk space copying {source} ({human_size(target.facts.database_size)}): {first}. "
+            "The unfinished copy is not kept.",
+            "Free space on the server; or take a dump point (--method dump), which writes to BACKUP_DIR instead; "
+            "`python3 rollback_manager.py cleanup --dry-run` lists what earlier failures left.",
+        )
+    return DatabaseError(f"Could not copy {source}: {first}", "See the log for details.")
 
 
 def drop_orphans(target: Target, point_ids: list[str], dry_run: bool = False) -> list[str]:
@@ -192,30 +213,25 @@ def take(target: Target, catalog: Catalog, ui: UI, *, label: str, base_manifest:
     started = utc_now()
     with catalog.writing(label) as writer:
         name = derived_name(writer.id, "")
-        clock = time.monotonic()
-        try:
+        with intents.new_database(target, name, "template point copy", point_id=writer.id) as new:
+            clock = time.monotonic()
             with ui.progress(f"Copying {target.dbname} to {name} on the server"):
                 ended = copy_staging(target, name)
             copy_seconds = time.monotonic() - clock
-            description = base_manifest.get("description") or ""
-            seal(target.maint, name, writer.id, description)
+            seal(target, name, writer.id, base_manifest.get("description") or "")
             fp = read_fingerprint(target, name)
-        except BaseException:
-            try:
-                drop_database(target.maint, name)
-            except Exception as exc:  # noqa: BLE001 - keep the original error
-                log.error("could not drop %s after a failed copy: %s", name, exc)
-            raise
-        props = database_properties(target.maint, target.dbname).as_dict()
-        manifest = dict(base_manifest)
-        manifest.update(
-            created_at=started.isoformat(timespec="milliseconds"),
-            method="template",
-            template_database=name,
-            database=database_section(target, props),
-            fingerprint=fp.as_dict(),
-            sessions_terminated=ended,
-            copy_seconds=round(copy_seconds, 3),
-            duration_seconds=round((utc_now() - started).total_seconds(), 3),
-        )
-        return writer.commit(manifest)
+            props = database_properties(target.maint, target.dbname).as_dict()
+            manifest = dict(base_manifest)
+            manifest.update(
+                created_at=started.isoformat(timespec="milliseconds"),
+                method="template",
+                template_database=name,
+                database=database_section(target, props),
+                fingerprint=fp.as_dict(),
+                sessions_terminated=ended,
+                copy_seconds=round(copy_seconds, 3),
+                duration_seconds=round((utc_now() - started).total_seconds(), 3),
+            )
+            point = writer.commit(manifest)
+            new.own()
+        return point

@@ -111,8 +111,9 @@ def last_audit(staging) -> dict:
 
 
 @pytest.fixture
-def staging18(pg18, new_staging):
-    return new_staging(pg18)
+def fault_staging(server, new_staging):
+    """A fresh staging on each major (and, for tests marked german, on the German server)."""
+    return new_staging(server)
 
 
 @pytest.fixture

@@ -7,12 +7,12 @@ import json
 from tests.faults.conftest import databases, kill_9, leftovers, points, start_paused
 
 
-def test_cleanup_removes_what_killed_runs_left_and_says_so(staging18, tmp_path):
+def test_cleanup_removes_what_killed_runs_left_and_says_so(fault_staging, tmp_path):
     """Fault: a create and a restore killed with -9. Injected: kill -9 while each waits
     on a paused client tool. Holds: --dry-run names the unfinished folder and the
     half-built database and removes nothing; cleanup removes both and says so; the
     point taken before is kept."""
-    s = staging18
+    s = fault_staging
     point_id = s.create_point("good")
     for n, (args, slow) in enumerate(
         [

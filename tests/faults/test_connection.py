@@ -33,11 +33,11 @@ def _blocked_dump(s: Staging):
     return proc, holder
 
 
-def test_the_dump_session_terminated(staging18):
+def test_the_dump_session_terminated(fault_staging):
     """Fault: pg_dump's session is ended by the server. Injected: pg_terminate_backend on
     it while it waits for a lock. Holds: exit 1 naming pg_dump's error, the point is
     audited as failed, nothing of it is listed or left."""
-    s = staging18
+    s = fault_staging
     proc, holder = _blocked_dump(s)
     try:
         with closing(s.server.connect()) as conn, conn.cursor() as cur:

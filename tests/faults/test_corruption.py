@@ -67,11 +67,11 @@ DAMAGE = [truncate, flip, append, edit_manifest, delete_manifest, remove_file, a
 
 @pytest.mark.parametrize("method", ["dump", "data"])
 @pytest.mark.parametrize("damage", DAMAGE, ids=lambda f: f.__name__)
-def test_a_damaged_point_is_refused_before_anything_is_touched(staging18, method, damage):
+def test_a_damaged_point_is_refused_before_anything_is_touched(fault_staging, method, damage):
     """Fault: the point's files or manifest changed after it was taken. Injected: the
     damage named, on disk. Holds: verify and restore exit 3 naming what is wrong, staging
     unchanged, no half-built database, and no 'state before' point made."""
-    s = staging18
+    s = fault_staging
     point_id = s.create_point("to be damaged", "--method", method)
     s.sql("DELETE FROM documents")
     before = deep_state(s.server, s.name)
@@ -87,10 +87,10 @@ def test_a_damaged_point_is_refused_before_anything_is_touched(staging18, method
     assert sorted(p.name for p in s.backup_dir.iterdir() if not p.name.startswith(".")) == [point_id]
 
 
-def test_an_encrypted_point_with_a_flipped_byte_is_refused(staging18, tmp_path, age_keys):
+def test_an_encrypted_point_with_a_flipped_byte_is_refused(fault_staging, tmp_path, age_keys):
     """Fault: a byte of an encrypted archive changed. Injected: same-length flip. Holds:
     exit 3 by the checksum, before any decryption or change."""
-    s = staging18
+    s = fault_staging
     s.env.update(age_keys)
     point_id = s.create_point("encrypted", "--encrypt")
     before = deep_state(s.server, s.name)
@@ -100,10 +100,10 @@ def test_an_encrypted_point_with_a_flipped_byte_is_refused(staging18, tmp_path, 
     assert deep_state(s.server, s.name) == before and leftovers(s) == []
 
 
-def test_copying_a_point_elsewhere_keeps_it_checkable(staging18, tmp_path):
+def test_copying_a_point_elsewhere_keeps_it_checkable(fault_staging, tmp_path):
     """Not a fault: a point folder copied with its manifest still verifies (the manifest's
     own checksum covers content, not the folder's place)."""
-    s = staging18
+    s = fault_staging
     point_id = s.create_point("copied")
     shutil.copytree(s.backup_dir / point_id, tmp_path / "elsewhere" / point_id)
     result = s.run("rollback_manager.py", "verify", point_id, "--backup-dir", str(tmp_path / "elsewhere"))

@@ -9,7 +9,6 @@ from contextlib import contextmanager
 
 import pytest
 
-from tests.conftest import IN_CI
 from tests.faults.conftest import leftovers, points, start, wait_for
 from tests.helpers import write_tool_wrapper
 
@@ -21,11 +20,7 @@ def small_filesystem(path, megabytes: int):
         ["mount", "-t", "tmpfs", "-o", f"size={megabytes}m,mode=0700", "tmpfs", str(path)], capture_output=True
     )
     if mounted.returncode != 0:
-        if IN_CI:
-            pytest.fail(f"CI machines run as root and can mount a tmpfs: {mounted.stderr.decode()}")
-        pytest.skip(
-            f"this machine does not allow mounting a tmpfs here ({mounted.stderr.decode().strip()}); the file-size-limit test covers it"
-        )
+        pytest.fail(f"root could not mount a tmpfs here: {mounted.stderr.decode().strip()}")
     try:
         yield path
     finally:
@@ -45,11 +40,12 @@ def _older_point_intact(s, older: str) -> None:
     assert verified.returncode == 0, verified.stderr
 
 
-def test_backup_folder_full(staging18, tmp_path):
+@pytest.mark.needs_root("mounts a small tmpfs")
+def test_backup_folder_full(fault_staging, tmp_path):
     """Fault: no space left in BACKUP_DIR during pg_dump. Injected: BACKUP_DIR on a 40 MB
     tmpfs that a pg_dump wrapper fills up before dumping (after the free-space check
     passed). Holds: exit 1 naming the cause; the older point lists and verifies."""
-    s = staging18
+    s = fault_staging
     with small_filesystem(tmp_path / "small", 40) as small:
         env = {"BACKUP_DIR": str(small)}
         s.env.update(env)
@@ -64,11 +60,11 @@ def test_backup_folder_full(staging18, tmp_path):
         _older_point_intact(s, older)
 
 
-def test_file_size_limit(staging18, tmp_path):
+def test_file_size_limit(fault_staging, tmp_path):
     """Fault: the file-size limit (ulimit -f) is hit while pg_dump writes. Injected: a
     pg_dump wrapper that sets `ulimit -f 16` (16 KB). Holds: exit 1 with pg_dump's
     error; the older point lists and verifies; nothing half-made is left."""
-    s = staging18
+    s = fault_staging
     older = s.create_point("before the limit")
     body = 'ulimit -f 16; exec "$REAL" "$@"'
     result = s.run("create_rollback_point.py", "too big", env=tools_that(tmp_path / "bin", s.server.bin_dir, body))
@@ -77,12 +73,13 @@ def test_file_size_limit(staging18, tmp_path):
     _older_point_intact(s, older)
 
 
-def test_a_data_point_on_a_full_disk(staging18, tmp_path):
+@pytest.mark.needs_root("mounts a small tmpfs")
+def test_a_data_point_on_a_full_disk(fault_staging, tmp_path):
     """Fault: no space left while simple_rollback.py writes (no client tool involved).
     Injected: BACKUP_DIR on a 40 MB tmpfs, filled up while the run is paused at its first
     table (ROLLBACK_FAULT_PAUSE='data copy'), after the free-space check passed. Holds:
     exit 1 naming the cause; the older point lists and verifies."""
-    s = staging18
+    s = fault_staging
     with small_filesystem(tmp_path / "small", 40) as small:
         s.env.update(BACKUP_DIR=str(small))
         s.backup_dir = small

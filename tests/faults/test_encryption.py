@@ -51,9 +51,9 @@ def test_an_encrypted_point_round_trip(server, new_staging, age_keys, method):
         pytest.fail("the age tool is installed by ./setup_and_run.sh test; it is missing")
 
 
-def test_a_recipients_file_with_several_keys(staging18, tmp_path, age_keys):
+def test_a_recipients_file_with_several_keys(fault_staging, tmp_path, age_keys):
     """ROLLBACK_ENCRYPT_TO may name a file of recipients: either key opens the point."""
-    s = staging18
+    s = fault_staging
     other = x25519.Identity.generate()
     recipients = tmp_path / "recipients.txt"
     recipients.write_text(f"# the on-call key\n{age_keys['ROLLBACK_ENCRYPT_TO']}\n\n# the backup key\n{other.to_public()}\n")
@@ -67,11 +67,11 @@ def test_a_recipients_file_with_several_keys(staging18, tmp_path, age_keys):
 
 
 @pytest.mark.parametrize("key", ["missing", "wrong"])
-def test_without_the_right_key_nothing_is_touched(staging18, age_keys, tmp_path, key):
+def test_without_the_right_key_nothing_is_touched(fault_staging, age_keys, tmp_path, key):
     """Fault: the key is missing or is another one. Injected: ROLLBACK_DECRYPT_KEY_FILE
     unset, or pointing at a new identity. Holds: verify and restore exit 2 with a clear
     message, staging unchanged, no half-built database, no 'state before' point."""
-    s = staging18
+    s = fault_staging
     s.env.update(age_keys)
     point_id = s.create_point("encrypted", "--encrypt")
     s.sql("DELETE FROM documents")
@@ -92,20 +92,20 @@ def test_without_the_right_key_nothing_is_touched(staging18, age_keys, tmp_path,
     assert points(s) == [point_id] and leftovers(s) == []
 
 
-def test_encryption_without_a_recipient_writes_nothing(staging18):
+def test_encryption_without_a_recipient_writes_nothing(fault_staging):
     """Fault: --encrypt with no recipient. Injected: ROLLBACK_ENCRYPT_TO unset. Holds:
     exit 2 before anything is written: no point, no folder."""
-    s = staging18
+    s = fault_staging
     result = s.run("create_rollback_point.py", "no recipient", "--encrypt")
     assert result.returncode == 2
     assert "ROLLBACK_ENCRYPT_TO names no recipient: nothing was written" in result.stderr
     assert points(s) == [] and leftovers(s) == []
 
 
-def test_a_template_point_is_not_taken_when_encryption_is_asked(staging18, age_keys):
+def test_a_template_point_is_not_taken_when_encryption_is_asked(fault_staging, age_keys):
     """A template point is a database copy on the server: with encryption asked for,
     --method template is refused and auto takes an encrypted dump."""
-    s = staging18
+    s = fault_staging
     s.env.update(age_keys)
     refused = s.run("create_rollback_point.py", "x", "--method", "template", "--yes")
     assert refused.returncode == 2 and "cannot encrypt" in refused.stderr

@@ -27,11 +27,11 @@ from tests.helpers import deep_state, write_tool_wrapper
     ],
     ids=["restore", "partial", "quick", "simple"],
 )
-def test_a_protected_database_needs_its_name_not_just_yes(staging18, args):
+def test_a_protected_database_needs_its_name_not_just_yes(fault_staging, args):
     """Fault: a destructive command aimed at a protected database with --yes only.
     Injected: PROTECTED_DATABASES names staging. Holds: refused with exit 2 and nothing
     changed; a wrong --confirm-database is refused too; the right one goes ahead."""
-    s = staging18
+    s = fault_staging
     point_id = s.create_point("good")
     s.sql("INSERT INTO documents (owner_name, body) VALUES ('x', 'after the point')")
     before = deep_state(s.server, s.name)
@@ -48,11 +48,11 @@ def test_a_protected_database_needs_its_name_not_just_yes(staging18, args):
     assert s.sql("SELECT count(*) FROM documents WHERE body = 'after the point'")[0][0] == 0
 
 
-def test_a_protected_database_name_typed_at_the_prompt(staging18):
+def test_a_protected_database_name_typed_at_the_prompt(fault_staging):
     """Fault: an operator answers the confirmation of a protected database. Injected: a
     terminal (pexpect); first a wrong name, then the right one. Holds: the wrong name
     changes nothing; the right one restores."""
-    s = staging18
+    s = fault_staging
     point_id = s.create_point("good")
     s.sql("DELETE FROM documents")
     env = {**s.env, "PROTECTED_DATABASES": s.name}
@@ -73,10 +73,10 @@ def test_a_protected_database_name_typed_at_the_prompt(staging18):
         assert s.sql("SELECT count(*) FROM documents")[0][0] == (0 if code else 2)
 
 
-def test_a_production_migration_on_a_protected_database_needs_its_name(staging18, tmp_path):
+def test_a_production_migration_on_a_protected_database_needs_its_name(fault_staging, tmp_path):
     """Fault: --production --yes on a protected database. Injected: PROTECTED_DATABASES.
     Holds: refused before any point or change; with --confirm-database it runs."""
-    s = staging18
+    s = fault_staging
     migration = tmp_path / "touch.py"
     migration.write_text("def migrate(ctx):\n    ctx.staging.cursor().execute(\"UPDATE documents SET body = 'migrated'\")\n")
     env = {"PROTECTED_DATABASES": s.name}
@@ -88,11 +88,11 @@ def test_a_production_migration_on_a_protected_database_needs_its_name(staging18
     assert s.sql("SELECT DISTINCT body FROM documents")[0][0] == "migrated"
 
 
-def test_pg_restore_reporting_ignored_errors_is_a_failure(staging18, tmp_path):
+def test_pg_restore_reporting_ignored_errors_is_a_failure(fault_staging, tmp_path):
     """Fault: pg_restore exits 0 but reports 'errors ignored on restore'. Injected: a
     pg_restore wrapper that runs the real one and then says so. Holds: the restore fails
     before the swap, staging unchanged, nothing left."""
-    s = staging18
+    s = fault_staging
     point_id = s.create_point("good")
     s.sql("DELETE FROM documents")
     before = deep_state(s.server, s.name)
@@ -118,8 +118,8 @@ PASSWORD = "Sekr1t-pw-for-argv-test"
 
 
 @pytest.fixture
-def secret_staging(staging18):
-    s = staging18
+def secret_staging(fault_staging):
+    s = fault_staging
     with closing(s.server.connect()) as conn, conn.cursor() as cur:
         cur.execute("DROP ROLE IF EXISTS secret_owner")
         cur.execute(f"CREATE ROLE secret_owner LOGIN SUPERUSER PASSWORD '{PASSWORD}'")
@@ -162,10 +162,10 @@ def test_the_password_is_in_no_argv_log_audit_manifest_or_message(secret_staging
     assert "password authentication failed" in failing.stderr
 
 
-def test_a_password_file_open_to_others_is_warned_about(staging18, tmp_path):
+def test_a_password_file_open_to_others_is_warned_about(fault_staging, tmp_path):
     """Fault: ~/.pgpass readable by others (libpq then ignores it). Injected: PGPASSFILE
     with mode 0644. Holds: every script warns and says the chmod to run."""
-    s = staging18
+    s = fault_staging
     pgpass = tmp_path / "pgpass"
     pgpass.write_text("*:*:*:*:whatever\n")
     pgpass.chmod(0o644)
@@ -174,10 +174,10 @@ def test_a_password_file_open_to_others_is_warned_about(staging18, tmp_path):
     assert f"{pgpass} can be read by others (mode 644)" in result.stderr and f"chmod 600 {pgpass}" in result.stderr
 
 
-def test_points_and_logs_stay_private_under_umask_000(staging18, tmp_path):
+def test_points_and_logs_stay_private_under_umask_000(fault_staging, tmp_path):
     """Fault: a permissive umask. Injected: umask 000 for the run. Holds: point folders
     0700, their files 0600, logs and the audit trail 0600."""
-    s = staging18
+    s = fault_staging
     result = subprocess.run(
         [sys.executable, str(ROOT / "create_rollback_point.py"), "private", "--method", "data"],
         env=s.env,

@@ -19,11 +19,11 @@ from tests.helpers import deep_state
     ],
     ids=["create", "restore", "quick_rollback", "simple_rollback-restore-in-place"],
 )
-def test_ctrl_c_while_working(staging18, tmp_path, script, args, slow, with_point):
+def test_ctrl_c_while_working(fault_staging, tmp_path, script, args, slow, with_point):
     """Fault: SIGINT while the script waits on a client tool. Injected: a wrapper of that
     tool that pauses. Holds: exit 130, nothing half-built left, staging unchanged, an
     'aborted' audit entry, and no point added."""
-    s = staging18
+    s = fault_staging
     point_id = s.create_point("good") if with_point else None
     if script == "simple_rollback.py":
         point_id = s.run_json("simple_rollback.py", "create", "data point")["id"]
@@ -44,11 +44,11 @@ def test_ctrl_c_while_working(staging18, tmp_path, script, args, slow, with_poin
     assert last_audit(s)["outcome"] == "aborted"
 
 
-def test_ctrl_c_during_reset(pg18, new_staging, tmp_path):
+def test_ctrl_c_during_reset(server, new_staging, tmp_path):
     """Fault: SIGINT while staging is rebuilt from V2. Injected: a pg_dump wrapper that
     pauses. Holds: exit 130, the half-built copy dropped, staging unchanged, 'aborted'."""
-    v2 = new_staging(pg18, "v2")
-    s = new_staging(pg18)
+    v2 = new_staging(server, "v2")
+    s = new_staging(server)
     s.sql("CREATE TABLE local_only (id int)")
     before = deep_state(s.server, s.name)
     proc, _ = start_paused(s, tmp_path, "pg_dump", "reset_staging.py", "--yes", env={"V2_DATABASE_URL": v2.url})
@@ -59,10 +59,10 @@ def test_ctrl_c_during_reset(pg18, new_staging, tmp_path):
     assert last_audit(s)["outcome"] == "aborted"
 
 
-def test_ctrl_c_during_a_data_point(staging18, tmp_path):
+def test_ctrl_c_during_a_data_point(fault_staging, tmp_path):
     """Fault: SIGINT while simple_rollback.py copies tables. Injected:
     ROLLBACK_FAULT_PAUSE='data copy'. Holds: exit 130, no folder left, no point listed."""
-    s = staging18
+    s = fault_staging
     ready = tmp_path / "ready"
     proc = start(
         s,

@@ -3,15 +3,17 @@ no listed point is half-made, and the next run cleans up and succeeds."""
 
 from __future__ import annotations
 
+import pytest
+
 from tests.faults.conftest import databases, kill_9, leftovers, points, start, start_paused, wait_for
 from tests.helpers import deep_state
 
 
-def test_kill_9_during_create(staging18, tmp_path):
+def test_kill_9_during_create(fault_staging, tmp_path):
     """Fault: kill -9 while pg_dump writes the point. Injected: a pg_dump wrapper that
     pauses before dumping. Holds: no point listed; the next create removes the
     unfinished folder and succeeds."""
-    s = staging18
+    s = fault_staging
     proc, marker = start_paused(s, tmp_path, "pg_dump", "create_rollback_point.py", "killed")
     kill_9(proc, marker)
     assert points(s) == []
@@ -21,11 +23,11 @@ def test_kill_9_during_create(staging18, tmp_path):
     assert leftovers(s) == []
 
 
-def test_kill_9_during_restore(staging18, tmp_path):
+def test_kill_9_during_restore(fault_staging, tmp_path):
     """Fault: kill -9 while the point is rebuilt beside staging. Injected: a pg_restore
     wrapper that pauses. Holds: staging is wholly the old state; the next restore drops
     the half-built copy and succeeds."""
-    s = staging18
+    s = fault_staging
     point_id = s.create_point("good")
     at_point = deep_state(s.server, s.name)
     s.sql("DELETE FROM documents; UPDATE customers SET name = 'migrated'")
@@ -40,12 +42,12 @@ def test_kill_9_during_restore(staging18, tmp_path):
     assert leftovers(s) == []
 
 
-def test_kill_9_during_reset(pg18, new_staging, tmp_path):
+def test_kill_9_during_reset(server, new_staging, tmp_path):
     """Fault: kill -9 while staging is rebuilt from V2. Injected: a pg_dump wrapper that
     pauses. Holds: staging is wholly the old state; the next reset succeeds."""
-    v2 = new_staging(pg18, "v2")
+    v2 = new_staging(server, "v2")
     v2.sql("CREATE TABLE only_in_v2 (id int PRIMARY KEY); INSERT INTO only_in_v2 SELECT generate_series(1, 10)")
-    s = new_staging(pg18)
+    s = new_staging(server)
     before = deep_state(s.server, s.name)
     proc, marker = start_paused(s, tmp_path, "pg_dump", "reset_staging.py", "--yes", env={"V2_DATABASE_URL": v2.url})
     kill_9(proc, marker)
@@ -70,12 +72,13 @@ def _restore_killed_at(s, tmp_path, place: str) -> tuple[str, dict, dict]:
     return point_id, at_point, migrated
 
 
-def test_kill_9_between_the_two_renames_of_a_swap(staging18, tmp_path):
+@pytest.mark.german
+def test_kill_9_between_the_two_renames_of_a_swap(fault_staging, tmp_path):
     """Fault: kill -9 after staging was renamed away and before the copy took its name.
     Injected: ROLLBACK_FAULT_PAUSE='between renames' stops the run inside the swap's
     transaction. Holds: the server rolls the transaction back, so staging keeps its name
     and its old state; the next run allows connections again and the restore succeeds."""
-    s = staging18
+    s = fault_staging
     point_id, at_point, migrated = _restore_killed_at(s, tmp_path, "between renames")
     wait_for(lambda: s.name in databases(s) and not any(d.startswith("rb_before_rollback") for d in databases(s)))
     listing = s.run("rollback_manager.py", "diff", point_id)  # opens staging: connections are allowed again
@@ -88,12 +91,12 @@ def test_kill_9_between_the_two_renames_of_a_swap(staging18, tmp_path):
     assert leftovers(s) == []
 
 
-def test_kill_9_after_the_swap_before_the_undo_point_is_written(staging18, tmp_path):
+def test_kill_9_after_the_swap_before_the_undo_point_is_written(fault_staging, tmp_path):
     """Fault: kill -9 after the swap committed and before the 'state before rollback'
     point's manifest was written. Injected: ROLLBACK_FAULT_PAUSE='after swap'. Holds:
     staging is wholly the restored state; the old state is not lost: the next run
     finishes its point, which lists, and restoring it undoes the restore exactly."""
-    s = staging18
+    s = fault_staging
     point_id, at_point, migrated = _restore_killed_at(s, tmp_path, "after swap")
     assert deep_state(s.server, s.name) == at_point  # wholly new
     assert points(s) == [point_id]  # the undo point is not listed half-made

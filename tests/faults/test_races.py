@@ -10,11 +10,11 @@ from tests.faults.conftest import databases, kill_9, leftovers, start_paused
 from tests.helpers import deep_state
 
 
-def test_a_second_operation_exits_4_at_once(staging18, tmp_path):
+def test_a_second_operation_exits_4_at_once(fault_staging, tmp_path):
     """Fault: two mutating operations on the same database. Injected: a restore paused
     in pg_restore while a create starts. Holds: the create exits 4 within seconds and
     names the restore's process; the restore then finishes."""
-    s = staging18
+    s = fault_staging
     point_id = s.create_point("good")
     proc, marker = start_paused(s, tmp_path, "pg_restore", "rollback_manager.py", "restore", point_id, "--yes", seconds=5)
     began = time.monotonic()
@@ -26,11 +26,11 @@ def test_a_second_operation_exits_4_at_once(staging18, tmp_path):
     assert proc.returncode == 0, err
 
 
-def test_the_lock_of_a_killed_run_does_not_block_the_next(staging18, tmp_path):
+def test_the_lock_of_a_killed_run_does_not_block_the_next(fault_staging, tmp_path):
     """Fault: the lock holder is killed with -9. Injected: kill -9 of a restore paused in
     pg_restore. Holds: the next operation gets the lock at once (the lock file's flock
     and the server's advisory lock both die with the process)."""
-    s = staging18
+    s = fault_staging
     point_id = s.create_point("good")
     proc, marker = start_paused(s, tmp_path, "pg_restore", "rollback_manager.py", "restore", point_id, "--yes")
     kill_9(proc, marker)
@@ -41,12 +41,12 @@ def test_the_lock_of_a_killed_run_does_not_block_the_next(staging18, tmp_path):
     assert leftovers(s) == []
 
 
-def test_a_prepared_transaction_is_refused_by_name(staging18):
+def test_a_prepared_transaction_is_refused_by_name(fault_staging):
     """Fault: a prepared transaction on staging (it keeps the database busy and no
     session can be ended to free it). Injected: PREPARE TRANSACTION. Holds: template
     point and restore are refused with its gid and the statement that ends it; staging
     unchanged; no half-made point or database."""
-    s = staging18
+    s = fault_staging
     point_id = s.create_point("good")
     s.sql("DELETE FROM documents")
     with closing(s.connect()) as conn:
@@ -72,11 +72,11 @@ def test_a_prepared_transaction_is_refused_by_name(staging18):
             conn.cursor().execute("ROLLBACK PREPARED 'stuck_migration'")
 
 
-def test_an_invalid_database_in_the_way_is_dropped_and_the_restore_succeeds(staging18):
+def test_an_invalid_database_in_the_way_is_dropped_and_the_restore_succeeds(fault_staging):
     """Fault: an invalid database (left by an interrupted DROP) holds the name the
     restore builds under. Injected: a database of that name marked invalid
     (datconnlimit = -2). Holds: it is dropped, the restore succeeds, staging is exact."""
-    s = staging18
+    s = fault_staging
     point_id = s.create_point("good")
     at_point = deep_state(s.server, s.name)
     s.sql("DELETE FROM documents")
@@ -92,11 +92,11 @@ def test_an_invalid_database_in_the_way_is_dropped_and_the_restore_succeeds(stag
     assert aside not in databases(s)
 
 
-def test_a_session_in_a_transaction_during_the_swap_is_ended_not_half_swapped(staging18):
+def test_a_session_in_a_transaction_during_the_swap_is_ended_not_half_swapped(fault_staging):
     """Fault: a session inside an open transaction on staging when the swap comes.
     Injected: a connection holding a row lock. Holds: with --yes it is named and ended,
     and the swap is whole (staging exact, the old state kept as a point)."""
-    s = staging18
+    s = fault_staging
     point_id = s.create_point("good")
     at_point = deep_state(s.server, s.name)
     s.sql("DELETE FROM documents")
