@@ -14,7 +14,7 @@ import os
 import time
 from pathlib import Path
 
-PLACES = ("between renames", "after swap", "data copy", "before copy")
+PLACES = ("between renames", "after swap", "data copy", "before copy", "after copy")
 _arrivals: dict[str, int] = {}
 
 

@@ -37,7 +37,7 @@ from .methods.dump import restore_script
 from .pgtools import candidates_for_archive, candidates_for_server, companion, run_pipeline, run_tool, try_each
 from .restore import RestoreResult, build_verify_swap
 from .target import Target, confirm_change, open_target
-from .verify import row_counts, sequence_positions
+from .verify import portable_schema_lines, row_counts, schema_differences, schema_lines, sequence_positions
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +236,9 @@ def reset_staging(settings: Settings, ui: UI, *, assume_yes: bool, jobs: int | N
                     snapshot = query(snap, "SELECT pg_export_snapshot()")[0][0]
                     expected = row_counts(snap)
                     sequences = sequence_positions(snap)
+                    # the same major prints the schema alike; across majors, what both print alike
+                    read_schema = schema_lines if v2_major == f.major else portable_schema_lines
+                    schema = read_schema(snap)
 
                     def build(aside: str) -> str:
                         create_database_like(target.maint, aside, {**props, "comment": None, "acl": [], "settings": []}, f.major)
@@ -254,13 +257,18 @@ def reset_staging(settings: Settings, ui: UI, *, assume_yes: bool, jobs: int | N
                             for q in sorted(set(sequences) | set(got_sequences))
                             if sequences.get(q) != got_sequences.get(q)
                         ]
+                        problems += [f"schema {line}" for line in schema_differences(schema, read_schema(conn))]
                         if problems:
                             raise VerificationError(
-                                "The copy of V2 does not match V2's row counts: "
+                                "The copy of V2 does not match V2: "
                                 + "; ".join(problems[:10])
                                 + f". Staging {target.dbname} was not touched."
                             )
-                        ui.ok(f"The copy matches V2: {sum(got.values())} rows in {len(got)} tables")
+                        ui.ok(
+                            f"The copy matches V2: its schema ({len(schema)} objects"
+                            + ("" if v2_major == f.major else f", as PostgreSQL {v2_major} and {f.major} both print them")
+                            + f") and {sum(got.values())} rows in {len(got)} tables"
+                        )
 
                     result = build_verify_swap(target, catalog, ui, build=build, verify=verify, properties=props, restored="V2")
                 record.set(before_point_id=result.before_point_id)

@@ -18,12 +18,14 @@ import subprocess
 import sys
 import time
 
+import psycopg2
 from psycopg2 import sql
 
 from . import intents
 from .catalog import Catalog, Point
 from .config import PROJECT_ROOT, Settings, load_settings
 from .db import derived_name, drop_database, execute, lock_key, scalar, set_allow_connections
+from .errors import RollbackError
 from .methods import template as template_method
 from .target import Target, open_target
 
@@ -77,7 +79,10 @@ def prepare(target: Target, point: Point) -> bool:
         if state is None or state["invalid"] or template_method.database_state(target.maint, name) is not None:
             return False
         with intents.new_database(target, name, "spare copy", point_id=point.id) as new:
-            template_method.copy_database(target, source, name, None)
+            try:
+                template_method.copy_database(target, source, name, None)
+            except psycopg2.Error as exc:
+                raise template_method.copy_error(target, exc, source) from None
             template_method.seal(target, name, point.id, "spare copy for quick rollback")
             new.own()
         return True
@@ -131,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
             made = prepare(target, point)
         log.info("spare copy of %s: %s", point.id, "ready" if made else "nothing to do")
         return 0
+    except RollbackError as exc:
+        log.error("could not prepare a spare copy: %s", exc.paragraph())
+        return 1
     except Exception:  # noqa: BLE001 - a background helper: log, never crash loudly
         log.exception("could not prepare a spare copy")
         return 1

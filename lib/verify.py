@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from dataclasses import dataclass, field
 
 from psycopg2 import sql
@@ -151,6 +152,53 @@ def schema_lines(conn) -> list[str]:
     for kind, statement in _SCHEMA_QUERIES.items():
         lines += [f"{kind} {row[0]}" for row in query(conn, statement)]
     return sorted(lines)
+
+
+_EXTENSION_MEMBERS = """
+    SELECT 'function ' || p.oid::regprocedure::text || ' '
+      FROM pg_proc p JOIN pg_depend d ON d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e'
+    UNION ALL
+    SELECT 'type ' || format_type(t.oid, NULL) || ' '
+      FROM pg_type t JOIN pg_depend d ON d.classid = 'pg_type'::regclass AND d.objid = t.oid AND d.deptype = 'e'"""
+
+
+def portable_schema_lines(conn) -> list[str]:
+    """The schema as two majors print it alike, to compare a database with its copy on
+    another major. Left out or evened out, and only that: the objects extensions own
+    (their versions differ between majors), NOT NULL constraints (18 lists them as
+    constraints; the columns say NOT NULL on every major), the text of view
+    definitions (16 stopped qualifying column names; the views' names and columns stay
+    compared), the public schema's owner and rights (15 changed its defaults), and
+    the MAINTAIN right (17 added it to every owner's rights)."""
+    members = tuple(row[0] for row in query(conn, _EXTENSION_MEMBERS))
+    out = []
+    for line in schema_lines(conn):
+        kind = line.split(" ", 1)[0]
+        if line.startswith(members) or line.startswith("schema public "):
+            continue
+        if kind == "constraint" and re.search(r": NOT NULL \S+$", line):
+            continue
+        if kind == "extension":
+            line = re.sub(r"^(extension \S+) \S+ in ", r"\1 in ", line)
+        elif kind == "view":
+            line = " ".join(line.split(" ", 2)[:2])
+        line = re.sub(
+            r"acl=\{[^}]*\}",
+            lambda m: re.sub(r"=([A-Za-z*]*)/", lambda a: "=" + a.group(1).replace("m", "") + "/", m.group(0)),
+            line,
+        )
+        out.append(line)
+    return sorted(out)
+
+
+def schema_differences(expected: list[str], actual: list[str], limit: int = 5) -> list[str]:
+    """The first lines only one side has, as sentences."""
+    missing = sorted(set(expected) - set(actual))
+    extra = sorted(set(actual) - set(expected))
+    found = [f"missing: {line[:160]}" for line in missing[:limit]] + [f"unexpected: {line[:160]}" for line in extra[:limit]]
+    if len(missing) + len(extra) > 2 * limit:
+        found.append(f"{len(missing)} missing and {len(extra)} unexpected in all")
+    return found
 
 
 def counted_tables(conn) -> list[tuple[str, str]]:

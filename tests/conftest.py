@@ -367,10 +367,15 @@ class Staging:
         return self.run_json("create_rollback_point.py", description, *args)["id"]
 
 
-def make_staging(server: Server, tmp_path: Path, prefix: str = "staging") -> Staging:
+def make_staging(server: Server, tmp_path: Path, prefix: str = "staging", *, core_only: bool = False) -> Staging:
+    """A fresh staging database: a copy of the rich template, or with ``core_only`` the
+    rich schema without contrib extensions (for comparing servers that lack them)."""
     name = f"{prefix}_{os.getpid()}_{next(_counter)}"
     with closing(server.connect()) as conn, conn.cursor() as cur:
-        cur.execute(f'CREATE DATABASE "{name}" TEMPLATE {TEMPLATE_DB}')
+        cur.execute(f'CREATE DATABASE "{name}"' if core_only else f'CREATE DATABASE "{name}" TEMPLATE {TEMPLATE_DB}')
+    if core_only:
+        with closing(server.connect(name)) as conn, conn.cursor() as cur:
+            cur.execute(SCHEMA_SQL)
     backup_dir, log_dir = tmp_path / "backups", tmp_path / "logs"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "STAGING_", "V2_", "BACKUP_", "LOG_DIR"))}
     env.update(
@@ -400,8 +405,8 @@ def new_staging(tmp_path):
     """new_staging(server) -> Staging, for tests that pick their server; dropped afterwards."""
     made: list[Staging] = []
 
-    def factory(server: Server, prefix: str = "staging") -> Staging:
-        s = make_staging(server, tmp_path / f"s{len(made)}", prefix)
+    def factory(server: Server, prefix: str = "staging", **kwargs) -> Staging:
+        s = make_staging(server, tmp_path / f"s{len(made)}", prefix, **kwargs)
         made.append(s)
         return s
 

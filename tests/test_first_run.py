@@ -44,7 +44,13 @@ def test_the_demo_runs_as_root_from_a_folder_only_root_may_enter():
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "STAGING_", "V2_", "BACKUP_DIR", "LOG_DIR"))}
         env.pop("ROLLBACK_ENV_FILE", None)
         run = subprocess.run(
-            ["./setup_and_run.sh", "demo"], cwd=clone, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=900
+            ["./setup_and_run.sh", "demo"],
+            cwd=clone,
+            env=env,
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            timeout=900,
         )
         state = clone / ".pgdata" / "demo.json"
         if state.is_file():
@@ -65,7 +71,9 @@ def test_the_demo_runs_as_root_from_a_folder_only_root_may_enter():
         )
         assert quick.returncode == 0, quick.stderr[-2000:]
     finally:
-        subprocess.run(["./setup_and_run.sh", "demo", "--stop"], cwd=folder / "rollback-toolkit", capture_output=True, timeout=120)
+        subprocess.run(
+            ["./setup_and_run.sh", "demo", "--stop"], cwd=folder / "rollback-toolkit", capture_output=True, timeout=120
+        )
         shutil.rmtree(folder, ignore_errors=True)
         if server_dir:
             shutil.rmtree(Path(server_dir).parent, ignore_errors=True)

@@ -31,6 +31,9 @@ SCRIPTS = [
 SOURCE = "\n".join(p.read_text() for p in [*ROOT.glob("*.py"), *ROOT.glob("lib/**/*.py"), ROOT / "setup_and_run.sh"])
 
 
+COMMON_FLAGS = {"--json", "--yes", "--debug", "--backup-dir", "--confirm-database"}
+
+
 def _flags(parser) -> set[str]:
     found = set()
     for action in parser._actions:
@@ -44,12 +47,30 @@ def _flags(parser) -> set[str]:
     return found
 
 
+def _section(heading: str) -> str:
+    """The text under a ### heading of the command reference, up to the next heading."""
+    start = GUIDE.index(f"\n### {heading}\n")
+    end = GUIDE.find("\n#", start + 5)
+    return GUIDE[start : end if end != -1 else len(GUIDE)]
+
+
+def _mentions(text: str, flag: str) -> bool:
+    return re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", text) is not None
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_every_flag_of_every_script_is_in_the_guide(script):
+def test_every_flag_of_every_script_is_in_its_section_of_the_guide(script):
+    """Each flag is explained where its script is: in the command reference's section of
+    that script, and the flags every script takes in their own section."""
     module = importlib.import_module(script)
-    missing = sorted(f for f in _flags(module.build_parser()) if not re.search(rf"(?<![\w-]){re.escape(f)}(?![\w-])", GUIDE))
-    assert not missing, f"{script}.py flags missing from ROLLBACK_GUIDE.md: {missing}"
-    assert f"{script}.py" in GUIDE
+    own = _section(f"{script}.py")
+    flags = _flags(module.build_parser())
+    missing = sorted(f for f in flags - COMMON_FLAGS if not _mentions(own, f))
+    assert not missing, f"{script}.py flags missing from its section of ROLLBACK_GUIDE.md: {missing}"
+    common = _section("Flags every script takes")
+    assert not [f for f in flags & COMMON_FLAGS if not _mentions(common, f)]
+    extra = sorted(f for f in re.findall(r"`(?:\w+ )?(--[\w-]+)", own) if f not in flags)
+    assert not extra, f"the guide's section of {script}.py names flags it does not have: {extra}"
 
 
 def _troubleshooting_messages() -> list[str]:

@@ -6,7 +6,10 @@ import json
 
 import pytest
 
-from tests.helpers import deep_state
+from lib.config import ConnInfo
+from lib.db import connection
+from lib.verify import portable_schema_lines, schema_lines
+from tests.helpers import deep_state, write_tool_wrapper
 
 V2_EXTRA = (
     "CREATE TABLE v2_only (id int PRIMARY KEY, note text); INSERT INTO v2_only SELECT g, 'v2 ' || g FROM generate_series(1, 77) g"
@@ -14,12 +17,20 @@ V2_EXTRA = (
 
 
 def content(state: dict) -> dict:
-    """Rows, sequences and large objects. A materialized view is compared by its row
-    count only: the copy refreshes it from rows loaded in another physical order, and
-    avg() over double precision depends on that order in its last bits."""
-    picked = {k: state[k] for k in ("row_counts", "sequences", "large_objects", "content")}
+    """Rows, sequences, large objects and the schema. A materialized view is compared by
+    its row count only: the copy refreshes it from rows loaded in another physical
+    order, and avg() over double precision depends on that order in its last bits."""
+    picked = {k: state[k] for k in ("row_counts", "sequences", "large_objects", "content", "schema")}
     picked["content"] = {k: v for k, v in picked["content"].items() if k != "public.city_stats"}
     return picked
+
+
+def state_of(server, dbname: str, *, portable: bool) -> dict:
+    """deep_state, with the schema as lines: exact on one major, what both print alike across two."""
+    state = deep_state(server, dbname)
+    with connection(ConnInfo.parse(server.url(dbname))) as conn:
+        state["schema"] = portable_schema_lines(conn) if portable else schema_lines(conn)
+    return state
 
 
 @pytest.mark.parametrize("v2_major, staging_major, jobs", [(15, 18, "1"), (18, 15, "1"), (18, 18, "1"), (15, 15, "3")])
@@ -30,15 +41,17 @@ def test_reset_rebuilds_staging_from_v2_across_majors(servers, new_staging, v2_m
     v2.sql(V2_EXTRA)
     staging = new_staging(get_server(servers, staging_major), "stg")
     staging.sql("DELETE FROM customers WHERE id > 3; CREATE TABLE junk (x int)")
-    v2_before = deep_state(v2.server, v2.name)
+    portable = v2_major != staging_major
+    v2_before = state_of(v2.server, v2.name, portable=portable)
 
     result = staging.run("reset_staging.py", "--yes", "--json", "--jobs", jobs, env={"V2_DATABASE_URL": v2.url})
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
     assert out["mode"] == "reset from V2" and out["before_point_id"]
-    assert content(deep_state(staging.server, staging.name)) == content(v2_before)
+    assert "The copy matches V2: its schema" in result.stderr
+    assert content(state_of(staging.server, staging.name, portable=portable)) == content(v2_before)
     assert staging.sql("SELECT to_regclass('junk')")[0][0] is None
-    assert deep_state(v2.server, v2.name) == v2_before  # V2 only read
+    assert state_of(v2.server, v2.name, portable=portable) == v2_before  # V2 only read
 
     undo = staging.run("rollback_manager.py", "restore", out["before_point_id"], "--yes")
     assert undo.returncode == 0, undo.stderr
@@ -94,4 +107,24 @@ def test_large_tables_are_split_by_block_ranges_and_still_copied_exactly(servers
         monkeypatch.setenv(key, value)
     assert reset_staging.main(["--yes", "--json", "--jobs", "3"]) == 0
     assert "part(s)" in capsys.readouterr().err
-    assert content(deep_state(staging.server, staging.name)) == content(deep_state(v2.server, v2.name))
+    assert content(state_of(staging.server, staging.name, portable=True)) == content(state_of(v2.server, v2.name, portable=True))
+
+
+def test_a_copy_that_lost_its_indexes_and_constraints_is_refused(server, new_staging, tmp_path):
+    """The copy is checked against V2's schema, not only its rows: a pg_restore that
+    silently skips the indexes, constraints and foreign keys (post-data) is caught."""
+    v2 = new_staging(server, "v2lost")
+    staging = new_staging(server, "stglost")
+    staging.sql("CREATE TABLE only_in_staging (id int)")
+    before = deep_state(staging.server, staging.name)
+    folder = tmp_path / "bin"
+    for name in ("pg_dump", "psql"):
+        write_tool_wrapper(folder, name, server.bin_dir / name, 'exec "$REAL" "$@"')
+    write_tool_wrapper(
+        folder, "pg_restore", server.bin_dir / "pg_restore", 'case "$*" in *post-data*) exit 0 ;; esac; exec "$REAL" "$@"'
+    )
+    env = {"V2_DATABASE_URL": v2.url, "PG_BIN_DIR": str(folder), "PG_BIN_DIR_ONLY": "1"}
+    result = staging.run("reset_staging.py", "--yes", env=env)
+    assert result.returncode == 3, result.stderr
+    assert "does not match V2" in result.stderr and "schema missing: constraint" in result.stderr
+    assert deep_state(staging.server, staging.name) == before

@@ -218,6 +218,7 @@ def take(target: Target, catalog: Catalog, ui: UI, *, label: str, base_manifest:
             with ui.progress(f"Copying {target.dbname} to {name} on the server"):
                 ended = copy_staging(target, name)
             copy_seconds = time.monotonic() - clock
+            faults.pause("after copy")
             seal(target, name, writer.id, base_manifest.get("description") or "")
             fp = read_fingerprint(target, name)
             props = database_properties(target.maint, target.dbname).as_dict()

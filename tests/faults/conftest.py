@@ -19,11 +19,13 @@ from tests.helpers import write_tool_wrapper
 TOOLS = ("pg_dump", "pg_restore", "psql")
 
 
-def slow_tools(folder: Path, bin_dir: Path, slow: str, marker: Path, seconds: int = 60) -> dict:
+def slow_tools(folder: Path, bin_dir: Path, slow: str, marker: Path, seconds: int = 60, resume: Path | None = None) -> dict:
     """PG_BIN_DIR holding only wrappers of the real tools; ``slow`` writes its pid to
-    ``marker`` and sleeps before running. Returns the environment to add."""
+    ``marker`` and sleeps before running (until ``resume`` exists, when given).
+    Returns the environment to add."""
+    wait = f'while [ ! -e "{resume}" ]; do sleep 0.05; done' if resume else f"sleep {seconds}"
     for name in TOOLS:
-        body = f'echo $$ > "{marker}"; sleep {seconds}; exec "$REAL" "$@"' if name == slow else 'exec "$REAL" "$@"'
+        body = f'echo $$ > "{marker}"; {wait}; exec "$REAL" "$@"' if name == slow else 'exec "$REAL" "$@"'
         write_tool_wrapper(folder, name, bin_dir / name, body)
     return {"PG_BIN_DIR": str(folder), "PG_BIN_DIR_ONLY": "1"}
 
@@ -41,13 +43,19 @@ def start(staging, script: str, *args: str, env: dict | None = None) -> subproce
 
 
 def start_paused(
-    staging, tmp_path: Path, slow: str, *args: str, seconds: int = 60, env: dict | None = None, tag: str = ""
+    staging,
+    tmp_path: Path,
+    slow: str,
+    *args: str,
+    seconds: int = 60,
+    env: dict | None = None,
+    tag: str = "",
+    resume: Path | None = None,
 ) -> tuple:
     """Start the script with ``slow`` paused, and return once it is paused: (process, marker)."""
     marker = tmp_path / f"paused{tag}"
-    proc = start(
-        staging, *args, env={**(env or {}), **slow_tools(tmp_path / f"bin{tag}", staging.server.bin_dir, slow, marker, seconds)}
-    )
+    tools = slow_tools(tmp_path / f"bin{tag}", staging.server.bin_dir, slow, marker, seconds, resume)
+    proc = start(staging, *args, env={**(env or {}), **tools})
     wait_for(marker.exists, proc)
     return proc, marker
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from tests.faults.conftest import databases, kill_9, leftovers, points, start_paused
+from tests.faults.conftest import databases, kill_9, leftovers, points, start, start_paused, wait_for
+from tests.helpers import deep_state
 
 
 def test_cleanup_removes_what_killed_runs_left_and_says_so(fault_staging, tmp_path):
@@ -40,3 +41,35 @@ def test_cleanup_removes_what_killed_runs_left_and_says_so(fault_staging, tmp_pa
     assert f"{s.name}_rb_restoring" not in databases(s)
     again = s.run("rollback_manager.py", "cleanup")
     assert "Nothing left behind by interrupted runs." in again.stderr
+
+
+def test_a_copy_left_by_a_run_killed_right_after_it_is_found_by_its_record(fault_staging, tmp_path):
+    """Fault: kill -9 after the server made a template point's copy and before anything
+    marked it (no comment, no manifest). Injected: ROLLBACK_FAULT_PAUSE='after copy'.
+    Holds: the copy's name was recorded before it was created, so `cleanup --dry-run`
+    names it with its size and `cleanup` removes it; staging is untouched."""
+    s = fault_staging
+    before = deep_state(s.server, s.name)
+    ready = tmp_path / "ready"
+    proc = start(
+        s,
+        "create_rollback_point.py",
+        "killed",
+        "--method",
+        "template",
+        "--yes",
+        env={"ROLLBACK_FAULT_PAUSE": "after copy", "ROLLBACK_FAULT_READY": str(ready)},
+    )
+    wait_for(ready.exists, proc)
+    kill_9(proc)
+    left = [d for d in databases(s) if d.startswith("rb_killed_")]
+    assert len(left) == 1
+    dry = s.run("rollback_manager.py", "cleanup", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert f"Would remove database {left[0]} (" in dry.stderr and "template point copy" in dry.stderr
+    assert left[0] in databases(s)
+    done = s.run("rollback_manager.py", "cleanup")
+    assert done.returncode == 0, done.stderr
+    assert left[0] not in databases(s)
+    assert deep_state(s.server, s.name) == before
+    assert not list((s.backup_dir / ".intents").glob("*.json"))
