@@ -25,13 +25,18 @@ examples:
 def build_parser() -> Parser:
     p = Parser(prog="quick_rollback.py", description=__doc__, epilog=epilog(EXAMPLES))
     p.add_argument("--from-v2", action="store_true", help="rebuild staging from the V2 database instead of a point")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="go ahead although staging has logical replication slots or subscriptions (they stay with the state kept before)",
+    )
     p.add_argument("--database-url", help="staging database URL (default: STAGING_DATABASE_URL)")
     common_flags(p)
     return p
 
 
 def reset_from_v2(settings, ui, args) -> int:
-    result = reset_staging(settings, ui, assume_yes=args.yes)
+    result = reset_staging(settings, ui, assume_yes=args.yes, force=args.force)
     render.restore_outcome(ui, result, as_json=args.json, headline=f"{result.database} rebuilt from V2 and checked.")
     return 0
 
@@ -50,7 +55,7 @@ def action(args, ui) -> int:
             if Confirm.ask("Rebuild staging from V2 instead?", console=ui.err, default=False):
                 return reset_from_v2(settings, ui, args)
         return int(exc.exit_code)
-    result = operations.restore_point(settings, ui, point.id, assume_yes=args.yes)
+    result = operations.restore_point(settings, ui, point.id, assume_yes=args.yes, force=args.force)
     description = point.manifest.get("description") or "no description"
     render.restore_outcome(
         ui, result, as_json=args.json, headline=f"{result.database} is back at {result.point_id} ({description})."

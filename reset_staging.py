@@ -31,6 +31,11 @@ def build_parser() -> Parser:
     p = Parser(prog="reset_staging.py", description=__doc__, epilog=epilog(EXAMPLES))
     p.add_argument("--database-url", help="staging database URL (default: STAGING_DATABASE_URL)")
     p.add_argument("--v2-url", help="V2 database URL (default: V2_DATABASE_URL)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="go ahead although staging has logical replication slots or subscriptions (they stay with the state kept before)",
+    )
     p.add_argument("--jobs", type=int, metavar="N", help="COPY pipes and index builders at once (default: the number of CPUs)")
     common_flags(p)
     return p
@@ -40,7 +45,7 @@ def action(args, ui) -> int:
     settings = settings_from(args)
     if args.jobs is not None and args.jobs < 1:
         raise ConfigError("--jobs must be at least 1.")
-    result = reset_staging(settings, ui, assume_yes=args.yes, jobs=args.jobs)
+    result = reset_staging(settings, ui, assume_yes=args.yes, jobs=args.jobs, force=args.force)
     render.restore_outcome(ui, result, as_json=args.json, headline=f"{result.database} rebuilt from V2 and checked.")
     return 0
 

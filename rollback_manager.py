@@ -68,6 +68,11 @@ def build_parser() -> Parser:
     )
     restore.add_argument("--table", action="append", metavar="TABLE", help="partial: only this table (repeatable)")
     restore.add_argument("--file", help="backup: a pg_dump archive or a point folder")
+    restore.add_argument(
+        "--force",
+        action="store_true",
+        help="go ahead although staging has logical replication slots or subscriptions (they stay with the state kept before)",
+    )
     differ = sub.add_parser("diff", parents=[parent], help="what restoring a point would undo")
     differ.add_argument("point_id", metavar="ID")
     backup = sub.add_parser("backup", parents=[parent], help="a data point of one or more tables")
@@ -148,7 +153,7 @@ def restore(args, ui, settings) -> int:
         outcome = operations.partial_rollback(settings, ui, args.point_id, tables=args.table, assume_yes=args.yes)
         return ui.result(outcome, lambda: render.partial_outcome(ui, outcome))
     archive = Path(args.file) if args.type == "backup" else None
-    result = operations.restore_point(settings, ui, args.point_id, assume_yes=args.yes, archive=archive)
+    result = operations.restore_point(settings, ui, args.point_id, assume_yes=args.yes, archive=archive, force=args.force)
     headline = f"{result.database} restored to {result.point_id} and verified ({result.mode})."
     render.restore_outcome(ui, result, as_json=args.json, headline=headline)
     return 0

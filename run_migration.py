@@ -58,6 +58,11 @@ def build_parser() -> Parser:
         "--param", action="append", default=[], metavar="KEY=VALUE", help="passed to the migration as ctx.params (repeatable)"
     )
     p.add_argument("--method", choices=METHODS, help="how the rollback point is taken (default: ROLLBACK_METHOD or auto)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="go ahead although staging has logical replication slots or subscriptions (they stay with the state kept before)",
+    )
     p.add_argument("--database-url", help="staging database URL (default: STAGING_DATABASE_URL)")
     p.add_argument("--v2-url", help="V2 database URL (default: V2_DATABASE_URL)")
     common_flags(p)
@@ -94,7 +99,7 @@ def action(args: argparse.Namespace, ui) -> int:
     settings = settings_from(args)
     migration = load(args.migration or choose(ui))
     if args.rollback is not None:
-        result = runner.rollback(settings, ui, migration, args.rollback or None, assume_yes=args.yes)
+        result = runner.rollback(settings, ui, migration, args.rollback or None, assume_yes=args.yes, force=args.force)
         render.restore_outcome(
             ui, result, as_json=args.json, headline=f"{result.database} restored to {result.point_id} and verified."
         )
@@ -104,7 +109,14 @@ def action(args: argparse.Namespace, ui) -> int:
     options = runner.Options(args.batch_size, args.failure_threshold, args.limit, parse_params(args.param))
     if args.production:
         report = runner.production(
-            settings, ui, migration, options, no_rollback=args.no_rollback, assume_yes=args.yes, method=args.method
+            settings,
+            ui,
+            migration,
+            options,
+            no_rollback=args.no_rollback,
+            assume_yes=args.yes,
+            method=args.method,
+            force=args.force,
         )
     else:
         report = runner.dry_run(settings, ui, migration, options)

@@ -131,6 +131,7 @@ class RollbackManager:
         *,
         tables: list[str] | None = None,
         file: str | Path | None = None,
+        force: bool = False,
     ) -> dict:
         kind = RollbackType(rollback_type)
         if kind is RollbackType.TRANSACTION:
@@ -147,10 +148,12 @@ class RollbackManager:
         archive = None
         if kind is RollbackType.BACKUP:
             archive = Path(file) if file else operations.get_point(self.settings, rollback_id).path
-        return self._restore(rollback_id, archive)
+        return self._restore(rollback_id, archive, force=force)
 
-    def _restore(self, rollback_id: str, archive: Path | None = None) -> dict:
-        return operations.restore_point(self.settings, self.ui, rollback_id, assume_yes=True, archive=archive).as_dict()
+    def _restore(self, rollback_id: str, archive: Path | None = None, *, force: bool = False) -> dict:
+        return operations.restore_point(
+            self.settings, self.ui, rollback_id, assume_yes=True, archive=archive, force=force
+        ).as_dict()
 
     @_sync_or_async
     def verify_rollback(self, rollback_id: str) -> Verification:

@@ -8,7 +8,7 @@ import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import psycopg2
 import psycopg2.extensions
@@ -362,7 +362,9 @@ def derived_name(base: str, suffix: str) -> str:
 
 @dataclass
 class DatabaseProperties:
-    """What pg_dump without --create leaves out: the database's own settings."""
+    """What pg_dump without --create leaves out, and what a rename leaves with the old
+    database (PostgreSQL keys it by the database's oid): the database's own settings,
+    the settings of roles in it, its rights, comment, security labels, tablespace."""
 
     owner: str
     encoding: str
@@ -374,6 +376,10 @@ class DatabaseProperties:
     acl: list[dict]
     settings: list[str]
     connection_limit: int
+    role_settings: list[dict] = field(default_factory=list)  # [{"role": name, "settings": ["key=value", ...]}]
+    security_labels: list[dict] = field(default_factory=list)  # [{"provider": name, "label": text}]
+    tablespace: str = "pg_default"
+    is_template: bool = False
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -389,8 +395,8 @@ def database_properties(conn, dbname: str) -> DatabaseProperties:
             """
         SELECT pg_get_userbyid(d.datdba), pg_encoding_to_char(d.encoding), d.datcollate, d.datctype,
                {provider}, {icu}, shobj_description(d.oid, 'pg_database'), d.datconnlimit,
-               d.datacl IS NULL
-          FROM pg_database d WHERE d.datname = %s
+               d.datacl IS NULL, t.spcname, d.datistemplate
+          FROM pg_database d JOIN pg_tablespace t ON t.oid = d.dattablespace WHERE d.datname = %s
         """
         ).format(provider=sql.SQL(provider), icu=sql.SQL(icu)),
         (dbname,),
@@ -410,17 +416,31 @@ def database_properties(conn, dbname: str) -> DatabaseProperties:
                 (dbname,),
             )
         ]
-    settings = [
-        s
-        for (cfg,) in query(
+    settings: list[str] = []
+    role_settings = []
+    for role, cfg in query(
+        conn,
+        """
+        SELECT CASE WHEN s.setrole = 0 THEN NULL ELSE pg_get_userbyid(s.setrole) END, s.setconfig
+          FROM pg_db_role_setting s JOIN pg_database d ON d.oid = s.setdatabase
+         WHERE d.datname = %s ORDER BY 1 NULLS FIRST
+        """,
+        (dbname,),
+    ):
+        if role is None:
+            settings = list(cfg or [])
+        else:
+            role_settings.append({"role": role, "settings": list(cfg or [])})
+    labels = [
+        {"provider": p, "label": lbl}
+        for p, lbl in query(
             conn,
             """
-            SELECT s.setconfig FROM pg_db_role_setting s JOIN pg_database d ON d.oid = s.setdatabase
-             WHERE d.datname = %s AND s.setrole = 0
+            SELECT l.provider, l.label FROM pg_shseclabel l JOIN pg_database d ON d.oid = l.objoid
+             WHERE l.classoid = 'pg_database'::regclass AND d.datname = %s ORDER BY 1
             """,
             (dbname,),
         )
-        for s in (cfg or [])
     ]
     return DatabaseProperties(
         owner=row[0],
@@ -433,11 +453,16 @@ def database_properties(conn, dbname: str) -> DatabaseProperties:
         acl=acl,
         settings=settings,
         connection_limit=row[7],
+        role_settings=role_settings,
+        security_labels=labels,
+        tablespace=row[9],
+        is_template=row[10],
     )
 
 
 def create_database_like(conn, name: str, props: dict, server_major: int) -> None:
-    """An empty database with the encoding, locale and owner recorded in ``props``."""
+    """An empty database with the encoding, locale and tablespace recorded in ``props``;
+    its other properties come with apply_database_properties."""
     parts = [
         sql.SQL("CREATE DATABASE {} TEMPLATE template0 ENCODING {} LC_COLLATE {} LC_CTYPE {}").format(
             sql.Identifier(name),
@@ -448,24 +473,81 @@ def create_database_like(conn, name: str, props: dict, server_major: int) -> Non
     ]
     if server_major >= 15 and props.get("locale_provider") == "i" and props.get("icu_locale"):
         parts.append(sql.SQL("LOCALE_PROVIDER icu ICU_LOCALE {}").format(sql.Literal(props["icu_locale"])))
+    if props.get("tablespace") not in (None, "pg_default"):
+        parts.append(sql.SQL("TABLESPACE {}").format(sql.Identifier(props["tablespace"])))
     execute(conn, sql.SQL(" ").join(parts))
-    apply_database_properties(conn, name, props)
+    owner = props.get("owner")
+    if owner and owner != scalar(conn, "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = %s", (name,)):
+        execute(conn, sql.SQL("ALTER DATABASE {} OWNER TO {}").format(sql.Identifier(name), sql.Identifier(owner)))
+
+
+# Settings whose value is a list of quoted names (pg_dump's variable_is_guc_list_quote):
+# stored as '"$user", public', given back as separate literals, or they become one name.
+_LIST_QUOTE = {
+    "local_preload_libraries",
+    "search_path",
+    "session_preload_libraries",
+    "shared_preload_libraries",
+    "temp_tablespaces",
+    "unix_socket_directories",
+}
+
+
+def split_setting_list(value: str) -> list[str]:
+    """'"$user", public' -> ['$user', 'public'], as PostgreSQL's SplitGUCList reads it."""
+    items, current, quoted, i = [], "", False, 0
+    while i < len(value):
+        ch = value[i]
+        if quoted:
+            if ch == '"' and value[i + 1 : i + 2] == '"':
+                current += '"'
+                i += 1
+            elif ch == '"':
+                quoted = False
+            else:
+                current += ch
+        elif ch == '"':
+            quoted = True
+        elif ch == ",":
+            items.append(current.strip())
+            current = ""
+        else:
+            current += ch
+        i += 1
+    items.append(current.strip())
+    return items
+
+
+def setting_clause(setting: str) -> sql.Composed:
+    """'key=value' from pg_db_role_setting as the SET clause that stores it again."""
+    key, _, value = setting.partition("=")
+    if key.lower() in _LIST_QUOTE:
+        values = sql.SQL(", ").join(sql.Literal(v) for v in split_setting_list(value))
+        return sql.SQL("SET {} TO {}").format(sql.Identifier(key), values)
+    return sql.SQL("SET {} = {}").format(sql.Identifier(key), sql.Literal(value))
 
 
 def apply_database_properties(conn, name: str, props: dict) -> None:
+    """Give database ``name`` the recorded owner, comment, connection limit, settings
+    (its own and its roles'), rights and security labels."""
     ident = sql.Identifier(name)
     current_owner = scalar(conn, "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = %s", (name,))
     if props.get("owner") and props["owner"] != current_owner:
         execute(conn, sql.SQL("ALTER DATABASE {} OWNER TO {}").format(ident, sql.Identifier(props["owner"])))
     execute(conn, sql.SQL("COMMENT ON DATABASE {} IS {}").format(ident, sql.Literal(props.get("comment"))))
-    if props.get("connection_limit", -1) != -1:
-        execute(
-            conn,
-            sql.SQL("ALTER DATABASE {} WITH CONNECTION LIMIT {}").format(ident, sql.Literal(props["connection_limit"])),
-        )
+    execute(
+        conn,
+        sql.SQL("ALTER DATABASE {} WITH CONNECTION LIMIT {} IS_TEMPLATE {}").format(
+            ident, sql.Literal(props.get("connection_limit", -1)), sql.Literal(bool(props.get("is_template", False)))
+        ),
+    )
+    execute(conn, sql.SQL("ALTER DATABASE {} RESET ALL").format(ident))
     for setting in props.get("settings", []):
-        key, _, value = setting.partition("=")
-        execute(conn, sql.SQL("ALTER DATABASE {} SET {} = {}").format(ident, sql.Identifier(key), sql.Literal(value)))
+        execute(conn, sql.SQL("ALTER DATABASE {} ").format(ident) + setting_clause(setting))
+    for entry in props.get("role_settings", []):
+        role = sql.Identifier(entry["role"])
+        for setting in entry["settings"]:
+            execute(conn, sql.SQL("ALTER ROLE {} IN DATABASE {} ").format(role, ident) + setting_clause(setting))
     if props.get("acl"):
         execute(conn, sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(ident))
         for entry in props["acl"]:
@@ -479,6 +561,34 @@ def apply_database_properties(conn, name: str, props: dict) -> None:
                     sql.SQL(" WITH GRANT OPTION" if entry["grantable"] else ""),
                 ),
             )
+    for entry in props.get("security_labels", []):
+        execute(
+            conn,
+            sql.SQL("SECURITY LABEL FOR {} ON DATABASE {} IS {}").format(
+                sql.Identifier(entry["provider"]), ident, sql.Literal(entry["label"])
+            ),
+        )
+
+
+def replication_ties(conn, dbname: str) -> list[str]:
+    """Logical replication slots and subscriptions of ``dbname``: PostgreSQL ties them to
+    the database's oid, so a swap by rename leaves them with the database swapped out."""
+    ties = [
+        f"logical replication slot {name!r} ({'active' if active else 'inactive'})"
+        for name, active in query(
+            conn, "SELECT slot_name, active FROM pg_replication_slots WHERE database = %s ORDER BY 1", (dbname,)
+        )
+    ]
+    ties += [
+        f"subscription {name!r} ({'enabled' if enabled else 'disabled'})"
+        for name, enabled in query(
+            conn,
+            "SELECT s.subname, s.subenabled FROM pg_subscription s JOIN pg_database d ON d.oid = s.subdbid "
+            "WHERE d.datname = %s ORDER BY 1",
+            (dbname,),
+        )
+    ]
+    return ties
 
 
 def lock_key(system_identifier: str | None, dbname: str) -> int:

@@ -177,9 +177,7 @@ def point_side(target: Target, point: Point, ui: UI) -> Iterator[PointSide]:
         props = point.manifest.get("database", {}).get("properties", {})
         with intents.new_database(target, name, f"{point.id} rebuilt for a diff"):
             try:
-                create_database_like(
-                    target.maint, name, {**props, "comment": None, "acl": [], "settings": []}, target.facts.major
-                )
+                create_database_like(target.maint, name, props, target.facts.major)
                 intents.mark(target, name, f"{point.id} rebuilt for a diff")
                 dump_method.restore_into(target, point, name, ui)
                 with connection(target.info, name, application_name="rollback-toolkit diff") as conn:

@@ -29,6 +29,7 @@ from .restore import (
     check_point_usable,
     plan,
     recover_pending,
+    refuse_replication_ties,
     restore_data,
     restore_in_place,
     restore_swap,
@@ -219,7 +220,7 @@ def verify_point(settings: Settings, ui: UI, point_id: str) -> dict:
 
 
 def restore_point(
-    settings: Settings, ui: UI, point_id: str | None, *, assume_yes: bool, archive: Path | None = None
+    settings: Settings, ui: UI, point_id: str | None, *, assume_yes: bool, archive: Path | None = None, force: bool = False
 ) -> RestoreResult:
     catalog = Catalog(settings.backup_dir).ensure()
     point = archive_point(settings, archive) if archive else catalog.get(point_id or "")
@@ -231,6 +232,7 @@ def restore_point(
                 point.manifest["database"]["properties"] = database_properties(target.maint, target.dbname).as_dict()
             check_point_usable(target, catalog, point)
             rplan = plan(target, point)
+            refuse_replication_ties(target, rplan.ties, force=force, doing=f"restore {target.dbname}")
             ui.info(rplan.describe(target))
             if not assume_yes and point.manifest.get("fingerprint"):
                 ui.info("  What it undoes, per table:")

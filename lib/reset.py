@@ -25,6 +25,7 @@ from .db import (
     database_properties,
     query,
     refuse_prepared_transactions,
+    replication_ties,
     scalar,
     sessions_on,
     snapshot_session,
@@ -35,7 +36,7 @@ from .methods import data as data_method
 from .methods.data import Table
 from .methods.dump import restore_script
 from .pgtools import candidates_for_archive, candidates_for_server, companion, run_pipeline, run_tool, try_each
-from .restore import RestoreResult, build_verify_swap
+from .restore import RestoreResult, build_verify_swap, refuse_replication_ties
 from .target import Target, confirm_change, open_target
 from .verify import portable_schema_lines, row_counts, schema_differences, schema_lines, sequence_positions
 
@@ -213,7 +214,7 @@ def _dump_then_script(target: Target, v2, dump_tool, dump_args, restore_tool, as
         restore_script(target, restore_tool, [str(archive)], aside, single_transaction=False)
 
 
-def reset_staging(settings: Settings, ui: UI, *, assume_yes: bool, jobs: int | None = None) -> RestoreResult:
+def reset_staging(settings: Settings, ui: UI, *, assume_yes: bool, jobs: int | None = None, force: bool = False) -> RestoreResult:
     jobs = jobs or max(1, os.cpu_count() or 1)
     v2, v2_major, v2_size = _v2_facts(settings)
     catalog = Catalog(settings.backup_dir).ensure()
@@ -227,6 +228,8 @@ def reset_staging(settings: Settings, ui: UI, *, assume_yes: bool, jobs: int | N
         with audited(settings.log_dir, "reset", target.masked) as record:
             with operation_lock(catalog.root, target.maint, f.system_identifier, target.dbname, "reset"):
                 refuse_prepared_transactions(target.maint, target.dbname, f"rebuild {target.dbname}")
+                ties = replication_ties(target.maint, target.dbname)
+                refuse_replication_ties(target, ties, force=force, doing=f"rebuild {target.dbname}")
                 ui.info(describe(target, v2, v2_major, v2_size))
                 confirm_change(
                     target, ui, "Rebuild staging from V2?", assume_yes=assume_yes, what=f"rebuild {target.dbname} from V2"
@@ -241,7 +244,7 @@ def reset_staging(settings: Settings, ui: UI, *, assume_yes: bool, jobs: int | N
                     schema = read_schema(snap)
 
                     def build(aside: str) -> str:
-                        create_database_like(target.maint, aside, {**props, "comment": None, "acl": [], "settings": []}, f.major)
+                        create_database_like(target.maint, aside, props, f.major)
                         return _copy_v2(target, v2, v2_major, aside, snapshot, ui, jobs, sequences)
 
                     def verify(conn) -> None:

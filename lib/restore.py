@@ -36,6 +36,7 @@ from .db import (
     execute,
     refuse_prepared_transactions,
     rename_database,
+    replication_ties,
     sessions_on,
     set_allow_connections,
     sqlstate,
@@ -60,6 +61,7 @@ class RestorePlan:
     mode: str  # "swap" or "in-place"
     sessions: list[Session]
     reason: str = ""
+    ties: list[str] = field(default_factory=list)  # replication slots and subscriptions a swap leaves behind
 
     def describe(self, target: Target) -> str:
         p = self.point
@@ -83,6 +85,10 @@ class RestorePlan:
             )
         else:
             lines.append(f"  In place, in one transaction ({self.reason}); the current state is first kept as a dump point.")
+        if self.ties:
+            lines.append(
+                f"  Tied to {target.dbname} by its oid, these stay with the state kept before (--force): " + "; ".join(self.ties)
+            )
         if self.sessions:
             lines.append(f"  These {len(self.sessions)} session(s) on {target.dbname} will be disconnected:")
             lines += [f"    - {s.describe()}" for s in self.sessions]
@@ -154,6 +160,19 @@ def check_point_usable(target: Target, catalog: Catalog, point: Point) -> None:
             )
 
 
+def refuse_replication_ties(target: Target, ties: list[str], *, force: bool, doing: str) -> None:
+    """A swap by rename cannot take logical replication slots and subscriptions along:
+    PostgreSQL ties them to the database's oid, so they stay with the state kept before."""
+    if ties and not force:
+        raise ConfigError(
+            f"Refusing to {doing}: {target.dbname} has " + "; ".join(ties) + ". A restore swaps in another database, and "
+            "these stay tied to the old one, kept as the 'state before' point: replication from or to staging stops "
+            "until they are recreated on the new staging. Nothing was changed.",
+            "Add --force to go ahead anyway (then drop them on the old database, or recreate them on staging), "
+            "or drop them first.",
+        )
+
+
 def plan(target: Target, point: Point) -> RestorePlan:
     f = target.facts
     if point.method == "data":
@@ -161,7 +180,7 @@ def plan(target: Target, point: Point) -> RestorePlan:
     can_swap = f.is_superuser or (f.can_create_db and f.is_db_owner)
     sessions = sessions_on(target.maint, target.dbname)
     if can_swap:
-        return RestorePlan(point, "swap", sessions)
+        return RestorePlan(point, "swap", sessions, ties=replication_ties(target.maint, target.dbname))
     if point.method == "template":
         raise ConfigError(
             f"Role {f.current_user} may not create or rename databases, which restoring the database copy {point.id} needs.",
@@ -174,7 +193,7 @@ def plan(target: Target, point: Point) -> RestorePlan:
 def _build_aside(target: Target, point: Point, aside: str, ui: UI) -> str | None:
     props = point.manifest.get("database", {}).get("properties", {})
     if point.method == "dump":
-        create_database_like(target.maint, aside, {**props, "comment": None, "acl": [], "settings": []}, target.facts.major)
+        create_database_like(target.maint, aside, props, target.facts.major)
         tool = dump_method.restore_into(target, point, aside, ui)
         return f"{tool.path} ({tool.version})"
     source = point.manifest["template_database"]
@@ -291,7 +310,16 @@ def build_verify_swap(
         with connection(target.info, aside, application_name="rollback-toolkit verify") as conn:
             verify(conn)
         lap("verify")
-        apply_database_properties(target.maint, aside, properties)
+        try:
+            apply_database_properties(target.maint, aside, properties)
+        except psycopg2.Error as exc:
+            raise DatabaseError(
+                f"Could not give the rebuilt copy {target.dbname}'s database properties (its settings, its roles' "
+                f"settings in it, rights, comment): {str(exc).strip().splitlines()[0]}. Staging {target.dbname} was "
+                "not touched.",
+                "Run it as a superuser (a role's settings in a database need CREATEROLE on that role), "
+                "or remove the setting that cannot be given.",
+            ) from None
         current_props = database_properties(target.maint, target.dbname).as_dict()
         description = f"state before rollback to {restored}"
         with catalog.writing(f"before rollback {target.dbname}") as writer:

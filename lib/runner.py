@@ -16,6 +16,7 @@ from . import audit, operations
 from .catalog import Catalog, slugify, utc_now
 from .config import Settings
 from .console import UI
+from .db import replication_ties
 from .errors import ConfigError, RollbackError
 from .locking import operation_lock
 from .migrate import (
@@ -28,7 +29,7 @@ from .migrate import (
     execute,
     open_staging,
 )
-from .restore import RestoreResult
+from .restore import RestoreResult, refuse_replication_ties
 from .target import confirm_change, open_target
 
 log = logging.getLogger(__name__)
@@ -178,12 +179,17 @@ def production(
     no_rollback: bool = False,
     assume_yes: bool = False,
     method: str | None = None,
+    force: bool = False,
 ) -> Report:
     options.check()
     report = Report(migration.id, "production", threshold=options.threshold)
     started = time.monotonic()
     with open_target(settings) as target:
         database, dbname = target.masked, target.dbname
+        if not no_rollback:  # the automatic rollback swaps staging: refuse now, not after a batch committed
+            refuse_replication_ties(
+                target, replication_ties(target.maint, dbname), force=force, doing=f"run {migration.id} with automatic rollback"
+            )
         if dbname in settings.protected_databases:
             confirm_change(target, ui, f"Run {migration.id} on {dbname}?", assume_yes=assume_yes, what=f"run {migration.id}")
     if no_rollback:
@@ -241,7 +247,7 @@ def production(
         report.tally = ctx.tally
     try:
         if failure is not None:
-            _after_failure(settings, ui, migration, report, failure, database)
+            _after_failure(settings, ui, migration, report, failure, database, force=force)
             if report.tally.batches_committed == 0:
                 _put_back(guard, report)
     finally:  # also when the automatic rollback itself failed
@@ -253,7 +259,7 @@ def production(
 
 
 def _after_failure(
-    settings: Settings, ui: UI, migration: Migration, report: Report, failure: BaseException, database: str
+    settings: Settings, ui: UI, migration: Migration, report: Report, failure: BaseException, database: str, *, force: bool
 ) -> None:
     committed = report.tally.batches_committed
     interrupted = isinstance(failure, KeyboardInterrupt)
@@ -304,7 +310,7 @@ def _after_failure(
     ui.step(f"Automatic rollback: putting staging back to {report.point_id}")
     try:
         with audit.audited(settings.log_dir, "automatic rollback", database, report.point_id, migration.id) as record:
-            report.restored = operations.restore_point(settings, ui, report.point_id, assume_yes=True)
+            report.restored = operations.restore_point(settings, ui, report.point_id, assume_yes=True, force=force)
             record.set(reason=report.error, before_point_id=report.restored.before_point_id)
     except (RollbackError, psycopg2.Error) as exc:
         raise MigrationError(
@@ -317,7 +323,9 @@ def _after_failure(
     ui.ok(f"Staging is back at {report.point_id}, verified")
 
 
-def rollback(settings: Settings, ui: UI, migration: Migration, point_id: str | None, *, assume_yes: bool) -> RestoreResult:
+def rollback(
+    settings: Settings, ui: UI, migration: Migration, point_id: str | None, *, assume_yes: bool, force: bool = False
+) -> RestoreResult:
     """--rollback [ID]: the given point, or the newest point this migration made."""
     if not point_id:
         mine = [
@@ -332,7 +340,7 @@ def rollback(settings: Settings, ui: UI, migration: Migration, point_id: str | N
             )
         point_id = mine[-1].id
         ui.info(f"The newest point made by {migration.id}: {point_id}")
-    return operations.restore_point(settings, ui, point_id, assume_yes=assume_yes)
+    return operations.restore_point(settings, ui, point_id, assume_yes=assume_yes, force=force)
 
 
 def _audit_end(settings: Settings, report: Report, database: str) -> None:

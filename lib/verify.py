@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from psycopg2 import sql
@@ -147,10 +149,30 @@ class Fingerprint:
         return sum(self.row_counts.values())
 
 
+DEFAULT_SEARCH_PATH = '"$user", public'
+
+
+@contextmanager
+def default_search_path(conn) -> Iterator[None]:
+    """The catalog's text (pg_get_*def, regprocedure) names objects relative to the
+    search_path; a database or role setting must not change a digest, so it is read
+    under PostgreSQL's default search_path, whatever the session's is."""
+    before = scalar(conn, "SELECT current_setting('search_path')")
+    if before == DEFAULT_SEARCH_PATH:
+        yield
+        return
+    scalar(conn, "SELECT set_config('search_path', %s, false)", (DEFAULT_SEARCH_PATH,))
+    try:
+        yield
+    finally:
+        scalar(conn, "SELECT set_config('search_path', %s, false)", (before,))
+
+
 def schema_lines(conn) -> list[str]:
     lines: list[str] = []
-    for kind, statement in _SCHEMA_QUERIES.items():
-        lines += [f"{kind} {row[0]}" for row in query(conn, statement)]
+    with default_search_path(conn):
+        for kind, statement in _SCHEMA_QUERIES.items():
+            lines += [f"{kind} {row[0]}" for row in query(conn, statement)]
     return sorted(lines)
 
 
@@ -170,7 +192,8 @@ def portable_schema_lines(conn) -> list[str]:
     definitions (16 stopped qualifying column names; the views' names and columns stay
     compared), the public schema's owner and rights (15 changed its defaults), and
     the MAINTAIN right (17 added it to every owner's rights)."""
-    members = tuple(row[0] for row in query(conn, _EXTENSION_MEMBERS))
+    with default_search_path(conn):
+        members = tuple(row[0] for row in query(conn, _EXTENSION_MEMBERS))
     out = []
     for line in schema_lines(conn):
         kind = line.split(" ", 1)[0]

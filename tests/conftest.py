@@ -157,7 +157,7 @@ def _start(candidate: Candidate) -> Server:
             candidate.key, candidate.major, ConnInfo.parse(container.get_connection_url()), None, None, container=container
         )
     local = LocalServer(candidate.bin_dir)
-    local.settings += candidate.settings
+    local.settings += ["wal_level = logical", *candidate.settings]  # logical slots for the replication-tie tests
     local.start()
     return Server(candidate.key, candidate.major, ConnInfo.parse(local.url()), local, local.bin_dir)
 

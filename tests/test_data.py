@@ -144,3 +144,41 @@ def test_without_superuser_rights_tables_are_refilled_in_dependency_order(server
     finally:
         staging.sql(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
         staging.sql(f'DROP ROLE IF EXISTS "{role}"')
+
+
+def test_tables_are_found_as_people_type_them(staging):
+    staging.sql('CREATE SCHEMA "Sales-EU"; CREATE TABLE "Sales-EU"."Order Items" (id int PRIMARY KEY, what text)')
+    staging.sql("""INSERT INTO "Sales-EU"."Order Items" SELECT g, 'item ' || g FROM generate_series(1, 25) g""")
+    for typed in ("Sales-EU.Order Items", '"Sales-EU"."Order Items"', "sales-eu.order items", "Order Items"):
+        created = staging.run_json("create_rollback_point.py", "items", "--method", "data", "--table", typed)
+        assert created["table"] == "Sales-EU.Order Items", typed
+    staging.sql('DELETE FROM "Sales-EU"."Order Items" WHERE id > 5')
+    result = staging.run("rollback_manager.py", "restore", created["id"], "--yes")
+    assert result.returncode == 0, result.stderr
+    assert staging.sql('SELECT count(*) FROM "Sales-EU"."Order Items"')[0][0] == 25
+
+
+def test_an_ambiguous_table_name_lists_what_it_could_mean(staging):
+    staging.sql('CREATE SCHEMA "a.b"; CREATE TABLE "a.b".c (id int); CREATE SCHEMA a; CREATE TABLE a."b.c" (id int)')
+    result = staging.run("create_rollback_point.py", "which", "--method", "data", "--table", "a.b.c")
+    assert result.returncode == 2, result.stderr
+    assert '"a"."b.c"' in result.stderr and '"a.b"."c"' in result.stderr and "Which table?" in result.stderr
+    assert staging.run_json("rollback_manager.py", "list") == []
+
+
+def test_system_catalogs_are_refused_for_data_points_backups_and_partial_rollbacks(staging):
+    for args in (
+        ["create_rollback_point.py", "roles", "--method", "data", "--table", "pg_catalog.pg_authid"],
+        ["rollback_manager.py", "backup", "pg_authid"],
+        ["rollback_manager.py", "backup", "information_schema.sql_features"],
+    ):
+        result = staging.run(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert "system catalog" in result.stderr and "never copies or writes" in result.stderr
+    assert staging.run_json("rollback_manager.py", "list") == []
+    assert not list(staging.backup_dir.glob("*/table_*")) if staging.backup_dir.exists() else True
+    point = staging.create_point("whole", "--method", "data")
+    partial = staging.run(
+        "rollback_manager.py", "restore", point, "--type", "partial", "--table", "pg_catalog.pg_authid", "--yes"
+    )
+    assert partial.returncode == 2 and "system catalog" in partial.stderr

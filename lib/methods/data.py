@@ -57,42 +57,93 @@ def all_tables(conn) -> list[Table]:
     return [Table(s, n) for s, n in rows]
 
 
+FORBIDDEN_SCHEMAS = ("pg_catalog", "information_schema", "pg_toast")
+
+_BY_PLAIN_NAME = f"""
+    SELECT c.oid, n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+     WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S')
+       AND (n.nspname || '.' || c.relname = %(name)s OR (c.relname = %(name)s AND {USER_NAMESPACES.replace("%", "%%")}))
+     ORDER BY 2, 3"""
+
+
+def _regclass(conn, name: str) -> int | None:
+    """The relation ``name`` names in SQL syntax (quoted where needed, through the search_path)."""
+    query(conn, "SAVEPOINT resolve")
+    try:
+        return query(conn, "SELECT to_regclass(%s)::oid", (name,))[0][0]
+    except psycopg2.Error:  # not valid SQL syntax for a name: try it as typed
+        query(conn, "ROLLBACK TO SAVEPOINT resolve")
+        return None
+
+
+def _plain_candidates(conn, name: str) -> list[tuple[int, str, str]]:
+    """Relations ``name`` can mean typed plainly: 'Sales-EU.Order Items' is schema
+    Sales-EU, table Order Items (or a table of that whole name); without a dot, a table of
+    that name in any schema. Exact case first; where none, any case."""
+    exact = query(conn, _BY_PLAIN_NAME, {"name": name})
+    if exact:
+        return exact
+    folded = _BY_PLAIN_NAME.replace("n.nspname || '.' || c.relname =", "lower(n.nspname || '.' || c.relname) =").replace(
+        "c.relname = %(name)s AND", "lower(c.relname) = %(name)s AND"
+    )
+    return query(conn, folded, {"name": name.lower()})
+
+
 def resolve_tables(conn, names: list[str]) -> list[Table]:
-    """Names as an operator types them (``customers``, ``sales.orders``), found through search_path."""
-    found, missing = [], []
+    """Names as an operator types them: in SQL syntax (``customers``, ``sales.orders``,
+    ``"Sales-EU"."Order Items"``), or plainly (``Sales-EU.Order Items``) where only one
+    table can be meant; an ambiguous name lists what it could mean. System catalogs and
+    extension members are refused: the toolkit never copies or writes them."""
+    found, missing, ambiguous = [], [], []
     for name in names:
-        query(conn, "SAVEPOINT resolve")
-        try:
-            row = query(
-                conn,
-                "SELECT n.nspname, c.relname, c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-                "WHERE c.oid = to_regclass(%s)",
-                (name,),
-            )
-        except psycopg2.Error:  # not even a valid name
-            query(conn, "ROLLBACK TO SAVEPOINT resolve")
-            row = []
-        if not row:
+        oid = _regclass(conn, name)
+        if oid is None:
+            candidates = _plain_candidates(conn, name)
+            if len(candidates) > 1:
+                ambiguous.append(f"{name!r} could be " + " or ".join(quoted(Table(s, r)) for _, s, r in candidates))
+                continue
+            oid = candidates[0][0] if candidates else None
+        if oid is None:
             missing.append(name)
             continue
-        schema, rel, kind = row[0]
+        schema, rel, kind, member = query(
+            conn,
+            "SELECT n.nspname, c.relname, c.relkind, EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = "
+            "'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e') "
+            "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = %s",
+            (oid,),
+        )[0]
+        if schema in FORBIDDEN_SCHEMAS or schema.startswith(("pg_temp_", "pg_toast_temp_")) or member:
+            raise ConfigError(
+                f"{quoted(Table(schema, rel))} is "
+                + ("part of an extension" if member else "a system catalog")
+                + ", which the toolkit never copies or writes: it is PostgreSQL's own (and may hold secrets, "
+                "such as pg_authid's password hashes). Nothing was done.",
+                "Name your own tables (`\\dt` in psql lists them), or take a whole-database point.",
+            )
         if kind == "p":
             leaves = query(
                 conn,
-                "SELECT n.nspname, c.relname FROM pg_partition_tree(to_regclass(%s)) t "
+                "SELECT n.nspname, c.relname FROM pg_partition_tree(%s::regclass) t "
                 "JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace "
                 "WHERE t.isleaf ORDER BY 1, 2",
-                (name,),
+                (oid,),
             )
             found += [Table(s, n) for s, n in leaves]
         elif kind == "r":
             found.append(Table(schema, rel))
         else:
             missing.append(f"{name} (not a table)")
+    if ambiguous:
+        raise ConfigError(
+            "Which table? " + "; ".join(ambiguous) + ".",
+            'Write the one you mean in SQL syntax, for example "Sales-EU"."Order Items".',
+        )
     if missing:
         raise ConfigError(
             "No such table: " + ", ".join(missing) + ".",
-            "Name tables as in SQL, schema-qualified where needed (for example sales.orders).",
+            "Name tables as in SQL, schema-qualified where needed (for example sales.orders), or plainly as "
+            "schema.table; `rollback_manager.py info <id>` lists a point's tables.",
         )
     return list(dict.fromkeys(found))
 
