@@ -252,6 +252,16 @@ def pg15de(servers) -> Server:
     return servers.get(GERMAN)
 
 
+@pytest.fixture
+def german_locale(monkeypatch) -> str:
+    """The caller's own locale German (LC_ALL=de_DE.UTF-8), as on a workstation in Munich."""
+    assert not CANDIDATES[GERMAN].absent, CANDIDATES[GERMAN].absent
+    monkeypatch.setenv("LC_ALL", GERMAN_LOCALE)
+    monkeypatch.setenv("LANG", GERMAN_LOCALE)
+    monkeypatch.setenv("LANGUAGE", "de")
+    return GERMAN_LOCALE
+
+
 # ---------------------------------------------------------------- the rules of the run
 
 
@@ -272,7 +282,8 @@ def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         mark = item.get_closest_marker("needs_root")
         params = item.callspec.params if hasattr(item, "callspec") else {}
-        needs_german = params.get("server_key") == GERMAN or "pg15de" in getattr(item, "fixturenames", ())
+        fixtures = getattr(item, "fixturenames", ())
+        needs_german = params.get("server_key") == GERMAN or "pg15de" in fixtures or "german_locale" in fixtures
         if mark is not None:
             not_run.append((item.nodeid, mark.args[0] if mark.args else "needs root"))
         elif needs_german and CANDIDATES[GERMAN].absent:

@@ -61,6 +61,15 @@ def test_pg_dump_15_against_18_server_is_a_recognised_mismatch_and_the_next_is_t
     assert "CREATE TABLE public.customers" in out
 
 
+def test_a_mismatch_is_recognised_whatever_the_callers_language(pg18, german_locale):
+    """pg_dump 15 has German messages installed; the toolkit runs it with LC_MESSAGES=C."""
+    info = ConnInfo.parse(pg18.url("rich_template"))
+    old = _tool(debian_bin_dir(15), "pg_dump", claimed_major=18)
+    with pytest.raises(VersionMismatch) as exc:
+        pgtools.run_tool(old, ["--schema-only", *info.tool_args()], info)
+    assert "server version mismatch" in exc.value.stderr
+
+
 def test_pg_restore_15_cannot_read_an_18_archive_and_falls_back(pg18, tmp_path):
     info = ConnInfo.parse(pg18.url("rich_template"))
     archive = tmp_path / "a.dump"
