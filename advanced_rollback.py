@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import sys
 
-from lib import advanced
-from lib.cli import Parser, epilog, run, settings_from
+from lib.cli import advanced
+from lib.cli.app import Parser, epilog, run, settings_from
 
 EXAMPLES = """
 Needs a terminal: it asks. The same work without questions:

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import sys
 
-from lib import render
-from lib.check import run_checks
-from lib.cli import Parser, common_flags, epilog, run, settings_from
+from lib.cli import render
+from lib.cli.app import Parser, common_flags, epilog, run, settings_from
+from lib.operations.check import run_checks
 
 EXAMPLES = """
 Reports, each with ok or how to fix it: both URLs (passwords masked), each server's

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import sys
 
-from lib import operations
-from lib.catalog import human_size
-from lib.cli import Parser, common_flags, epilog, run, settings_from
+from lib.cli.app import Parser, common_flags, epilog, run, settings_from
+from lib.operations import commands as operations
+from lib.points.catalog import human_size
 
 EXAMPLES = """
 methods:

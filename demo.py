@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import sys
 
-from lib.cli import Parser, epilog, run
-from lib.demo import run_demo, stop_demo
+from lib.cli.app import Parser, epilog, run
+from lib.cli.demo import run_demo, stop_demo
 
 
 def build_parser() -> Parser:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import sys
 
-from lib import operations, render
-from lib.cli import Parser, common_flags, epilog, run, settings_from
-from lib.reset import reset_staging
+from lib.cli import render
+from lib.cli.app import Parser, common_flags, epilog, run, settings_from
+from lib.operations import commands as operations
+from lib.restore.reset import reset_staging
 
 EXAMPLES = """
 The newest completed point of staging that verifies is restored (any method; the

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import sys
 
-from lib import render
-from lib.cli import Parser, common_flags, epilog, run, settings_from
+from lib.cli import render
+from lib.cli.app import Parser, common_flags, epilog, run, settings_from
 from lib.errors import ConfigError
-from lib.reset import reset_staging
+from lib.restore.reset import reset_staging
 
 EXAMPLES = """
 V2 is only read (read-only sessions); a staging URL that is really V2 is refused.

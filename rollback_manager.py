@@ -7,10 +7,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from lib import operations, render
 from lib.api import MigrationBackup, MigrationTransaction, RollbackManager, RollbackType, Verification
-from lib.cli import Parser, common_flags, epilog, run, settings_from
+from lib.cli import render
+from lib.cli.app import Parser, common_flags, epilog, run, settings_from
 from lib.errors import ConfigError
+from lib.operations import commands as operations
 
 # The Python API of seed 000: from rollback_manager import RollbackManager, MigrationTransaction, RollbackType
 __all__ = ["MigrationBackup", "MigrationTransaction", "RollbackManager", "RollbackType", "Verification", "main"]

@@ -6,12 +6,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lib import render, runner
-from lib.cli import Parser, common_flags, epilog, run, settings_from
+from lib.cli import render
+from lib.cli.app import Parser, common_flags, epilog, run, settings_from
 from lib.config import PROJECT_ROOT
 from lib.errors import ConfigError
-from lib.migrate import available, load
-from lib.operations import METHODS
+from lib.migrate import runner
+from lib.migrate.context import available, load
+from lib.operations.commands import METHODS
 
 EXAMPLES = """
 By default a migration is a dry run: it runs whole, in one transaction on staging,

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import sys
 
-from lib import operations, render
-from lib.cli import Parser, common_flags, epilog, run, settings_from
+from lib.cli import render
+from lib.cli.app import Parser, common_flags, epilog, run, settings_from
+from lib.operations import commands as operations
 
 EXAMPLES = """
 commands:

@@ -77,9 +77,9 @@ def hand_loop(v2_url: str, staging_url: str, savepoints: bool) -> dict:
 
 
 def ours(v2_url: str, staging_url: str, work: Path) -> dict:
+    from lib.cli.console import UI
     from lib.config import load_settings
-    from lib.console import UI
-    from lib.migrate import MigrationContext, execute, load, open_staging
+    from lib.migrate.context import MigrationContext, execute, load, open_staging
 
     settings = load_settings(staging_url=staging_url, v2_url=v2_url, env_file=work / "none.env")
     migration = load(ROOT / "migrations" / "001_migrate_clients.py")
@@ -120,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         child(args.child[0], args.child[1], args.child[2], Path(args.child[3]))
         return 0
 
-    from lib import sample
-    from lib.localserver import LocalServer, embedded_bin_dir
+    from lib.cli import sample
+    from lib.pg.localserver import LocalServer, embedded_bin_dir
 
     server = LocalServer(embedded_bin_dir())
     work = Path(tempfile.mkdtemp(prefix="rollback-bench-migration-"))

@@ -10,7 +10,7 @@ __all__ = ["MigrationBackup", "MigrationTransaction", "RollbackManager", "Rollba
 def __getattr__(name: str):
     # Loaded on first use, so that scripts importing one module of lib stay quick to start.
     if name in __all__:
-        from . import api
+        from lib.__init__ import api
 
         return getattr(api, name)
     raise AttributeError(f"module 'lib' has no attribute {name!r}")

@@ -17,13 +17,14 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
-from . import audit, operations
-from .config import Settings, load_settings
-from .console import UI
-from .db import connection
-from .errors import ConfigError, VerificationError
-from .migrate import SequenceGuard, TrackedConnection, open_staging
-from .verify import compare, fingerprint, row_counts, sequence_positions
+from lib import audit
+from lib.cli.console import UI
+from lib.config import Settings, load_settings
+from lib.errors import ConfigError, VerificationError
+from lib.migrate.context import SequenceGuard, TrackedConnection, open_staging
+from lib.operations import commands as operations
+from lib.pg.db import connection
+from lib.pg.fingerprint import compare, fingerprint, row_counts, sequence_positions
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .catalog import make_private_dir, utc_now
-from .config import redact
+from lib.config import redact
+from lib.points.catalog import make_private_dir, utc_now
 
 log = logging.getLogger(__name__)
 

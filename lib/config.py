@@ -11,7 +11,7 @@ from urllib.parse import quote
 import psycopg2.extensions
 from dotenv import dotenv_values
 
-from .errors import ConfigError
+from lib.errors import ConfigError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 

@@ -8,8 +8,8 @@ import subprocess
 from pathlib import Path
 
 from lib.config import ConnInfo
-from lib.db import connection
-from lib.verify import fingerprint
+from lib.pg.db import connection
+from lib.pg.fingerprint import fingerprint
 
 
 def schema_dump(server, dbname: str) -> str:

@@ -11,8 +11,8 @@ import json
 import pytest
 
 from lib.config import ConnInfo
-from lib.db import connection
-from lib.verify import portable_schema_lines
+from lib.pg.db import connection
+from lib.pg.fingerprint import portable_schema_lines
 from tests.conftest import MATRIX
 from tests.helpers import deep_state
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from lib import sample
+from lib.cli import sample
 from lib.errors import ConfigError
 from tests.conftest import ROOT, Staging, _drop_databases_like, get_server
 from tests.helpers import deep_state

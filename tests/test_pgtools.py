@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from lib import pgtools
 from lib.config import ConnInfo, load_settings
 from lib.errors import ToolError, VersionMismatch
-from lib.localserver import debian_bin_dir, embedded_bin_dir
+from lib.pg import tools as pgtools
+from lib.pg.localserver import debian_bin_dir, embedded_bin_dir
 
 
 @pytest.mark.parametrize(

@@ -16,8 +16,8 @@ import pytest
 
 import create_rollback_point
 import rollback_manager
-from lib.catalog import Catalog
-from lib.localserver import embedded_bin_dir
+from lib.pg.localserver import embedded_bin_dir
+from lib.points.catalog import Catalog
 from tests.conftest import ROOT
 from tests.helpers import write_tool_wrapper
 
@@ -152,7 +152,7 @@ def test_a_killed_creation_leaves_nothing_that_lists(staging, tmp_path):
 def test_a_shortfall_of_free_space_is_refused_with_both_numbers(staging, monkeypatch, capsys):
     import shutil as real_shutil
 
-    from lib.methods import dump
+    from lib.points.methods import dump
 
     usage = real_shutil.disk_usage(staging.backup_dir.parent)
     monkeypatch.setattr(dump.shutil, "disk_usage", lambda p: usage._replace(free=1024))

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from lib.config import ConnInfo
-from lib.db import connection
-from lib.verify import portable_schema_lines, schema_lines
+from lib.pg.db import connection
+from lib.pg.fingerprint import portable_schema_lines, schema_lines
 from tests.helpers import deep_state, write_tool_wrapper
 
 V2_EXTRA = (
@@ -97,7 +97,7 @@ def test_reset_asks_first_and_needs_v2(staging, new_staging):
 
 def test_large_tables_are_split_by_block_ranges_and_still_copied_exactly(servers, new_staging, monkeypatch, capsys):
     import reset_staging
-    from lib import reset
+    from lib.restore import reset
     from tests.conftest import get_server
 
     v2 = new_staging(get_server(servers, 15), "v2split")

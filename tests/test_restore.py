@@ -9,10 +9,10 @@ import time
 import psycopg2
 import pytest
 
-from lib.catalog import manifest_digest
 from lib.config import load_settings
-from lib.locking import operation_lock
-from lib.target import open_target
+from lib.pg.locks import operation_lock
+from lib.pg.target import open_target
+from lib.points.catalog import manifest_digest
 from tests.helpers import deep_state, schema_dump
 
 MIGRATION = """

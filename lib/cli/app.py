@@ -1,0 +1,139 @@
+"""What every script shares: common flags, logging into logs/, and turning
+exceptions into one paragraph and an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+from lib.cli.console import UI
+from lib.config import PROJECT_ROOT, load_settings, loose_password_file, redact
+from lib.errors import EXIT_CODES_HELP, ExitCode, RollbackError
+from lib.pg.tools import dead_temporaries
+from lib.points.catalog import make_private_dir, utc_now
+
+log = logging.getLogger(__name__)
+
+
+class RedactingFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = redact(record.getMessage())
+        record.args = None
+        return True
+
+
+def setup_logging(script: str, debug: bool) -> Path | None:
+    """logs/<script>_<YYYYMMDD_HHMMSS>.log, 0600 in a 0700 folder."""
+    try:
+        settings = load_settings()
+        log_dir = settings.log_dir
+    except RollbackError:
+        log_dir = PROJECT_ROOT / "logs"
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    for h in list(root.handlers):
+        if getattr(h, "_rollback_toolkit", False):
+            root.removeHandler(h)
+            h.close()
+    path = None
+    try:
+        make_private_dir(log_dir)
+        path = log_dir / f"{script}_{utc_now().strftime('%Y%m%d_%H%M%S')}.log"
+        path.touch(mode=0o600, exist_ok=True)
+        path.chmod(0o600)
+        handler: logging.Handler = logging.FileHandler(path, encoding="utf-8")
+    except OSError:
+        handler = logging.NullHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(RedactingFilter())
+    handler._rollback_toolkit = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    for noisy in ("urllib3", "docker", "testcontainers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return path
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that exits 2 with one paragraph (its default already uses 2)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def common_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print one JSON document on stdout and nothing else there")
+    parser.add_argument("--yes", "-y", action="store_true", help="confirm destructive steps without asking")
+    parser.add_argument("--debug", action="store_true", help="log at debug level and show tracebacks on screen")
+    parser.add_argument("--backup-dir", metavar="DIR", help="where points live (default: BACKUP_DIR or backups/)")
+    parser.add_argument(
+        "--confirm-database",
+        metavar="NAME",
+        help="the staging database's name, typed ahead: needed with --yes for a database in PROTECTED_DATABASES",
+    )
+
+
+def settings_from(args: argparse.Namespace):
+    """Settings from the flags every script names alike, then the environment, then .env."""
+    return load_settings(
+        staging_url=getattr(args, "database_url", None),
+        v2_url=getattr(args, "v2_url", None),
+        backup_dir=getattr(args, "backup_dir", None),
+        confirm_database=getattr(args, "confirm_database", None),
+        encrypt=bool(getattr(args, "encrypt", False)),
+    )
+
+
+def epilog(examples: str) -> str:
+    return f"{examples.strip()}\n\n{EXIT_CODES_HELP}.\nSettings come from flags, then the environment, then .env (see ROLLBACK_GUIDE.md)."
+
+
+def run(script: str, argv: list[str] | None, build_parser: Callable[[], argparse.ArgumentParser], action) -> int:
+    """Parse, log, call ``action(args, ui)``, and map every failure to an exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    ui = UI(json_mode=getattr(args, "json", False))
+    log_path = setup_logging(script, getattr(args, "debug", False))
+    log.info("%s started: %s", script, redact(" ".join(sys.argv if argv is None else [script, *argv])))
+    previous_term = signal.signal(signal.SIGTERM, _stop_as_interrupt)  # kill: the same clean-up as Ctrl-C
+    for line in dead_temporaries():
+        log.info("removed %s, left by a run that was killed", line)
+    loose = loose_password_file()
+    if loose:
+        ui.warn(loose)
+        log.warning("%s", loose)
+    try:
+        code = action(args, ui)
+        return int(code if code is not None else ExitCode.DONE)
+    except RollbackError as exc:
+        log.error("%s failed: %s", script, exc.paragraph(), exc_info=True)
+        ui.error(redact(exc.paragraph()))
+        if getattr(args, "debug", False):
+            ui.err.print(redact(traceback.format_exc()))
+        elif log_path:
+            ui.err.print(f"[dim]log: {log_path}[/]")
+        return int(exc.exit_code)
+    except KeyboardInterrupt:
+        log.error("%s aborted (Ctrl-C or SIGTERM)", script)
+        ui.error("Interrupted. Anything half-built was removed; staging is as it was unless a message above says otherwise.")
+        return int(ExitCode.INTERRUPTED)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence for people at 3 a.m.
+        log.exception("%s crashed", script)
+        ui.error(
+            redact(f"Unexpected failure: {type(exc).__name__}: {exc}.")
+            + f" The full traceback is in {log_path or 'the log'}; staging is as it was unless a message above says otherwise."
+        )
+        if getattr(args, "debug", False):
+            ui.err.print(redact(traceback.format_exc()))
+        return int(ExitCode.FAILED)
+    finally:
+        signal.signal(signal.SIGTERM, previous_term)
+
+
+def _stop_as_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt

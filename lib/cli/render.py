@@ -1,0 +1,188 @@
+"""Tables and detail views for people; the scripts print JSON themselves."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from rich.table import Table
+
+from lib.cli.console import UI
+from lib.points.catalog import Point, human_size
+
+
+def age(created_at: str | None) -> str:
+    if not created_at:
+        return "?"
+    try:
+        delta = datetime.now(UTC) - datetime.fromisoformat(created_at)
+    except ValueError:
+        return "?"
+    seconds = int(delta.total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds // size} {unit} ago"
+    return f"{seconds} s ago"
+
+
+def points_table(ui: UI, points: list[Point], *, numbered: bool = False) -> None:
+    if not points:
+        ui.out.print('No rollback points yet. Take one with: python3 create_rollback_point.py "Before migration"')
+        return
+    table = Table(title="Rollback points (oldest first)", title_justify="left")
+    if numbered:
+        table.add_column("#", justify="right")
+    for col in ("ID", "Migration ID", "Database", "Table", "Method", "Size", "Status", "Created", "Description"):
+        table.add_column(col, overflow="fold")
+    for n, p in enumerate(points, start=1):
+        s = p.summary()
+        created = (s["created_at"] or "?")[:19].replace("T", " ") + " UTC"
+        table.add_row(
+            *([str(n)] if numbered else []),
+            s["id"],
+            s["migration_id"] or "-",
+            s["database"],
+            s["table"] or "(all)",
+            s["method"],
+            human_size(s["size_bytes"]),
+            s["status"] or "?",
+            created,
+            s["description"] or "",
+        )
+    ui.out.print(table)
+
+
+def point_details(ui: UI, point: Point) -> None:
+    m = point.manifest
+    db = m.get("database", {})
+    fp = m.get("fingerprint", {})
+    tool = m.get("tool") or {}
+    rows = [
+        ("ID", point.id),
+        ("Description", m.get("description") or ""),
+        ("Migration ID", m.get("migration_id") or "-"),
+        ("Kind", m.get("kind", "manual") + (f" (restoring {m['restored_point']})" if m.get("restored_point") else "")),
+        ("Created", f"{m.get('created_at')} ({age(m.get('created_at'))})"),
+        ("Status", m.get("status")),
+        ("Method", point.method),
+        ("Database", f"{db.get('name')} — {db.get('url')}"),
+        ("Server", f"PostgreSQL {db.get('server_version')} (system id {db.get('system_identifier') or 'unknown'})"),
+        ("Database size", human_size(db.get("size_bytes"))),
+        ("Written by", f"{tool.get('path')} ({tool.get('version')})" if tool else "-"),
+        ("Database copy", m.get("template_database") or "-"),
+        ("Folder", str(point.path)),
+        ("Schema digest", f"{fp.get('schema_digest', '?')[:16]}… over {fp.get('schema_objects')} objects"),
+        ("Rows", f"{sum(fp.get('row_counts', {}).values())} in {len(fp.get('row_counts', {}))} tables"),
+        ("Sequences", str(len(fp.get("sequences", {})))),
+        ("Large objects", str(fp.get("large_objects", 0))),
+    ]
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    for k, v in rows:
+        table.add_row(k, str(v))
+    ui.out.print(table)
+    files = Table("File", "Size", "sha256", title="Files", title_justify="left")
+    for f in m.get("files", []):
+        files.add_row(f["name"], human_size(f["size"]), f["sha256"])
+    if m.get("files"):
+        ui.out.print(files)
+    counts = Table("Table", "Rows", title="Row counts", title_justify="left")
+    for name, n in sorted(fp.get("row_counts", {}).items()):
+        counts.add_row(name, str(n))
+    if fp.get("row_counts"):
+        ui.out.print(counts)
+
+
+def diff_lines(ui: UI, found) -> None:
+    ui.out.print(f"Restoring {found.point_id} would undo:")
+    for line in found.lines():
+        ui.out.print(f"  {line}")
+
+
+def partial_outcome(ui: UI, outcome: dict) -> None:
+    ui.ok(f"{sum(outcome['deleted'].values())} row(s) added since {outcome['point_id']} deleted; every other row kept.")
+    if outcome.get("before_point_id"):
+        ui.info(f"Undo with: python3 rollback_manager.py restore {outcome['before_point_id']}")
+
+
+def restore_outcome(ui: UI, result, *, as_json: bool, headline: str) -> None:
+    """The end of a restore: the result as JSON, or a line and the way to undo it."""
+    if as_json:
+        ui.emit_json(result.as_dict())
+        return
+    ui.ok(headline)
+    if result.before_point_id:
+        ui.info(
+            f"The state before is kept as point {result.before_point_id}; "
+            f"undo with: python3 rollback_manager.py restore {result.before_point_id}"
+        )
+
+
+def migration_report(ui: UI, report) -> None:
+    """run_migration.py's summary: counts, rate, duration, point, what changed."""
+    d = report.as_dict()
+    table = Table(show_header=False, box=None, pad_edge=False, title=f"{d['migration_id']}: {d['mode']}", title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    rate = f"{d['failure_rate']:.1%} (threshold {d['failure_threshold']:.0%})"
+    for key, value in (
+        ("Outcome", d["outcome"]),
+        ("Migrated", f"{d['migrated']} (undone by the rollback)" if d["restored_to"] else d["migrated"]),
+        ("Failed", d["failed"]),
+        ("Skipped", d["skipped"]),
+        ("Failure rate", rate + (", passed" if d["threshold_exceeded"] else "")),
+        ("Batches committed", d["batches_committed"] if d["mode"] == "production" else "none (dry run)"),
+        ("Duration", f"{d['duration_seconds']:.1f} s"),
+        ("Rollback point", d["point_id"] or "none"),
+        ("Restored to", d["restored_to"] or "-"),
+        ("Failures file", d["failures_file"] or "-"),
+    ):
+        table.add_row(key, str(value))
+    ui.out.print(table)
+    verb = "would change" if d["mode"] == "dry run" else "changed"
+    if d["changes"] and d["outcome"] in ("dry run", "succeeded"):  # counted for dry runs and .sql migrations
+        changes = Table("Table", "Inserted", "Updated", "Deleted", title=f"Rows the migration {verb}", title_justify="left")
+        for name, c in d["changes"].items():
+            changes.add_row(name, str(c["inserted"]), str(c["updated"]), str(c["deleted"]))
+        ui.out.print(changes)
+    for note in d["notes"]:
+        ui.info(note)
+    if d["before_rollback_point_id"]:
+        ui.info(f"The migrated state is kept as point {d['before_rollback_point_id']}.")
+
+
+def audit_trail(ui: UI, entries: list[dict]) -> None:
+    from lib.audit import details
+
+    if not entries:
+        ui.out.print("The audit trail is empty.")
+        return
+    table = Table(title="Audit trail (oldest first)", title_justify="left")
+    for col in ("Time (UTC)", "Event", "Point", "Migration", "User", "Host", "Outcome", "Details"):
+        table.add_column(col, overflow="fold")
+    for e in entries:
+        table.add_row(
+            str(e.get("timestamp", "?"))[:19].replace("T", " "),
+            str(e.get("event", "?")),
+            e.get("point_id") or "-",
+            e.get("migration_id") or "-",
+            str(e.get("user", "?")),
+            str(e.get("host", "?")),
+            str(e.get("outcome") or "?"),
+            details(e),
+        )
+    ui.out.print(table)
+
+
+def findings(ui: UI, found: list) -> None:
+    """check_setup.py's table: one line per finding, with the fix where it is not ok."""
+    mark = {"ok": "[green]ok[/]", "warn": "[yellow]warning[/]", "fail": "[bold red]FAILED[/]"}
+    table = Table(title="Configuration and connections", title_justify="left")
+    for col in ("Check", "Status", "Detail", "Fix"):
+        table.add_column(col, overflow="fold")
+    for f in found:
+        table.add_row(f.item, mark.get(f.status, f.status), f.detail, f.fix)
+    ui.out.print(table)
+    failed = sum(f.status == "fail" for f in found)
+    warned = sum(f.status == "warn" for f in found)
+    ui.out.print(f"{failed} failed, {warned} warning(s), {len(found) - failed - warned} ok")

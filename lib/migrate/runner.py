@@ -1,0 +1,380 @@
+"""run_migration.py's work: a dry run that changes nothing, a production run behind a
+verified rollback point with automatic rollback, and --rollback."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg2
+from rich.prompt import Confirm
+
+from lib import audit
+from lib.cli.console import UI
+from lib.config import Settings
+from lib.errors import ConfigError, RollbackError
+from lib.migrate.context import (
+    Migration,
+    MigrationContext,
+    MigrationError,
+    SequenceGuard,
+    Tally,
+    ThresholdExceeded,
+    execute,
+    open_staging,
+)
+from lib.operations import commands as operations
+from lib.pg.db import replication_ties
+from lib.pg.locks import operation_lock
+from lib.pg.target import confirm_change, open_target
+from lib.points.catalog import Catalog, slugify, utc_now
+from lib.restore.swap import RestoreResult, refuse_replication_ties
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Report:
+    migration_id: str
+    mode: str  # "dry run" | "production"
+    outcome: str = "running"  # dry run | succeeded | rolled back | failed | aborted
+    point_id: str | None = None
+    tally: Tally = field(default_factory=Tally)
+    threshold: float = 0.1
+    duration_seconds: float = 0.0
+    error: str | None = None
+    restored: RestoreResult | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome in ("dry run", "succeeded")
+
+    def as_dict(self) -> dict:
+        t = self.tally
+        return {
+            "migration_id": self.migration_id,
+            "mode": self.mode,
+            "outcome": self.outcome,
+            "point_id": self.point_id,
+            "migrated": t.migrated,
+            "failed": t.failed,
+            "skipped": t.skipped,
+            "failure_rate": round(t.failure_rate, 4),
+            "failure_threshold": self.threshold,
+            "threshold_exceeded": t.threshold_batch is not None,
+            "batches_committed": t.batches_committed,
+            "changes": {k: dict(zip(("inserted", "updated", "deleted"), v, strict=True)) for k, v in sorted(t.changes.items())},
+            "failures_file": str(t.failures_file) if t.failures_file else None,
+            "duration_seconds": round(self.duration_seconds, 3),
+            "error": self.error,
+            "restored_to": self.restored.point_id if self.restored else None,
+            "before_rollback_point_id": self.restored.before_point_id if self.restored else None,
+            "notes": self.notes,
+        }
+
+
+@dataclass
+class Options:
+    batch_size: int = 100
+    threshold: float = 0.10
+    limit: int | None = None
+    params: dict[str, str] = field(default_factory=dict)
+
+    def check(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError("--batch-size must be at least 1.")
+        if not 0 <= self.threshold <= 1:
+            raise ConfigError("--failure-threshold is a fraction between 0 and 1 (0.10 is 10%).")
+        if self.limit is not None and self.limit < 0:
+            raise ConfigError("--limit must be 0 or more.")
+
+
+def _failures_path(settings: Settings, migration: Migration, dry_run: bool) -> Path:
+    stamp = utc_now().strftime("%Y%m%d_%H%M%S")
+    return settings.log_dir / f"{slugify(migration.id, 60)}_{stamp}{'_dry_run' if dry_run else ''}_failures.csv"
+
+
+def _context(settings, ui, migration, staging, options: Options, *, dry_run: bool, database: str) -> MigrationContext:
+    def on_batch(batch: int, failures: list[tuple]) -> None:
+        if failures:
+            audit.event(
+                settings.log_dir,
+                "batch failures",
+                database=database,
+                migration_id=migration.id,
+                batch=batch,
+                failed=len(failures),
+                record_keys=[str(k) for k, _ in failures[:10]],
+                dry_run=dry_run,
+            )
+
+    return MigrationContext(
+        settings,
+        migration,
+        staging,
+        ui,
+        dry_run=dry_run,
+        batch_size=options.batch_size,
+        threshold=options.threshold,
+        limit=options.limit,
+        params=options.params,
+        failures_path=_failures_path(settings, migration, dry_run),
+        on_batch=on_batch,
+    )
+
+
+def dry_run(settings: Settings, ui: UI, migration: Migration, options: Options) -> Report:
+    """The whole migration in one transaction on staging, rolled back: nothing changes."""
+    options.check()
+    report = Report(migration.id, "dry run", threshold=options.threshold)
+    started = time.monotonic()
+    with open_target(settings) as target:  # refuses V2 given as staging
+        database = target.masked
+    ui.step(f"Dry run of {migration.id} ({migration.description}) on {database}: one transaction, rolled back at the end")
+    audit.event(settings.log_dir, "migration start", database=database, migration_id=migration.id, mode="dry run")
+    guard = SequenceGuard(settings)
+    staging = open_staging(settings, f"migration {migration.id} (dry run)")
+    staging.forbid_commit = "A dry run commits nothing, and the migration tried to commit."
+    ctx = _context(settings, ui, migration, staging, options, dry_run=True, database=database)
+    try:
+        execute(ctx)
+        report.outcome = "dry run"
+    except RollbackError:
+        report.outcome = "failed"
+        raise
+    except KeyboardInterrupt:
+        report.outcome = "aborted"
+        raise
+    except Exception as exc:
+        report.outcome = "failed"
+        raise MigrationError(
+            f"The dry run of {migration.id} failed: {type(exc).__name__}: {exc}".rstrip(".") + ".",
+            "Nothing was changed (the dry run's transaction was rolled back). Fix the migration and run it again.",
+        ) from exc
+    finally:
+        guard.note_where_left()
+        _close(staging)  # the rollback
+        ctx.close()
+        _put_back(guard, report)
+        report.tally = ctx.tally
+        report.duration_seconds = time.monotonic() - started
+        _audit_end(settings, report, database)
+    if ctx.tally.threshold_batch is not None:
+        report.notes.append(
+            f"The failure rate passed the threshold of {options.threshold:.0%} after batch {ctx.tally.threshold_batch}: "
+            "a production run would stop there and put staging back to its rollback point."
+        )
+    return report
+
+
+def production(
+    settings: Settings,
+    ui: UI,
+    migration: Migration,
+    options: Options,
+    *,
+    no_rollback: bool = False,
+    assume_yes: bool = False,
+    method: str | None = None,
+    force: bool = False,
+) -> Report:
+    options.check()
+    report = Report(migration.id, "production", threshold=options.threshold)
+    started = time.monotonic()
+    with open_target(settings) as target:
+        database, dbname = target.masked, target.dbname
+        if not no_rollback:  # the automatic rollback swaps staging: refuse now, not after a batch committed
+            refuse_replication_ties(
+                target, replication_ties(target.maint, dbname), force=force, doing=f"run {migration.id} with automatic rollback"
+            )
+        if dbname in settings.protected_databases:
+            confirm_change(target, ui, f"Run {migration.id} on {dbname}?", assume_yes=assume_yes, what=f"run {migration.id}")
+    if no_rollback:
+        ui.warn(
+            f"--no-rollback: no rollback point of {dbname} is taken. If {migration.id} fails after a batch was committed, "
+            "staging keeps those batches, and only an older point or a reset from V2 can put it back."
+        )
+        ui.confirm("Run the migration without a rollback point?", assume_yes=assume_yes, what="skip the rollback point")
+    else:
+        point, _ = operations.create_point(
+            settings, ui, description=f"before migration {migration.id}", migration_id=migration.id, method=method
+        )
+        operations.verify_point(settings, ui, point.id)
+        report.point_id = point.id
+    audit.event(
+        settings.log_dir,
+        "migration start",
+        database=database,
+        point_id=report.point_id,
+        migration_id=migration.id,
+        mode="production",
+        batch_size=options.batch_size,
+        failure_threshold=options.threshold,
+        limit=options.limit,
+    )
+    ui.step(
+        f"Running {migration.id} on {database} in batches of {options.batch_size}, "
+        f"failure threshold {options.threshold:.0%}" + (f", at most {options.limit} records" if options.limit is not None else "")
+    )
+    failure: BaseException | None = None
+    ctx = None
+    guard = SequenceGuard(settings)
+    try:
+        with open_target(settings) as target:
+            catalog = Catalog(settings.backup_dir).ensure()
+            with operation_lock(
+                catalog.root, target.maint, target.facts.system_identifier, target.dbname, f"migration {migration.id}"
+            ):
+                staging = open_staging(settings, f"migration {migration.id}")
+                ctx = _context(settings, ui, migration, staging, options, dry_run=False, database=database)
+                try:
+                    execute(ctx)
+                    report.outcome = "succeeded"
+                except BaseException as exc:  # noqa: BLE001 - every failure ends in the same rollback
+                    failure = exc
+                    guard.note_where_left()
+                finally:  # closing the session rolls back the open batch
+                    _close(staging)
+                    ctx.close()
+    except RollbackError as exc:
+        if ctx is None:
+            raise  # could not even start: nothing ran
+        failure = failure or exc
+    if ctx is not None:
+        report.tally = ctx.tally
+    try:
+        if failure is not None:
+            _after_failure(settings, ui, migration, report, failure, database, force=force)
+            if report.tally.batches_committed == 0:
+                _put_back(guard, report)
+    finally:  # also when the automatic rollback itself failed
+        report.duration_seconds = time.monotonic() - started
+        _audit_end(settings, report, database)
+    if isinstance(failure, KeyboardInterrupt):
+        raise failure
+    return report
+
+
+def _after_failure(
+    settings: Settings, ui: UI, migration: Migration, report: Report, failure: BaseException, database: str, *, force: bool
+) -> None:
+    committed = report.tally.batches_committed
+    interrupted = isinstance(failure, KeyboardInterrupt)
+    report.error = (
+        "interrupted (Ctrl-C)"
+        if interrupted
+        else getattr(failure, "message", None) or f"{type(failure).__name__}: {failure}".strip()
+    )
+    log.error("migration %s failed: %s", migration.id, report.error, exc_info=not interrupted)
+    if isinstance(failure, ThresholdExceeded):
+        audit.event(
+            settings.log_dir,
+            "threshold breach",
+            database=database,
+            point_id=report.point_id,
+            migration_id=migration.id,
+            outcome="stopped",
+            failed=report.tally.failed,
+            processed=report.tally.processed,
+            failure_rate=round(report.tally.failure_rate, 4),
+            failure_threshold=report.threshold,
+        )
+    ui.error(f"{migration.id} stopped: {report.error}")
+    ui.info(f"The open batch was rolled back. {committed} batch(es) had been committed.")
+    report.outcome = "aborted" if interrupted else "failed"
+    if committed == 0:
+        report.notes.append("Nothing had been committed: rolling back the open transaction undid everything.")
+        return
+    if report.point_id is None:
+        report.notes.append(
+            f"{committed} batch(es) stay committed: there is no rollback point (--no-rollback). Put staging back with "
+            "`python3 quick_rollback.py` (newest point) or `python3 reset_staging.py` (copy of V2)."
+        )
+        return
+    if interrupted and sys.stdin.isatty():
+        try:
+            restore = Confirm.ask(
+                f"Restore staging to the point {report.point_id} taken before the migration?", console=ui.err, default=True
+            )
+        except (KeyboardInterrupt, EOFError):
+            restore = False
+        if not restore:
+            report.notes.append(
+                f"Staging keeps {committed} committed batch(es). Restore it later with "
+                f"`python3 run_migration.py {migration.path} --rollback {report.point_id}`."
+            )
+            return
+    ui.step(f"Automatic rollback: putting staging back to {report.point_id}")
+    try:
+        with audit.audited(settings.log_dir, "automatic rollback", database, report.point_id, migration.id) as record:
+            report.restored = operations.restore_point(settings, ui, report.point_id, assume_yes=True, force=force)
+            record.set(reason=report.error, before_point_id=report.restored.before_point_id)
+    except (RollbackError, psycopg2.Error) as exc:
+        raise MigrationError(
+            f"{migration.id} failed ({report.error}) and the automatic rollback to {report.point_id} failed too: "
+            f"{getattr(exc, 'message', exc)}. Staging still holds {committed} committed batch(es) of the migration.",
+            f"Run `python3 rollback_manager.py restore {report.point_id}` once the cause is fixed, "
+            "or `python3 quick_rollback.py --from-v2` as a last resort.",
+        ) from exc
+    report.outcome = "aborted" if interrupted else "rolled back"
+    ui.ok(f"Staging is back at {report.point_id}, verified")
+
+
+def rollback(
+    settings: Settings, ui: UI, migration: Migration, point_id: str | None, *, assume_yes: bool, force: bool = False
+) -> RestoreResult:
+    """--rollback [ID]: the given point, or the newest point this migration made."""
+    if not point_id:
+        mine = [
+            p
+            for p in Catalog(settings.backup_dir).points()
+            if p.manifest.get("migration_id") == migration.id and p.manifest.get("status") == "completed"
+        ]
+        if not mine:
+            raise ConfigError(
+                f"No rollback point was made by the migration {migration.id} in {settings.backup_dir}.",
+                "Give a point id (`python3 rollback_manager.py list`), or use `python3 quick_rollback.py`.",
+            )
+        point_id = mine[-1].id
+        ui.info(f"The newest point made by {migration.id}: {point_id}")
+    return operations.restore_point(settings, ui, point_id, assume_yes=assume_yes, force=force)
+
+
+def _audit_end(settings: Settings, report: Report, database: str) -> None:
+    t = report.tally
+    audit.event(
+        settings.log_dir,
+        "migration end",
+        database=database,
+        point_id=report.point_id,
+        migration_id=report.migration_id,
+        outcome=report.outcome,
+        mode=report.mode,
+        migrated=t.migrated,
+        failed=t.failed,
+        skipped=t.skipped,
+        batches_committed=t.batches_committed,
+        error=report.error,
+    )
+
+
+def _put_back(guard: SequenceGuard, report: Report) -> None:
+    try:
+        moved = guard.put_back()
+    except RollbackError as exc:
+        report.notes.append(f"The sequences the migration advanced could not be put back: {exc.message}")
+        return
+    if moved:
+        report.notes.append("Sequences put back where they were: " + ", ".join(moved) + ".")
+
+
+def _close(conn) -> None:
+    try:
+        if not conn.closed:
+            conn.close()
+    except psycopg2.Error:
+        pass

@@ -1,0 +1,148 @@
+"""check_setup.py's work: is everything in place for taking points and rolling back?
+Each finding is ok, a warning or a failure, and says how to fix what is not ok."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from lib.config import ConnInfo, Settings
+from lib.errors import RollbackError
+from lib.pg.db import connection, query, server_facts
+from lib.pg.tools import candidates_for_server
+from lib.points.catalog import Catalog, human_size
+
+
+@dataclass
+class Finding:
+    item: str
+    status: str  # ok | warn | fail
+    detail: str
+    fix: str = ""
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _server(name: str, info: ConnInfo, settings: Settings, *, staging: bool) -> tuple[list[Finding], object | None]:
+    findings = [Finding(f"{name} URL", "ok", info.masked())]
+    try:
+        with connection(info, readonly=not staging, application_name="rollback-toolkit check") as conn:
+            facts = server_facts(conn)
+            can_signal = staging and bool(
+                query(conn, "SELECT pg_has_role(current_user, 'pg_signal_backend', 'MEMBER') OR %s", (facts.is_superuser,))[0][0]
+            )
+    except RollbackError as exc:
+        findings.append(Finding(f"{name} server", "fail", exc.message, exc.hint or "Check the URL, the server and the password."))
+        return findings, None
+    findings.append(
+        Finding(
+            f"{name} server",
+            "ok",
+            f"PostgreSQL {facts.version} at {info.server_label()}, database {info.dbname}, role {facts.current_user}",
+        )
+    )
+    for tool in ("pg_dump", "pg_restore"):
+        try:
+            chosen = candidates_for_server(tool, facts.major, settings)[0]
+            findings.append(Finding(f"{tool} for {name}", "ok", chosen.describe()))
+        except RollbackError as exc:
+            findings.append(
+                Finding(
+                    f"{tool} for {name}",
+                    "warn" if staging else "fail",
+                    exc.message.split(" Installed copies:")[0],
+                    "Install the client tools of that major, or set PG_BIN_DIR; data points (simple_rollback.py) need none.",
+                )
+            )
+    if staging:
+        findings.append(
+            Finding("create databases", "ok", f"role {facts.current_user} may: template points and swaps work")
+            if facts.can_create_db
+            else Finding(
+                "create databases",
+                "warn",
+                f"role {facts.current_user} may not: points are dumps, restores run in place in one transaction",
+                f"For template points and swap restores: ALTER ROLE {facts.current_user} CREATEDB;",
+            )
+        )
+        findings.append(
+            Finding("end sessions", "ok", f"role {facts.current_user} may end other sessions on staging")
+            if can_signal
+            else Finding(
+                "end sessions",
+                "warn",
+                f"role {facts.current_user} may not end other roles' sessions; a restore waits for them to disconnect",
+                f"GRANT pg_signal_backend TO {facts.current_user};",
+            )
+        )
+    return findings, facts
+
+
+def run_checks(settings: Settings) -> list[Finding]:
+    findings: list[Finding] = []
+    try:
+        staging_info = settings.staging()
+    except RollbackError as exc:
+        findings.append(Finding("staging URL", "fail", exc.message, exc.hint or "Set STAGING_DATABASE_URL in .env."))
+        staging_info = None
+    staging_facts = None
+    if staging_info:
+        more, staging_facts = _server("staging", staging_info, settings, staging=True)
+        findings += more
+    try:
+        v2_info = settings.v2()
+    except RollbackError as exc:
+        findings.append(Finding("V2 URL", "fail", exc.message, exc.hint or "Fix V2_DATABASE_URL in .env."))
+        v2_info = None
+    if v2_info is None and not any(f.item == "V2 URL" for f in findings):
+        findings.append(Finding("V2 URL", "warn", "not set", "Set V2_DATABASE_URL for migrations and reset_staging.py."))
+    v2_facts = None
+    if v2_info:
+        more, v2_facts = _server("V2", v2_info, settings, staging=False)
+        findings += more
+    if staging_facts and v2_facts:
+        same = (
+            staging_facts.system_identifier == v2_facts.system_identifier and staging_facts.database_oid == v2_facts.database_oid
+        )
+        findings.append(
+            Finding("V2 is not staging", "fail", "both URLs reach the same database", "Fix one of the URLs: V2 is never written.")
+            if same
+            else Finding("V2 is not staging", "ok", "different databases")
+        )
+    findings += _backup_dir(settings, staging_facts)
+    findings.append(log_dir_finding(settings.log_dir))
+    return findings
+
+
+def _backup_dir(settings: Settings, staging_facts) -> list[Finding]:
+    root = settings.backup_dir
+    existing = _nearest_existing(root)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return [Finding("backup folder", "fail", f"{root} cannot be written", f"Make {existing} writable, or set BACKUP_DIR.")]
+    points = Catalog(root).points() if root.is_dir() else []
+    free = shutil.disk_usage(existing).free
+    found = [Finding("rollback points", "ok", f"{len(points)} in {root}")]
+    need = staging_facts.database_size if staging_facts else 0
+    detail = f"{human_size(free)} free in {root}" + (f"; staging is {human_size(need)}" if need else "")
+    if need and free < need:
+        found.append(
+            Finding("free space", "warn", detail, "A dump point may not fit: free space or set BACKUP_DIR to a larger disk.")
+        )
+    else:
+        found.append(Finding("free space", "ok", detail))
+    return found
+
+
+def _nearest_existing(path: Path) -> Path:
+    """The folder itself, or the nearest parent that exists (where it would be created)."""
+    return next(p for p in [path, *path.parents] if p.exists())
+
+
+def log_dir_finding(log_dir: Path) -> Finding:
+    existing = _nearest_existing(log_dir)
+    if os.access(existing, os.W_OK | os.X_OK):
+        return Finding("log folder", "ok", str(log_dir))
+    return Finding("log folder", "fail", f"{log_dir} cannot be written", "Make it writable, or set LOG_DIR.")

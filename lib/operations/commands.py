@@ -1,0 +1,435 @@
+"""The operations the scripts offer: create, list, info, verify, restore, delete.
+
+Each takes settings and a UI, does its work under the database's lock where it
+changes anything, leaves an audit entry, and raises on failure."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import logging
+import os
+import re
+import socket
+from pathlib import Path
+
+from lib import audit
+from lib.audit import audited
+from lib.cli.console import UI
+from lib.config import Settings
+from lib.errors import ConfigError, RollbackError, VerificationError
+from lib.pg.db import database_properties
+from lib.pg.locks import operation_lock
+from lib.pg.target import Target, confirm_change, open_target
+from lib.points import crypto, retention, spare
+from lib.points.catalog import Catalog, Point, check_files, refuse_damaged_manifest, sha256_file, utc_now
+from lib.points.methods import data as data_method
+from lib.points.methods import dump as dump_method
+from lib.points.methods import template as template_method
+from lib.restore import diff, leftovers, partial
+from lib.restore.swap import (
+    RestoreResult,
+    check_point_usable,
+    plan,
+    recover_pending,
+    refuse_replication_ties,
+    restore_data,
+    restore_in_place,
+    restore_swap,
+)
+
+log = logging.getLogger(__name__)
+
+METHODS = ("auto", "template", "dump", "data")
+
+
+def default_method(settings: Settings) -> str:
+    value = settings.rollback_method
+    if value not in METHODS:
+        raise ConfigError(f"ROLLBACK_METHOD={value!r} is not a method.", f"Use one of: {', '.join(METHODS)}.")
+    return value
+
+
+def choose_method(target: Target, requested: str) -> tuple[str, str]:
+    """auto: a server-side copy where the role may create databases, a dump otherwise."""
+    f = target.facts
+    if target.settings.encrypt and requested == "template":
+        raise ConfigError(
+            "A template point is a database on the server, which this toolkit cannot encrypt, and encryption was "
+            "asked for (--encrypt or ROLLBACK_ENCRYPT_TO). Nothing was written.",
+            "Use --method dump or --method data (or auto, which then takes a dump).",
+        )
+    if target.settings.encrypt and requested == "auto":
+        return "dump", "encryption asked for: a template point would be an unencrypted database copy"
+    if requested == "template":
+        return "template", "asked for"
+    if requested in ("dump", "data"):
+        return requested, "asked for"
+    if f.can_create_db:
+        return "template", f"role {f.current_user} may create databases on this server: a server-side copy is fastest"
+    return "dump", f"role {f.current_user} may not create databases on this server"
+
+
+def _who() -> dict:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid())
+    return {"user": user, "host": socket.gethostname(), "pid": os.getpid()}
+
+
+def _take(
+    target: Target,
+    catalog: Catalog,
+    ui: UI,
+    *,
+    description: str,
+    migration_id: str | None,
+    method: str,
+    kind: str = "manual",
+    assume_yes: bool = False,
+    tables: list[str] | None = None,
+) -> Point:
+    base = {
+        "description": description,
+        "migration_id": migration_id,
+        "table": None,
+        "kind": kind,
+        "created_by": _who(),
+    }
+    label = migration_id or description
+    if method == "dump":
+        return dump_method.take(target, catalog, ui, label=label, base_manifest=base)
+    if method == "data":
+        return data_method.take(target, catalog, ui, label=label, base_manifest=base, tables=tables)
+    if method == "template":
+        template_method.drop_orphans(target, catalog.stale_ids)
+        point = template_method.take(target, catalog, ui, label=label, base_manifest=base, assume_yes=assume_yes)
+        if spare.enabled(target.settings) and kind == "manual":
+            spare.drop_all_but(target, catalog, point)
+            spare.start_in_background(target.settings, point)
+            ui.info(
+                "  A spare copy is being prepared in the background, so a quick rollback is only a swap "
+                "(it needs the database's size once more on the server; ROLLBACK_SPARE=0 turns it off)."
+            )
+        return point
+    raise ConfigError(f"Unknown method {method!r}.", f"Choose one of: {', '.join(METHODS)}.")
+
+
+def create_point(
+    settings: Settings,
+    ui: UI,
+    *,
+    description: str,
+    migration_id: str | None = None,
+    method: str | None = None,
+    assume_yes: bool = False,
+    keep: int | None = None,
+    tables: list[str] | None = None,
+) -> tuple[Point, list[Point]]:
+    """The new point, and the points --keep removed."""
+    requested = method or ("data" if tables else default_method(settings))
+    if requested not in METHODS:
+        raise ConfigError(f"Unknown method {requested!r}.", f"Choose one of: {', '.join(METHODS)}.")
+    if tables and requested != "data":
+        raise ConfigError(
+            "--table makes a data point of those tables.", "Use --method data with --table (or leave --method out)."
+        )
+    if keep is not None and keep < 1:
+        raise ConfigError("--keep must be at least 1.", "The new point is always kept.")
+    catalog = Catalog(settings.backup_dir).ensure()
+    with open_target(settings) as target:
+        chosen, why = choose_method(target, requested)
+        ui.step(
+            f"Rollback point of {target.dbname} on {target.info.server_label()} "
+            f"(PostgreSQL {target.facts.version}), method {chosen}" + (f": {why}" if requested == "auto" else "")
+        )
+        with audited(settings.log_dir, "create", target.masked) as record:
+            with operation_lock(catalog.root, target.maint, target.facts.system_identifier, target.dbname, "create"):
+                for line in recover_pending(target, catalog):
+                    ui.info(f"Finished what an interrupted run left: {line}")
+                point = _take(
+                    target,
+                    catalog,
+                    ui,
+                    description=description,
+                    migration_id=migration_id,
+                    method=chosen,
+                    assume_yes=assume_yes,
+                    tables=tables,
+                )
+                record.set(point_id=point.id, method=point.method)
+                removed = retention.apply(target, catalog, ui, keep=keep) if keep else []
+    return point, removed
+
+
+def list_points(settings: Settings) -> list[Point]:
+    return Catalog(settings.backup_dir).points()
+
+
+def get_point(settings: Settings, point_id: str) -> Point:
+    return Catalog(settings.backup_dir).get(point_id)
+
+
+def file_info(settings: Settings, path: Path) -> dict:
+    """info --file: a point folder, a manifest, or a bare pg_dump archive."""
+    path = Path(path)
+    if path.is_dir() and (path / "manifest.json").is_file():
+        path = path / "manifest.json"
+    if path.name == "manifest.json" and path.is_file():
+        point = Catalog(path.parent.parent).get(path.parent.name)
+        return {"point": point.manifest, "files": "ok" if not check_files(point) else check_files(point)}
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist or is not a file.", "Give the path of an archive or a point folder.")
+    header = dump_method.archive_header(path, settings)
+    return {"file": str(path), "size_bytes": path.stat().st_size, "sha256": sha256_file(path), **header}
+
+
+def verify_point(settings: Settings, ui: UI, point_id: str) -> dict:
+    catalog = Catalog(settings.backup_dir)
+    point = catalog.get(point_id)
+    with audited(settings.log_dir, "verify", point.manifest.get("database", {}).get("url"), point.id) as record:
+        result: dict = {"id": point.id, "method": point.method}
+        refuse_damaged_manifest(point)
+        problems = check_files(point)
+        if problems:
+            raise VerificationError(
+                f"Point {point.id} failed its checksums: " + "; ".join(problems) + ".",
+                "Use an earlier point (`python3 rollback_manager.py list`).",
+            )
+        files = len(point.manifest.get("files", []))
+        result["checksums"] = f"{files} file(s) match"
+        if files:
+            ui.ok(f"Checksums of {point.id} match ({files} file(s))")
+        if crypto.is_encrypted(point):
+            crypto.check_point_keys(point, settings)
+            result["encryption"] = "age; the key opens every file"
+        if point.method == "dump":
+            with ui.progress(f"Reading the archive of {point.id} end to end"):
+                result.update(dump_method.verify_archive(point, settings))
+            ui.ok("Archive read end to end")
+        elif point.method == "data":
+            with ui.progress(f"Reading the data of {point.id} end to end"):
+                result.update(data_method.read_through(point, settings))
+            ui.ok("Every table file read end to end, row counts match")
+        elif point.method == "template":
+            with open_target(settings, check_v2=False) as target:
+                result.update(template_method.verify_point_database(target, point))
+            ui.ok("Database copy matches the manifest")
+        result["verified"] = True
+        record.set(outcome="verified")
+    return result
+
+
+def restore_point(
+    settings: Settings, ui: UI, point_id: str | None, *, assume_yes: bool, archive: Path | None = None, force: bool = False
+) -> RestoreResult:
+    catalog = Catalog(settings.backup_dir).ensure()
+    point = archive_point(settings, archive) if archive else catalog.get(point_id or "")
+    with open_target(settings) as target, audited(settings.log_dir, "restore", target.masked, point.id) as record:
+        with operation_lock(catalog.root, target.maint, target.facts.system_identifier, target.dbname, "restore"):
+            if archive and point.method == "dump":
+                # a bare archive: restored here, with staging's own encoding, locale, owner and settings
+                point.manifest["database"]["name"] = target.dbname
+                point.manifest["database"]["properties"] = database_properties(target.maint, target.dbname).as_dict()
+            check_point_usable(target, catalog, point)
+            rplan = plan(target, point)
+            refuse_replication_ties(target, rplan.ties, force=force, doing=f"restore {target.dbname}")
+            ui.info(rplan.describe(target))
+            if not assume_yes and point.manifest.get("fingerprint"):
+                ui.info("  What it undoes, per table:")
+                for line in diff.summary_for_confirmation(target, point, ui):
+                    ui.info(f"    {line}")
+            confirm_change(target, ui, "Go ahead?", assume_yes=assume_yes, what=f"restore {target.dbname}")
+            if rplan.mode == "data":
+                result = restore_data(
+                    target,
+                    rplan,
+                    ui,
+                    lambda description, kind, tables: _take(
+                        target, catalog, ui, description=description, migration_id=None, method="data", kind=kind, tables=tables
+                    ),
+                )
+            elif rplan.mode == "swap":
+                result = restore_swap(target, catalog, rplan, ui)
+                if point.method == "template" and spare.enabled(settings) and point.manifest.get("kind", "manual") == "manual":
+                    spare.start_in_background(settings, point)  # ready for the next rollback
+            else:
+                result = restore_in_place(
+                    target,
+                    rplan,
+                    ui,
+                    lambda description, kind, _tables: _take(
+                        target, catalog, ui, description=description, migration_id=None, method="dump", kind=kind
+                    ),
+                )
+        record.set(mode=result.mode, before_point_id=result.before_point_id, unavailable_seconds=result.unavailable_seconds)
+    return result
+
+
+def archive_point(settings: Settings, path: Path) -> Point:
+    """restore --type backup --file: a point folder anywhere, or a bare pg_dump archive."""
+    path = Path(path).expanduser().resolve()
+    if path.is_dir() and (path / "manifest.json").is_file():
+        return Point(path, json.loads((path / "manifest.json").read_text()))
+    if not path.is_file():
+        raise ConfigError(f"{path} is neither a pg_dump archive nor a point folder.", "Give the path of one.")
+    header = dump_method.archive_header(path, settings)
+    writer = re.match(r"(\d+)", header.get("pg_dump_version", "") or "")
+    return Point(
+        path.parent,
+        {
+            "id": f"file:{path.name}",
+            "created_at": utc_now().isoformat(timespec="milliseconds"),
+            "description": f"archive {path}",
+            "method": "dump",
+            "archive": path.name,
+            "status": "completed",
+            "kind": "file",
+            "tool": {"major": int(writer.group(1))} if writer else {},
+            "database": {"name": None, "properties": {}},
+            "files": [],
+            "fingerprint": None,  # nothing recorded: checked against the archive's own table of contents
+            "archive_table_count": dump_method.archive_table_count(path, settings),
+        },
+    )
+
+
+def check_restore_request(kind: str, point_id: str | None, file: str | None) -> None:
+    """restore --type full|partial|backup|transaction: what each needs, or why it does not apply."""
+    if kind == "transaction":
+        raise ConfigError(
+            "A transaction rollback exists only inside a running migration: the migration's own transaction "
+            "is rolled back when it fails (the Python API's MigrationTransaction).",
+            "For a finished migration, restore a point: `python3 rollback_manager.py restore <id>`.",
+        )
+    if kind == "backup" and not file:
+        raise ConfigError("--type backup needs --file PATH (a pg_dump archive or a point folder).")
+    if kind != "backup" and not point_id:
+        raise ConfigError("restore needs a point id.", "See `python3 rollback_manager.py list`.")
+
+
+def audit_trail(settings: Settings, ui: UI, limit: int | None) -> list[dict]:
+    """The newest entries; damaged lines are named and skipped."""
+    found = audit.read(settings.log_dir, limit)
+    for number in found.damaged:
+        ui.warn(f"line {number} of {found.path} is damaged (not a JSON entry); skipped")
+    return found.entries
+
+
+def diff_point(settings: Settings, ui: UI, point_id: str) -> diff.Diff:
+    point = Catalog(settings.backup_dir).get(point_id)
+    with open_target(settings, check_v2=False) as target:
+        with ui.progress(f"Comparing staging with {point.id}"):
+            return diff.compute(target, point, ui)
+
+
+def partial_rollback(settings: Settings, ui: UI, point_id: str, *, tables: list[str] | None, assume_yes: bool) -> dict:
+    catalog = Catalog(settings.backup_dir).ensure()
+    point = catalog.get(point_id)
+    with open_target(settings) as target, audited(settings.log_dir, "partial rollback", target.masked, point.id) as record:
+        with operation_lock(catalog.root, target.maint, target.facts.system_identifier, target.dbname, "partial rollback"):
+            check_point_usable(target, catalog, point)
+            kept: dict = {}
+
+            def confirm(partial_plan) -> None:
+                ui.info(
+                    f"Partial rollback of {target.dbname} to {point.id}: rows added since the point are deleted, "
+                    "every other row is kept; in one transaction."
+                )
+                for line in partial_plan.lines():
+                    ui.info(f"  {line}")
+                confirm_change(target, ui, "Delete them?", assume_yes=assume_yes, what="delete rows")
+                names = [data_method.quoted(t) for t in partial_plan.tables]
+                kept["point"] = _take(
+                    target,
+                    catalog,
+                    ui,
+                    description=f"state before partial rollback to {point.id}",
+                    migration_id=None,
+                    method="data",
+                    kind="before_rollback",
+                    tables=names,
+                )
+
+            outcome = partial.run(target, point, ui, tables=tables, confirm=confirm)
+            outcome.update(
+                point_id=point.id, database=target.dbname, mode="partial", before_point_id=kept["point"].id if kept else None
+            )
+            record.set(mode="partial", deleted=outcome["deleted"], before_point_id=outcome["before_point_id"])
+    return outcome
+
+
+def delete_point(settings: Settings, ui: UI, point_id: str, *, assume_yes: bool) -> Point:
+    catalog = Catalog(settings.backup_dir).ensure()
+    point = catalog.get(point_id)
+    with open_target(settings, check_v2=False) as target:
+        with audited(settings.log_dir, "delete", target.masked, point.id):
+            with operation_lock(catalog.root, target.maint, target.facts.system_identifier, target.dbname, "delete"):
+                copy = f" and its database copy {point.manifest.get('template_database')!r}" if point.method == "template" else ""
+                ui.info(f"Delete point {point.id}{copy} ({point.manifest.get('description') or 'no description'})?")
+                ui.confirm("Delete it?", assume_yes=assume_yes, what=f"delete {point.id}")
+                retention.delete_point(target, catalog, point)
+    return point
+
+
+def cleanup(
+    settings: Settings, ui: UI, *, keep: int | None, older_than_days: float | None, dry_run: bool, assume_yes: bool
+) -> tuple[list[Point], Point | None, list[str]]:
+    """Old points by the retention asked for, and always what interrupted runs left."""
+    catalog = Catalog(settings.backup_dir).ensure(clean=False)
+    with open_target(settings, check_v2=False) as target:
+        with operation_lock(catalog.root, target.maint, target.facts.system_identifier, target.dbname, "cleanup"):
+            left = leftovers.remove(target, catalog, dry_run=dry_run)
+            for line in left:
+                ui.info(line)
+            if not left:
+                ui.info("Nothing left behind by interrupted runs.")
+            if keep is None and older_than_days is None:
+                return [], None, left
+            cleanup_plan = retention.plan(target, catalog, keep=keep, older_than_days=older_than_days)
+            if cleanup_plan.protected:
+                ui.info(f"Newest verified point, always kept: {cleanup_plan.protected.id}")
+            manual = cleanup_plan.protected_manual
+            if manual and manual is not cleanup_plan.protected and manual.id != cleanup_plan.protected.id:
+                ui.info(f"Newest verified point quick_rollback.py would use, also kept: {manual.id}")
+            if not cleanup_plan.remove:
+                ui.info("No point to remove.")
+                return [], cleanup_plan.protected, left
+            if dry_run:
+                retention.apply(target, catalog, ui, dry_run=True, cleanup=cleanup_plan)
+                return cleanup_plan.remove, cleanup_plan.protected, left
+            ui.info(f"{len(cleanup_plan.remove)} point(s) of {target.dbname} will be removed, database copies included:")
+            for p in cleanup_plan.remove:
+                ui.info(f"  - {p.id} ({p.method}, {p.manifest.get('created_at', '?')[:19]})")
+            ui.confirm("Remove them?", assume_yes=assume_yes, what="remove points")
+            with audited(settings.log_dir, "cleanup", target.masked) as record:
+                removed = retention.apply(target, catalog, ui, cleanup=cleanup_plan)
+                record.set(removed=[p.id for p in removed], leftovers=left)
+    return removed, cleanup_plan.protected, left
+
+
+class NoPointError(RollbackError):
+    """quick_rollback with nothing to go back to."""
+
+
+def newest_point_for_quick_rollback(settings: Settings, ui: UI, method: str | None = None) -> Point:
+    """The newest completed point of staging taken on purpose (not a 'state before
+    rollback' safety net) that passes its checks; skipped ones are named."""
+    catalog = Catalog(settings.backup_dir)
+    with open_target(settings, check_v2=False) as target:
+        candidates = [
+            p
+            for p in retention.points_of(catalog, target)
+            if p.manifest.get("kind", "manual") != "before_rollback"
+            and (p.method == method if method else not p.manifest.get("table"))  # table-level points are not staging
+        ]
+        for point in reversed(candidates):
+            if retention.is_good(target, point):
+                return point
+            ui.warn(f"Skipping point {point.id}: it does not verify (`rollback_manager.py verify {point.id}` says why).")
+        raise NoPointError(
+            f"There is no usable rollback point of {target.dbname} on {target.info.server_label()} in {catalog.root}.",
+            "Rebuild staging from V2 with `python3 quick_rollback.py --from-v2`, and take a point "
+            '(`python3 create_rollback_point.py "Before migration"`) before the next migration.',
+        )

@@ -1,0 +1,164 @@
+"""The staging database an operation works on, its server, and the V2 guard."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+
+import psycopg2
+
+from lib.config import ConnInfo, Settings
+from lib.errors import ConfigError, ConnectError, ConnectProblem, DatabaseError, LockHeld
+from lib.pg.db import (
+    MAINTENANCE_DB,
+    ServerFacts,
+    advisory_lock_holder,
+    connect,
+    connection,
+    lock_key,
+    scalar,
+    server_facts,
+    set_allow_connections,
+    system_identifier,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Target:
+    settings: Settings
+    info: ConnInfo
+    maint: psycopg2.extensions.connection  # autocommit, on the maintenance database
+    facts: ServerFacts
+
+    @property
+    def dbname(self) -> str:
+        return self.info.dbname
+
+    @property
+    def masked(self) -> str:
+        return self.info.masked()
+
+    def close(self) -> None:
+        if not self.maint.closed:
+            self.maint.close()
+
+    def __enter__(self) -> Target:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def confirm_change(target: Target, ui, question: str, *, assume_yes: bool, what: str) -> None:
+    """The confirmation before staging changes; a protected database's name must be typed.
+    Once typed, the rest of this run (an automatic rollback) does not ask again."""
+    settings = target.settings
+    protected = target.dbname if target.dbname in settings.protected_databases else None
+    ui.confirm(question, assume_yes=assume_yes, what=what, protected=protected, typed=settings.confirm_database)
+    if protected:
+        settings.confirm_database = protected
+
+
+def connect_maintenance(info: ConnInfo) -> psycopg2.extensions.connection:
+    """An autocommit session outside staging, so staging can be renamed and emptied of sessions."""
+    last: ConnectError | None = None
+    for name in (MAINTENANCE_DB, "template1"):
+        if name == info.dbname:
+            continue
+        try:
+            return connect(info, name, application_name="rollback-toolkit maintenance")
+        except ConnectError as exc:
+            last = exc
+            if exc.problem not in (ConnectProblem.NO_DATABASE, ConnectProblem.NOT_ACCEPTING):
+                break
+    assert last is not None
+    raise ConnectError(
+        f"Could not open a maintenance session on {info.server_label()} (database 'postgres'): {last.message}",
+        last.hint,
+        problem=last.problem,
+    )
+
+
+def open_target(settings: Settings, *, check_v2: bool = True) -> Target:
+    info = settings.staging()
+    try:
+        with connection(info, application_name="rollback-toolkit") as conn:
+            facts = server_facts(conn)
+    except ConnectError as exc:
+        if exc.problem is not ConnectProblem.NOT_ACCEPTING:
+            raise
+        reopen_after_interrupted_swap(info)
+        with connection(info, application_name="rollback-toolkit") as conn:
+            facts = server_facts(conn)
+    if check_v2:
+        guard_against_v2(settings, info, facts)
+    maint = connect_maintenance(info)
+    return Target(settings, info, maint, facts)
+
+
+def reopen_after_interrupted_swap(info: ConnInfo) -> None:
+    """Staging refuses connections only during a swap. When no operation holds its lock,
+    the run that disabled them was killed before it could allow them again: allow them."""
+    maint = connect_maintenance(info)
+    try:
+        key = lock_key(system_identifier(maint), info.dbname)
+        if not scalar(maint, "SELECT pg_try_advisory_lock(%s)", (key,)):
+            who = advisory_lock_holder(maint, key) or "another session"
+            raise LockHeld(
+                f"Database {info.dbname!r} refuses connections because an operation is swapping it right now ({who}).",
+                "Wait a few seconds for it to finish, then run the command again.",
+            )
+        try:
+            comment = scalar(
+                maint,
+                "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s AND NOT datallowconn",
+                (info.dbname,),
+            )
+            if comment and comment.startswith("rollback point "):
+                raise ConfigError(
+                    f"Database {info.dbname!r} is a rollback point's copy ({comment.split(':')[0]}), sealed on purpose.",
+                    "Point STAGING_DATABASE_URL at the staging database itself.",
+                )
+            set_allow_connections(maint, info.dbname, True)
+        finally:
+            scalar(maint, "SELECT pg_advisory_unlock(%s)", (key,))
+        log.warning("%s was left refusing connections by an interrupted swap; connections allowed again", info.dbname)
+        sys.stderr.write(
+            f"warning: {info.dbname} was left refusing connections by an interrupted restore; connections are allowed again.\n"
+        )
+    finally:
+        maint.close()
+
+
+def guard_against_v2(settings: Settings, staging: ConnInfo, facts: ServerFacts) -> None:
+    """Refuse when the staging URL is really the V2 database: V2 is never written."""
+    v2 = settings.v2()
+    if v2 is None:
+        return
+    try:
+        with connection(v2, readonly=True, application_name="rollback-toolkit v2 check") as conn:
+            v2_sysid = system_identifier(conn)
+            v2_oid = scalar(conn, "SELECT oid FROM pg_database WHERE datname = current_database()")
+    except DatabaseError as exc:
+        log.warning("could not reach V2 to compare it with staging: %s", exc.message)
+        same_address = (v2.host, v2.port, v2.dbname) == (staging.host, staging.port, staging.dbname)
+        if same_address:
+            raise ConfigError(
+                f"The staging URL points at the same database as V2_DATABASE_URL ({v2.masked()}).",
+                "Fix STAGING_DATABASE_URL; the V2 database is never written.",
+            ) from None
+        return
+    same_cluster = (
+        v2_sysid == facts.system_identifier
+        if v2_sysid and facts.system_identifier
+        else ((v2.host, v2.port) == (staging.host, staging.port))
+    )
+    if same_cluster and v2_oid == facts.database_oid:
+        raise ConfigError(
+            f"The staging database {staging.masked()} is the V2 database {v2.masked()} "
+            f"(same server system identifier and database oid {v2_oid}).",
+            "Fix STAGING_DATABASE_URL or V2_DATABASE_URL; the V2 database is never written.",
+        )

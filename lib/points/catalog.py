@@ -1,0 +1,427 @@
+"""Rollback points on disk: ids, atomic creation, manifests, checksums, listing.
+
+A point is ``<backup dir>/<id>/`` with its files and ``manifest.json``. It is
+built in ``.tmp-<id>/`` (hidden from listings), every file fsynced, the manifest
+written last, then the folder renamed into place: a failed or killed creation
+leaves only a hidden temporary folder, removed the next time the catalog opens.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import unicodedata
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from lib.errors import CatalogError, ConfigError, VerificationError
+from lib.pg.tools import pid_alive
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+TMP_PREFIX = ".tmp-"
+PENDING = ".pending.json"
+INTENTS = ".intents"  # one file per database the toolkit is about to create, written before it exists
+CATALOG_ID = ".catalog-id"  # ties the databases this catalog creates to it (their comment names it)
+FORMAT_VERSION = 1
+STATUS_COMPLETED = "completed"
+
+
+def slugify(text: str, limit: int = 40) -> str:
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    slug = re.sub(r"[^a-z0-9]+", "_", ascii_text.lower()).strip("_")
+    return slug[:limit].rstrip("_") or "point"
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_private_dir(path: Path) -> None:
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.chmod(0o700)  # whatever the umask said
+
+
+def write_private_file(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_sha256_seen: dict[tuple[str, int, int, int], str] = {}
+
+
+def sha256_file(path: Path) -> str:
+    """Memoised per process on (path, inode, size, mtime): choosing a point and then
+    restoring it checks the same archive twice, and it may be gigabytes."""
+    st = os.stat(path)
+    key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _sha256_seen:
+        _sha256_seen[key] = _hash_file(path)
+    return _sha256_seen[key]
+
+
+def _hash_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def human_size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+@dataclass
+class Point:
+    path: Path
+    manifest: dict
+
+    @property
+    def id(self) -> str:
+        return self.manifest["id"]
+
+    @property
+    def method(self) -> str:
+        return self.manifest.get("method", "?")
+
+    @property
+    def created_at(self) -> datetime:
+        return datetime.fromisoformat(self.manifest["created_at"])
+
+    @property
+    def database_name(self) -> str:
+        return self.manifest.get("database", {}).get("name", "?")
+
+    @property
+    def size(self) -> int:
+        files = sum(f.get("size", 0) for f in self.manifest.get("files", []))
+        return files or int(self.manifest.get("database", {}).get("size_bytes") or 0)
+
+    def file_path(self, name: str) -> Path:
+        return self.path / name
+
+    def summary(self) -> dict:
+        m = self.manifest
+        return {
+            "id": self.id,
+            "created_at": m.get("created_at"),
+            "migration_id": m.get("migration_id"),
+            "database": self.database_name,
+            "server": m.get("database", {}).get("server"),
+            "table": m.get("table"),
+            "method": self.method,
+            "size_bytes": self.size,
+            "status": m.get("status"),
+            "kind": m.get("kind", "manual"),
+            "description": m.get("description"),
+        }
+
+
+class Catalog:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.stale_ids: list[str] = []  # ids of creations found interrupted, for their databases
+        self.pending: list[Path] = []  # folders of interrupted runs that the next run can finish
+
+    def ensure(self, clean: bool = True) -> Catalog:
+        """Create the folder (0700) and prove it writable, before any work starts."""
+        try:
+            make_private_dir(self.root)
+            probe = self.root / f".write-test-{os.getpid()}"
+            write_private_file(probe, b"ok")
+            probe.unlink()
+        except OSError as exc:
+            raise CatalogError(
+                f"The backup folder {self.root} is not usable: {exc.strerror or exc}.",
+                "Make it writable for this user, or set BACKUP_DIR (or --backup-dir) to a folder that is.",
+            ) from None
+        if clean:
+            self.remove_stale_temporaries()
+        return self
+
+    # ---- the databases this catalog creates ---------------------------------
+
+    @property
+    def id(self) -> str:
+        """This catalog's id, made on first use; database comments name it."""
+        path = self.root / CATALOG_ID
+        try:
+            return path.read_text().strip()
+        except FileNotFoundError:
+            make_private_dir(self.root)
+            write_private_file(path, uuid.uuid4().hex.encode())
+            fsync_path(self.root)
+            return path.read_text().strip()
+
+    def intend(self, database: str, *, purpose: str, server: str | None, staging: str, point_id: str | None = None) -> Path:
+        """Record, on disk and fsynced, the name of a database before it is created: whatever
+        happens next (a full disk refusing a later COMMENT, kill -9, a power cut), cleanup
+        finds it by this record."""
+        folder = self.root / INTENTS
+        make_private_dir(folder)
+        record = {
+            "database": database,
+            "purpose": purpose,
+            "server": server,
+            "staging": staging,
+            "point_id": point_id,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "created_at": utc_now().isoformat(timespec="seconds"),
+        }
+        path = folder / f"{hashlib.sha256(f'{server}:{database}'.encode()).hexdigest()[:24]}.json"
+        write_private_file(path, json.dumps(record).encode())
+        fsync_path(folder)
+        return path
+
+    def settle(self, intent: Path) -> None:
+        """The database is owned now (a listed point's, or staging itself), or gone."""
+        intent.unlink(missing_ok=True)
+
+    def intents(self) -> list[tuple[Path, dict]]:
+        folder = self.root / INTENTS
+        found = []
+        for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+            try:
+                found.append((path, json.loads(path.read_text())))
+            except (OSError, ValueError):
+                log.warning("unreadable intent record %s", path)
+        return found
+
+    def remove_stale_temporaries(self, dry_run: bool = False) -> list[Path]:
+        """Folders of creations and deletions whose process is gone; returns them."""
+        found: list[Path] = []
+        if not self.root.is_dir():
+            return found
+        for entry in self.root.iterdir():
+            if not entry.name.startswith(TMP_PREFIX) or not entry.is_dir():
+                continue
+            owner = entry / ".owner"
+            try:
+                info = json.loads(owner.read_text())
+                alive = info.get("host") == socket.gethostname() and pid_alive(int(info["pid"]))
+            except (OSError, ValueError, KeyError):
+                alive = False
+            if not alive and (entry / PENDING).is_file():
+                self.pending.append(entry)  # finished by the next run that can (see restore.recover_pending)
+                continue
+            if not alive:
+                found.append(entry)
+                self.stale_ids.append(entry.name[len(TMP_PREFIX) :].removeprefix("deleting-"))
+                if not dry_run:
+                    log.info("removing %s, left by an interrupted creation", entry)
+                    shutil.rmtree(entry, ignore_errors=True)
+        return found
+
+    # ---- ids -------------------------------------------------------------
+
+    def reserve(self, label: str, when: datetime | None = None) -> tuple[str, Path]:
+        """A new unique id and its private temporary folder (mkdir is the atomic claim)."""
+        when = when or utc_now()
+        base = f"rb_{slugify(label)}_{when.strftime('%Y%m%d_%H%M%S')}"
+        make_private_dir(self.root)
+        for n in range(1, 1000):
+            point_id = base if n == 1 else f"{base}_{n}"
+            if (self.root / point_id).exists():
+                continue
+            tmp = self.root / f"{TMP_PREFIX}{point_id}"
+            try:
+                tmp.mkdir(mode=0o700)
+            except FileExistsError:
+                continue
+            tmp.chmod(0o700)
+            write_private_file(tmp / ".owner", json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode())
+            if (self.root / point_id).exists():  # lost a race with a finished point
+                shutil.rmtree(tmp)
+                continue
+            return point_id, tmp
+        raise CatalogError(f"Could not find a free point id for {base} in {self.root}.")
+
+    @contextmanager
+    def writing(self, label: str, when: datetime | None = None) -> Iterator[PointWriter]:
+        point_id, tmp = self.reserve(label, when)
+        writer = PointWriter(self, point_id, tmp)
+        try:
+            yield writer
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise CatalogError(
+                    f"The backup folder {self.root} ran out of space while point {point_id} was written "
+                    f"({exc.strerror}). The unfinished point was removed; older points are untouched.",
+                    "Free some space or set BACKUP_DIR to a larger disk; "
+                    "`python3 rollback_manager.py cleanup --keep N` removes old points.",
+                ) from None
+            raise
+        except BaseException:
+            if not writer.recoverable:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if not writer.committed:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    # ---- reading ---------------------------------------------------------
+
+    def points(self) -> list[Point]:
+        if not self.root.is_dir():
+            return []
+        found = []
+        for entry in self.root.iterdir():
+            if entry.name.startswith(".") or not entry.is_dir():
+                continue
+            manifest = entry / MANIFEST
+            try:
+                data = json.loads(manifest.read_text())
+            except FileNotFoundError:
+                if not any(entry.iterdir()):
+                    continue
+                log.warning("point folder %s has no manifest", entry)
+                data = {"id": entry.name, "status": "manifest missing", "created_at": "1970-01-01T00:00:00+00:00"}
+            except (OSError, ValueError) as exc:
+                log.warning("unreadable manifest %s: %s", manifest, exc)
+                data = {"id": entry.name, "status": "unreadable manifest", "created_at": "1970-01-01T00:00:00+00:00"}
+            found.append(Point(entry, data))
+        return sorted(found, key=lambda p: (p.manifest.get("created_at", ""), p.id))
+
+    def get(self, point_id: str) -> Point:
+        point_id = point_id.strip().rstrip("/")
+        point_id = Path(point_id).name if "/" in point_id else point_id
+        for p in self.points():
+            if p.id == point_id:
+                return p
+        known = [p.id for p in self.points()]
+        close = [k for k in known if point_id in k or k.startswith(point_id[:12])]
+        hint = "Run `python3 rollback_manager.py list` to see the points"
+        if close:
+            hint += "; perhaps you meant " + ", ".join(close[:3])
+        raise ConfigError(f"Rollback point {point_id} not found in {self.root}.", hint + ".")
+
+    def remove(self, point: Point) -> None:
+        trash = self.root / f"{TMP_PREFIX}deleting-{point.id}"
+        os.rename(point.path, trash)
+        fsync_path(self.root)
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+class PointWriter:
+    def __init__(self, catalog: Catalog, point_id: str, tmp: Path) -> None:
+        self.catalog = catalog
+        self.id = point_id
+        self.tmp = tmp
+        self.committed = False
+        self.recoverable = False
+
+    def pending(self, info: dict) -> None:
+        """What the next run needs to finish this point should this one die: from now on
+        a failure leaves the folder for it instead of removing it."""
+        write_private_file(self.tmp / PENDING, json.dumps(info, default=str).encode())
+        self.recoverable = True
+
+    def new_file(self, name: str) -> Path:
+        """An empty 0600 file for a tool to write into."""
+        path = self.tmp / name
+        write_private_file(path, b"")
+        return path
+
+    def commit(self, manifest: dict) -> Point:
+        files = []
+        for path in sorted(self.tmp.iterdir()):
+            if path.name.startswith(".") or path.name == MANIFEST:
+                continue
+            path.chmod(0o600)
+            fsync_path(path)
+            files.append({"name": path.name, "size": path.stat().st_size, "sha256": sha256_file(path)})
+        manifest = dict(manifest)
+        manifest.update(format=FORMAT_VERSION, id=self.id, files=files, status=STATUS_COMPLETED)
+        manifest["manifest_sha256"] = manifest_digest(manifest)
+        staged = self.tmp / (MANIFEST + ".tmp")
+        write_private_file(staged, json.dumps(manifest, indent=2, sort_keys=True).encode())
+        os.rename(staged, self.tmp / MANIFEST)
+        (self.tmp / ".owner").unlink(missing_ok=True)
+        fsync_path(self.tmp)
+        final = self.catalog.root / self.id
+        os.rename(self.tmp, final)
+        fsync_path(self.catalog.root)
+        self.committed = True
+        return Point(final, manifest)
+
+
+DAMAGED = ("manifest missing", "unreadable manifest")
+
+
+def refuse_damaged_manifest(point: Point) -> None:
+    if point.manifest.get("status") in DAMAGED:
+        raise VerificationError(
+            f"Point {point.id} cannot be trusted: its {MANIFEST} is {point.manifest['status'].split()[-1]}"
+            f" ({point.path / MANIFEST}). Nothing was changed.",
+            "Use another point (`python3 rollback_manager.py list`).",
+        )
+
+
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of the manifest's canonical JSON, its own digest left out: an edit shows."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def check_files(point: Point) -> list[str]:
+    """The manifest unedited; every file's presence, size and sha256 against it; no file
+    that it does not list."""
+    problems = []
+    recorded = point.manifest.get("manifest_sha256")
+    if recorded is not None and recorded != manifest_digest(point.manifest):
+        problems.append(f"{point.path / MANIFEST} was edited after the point was taken (its own checksum does not match)")
+    listed = {entry["name"] for entry in point.manifest.get("files", [])}
+    if point.path.is_dir() and point.manifest.get("kind") != "file":  # a bare archive's folder is anybody's
+        for extra in sorted(point.path.iterdir()):
+            if extra.name not in listed and extra.name != MANIFEST and not extra.name.startswith("."):
+                problems.append(f"{extra} is not part of the point (a file was added)")
+    for entry in point.manifest.get("files", []):
+        path = point.file_path(entry["name"])
+        if not path.is_file():
+            problems.append(f"{path} is {'not a readable file' if path.exists() else 'missing'}")
+            continue
+        size = path.stat().st_size
+        if size != entry["size"]:
+            problems.append(f"{path} is {size} bytes, the manifest says {entry['size']} (truncated or replaced)")
+            continue
+        try:
+            digest = sha256_file(path)
+        except OSError as exc:
+            problems.append(f"{path} cannot be read ({exc.strerror or exc})")
+            continue
+        if digest != entry["sha256"]:
+            problems.append(f"{path} does not match its sha256 checksum (corrupted)")
+    return problems

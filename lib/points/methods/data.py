@@ -1,0 +1,452 @@
+"""Points of table data taken with COPY through psycopg2 alone: no pg_dump, no
+client binaries, any server version. Data, not schema: a restore refuses when a
+table's columns changed since the point.
+
+Taken in one repeatable-read snapshot; each table is a gzip file of COPY text
+(one line per row), checksummed by the catalog. Restored in one transaction:
+the tables are truncated together, refilled, their sequences set and their row
+counts checked before the commit."""
+
+from __future__ import annotations
+
+import gzip
+import logging
+from dataclasses import dataclass
+
+import psycopg2
+from psycopg2 import sql
+
+from lib import faults
+from lib.cli.console import UI
+from lib.errors import CatalogError, ConfigError, VerificationError
+from lib.pg.db import connection, database_properties, query, snapshot_session
+from lib.pg.fingerprint import USER_NAMESPACES, schema_lines
+from lib.pg.target import Target
+from lib.points import crypto
+from lib.points.catalog import Catalog, Point, human_size, utc_now
+from lib.points.methods.dump import check_free_space, database_section
+
+log = logging.getLogger(__name__)
+
+COMPRESS_LEVEL = 1  # fast: a rollback point is written while people wait
+
+
+@dataclass(frozen=True)
+class Table:
+    schema: str
+    name: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+    def ident(self) -> sql.Composed:
+        return sql.SQL("{}.{}").format(sql.Identifier(self.schema), sql.Identifier(self.name))
+
+
+def all_tables(conn) -> list[Table]:
+    """Ordinary tables and partitions, outside extensions."""
+    rows = query(
+        conn,
+        f"""
+        SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE c.relkind = 'r' AND c.relpersistence <> 't' AND {USER_NAMESPACES}
+           AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
+                            AND d.objid = c.oid AND d.deptype = 'e')
+         ORDER BY 1, 2""",
+    )
+    return [Table(s, n) for s, n in rows]
+
+
+FORBIDDEN_SCHEMAS = ("pg_catalog", "information_schema", "pg_toast")
+
+_BY_PLAIN_NAME = f"""
+    SELECT c.oid, n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+     WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S')
+       AND (n.nspname || '.' || c.relname = %(name)s OR (c.relname = %(name)s AND {USER_NAMESPACES.replace("%", "%%")}))
+     ORDER BY 2, 3"""
+
+
+def _regclass(conn, name: str) -> int | None:
+    """The relation ``name`` names in SQL syntax (quoted where needed, through the search_path)."""
+    query(conn, "SAVEPOINT resolve")
+    try:
+        return query(conn, "SELECT to_regclass(%s)::oid", (name,))[0][0]
+    except psycopg2.Error:  # not valid SQL syntax for a name: try it as typed
+        query(conn, "ROLLBACK TO SAVEPOINT resolve")
+        return None
+
+
+def _plain_candidates(conn, name: str) -> list[tuple[int, str, str]]:
+    """Relations ``name`` can mean typed plainly: 'Sales-EU.Order Items' is schema
+    Sales-EU, table Order Items (or a table of that whole name); without a dot, a table of
+    that name in any schema. Exact case first; where none, any case."""
+    exact = query(conn, _BY_PLAIN_NAME, {"name": name})
+    if exact:
+        return exact
+    folded = _BY_PLAIN_NAME.replace("n.nspname || '.' || c.relname =", "lower(n.nspname || '.' || c.relname) =").replace(
+        "c.relname = %(name)s AND", "lower(c.relname) = %(name)s AND"
+    )
+    return query(conn, folded, {"name": name.lower()})
+
+
+def resolve_tables(conn, names: list[str]) -> list[Table]:
+    """Names as an operator types them: in SQL syntax (``customers``, ``sales.orders``,
+    ``"Sales-EU"."Order Items"``), or plainly (``Sales-EU.Order Items``) where only one
+    table can be meant; an ambiguous name lists what it could mean. System catalogs and
+    extension members are refused: the toolkit never copies or writes them."""
+    found, missing, ambiguous = [], [], []
+    for name in names:
+        oid = _regclass(conn, name)
+        if oid is None:
+            candidates = _plain_candidates(conn, name)
+            if len(candidates) > 1:
+                ambiguous.append(f"{name!r} could be " + " or ".join(quoted(Table(s, r)) for _, s, r in candidates))
+                continue
+            oid = candidates[0][0] if candidates else None
+        if oid is None:
+            missing.append(name)
+            continue
+        schema, rel, kind, member = query(
+            conn,
+            "SELECT n.nspname, c.relname, c.relkind, EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = "
+            "'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e') "
+            "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = %s",
+            (oid,),
+        )[0]
+        if schema in FORBIDDEN_SCHEMAS or schema.startswith(("pg_temp_", "pg_toast_temp_")) or member:
+            raise ConfigError(
+                f"{quoted(Table(schema, rel))} is "
+                + ("part of an extension" if member else "a system catalog")
+                + ", which the toolkit never copies or writes: it is PostgreSQL's own (and may hold secrets, "
+                "such as pg_authid's password hashes). Nothing was done.",
+                "Name your own tables (`\\dt` in psql lists them), or take a whole-database point.",
+            )
+        if kind == "p":
+            leaves = query(
+                conn,
+                "SELECT n.nspname, c.relname FROM pg_partition_tree(%s::regclass) t "
+                "JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE t.isleaf ORDER BY 1, 2",
+                (oid,),
+            )
+            found += [Table(s, n) for s, n in leaves]
+        elif kind == "r":
+            found.append(Table(schema, rel))
+        else:
+            missing.append(f"{name} (not a table)")
+    if ambiguous:
+        raise ConfigError(
+            "Which table? " + "; ".join(ambiguous) + ".",
+            'Write the one you mean in SQL syntax, for example "Sales-EU"."Order Items".',
+        )
+    if missing:
+        raise ConfigError(
+            "No such table: " + ", ".join(missing) + ".",
+            "Name tables as in SQL, schema-qualified where needed (for example sales.orders), or plainly as "
+            "schema.table; `rollback_manager.py info <id>` lists a point's tables.",
+        )
+    return list(dict.fromkeys(found))
+
+
+def columns(conn, table: Table) -> list[list[str]]:
+    """[name, type, generated] in column order."""
+    return [
+        [r[0], r[1], r[2]]
+        for r in query(
+            conn,
+            """
+            SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attgenerated::text
+              FROM pg_attribute a
+             WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped
+             ORDER BY a.attnum""",
+            (quoted(table),),
+        )
+    ]
+
+
+def quoted(table: Table) -> str:
+    return '"{}"."{}"'.format(table.schema.replace('"', '""'), table.name.replace('"', '""'))
+
+
+def owned_sequences(conn, tables: list[Table]) -> list[Table]:
+    rows = query(
+        conn,
+        """
+        SELECT DISTINCT sn.nspname, s.relname
+          FROM pg_depend d
+          JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S'
+          JOIN pg_namespace sn ON sn.oid = s.relnamespace
+          JOIN pg_class t ON t.oid = d.refobjid
+          JOIN pg_namespace tn ON tn.oid = t.relnamespace
+         WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass
+           AND d.deptype IN ('a', 'i') AND (tn.nspname || '.' || t.relname) = ANY(%s)
+         ORDER BY 1, 2""",
+        ([t.key for t in tables],),
+    )
+    return [Table(s, n) for s, n in rows]
+
+
+def all_sequences(conn) -> list[Table]:
+    rows = query(
+        conn,
+        f"""SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE c.relkind = 'S' AND {USER_NAMESPACES} ORDER BY 1, 2""",
+    )
+    return [Table(s, n) for s, n in rows]
+
+
+class _CountingGzip:
+    """A file-like sink for copy_expert: gzip on disk, rows counted on the way."""
+
+    def __init__(self, stream) -> None:
+        self.handle = gzip.GzipFile(fileobj=stream, mode="wb", compresslevel=COMPRESS_LEVEL)
+        self.rows = 0
+
+    def write(self, data) -> int:
+        chunk = data.encode() if isinstance(data, str) else data
+        self.rows += chunk.count(b"\n")
+        return self.handle.write(chunk)
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def copy_columns(cols: list[list[str]]) -> sql.Composed:
+    return sql.SQL(", ").join(sql.Identifier(c[0]) for c in cols if not c[2])
+
+
+def take(
+    target: Target,
+    catalog: Catalog,
+    ui: UI,
+    *,
+    label: str,
+    base_manifest: dict,
+    tables: list[str] | None = None,
+) -> Point:
+    to = crypto.recipients_if_asked(target.settings)  # refused before anything is written
+    check_free_space(catalog.root, target.facts.database_size)
+    started = utc_now()
+    with snapshot_session(target.info, application_name="rollback-toolkit data point") as conn:
+        chosen = resolve_tables(conn, tables) if tables else all_tables(conn)
+        if tables:
+            chosen, added = with_referencing_tables(conn, chosen)
+            if added:
+                ui.info(f"  Also in the point, because their foreign keys point into the tables asked for: {', '.join(added)}")
+        sequences = owned_sequences(conn, chosen) if tables else all_sequences(conn)
+        entries, counts = [], {}
+        with catalog.writing(label) as writer:
+            total = len(chosen)
+            with ui.progress(f"Copying {total} table(s) of {target.dbname}") as tick:
+                for n, table in enumerate(chosen, start=1):
+                    faults.pause("data copy")
+                    cols = columns(conn, table)
+                    filename = f"table_{n:04d}.copy.gz" + (crypto.SUFFIX if to else "")
+                    path = writer.new_file(filename)
+                    with crypto.encrypting(path, to) if to else open(path, "wb") as stream:
+                        sink = _CountingGzip(stream)
+                        try:
+                            with conn.cursor() as cur:
+                                cur.copy_expert(
+                                    sql.SQL("COPY (SELECT {} FROM ONLY {}) TO STDOUT")
+                                    .format(copy_columns(cols), table.ident())
+                                    .as_string(conn),
+                                    sink,
+                                )
+                        finally:
+                            sink.close()
+                    entries.append(
+                        {"schema": table.schema, "name": table.name, "file": filename, "rows": sink.rows, "columns": cols}
+                    )
+                    counts[table.key] = sink.rows
+                    tick(f"{n}/{total}: {table.key}, {sink.rows} rows")
+            positions = {}
+            for seq in sequences:
+                last, called = query(conn, sql.SQL("SELECT last_value, is_called FROM {}").format(seq.ident()))[0]
+                positions[seq.key] = [int(last), bool(called)]
+            lines = schema_lines(conn)
+            props = database_properties(conn, target.dbname).as_dict()
+            manifest = dict(base_manifest)
+            manifest.update(
+                created_at=started.isoformat(timespec="milliseconds"),
+                method="data",
+                table=", ".join(t.key for t in chosen) if tables else None,
+                database=database_section(target, props),
+                tables=entries,
+                fingerprint={"row_counts": counts, "sequences": positions, "schema_objects": len(lines)},
+                encryption=crypto.manifest_section() if to else None,
+                duration_seconds=round((utc_now() - started).total_seconds(), 3),
+            )
+            point = writer.commit(manifest)
+    ui.step(f"{len(chosen)} table(s), {sum(counts.values())} rows, {human_size(point.size)} compressed")
+    return point
+
+
+def read_through(point: Point, settings) -> dict:
+    """Decompress (and decrypt) every file and count its rows against the manifest."""
+    counted = {}
+    for entry in point.manifest.get("tables", []):
+        path = point.file_path(entry["file"])
+        try:
+            with crypto.payload(point, entry["file"], settings) as raw, gzip.GzipFile(fileobj=raw, mode="rb") as fh:
+                rows = sum(block.count(b"\n") for block in iter(lambda: fh.read(1 << 20), b""))
+        except (OSError, EOFError) as exc:
+            raise VerificationError(f"{path} cannot be read: {exc}.", "Use an earlier point.") from None
+        if rows != entry["rows"]:
+            raise VerificationError(f"{path} holds {rows} rows, the manifest says {entry['rows']}.", "Use an earlier point.")
+        counted[f"{entry['schema']}.{entry['name']}"] = rows
+    return {"archive": "read end to end", "tables": len(counted), "rows_read": counted}
+
+
+def _check_columns(conn, point: Point) -> list[Table]:
+    tables, changed, missing = [], [], []
+    for entry in point.manifest.get("tables", []):
+        table = Table(entry["schema"], entry["name"])
+        if not query(conn, "SELECT to_regclass(%s)", (quoted(table),))[0][0]:
+            missing.append(table.key)
+            continue
+        now = columns(conn, table)
+        if now != entry["columns"]:
+            before = {c[0]: c[1] for c in entry["columns"]}
+            after = {c[0]: c[1] for c in now}
+            diff = sorted(
+                [f"{c} added" for c in after if c not in before]
+                + [f"{c} dropped" for c in before if c not in after]
+                + [f"{c} {before[c]} -> {after[c]}" for c in before if c in after and before[c] != after[c]]
+            ) or ["column order or generation changed"]
+            changed.append(f"{table.key} ({', '.join(diff)})")
+        tables.append(table)
+    if missing or changed:
+        parts = ([f"tables gone: {', '.join(missing)}"] if missing else []) + (
+            [f"columns changed: {'; '.join(changed)}"] if changed else []
+        )
+        raise VerificationError(
+            f"Point {point.id} holds data, not schema, and the schema has changed since: "
+            + "; ".join(parts)
+            + ". Nothing was changed.",
+            "Restore a dump or template point instead, or put the columns back first.",
+        )
+    return tables
+
+
+def _outside_references(conn, tables: list[Table]) -> list[str]:
+    """Tables outside the point whose foreign keys point into it: TRUNCATE would need CASCADE."""
+    keys = [t.key for t in tables]
+    rows = query(
+        conn,
+        """
+        SELECT DISTINCT format('%%I.%%I', fn.nspname, f.relname)
+          FROM pg_constraint c
+          JOIN pg_class f ON f.oid = c.conrelid JOIN pg_namespace fn ON fn.oid = f.relnamespace
+          JOIN pg_class r ON r.oid = c.confrelid JOIN pg_namespace rn ON rn.oid = r.relnamespace
+         WHERE c.contype = 'f' AND (rn.nspname || '.' || r.relname) = ANY(%s)
+           AND NOT (fn.nspname || '.' || f.relname) = ANY(%s)""",
+        (keys, keys),
+    )
+    return [r[0] for r in rows]
+
+
+def with_referencing_tables(conn, tables: list[Table]) -> tuple[list[Table], list[str]]:
+    """The tables, plus every table whose foreign keys point into them (transitively):
+    restoring a table empties it, so the rows that reference it must come back too."""
+    chosen, added = list(tables), []
+    while True:
+        outside = _outside_references(conn, chosen)
+        if not outside:
+            return chosen, added
+        more = resolve_tables(conn, outside)
+        chosen += [t for t in more if t not in chosen]
+        added += outside
+
+
+def check_restorable(conn, point: Point) -> list[Table]:
+    """The point's tables still have its columns and nothing outside it references them."""
+    tables = _check_columns(conn, point)
+    outside = _outside_references(conn, tables)
+    if outside:
+        raise ConfigError(
+            f"Tables outside point {point.id} reference its tables by foreign key: {', '.join(outside)}. Nothing was changed.",
+            "Take a point that includes them (--table for each), or restore a full point.",
+        )
+    return tables
+
+
+def preflight(target: Target, point: Point) -> None:
+    with connection(target.info, application_name="rollback-toolkit data restore") as conn:
+        check_restorable(conn, point)
+
+
+def restore_in_transaction(target: Target, point: Point, ui: UI) -> str:
+    """Truncate and refill the point's tables in one transaction; verify before commit."""
+    with connection(target.info, autocommit=False, application_name="rollback-toolkit data restore") as conn:
+        query(conn, "SET lock_timeout = '60s'")  # a session holding a lock fails us instead of hanging
+        tables = check_restorable(conn, point)
+        replica = True
+        try:
+            query(conn, "SAVEPOINT role_check")
+            query(conn, "SET LOCAL session_replication_role = replica")
+        except psycopg2.Error:
+            query(conn, "ROLLBACK TO SAVEPOINT role_check")
+            replica = False
+        mode = "triggers and foreign-key checks off (session_replication_role = replica)" if replica else "dependency order"
+        ordered = tables if replica else _dependency_order(conn, tables)
+        with ui.progress(f"Restoring {len(tables)} table(s) in one transaction ({mode})") as tick:
+            query(conn, sql.SQL("TRUNCATE {}").format(sql.SQL(", ").join(sql.SQL("ONLY {}").format(t.ident()) for t in tables)))
+            by_key = {f"{e['schema']}.{e['name']}": e for e in point.manifest["tables"]}
+            for n, table in enumerate(ordered, start=1):
+                entry = by_key[table.key]
+                with (
+                    crypto.payload(point, entry["file"], target.settings) as raw,
+                    gzip.GzipFile(fileobj=raw, mode="rb") as fh,
+                    conn.cursor() as cur,
+                ):
+                    cur.copy_expert(
+                        sql.SQL("COPY {} ({}) FROM STDIN").format(table.ident(), copy_columns(entry["columns"])).as_string(conn),
+                        fh,
+                    )
+                tick(f"{n}/{len(tables)}: {table.key}")
+            for key, (last, called) in point.manifest.get("fingerprint", {}).get("sequences", {}).items():
+                schema, _, name = key.partition(".")
+                query(conn, "SELECT setval(%s::regclass, %s, %s)", (quoted(Table(schema, name)), last, called))
+            problems = []
+            for table in tables:
+                got = query(conn, sql.SQL("SELECT count(*) FROM ONLY {}").format(table.ident()))[0][0]
+                if got != by_key[table.key]["rows"]:
+                    problems.append(f"{table.key}: {got} rows, the point has {by_key[table.key]['rows']}")
+            if problems:
+                conn.rollback()
+                raise VerificationError(
+                    "The restored rows do not match the point: " + "; ".join(problems) + ". Rolled back; nothing was changed."
+                )
+            conn.commit()
+    return mode
+
+
+def _dependency_order(conn, tables: list[Table]) -> list[Table]:
+    """Referenced tables before the tables that reference them (self references ignored)."""
+    keys = {t.key: t for t in tables}
+    edges = query(
+        conn,
+        """
+        SELECT fn.nspname || '.' || f.relname, rn.nspname || '.' || r.relname
+          FROM pg_constraint c
+          JOIN pg_class f ON f.oid = c.conrelid JOIN pg_namespace fn ON fn.oid = f.relnamespace
+          JOIN pg_class r ON r.oid = c.confrelid JOIN pg_namespace rn ON rn.oid = r.relnamespace
+         WHERE c.contype = 'f' AND c.conrelid <> c.confrelid""",
+    )
+    needs = {k: {ref for child, ref in edges if child == k and ref in keys} for k in keys}
+    ordered: list[Table] = []
+    while needs:
+        ready = sorted(k for k, deps in needs.items() if not deps)
+        if not ready:
+            raise CatalogError(
+                "The tables' foreign keys form a cycle: " + ", ".join(sorted(needs)) + ".",
+                "Restore as a superuser (triggers off), or restore a dump or template point.",
+            )
+        for k in ready:
+            ordered.append(keys[k])
+            del needs[k]
+        for deps in needs.values():
+            deps.difference_update(ready)
+    return ordered

@@ -1,0 +1,319 @@
+"""Points as pg_dump custom-format archives, taken in one exported snapshot so the
+recorded row counts are exactly the archive's."""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+from lib.cli.console import UI
+from lib.errors import CatalogError, ToolError, VerificationError
+from lib.pg.db import connection, database_properties, query, snapshot_session
+from lib.pg.fingerprint import fingerprint
+from lib.pg.target import Target
+from lib.pg.tools import (
+    Tool,
+    UnknownSettingsFilter,
+    candidates_for_archive,
+    candidates_for_server,
+    companion,
+    run_pipeline,
+    run_tool,
+    run_with_fallback,
+    try_each,
+)
+from lib.points import crypto
+from lib.points.catalog import Catalog, Point, human_size, utc_now, write_private_file
+
+log = logging.getLogger(__name__)
+
+ARCHIVE_NAME = "database.dump"
+
+
+def check_free_space(folder: Path, database_size: int) -> None:
+    free = shutil.disk_usage(folder).free
+    if free < database_size:
+        raise CatalogError(
+            f"Not enough free space in {folder}: the database is {human_size(database_size)} "
+            f"({database_size} bytes) and only {human_size(free)} ({free} bytes) is free.",
+            "Free some space (`python3 rollback_manager.py list` shows old points), or set BACKUP_DIR to a larger disk.",
+        )
+
+
+def database_section(target: Target, props: dict) -> dict:
+    f = target.facts
+    return {
+        "name": target.dbname,
+        "url": target.masked,
+        "server": target.info.server_label(),
+        "server_version": f.version,
+        "server_major": f.major,
+        "system_identifier": f.system_identifier,
+        "database_oid": f.database_oid,
+        "size_bytes": f.database_size,
+        "properties": props,
+    }
+
+
+def take(
+    target: Target,
+    catalog: Catalog,
+    ui: UI,
+    *,
+    label: str,
+    base_manifest: dict,
+) -> Point:
+    to = crypto.recipients_if_asked(target.settings)  # refused before anything is written
+    check_free_space(catalog.root, target.facts.database_size)
+    candidates = candidates_for_server("pg_dump", target.facts.major, target.settings)
+    started = utc_now()
+    name = ARCHIVE_NAME + (crypto.SUFFIX if to else "")
+    with snapshot_session(target.info, application_name="rollback-toolkit snapshot") as snap_conn:
+        snapshot = query(snap_conn, "SELECT pg_export_snapshot()")[0][0]
+        with catalog.writing(label) as writer:
+            archive = writer.new_file(name)
+            with (
+                ui.progress(f"Dumping {target.dbname} ({human_size(target.facts.database_size)})") as tick,
+                crypto.encrypting(archive, to) if to else nullcontext() as sink,
+            ):
+                fds = (sink.fileno(),) if sink else ()
+                tool, _ = run_with_fallback(
+                    candidates,
+                    lambda t: [
+                        "--format=custom",
+                        f"--snapshot={snapshot}",
+                        *([f"--file=/dev/fd/{fds[0]}", "--no-sync"] if fds else [f"--file={archive}"]),  # we fsync the file
+                        *target.info.tool_args(),
+                    ],
+                    target.info,
+                    on_tick=lambda _e: tick(f"{human_size(archive.stat().st_size if archive.exists() else 0)} written"),
+                    pass_fds=fds,
+                )
+            ui.step(
+                f"Archive written by {tool.path} ({tool.version})"
+                + (", encrypted with age" if to else "")
+                + "; counting rows in the same snapshot"
+            )
+            fp = fingerprint(snap_conn)
+            props = database_properties(snap_conn, target.dbname).as_dict()
+            manifest = dict(base_manifest)
+            manifest.update(
+                created_at=started.isoformat(timespec="milliseconds"),
+                method="dump",
+                database=database_section(target, props),
+                tool={"name": tool.name, "path": str(tool.path), "major": tool.major, "version": tool.version},
+                archive=name,
+                encryption=crypto.manifest_section() if to else None,
+                fingerprint=fp.as_dict(),
+                duration_seconds=round((utc_now() - started).total_seconds(), 3),
+            )
+            point = writer.commit(manifest)
+    return point
+
+
+@contextmanager
+def archive_source(point: Point, settings) -> Iterator[tuple[list[str], int]]:
+    """The archive as pg_restore reads it: (arguments, stdin). Its path; or for an
+    encrypted point no path and, on stdin, a pipe of its plaintext decrypted as
+    pg_restore reads (pg_restore reads a custom archive from stdin in one pass)."""
+    archive = point.file_path(point.manifest.get("archive", ARCHIVE_NAME))
+    if not crypto.is_encrypted(point):
+        yield [str(archive)], subprocess.DEVNULL
+        return
+    with crypto.decrypting(archive, crypto.identities(settings, point.id), point.id) as plain:
+        yield [], plain.fileno()
+
+
+def restore_candidates(point: Point, target: Target) -> list[Tool]:
+    writer_major = (point.manifest.get("tool") or {}).get("major")
+    return candidates_for_archive("pg_restore", writer_major, target.settings)
+
+
+def restore_into(target: Target, point: Point, dbname: str, ui: UI) -> Tool:
+    """pg_restore --exit-on-error into an existing empty database."""
+    jobs = target.settings.restore_jobs
+
+    def attempt(tool: Tool) -> None:
+        if tool.major > target.facts.major:
+            ui.step(
+                f"Restoring with {tool.describe()}, which is newer than the server (PostgreSQL {target.facts.major}): "
+                "its SQL script goes into psql, without the settings that server does not know"
+            )
+        else:
+            ui.step(f"Restoring with {tool.describe()}")
+        with ui.progress(f"Restoring {point.id} into {dbname}") as tick, archive_source(point, target.settings) as (src, stdin):
+            if tool.major > target.facts.major:
+                # A newer pg_restore writes settings an older server rejects; go through
+                # its SQL script, filtered, into psql, stopping at the first error.
+                restore_script(target, tool, src, dbname, single_transaction=False, on_tick=lambda _e: tick(), stdin=stdin)
+            else:
+                parallel = [f"--jobs={jobs}"] if src else []  # a pipe cannot be read in parallel
+                run_tool(
+                    tool,
+                    ["--exit-on-error", *parallel, *target.info.tool_args(dbname), *src],
+                    target.info,
+                    on_tick=lambda _e: tick(),
+                    stdin=stdin,
+                )
+
+    tool, _ = try_each(restore_candidates(point, target), attempt)
+    return tool
+
+
+def restore_script(
+    target: Target,
+    tool: Tool,
+    archive: list[str],
+    dbname: str,
+    *,
+    single_transaction: bool,
+    prelude: Path | None = None,
+    on_tick=None,
+    stdin=subprocess.DEVNULL,
+) -> None:
+    """``pg_restore --file=-`` piped into psql with ON_ERROR_STOP, filtered for the server."""
+    psql = companion(tool, "psql", target.settings)
+    with connection(target.info, dbname) as conn:
+        known = {row[0] for row in query(conn, "SELECT name FROM pg_settings")}
+    files = [f"--file={prelude}"] if prelude else []
+    consumer_args = [
+        "--no-psqlrc",
+        "--quiet",
+        "--set=ON_ERROR_STOP=1",
+        *(["--single-transaction"] if single_transaction else []),
+        *files,
+        "--file=-",
+        *target.info.tool_args(dbname),
+    ]
+    line_filter = UnknownSettingsFilter(known)
+    run_pipeline(
+        tool,
+        ["--file=-", *archive],
+        psql,
+        consumer_args,
+        target.info,
+        line_filter=line_filter,
+        on_tick=on_tick,
+        producer_stdin=stdin,
+    )
+    if line_filter.dropped:
+        log.info("left out settings unknown to PostgreSQL %s: %s", target.facts.major, sorted(set(line_filter.dropped)))
+
+
+def read_through(point: Point, settings) -> Tool:
+    """Read every block of the archive (decompressing, and decrypting, it) without touching a database."""
+
+    def attempt(tool: Tool) -> None:
+        with archive_source(point, settings) as (src, stdin):
+            run_tool(tool, ["--file=/dev/null", *src], stdin=stdin)
+
+    tool, _ = try_each(candidates_for_archive("pg_restore", (point.manifest.get("tool") or {}).get("major"), settings), attempt)
+    return tool
+
+
+def archive_header(archive: Path, settings) -> dict:
+    """What pg_restore -l says about an archive: versions, format, entries."""
+    tool, listing = run_with_fallback(candidates_for_archive("pg_restore", None, settings), lambda t: ["--list", str(archive)])
+    info: dict = {"read_by": str(tool.path), "entries": 0}
+    keys = {
+        "Archive created at": "created_at",
+        "dbname": "database",
+        "Format": "format",
+        "Compression": "compression",
+        "Dumped from database version": "server_version",
+        "Dumped by pg_dump version": "pg_dump_version",
+        "TOC Entries": "entries",
+    }
+    for line in listing.splitlines():
+        text = line.lstrip(";").strip()
+        for prefix, key in keys.items():
+            if text.startswith(prefix):
+                info[key] = text.split(":", 1)[1].strip()
+    return info
+
+
+def archive_table_count(archive: Path, settings) -> int:
+    """How many TABLE DATA entries the archive's table of contents lists."""
+    _, listing = run_with_fallback(candidates_for_archive("pg_restore", None, settings), lambda t: ["--list", str(archive)])
+    return sum(1 for line in listing.splitlines() if re.match(r"^\d+; \d+ \d+ TABLE DATA ", line))
+
+
+def _clear_sql(server_major: int) -> str:
+    """Empty the database in the same transaction as the restore (in-place mode)."""
+    public_grant = "GRANT USAGE ON SCHEMA public TO PUBLIC;" if server_major >= 15 else "GRANT ALL ON SCHEMA public TO PUBLIC;"
+    owner = "ALTER SCHEMA public OWNER TO pg_database_owner;" if server_major >= 14 else ""
+    return f"""
+DO $clear$
+DECLARE r record;
+BEGIN
+  FOR r IN SELECT nspname FROM pg_namespace
+            WHERE nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast')
+              AND nspname NOT LIKE 'pg\\_temp\\_%' AND nspname NOT LIKE 'pg\\_toast\\_temp\\_%'
+  LOOP
+    EXECUTE format('DROP SCHEMA %I CASCADE', r.nspname);
+  END LOOP;
+  FOR r IN SELECT extname FROM pg_extension WHERE extname <> 'plpgsql' LOOP
+    EXECUTE format('DROP EXTENSION %I CASCADE', r.extname);
+  END LOOP;
+  PERFORM lo_unlink(oid) FROM pg_largeobject_metadata;
+END
+$clear$;
+CREATE SCHEMA public;
+{owner}
+{public_grant}
+COMMENT ON SCHEMA public IS 'standard public schema';
+"""
+
+
+def restore_in_place(target: Target, point: Point, ui: UI) -> Tool:
+    """Empty staging and restore the point in one transaction: all of it commits or none."""
+    clear = point.path.parent / f".clear-{point.id}.sql"
+    write_private_file(clear, _clear_sql(target.facts.major).encode())
+    try:
+        with ui.progress(f"Restoring {point.id} into {target.dbname} in one transaction") as tick:
+
+            def attempt(t: Tool) -> None:
+                with archive_source(point, target.settings) as (src, stdin):
+                    restore_script(
+                        target,
+                        t,
+                        src,
+                        target.dbname,
+                        single_transaction=True,
+                        prelude=clear,
+                        on_tick=lambda _e: tick(),
+                        stdin=stdin,
+                    )
+
+            tool, _ = try_each(restore_candidates(point, target), attempt)
+    finally:
+        clear.unlink(missing_ok=True)
+    return tool
+
+
+def verify_archive(point: Point, settings) -> dict:
+    archive = point.file_path(point.manifest.get("archive", ARCHIVE_NAME))
+    try:
+        tool = read_through(point, settings)
+    except ToolError as exc:
+        raise VerificationError(
+            f"The archive {archive} could not be read end to end: {exc.message}",
+            "Use an earlier point (`python3 rollback_manager.py list`).",
+        ) from None
+    return {"archive": "read end to end", "read_by": str(tool.path)}
+
+
+__all__ = [
+    "take",
+    "restore_into",
+    "restore_in_place",
+    "verify_archive",
+    "archive_header",
+    "check_free_space",
+    "database_section",
+]

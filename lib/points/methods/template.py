@@ -1,0 +1,239 @@
+"""Points kept as databases on staging's own server, with connections disabled so
+nobody writes to them by accident; restored by a server-side copy."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import psycopg2
+from psycopg2 import sql
+
+from lib import faults
+from lib.cli.console import UI
+from lib.errors import ConfigError, DatabaseError, VerificationError
+from lib.pg.db import (
+    DISK_FULL,
+    DUPLICATE_DATABASE,
+    OBJECT_IN_USE,
+    connection,
+    database_properties,
+    derived_name,
+    drop_database,
+    execute,
+    query,
+    refuse_prepared_transactions,
+    sessions_on,
+    set_allow_connections,
+    sqlstate,
+    terminate_sessions,
+)
+from lib.pg.fingerprint import Fingerprint, compare, fingerprint
+from lib.pg.target import Target
+from lib.points import intents
+from lib.points.catalog import Catalog, Point, human_size, utc_now
+from lib.points.methods.dump import database_section
+
+log = logging.getLogger(__name__)
+
+
+def comment_for(point_id: str, description: str, marker: str) -> str:
+    return f"rollback point {point_id}: {description} (managed by rollback_manager.py, {marker}; do not connect)"
+
+
+def database_state(maint, name: str) -> dict | None:
+    """exists / allows connections / invalid (an interrupted DROP DATABASE leaves datconnlimit -2)."""
+    rows = query(maint, "SELECT datallowconn, datconnlimit FROM pg_database WHERE datname = %s", (name,))
+    if not rows:
+        return None
+    return {"allow_connections": rows[0][0], "invalid": rows[0][1] == -2}
+
+
+def seal(target: Target, name: str, point_id: str, description: str) -> None:
+    """No connections, and a comment naming the point and the catalog it belongs to."""
+    set_allow_connections(target.maint, name, False)
+    text = comment_for(point_id, description, intents.marker(Catalog(target.settings.backup_dir)))
+    execute(target.maint, sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(name), sql.Literal(text)))
+
+
+@contextmanager
+def opened(target: Target, name: str) -> Iterator[object]:
+    """Briefly allow connections to a sealed point database to read it."""
+    set_allow_connections(target.maint, name, True)
+    try:
+        with connection(target.info, name, application_name="rollback-toolkit verify") as conn:
+            yield conn
+    finally:
+        set_allow_connections(target.maint, name, False)
+
+
+def read_fingerprint(target: Target, name: str) -> Fingerprint:
+    with opened(target, name) as conn:
+        return fingerprint(conn)
+
+
+def copy_database(target: Target, source: str, new_name: str, owner: str | None) -> None:
+    """CREATE DATABASE ... TEMPLATE, with STRATEGY FILE_COPY from PostgreSQL 15 on: a file
+    copy plus two checkpoints, several times faster than WAL_LOG for large databases.
+
+    FILE_COPY_METHOD=clone (PostgreSQL 18+) asks the kernel to clone the files: near
+    instant reflinks on XFS and btrfs, but slower than a plain copy on ext4, hence not
+    the default; where clone fails, the plain copy is used."""
+    parts = [sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(new_name), sql.Identifier(source))]
+    if target.facts.major >= 15:
+        parts.append(sql.SQL("STRATEGY FILE_COPY"))
+    if owner:
+        parts.append(sql.SQL("OWNER {}").format(sql.Identifier(owner)))
+    statement = sql.SQL(" ").join(parts)
+    if target.settings.file_copy_method != "clone" or target.facts.major < 18:
+        execute(target.maint, statement)
+        return
+    execute(target.maint, "SET file_copy_method = clone")
+    try:
+        execute(target.maint, statement)
+    except psycopg2.Error as exc:
+        if sqlstate(exc) in (OBJECT_IN_USE, DUPLICATE_DATABASE, DISK_FULL):
+            raise
+        log.warning("file_copy_method = clone failed (%s); copying the plain way", str(exc).strip())
+        execute(target.maint, "SET file_copy_method = copy")
+        execute(target.maint, statement)
+    finally:
+        execute(target.maint, "RESET file_copy_method")
+
+
+def verify_point_database(target: Target, point: Point) -> dict:
+    name = point.manifest.get("template_database")
+    state = database_state(target.maint, name) if name else None
+    if state is None:
+        raise VerificationError(
+            f"The database {name!r} that holds point {point.id} does not exist on {target.info.server_label()}.",
+            "The point cannot be restored; delete it with `python3 rollback_manager.py delete "
+            f"{point.id}` and use another point.",
+        )
+    if state["invalid"]:
+        raise VerificationError(
+            f"The database {name!r} that holds point {point.id} is invalid (an interrupted DROP DATABASE left it).",
+            "Drop it by hand (DROP DATABASE) and use another point.",
+        )
+    problems = compare(point.manifest.get("fingerprint", {}), read_fingerprint(target, name))
+    if problems:
+        raise VerificationError(
+            f"Point {point.id}'s database {name!r} no longer matches its manifest: " + "; ".join(problems[:10]) + ".",
+            "Someone changed it; use another point.",
+        )
+    return {"database": name, "fingerprint": "matches the manifest"}
+
+
+def invalid_databases(maint) -> list[str]:
+    """Databases an interrupted DROP DATABASE left invalid: never a source, never a point."""
+    return [r[0] for r in query(maint, "SELECT datname FROM pg_database WHERE datconnlimit = -2 ORDER BY 1")]
+
+
+def preflight(target: Target, ui: UI, *, assume_yes: bool) -> None:
+    """Before copying: rights, invalid databases, space, and the sessions that must end."""
+    f = target.facts
+    if not f.can_create_db:
+        raise ConfigError(
+            f"Role {f.current_user} may not create databases, which a template point needs.",
+            "Use --method dump, or grant CREATEDB to the role.",
+        )
+    invalid = invalid_databases(target.maint)
+    if target.dbname in invalid:
+        raise VerificationError(
+            f"Database {target.dbname!r} is invalid (an interrupted DROP DATABASE left it) and cannot be a source.",
+            "Drop it and restore a point, or rebuild staging.",
+        )
+    if invalid:
+        ui.warn("Invalid databases on this server (left by interrupted drops; never used as sources): " + ", ".join(invalid))
+    refuse_prepared_transactions(target.maint, target.dbname, "copy it")
+    ui.info(f"  The copy needs about {human_size(f.database_size)} of free space on the server.")
+    sessions = sessions_on(target.maint, target.dbname)
+    if sessions:
+        ui.info(f"  A copy needs {target.dbname} to itself; these {len(sessions)} session(s) will be disconnected:")
+        for s in sessions:
+            ui.info(f"    - {s.describe()}")
+        ui.confirm(
+            "Disconnect them and take the point?", assume_yes=assume_yes, what=f"disconnect the sessions on {target.dbname}"
+        )
+
+
+def copy_staging(target: Target, new_name: str, attempts: int = 5) -> int:
+    """CREATE DATABASE new TEMPLATE staging: the source must have no other sessions, so
+    end them and retry when one slips in. Staging's connections are never disabled, so
+    a killed copy leaves staging fully usable."""
+    ended = 0
+    for attempt in range(1, attempts + 1):
+        ended += len(terminate_sessions(target.maint, target.dbname))
+        faults.pause("before copy")
+        try:
+            copy_database(target, target.dbname, new_name, None)
+            return ended
+        except psycopg2.Error as exc:
+            if sqlstate(exc) != OBJECT_IN_USE or attempt == attempts:
+                raise copy_error(target, exc, target.dbname, attempts=attempt) from None
+            log.info("a session reconnected to %s during the copy; retrying (%s)", target.dbname, attempt)
+    raise AssertionError("unreachable")
+
+
+def copy_error(target: Target, exc: psycopg2.Error, source: str, *, attempts: int = 1) -> DatabaseError:
+    """Why a server-side copy failed, and what to do, decided by its SQLSTATE."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    code = sqlstate(exc)
+    if code == OBJECT_IN_USE:
+        return DatabaseError(
+            f"Could not copy {source}: sessions kept connecting to it ({attempts} attempt(s)): {first}",
+            "Stop the clients that keep connecting to it, then try again.",
+        )
+    if code == DISK_FULL:
+        return DatabaseError(
+            f"The server ran out of disk space copying {source} ({human_size(target.facts.database_size)}): {first}. "
+            "The unfinished copy is not kept.",
+            "Free space on the server; or take a dump point (--method dump), which writes to BACKUP_DIR instead; "
+            "`python3 rollback_manager.py cleanup --dry-run` lists what earlier failures left.",
+        )
+    return DatabaseError(f"Could not copy {source}: {first}", "See the log for details.")
+
+
+def drop_orphans(target: Target, point_ids: list[str], dry_run: bool = False) -> list[str]:
+    """Databases of creations that were killed before their manifest was written; returns their names."""
+    found = []
+    for point_id in point_ids:
+        name = derived_name(point_id, "")
+        if database_state(target.maint, name) is not None:
+            found.append(name)
+            if not dry_run:
+                log.info("dropping %s, left by an interrupted template point", name)
+                drop_database(target.maint, name)
+    return found
+
+
+def take(target: Target, catalog: Catalog, ui: UI, *, label: str, base_manifest: dict, assume_yes: bool) -> Point:
+    preflight(target, ui, assume_yes=assume_yes)
+    started = utc_now()
+    with catalog.writing(label) as writer:
+        name = derived_name(writer.id, "")
+        with intents.new_database(target, name, "template point copy", point_id=writer.id) as new:
+            clock = time.monotonic()
+            with ui.progress(f"Copying {target.dbname} to {name} on the server"):
+                ended = copy_staging(target, name)
+            copy_seconds = time.monotonic() - clock
+            faults.pause("after copy")
+            seal(target, name, writer.id, base_manifest.get("description") or "")
+            fp = read_fingerprint(target, name)
+            props = database_properties(target.maint, target.dbname).as_dict()
+            manifest = dict(base_manifest)
+            manifest.update(
+                created_at=started.isoformat(timespec="milliseconds"),
+                method="template",
+                template_database=name,
+                database=database_section(target, props),
+                fingerprint=fp.as_dict(),
+                sessions_terminated=ended,
+                copy_seconds=round(copy_seconds, 3),
+                duration_seconds=round((utc_now() - started).total_seconds(), 3),
+            )
+            point = writer.commit(manifest)
+            new.own()
+        return point

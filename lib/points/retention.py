@@ -1,0 +1,110 @@
+"""Removing old points of one database, their database copies included, without
+ever removing the newest point that still verifies."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+
+from lib.cli.console import UI
+from lib.errors import ConfigError
+from lib.pg.db import drop_database
+from lib.pg.target import Target
+from lib.points import spare
+from lib.points.catalog import Catalog, Point, check_files, utc_now
+from lib.points.methods import template as template_method
+
+log = logging.getLogger(__name__)
+
+
+def points_of(catalog: Catalog, target: Target) -> list[Point]:
+    """This database's points on this server, oldest first."""
+    sysid = target.facts.system_identifier
+    return [
+        p
+        for p in catalog.points()
+        if p.database_name == target.dbname and p.manifest.get("database", {}).get("system_identifier") in (None, sysid)
+    ]
+
+
+def is_good(target: Target, point: Point) -> bool:
+    """Complete, files intact, and for a database copy: present and valid."""
+    if point.manifest.get("status") != "completed" or check_files(point):
+        return False
+    if point.method == "template":
+        state = template_method.database_state(target.maint, point.manifest.get("template_database", ""))
+        return state is not None and not state["invalid"]
+    return True
+
+
+def newest_good(target: Target, points: list[Point]) -> Point | None:
+    for point in reversed(points):
+        if is_good(target, point):
+            return point
+    return None
+
+
+@dataclass
+class CleanupPlan:
+    remove: list[Point]
+    protected: Point | None  # the newest point that verifies
+    protected_manual: Point | None = None  # the newest one taken on purpose: quick_rollback's target
+
+
+def plan(target: Target, catalog: Catalog, *, keep: int | None, older_than_days: float | None) -> CleanupPlan:
+    if keep is None and older_than_days is None:
+        raise ConfigError("Say what to remove: --keep N, --older-than DAYS, or both.", "Add --dry-run to see it first.")
+    if keep is not None and keep < 1:
+        raise ConfigError("--keep must be at least 1.", "The newest verified point is always kept.")
+    points = points_of(catalog, target)
+    protected = newest_good(target, points)
+    protected_manual = newest_good(target, [p for p in points if p.manifest.get("kind", "manual") != "before_rollback"])
+    keep_ids = {p.id for p in (protected, protected_manual) if p is not None}
+    cutoff = utc_now() - timedelta(days=older_than_days) if older_than_days is not None else None
+    newest_first = list(reversed(points))
+    remove = []
+    for rank, point in enumerate(newest_first, start=1):
+        if point.id in keep_ids:
+            continue
+        beyond_keep = keep is None or rank > keep
+        old_enough = cutoff is None or point.created_at < cutoff
+        if beyond_keep and old_enough:
+            remove.append(point)
+    return CleanupPlan(list(reversed(remove)), protected, protected_manual)
+
+
+def delete_point(target: Target, catalog: Catalog, point: Point) -> None:
+    """The database copy first: a folder left by a failed drop still names it."""
+    if point.method == "template":
+        name = point.manifest.get("template_database")
+        if point.manifest.get("database", {}).get("system_identifier") not in (None, target.facts.system_identifier):
+            raise ConfigError(
+                f"Point {point.id}'s database copy lives on another server ({point.manifest['database'].get('server')}).",
+                "Run the command with --database-url for that server.",
+            )
+        if name:
+            drop_database(target.maint, name)
+        spare.drop(target, point)
+    catalog.remove(point)
+
+
+def apply(
+    target: Target,
+    catalog: Catalog,
+    ui: UI,
+    *,
+    keep: int | None = None,
+    older_than_days: float | None = None,
+    dry_run: bool = False,
+    cleanup: CleanupPlan | None = None,
+) -> list[Point]:
+    cleanup = cleanup or plan(target, catalog, keep=keep, older_than_days=older_than_days)
+    for point in cleanup.remove:
+        what = f"{point.id} ({point.method}, {point.manifest.get('created_at', '?')[:19]}, {point.manifest.get('description') or ''})"
+        if dry_run:
+            ui.info(f"  would remove {what}")
+            continue
+        delete_point(target, catalog, point)
+        ui.info(f"  removed {what}")
+    return cleanup.remove

@@ -1,0 +1,106 @@
+"""What interrupted runs left behind (kill -9, a power cut, a full disk): half-written
+point folders, the databases a killed restore, diff, template copy or spare was
+building, and private temporary files. Only what no live run can still be using is
+touched: folders and files by the liveness of the process that made them, databases
+of staging while holding its operation lock (no other operation on it is running).
+
+A database is found three ways: by the record written before it was created
+(catalog intents), by the comment that ties it to this catalog, and, for runs of
+older versions, by the fixed names a restore and a diff build under."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+from lib.pg.db import database_exists, derived_name, drop_database, query
+from lib.pg.target import Target
+from lib.pg.tools import dead_temporaries, pid_alive
+from lib.points import spare
+from lib.points.catalog import Catalog, human_size
+from lib.points.intents import marker
+from lib.points.methods import template as template_method
+from lib.restore.diff import DIFF_SUFFIX
+from lib.restore.swap import ASIDE_SUFFIX, recover_pending
+
+log = logging.getLogger(__name__)
+
+
+def _owned(target: Target, catalog: Catalog) -> set[str]:
+    """Databases that belong to a listed point, or are staging itself."""
+    owned = {target.dbname}
+    for point in catalog.points():
+        name = point.manifest.get("template_database")
+        if name:
+            owned |= {name, spare.spare_name(point)}
+    return owned
+
+
+def unowned_databases(target: Target, catalog: Catalog, *, tidy: bool = False) -> list[tuple[str, int | None, str]]:
+    """(name, size, why) of every database this catalog created on staging's server
+    that no listed point owns and no running operation is building. ``tidy`` removes
+    the records of databases that are owned or gone."""
+    sysid = target.facts.system_identifier
+    owned = _owned(target, catalog)
+    here = socket.gethostname()
+    found: dict[str, str] = {}
+    running: set[str] = set()
+    for path, record in catalog.intents():
+        if record.get("server") not in (None, sysid):
+            continue  # another server's
+        name = record.get("database", "")
+        if record.get("host") == here and record.get("pid") != os.getpid() and pid_alive(int(record.get("pid", 0))):
+            running.add(name)
+            continue
+        if name in owned or not database_exists(target.maint, name):
+            if tidy:
+                catalog.settle(path)
+            continue
+        found[name] = (
+            f"the {record.get('purpose', 'database')} of a run that did not finish (recorded {record.get('created_at')})"
+        )
+    rows = query(
+        target.maint,
+        "SELECT datname FROM pg_database WHERE strpos(coalesce(shobj_description(oid, 'pg_database'), ''), %s) > 0",
+        (marker(catalog),),
+    )
+    for (name,) in rows:
+        if name not in owned and name not in running and name not in found:
+            found[name] = "made by this catalog and belonging to no listed point"
+    for suffix in (ASIDE_SUFFIX, DIFF_SUFFIX):
+        name = derived_name(target.dbname, suffix)
+        if name not in found and name not in running and database_exists(target.maint, name):
+            found[name] = "left by an interrupted restore, reset or diff"
+    sizes = dict(query(target.maint, "SELECT datname, pg_database_size(oid) FROM pg_database WHERE datconnlimit <> -2"))
+    return [(name, sizes.get(name), why) for name, why in sorted(found.items())]
+
+
+def remove(target: Target, catalog: Catalog, *, dry_run: bool) -> list[str]:
+    """Call with staging's lock held. Returns what was (or would be) done, as sentences."""
+    verb = "Would remove" if dry_run else "Removed"
+    found = [f"{verb} unfinished point folder {p}" for p in catalog.remove_stale_temporaries(dry_run=dry_run)]
+    if dry_run:
+        found += [f"Would finish unfinished point folder {p} (or remove it if its swap did not happen)" for p in catalog.pending]
+    else:
+        found += [line[0].upper() + line[1:] for line in recover_pending(target, catalog)]
+    unowned = unowned_databases(target, catalog, tidy=not dry_run)
+    for name, size, why in unowned:
+        found.append(f"{verb} database {name} ({human_size(size) if size is not None else 'invalid'}), {why}")
+        if not dry_run:
+            drop_database(target.maint, name)
+    if not dry_run:
+        for path, record in catalog.intents():  # their databases are gone now
+            if record.get("server") in (None, target.facts.system_identifier) and not database_exists(
+                target.maint, record.get("database", "")
+            ):
+                catalog.settle(path)
+    named = {name for name, _, _ in unowned}
+    for name in template_method.drop_orphans(
+        target, [i for i in catalog.stale_ids if derived_name(i, "") not in named], dry_run=dry_run
+    ):
+        found.append(f"{verb} database {name}, the copy of a point whose creation was interrupted")
+    found += [f"{verb} {line}" for line in dead_temporaries(dry_run)]
+    for line in found:
+        log.info("%s", line)
+    return found

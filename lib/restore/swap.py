@@ -1,0 +1,433 @@
+"""Restoring a point without ever leaving staging half-restored.
+
+Swap mode (the role may create and rename databases): build the point's state
+in a new database beside staging, verify it against the manifest, then in one
+short step disable connections to staging, end its sessions and rename both
+databases in one transaction. The old staging stays on the server, sealed, as a
+point of its own, so the restore can be undone with the same command.
+
+In-place mode (it may not): keep the current state as a dump point first, then
+empty staging and restore in a single transaction: all or nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+
+import psycopg2
+
+from lib import faults
+from lib.cli.console import UI
+from lib.cli.render import age
+from lib.errors import ConfigError, DatabaseError, RollbackError, VerificationError
+from lib.pg.db import (
+    OBJECT_IN_USE,
+    Session,
+    apply_database_properties,
+    connection,
+    create_database_like,
+    database_exists,
+    database_properties,
+    derived_name,
+    drop_database,
+    execute,
+    refuse_prepared_transactions,
+    rename_database,
+    replication_ties,
+    sessions_on,
+    set_allow_connections,
+    sqlstate,
+    terminate_sessions,
+)
+from lib.pg.fingerprint import compare, counted_tables, fingerprint
+from lib.pg.target import Target
+from lib.points import crypto, intents, spare
+from lib.points.catalog import PENDING, TMP_PREFIX, Catalog, Point, PointWriter, check_files, refuse_damaged_manifest, utc_now
+from lib.points.methods import data as data_method
+from lib.points.methods import dump as dump_method
+from lib.points.methods import template as template_method
+
+log = logging.getLogger(__name__)
+
+ASIDE_SUFFIX = "_rb_restoring"
+
+
+@dataclass
+class RestorePlan:
+    point: Point
+    mode: str  # "swap" or "in-place"
+    sessions: list[Session]
+    reason: str = ""
+    ties: list[str] = field(default_factory=list)  # replication slots and subscriptions a swap leaves behind
+
+    def describe(self, target: Target) -> str:
+        p = self.point
+        lines = [
+            f"Restore database [bold]{target.dbname}[/] on {target.info.server_label()} "
+            f"(PostgreSQL {target.facts.major}) to point [bold]{p.id}[/]",
+            f"  taken {p.manifest.get('created_at', '?')[:19].replace('T', ' ')} UTC ({age(p.manifest.get('created_at'))}) — "
+            f"{p.manifest.get('description') or 'no description'} ({p.method})",
+        ]
+        if self.mode == "data":
+            lines.append(
+                f"  Its {len(p.manifest.get('tables', []))} table(s) are emptied and refilled in one transaction; "
+                "the rest of the database is untouched and sessions stay connected. "
+                "Their current data is first kept as a data point (undo: restore that point)."
+            )
+            return "\n".join(lines)
+        if self.mode == "swap":
+            lines.append(
+                "  The point is rebuilt beside staging and verified first; staging is then swapped "
+                "in one short step, and its current state kept as a new point (undo: restore that point)."
+            )
+        else:
+            lines.append(f"  In place, in one transaction ({self.reason}); the current state is first kept as a dump point.")
+        if self.ties:
+            lines.append(
+                f"  Tied to {target.dbname} by its oid, these stay with the state kept before (--force): " + "; ".join(self.ties)
+            )
+        if self.sessions:
+            lines.append(f"  These {len(self.sessions)} session(s) on {target.dbname} will be disconnected:")
+            lines += [f"    - {s.describe()}" for s in self.sessions]
+        else:
+            lines.append(f"  No sessions are connected to {target.dbname} now.")
+        return "\n".join(lines)
+
+
+@dataclass
+class RestoreResult:
+    point_id: str
+    database: str
+    mode: str
+    before_point_id: str | None
+    unavailable_seconds: float | None
+    sessions_terminated: int
+    verified: bool = True
+    tool: str | None = None
+    notes: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def check_point_usable(target: Target, catalog: Catalog, point: Point) -> None:
+    """Before anything is touched: the point is of this database, complete, and intact."""
+    m = point.manifest
+    refuse_damaged_manifest(point)
+    if m.get("status") != "completed":
+        raise ConfigError(f"Point {point.id} is not complete (status: {m.get('status')}).", "Use another point.")
+    if point.database_name != target.dbname:
+        raise ConfigError(
+            f"Point {point.id} is of database {point.database_name!r}, but staging is {target.dbname!r}.",
+            "Pass --database-url for that database, or choose a point of this one (`rollback_manager.py list`).",
+        )
+    problems = check_files(point)
+    if problems:
+        good = [
+            p.id
+            for p in catalog.points()
+            if p.id != point.id
+            and p.database_name == target.dbname
+            and p.manifest.get("created_at", "") <= m.get("created_at", "")
+            and p.manifest.get("status") == "completed"
+            and not check_files(p)
+        ]
+        hint = (
+            "Earlier points that verify: " + ", ".join(reversed(good[-5:])) + "."
+            if good
+            else "No earlier point of this database verifies; `python3 reset_staging.py` rebuilds staging from V2."
+        )
+        raise VerificationError(f"Point {point.id} failed its checksums: " + "; ".join(problems) + ". Nothing was changed.", hint)
+    crypto.check_point_keys(point, target.settings)  # a missing or wrong key: refused here, nothing touched
+    refuse_prepared_transactions(target.maint, target.dbname, f"restore {target.dbname}")
+    if point.method == "template":
+        same_server = m.get("database", {}).get("system_identifier") in (None, target.facts.system_identifier)
+        if not same_server:
+            raise ConfigError(
+                f"Point {point.id} is a database copy on another server ({m.get('database', {}).get('server')}).",
+                "Restore it against that server, or choose a dump point.",
+            )
+        state = template_method.database_state(target.maint, m.get("template_database", ""))
+        if state is None or state["invalid"]:
+            raise VerificationError(
+                f"Point {point.id}'s database {m.get('template_database')!r} is "
+                f"{'missing' if state is None else 'invalid (an interrupted DROP left it)'}. Nothing was changed.",
+                "Choose another point (`python3 rollback_manager.py list`).",
+            )
+
+
+def refuse_replication_ties(target: Target, ties: list[str], *, force: bool, doing: str) -> None:
+    """A swap by rename cannot take logical replication slots and subscriptions along:
+    PostgreSQL ties them to the database's oid, so they stay with the state kept before."""
+    if ties and not force:
+        raise ConfigError(
+            f"Refusing to {doing}: {target.dbname} has " + "; ".join(ties) + ". A restore swaps in another database, and "
+            "these stay tied to the old one, kept as the 'state before' point: replication from or to staging stops "
+            "until they are recreated on the new staging. Nothing was changed.",
+            "Add --force to go ahead anyway (then drop them on the old database, or recreate them on staging), "
+            "or drop them first.",
+        )
+
+
+def plan(target: Target, point: Point) -> RestorePlan:
+    f = target.facts
+    if point.method == "data":
+        return RestorePlan(point, "data", [])
+    can_swap = f.is_superuser or (f.can_create_db and f.is_db_owner)
+    sessions = sessions_on(target.maint, target.dbname)
+    if can_swap:
+        return RestorePlan(point, "swap", sessions, ties=replication_ties(target.maint, target.dbname))
+    if point.method == "template":
+        raise ConfigError(
+            f"Role {f.current_user} may not create or rename databases, which restoring the database copy {point.id} needs.",
+            "Run it as the database owner with CREATEDB, or as a superuser; or restore a dump point.",
+        )
+    reason = f"role {f.current_user} may not create or rename databases"
+    return RestorePlan(point, "in-place", sessions, reason)
+
+
+def _build_aside(target: Target, point: Point, aside: str, ui: UI) -> str | None:
+    props = point.manifest.get("database", {}).get("properties", {})
+    if point.method == "dump":
+        create_database_like(target.maint, aside, props, target.facts.major)
+        tool = dump_method.restore_into(target, point, aside, ui)
+        return f"{tool.path} ({tool.version})"
+    source = point.manifest["template_database"]
+    if spare.enabled(target.settings):
+        with ui.progress(f"Taking the spare copy of {point.id} (waiting if it is still being prepared)"):
+            claimed = spare.claim(target, point, aside)
+        if claimed:
+            ui.step(f"Using the spare copy of {point.id} prepared in the background")
+            return "spare copy"
+    with ui.progress(f"Copying {source} into {aside} on the server"):
+        try:
+            template_method.copy_database(target, source, aside, props.get("owner"))
+        except psycopg2.Error as exc:
+            raise template_method.copy_error(target, exc, source) from None
+    return None
+
+
+def swap_databases(target: Target, aside: str, before: str, attempts: int = 3) -> tuple[float, int]:
+    """Staging becomes ``before`` and ``aside`` becomes staging, in one transaction.
+
+    Returns how long staging refused connections, and how many sessions ended.
+    """
+    maint, name = target.maint, target.dbname
+    started = time.monotonic()
+    set_allow_connections(maint, name, False)
+    ended = 0
+    try:
+        for attempt in range(1, attempts + 1):
+            ended += len(terminate_sessions(maint, name))
+            try:
+                execute(maint, "BEGIN")
+                rename_database(maint, name, before)
+                faults.pause("between renames")
+                rename_database(maint, aside, name)
+                execute(maint, "COMMIT")
+                return time.monotonic() - started, ended
+            except psycopg2.Error as exc:
+                execute(maint, "ROLLBACK")
+                if attempt == attempts or sqlstate(exc) != OBJECT_IN_USE:
+                    raise DatabaseError(f"Could not swap {aside} in for {name}: {str(exc).strip()}") from None
+                log.warning("swap attempt %s met a new session; retrying", attempt)
+    except BaseException:
+        set_allow_connections(maint, name, True)
+        raise
+    raise AssertionError("unreachable")
+
+
+def restore_swap(target: Target, catalog: Catalog, rplan: RestorePlan, ui: UI) -> RestoreResult:
+    point = rplan.point
+
+    def verify(conn) -> None:
+        verify_restored(conn, point, ui, untouched=f"Staging {target.dbname} was not touched.")
+
+    return build_verify_swap(
+        target,
+        catalog,
+        ui,
+        build=lambda aside: _build_aside(target, point, aside, ui),
+        verify=verify,
+        properties=point.manifest.get("database", {}).get("properties", {}),
+        restored=point.id,
+    )
+
+
+def verify_restored(conn, point: Point, ui: UI, *, untouched: str) -> None:
+    """Against the point's manifest; a bare archive (restore --file) against its own
+    table of contents, since nothing else was recorded."""
+    expected = point.manifest.get("fingerprint")
+    if expected is None:
+        found = len(counted_tables(conn))
+        want = point.manifest.get("archive_table_count", 0)
+        if found < want:
+            raise VerificationError(
+                f"The archive lists data for {want} tables, the restored database has {found}. {untouched}",
+                "Check the archive with `rollback_manager.py info --file`.",
+            )
+        ui.ok(f"Restored without an error; all {want} tables of the archive's table of contents are there")
+        return
+    ui.step(f"Verifying the restored database against the manifest of {point.id}")
+    problems = compare(expected, fingerprint(conn))
+    if problems:
+        raise VerificationError(
+            f"The rebuilt copy of {point.id} does not match its manifest: " + "; ".join(problems[:10]) + f". {untouched}",
+            "Try an earlier point (`python3 rollback_manager.py list`).",
+        )
+    ui.ok("Rebuilt copy matches the point (schema digest, row counts, sequences, large objects)")
+
+
+def build_verify_swap(
+    target: Target, catalog: Catalog, ui: UI, *, build, verify, properties: dict, restored: str
+) -> RestoreResult:
+    """The one way staging is replaced: build beside it, verify, swap names in one
+    transaction, keep the old staging as a point. Any failure before the swap drops
+    what was built and leaves staging exactly as it was."""
+    for line in recover_pending(target, catalog):
+        ui.info(f"Finished what an interrupted run left: {line}")
+    aside = derived_name(target.dbname, ASIDE_SUFFIX)
+    if database_exists(target.maint, aside):
+        ui.warn(f"Dropping {aside}, left behind by an interrupted restore.")
+        drop_database(target.maint, aside)
+    timings: dict[str, float] = {}
+    clock = time.monotonic()
+
+    def lap(step: str) -> None:
+        nonlocal clock
+        now = time.monotonic()
+        timings[step] = round(now - clock, 3)
+        clock = now
+
+    with intents.new_database(target, aside, f"{restored} rebuilt beside {target.dbname}") as new:
+        tool = build(aside)
+        intents.mark(target, aside, f"{restored} rebuilt beside {target.dbname}")
+        lap("build")
+        with connection(target.info, aside, application_name="rollback-toolkit verify") as conn:
+            verify(conn)
+        lap("verify")
+        try:
+            apply_database_properties(target.maint, aside, properties)
+        except psycopg2.Error as exc:
+            raise DatabaseError(
+                f"Could not give the rebuilt copy {target.dbname}'s database properties (its settings, its roles' "
+                f"settings in it, rights, comment): {str(exc).strip().splitlines()[0]}. Staging {target.dbname} was "
+                "not touched.",
+                "Run it as a superuser (a role's settings in a database need CREATEROLE on that role), "
+                "or remove the setting that cannot be given.",
+            ) from None
+        current_props = database_properties(target.maint, target.dbname).as_dict()
+        description = f"state before rollback to {restored}"
+        with catalog.writing(f"before rollback {target.dbname}") as writer:
+            before = derived_name(writer.id, "")
+            info = _before_state_info(target, before, description, current_props, restored)
+            writer.pending(info)  # killed after the swap: the next run finishes this point
+            lap("prepare swap")
+            unavailable, ended = swap_databases(target, aside, before)
+            new.own()  # it is staging now
+            lap("swap")
+            ui.ok(f"{target.dbname} swapped in ({unavailable:.2f} s without connections, {ended} session(s) ended)")
+            faults.pause("after swap")
+            before_point = _keep_before_state(target, writer, info)
+            lap("keep state before")
+    log.info("restore timings: %s", timings)
+    return RestoreResult(
+        restored, target.dbname, "swap", before_point.id, round(unavailable, 3), ended, tool=tool, timings=timings
+    )
+
+
+def _before_state_info(target: Target, before: str, description: str, props: dict, restored_id: str) -> dict:
+    return {
+        "description": description,
+        "migration_id": None,
+        "table": None,
+        "kind": "before_rollback",
+        "restored_point": restored_id,
+        "method": "template",
+        "template_database": before,
+        "database": dump_method.database_section(target, props),
+    }
+
+
+def _keep_before_state(target: Target, writer, info: dict) -> Point:
+    before = info["template_database"]
+    template_method.seal(target, before, writer.id, info["description"])
+    try:
+        fp = template_method.read_fingerprint(target, before)
+    except RollbackError as exc:
+        raise DatabaseError(
+            f"Staging was restored, but the previous state, kept as database {before!r}, could not be read: {exc.message}",
+            f"Nothing is lost: database {before!r} holds it. See ROLLBACK_GUIDE.md, 'Recovering by hand'.",
+        ) from None
+    return writer.commit({**info, "created_at": utc_now().isoformat(timespec="milliseconds"), "fingerprint": fp.as_dict()})
+
+
+def recover_pending(target: Target, catalog: Catalog) -> list[str]:
+    """Finish the 'state before rollback' points of restores killed after their swap: the
+    database is there, only its manifest is missing. A folder whose swap never happened
+    is removed. Call with staging's lock held; returns what was done, as sentences."""
+    done = []
+    for folder in list(catalog.pending):
+        try:
+            info = json.loads((folder / PENDING).read_text())
+        except (OSError, ValueError):
+            continue
+        db = info.get("database", {})
+        if db.get("name") != target.dbname or db.get("system_identifier") not in (None, target.facts.system_identifier):
+            continue  # another staging's: left for its own runs
+        catalog.pending.remove(folder)
+        point_id = folder.name[len(TMP_PREFIX) :]
+        state = template_method.database_state(target.maint, info["template_database"])
+        if state is None or state["invalid"]:
+            shutil.rmtree(folder, ignore_errors=True)
+            done.append(f"unfinished point folder {folder} (the swap it was made for did not happen)")
+            continue
+        writer = PointWriter(catalog, point_id, folder)
+        (folder / PENDING).unlink()
+        _keep_before_state(target, writer, info)
+        done.append(f"point {point_id}, the state before an interrupted restore, recovered and listed")
+    return done
+
+
+def restore_data(target: Target, rplan: RestorePlan, ui: UI, take_point) -> RestoreResult:
+    point = rplan.point
+    tables = [data_method.quoted(data_method.Table(t["schema"], t["name"])) for t in point.manifest.get("tables", [])]
+    data_method.preflight(target, point)  # refuse before anything is written
+    ui.step(f"Keeping the current data of {len(tables)} table(s) as a data point first")
+    scope = tables if point.manifest.get("table") else None  # a whole-database point: all tables and sequences
+    before = take_point(f"state before rollback to {point.id}", "before_rollback", scope)
+    mode = data_method.restore_in_transaction(target, point, ui)
+    ui.ok(f"{len(tables)} table(s) restored and their row counts checked before the commit")
+    return RestoreResult(point.id, target.dbname, "data", before.id, None, 0, notes=[mode])
+
+
+def restore_in_place(target: Target, rplan: RestorePlan, ui: UI, take_point) -> RestoreResult:
+    point = rplan.point
+    ui.step(f"Keeping the current state of {target.dbname} as a dump point first")
+    before = take_point(f"state before rollback to {point.id}", "before_rollback", None)
+    if rplan.sessions:
+        terminate_sessions(target.maint, target.dbname)
+    tool = dump_method.restore_in_place(target, point, ui)
+    with connection(target.info, application_name="rollback-toolkit verify") as conn:
+        try:
+            verify_restored(conn, point, ui, untouched="Staging was restored in place and differs.")
+        except VerificationError as exc:
+            raise VerificationError(
+                exc.message,
+                f"Its previous state is point {before.id}: `python3 rollback_manager.py restore {before.id}` puts it back.",
+            ) from None
+    return RestoreResult(
+        point.id,
+        target.dbname,
+        "in-place",
+        before.id,
+        None,
+        len(rplan.sessions),
+        tool=f"{tool.path} ({tool.version})",
+        notes=[rplan.reason],
+    )
