@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 
 from lib.cli import advanced
-from lib.cli.app import Parser, epilog, run, settings_from
+from lib.cli.app import Parser, epilog, run_script, settings_from
 
 EXAMPLES = """
 Needs a terminal: it asks. The same work without questions:
@@ -28,14 +28,14 @@ def build_parser() -> Parser:
     return p
 
 
-def action(args, ui) -> int:
+def action(args, ui, ask) -> int:
     settings = settings_from(args)
-    advanced.run(settings, ui)
+    advanced.walk_through(settings, ui, ask)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run("advanced_rollback", argv, build_parser, action)
+    return run_script("advanced_rollback", argv, build_parser, action)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 
 from lib.cli import render
-from lib.cli.app import Parser, common_flags, epilog, run, settings_from
+from lib.cli.app import Parser, common_flags, epilog, run_script, settings_from
 from lib.operations.check import run_checks
 
 EXAMPLES = """
@@ -31,7 +31,7 @@ def build_parser() -> Parser:
     return p
 
 
-def action(args, ui) -> int:
+def action(args, ui, ask) -> int:
     settings = settings_from(args)
     findings = run_checks(settings)
     if args.json:
@@ -42,7 +42,7 @@ def action(args, ui) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run("check_setup", argv, build_parser, action)
+    return run_script("check_setup", argv, build_parser, action)
 
 
 if __name__ == "__main__":

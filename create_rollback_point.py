@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import sys
 
-from lib.cli.app import Parser, common_flags, epilog, run, settings_from
+from lib.cli.app import Parser, common_flags, epilog, run_script, settings_from
+from lib.files import human_size
 from lib.operations import commands as operations
-from lib.points.catalog import human_size
 
 EXAMPLES = """
 methods:
@@ -49,18 +49,18 @@ def build_parser() -> Parser:
 DEFAULT_DESCRIPTION = "Manual rollback point"
 
 
-def action(args, ui) -> int:
+def action(args, ui, ask) -> int:
     settings = settings_from(args)
     description = args.description or DEFAULT_DESCRIPTION
-    if args.description is None and not args.yes and not args.json and sys.stdin.isatty():
-        description = ui.ask("Description", default=DEFAULT_DESCRIPTION, what="a description")
+    if args.description is None and not args.json:
+        description = ask.choose("Description", what="a description", default=DEFAULT_DESCRIPTION)
     point, removed = operations.create_point(
         settings,
         ui,
+        ask,
         description=description,
         migration_id=args.migration_id,
         method=args.method,
-        assume_yes=args.yes,
         keep=args.keep,
         tables=args.table,
     )
@@ -87,7 +87,7 @@ def action(args, ui) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run("create_rollback_point", argv, build_parser, action)
+    return run_script("create_rollback_point", argv, build_parser, action)
 
 
 if __name__ == "__main__":

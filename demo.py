@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from lib.cli.app import Parser, epilog, run
+from lib.cli.app import Parser, epilog, run_script
 from lib.cli.demo import run_demo, stop_demo
 
 
@@ -25,7 +25,7 @@ def build_parser() -> Parser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run("demo", argv, build_parser, lambda args, ui: stop_demo(ui) if args.stop else run_demo(ui))
+    return run_script("demo", argv, build_parser, lambda args, ui, ask: stop_demo(ui) if args.stop else run_demo(ui))
 
 
 if __name__ == "__main__":

@@ -6,9 +6,10 @@ from __future__ import annotations
 import sys
 
 from lib.cli import render
-from lib.cli.app import Parser, common_flags, epilog, run, settings_from
+from lib.cli.app import Parser, common_flags, epilog, run_script, settings_from
+from lib.errors import NoPointError
 from lib.operations import commands as operations
-from lib.restore.reset import reset_staging
+from lib.operations.reset import reset_staging
 
 EXAMPLES = """
 The newest completed point of staging that verifies is restored (any method; the
@@ -36,27 +37,24 @@ def build_parser() -> Parser:
     return p
 
 
-def reset_from_v2(settings, ui, args) -> int:
-    result = reset_staging(settings, ui, assume_yes=args.yes, force=args.force)
+def reset_from_v2(settings, ui, ask, args) -> int:
+    result = reset_staging(settings, ui, ask, force=args.force)
     render.restore_outcome(ui, result, as_json=args.json, headline=f"{result.database} rebuilt from V2 and checked.")
     return 0
 
 
-def action(args, ui) -> int:
+def action(args, ui, ask) -> int:
     settings = settings_from(args)
     if args.from_v2:
-        return reset_from_v2(settings, ui, args)
+        return reset_from_v2(settings, ui, ask, args)
     try:
         point = operations.newest_point_for_quick_rollback(settings, ui)
-    except operations.NoPointError as exc:
+    except NoPointError as exc:
         ui.error(exc.paragraph())
-        if not args.json and not args.yes and sys.stdin.isatty():
-            from rich.prompt import Confirm
-
-            if Confirm.ask("Rebuild staging from V2 instead?", console=ui.err, default=False):
-                return reset_from_v2(settings, ui, args)
+        if not args.json and ask.decide("Rebuild staging from V2 instead?", default=False):
+            return reset_from_v2(settings, ui, ask, args)
         return int(exc.exit_code)
-    result = operations.restore_point(settings, ui, point.id, assume_yes=args.yes, force=args.force)
+    result = operations.restore_point(settings, ui, ask, point.id, force=args.force)
     description = point.manifest.get("description") or "no description"
     render.restore_outcome(
         ui, result, as_json=args.json, headline=f"{result.database} is back at {result.point_id} ({description})."
@@ -65,7 +63,7 @@ def action(args, ui) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run("quick_rollback", argv, build_parser, action)
+    return run_script("quick_rollback", argv, build_parser, action)
 
 
 if __name__ == "__main__":

@@ -6,9 +6,9 @@ from __future__ import annotations
 import sys
 
 from lib.cli import render
-from lib.cli.app import Parser, common_flags, epilog, run, settings_from
+from lib.cli.app import Parser, common_flags, epilog, run_script, settings_from
 from lib.errors import ConfigError
-from lib.restore.reset import reset_staging
+from lib.operations.reset import reset_staging
 
 EXAMPLES = """
 V2 is only read (read-only sessions); a staging URL that is really V2 is refused.
@@ -41,17 +41,17 @@ def build_parser() -> Parser:
     return p
 
 
-def action(args, ui) -> int:
+def action(args, ui, ask) -> int:
     settings = settings_from(args)
     if args.jobs is not None and args.jobs < 1:
         raise ConfigError("--jobs must be at least 1.")
-    result = reset_staging(settings, ui, assume_yes=args.yes, jobs=args.jobs, force=args.force)
+    result = reset_staging(settings, ui, ask, jobs=args.jobs, force=args.force)
     render.restore_outcome(ui, result, as_json=args.json, headline=f"{result.database} rebuilt from V2 and checked.")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run("reset_staging", argv, build_parser, action)
+    return run_script("reset_staging", argv, build_parser, action)
 
 
 if __name__ == "__main__":

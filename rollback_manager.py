@@ -7,14 +7,33 @@ import argparse
 import sys
 from pathlib import Path
 
-from lib.api import MigrationBackup, MigrationTransaction, RollbackManager, RollbackType, Verification
+from lib.api import (
+    MigrationBackup,
+    MigrationTransaction,
+    RollbackManager,
+    RollbackType,
+    SyncMigrationBackup,
+    SyncMigrationTransaction,
+    SyncRollbackManager,
+    Verification,
+)
 from lib.cli import render
-from lib.cli.app import Parser, common_flags, epilog, run, settings_from
+from lib.cli.app import Parser, common_flags, epilog, run_script, settings_from
 from lib.errors import ConfigError
 from lib.operations import commands as operations
 
 # The Python API of seed 000: from rollback_manager import RollbackManager, MigrationTransaction, RollbackType
-__all__ = ["MigrationBackup", "MigrationTransaction", "RollbackManager", "RollbackType", "Verification", "main"]
+__all__ = [
+    "MigrationBackup",
+    "MigrationTransaction",
+    "RollbackManager",
+    "RollbackType",
+    "SyncMigrationBackup",
+    "SyncMigrationTransaction",
+    "SyncRollbackManager",
+    "Verification",
+    "main",
+]
 
 EXAMPLES = """
 commands:
@@ -100,7 +119,7 @@ def split_leading_urls(argv: list[str]) -> tuple[list[str], list[str]]:
     return urls, argv
 
 
-def action(args, ui) -> int:
+def action(args, ui, ask) -> int:
     settings = settings_from(args)
     command = {"details": "info", "execute": "restore"}.get(args.command, args.command)
     if command == "list":
@@ -119,17 +138,17 @@ def action(args, ui) -> int:
         return ui.result(result, lambda: ui.ok(f"Point {result['id']} verified"))
     if command == "backup":
         description = args.description or f"Backup of {', '.join(args.tables)}"
-        point, _ = operations.create_point(settings, ui, description=description, method="data", tables=args.tables)
+        point, _ = operations.create_point(settings, ui, ask, description=description, method="data", tables=args.tables)
         return ui.result(
             {**point.summary(), "path": str(point.path)},
             lambda: (ui.ok(f"Data point {point.id} of {point.manifest.get('table')}"), print(point.id)),
         )
     if command == "delete":
-        point = operations.delete_point(settings, ui, args.point_id, assume_yes=args.yes)
+        point = operations.delete_point(settings, ui, ask, args.point_id)
         return ui.result({"deleted": point.id}, lambda: ui.ok(f"Point {point.id} deleted"))
     if command == "cleanup":
         removed, protected, left = operations.cleanup(
-            settings, ui, keep=args.keep, older_than_days=args.older_than, dry_run=args.dry_run, assume_yes=args.yes
+            settings, ui, ask, keep=args.keep, older_than_days=args.older_than, dry_run=args.dry_run
         )
         document = {
             "dry_run": args.dry_run,
@@ -145,16 +164,16 @@ def action(args, ui) -> int:
     if command == "diff":
         found = operations.diff_point(settings, ui, args.point_id)
         return ui.result(found.as_dict(), lambda: render.diff_lines(ui, found))
-    return restore(args, ui, settings)
+    return restore(args, ui, ask, settings)
 
 
-def restore(args, ui, settings) -> int:
+def restore(args, ui, ask, settings) -> int:
     operations.check_restore_request(args.type, args.point_id, args.file)
     if args.type == "partial":
-        outcome = operations.partial_rollback(settings, ui, args.point_id, tables=args.table, assume_yes=args.yes)
+        outcome = operations.partial_rollback(settings, ui, ask, args.point_id, tables=args.table)
         return ui.result(outcome, lambda: render.partial_outcome(ui, outcome))
     archive = Path(args.file) if args.type == "backup" else None
-    result = operations.restore_point(settings, ui, args.point_id, assume_yes=args.yes, archive=archive, force=args.force)
+    result = operations.restore_point(settings, ui, ask, args.point_id, archive=archive, force=args.force)
     headline = f"{result.database} restored to {result.point_id} and verified ({result.mode})."
     render.restore_outcome(ui, result, as_json=args.json, headline=headline)
     return 0
@@ -167,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         rest = ["--database-url", urls[0], *rest]
     elif len(urls) == 2:
         rest = ["--v2-url", urls[0], "--database-url", urls[1], *rest]
-    return run("rollback_manager", rest, build_parser, action)
+    return run_script("rollback_manager", rest, build_parser, action)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ import argparse
 import sys
 
 from lib.cli import render
-from lib.cli.app import Parser, common_flags, epilog, run, settings_from
+from lib.cli.app import Parser, common_flags, epilog, run_script, settings_from
+from lib.cli.console import TerminalConfirmer
 from lib.config import PROJECT_ROOT
 from lib.errors import ConfigError
 from lib.migrate import runner
@@ -80,27 +81,27 @@ def parse_params(pairs: list[str]) -> dict[str, str]:
     return params
 
 
-def choose(ui) -> str:
+def choose(ui, ask) -> str:
     found = available()
     names = [str(p.relative_to(PROJECT_ROOT)) for p in found]
-    if not sys.stdin.isatty() or not found:
+    if not isinstance(ask, TerminalConfirmer) or not found:
         raise ConfigError(
             "Which migration? Give its file.",
             "For example: python3 run_migration.py " + (names[0] if names else "migrations/<file>.py") + ".",
         )
     for n, name in enumerate(names, start=1):
         ui.info(f"  {n}) {name}")
-    answer = ui.ask(
-        "Run which migration? (number)", default="1", choices=[str(n) for n in range(1, len(names) + 1)], what="the migration"
+    answer = ask.choose(
+        "Run which migration? (number)", what="the migration", choices=[str(n) for n in range(1, len(names) + 1)], default="1"
     )
     return names[int(answer) - 1]
 
 
-def action(args: argparse.Namespace, ui) -> int:
+def action(args: argparse.Namespace, ui, ask) -> int:
     settings = settings_from(args)
-    migration = load(args.migration or choose(ui))
+    migration = load(args.migration or choose(ui, ask))
     if args.rollback is not None:
-        result = runner.rollback(settings, ui, migration, args.rollback or None, assume_yes=args.yes, force=args.force)
+        result = runner.rollback(settings, ui, ask, migration, args.rollback or None, force=args.force)
         render.restore_outcome(
             ui, result, as_json=args.json, headline=f"{result.database} restored to {result.point_id} and verified."
         )
@@ -112,10 +113,10 @@ def action(args: argparse.Namespace, ui) -> int:
         report = runner.production(
             settings,
             ui,
+            ask,
             migration,
             options,
             no_rollback=args.no_rollback,
-            assume_yes=args.yes,
             method=args.method,
             force=args.force,
         )
@@ -129,7 +130,7 @@ def action(args: argparse.Namespace, ui) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run("run_migration", argv, build_parser, action)
+    return run_script("run_migration", argv, build_parser, action)
 
 
 if __name__ == "__main__":

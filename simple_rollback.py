@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 
 from lib.cli import render
-from lib.cli.app import Parser, common_flags, epilog, run, settings_from
+from lib.cli.app import Parser, common_flags, epilog, run_script, settings_from
 from lib.operations import commands as operations
 
 EXAMPLES = """
@@ -42,10 +42,10 @@ def build_parser() -> Parser:
     return p
 
 
-def action(args, ui) -> int:
+def action(args, ui, ask) -> int:
     settings = settings_from(args)
     if args.command == "create":
-        point, _ = operations.create_point(settings, ui, description=args.description, method="data", tables=args.table)
+        point, _ = operations.create_point(settings, ui, ask, description=args.description, method="data", tables=args.table)
         if args.json:
             ui.emit_json({**point.summary(), "path": str(point.path)})
         else:
@@ -59,13 +59,13 @@ def action(args, ui) -> int:
             render.points_table(ui, points)
         return 0
     point_id = args.point_id or operations.newest_point_for_quick_rollback(settings, ui, method="data").id
-    result = operations.restore_point(settings, ui, point_id, assume_yes=args.yes)
+    result = operations.restore_point(settings, ui, ask, point_id)
     render.restore_outcome(ui, result, as_json=args.json, headline=f"{result.database} restored to {result.point_id} (data).")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run("simple_rollback", argv, build_parser, action)
+    return run_script("simple_rollback", argv, build_parser, action)
 
 
 if __name__ == "__main__":

@@ -79,7 +79,7 @@ def hand_loop(v2_url: str, staging_url: str, savepoints: bool) -> dict:
 def ours(v2_url: str, staging_url: str, work: Path) -> dict:
     from lib.cli.console import UI
     from lib.config import load_settings
-    from lib.migrate.context import MigrationContext, execute, load, open_staging
+    from lib.migrate.context import MigrationContext, load, open_staging, perform
 
     settings = load_settings(staging_url=staging_url, v2_url=v2_url, env_file=work / "none.env")
     migration = load(ROOT / "migrations" / "001_migrate_clients.py")
@@ -96,7 +96,7 @@ def ours(v2_url: str, staging_url: str, work: Path) -> dict:
         params={},
         failures_path=work / "failures.csv",
     )
-    execute(ctx)
+    perform(ctx)
     ctx.close()
     staging.close()
     return {"migrated": ctx.tally.migrated, "failed": ctx.tally.failed}

@@ -1,10 +1,32 @@
 """The migration-rollback toolkit. The scripts are thin; the logic lives here.
 
 The Python API of seed 000 is importable from here (and from rollback_manager):
-``from lib import RollbackManager, MigrationTransaction, RollbackType, MigrationBackup``.
+``from lib import RollbackManager, MigrationTransaction, RollbackType, MigrationBackup``
+(asynchronous, as the seed shows them), and their synchronous twins
+``SyncRollbackManager``, ``SyncMigrationTransaction``, ``SyncMigrationBackup``.
+
+Layers, each importing only the ones below it:
+
+    lib/cli         what people see: parsing, the console, rendering, the demo
+    lib/api         the Python API
+    lib/migrate     migrations with rollback built in
+    lib/operations  the commands and the one operation scaffold
+    lib/restore     putting staging back: swap, in place, partial, diff, reset, leftovers
+    lib/points      the catalog of points and the methods that take them
+    lib/pg          servers, client tools, processes, connections, locks
+    lib (files)     errors, config, ports, audit, files, faults: the foundation
 """
 
-__all__ = ["MigrationBackup", "MigrationTransaction", "RollbackManager", "RollbackType", "Verification"]
+__all__ = [
+    "MigrationBackup",
+    "MigrationTransaction",
+    "RollbackManager",
+    "RollbackType",
+    "SyncMigrationBackup",
+    "SyncMigrationTransaction",
+    "SyncRollbackManager",
+    "Verification",
+]
 
 
 def __getattr__(name: str):

@@ -1,46 +1,33 @@
-"""The Python API seed 000 shows: RollbackManager, MigrationTransaction,
-RollbackType and MigrationBackup, on top of the same operations the scripts use.
+"""The Python API seed 000 shows, on top of the same commands the scripts use.
 
-Every method works called plainly (it runs and returns) and awaited inside an
-event loop (it runs in a worker thread, so the loop keeps serving): when a loop
-is running in the calling thread, the method returns an awaitable; otherwise it
-returns the result. ``get_rollback_history`` only reads a file and is always
-plain. Nothing asks for confirmation: calling ``execute_rollback`` is the
-confirmation."""
+``RollbackManager``, ``MigrationTransaction`` and ``MigrationBackup`` are
+asynchronous, as seed 000 shows them: ``await manager.create_rollback_point(...)``,
+``async with MigrationTransaction(...) as session``; each call runs in a worker
+thread, so the event loop keeps serving. ``SyncRollbackManager``,
+``SyncMigrationTransaction`` and ``SyncMigrationBackup`` are their synchronous twins
+with the same methods. ``get_rollback_history`` and ``list_rollback_points`` only
+read files and are plain calls in both. Nothing asks for confirmation: calling
+``execute_rollback`` is the confirmation (a protected database still needs
+``confirm_database=``)."""
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
 from lib import audit
-from lib.cli.console import UI
 from lib.config import Settings, load_settings
 from lib.errors import ConfigError, VerificationError
 from lib.migrate.context import SequenceGuard, TrackedConnection, open_staging
 from lib.operations import commands as operations
 from lib.pg.db import connection
 from lib.pg.fingerprint import compare, fingerprint, row_counts, sequence_positions
+from lib.ports import Granted, Reporter, Silent
 
 log = logging.getLogger(__name__)
-
-
-def _sync_or_async(method):
-    """Plain call outside an event loop; an awaitable (run in a thread) inside one."""
-
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return method(self, *args, **kwargs)
-        return asyncio.to_thread(method, self, *args, **kwargs)
-
-    return wrapper
 
 
 class RollbackType(StrEnum):
@@ -68,10 +55,10 @@ class Verification:
         return dict(self.__dict__)
 
 
-class RollbackManager:
-    """Rollback points of one staging database.
+class SyncRollbackManager:
+    """Rollback points of one staging database, called plainly.
 
-    ``RollbackManager(url)``; without a url, STAGING_DATABASE_URL (environment or .env).
+    ``SyncRollbackManager(url)``; without a url, STAGING_DATABASE_URL (environment or .env).
     """
 
     def __init__(
@@ -81,7 +68,7 @@ class RollbackManager:
         v2_url: str | None = None,
         backup_dir: str | Path | None = None,
         method: str | None = None,
-        ui: UI | None = None,
+        ui: Reporter | None = None,
         confirm_database: str | None = None,
     ) -> None:
         self.settings: Settings = load_settings(
@@ -92,8 +79,9 @@ class RollbackManager:
         )
         self.settings.staging()  # a missing or malformed URL fails here, not later
         self.method = method
-        self.ui = ui or UI(quiet=True)
-        self._open_transactions: dict[str, MigrationTransaction] = {}
+        self.ui = ui or Silent()
+        self.ask = Granted(confirm_database)
+        self._open_transactions: dict[str, SyncMigrationTransaction] = {}
 
     # -- points
 
@@ -102,15 +90,14 @@ class RollbackManager:
         point, _ = operations.create_point(
             self.settings,
             self.ui,
+            self.ask,
             description=description or (f"before {migration_id}" if migration_id else "rollback point"),
             migration_id=migration_id,
             method="data" if tables else self.method,
-            assume_yes=True,
             tables=tables or None,
         )
         return point.id
 
-    @_sync_or_async
     def create_rollback_point(
         self,
         session=None,
@@ -124,7 +111,6 @@ class RollbackManager:
         committed, never ``session``'s uncommitted work."""
         return self._create(migration_id, table_name, description)
 
-    @_sync_or_async
     def execute_rollback(
         self,
         rollback_id: str,
@@ -145,18 +131,15 @@ class RollbackManager:
                 )
             return tx.rollback_transaction()
         if kind is RollbackType.PARTIAL:
-            return operations.partial_rollback(self.settings, self.ui, rollback_id, tables=tables, assume_yes=True)
+            return operations.partial_rollback(self.settings, self.ui, self.ask, rollback_id, tables=tables)
         archive = None
         if kind is RollbackType.BACKUP:
             archive = Path(file) if file else operations.get_point(self.settings, rollback_id).path
         return self._restore(rollback_id, archive, force=force)
 
     def _restore(self, rollback_id: str, archive: Path | None = None, *, force: bool = False) -> dict:
-        return operations.restore_point(
-            self.settings, self.ui, rollback_id, assume_yes=True, archive=archive, force=force
-        ).as_dict()
+        return operations.restore_point(self.settings, self.ui, self.ask, rollback_id, archive=archive, force=force).as_dict()
 
-    @_sync_or_async
     def verify_rollback(self, rollback_id: str) -> Verification:
         """Does staging now hold what the point holds? Row counts per table, sequences,
         and for a whole-database point the schema digest and large objects."""
@@ -206,14 +189,14 @@ class RollbackManager:
         return [p.summary() for p in operations.list_points(self.settings)]
 
 
-class MigrationTransaction:
-    """``with`` / ``async with``: a point on entry, a psycopg2 connection in a transaction
-    as the session; commit on success. On an exception the transaction is rolled back
-    and, when the body had already committed (batches), the point is restored."""
+class SyncMigrationTransaction:
+    """``with``: a point on entry, a psycopg2 connection in a transaction as the
+    session; commit on success. On an exception the transaction is rolled back and,
+    when the body had already committed (batches), the point is restored."""
 
     def __init__(
         self,
-        manager: RollbackManager,
+        manager: SyncRollbackManager,
         migration_id: str,
         table_name: str | list[str] | None = None,
         description: str | None = None,
@@ -282,25 +265,19 @@ class MigrationTransaction:
         self._event("migration end", outcome=outcome, error=reason, commits=committed)
         return False  # the exception goes on to the caller
 
-    async def __aenter__(self) -> TrackedConnection:
-        return await asyncio.to_thread(self.__enter__)
 
-    async def __aexit__(self, exc_type, exc, tb) -> bool:
-        return await asyncio.to_thread(self.__exit__, exc_type, exc, tb)
-
-
-class MigrationBackup:
+class SyncMigrationBackup:
     """Table backups (data points): create, verify, restore."""
 
-    def __init__(self, manager: RollbackManager | str | None = None) -> None:
-        self.manager = manager if isinstance(manager, RollbackManager) else RollbackManager(manager)
+    def __init__(self, manager: SyncRollbackManager | RollbackManager | str | None = None) -> None:
+        if isinstance(manager, RollbackManager):
+            manager = manager.sync
+        self.manager = manager if isinstance(manager, SyncRollbackManager) else SyncRollbackManager(manager)
 
-    @_sync_or_async
     def create_backup(self, table_name: str | list[str], description: str | None = None, migration_id: str | None = None) -> str:
         names = [table_name] if isinstance(table_name, str) else list(table_name)
         return self.manager._create(migration_id, names, description or f"Backup of {', '.join(names)}")
 
-    @_sync_or_async
     def verify_backup(self, backup_id: str) -> Verification:
         """Checksums, and every file read end to end against its row counts."""
         point = operations.get_point(self.manager.settings, backup_id)
@@ -313,6 +290,83 @@ class MigrationBackup:
         tables = {t: {"expected_rows": n, "actual_rows": read[t], "matches": read[t] == n} for t, n in want.items() if t in read}
         return Verification(backup_id, True, tables=tables)
 
-    @_sync_or_async
     def restore_backup(self, backup_id: str) -> dict:
         return self.manager._restore(backup_id)
+
+
+class RollbackManager:
+    """Seed 000's RollbackManager: the methods of SyncRollbackManager, awaited."""
+
+    def __init__(self, database_url: str | None = None, **kwargs) -> None:
+        self.sync = SyncRollbackManager(database_url, **kwargs)
+
+    @property
+    def settings(self) -> Settings:
+        return self.sync.settings
+
+    async def create_rollback_point(
+        self,
+        session=None,
+        migration_id: str | None = None,
+        table_name: str | list[str] | None = None,
+        description: str | None = None,
+    ) -> str:
+        return await asyncio.to_thread(self.sync.create_rollback_point, session, migration_id, table_name, description)
+
+    async def execute_rollback(self, rollback_id: str, rollback_type: RollbackType | str = RollbackType.FULL, **kwargs) -> dict:
+        return await asyncio.to_thread(self.sync.execute_rollback, rollback_id, rollback_type, **kwargs)
+
+    async def verify_rollback(self, rollback_id: str) -> Verification:
+        return await asyncio.to_thread(self.sync.verify_rollback, rollback_id)
+
+    def get_rollback_history(self, limit: int | None = None) -> list[dict]:
+        return self.sync.get_rollback_history(limit)
+
+    def list_rollback_points(self) -> list[dict]:
+        return self.sync.list_rollback_points()
+
+
+class MigrationTransaction:
+    """Seed 000's ``async with MigrationTransaction(manager, ...) as session``: a
+    SyncMigrationTransaction entered and left in a worker thread."""
+
+    def __init__(
+        self,
+        manager: RollbackManager,
+        migration_id: str,
+        table_name: str | list[str] | None = None,
+        description: str | None = None,
+    ) -> None:
+        self.sync = SyncMigrationTransaction(manager.sync, migration_id, table_name, description)
+
+    @property
+    def rollback_id(self) -> str | None:
+        return self.sync.rollback_id
+
+    @property
+    def restored(self) -> dict | None:
+        return self.sync.restored
+
+    async def __aenter__(self) -> TrackedConnection:
+        return await asyncio.to_thread(self.sync.__enter__)
+
+    async def __aexit__(self, exc_type, exc, tb) -> bool:
+        return await asyncio.to_thread(self.sync.__exit__, exc_type, exc, tb)
+
+
+class MigrationBackup:
+    """Seed 000's MigrationBackup: the methods of SyncMigrationBackup, awaited."""
+
+    def __init__(self, manager: RollbackManager | str | None = None) -> None:
+        self.sync = SyncMigrationBackup(manager.sync if isinstance(manager, RollbackManager) else manager)
+
+    async def create_backup(
+        self, table_name: str | list[str], description: str | None = None, migration_id: str | None = None
+    ) -> str:
+        return await asyncio.to_thread(self.sync.create_backup, table_name, description, migration_id)
+
+    async def verify_backup(self, backup_id: str) -> Verification:
+        return await asyncio.to_thread(self.sync.verify_backup, backup_id)
+
+    async def restore_backup(self, backup_id: str) -> dict:
+        return await asyncio.to_thread(self.sync.restore_backup, backup_id)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lib.config import redact
-from lib.points.catalog import make_private_dir, utc_now
+from lib.files import make_private_dir, utc_now
 
 log = logging.getLogger(__name__)
 

@@ -117,3 +117,42 @@ class LockHeld(RollbackError):
 
 class CatalogError(RollbackError):
     """The backup folder or a point on disk is unusable."""
+
+
+class NoPointError(RollbackError):
+    """quick_rollback with nothing to go back to."""
+
+
+class EncryptionError(RollbackError):
+    """A key is missing or wrong: nothing is read or touched without the right one."""
+
+    exit_code = ExitCode.USAGE
+
+
+class ServerStartError(RollbackError):
+    """A throwaway server of the demo or the tests did not start."""
+
+
+class DiffTimeout(RollbackError):
+    """A diff would take longer than the caller allowed."""
+
+
+class MigrationError(RollbackError):
+    """The migration could not be loaded, or it failed."""
+
+
+class ThresholdExceeded(MigrationError):
+    """More records failed than the failure threshold allows."""
+
+
+class RecordFailed(Exception):  # noqa: N818 - what a migration raises through ctx.fail: not an error of the toolkit
+    """Raised by ``ctx.fail``: this record is rolled back to its savepoint and logged."""
+
+    def __init__(self, key, reason: str) -> None:
+        super().__init__(reason)
+        self.key = key
+        self.reason = reason
+
+
+class RecordSkipped(RecordFailed):
+    """Raised by ``ctx.skip``: this record is rolled back and counted as skipped."""

@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-import os
 import stat
-import subprocess
 from pathlib import Path
 
 from lib.config import ConnInfo
 from lib.pg.db import connection
 from lib.pg.fingerprint import fingerprint
+from lib.pg.process import Command
 
 
 def schema_dump(server, dbname: str) -> str:
     """pg_dump --schema-only with the server's own major, minus the random \\restrict keys."""
     info = ConnInfo.parse(server.url(dbname))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    env["PGPASSWORD"] = info.password
-    out = subprocess.run(
-        [str(server.bin_dir / "pg_dump"), "--schema-only", "-h", info.host, "-p", str(info.port), "-U", info.user, dbname],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=True,
-    ).stdout
+    out = Command(server.bin_dir / "pg_dump", conn=info).output(["--schema-only", *info.tool_args()], quiet=True)
     return "\n".join(ln for ln in out.splitlines() if not ln.startswith(("\\restrict", "\\unrestrict")))
 
 

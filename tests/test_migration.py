@@ -326,9 +326,9 @@ def test_the_audit_trail_skips_and_reports_a_damaged_line(mig18):
 
 
 def test_api_round_trip_sync(mig):
-    from rollback_manager import MigrationBackup, RollbackManager, RollbackType  # exactly as seed 000 imports them
+    from rollback_manager import RollbackType, SyncMigrationBackup, SyncRollbackManager
 
-    manager = RollbackManager(mig.url)
+    manager = SyncRollbackManager(mig.url)
     before = state(mig)
     point = manager.create_rollback_point(None, "api_001", "customers", "Customer data import")
     mig.sql("INSERT INTO customers (code, name, phone) SELECT 'A' || g, 'api', '1' FROM generate_series(1, 25) g")
@@ -353,7 +353,7 @@ def test_api_round_trip_sync(mig):
     with pytest.raises(ConfigError, match="no transaction to roll back"):
         manager.execute_rollback(whole, RollbackType.TRANSACTION)
 
-    backups = MigrationBackup(manager)
+    backups = SyncMigrationBackup(manager)
     backup = backups.create_backup("products", "before the price fix")
     assert backups.verify_backup(backup).matches
     mig.sql("UPDATE products SET price = 0 WHERE id > 100")
@@ -368,7 +368,7 @@ def test_api_round_trip_sync(mig):
 
 
 def test_api_async_migration_transaction(mig18):
-    from lib import MigrationTransaction, RollbackManager, RollbackType  # importable from lib too
+    from lib import MigrationTransaction, RollbackManager, RollbackType, SyncMigrationTransaction  # importable from lib too
 
     manager = RollbackManager(mig18.url)
     before = state(mig18)
@@ -408,7 +408,7 @@ def test_api_async_migration_transaction(mig18):
     assert state(mig18) == before
 
     def failing_without_a_commit() -> None:
-        with MigrationTransaction(manager, "my_migration_003", "customers") as session:
+        with SyncMigrationTransaction(manager.sync, "my_migration_003", "customers") as session:
             with session.cursor() as cur:
                 cur.execute("INSERT INTO customers (code, name, phone) VALUES ('T1', 'never', '1')")
             raise RuntimeError("boom")
@@ -419,6 +419,26 @@ def test_api_async_migration_transaction(mig18):
     ends = [e for e in manager.get_rollback_history() if e["event"] == "migration end"]
     assert [e["outcome"] for e in ends] == ["rolled back", "succeeded", "transaction rolled back"]
     assert [e["migration_id"] for e in ends] == ["my_migration_001", "my_migration_002", "my_migration_003"]
+
+
+def test_the_seed_api_is_awaitable_exactly_as_seed_000_shows_it(mig18):
+    """RollbackManager's methods are coroutines (awaited, never called plainly); the
+    synchronous twin returns results; an async MigrationBackup awaits too."""
+    from rollback_manager import MigrationBackup, RollbackManager, SyncRollbackManager
+
+    manager = RollbackManager(mig18.url)
+    pending = manager.create_rollback_point(None, "seed_api", "customers", "as seed 000")
+    assert asyncio.iscoroutine(pending)
+    point = asyncio.run(pending)
+    assert point in [p["id"] for p in manager.list_rollback_points()]  # a plain call in both
+    assert isinstance(SyncRollbackManager(mig18.url).create_rollback_point(None, "sync_api", "customers"), str)
+
+    async def backup() -> bool:
+        backups = MigrationBackup(manager)
+        made = await backups.create_backup("products", "async backup")
+        return (await backups.verify_backup(made)).matches
+
+    assert asyncio.run(backup()) is True
 
 
 def _append_many(log_dir: str, worker: int) -> None:

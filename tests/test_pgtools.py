@@ -54,9 +54,11 @@ def test_pg_dump_15_against_18_server_is_a_recognised_mismatch_and_the_next_is_t
     old = _tool(debian_bin_dir(15), "pg_dump", claimed_major=18)  # as if its version had been misread
     new = _tool(embedded_bin_dir(), "pg_dump")
     with pytest.raises(VersionMismatch) as exc:
-        pgtools.run_tool(old, ["--schema-only", *info.tool_args()], info)
+        pgtools.command_for(old, conn=info).run(["--schema-only", *info.tool_args()])
     assert "server version mismatch" in exc.value.stderr
-    used, out = pgtools.run_with_fallback([old, new], lambda t: ["--schema-only", *info.tool_args()], info)
+    used, out = pgtools.try_each(
+        [old, new], lambda t: pgtools.command_for(t, conn=info).output(["--schema-only", *info.tool_args()])
+    )
     assert used.path == new.path
     assert "CREATE TABLE public.customers" in out
 
@@ -66,18 +68,18 @@ def test_a_mismatch_is_recognised_whatever_the_callers_language(pg18, german_loc
     info = ConnInfo.parse(pg18.url("rich_template"))
     old = _tool(debian_bin_dir(15), "pg_dump", claimed_major=18)
     with pytest.raises(VersionMismatch) as exc:
-        pgtools.run_tool(old, ["--schema-only", *info.tool_args()], info)
+        pgtools.command_for(old, conn=info).run(["--schema-only", *info.tool_args()])
     assert "server version mismatch" in exc.value.stderr
 
 
 def test_pg_restore_15_cannot_read_an_18_archive_and_falls_back(pg18, tmp_path):
     info = ConnInfo.parse(pg18.url("rich_template"))
     archive = tmp_path / "a.dump"
-    pgtools.run_tool(_tool(embedded_bin_dir(), "pg_dump"), ["-Fc", f"--file={archive}", *info.tool_args()], info)
+    pgtools.command_for(_tool(embedded_bin_dir(), "pg_dump"), conn=info).run(["-Fc", f"--file={archive}", *info.tool_args()])
     old, new = _tool(debian_bin_dir(15), "pg_restore"), _tool(embedded_bin_dir(), "pg_restore")
     with pytest.raises(VersionMismatch):
-        pgtools.run_tool(old, ["--list", str(archive)])
-    used, listing = pgtools.run_with_fallback([old, new], lambda t: ["--list", str(archive)])
+        pgtools.command_for(old).run(["--list", str(archive)])
+    used, listing = pgtools.try_each([old, new], lambda t: pgtools.command_for(t).output(["--list", str(archive)]))
     assert used.major == 18 and "customers" in listing
 
 
@@ -142,7 +144,7 @@ def test_tool_error_carries_masked_argv_and_stderr(pg18):
     info = ConnInfo.parse(pg18.url("does_not_exist"))
     tool = _tool(embedded_bin_dir(), "pg_dump")
     with pytest.raises(ToolError) as exc:
-        pgtools.run_tool(tool, ["--schema-only", *info.tool_args()], info)
+        pgtools.command_for(tool, conn=info).run(["--schema-only", *info.tool_args()])
     assert exc.value.returncode != 0
     assert "does_not_exist" in exc.value.stderr
     assert info.password not in " ".join(exc.value.argv)

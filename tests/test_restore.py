@@ -10,7 +10,7 @@ import psycopg2
 import pytest
 
 from lib.config import load_settings
-from lib.pg.locks import operation_lock
+from lib.pg.locks import DatabaseLock
 from lib.pg.target import open_target
 from lib.points.catalog import manifest_digest
 from tests.helpers import deep_state, schema_dump
@@ -219,7 +219,9 @@ def test_a_second_operation_fails_at_once_with_exit_4_naming_the_holder(staging)
     settings = load_settings()
     target = open_target(settings)
     try:
-        with operation_lock(settings.backup_dir, target.maint, target.facts.system_identifier, staging.name, "restore"):
+        with DatabaseLock(
+            target.maint, target.facts.system_identifier, staging.name, folder=settings.backup_dir, doing="restore"
+        ):
             started = time.monotonic()
             result = staging.run("rollback_manager.py", "restore", point_id, "--yes")
             assert time.monotonic() - started < 30

@@ -3,16 +3,15 @@ see what it would undo, confirm. Every step is the operations the other scripts 
 
 from __future__ import annotations
 
-import sys
-
 from lib.cli import render
-from lib.cli.console import UI
+from lib.cli.console import UI, TerminalConfirmer
 from lib.config import Settings
 from lib.errors import ConfigError, ConfirmationRefused, RollbackError
 from lib.operations import commands as operations
+from lib.ports import Confirmer
 
 
-def choose_point(settings: Settings, ui: UI):
+def choose_point(settings: Settings, ui: UI, ask: Confirmer):
     points = operations.list_points(settings)
     if not points:
         raise ConfigError(
@@ -21,27 +20,27 @@ def choose_point(settings: Settings, ui: UI):
             "with `python3 reset_staging.py`.",
         )
     render.points_table(ui, points, numbered=True)
-    answer = ui.ask(
+    answer = ask.choose(
         "Restore which point? (number)",
-        default=str(len(points)),
-        choices=[str(n) for n in range(1, len(points) + 1)],
         what="the point to restore",
+        choices=[str(n) for n in range(1, len(points) + 1)],
+        default=str(len(points)),
     )
     return points[int(answer) - 1]
 
 
-def run(settings: Settings, ui: UI) -> dict:
-    if not sys.stdin.isatty():
+def walk_through(settings: Settings, ui: UI, ask: Confirmer) -> dict:
+    if not isinstance(ask, TerminalConfirmer):
         raise ConfirmationRefused(
             "advanced_rollback.py asks which point and how, and there is no terminal to ask on.",
             "Use `python3 rollback_manager.py restore <id> [--type partial] --yes` instead (nothing has been changed).",
         )
-    point = choose_point(settings, ui)
-    kind = ui.ask(
+    point = choose_point(settings, ui, ask)
+    kind = ask.choose(
         "Full restore (the whole point) or partial (only delete the rows added since)?",
-        default="full",
-        choices=["full", "partial"],
         what="full or partial",
+        choices=["full", "partial"],
+        default="full",
     )
     found = None
     if point.method != "dump":  # a dump has no row keys to compare without restoring it
@@ -63,9 +62,9 @@ def run(settings: Settings, ui: UI) -> dict:
             if not tables:
                 ui.ok(f"No rows were added since {point.id} in tables with a primary key: nothing to delete.")
                 return {"deleted": {}}
-        outcome = operations.partial_rollback(settings, ui, point.id, tables=tables, assume_yes=False)
+        outcome = operations.partial_rollback(settings, ui, ask, point.id, tables=tables)
         render.partial_outcome(ui, outcome)
         return outcome
-    result = operations.restore_point(settings, ui, point.id, assume_yes=False)
+    result = operations.restore_point(settings, ui, ask, point.id)
     render.restore_outcome(ui, result, as_json=False, headline=f"{result.database} restored to {result.point_id} and verified.")
     return result.as_dict()

@@ -11,11 +11,11 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from lib.cli.console import UI
+from lib.cli.console import UI, confirmer_for
 from lib.config import PROJECT_ROOT, load_settings, loose_password_file, redact
 from lib.errors import EXIT_CODES_HELP, ExitCode, RollbackError
-from lib.pg.tools import dead_temporaries
-from lib.points.catalog import make_private_dir, utc_now
+from lib.files import make_private_dir, utc_now
+from lib.pg.process import dead_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +93,9 @@ def epilog(examples: str) -> str:
     return f"{examples.strip()}\n\n{EXIT_CODES_HELP}.\nSettings come from flags, then the environment, then .env (see ROLLBACK_GUIDE.md)."
 
 
-def run(script: str, argv: list[str] | None, build_parser: Callable[[], argparse.ArgumentParser], action) -> int:
-    """Parse, log, call ``action(args, ui)``, and map every failure to an exit code."""
+def run_script(script: str, argv: list[str] | None, build_parser: Callable[[], argparse.ArgumentParser], action) -> int:
+    """Parse, log, call ``action(args, ui, ask)`` with the console and the Confirmer the
+    flags and the terminal call for, and map every failure to an exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
     ui = UI(json_mode=getattr(args, "json", False))
@@ -108,7 +109,8 @@ def run(script: str, argv: list[str] | None, build_parser: Callable[[], argparse
         ui.warn(loose)
         log.warning("%s", loose)
     try:
-        code = action(args, ui)
+        ask = confirmer_for(ui, yes=bool(getattr(args, "yes", False)), typed=getattr(args, "confirm_database", None))
+        code = action(args, ui, ask)
         return int(code if code is not None else ExitCode.DONE)
     except RollbackError as exc:
         log.error("%s failed: %s", script, exc.paragraph(), exc_info=True)

@@ -1,4 +1,6 @@
-"""What people see: rich output on stderr, results on stdout, confirmations."""
+"""What people see: rich output on stderr, results on stdout, and the questions:
+the console is the Reporter the scripts give the domain, and ``confirmer_for``
+picks the Confirmer (a terminal asks; --yes grants; without either, refused)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.prompt import Confirm, Prompt
 
 from lib.errors import ConfirmationRefused
+from lib.files import human_size
+from lib.ports import Confirmer, Granted, Refusing
 
 
 class UI:
@@ -57,18 +61,44 @@ class UI:
         sys.stdout.flush()
 
     @contextmanager
-    def progress(self, label: str) -> Iterator[callable]:
-        """A spinner with elapsed time; the yielded callback updates its detail text."""
+    def progress(self, label: str, total: float | None = None, unit: str = "") -> Iterator[Callable[..., None]]:
+        """Long work. The yielded callback takes a ``detail`` text and/or ``done`` against
+        ``total`` (bytes with unit "B", or a count): a bar with an ETA on a terminal; a
+        line every 10 s without one."""
+        started = time.monotonic()
         if self.quiet or not self.err.is_terminal:
             self.info(f"[cyan]•[/] {label} …")
-            yield lambda detail=None: None
+            last = [started]
+
+            def note(detail: str | None = None, *, done: float | None = None) -> None:
+                now = time.monotonic()
+                if now - last[0] < 10:
+                    return
+                last[0] = now
+                self.info(f"  {label}: {_progress_text(done, total, unit, now - started, detail)}")
+
+            yield note
             return
-        started = time.monotonic()
+        if total:
+            columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[amount]}")]
+            columns += [TimeRemainingColumn(), TextColumn("{task.fields[detail]}")]
+            with Progress(*columns, console=self.err, transient=False) as bar:
+                task = bar.add_task(label, total=total, amount="", detail="")
+
+                def advance(detail: str | None = None, *, done: float | None = None) -> None:
+                    fields = {"detail": detail or ""}
+                    if done is not None:
+                        fields["completed"] = min(done, total)
+                        fields["amount"] = _amount(done, total, unit)
+                    bar.update(task, **fields)
+
+                yield advance
+            return
         with self.err.status(label) as status:
 
-            def update(detail: str | None = None) -> None:
-                extra = f" — {detail}" if detail else ""
-                status.update(f"{label}{extra} ({time.monotonic() - started:.0f} s)")
+            def update(detail: str | None = None, *, done: float | None = None) -> None:
+                text = _progress_text(done, None, unit, time.monotonic() - started, detail)
+                status.update(f"{label} — {text}")
 
             yield update
 
@@ -104,38 +134,63 @@ class UI:
 
             yield tick
 
-    def ask(self, question: str, *, default: str | None = None, choices: list[str] | None = None, what: str) -> str:
-        """A question that needs a terminal; without one, refuse and say which flag answers it."""
-        if not sys.stdin.isatty():
-            raise ConfirmationRefused(f"Cannot ask for {what}: there is no terminal to ask on.", "Give it on the command line.")
-        return Prompt.ask(question, console=self.err, default=default, choices=choices, show_choices=bool(choices))
 
-    def confirm(
-        self, question: str, *, assume_yes: bool, what: str, protected: str | None = None, typed: str | None = None
-    ) -> None:
-        """Ask; with --yes go ahead; with no terminal refuse before anything changes.
+def _amount(done: float, total: float | None, unit: str) -> str:
+    if unit == "B":
+        return human_size(int(done)) + (f" of {human_size(int(total))}" if total else "")
+    return f"{int(done)}" + (f"/{int(total)}" if total else "") + (f" {unit}" if unit else "")
 
-        ``protected``: a database in PROTECTED_DATABASES, whose name must be typed (at the
-        prompt, or ahead with --confirm-database as ``typed``); --yes alone is not enough."""
+
+def _progress_text(done: float | None, total: float | None, unit: str, elapsed: float, detail: str | None) -> str:
+    """'1.2 GiB of 4.0 GiB, 30%, about 2 min left — detail', as far as it is known."""
+    parts = []
+    if done is not None:
+        parts.append(_amount(done, total, unit))
+        if total:
+            parts.append(f"{min(done / total, 1):.0%}")
+            if done > 0 and done < total:
+                left = elapsed * (total - done) / done
+                parts.append(f"about {left / 60:.0f} min left" if left >= 90 else f"about {left:.0f} s left")
+    parts.append(f"{elapsed:.0f} s")
+    return ", ".join(parts) + (f" — {detail}" if detail else "")
+
+
+class TerminalConfirmer(Granted):
+    """Asks on the terminal. A protected database's name, once typed, is not asked again
+    in the same run (an automatic rollback after a confirmed migration)."""
+
+    granted = False
+
+    def __init__(self, console: Console, typed: str | None = None) -> None:
+        super().__init__(typed)
+        self.console = console
+
+    def confirm(self, question: str, *, what: str, protected: str | None = None) -> None:
         if protected:
-            if typed == protected:
+            if self.typed == protected:
                 return
-            if not sys.stdin.isatty():
-                raise ConfirmationRefused(
-                    f"Refusing to {what}: {protected} is a protected database (PROTECTED_DATABASES), and --yes alone "
-                    "is not enough for it.",
-                    f"Type its name when asked on a terminal, or add --confirm-database {protected} (nothing has been changed).",
-                )
-            answer = Prompt.ask(f"{question} {protected} is protected: type its name to confirm", console=self.err)
+            answer = Prompt.ask(f"{question} {protected} is protected: type its name to confirm", console=self.console)
             if answer.strip() != protected:
                 raise ConfirmationRefused(f"The name typed is not {protected}; did not {what}.", "Nothing has been changed.")
+            self.typed = protected
             return
-        if assume_yes:
-            return
-        if not sys.stdin.isatty():
-            raise ConfirmationRefused(
-                f"Refusing to {what} without confirmation: there is no terminal to ask on.",
-                "Run it again with --yes to confirm (nothing has been changed).",
-            )
-        if not Confirm.ask(question, console=self.err, default=False):
+        if not Confirm.ask(question, console=self.console, default=False):
             raise ConfirmationRefused(f"Not confirmed; did not {what}.", "Nothing has been changed.")
+
+    def decide(self, question: str, *, default: bool) -> bool:
+        try:
+            return Confirm.ask(question, console=self.console, default=default)
+        except (KeyboardInterrupt, EOFError):
+            return False
+
+    def choose(self, question: str, *, what: str, choices: list[str] | None = None, default: str | None = None) -> str:
+        return Prompt.ask(question, console=self.console, default=default, choices=choices, show_choices=bool(choices))
+
+
+def confirmer_for(ui: UI, *, yes: bool, typed: str | None = None, terminal: bool | None = None) -> Confirmer:
+    """--yes grants; otherwise a terminal asks; otherwise every question is refused."""
+    if yes:
+        return Granted(typed)
+    if sys.stdin.isatty() if terminal is None else terminal:
+        return TerminalConfirmer(ui.err, typed)
+    return Refusing(typed)

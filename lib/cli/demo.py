@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,10 +17,11 @@ from lib.cli import sample
 from lib.cli.console import UI
 from lib.config import PROJECT_ROOT, ConnInfo
 from lib.errors import ConfigError
+from lib.files import make_private_dir, write_private_file
 from lib.pg.db import connection, execute, query, scalar
 from lib.pg.fingerprint import fingerprint
 from lib.pg.localserver import SHARED_HOME, LocalServer, embedded_bin_dir, make_shared_dir, reachable, server_account
-from lib.points.catalog import make_private_dir, write_private_file
+from lib.pg.process import Finished, PythonModule
 
 PGDATA = PROJECT_ROOT / ".pgdata"
 STATE = PGDATA / "demo.json"  # port and password of the demo server, 0600
@@ -50,11 +49,9 @@ def _server() -> LocalServer:
     return LocalServer(bin_dir, home, port=state.get("port"), password=state.get("password"))
 
 
-def _run(ui: UI, env: dict, *args: str, expect: int = 0) -> subprocess.CompletedProcess:
+def _run(ui: UI, env: dict, *args: str, expect: int = 0) -> Finished:
     ui.info(f"\n[bold]$ python3 {' '.join(args)}[/]")
-    result = subprocess.run(
-        [sys.executable, *args], cwd=PROJECT_ROOT, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True
-    )
+    result = PythonModule(env=env).script(*args)
     sys.stderr.write(result.stderr)
     sys.stdout.write(result.stdout)
     sys.stdout.flush()
@@ -136,7 +133,8 @@ def run_demo(ui: UI) -> int:
         write_private_file(ENV_FILE, _env_text(server).encode())
         env_note = f"{ENV_FILE} points at the demo server (delete it to configure your own)"
         prefix = ""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "V2_", "STAGING_", "BACKUP_DIR", "LOG_DIR"))}
+    # the demo's settings come from its own file, whatever this shell has set
+    env = {name: "" for name in ("V2_DATABASE_URL", "STAGING_DATABASE_URL", "BACKUP_DIR", "LOG_DIR")}
     env.update(ROLLBACK_ENV_FILE=str(DEMO_ENV))
 
     _say(ui, "1. Check the configuration and the connections")

@@ -2,26 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 from rich.table import Table
 
 from lib.cli.console import UI
-from lib.points.catalog import Point, human_size
-
-
-def age(created_at: str | None) -> str:
-    if not created_at:
-        return "?"
-    try:
-        delta = datetime.now(UTC) - datetime.fromisoformat(created_at)
-    except ValueError:
-        return "?"
-    seconds = int(delta.total_seconds())
-    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
-        if seconds >= size:
-            return f"{seconds // size} {unit} ago"
-    return f"{seconds} s ago"
+from lib.files import age, human_size
+from lib.points.catalog import Point
 
 
 def points_table(ui: UI, points: list[Point], *, numbered: bool = False) -> None:

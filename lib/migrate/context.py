@@ -26,11 +26,11 @@ import psycopg2.extensions
 import sqlparse
 from psycopg2 import sql
 
-from lib.cli.console import UI
 from lib.config import Settings
-from lib.errors import ConfigError, DatabaseError, RollbackError
+from lib.errors import ConfigError, DatabaseError, MigrationError, RecordFailed, RecordSkipped, RollbackError, ThresholdExceeded
+from lib.files import make_private_dir, slugify, utc_now
 from lib.pg.db import connect
-from lib.points.catalog import make_private_dir, slugify, utc_now
+from lib.ports import Reporter
 
 log = logging.getLogger(__name__)
 
@@ -38,27 +38,6 @@ LIMIT_SETTING = "migration.limit"  # what a .sql migration reads for --limit
 
 # Statements that would end or escape the migration's transaction: refused in .sql files.
 _TRANSACTION_CONTROL = {"BEGIN", "START", "COMMIT", "END", "ROLLBACK", "ABORT", "SAVEPOINT", "RELEASE", "PREPARE", "VACUUM"}
-
-
-class MigrationError(RollbackError):
-    """The migration could not be loaded, or it failed."""
-
-
-class RecordFailed(Exception):
-    """Raised by ``ctx.fail``: this record is rolled back to its savepoint and logged."""
-
-    def __init__(self, key, reason: str) -> None:
-        super().__init__(reason)
-        self.key = key
-        self.reason = reason
-
-
-class RecordSkipped(RecordFailed):
-    """Raised by ``ctx.skip``: this record is rolled back and counted as skipped."""
-
-
-class ThresholdExceeded(MigrationError):
-    """More records failed than the failure threshold allows."""
 
 
 class TrackedConnection(psycopg2.extensions.connection):
@@ -228,7 +207,7 @@ class MigrationContext:
         settings: Settings,
         migration: Migration,
         staging: TrackedConnection,
-        ui: UI,
+        ui: Reporter,
         *,
         dry_run: bool,
         batch_size: int,
@@ -391,7 +370,7 @@ SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.rel
  WHERE c.relkind = 'S' AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND has_table_privilege(c.oid, 'SELECT')"""
 
 
-def sequence_positions(conn) -> dict[tuple[str, str], tuple[int, bool]]:
+def _sequence_states(conn) -> dict[tuple[str, str], tuple[int, bool]]:
     """Sequences are not transactional: what a rolled-back migration drew from them stays drawn."""
     positions = {}
     with conn.cursor() as cur:
@@ -415,7 +394,7 @@ class SequenceGuard:
     def _read(self) -> dict[tuple[str, str], tuple[int, bool]]:
         # its own session: sequences are read outside any transaction, also an aborted one
         with closing(connect(self.settings.staging(), application_name="rollback-toolkit sequences")) as conn:
-            return sequence_positions(conn)
+            return _sequence_states(conn)
 
     def note_where_left(self) -> None:
         """Before the migration's transaction is rolled back."""
@@ -459,7 +438,7 @@ def run_sql(ctx: MigrationContext) -> None:
             )
 
 
-def execute(ctx: MigrationContext) -> None:
+def perform(ctx: MigrationContext) -> None:
     """Run the migration inside ``ctx``'s transaction; the caller commits or rolls back."""
     with ctx.staging.cursor() as cur:
         cur.execute("SELECT set_config(%s, %s, false)", (LIMIT_SETTING, "" if ctx.limit is None else str(ctx.limit)))

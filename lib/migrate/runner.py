@@ -4,33 +4,30 @@ verified rollback point with automatic rollback, and --rollback."""
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg2
-from rich.prompt import Confirm
 
 from lib import audit
-from lib.cli.console import UI
 from lib.config import Settings
-from lib.errors import ConfigError, RollbackError
+from lib.errors import ConfigError, MigrationError, RollbackError, ThresholdExceeded
+from lib.files import slugify, utc_now
 from lib.migrate.context import (
     Migration,
     MigrationContext,
-    MigrationError,
     SequenceGuard,
     Tally,
-    ThresholdExceeded,
-    execute,
     open_staging,
+    perform,
 )
 from lib.operations import commands as operations
+from lib.operations.scaffold import operation
 from lib.pg.db import replication_ties
-from lib.pg.locks import operation_lock
 from lib.pg.target import confirm_change, open_target
-from lib.points.catalog import Catalog, slugify, utc_now
+from lib.points.catalog import Catalog
+from lib.ports import Confirmer, Granted, Reporter
 from lib.restore.swap import RestoreResult, refuse_replication_ties
 
 log = logging.getLogger(__name__)
@@ -127,7 +124,7 @@ def _context(settings, ui, migration, staging, options: Options, *, dry_run: boo
     )
 
 
-def dry_run(settings: Settings, ui: UI, migration: Migration, options: Options) -> Report:
+def dry_run(settings: Settings, ui: Reporter, migration: Migration, options: Options) -> Report:
     """The whole migration in one transaction on staging, rolled back: nothing changes."""
     options.check()
     report = Report(migration.id, "dry run", threshold=options.threshold)
@@ -141,7 +138,7 @@ def dry_run(settings: Settings, ui: UI, migration: Migration, options: Options) 
     staging.forbid_commit = "A dry run commits nothing, and the migration tried to commit."
     ctx = _context(settings, ui, migration, staging, options, dry_run=True, database=database)
     try:
-        execute(ctx)
+        perform(ctx)
         report.outcome = "dry run"
     except RollbackError:
         report.outcome = "failed"
@@ -173,35 +170,35 @@ def dry_run(settings: Settings, ui: UI, migration: Migration, options: Options) 
 
 def production(
     settings: Settings,
-    ui: UI,
+    ui: Reporter,
+    ask: Confirmer,
     migration: Migration,
     options: Options,
     *,
     no_rollback: bool = False,
-    assume_yes: bool = False,
     method: str | None = None,
     force: bool = False,
 ) -> Report:
     options.check()
     report = Report(migration.id, "production", threshold=options.threshold)
     started = time.monotonic()
-    with open_target(settings) as target:
+    with open_target(settings, ui=ui) as target:
         database, dbname = target.masked, target.dbname
         if not no_rollback:  # the automatic rollback swaps staging: refuse now, not after a batch committed
             refuse_replication_ties(
                 target, replication_ties(target.maint, dbname), force=force, doing=f"run {migration.id} with automatic rollback"
             )
         if dbname in settings.protected_databases:
-            confirm_change(target, ui, f"Run {migration.id} on {dbname}?", assume_yes=assume_yes, what=f"run {migration.id}")
+            confirm_change(target, ask, f"Run {migration.id} on {dbname}?", what=f"run {migration.id}")
     if no_rollback:
         ui.warn(
             f"--no-rollback: no rollback point of {dbname} is taken. If {migration.id} fails after a batch was committed, "
             "staging keeps those batches, and only an older point or a reset from V2 can put it back."
         )
-        ui.confirm("Run the migration without a rollback point?", assume_yes=assume_yes, what="skip the rollback point")
+        ask.confirm("Run the migration without a rollback point?", what="skip the rollback point")
     else:
         point, _ = operations.create_point(
-            settings, ui, description=f"before migration {migration.id}", migration_id=migration.id, method=method
+            settings, ui, ask, description=f"before migration {migration.id}", migration_id=migration.id, method=method
         )
         operations.verify_point(settings, ui, point.id)
         report.point_id = point.id
@@ -224,22 +221,19 @@ def production(
     ctx = None
     guard = SequenceGuard(settings)
     try:
-        with open_target(settings) as target:
-            catalog = Catalog(settings.backup_dir).ensure()
-            with operation_lock(
-                catalog.root, target.maint, target.facts.system_identifier, target.dbname, f"migration {migration.id}"
-            ):
-                staging = open_staging(settings, f"migration {migration.id}")
-                ctx = _context(settings, ui, migration, staging, options, dry_run=False, database=database)
-                try:
-                    execute(ctx)
-                    report.outcome = "succeeded"
-                except BaseException as exc:  # noqa: BLE001 - every failure ends in the same rollback
-                    failure = exc
-                    guard.note_where_left()
-                finally:  # closing the session rolls back the open batch
-                    _close(staging)
-                    ctx.close()
+        # its own start and end events are written above and below: no operation entry
+        with operation(settings, f"migration {migration.id}", ui=ui, ask=ask, migration_id=migration.id, audit=False):
+            staging = open_staging(settings, f"migration {migration.id}")
+            ctx = _context(settings, ui, migration, staging, options, dry_run=False, database=database)
+            try:
+                perform(ctx)
+                report.outcome = "succeeded"
+            except BaseException as exc:  # noqa: BLE001 - every failure ends in the same rollback
+                failure = exc
+                guard.note_where_left()
+            finally:  # closing the session rolls back the open batch
+                _close(staging)
+                ctx.close()
     except RollbackError as exc:
         if ctx is None:
             raise  # could not even start: nothing ran
@@ -248,7 +242,7 @@ def production(
         report.tally = ctx.tally
     try:
         if failure is not None:
-            _after_failure(settings, ui, migration, report, failure, database, force=force)
+            _after_failure(settings, ui, ask, migration, report, failure, database, force=force)
             if report.tally.batches_committed == 0:
                 _put_back(guard, report)
     finally:  # also when the automatic rollback itself failed
@@ -260,7 +254,15 @@ def production(
 
 
 def _after_failure(
-    settings: Settings, ui: UI, migration: Migration, report: Report, failure: BaseException, database: str, *, force: bool
+    settings: Settings,
+    ui: Reporter,
+    ask: Confirmer,
+    migration: Migration,
+    report: Report,
+    failure: BaseException,
+    database: str,
+    *,
+    force: bool,
 ) -> None:
     committed = report.tally.batches_committed
     interrupted = isinstance(failure, KeyboardInterrupt)
@@ -295,23 +297,20 @@ def _after_failure(
             "`python3 quick_rollback.py` (newest point) or `python3 reset_staging.py` (copy of V2)."
         )
         return
-    if interrupted and sys.stdin.isatty():
-        try:
-            restore = Confirm.ask(
-                f"Restore staging to the point {report.point_id} taken before the migration?", console=ui.err, default=True
-            )
-        except (KeyboardInterrupt, EOFError):
-            restore = False
-        if not restore:
-            report.notes.append(
-                f"Staging keeps {committed} committed batch(es). Restore it later with "
-                f"`python3 run_migration.py {migration.path} --rollback {report.point_id}`."
-            )
-            return
+    if interrupted and not ask.decide(
+        f"Restore staging to the point {report.point_id} taken before the migration?", default=True
+    ):
+        report.notes.append(
+            f"Staging keeps {committed} committed batch(es). Restore it later with "
+            f"`python3 run_migration.py {migration.path} --rollback {report.point_id}`."
+        )
+        return
     ui.step(f"Automatic rollback: putting staging back to {report.point_id}")
     try:
         with audit.audited(settings.log_dir, "automatic rollback", database, report.point_id, migration.id) as record:
-            report.restored = operations.restore_point(settings, ui, report.point_id, assume_yes=True, force=force)
+            # the run was the confirmation; a protected database's name was given at its start
+            granted = Granted(getattr(ask, "typed", None))
+            report.restored = operations.restore_point(settings, ui, granted, report.point_id, force=force)
             record.set(reason=report.error, before_point_id=report.restored.before_point_id)
     except (RollbackError, psycopg2.Error) as exc:
         raise MigrationError(
@@ -325,7 +324,7 @@ def _after_failure(
 
 
 def rollback(
-    settings: Settings, ui: UI, migration: Migration, point_id: str | None, *, assume_yes: bool, force: bool = False
+    settings: Settings, ui: Reporter, ask: Confirmer, migration: Migration, point_id: str | None, *, force: bool = False
 ) -> RestoreResult:
     """--rollback [ID]: the given point, or the newest point this migration made."""
     if not point_id:
@@ -341,7 +340,7 @@ def rollback(
             )
         point_id = mine[-1].id
         ui.info(f"The newest point made by {migration.id}: {point_id}")
-    return operations.restore_point(settings, ui, point_id, assume_yes=assume_yes, force=force)
+    return operations.restore_point(settings, ui, ask, point_id, force=force)
 
 
 def _audit_end(settings: Settings, report: Report, database: str) -> None:

@@ -10,9 +10,10 @@ from pathlib import Path
 
 from lib.config import ConnInfo, Settings
 from lib.errors import RollbackError
+from lib.files import human_size
 from lib.pg.db import connection, query, server_facts
 from lib.pg.tools import candidates_for_server
-from lib.points.catalog import Catalog, human_size
+from lib.points.catalog import Catalog
 
 
 @dataclass

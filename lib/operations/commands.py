@@ -1,7 +1,9 @@
-"""The operations the scripts offer: create, list, info, verify, restore, delete.
+"""The commands the scripts, the menu and the Python API offer: create, list, info,
+verify, restore, partial rollback, diff, delete, cleanup, audit.
 
-Each takes settings and a UI, does its work under the database's lock where it
-changes anything, leaves an audit entry, and raises on failure."""
+Each takes settings, a Reporter and, where it may destroy something, a Confirmer
+(lib/ports.py); what changes anything starts through the operation scaffold
+(lib/operations/scaffold.py). They return results and raise on failure."""
 
 from __future__ import annotations
 
@@ -15,26 +17,26 @@ from pathlib import Path
 
 from lib import audit
 from lib.audit import audited
-from lib.cli.console import UI
 from lib.config import Settings
-from lib.errors import ConfigError, RollbackError, VerificationError
+from lib.errors import ConfigError, NoPointError, VerificationError
+from lib.files import sha256_file, utc_now
+from lib.operations.scaffold import Operation, operation
 from lib.pg.db import database_properties
-from lib.pg.locks import operation_lock
-from lib.pg.target import Target, confirm_change, open_target
+from lib.pg.target import Target, open_target
 from lib.points import crypto, retention, spare
-from lib.points.catalog import Catalog, Point, check_files, refuse_damaged_manifest, sha256_file, utc_now
+from lib.points.catalog import Catalog, Point, check_files, refuse_damaged_manifest
 from lib.points.methods import data as data_method
 from lib.points.methods import dump as dump_method
 from lib.points.methods import template as template_method
+from lib.ports import Confirmer, Reporter
 from lib.restore import diff, leftovers, partial
 from lib.restore.swap import (
     RestoreResult,
     check_point_usable,
-    plan,
-    recover_pending,
     refuse_replication_ties,
     restore_data,
     restore_in_place,
+    restore_plan,
     restore_swap,
 )
 
@@ -79,17 +81,16 @@ def _who() -> dict:
 
 
 def _take(
-    target: Target,
-    catalog: Catalog,
-    ui: UI,
+    op: Operation,
     *,
     description: str,
     migration_id: str | None,
     method: str,
     kind: str = "manual",
-    assume_yes: bool = False,
     tables: list[str] | None = None,
 ) -> Point:
+    """A point of staging under an operation already started (the lock held)."""
+    target, catalog, ui = op.target, op.catalog, op.ui
     base = {
         "description": description,
         "migration_id": migration_id,
@@ -104,7 +105,7 @@ def _take(
         return data_method.take(target, catalog, ui, label=label, base_manifest=base, tables=tables)
     if method == "template":
         template_method.drop_orphans(target, catalog.stale_ids)
-        point = template_method.take(target, catalog, ui, label=label, base_manifest=base, assume_yes=assume_yes)
+        point = template_method.take(target, catalog, ui, op.ask, label=label, base_manifest=base)
         if spare.enabled(target.settings) and kind == "manual":
             spare.drop_all_but(target, catalog, point)
             spare.start_in_background(target.settings, point)
@@ -118,12 +119,12 @@ def _take(
 
 def create_point(
     settings: Settings,
-    ui: UI,
+    ui: Reporter,
+    ask: Confirmer,
     *,
     description: str,
     migration_id: str | None = None,
     method: str | None = None,
-    assume_yes: bool = False,
     keep: int | None = None,
     tables: list[str] | None = None,
 ) -> tuple[Point, list[Point]]:
@@ -137,29 +138,16 @@ def create_point(
         )
     if keep is not None and keep < 1:
         raise ConfigError("--keep must be at least 1.", "The new point is always kept.")
-    catalog = Catalog(settings.backup_dir).ensure()
-    with open_target(settings) as target:
+    with operation(settings, "create", ui=ui, ask=ask, migration_id=migration_id) as op:
+        target = op.target
         chosen, why = choose_method(target, requested)
         ui.step(
             f"Rollback point of {target.dbname} on {target.info.server_label()} "
             f"(PostgreSQL {target.facts.version}), method {chosen}" + (f": {why}" if requested == "auto" else "")
         )
-        with audited(settings.log_dir, "create", target.masked) as record:
-            with operation_lock(catalog.root, target.maint, target.facts.system_identifier, target.dbname, "create"):
-                for line in recover_pending(target, catalog):
-                    ui.info(f"Finished what an interrupted run left: {line}")
-                point = _take(
-                    target,
-                    catalog,
-                    ui,
-                    description=description,
-                    migration_id=migration_id,
-                    method=chosen,
-                    assume_yes=assume_yes,
-                    tables=tables,
-                )
-                record.set(point_id=point.id, method=point.method)
-                removed = retention.apply(target, catalog, ui, keep=keep) if keep else []
+        point = _take(op, description=description, migration_id=migration_id, method=chosen, tables=tables)
+        op.record.set(point_id=point.id, method=point.method)
+        removed = retention.apply(target, op.catalog, ui, keep=keep) if keep else []
     return point, removed
 
 
@@ -185,7 +173,7 @@ def file_info(settings: Settings, path: Path) -> dict:
     return {"file": str(path), "size_bytes": path.stat().st_size, "sha256": sha256_file(path), **header}
 
 
-def verify_point(settings: Settings, ui: UI, point_id: str) -> dict:
+def verify_point(settings: Settings, ui: Reporter, point_id: str) -> dict:
     catalog = Catalog(settings.backup_dir)
     point = catalog.get(point_id)
     with audited(settings.log_dir, "verify", point.manifest.get("database", {}).get("url"), point.id) as record:
@@ -222,48 +210,44 @@ def verify_point(settings: Settings, ui: UI, point_id: str) -> dict:
 
 
 def restore_point(
-    settings: Settings, ui: UI, point_id: str | None, *, assume_yes: bool, archive: Path | None = None, force: bool = False
+    settings: Settings,
+    ui: Reporter,
+    ask: Confirmer,
+    point_id: str | None,
+    *,
+    archive: Path | None = None,
+    force: bool = False,
 ) -> RestoreResult:
     catalog = Catalog(settings.backup_dir).ensure()
     point = archive_point(settings, archive) if archive else catalog.get(point_id or "")
-    with open_target(settings) as target, audited(settings.log_dir, "restore", target.masked, point.id) as record:
-        with operation_lock(catalog.root, target.maint, target.facts.system_identifier, target.dbname, "restore"):
-            if archive and point.method == "dump":
-                # a bare archive: restored here, with staging's own encoding, locale, owner and settings
-                point.manifest["database"]["name"] = target.dbname
-                point.manifest["database"]["properties"] = database_properties(target.maint, target.dbname).as_dict()
-            check_point_usable(target, catalog, point)
-            rplan = plan(target, point)
-            refuse_replication_ties(target, rplan.ties, force=force, doing=f"restore {target.dbname}")
-            ui.info(rplan.describe(target))
-            if not assume_yes and point.manifest.get("fingerprint"):
-                ui.info("  What it undoes, per table:")
-                for line in diff.summary_for_confirmation(target, point, ui):
-                    ui.info(f"    {line}")
-            confirm_change(target, ui, "Go ahead?", assume_yes=assume_yes, what=f"restore {target.dbname}")
-            if rplan.mode == "data":
-                result = restore_data(
-                    target,
-                    rplan,
-                    ui,
-                    lambda description, kind, tables: _take(
-                        target, catalog, ui, description=description, migration_id=None, method="data", kind=kind, tables=tables
-                    ),
-                )
-            elif rplan.mode == "swap":
-                result = restore_swap(target, catalog, rplan, ui)
-                if point.method == "template" and spare.enabled(settings) and point.manifest.get("kind", "manual") == "manual":
-                    spare.start_in_background(settings, point)  # ready for the next rollback
-            else:
-                result = restore_in_place(
-                    target,
-                    rplan,
-                    ui,
-                    lambda description, kind, _tables: _take(
-                        target, catalog, ui, description=description, migration_id=None, method="dump", kind=kind
-                    ),
-                )
-        record.set(mode=result.mode, before_point_id=result.before_point_id, unavailable_seconds=result.unavailable_seconds)
+    with operation(settings, "restore", ui=ui, ask=ask, point_id=point.id) as op:
+        target = op.target
+        if archive and point.method == "dump":
+            # a bare archive: restored here, with staging's own encoding, locale, owner and settings
+            point.manifest["database"]["name"] = target.dbname
+            point.manifest["database"]["properties"] = database_properties(target.maint, target.dbname).as_dict()
+        check_point_usable(target, op.catalog, point)
+        rplan = restore_plan(target, point)
+        refuse_replication_ties(target, rplan.ties, force=force, doing=f"restore {target.dbname}")
+        ui.info(rplan.describe(target))
+        if not ask.granted and point.manifest.get("fingerprint"):
+            ui.info("  What it undoes, per table:")
+            for line in diff.summary_for_confirmation(target, point, ui):
+                ui.info(f"    {line}")
+        op.confirm_change("Go ahead?", what=f"restore {target.dbname}")
+
+        def keep_current(description: str, kind: str, tables: list[str] | None, method: str) -> Point:
+            return _take(op, description=description, migration_id=None, method=method, kind=kind, tables=tables)
+
+        if rplan.mode == "data":
+            result = restore_data(target, rplan, ui, lambda d, k, t: keep_current(d, k, t, "data"))
+        elif rplan.mode == "swap":
+            result = restore_swap(target, op.catalog, rplan, ui)
+            if point.method == "template" and spare.enabled(settings) and point.manifest.get("kind", "manual") == "manual":
+                spare.start_in_background(settings, point)  # ready for the next rollback
+        else:
+            result = restore_in_place(target, rplan, ui, lambda d, k, _t: keep_current(d, k, None, "dump"))
+        op.record.set(mode=result.mode, before_point_id=result.before_point_id, unavailable_seconds=result.unavailable_seconds)
     return result
 
 
@@ -309,7 +293,7 @@ def check_restore_request(kind: str, point_id: str | None, file: str | None) -> 
         raise ConfigError("restore needs a point id.", "See `python3 rollback_manager.py list`.")
 
 
-def audit_trail(settings: Settings, ui: UI, limit: int | None) -> list[dict]:
+def audit_trail(settings: Settings, ui: Reporter, limit: int | None) -> list[dict]:
     """The newest entries; damaged lines are named and skipped."""
     found = audit.read(settings.log_dir, limit)
     for number in found.damaged:
@@ -317,103 +301,94 @@ def audit_trail(settings: Settings, ui: UI, limit: int | None) -> list[dict]:
     return found.entries
 
 
-def diff_point(settings: Settings, ui: UI, point_id: str) -> diff.Diff:
+def diff_point(settings: Settings, ui: Reporter, point_id: str) -> diff.Diff:
     point = Catalog(settings.backup_dir).get(point_id)
-    with open_target(settings, check_v2=False) as target:
+    with open_target(settings, check_v2=False, ui=ui) as target:
         with ui.progress(f"Comparing staging with {point.id}"):
             return diff.compute(target, point, ui)
 
 
-def partial_rollback(settings: Settings, ui: UI, point_id: str, *, tables: list[str] | None, assume_yes: bool) -> dict:
-    catalog = Catalog(settings.backup_dir).ensure()
-    point = catalog.get(point_id)
-    with open_target(settings) as target, audited(settings.log_dir, "partial rollback", target.masked, point.id) as record:
-        with operation_lock(catalog.root, target.maint, target.facts.system_identifier, target.dbname, "partial rollback"):
-            check_point_usable(target, catalog, point)
-            kept: dict = {}
+def partial_rollback(settings: Settings, ui: Reporter, ask: Confirmer, point_id: str, *, tables: list[str] | None) -> dict:
+    point = Catalog(settings.backup_dir).get(point_id)
+    with operation(settings, "partial rollback", ui=ui, ask=ask, point_id=point.id) as op:
+        target = op.target
+        check_point_usable(target, op.catalog, point)
+        kept: dict = {}
 
-            def confirm(partial_plan) -> None:
-                ui.info(
-                    f"Partial rollback of {target.dbname} to {point.id}: rows added since the point are deleted, "
-                    "every other row is kept; in one transaction."
-                )
-                for line in partial_plan.lines():
-                    ui.info(f"  {line}")
-                confirm_change(target, ui, "Delete them?", assume_yes=assume_yes, what="delete rows")
-                names = [data_method.quoted(t) for t in partial_plan.tables]
-                kept["point"] = _take(
-                    target,
-                    catalog,
-                    ui,
-                    description=f"state before partial rollback to {point.id}",
-                    migration_id=None,
-                    method="data",
-                    kind="before_rollback",
-                    tables=names,
-                )
-
-            outcome = partial.run(target, point, ui, tables=tables, confirm=confirm)
-            outcome.update(
-                point_id=point.id, database=target.dbname, mode="partial", before_point_id=kept["point"].id if kept else None
+        def confirm(partial_plan) -> None:
+            ui.info(
+                f"Partial rollback of {target.dbname} to {point.id}: rows added since the point are deleted, "
+                "every other row is kept; in one transaction."
             )
-            record.set(mode="partial", deleted=outcome["deleted"], before_point_id=outcome["before_point_id"])
+            for line in partial_plan.lines():
+                ui.info(f"  {line}")
+            op.confirm_change("Delete them?", what="delete rows")
+            kept["point"] = _take(
+                op,
+                description=f"state before partial rollback to {point.id}",
+                migration_id=None,
+                method="data",
+                kind="before_rollback",
+                tables=[data_method.quoted(t) for t in partial_plan.tables],
+            )
+
+        outcome = partial.delete_added_rows(target, point, ui, tables=tables, confirm=confirm)
+        outcome.update(
+            point_id=point.id, database=target.dbname, mode="partial", before_point_id=kept["point"].id if kept else None
+        )
+        op.record.set(mode="partial", deleted=outcome["deleted"], before_point_id=outcome["before_point_id"])
     return outcome
 
 
-def delete_point(settings: Settings, ui: UI, point_id: str, *, assume_yes: bool) -> Point:
-    catalog = Catalog(settings.backup_dir).ensure()
-    point = catalog.get(point_id)
-    with open_target(settings, check_v2=False) as target:
-        with audited(settings.log_dir, "delete", target.masked, point.id):
-            with operation_lock(catalog.root, target.maint, target.facts.system_identifier, target.dbname, "delete"):
-                copy = f" and its database copy {point.manifest.get('template_database')!r}" if point.method == "template" else ""
-                ui.info(f"Delete point {point.id}{copy} ({point.manifest.get('description') or 'no description'})?")
-                ui.confirm("Delete it?", assume_yes=assume_yes, what=f"delete {point.id}")
-                retention.delete_point(target, catalog, point)
+def delete_point(settings: Settings, ui: Reporter, ask: Confirmer, point_id: str) -> Point:
+    point = Catalog(settings.backup_dir).get(point_id)
+    with operation(settings, "delete", ui=ui, ask=ask, point_id=point.id, check_v2=False) as op:
+        copy = f" and its database copy {point.manifest.get('template_database')!r}" if point.method == "template" else ""
+        ui.info(f"Delete point {point.id}{copy} ({point.manifest.get('description') or 'no description'})?")
+        ask.confirm("Delete it?", what=f"delete {point.id}")
+        retention.delete_point(op.target, op.catalog, point)
     return point
 
 
 def cleanup(
-    settings: Settings, ui: UI, *, keep: int | None, older_than_days: float | None, dry_run: bool, assume_yes: bool
+    settings: Settings, ui: Reporter, ask: Confirmer, *, keep: int | None, older_than_days: float | None, dry_run: bool
 ) -> tuple[list[Point], Point | None, list[str]]:
     """Old points by the retention asked for, and always what interrupted runs left."""
-    catalog = Catalog(settings.backup_dir).ensure(clean=False)
-    with open_target(settings, check_v2=False) as target:
-        with operation_lock(catalog.root, target.maint, target.facts.system_identifier, target.dbname, "cleanup"):
-            left = leftovers.remove(target, catalog, dry_run=dry_run)
-            for line in left:
-                ui.info(line)
-            if not left:
-                ui.info("Nothing left behind by interrupted runs.")
-            if keep is None and older_than_days is None:
-                return [], None, left
-            cleanup_plan = retention.plan(target, catalog, keep=keep, older_than_days=older_than_days)
-            if cleanup_plan.protected:
-                ui.info(f"Newest verified point, always kept: {cleanup_plan.protected.id}")
-            manual = cleanup_plan.protected_manual
-            if manual and manual is not cleanup_plan.protected and manual.id != cleanup_plan.protected.id:
-                ui.info(f"Newest verified point quick_rollback.py would use, also kept: {manual.id}")
-            if not cleanup_plan.remove:
-                ui.info("No point to remove.")
-                return [], cleanup_plan.protected, left
-            if dry_run:
-                retention.apply(target, catalog, ui, dry_run=True, cleanup=cleanup_plan)
-                return cleanup_plan.remove, cleanup_plan.protected, left
-            ui.info(f"{len(cleanup_plan.remove)} point(s) of {target.dbname} will be removed, database copies included:")
-            for p in cleanup_plan.remove:
-                ui.info(f"  - {p.id} ({p.method}, {p.manifest.get('created_at', '?')[:19]})")
-            ui.confirm("Remove them?", assume_yes=assume_yes, what="remove points")
-            with audited(settings.log_dir, "cleanup", target.masked) as record:
-                removed = retention.apply(target, catalog, ui, cleanup=cleanup_plan)
-                record.set(removed=[p.id for p in removed], leftovers=left)
-    return removed, cleanup_plan.protected, left
+    if keep is not None and keep < 1:
+        raise ConfigError("--keep must be at least 1.", "The newest verified point is always kept.")
+    removed: list[Point] = []
+    with operation(settings, "cleanup", ui=ui, ask=ask, check_v2=False, finish_pending=False, audit=not dry_run) as op:
+        target, catalog = op.target, op.catalog
+        left = leftovers.remove(target, catalog, dry_run=dry_run)
+        for line in left:
+            ui.info(line)
+        if not left:
+            ui.info("Nothing left behind by interrupted runs.")
+        op.record.set(leftovers=left, removed=[])
+        if keep is None and older_than_days is None:
+            return [], None, left
+        plan = retention.cleanup_plan(target, catalog, keep=keep, older_than_days=older_than_days)
+        if plan.protected:
+            ui.info(f"Newest verified point, always kept: {plan.protected.id}")
+        manual = plan.protected_manual
+        if manual and manual is not plan.protected and manual.id != plan.protected.id:
+            ui.info(f"Newest verified point quick_rollback.py would use, also kept: {manual.id}")
+        if not plan.remove:
+            ui.info("No point to remove.")
+            return [], plan.protected, left
+        if dry_run:
+            retention.apply(target, catalog, ui, dry_run=True, cleanup=plan)
+            return plan.remove, plan.protected, left
+        ui.info(f"{len(plan.remove)} point(s) of {target.dbname} will be removed, database copies included:")
+        for p in plan.remove:
+            ui.info(f"  - {p.id} ({p.method}, {p.manifest.get('created_at', '?')[:19]})")
+        ask.confirm("Remove them?", what="remove points")
+        removed = retention.apply(target, catalog, ui, cleanup=plan)
+        op.record.set(removed=[p.id for p in removed])
+    return removed, plan.protected, left
 
 
-class NoPointError(RollbackError):
-    """quick_rollback with nothing to go back to."""
-
-
-def newest_point_for_quick_rollback(settings: Settings, ui: UI, method: str | None = None) -> Point:
+def newest_point_for_quick_rollback(settings: Settings, ui: Reporter, method: str | None = None) -> Point:
     """The newest completed point of staging taken on purpose (not a 'state before
     rollback' safety net) that passes its checks; skipped ones are named."""
     catalog = Catalog(settings.backup_dir)

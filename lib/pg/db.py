@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import socket
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -16,25 +15,12 @@ from psycopg2 import sql
 
 from lib.config import ConnInfo, redact
 from lib.errors import ConnectError, ConnectProblem, DatabaseError
+from lib.pg.retry import wait_until
 
 log = logging.getLogger(__name__)
 
 MAINTENANCE_DB = "postgres"
 MAX_IDENTIFIER_BYTES = 63
-
-
-# SQLSTATEs the toolkit decides on (psycopg2.errorcodes names them all).
-OBJECT_IN_USE = "55006"  # a database copied, renamed or dropped while sessions are on it
-DUPLICATE_DATABASE = "42P04"
-INVALID_CATALOG_NAME = "3D000"  # no such database
-DISK_FULL = "53100"
-QUERY_CANCELED = "57014"
-INSUFFICIENT_PRIVILEGE = "42501"
-
-
-def sqlstate(exc: BaseException) -> str | None:
-    """The server's SQLSTATE of a psycopg2 error; None where there is none (a failed connection)."""
-    return getattr(exc, "pgcode", None)
 
 
 def _port_answers(info: ConnInfo) -> bool:
@@ -302,23 +288,22 @@ def refuse_prepared_transactions(conn, dbname: str, doing: str) -> None:
 def terminate_sessions(conn, dbname: str, wait_seconds: float = 10.0) -> list[Session]:
     """Terminate every other session on ``dbname`` and wait until they are gone."""
     gone = sessions_on(conn, dbname)
-    deadline = time.monotonic() + wait_seconds
-    while True:
+
+    def ended() -> bool:
         current = sessions_on(conn, dbname)
-        if not current:
-            return gone
         for s in current:
-            ok = scalar(conn, "SELECT pg_terminate_backend(%s)", (s.pid,))
-            if not ok:
+            if not scalar(conn, "SELECT pg_terminate_backend(%s)", (s.pid,)):
                 log.warning("could not terminate pid %s", s.pid)
-        if time.monotonic() > deadline:
-            raise DatabaseError(
-                f"Sessions on {dbname!r} did not end within {wait_seconds:.0f} s: "
-                + "; ".join(s.describe() for s in current)
-                + ".",
-                "The role may lack the right to end them (pg_signal_backend); ask a superuser, or stop those clients and run the command again.",
-            )
-        time.sleep(0.1)
+        return not current
+
+    if not wait_until(ended, timeout=wait_seconds):
+        raise DatabaseError(
+            f"Sessions on {dbname!r} did not end within {wait_seconds:.0f} s: "
+            + "; ".join(s.describe() for s in sessions_on(conn, dbname))
+            + ".",
+            "The role may lack the right to end them (pg_signal_backend); ask a superuser, or stop those clients and run the command again.",
+        )
+    return gone
 
 
 def database_exists(conn, name: str) -> bool:
@@ -589,27 +574,3 @@ def replication_ties(conn, dbname: str) -> list[str]:
         )
     ]
     return ties
-
-
-def lock_key(system_identifier: str | None, dbname: str) -> int:
-    """A stable 63-bit advisory lock key per database."""
-    digest = hashlib.sha256(f"rollback-toolkit:{system_identifier}:{dbname}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") & 0x7FFFFFFFFFFFFFFF
-
-
-def advisory_lock_holder(conn, key: int) -> str | None:
-    rows = query(
-        conn,
-        """
-        SELECT a.pid, a.usename, a.application_name, a.client_addr::text,
-               to_char(a.backend_start, 'YYYY-MM-DD HH24:MI:SS')
-          FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-         WHERE l.locktype = 'advisory' AND l.granted
-           AND ((l.classid::bigint << 32) | l.objid::bigint) = %s
-        """,
-        (key,),
-    )
-    if not rows:
-        return None
-    pid, user, app, client, since = rows[0]
-    return f"server session pid {pid} (user {user}, application {app or '-'}, from {client or 'local socket'}, since {since})"

@@ -18,22 +18,17 @@ import pwd
 import secrets
 import shutil
 import socket
-import subprocess
 import tempfile
 from pathlib import Path
 from urllib.parse import quote
 
-from lib.config import child_environment
-from lib.errors import RollbackError
+from lib.errors import ServerStartError
+from lib.pg.process import Command, Finished, ServerProgram
 from lib.pg.tools import embedded_bin_dirs, probe
 
 log = logging.getLogger(__name__)
 
 SHARED_HOME = Path("/var/lib/rollback-toolkit")  # what the server's user can reach when we are root
-
-
-class ServerStartError(RollbackError):
-    pass
 
 
 def server_account() -> pwd.struct_passwd | None:
@@ -57,20 +52,11 @@ def server_account() -> pwd.struct_passwd | None:
     return account
 
 
-def _as_account(account: pwd.struct_passwd | None) -> dict:
-    if account is None:
-        return {}
-    return {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
-
-
 def reachable(account: pwd.struct_passwd | None, path: Path) -> bool:
     """Can ``account`` read and enter (or run) ``path``? Asked of the system, as that user."""
     if account is None:
         return os.access(path, os.R_OK | os.X_OK)
-    result = subprocess.run(
-        ["test", "-r", str(path), "-a", "-x", str(path)], stdin=subprocess.DEVNULL, capture_output=True, **_as_account(account)
-    )
-    return result.returncode == 0
+    return Command("test", account=account).run(["-r", str(path), "-a", "-x", str(path)], check=False, quiet=True).returncode == 0
 
 
 def make_shared_dir(path: Path) -> Path:
@@ -185,17 +171,12 @@ class LocalServer:
         self.fast = fast
         self.settings: list[str] = []  # extra postgresql.conf lines, written at init
 
-    def _run(self, argv: list[str], **kwargs) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            argv,
-            capture_output=True,
-            text=True,
-            stdin=subprocess.DEVNULL,
-            env=child_environment(),
-            cwd=self.base_dir,
-            **_as_account(self.account),
-            **kwargs,
-        )
+    def program(self, name: str) -> ServerProgram:
+        """initdb, pg_ctl, ...: run as the server's user, in its folder."""
+        return ServerProgram(self.bin_dir / name, account=self.account, cwd=self.base_dir)
+
+    def pg_ctl(self, *args: str) -> Finished:
+        return self.program("pg_ctl").run(["-D", str(self.data_dir), *args], check=False)
 
     def _chown(self, path: Path) -> None:
         if self.account is not None:
@@ -216,9 +197,8 @@ class LocalServer:
         pwfile.write_text(self.password + "\n")
         pwfile.chmod(0o600)
         self._chown(pwfile)
-        out = self._run(
+        out = self.program("initdb").run(
             [
-                str(self.bin_dir / "initdb"),
                 "-D",
                 str(self.data_dir),
                 "-U",
@@ -232,7 +212,8 @@ class LocalServer:
                 "--locale",
                 "C.UTF-8",
                 "--no-sync",
-            ]
+            ],
+            check=False,
         )
         pwfile.unlink()
         if out.returncode != 0:
@@ -256,19 +237,7 @@ class LocalServer:
             self.init()
         else:
             self._set_port()
-        out = self._run(
-            [
-                str(self.bin_dir / "pg_ctl"),
-                "-D",
-                str(self.data_dir),
-                "-l",
-                str(self.base_dir / "server.log"),
-                "-w",
-                "-t",
-                "60",
-                "start",
-            ]
-        )
+        out = self.pg_ctl("-l", str(self.base_dir / "server.log"), "-w", "-t", "60", "start")
         if out.returncode != 0:
             tail = ""
             logfile = self.base_dir / "server.log"
@@ -285,11 +254,10 @@ class LocalServer:
     def is_running(self) -> bool:
         if not (self.data_dir / "PG_VERSION").exists():
             return False
-        out = self._run([str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), "status"])
-        return out.returncode == 0
+        return self.pg_ctl("status").returncode == 0
 
     def stop(self) -> None:
-        self._run([str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), "-m", "fast", "-w", "stop"])
+        self.pg_ctl("-m", "fast", "-w", "stop")
 
     def destroy(self) -> None:
         try:

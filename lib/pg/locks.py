@@ -1,76 +1,180 @@
-"""One mutating operation per database at a time: a lock file beside the points
-(this machine) plus a session advisory lock on the server (every machine)."""
+"""One lock primitive, with a subclass per purpose (the shape of Barman's LockFile).
+
+A lock is a session advisory lock on the server, which every machine sees and which
+dies with its session (also when the process is killed), plus, for the locks that
+guard a catalog, a lock file beside the points that names its holder and dies with
+the process. Taking one either succeeds at once or raises LockHeld naming the
+holder; a purpose that waits (a quick rollback waiting for its spare) says so."""
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import socket
-from collections.abc import Iterator
-from contextlib import contextmanager
+import time
 from pathlib import Path
 
 from lib.errors import LockHeld
-from lib.pg.db import advisory_lock_holder, lock_key, scalar
-from lib.points.catalog import make_private_dir, slugify, utc_now
+from lib.files import make_private_dir, slugify, utc_now
+from lib.pg.db import query, scalar
 
 LOCK_DIR = ".locks"
 
 
-@contextmanager
-def operation_lock(
-    backup_dir: Path, maintenance_conn, system_identifier: str | None, dbname: str, operation: str
-) -> Iterator[None]:
-    """Hold both locks for the duration; fail at once with LockHeld when either is taken.
+def lock_key(system_identifier: str | None, name: str) -> int:
+    """A stable 63-bit advisory lock key per server and name."""
+    digest = hashlib.sha256(f"rollback-toolkit:{system_identifier}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & 0x7FFFFFFFFFFFFFFF
 
-    ``maintenance_conn`` must stay open for the duration: the advisory lock lives
-    in its session and goes away with it, also when this process is killed.
-    """
-    lock_dir = backup_dir / LOCK_DIR
-    make_private_dir(lock_dir)
-    key = lock_key(system_identifier, dbname)
-    path = lock_dir / f"{slugify(dbname, 60)}_{key:016x}.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
+
+def server_holder(conn, key: int) -> str | None:
+    rows = query(
+        conn,
+        """
+        SELECT a.pid, a.usename, a.application_name, a.client_addr::text,
+               to_char(a.backend_start, 'YYYY-MM-DD HH24:MI:SS')
+          FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+         WHERE l.locktype = 'advisory' AND l.granted
+           AND ((l.classid::bigint << 32) | l.objid::bigint) = %s
+        """,
+        (key,),
+    )
+    if not rows:
+        return None
+    pid, user, app, client, since = rows[0]
+    return f"server session pid {pid} (user {user}, application {app or '-'}, from {client or 'local socket'}, since {since})"
+
+
+class Lock:
+    """Held with ``with``; ``conn`` (autocommit) must stay open while it is held."""
+
+    purpose = "lock"
+
+    def __init__(self, conn, system_identifier: str | None, name: str, *, folder: Path | None = None, doing: str = "") -> None:
+        self.conn = conn
+        self.name = name
+        self.key = lock_key(system_identifier, self.key_name(name))
+        self.folder = folder
+        self.doing = doing or self.purpose
+        self._fd: int | None = None
+        self._held = False
+
+    @staticmethod
+    def key_name(name: str) -> str:
+        return name
+
+    # -- the file, on this machine
+
+    @property
+    def path(self) -> Path | None:
+        return self.folder / LOCK_DIR / f"{slugify(self.name, 60)}_{self.key:016x}.lock" if self.folder else None
+
+    def _take_file(self) -> bool:
+        if self.path is None:
+            return True
+        make_private_dir(self.path.parent)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise LockHeld(
-                f"Another operation on database {dbname!r} is running: {_describe_holder(path)}.",
-                "Wait for it to finish (or stop it), then run the command again.",
-            ) from None
+            os.close(fd)
+            return False
         holder = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
-            "operation": operation,
-            "database": dbname,
+            "operation": self.doing,
+            "database": self.name,
             "started": utc_now().isoformat(timespec="seconds"),
         }
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(holder).encode(), 0)
-        if not scalar(maintenance_conn, "SELECT pg_try_advisory_lock(%s)", (key,)):
-            who = advisory_lock_holder(maintenance_conn, key) or "a session on the server"
-            raise LockHeld(
-                f"Another operation on database {dbname!r} is running, from another machine or process: {who}.",
-                "Wait for it to finish, then run the command again.",
-            )
+        self._fd = fd
+        return True
+
+    def _drop_file(self) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            os.close(self._fd)
+            self._fd = None
+
+    def file_holder(self) -> str:
         try:
-            yield
-        finally:
+            info = json.loads(self.path.read_text())
+            return f"{info['operation']} by process {info['pid']} on {info['host']}, started {info['started']}"
+        except (OSError, ValueError, KeyError, AttributeError):
+            return f"the holder of {self.path}"
+
+    # -- taking and giving back
+
+    def try_acquire(self) -> str | None:
+        """None when taken; otherwise who holds it."""
+        if not self._take_file():
+            return self.file_holder()
+        if not scalar(self.conn, "SELECT pg_try_advisory_lock(%s)", (self.key,)):
+            self._drop_file()
+            return server_holder(self.conn, self.key) or "a session on the server"
+        self._held = True
+        return None
+
+    def acquire(self, *, wait: float = 0) -> str | None:
+        """Take it, waiting up to ``wait`` seconds; None when taken, else who holds it."""
+        deadline = time.monotonic() + wait
+        while True:
+            holder = self.try_acquire()
+            if holder is None or time.monotonic() >= deadline:
+                return holder
+            time.sleep(0.1)
+
+    def release(self) -> None:
+        if self._held:
             try:
-                if not maintenance_conn.closed:
-                    scalar(maintenance_conn, "SELECT pg_advisory_unlock(%s)", (key,))
+                if not self.conn.closed:
+                    scalar(self.conn, "SELECT pg_advisory_unlock(%s)", (self.key,))
             except Exception:  # noqa: BLE001 - the lock dies with the session anyway
                 pass
-            os.ftruncate(fd, 0)
-    finally:
-        os.close(fd)
+            self._held = False
+        self._drop_file()
+
+    def refused(self, holder: str) -> LockHeld:
+        return LockHeld(
+            f"Another operation on database {self.name!r} is running: {holder}.",
+            "Wait for it to finish, then run the command again.",
+        )
+
+    def __enter__(self) -> Lock:
+        holder = self.try_acquire()
+        if holder is not None:
+            raise self.refused(holder)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
-def _describe_holder(path: Path) -> str:
-    try:
-        info = json.loads(path.read_text())
-        return f"{info['operation']} by process {info['pid']} on {info['host']}, started {info['started']}"
-    except (OSError, ValueError, KeyError):
-        return f"the holder of {path}"
+class DatabaseLock(Lock):
+    """One mutating operation per database at a time, from any process on any machine."""
+
+    purpose = "operation"
+
+    def refused(self, holder: str) -> LockHeld:
+        if holder.startswith("server session"):
+            return LockHeld(
+                f"Another operation on database {self.name!r} is running, from another machine or process: {holder}.",
+                "Wait for it to finish, then run the command again.",
+            )
+        return LockHeld(
+            f"Another operation on database {self.name!r} is running: {holder}.",
+            "Wait for it to finish (or stop it), then run the command again.",
+        )
+
+
+class SpareLock(Lock):
+    """One process at a time prepares or claims the spare copy of a point."""
+
+    purpose = "spare copy"
+
+    @staticmethod
+    def key_name(name: str) -> str:
+        return f"spare:{name}"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import dataclass
 
 import psycopg2
@@ -13,15 +12,15 @@ from lib.errors import ConfigError, ConnectError, ConnectProblem, DatabaseError,
 from lib.pg.db import (
     MAINTENANCE_DB,
     ServerFacts,
-    advisory_lock_holder,
     connect,
     connection,
-    lock_key,
     scalar,
     server_facts,
     set_allow_connections,
     system_identifier,
 )
+from lib.pg.locks import DatabaseLock
+from lib.ports import Confirmer, Reporter, Silent
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +51,10 @@ class Target:
         self.close()
 
 
-def confirm_change(target: Target, ui, question: str, *, assume_yes: bool, what: str) -> None:
-    """The confirmation before staging changes; a protected database's name must be typed.
-    Once typed, the rest of this run (an automatic rollback) does not ask again."""
-    settings = target.settings
-    protected = target.dbname if target.dbname in settings.protected_databases else None
-    ui.confirm(question, assume_yes=assume_yes, what=what, protected=protected, typed=settings.confirm_database)
-    if protected:
-        settings.confirm_database = protected
+def confirm_change(target: Target, ask: Confirmer, question: str, *, what: str) -> None:
+    """The confirmation before staging changes; a protected database's name must be typed."""
+    protected = target.dbname if target.dbname in target.settings.protected_databases else None
+    ask.confirm(question, what=what, protected=protected)
 
 
 def connect_maintenance(info: ConnInfo) -> psycopg2.extensions.connection:
@@ -82,7 +77,7 @@ def connect_maintenance(info: ConnInfo) -> psycopg2.extensions.connection:
     )
 
 
-def open_target(settings: Settings, *, check_v2: bool = True) -> Target:
+def open_target(settings: Settings, *, check_v2: bool = True, ui: Reporter | None = None) -> Target:
     info = settings.staging()
     try:
         with connection(info, application_name="rollback-toolkit") as conn:
@@ -90,7 +85,7 @@ def open_target(settings: Settings, *, check_v2: bool = True) -> Target:
     except ConnectError as exc:
         if exc.problem is not ConnectProblem.NOT_ACCEPTING:
             raise
-        reopen_after_interrupted_swap(info)
+        reopen_after_interrupted_swap(info, ui or Silent())
         with connection(info, application_name="rollback-toolkit") as conn:
             facts = server_facts(conn)
     if check_v2:
@@ -99,19 +94,12 @@ def open_target(settings: Settings, *, check_v2: bool = True) -> Target:
     return Target(settings, info, maint, facts)
 
 
-def reopen_after_interrupted_swap(info: ConnInfo) -> None:
+def reopen_after_interrupted_swap(info: ConnInfo, ui: Reporter) -> None:
     """Staging refuses connections only during a swap. When no operation holds its lock,
     the run that disabled them was killed before it could allow them again: allow them."""
     maint = connect_maintenance(info)
     try:
-        key = lock_key(system_identifier(maint), info.dbname)
-        if not scalar(maint, "SELECT pg_try_advisory_lock(%s)", (key,)):
-            who = advisory_lock_holder(maint, key) or "another session"
-            raise LockHeld(
-                f"Database {info.dbname!r} refuses connections because an operation is swapping it right now ({who}).",
-                "Wait a few seconds for it to finish, then run the command again.",
-            )
-        try:
+        with DatabaseLock(maint, system_identifier(maint), info.dbname) as lock:
             comment = scalar(
                 maint,
                 "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s AND NOT datallowconn",
@@ -122,13 +110,15 @@ def reopen_after_interrupted_swap(info: ConnInfo) -> None:
                     f"Database {info.dbname!r} is a rollback point's copy ({comment.split(':')[0]}), sealed on purpose.",
                     "Point STAGING_DATABASE_URL at the staging database itself.",
                 )
-            set_allow_connections(maint, info.dbname, True)
-        finally:
-            scalar(maint, "SELECT pg_advisory_unlock(%s)", (key,))
+            set_allow_connections(lock.conn, info.dbname, True)
         log.warning("%s was left refusing connections by an interrupted swap; connections allowed again", info.dbname)
-        sys.stderr.write(
-            f"warning: {info.dbname} was left refusing connections by an interrupted restore; connections are allowed again.\n"
-        )
+        ui.warn(f"{info.dbname} was left refusing connections by an interrupted restore; connections are allowed again.")
+    except LockHeld as exc:
+        raise LockHeld(
+            f"Database {info.dbname!r} refuses connections because an operation is swapping it right now "
+            f"({exc.message.split(': ', 1)[-1].rstrip('.')}).",
+            "Wait a few seconds for it to finish, then run the command again.",
+        ) from None
     finally:
         maint.close()
 

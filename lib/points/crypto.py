@@ -20,19 +20,13 @@ import pyrage
 from pyrage import ssh, x25519
 
 from lib.config import Settings
-from lib.errors import ConfigError, ExitCode, RollbackError, VerificationError
+from lib.errors import ConfigError, EncryptionError, RollbackError, VerificationError
 from lib.points.catalog import Point
 
 log = logging.getLogger(__name__)
 
 SUFFIX = ".age"
 CHUNK = 1 << 20
-
-
-class EncryptionError(RollbackError):
-    """A key is missing or wrong: nothing is read or touched without the right one."""
-
-    exit_code = ExitCode.USAGE
 
 
 def _parse_recipient(text: str):

@@ -7,13 +7,14 @@ import logging
 from dataclasses import dataclass
 from datetime import timedelta
 
-from lib.cli.console import UI
 from lib.errors import ConfigError
+from lib.files import utc_now
 from lib.pg.db import drop_database
 from lib.pg.target import Target
 from lib.points import spare
-from lib.points.catalog import Catalog, Point, check_files, utc_now
+from lib.points.catalog import Catalog, Point, check_files
 from lib.points.methods import template as template_method
+from lib.ports import Reporter
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ class CleanupPlan:
     protected_manual: Point | None = None  # the newest one taken on purpose: quick_rollback's target
 
 
-def plan(target: Target, catalog: Catalog, *, keep: int | None, older_than_days: float | None) -> CleanupPlan:
+def cleanup_plan(target: Target, catalog: Catalog, *, keep: int | None, older_than_days: float | None) -> CleanupPlan:
     if keep is None and older_than_days is None:
         raise ConfigError("Say what to remove: --keep N, --older-than DAYS, or both.", "Add --dry-run to see it first.")
     if keep is not None and keep < 1:
@@ -92,14 +93,14 @@ def delete_point(target: Target, catalog: Catalog, point: Point) -> None:
 def apply(
     target: Target,
     catalog: Catalog,
-    ui: UI,
+    ui: Reporter,
     *,
     keep: int | None = None,
     older_than_days: float | None = None,
     dry_run: bool = False,
     cleanup: CleanupPlan | None = None,
 ) -> list[Point]:
-    cleanup = cleanup or plan(target, catalog, keep=keep, older_than_days=older_than_days)
+    cleanup = cleanup or cleanup_plan(target, catalog, keep=keep, older_than_days=older_than_days)
     for point in cleanup.remove:
         what = f"{point.id} ({point.method}, {point.manifest.get('created_at', '?')[:19]}, {point.manifest.get('description') or ''})"
         if dry_run:

@@ -18,8 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 from psycopg2 import sql
 
-from lib.cli.console import UI
-from lib.errors import ConfigError, RollbackError
+from lib.errors import ConfigError, DiffTimeout
 from lib.pg.db import connection, create_database_like, derived_name, drop_database, query
 from lib.pg.fingerprint import schema_lines
 from lib.pg.target import Target
@@ -29,14 +28,11 @@ from lib.points.methods import data as data_method
 from lib.points.methods import dump as dump_method
 from lib.points.methods import template as template_method
 from lib.points.methods.data import Table
+from lib.ports import Reporter, Silent
 
 log = logging.getLogger(__name__)
 
 DIFF_SUFFIX = "_rb_diff"
-
-
-class DiffTimeout(RollbackError):
-    """The diff would take longer than the caller allowed."""
 
 
 @dataclass
@@ -163,7 +159,7 @@ class PointSide:
 
 
 @contextmanager
-def point_side(target: Target, point: Point, ui: UI) -> Iterator[PointSide]:
+def point_side(target: Target, point: Point, ui: Reporter) -> Iterator[PointSide]:
     if point.method == "data":
         yield PointSide(point, settings=target.settings)
         return
@@ -193,7 +189,7 @@ def _key_hash(line: bytes, key_positions: list[int]) -> tuple[bytes, bytes]:
     return b"\t".join(fields[i] for i in key_positions), hashlib.blake2b(line, digest_size=12).digest()
 
 
-def compute(target: Target, point: Point, ui: UI, *, deadline: float | None = None) -> Diff:
+def compute(target: Target, point: Point, ui: Reporter, *, deadline: float | None = None) -> Diff:
     result = Diff(point.id)
     with point_side(target, point, ui) as side, connection(target.info, application_name="rollback-toolkit diff") as current:
         point_tables = {t.key: t for t in side.tables()}
@@ -259,12 +255,12 @@ def _table_diff(side: PointSide, current, table: Table) -> TableDiff:
     return diff
 
 
-def summary_for_confirmation(target: Target, point: Point, ui: UI, budget_seconds: float = 5.0) -> list[str]:
+def summary_for_confirmation(target: Target, point: Point, ui: Reporter, budget_seconds: float = 5.0) -> list[str]:
     """One line per table touched, or why not; never fails a restore."""
     if point.method == "dump":
         return [f"not computed (a dump point is rebuilt to compare: `rollback_manager.py diff {point.id}`)"]
     try:
-        return compute(target, point, UI(quiet=True), deadline=time.monotonic() + budget_seconds).lines()
+        return compute(target, point, Silent(), deadline=time.monotonic() + budget_seconds).lines()
     except DiffTimeout:
         return [f"not computed within {budget_seconds:.0f} s (`rollback_manager.py diff {point.id}` computes it)"]
     except Exception as exc:  # noqa: BLE001 - a preview must never stop a rollback

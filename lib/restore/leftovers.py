@@ -14,11 +14,12 @@ import logging
 import os
 import socket
 
+from lib.files import human_size
 from lib.pg.db import database_exists, derived_name, drop_database, query
 from lib.pg.target import Target
-from lib.pg.tools import dead_temporaries, pid_alive
+from lib.pg.process import dead_temporaries, pid_alive
 from lib.points import spare
-from lib.points.catalog import Catalog, human_size
+from lib.points.catalog import Catalog
 from lib.points.intents import marker
 from lib.points.methods import template as template_method
 from lib.restore.diff import DIFF_SUFFIX

@@ -9,13 +9,13 @@ from dataclasses import dataclass
 
 from psycopg2 import sql
 
-from lib.cli.console import UI
 from lib.errors import ConfigError
 from lib.pg.db import connection, query
 from lib.pg.target import Target
 from lib.points.catalog import Point
 from lib.points.methods import data as data_method
 from lib.points.methods.data import Table, _dependency_order
+from lib.ports import Reporter
 from lib.restore.diff import point_side, primary_key
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ def _in_scope(side_tables: list[Table], current, only: list[str] | None) -> list
     return [t for t in present if t.key in wanted]
 
 
-def run(target: Target, point: Point, ui: UI, *, tables: list[str] | None, confirm) -> dict:
+def delete_added_rows(target: Target, point: Point, ui: Reporter, *, tables: list[str] | None, confirm) -> dict:
     """``confirm(plan)`` is called with the counts before anything is deleted."""
     with (
         point_side(target, point, ui) as side,
@@ -84,8 +84,8 @@ def run(target: Target, point: Point, ui: UI, *, tables: list[str] | None, confi
                     table.ident(), temp, match
                 ),
             )[0][0]
-        plan = PartialPlan(scope, keys, to_delete)
-        confirm(plan)
+        found = PartialPlan(scope, keys, to_delete)
+        confirm(found)
         deleted: dict[str, int] = {}
         order = list(reversed(_dependency_order(conn, scope)))  # children before the rows they reference
         index = {t.key: n for n, t in enumerate(scope)}

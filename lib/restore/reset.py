@@ -10,42 +10,36 @@ database swapped in. The old staging is kept as a point, as after any restore.""
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from lib.audit import audited
-from lib.cli.console import UI
 from lib.config import Settings
 from lib.errors import ConfigError, VerificationError
+from lib.files import human_size
 from lib.pg.db import (
     connection,
-    create_database_like,
-    database_properties,
     query,
-    refuse_prepared_transactions,
-    replication_ties,
     scalar,
     sessions_on,
     snapshot_session,
 )
-from lib.pg.fingerprint import portable_schema_lines, row_counts, schema_differences, schema_lines, sequence_positions
-from lib.pg.locks import operation_lock
-from lib.pg.target import Target, confirm_change, open_target
-from lib.pg.tools import candidates_for_archive, candidates_for_server, companion, run_pipeline, run_tool, try_each
-from lib.points.catalog import Catalog, human_size
+from lib.pg.fingerprint import row_counts, schema_differences, sequence_positions
+from lib.pg.process import PgDump, PgRestore, pipeline, private_temporary_folder
+from lib.pg.target import Target
+from lib.pg.tools import candidates_for_archive, candidates_for_server, command_for, companion, try_each
 from lib.points.methods import data as data_method
 from lib.points.methods.data import Table
 from lib.points.methods.dump import restore_script
-from lib.restore.swap import RestoreResult, build_verify_swap, refuse_replication_ties
+from lib.ports import Reporter
 
 log = logging.getLogger(__name__)
 
 INDEX_MEMORY = "512MB"  # per index-building session; the server default (64MB) makes large indexes spill
 
 
-def _v2_facts(settings: Settings):
+def v2_facts(settings: Settings):
     v2 = settings.v2()
     if v2 is None:
         raise ConfigError(
@@ -72,19 +66,20 @@ def describe(target: Target, v2, v2_major: int, v2_size: int) -> str:
     return "\n".join(lines)
 
 
-def _copy_v2(target: Target, v2, v2_major: int, aside: str, snapshot: str, ui: UI, jobs: int, sequences: dict) -> str:
+def copy_v2(target: Target, v2, v2_major: int, aside: str, snapshot: str, ui: Reporter, jobs: int, sequences: dict) -> str:
     dumps = candidates_for_server("pg_dump", v2_major, target.settings)
 
     def attempt_dump(dump_tool):
         restores = candidates_for_archive("pg_restore", dump_tool.major, target.settings)
+        dump = command_for(dump_tool, conn=v2, readonly=True)
 
         def attempt_restore(restore_tool):
-            common = ["--format=custom", "--compress=0", f"--snapshot={snapshot}"]
             if restore_tool.major > target.facts.major:
                 # tools newer than staging's server: through the SQL script, filtered for it
-                _dump_then_script(target, v2, dump_tool, [*common, *v2.tool_args()], restore_tool, aside)
+                _dump_then_script(target, dump, snapshot, restore_tool, aside)
             else:
-                _stream_then_index(target, v2, dump_tool, restore_tool, common, aside, jobs, ui, sequences)
+                restore = command_for(restore_tool, conn=target.info)
+                _stream_then_index(target, v2, dump, restore, snapshot, aside, jobs, ui, sequences)
             return restore_tool
 
         return try_each(restores, attempt_restore)[1]
@@ -94,53 +89,29 @@ def _copy_v2(target: Target, v2, v2_major: int, aside: str, snapshot: str, ui: U
 
 
 def _stream_then_index(
-    target: Target, v2, dump_tool, restore_tool, common: list[str], aside: str, jobs: int, ui: UI, sequences: dict
+    target: Target, v2, dump: PgDump, restore: PgRestore, snapshot: str, aside: str, jobs: int, ui: Reporter, sequences: dict
 ) -> None:
     """Schema first; then every table's rows streamed from V2 by ``jobs`` COPY pipes at
     once (large tables split by block ranges), sequences and large objects, all in the
     same snapshot and with no intermediate file; then indexes, constraints and the rest
     built by ``jobs`` workers from a small schema-only archive."""
-    staging_args = ["--exit-on-error", *target.info.tool_args(aside)]
+    common = ["--format=custom", "--compress=0", f"--snapshot={snapshot}"]
     with ui.progress(f"Creating V2's tables in {aside}"):
-        run_pipeline(
-            dump_tool,
-            [*common, "--section=pre-data", *v2.tool_args()],
-            restore_tool,
-            staging_args,
-            target.info,
-            producer_conn=v2,
-            producer_readonly=True,
-        )
-    snapshot = next(a.split("=", 1)[1] for a in common if a.startswith("--snapshot="))
+        pipeline(dump, [*common, "--section=pre-data", *v2.tool_args()], restore, restore.into(aside, []))
     units = _copy_units(v2, snapshot, jobs)
-    with ui.progress(f"Streaming {len(units)} part(s) of V2's tables with {jobs} pipe(s)") as tick:
-        _run_units(target, v2, dump_tool, restore_tool, units, aside, snapshot, jobs, tick)
+    with ui.progress(f"Streaming {len(units)} part(s) of V2's tables with {jobs} pipe(s)", total=len(units)) as tick:
+        _run_units(target, v2, dump, restore, units, aside, snapshot, jobs, tick)
     with connection(target.info, aside, application_name="rollback-toolkit reset") as conn:
         for key, (last, called) in sequences.items():
             schema, _, name = key.partition(".")
             query(conn, "SELECT setval(%s::regclass, %s, %s)", (data_method.quoted(Table(schema, name)), last, called))
     with ui.progress("Copying large objects"):
-        run_pipeline(
-            dump_tool,
-            [*common, "--section=data", "--exclude-table-data=*.*", *v2.tool_args()],
-            restore_tool,
-            staging_args,
-            target.info,
-            producer_conn=v2,
-            producer_readonly=True,
-        )
-    with (
-        tempfile.TemporaryDirectory(prefix=f"rollback-reset-{os.getpid()}-") as tmp,
-        ui.progress(f"Building indexes and constraints with {jobs} worker(s)"),
-    ):
+        pipeline(dump, [*common, "--section=data", "--exclude-table-data=*.*", *v2.tool_args()], restore, restore.into(aside, []))
+    indexer = command_for(restore.tool, conn=target.info, options=f"-c maintenance_work_mem={INDEX_MEMORY}")
+    with private_temporary_folder("reset") as tmp, ui.progress(f"Building indexes and constraints with {jobs} worker(s)"):
         post = Path(tmp) / "post-data.dump"
-        run_tool(dump_tool, [*common, "--section=post-data", f"--file={post}", *v2.tool_args()], v2, readonly=True)
-        run_tool(
-            restore_tool,
-            ["--exit-on-error", f"--jobs={jobs}", *target.info.tool_args(aside), str(post)],
-            target.info,
-            options=f"-c maintenance_work_mem={INDEX_MEMORY}",
-        )
+        dump.run([*common, "--section=post-data", f"--file={post}", *v2.tool_args()])
+        indexer.run(indexer.into(aside, [str(post)], jobs=jobs))
 
 
 SPLIT_PAGES = 16384  # 128 MB of 8 kB blocks per part of a large table
@@ -165,30 +136,24 @@ def _copy_units(v2, snapshot: str, jobs: int) -> list[tuple[Table, list[str], st
     return [u[:3] for u in units]
 
 
-def _run_units(target: Target, v2, dump_tool, restore_tool, units, aside: str, snapshot: str, jobs: int, tick) -> None:
-    v2_psql = companion(dump_tool, "psql", target.settings)
-    staging_psql = companion(restore_tool, "psql", target.settings)
-    quiet = ["--no-psqlrc", "--quiet", "--set=ON_ERROR_STOP=1"]
+def _run_units(target: Target, v2, dump: PgDump, restore: PgRestore, units, aside: str, snapshot: str, jobs: int, tick) -> None:
+    v2_psql = command_for(companion(dump.tool, "psql", target.settings), conn=v2, readonly=True)
+    staging_psql = command_for(companion(restore.tool, "psql", target.settings), conn=target.info)
 
     def copy_one(unit) -> None:
         table, cols, where = unit
         column_list = ", ".join('"' + c.replace('"', '""') + '"' for c in cols)
         condition = f" WHERE {where}" if where else ""
         name = data_method.quoted(table)
-        out = [
-            *quiet,
-            "-c",
+        out = v2_psql.commands(
+            v2.dbname,
             "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
-            "-c",
             f"SET TRANSACTION SNAPSHOT '{snapshot}'",
-            "-c",
             f"COPY (SELECT {column_list} FROM ONLY {name}{condition}) TO STDOUT",
-            "-c",
             "COMMIT",
-            *v2.tool_args(),
-        ]
-        into = [*quiet, "-c", f"COPY {name} ({column_list}) FROM STDIN", *target.info.tool_args(aside)]
-        run_pipeline(v2_psql, out, staging_psql, into, target.info, producer_conn=v2, producer_readonly=True)
+        )
+        into = staging_psql.commands(aside, f"COPY {name} ({column_list}) FROM STDIN")
+        pipeline(v2_psql, out, staging_psql, into)
 
     done = 0
     with ThreadPoolExecutor(max_workers=jobs) as pool:
@@ -197,83 +162,49 @@ def _run_units(target: Target, v2, dump_tool, restore_tool, units, aside: str, s
             for future in as_completed(futures):
                 future.result()
                 done += 1
-                tick(f"{done}/{len(units)} parts")
+                tick(f"{done}/{len(units)} parts", done=done)
         except BaseException:
             for future in futures:
                 future.cancel()
             raise
 
 
-def _dump_then_script(target: Target, v2, dump_tool, dump_args, restore_tool, aside: str) -> None:
+def _dump_then_script(target: Target, dump: PgDump, snapshot: str, restore_tool, aside: str) -> None:
     """pg_dump newer than staging's server: archive to a private temporary file, then
     its SQL script, filtered for the older server, into psql."""
-    with tempfile.TemporaryDirectory(prefix=f"rollback-reset-{os.getpid()}-") as tmp:
+    with private_temporary_folder("reset") as tmp:
         archive = Path(tmp) / "v2.dump"
-        env_args = [*dump_args, f"--file={archive}"]
-        run_tool(dump_tool, env_args, v2, readonly=True)
+        dump.run(dump.archive(snapshot=snapshot, file=str(archive), compress="0"))
         restore_script(target, restore_tool, [str(archive)], aside, single_transaction=False)
 
 
-def reset_staging(settings: Settings, ui: UI, *, assume_yes: bool, jobs: int | None = None, force: bool = False) -> RestoreResult:
-    jobs = jobs or max(1, os.cpu_count() or 1)
-    v2, v2_major, v2_size = _v2_facts(settings)
-    catalog = Catalog(settings.backup_dir).ensure()
-    with open_target(settings) as target:  # refuses a staging URL that is V2
-        f = target.facts
-        if not (f.is_superuser or (f.can_create_db and f.is_db_owner)):
-            raise ConfigError(
-                f"Role {f.current_user} may not create and rename databases, which rebuilding staging needs.",
-                "Run it as staging's owner with CREATEDB, or as a superuser.",
+@dataclass
+class V2State:
+    """What the copy of V2 must show: V2's rows, sequences and schema, read in the snapshot the copy is made from."""
+
+    rows: dict[str, int]
+    sequences: dict[str, list]
+    read_schema: Callable
+    schema: list[str] = field(default_factory=list)
+
+    def check(self, conn, staging: str) -> None:
+        got = row_counts(conn)
+        problems = [
+            f"{t}: V2 has {self.rows.get(t)}, the copy {got.get(t)}"
+            for t in sorted(set(self.rows) | set(got))
+            if self.rows.get(t) != got.get(t)
+        ]
+        got_sequences = sequence_positions(conn)
+        problems += [
+            f"sequence {q}: V2 at {self.sequences.get(q)}, the copy at {got_sequences.get(q)}"
+            for q in sorted(set(self.sequences) | set(got_sequences))
+            if self.sequences.get(q) != got_sequences.get(q)
+        ]
+        problems += [f"schema {line}" for line in schema_differences(self.schema, self.read_schema(conn))]
+        if problems:
+            raise VerificationError(
+                "The copy of V2 does not match V2: " + "; ".join(problems[:10]) + f". Staging {staging} was not touched."
             )
-        with audited(settings.log_dir, "reset", target.masked) as record:
-            with operation_lock(catalog.root, target.maint, f.system_identifier, target.dbname, "reset"):
-                refuse_prepared_transactions(target.maint, target.dbname, f"rebuild {target.dbname}")
-                ties = replication_ties(target.maint, target.dbname)
-                refuse_replication_ties(target, ties, force=force, doing=f"rebuild {target.dbname}")
-                ui.info(describe(target, v2, v2_major, v2_size))
-                confirm_change(
-                    target, ui, "Rebuild staging from V2?", assume_yes=assume_yes, what=f"rebuild {target.dbname} from V2"
-                )
-                props = database_properties(target.maint, target.dbname).as_dict()
-                with snapshot_session(v2, application_name="rollback-toolkit v2 snapshot") as snap:
-                    snapshot = query(snap, "SELECT pg_export_snapshot()")[0][0]
-                    expected = row_counts(snap)
-                    sequences = sequence_positions(snap)
-                    # the same major prints the schema alike; across majors, what both print alike
-                    read_schema = schema_lines if v2_major == f.major else portable_schema_lines
-                    schema = read_schema(snap)
 
-                    def build(aside: str) -> str:
-                        create_database_like(target.maint, aside, props, f.major)
-                        return _copy_v2(target, v2, v2_major, aside, snapshot, ui, jobs, sequences)
-
-                    def verify(conn) -> None:
-                        got = row_counts(conn)
-                        problems = [
-                            f"{t}: V2 has {expected.get(t)}, the copy {got.get(t)}"
-                            for t in sorted(set(expected) | set(got))
-                            if expected.get(t) != got.get(t)
-                        ]
-                        got_sequences = sequence_positions(conn)
-                        problems += [
-                            f"sequence {q}: V2 at {sequences.get(q)}, the copy at {got_sequences.get(q)}"
-                            for q in sorted(set(sequences) | set(got_sequences))
-                            if sequences.get(q) != got_sequences.get(q)
-                        ]
-                        problems += [f"schema {line}" for line in schema_differences(schema, read_schema(conn))]
-                        if problems:
-                            raise VerificationError(
-                                "The copy of V2 does not match V2: "
-                                + "; ".join(problems[:10])
-                                + f". Staging {target.dbname} was not touched."
-                            )
-                        ui.ok(
-                            f"The copy matches V2: its schema ({len(schema)} objects"
-                            + ("" if v2_major == f.major else f", as PostgreSQL {v2_major} and {f.major} both print them")
-                            + f") and {sum(got.values())} rows in {len(got)} tables"
-                        )
-
-                    result = build_verify_swap(target, catalog, ui, build=build, verify=verify, properties=props, restored="V2")
-                record.set(before_point_id=result.before_point_id)
-    result.mode = "reset from V2"
-    return result
+    def describe_rows(self) -> str:
+        return f"{sum(self.rows.values())} rows in {len(self.rows)} tables"

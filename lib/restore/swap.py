@@ -21,11 +21,10 @@ from dataclasses import dataclass, field
 import psycopg2
 
 from lib import faults
-from lib.cli.console import UI
-from lib.cli.render import age
 from lib.errors import ConfigError, DatabaseError, RollbackError, VerificationError
+from lib.files import age, utc_now
+from lib.pg.codes import OBJECT_IN_USE
 from lib.pg.db import (
-    OBJECT_IN_USE,
     Session,
     apply_database_properties,
     connection,
@@ -40,16 +39,17 @@ from lib.pg.db import (
     replication_ties,
     sessions_on,
     set_allow_connections,
-    sqlstate,
     terminate_sessions,
 )
 from lib.pg.fingerprint import compare, counted_tables, fingerprint
+from lib.pg.retry import retry_on
 from lib.pg.target import Target
 from lib.points import crypto, intents, spare
-from lib.points.catalog import PENDING, TMP_PREFIX, Catalog, Point, PointWriter, check_files, refuse_damaged_manifest, utc_now
+from lib.points.catalog import PENDING, TMP_PREFIX, Catalog, Point, PointWriter, check_files, refuse_damaged_manifest
 from lib.points.methods import data as data_method
 from lib.points.methods import dump as dump_method
 from lib.points.methods import template as template_method
+from lib.ports import Reporter
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ def refuse_replication_ties(target: Target, ties: list[str], *, force: bool, doi
         )
 
 
-def plan(target: Target, point: Point) -> RestorePlan:
+def restore_plan(target: Target, point: Point) -> RestorePlan:
     f = target.facts
     if point.method == "data":
         return RestorePlan(point, "data", [])
@@ -191,7 +191,7 @@ def plan(target: Target, point: Point) -> RestorePlan:
     return RestorePlan(point, "in-place", sessions, reason)
 
 
-def _build_aside(target: Target, point: Point, aside: str, ui: UI) -> str | None:
+def _build_aside(target: Target, point: Point, aside: str, ui: Reporter) -> str | None:
     props = point.manifest.get("database", {}).get("properties", {})
     if point.method == "dump":
         create_database_like(target.maint, aside, props, target.facts.major)
@@ -221,28 +221,32 @@ def swap_databases(target: Target, aside: str, before: str, attempts: int = 3) -
     started = time.monotonic()
     set_allow_connections(maint, name, False)
     ended = 0
+
+    def attempt(_n: int) -> None:
+        nonlocal ended
+        ended += len(terminate_sessions(maint, name))
+        execute(maint, "BEGIN")
+        try:
+            rename_database(maint, name, before)
+            faults.pause("between renames")
+            rename_database(maint, aside, name)
+        except BaseException:  # a failure or Ctrl-C between the renames: neither happened
+            execute(maint, "ROLLBACK")
+            raise
+        execute(maint, "COMMIT")
+
     try:
-        for attempt in range(1, attempts + 1):
-            ended += len(terminate_sessions(maint, name))
-            try:
-                execute(maint, "BEGIN")
-                rename_database(maint, name, before)
-                faults.pause("between renames")
-                rename_database(maint, aside, name)
-                execute(maint, "COMMIT")
-                return time.monotonic() - started, ended
-            except psycopg2.Error as exc:
-                execute(maint, "ROLLBACK")
-                if attempt == attempts or sqlstate(exc) != OBJECT_IN_USE:
-                    raise DatabaseError(f"Could not swap {aside} in for {name}: {str(exc).strip()}") from None
-                log.warning("swap attempt %s met a new session; retrying", attempt)
+        retry_on({OBJECT_IN_USE}, attempts, attempt, what=f"swapping {aside} in for {name}")
+    except psycopg2.Error as exc:
+        set_allow_connections(maint, name, True)
+        raise DatabaseError(f"Could not swap {aside} in for {name}: {str(exc).strip()}") from None
     except BaseException:
         set_allow_connections(maint, name, True)
         raise
-    raise AssertionError("unreachable")
+    return time.monotonic() - started, ended
 
 
-def restore_swap(target: Target, catalog: Catalog, rplan: RestorePlan, ui: UI) -> RestoreResult:
+def restore_swap(target: Target, catalog: Catalog, rplan: RestorePlan, ui: Reporter) -> RestoreResult:
     point = rplan.point
 
     def verify(conn) -> None:
@@ -259,7 +263,7 @@ def restore_swap(target: Target, catalog: Catalog, rplan: RestorePlan, ui: UI) -
     )
 
 
-def verify_restored(conn, point: Point, ui: UI, *, untouched: str) -> None:
+def verify_restored(conn, point: Point, ui: Reporter, *, untouched: str) -> None:
     """Against the point's manifest; a bare archive (restore --file) against its own
     table of contents, since nothing else was recorded."""
     expected = point.manifest.get("fingerprint")
@@ -284,13 +288,12 @@ def verify_restored(conn, point: Point, ui: UI, *, untouched: str) -> None:
 
 
 def build_verify_swap(
-    target: Target, catalog: Catalog, ui: UI, *, build, verify, properties: dict, restored: str
+    target: Target, catalog: Catalog, ui: Reporter, *, build, verify, properties: dict, restored: str
 ) -> RestoreResult:
     """The one way staging is replaced: build beside it, verify, swap names in one
     transaction, keep the old staging as a point. Any failure before the swap drops
-    what was built and leaves staging exactly as it was."""
-    for line in recover_pending(target, catalog):
-        ui.info(f"Finished what an interrupted run left: {line}")
+    what was built and leaves staging exactly as it was. Call within an operation
+    (lib/operations/scaffold.py), which finished what interrupted runs left."""
     aside = derived_name(target.dbname, ASIDE_SUFFIX)
     if database_exists(target.maint, aside):
         ui.warn(f"Dropping {aside}, left behind by an interrupted restore.")
@@ -394,7 +397,7 @@ def recover_pending(target: Target, catalog: Catalog) -> list[str]:
     return done
 
 
-def restore_data(target: Target, rplan: RestorePlan, ui: UI, take_point) -> RestoreResult:
+def restore_data(target: Target, rplan: RestorePlan, ui: Reporter, take_point) -> RestoreResult:
     point = rplan.point
     tables = [data_method.quoted(data_method.Table(t["schema"], t["name"])) for t in point.manifest.get("tables", [])]
     data_method.preflight(target, point)  # refuse before anything is written
@@ -406,7 +409,7 @@ def restore_data(target: Target, rplan: RestorePlan, ui: UI, take_point) -> Rest
     return RestoreResult(point.id, target.dbname, "data", before.id, None, 0, notes=[mode])
 
 
-def restore_in_place(target: Target, rplan: RestorePlan, ui: UI, take_point) -> RestoreResult:
+def restore_in_place(target: Target, rplan: RestorePlan, ui: Reporter, take_point) -> RestoreResult:
     point = rplan.point
     ui.step(f"Keeping the current state of {target.dbname} as a dump point first")
     before = take_point(f"state before rollback to {point.id}", "before_rollback", None)

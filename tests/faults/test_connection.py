@@ -65,7 +65,7 @@ def test_the_server_stopped_immediately(tmp_path):
     try:
         s = _own_staging(server, tmp_path)
         proc, holder = _blocked_dump(s)
-        server._run([str(server.bin_dir / "pg_ctl"), "-D", str(server.data_dir), "-m", "immediate", "-w", "stop"])
+        server.pg_ctl("-m", "immediate", "-w", "stop")
         out, err = proc.communicate(timeout=120)
         holder.close()
         assert proc.returncode == 1, err

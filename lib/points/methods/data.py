@@ -17,14 +17,15 @@ import psycopg2
 from psycopg2 import sql
 
 from lib import faults
-from lib.cli.console import UI
 from lib.errors import CatalogError, ConfigError, VerificationError
+from lib.files import human_size, utc_now
 from lib.pg.db import connection, database_properties, query, snapshot_session
 from lib.pg.fingerprint import USER_NAMESPACES, schema_lines
 from lib.pg.target import Target
 from lib.points import crypto
-from lib.points.catalog import Catalog, Point, human_size, utc_now
+from lib.points.catalog import Catalog, Point
 from lib.points.methods.dump import check_free_space, database_section
+from lib.ports import Reporter
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +220,7 @@ def copy_columns(cols: list[list[str]]) -> sql.Composed:
 def take(
     target: Target,
     catalog: Catalog,
-    ui: UI,
+    ui: Reporter,
     *,
     label: str,
     base_manifest: dict,
@@ -377,7 +378,7 @@ def preflight(target: Target, point: Point) -> None:
         check_restorable(conn, point)
 
 
-def restore_in_transaction(target: Target, point: Point, ui: UI) -> str:
+def restore_in_transaction(target: Target, point: Point, ui: Reporter) -> str:
     """Truncate and refill the point's tables in one transaction; verify before commit."""
     with connection(target.info, autocommit=False, application_name="rollback-toolkit data restore") as conn:
         query(conn, "SET lock_timeout = '60s'")  # a session holding a lock fails us instead of hanging

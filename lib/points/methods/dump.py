@@ -11,24 +11,24 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-from lib.cli.console import UI
 from lib.errors import CatalogError, ToolError, VerificationError
+from lib.files import human_size, utc_now, write_private_file
 from lib.pg.db import connection, database_properties, query, snapshot_session
 from lib.pg.fingerprint import fingerprint
+from lib.pg.process import pipeline
 from lib.pg.target import Target
 from lib.pg.tools import (
     Tool,
     UnknownSettingsFilter,
     candidates_for_archive,
     candidates_for_server,
+    command_for,
     companion,
-    run_pipeline,
-    run_tool,
-    run_with_fallback,
     try_each,
 )
 from lib.points import crypto
-from lib.points.catalog import Catalog, Point, human_size, utc_now, write_private_file
+from lib.points.catalog import Catalog, Point
+from lib.ports import Reporter
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def database_section(target: Target, props: dict) -> dict:
 def take(
     target: Target,
     catalog: Catalog,
-    ui: UI,
+    ui: Reporter,
     *,
     label: str,
     base_manifest: dict,
@@ -82,18 +82,17 @@ def take(
                 crypto.encrypting(archive, to) if to else nullcontext() as sink,
             ):
                 fds = (sink.fileno(),) if sink else ()
-                tool, _ = run_with_fallback(
-                    candidates,
-                    lambda t: [
-                        "--format=custom",
-                        f"--snapshot={snapshot}",
-                        *([f"--file=/dev/fd/{fds[0]}", "--no-sync"] if fds else [f"--file={archive}"]),  # we fsync the file
-                        *target.info.tool_args(),
-                    ],
-                    target.info,
-                    on_tick=lambda _e: tick(f"{human_size(archive.stat().st_size if archive.exists() else 0)} written"),
-                    pass_fds=fds,
-                )
+
+                def dump_with(tool: Tool) -> None:
+                    dump = command_for(tool, conn=target.info)
+                    args = dump.archive(snapshot=snapshot, file=f"/dev/fd/{fds[0]}" if fds else str(archive))
+                    dump.run(
+                        [*args, *(["--no-sync"] if fds else [])],  # an encrypted archive is fsynced here
+                        on_tick=lambda _e: tick(f"{human_size(archive.stat().st_size if archive.exists() else 0)} written"),
+                        pass_fds=fds,
+                    )
+
+                tool, _ = try_each(candidates, dump_with)
             ui.step(
                 f"Archive written by {tool.path} ({tool.version})"
                 + (", encrypted with age" if to else "")
@@ -134,7 +133,7 @@ def restore_candidates(point: Point, target: Target) -> list[Tool]:
     return candidates_for_archive("pg_restore", writer_major, target.settings)
 
 
-def restore_into(target: Target, point: Point, dbname: str, ui: UI) -> Tool:
+def restore_into(target: Target, point: Point, dbname: str, ui: Reporter) -> Tool:
     """pg_restore --exit-on-error into an existing empty database."""
     jobs = target.settings.restore_jobs
 
@@ -152,14 +151,9 @@ def restore_into(target: Target, point: Point, dbname: str, ui: UI) -> Tool:
                 # its SQL script, filtered, into psql, stopping at the first error.
                 restore_script(target, tool, src, dbname, single_transaction=False, on_tick=lambda _e: tick(), stdin=stdin)
             else:
-                parallel = [f"--jobs={jobs}"] if src else []  # a pipe cannot be read in parallel
-                run_tool(
-                    tool,
-                    ["--exit-on-error", *parallel, *target.info.tool_args(dbname), *src],
-                    target.info,
-                    on_tick=lambda _e: tick(),
-                    stdin=stdin,
-                )
+                restore = command_for(tool, conn=target.info)
+                # a pipe (an encrypted archive) cannot be read in parallel
+                restore.run(restore.into(dbname, src, jobs=jobs if src else 1), on_tick=lambda _e: tick(), stdin=stdin)
 
     tool, _ = try_each(restore_candidates(point, target), attempt)
     return tool
@@ -177,26 +171,16 @@ def restore_script(
     stdin=subprocess.DEVNULL,
 ) -> None:
     """``pg_restore --file=-`` piped into psql with ON_ERROR_STOP, filtered for the server."""
-    psql = companion(tool, "psql", target.settings)
+    psql = command_for(companion(tool, "psql", target.settings), conn=target.info)
     with connection(target.info, dbname) as conn:
         known = {row[0] for row in query(conn, "SELECT name FROM pg_settings")}
-    files = [f"--file={prelude}"] if prelude else []
-    consumer_args = [
-        "--no-psqlrc",
-        "--quiet",
-        "--set=ON_ERROR_STOP=1",
-        *(["--single-transaction"] if single_transaction else []),
-        *files,
-        "--file=-",
-        *target.info.tool_args(dbname),
-    ]
+    files = [str(prelude)] if prelude else []
     line_filter = UnknownSettingsFilter(known)
-    run_pipeline(
-        tool,
+    pipeline(
+        command_for(tool),
         ["--file=-", *archive],
         psql,
-        consumer_args,
-        target.info,
+        psql.script(dbname, files=[*files, "-"], single_transaction=single_transaction),
         line_filter=line_filter,
         on_tick=on_tick,
         producer_stdin=stdin,
@@ -210,7 +194,7 @@ def read_through(point: Point, settings) -> Tool:
 
     def attempt(tool: Tool) -> None:
         with archive_source(point, settings) as (src, stdin):
-            run_tool(tool, ["--file=/dev/null", *src], stdin=stdin)
+            command_for(tool).run(["--file=/dev/null", *src], stdin=stdin)
 
     tool, _ = try_each(candidates_for_archive("pg_restore", (point.manifest.get("tool") or {}).get("major"), settings), attempt)
     return tool
@@ -218,7 +202,9 @@ def read_through(point: Point, settings) -> Tool:
 
 def archive_header(archive: Path, settings) -> dict:
     """What pg_restore -l says about an archive: versions, format, entries."""
-    tool, listing = run_with_fallback(candidates_for_archive("pg_restore", None, settings), lambda t: ["--list", str(archive)])
+    tool, listing = try_each(
+        candidates_for_archive("pg_restore", None, settings), lambda t: command_for(t).output(["--list", str(archive)])
+    )
     info: dict = {"read_by": str(tool.path), "entries": 0}
     keys = {
         "Archive created at": "created_at",
@@ -239,7 +225,9 @@ def archive_header(archive: Path, settings) -> dict:
 
 def archive_table_count(archive: Path, settings) -> int:
     """How many TABLE DATA entries the archive's table of contents lists."""
-    _, listing = run_with_fallback(candidates_for_archive("pg_restore", None, settings), lambda t: ["--list", str(archive)])
+    _, listing = try_each(
+        candidates_for_archive("pg_restore", None, settings), lambda t: command_for(t).output(["--list", str(archive)])
+    )
     return sum(1 for line in listing.splitlines() if re.match(r"^\d+; \d+ \d+ TABLE DATA ", line))
 
 
@@ -270,7 +258,7 @@ COMMENT ON SCHEMA public IS 'standard public schema';
 """
 
 
-def restore_in_place(target: Target, point: Point, ui: UI) -> Tool:
+def restore_in_place(target: Target, point: Point, ui: Reporter) -> Tool:
     """Empty staging and restore the point in one transaction: all of it commits or none."""
     clear = point.path.parent / f".clear-{point.id}.sql"
     write_private_file(clear, _clear_sql(target.facts.major).encode())
@@ -306,14 +294,3 @@ def verify_archive(point: Point, settings) -> dict:
             "Use an earlier point (`python3 rollback_manager.py list`).",
         ) from None
     return {"archive": "read end to end", "read_by": str(tool.path)}
-
-
-__all__ = [
-    "take",
-    "restore_into",
-    "restore_in_place",
-    "verify_archive",
-    "archive_header",
-    "check_free_space",
-    "database_section",
-]

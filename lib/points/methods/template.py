@@ -12,12 +12,10 @@ import psycopg2
 from psycopg2 import sql
 
 from lib import faults
-from lib.cli.console import UI
 from lib.errors import ConfigError, DatabaseError, VerificationError
+from lib.files import human_size, utc_now
+from lib.pg.codes import DISK_FULL, DUPLICATE_DATABASE, OBJECT_IN_USE, sqlstate
 from lib.pg.db import (
-    DISK_FULL,
-    DUPLICATE_DATABASE,
-    OBJECT_IN_USE,
     connection,
     database_properties,
     derived_name,
@@ -27,14 +25,15 @@ from lib.pg.db import (
     refuse_prepared_transactions,
     sessions_on,
     set_allow_connections,
-    sqlstate,
     terminate_sessions,
 )
 from lib.pg.fingerprint import Fingerprint, compare, fingerprint
+from lib.pg.retry import retry_on
 from lib.pg.target import Target
 from lib.points import intents
-from lib.points.catalog import Catalog, Point, human_size, utc_now
+from lib.points.catalog import Catalog, Point
 from lib.points.methods.dump import database_section
+from lib.ports import Confirmer, Reporter
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +130,7 @@ def invalid_databases(maint) -> list[str]:
     return [r[0] for r in query(maint, "SELECT datname FROM pg_database WHERE datconnlimit = -2 ORDER BY 1")]
 
 
-def preflight(target: Target, ui: UI, *, assume_yes: bool) -> None:
+def preflight(target: Target, ui: Reporter, ask: Confirmer) -> None:
     """Before copying: rights, invalid databases, space, and the sessions that must end."""
     f = target.facts
     if not f.can_create_db:
@@ -154,27 +153,29 @@ def preflight(target: Target, ui: UI, *, assume_yes: bool) -> None:
         ui.info(f"  A copy needs {target.dbname} to itself; these {len(sessions)} session(s) will be disconnected:")
         for s in sessions:
             ui.info(f"    - {s.describe()}")
-        ui.confirm(
-            "Disconnect them and take the point?", assume_yes=assume_yes, what=f"disconnect the sessions on {target.dbname}"
-        )
+        ask.confirm("Disconnect them and take the point?", what=f"disconnect the sessions on {target.dbname}")
 
 
-def copy_staging(target: Target, new_name: str, attempts: int = 5) -> int:
+COPY_ATTEMPTS = 5
+
+
+def copy_staging(target: Target, new_name: str) -> int:
     """CREATE DATABASE new TEMPLATE staging: the source must have no other sessions, so
-    end them and retry when one slips in. Staging's connections are never disabled, so
-    a killed copy leaves staging fully usable."""
+    end them and try again when one slips in (55006). Staging's connections are never
+    disabled, so a killed copy leaves staging fully usable. Returns sessions ended."""
     ended = 0
-    for attempt in range(1, attempts + 1):
+
+    def attempt(_n: int) -> None:
+        nonlocal ended
         ended += len(terminate_sessions(target.maint, target.dbname))
         faults.pause("before copy")
-        try:
-            copy_database(target, target.dbname, new_name, None)
-            return ended
-        except psycopg2.Error as exc:
-            if sqlstate(exc) != OBJECT_IN_USE or attempt == attempts:
-                raise copy_error(target, exc, target.dbname, attempts=attempt) from None
-            log.info("a session reconnected to %s during the copy; retrying (%s)", target.dbname, attempt)
-    raise AssertionError("unreachable")
+        copy_database(target, target.dbname, new_name, None)
+
+    try:
+        retry_on({OBJECT_IN_USE}, COPY_ATTEMPTS, attempt, what=f"copying {target.dbname}")
+    except psycopg2.Error as exc:
+        raise copy_error(target, exc, target.dbname, attempts=COPY_ATTEMPTS if sqlstate(exc) == OBJECT_IN_USE else 1) from None
+    return ended
 
 
 def copy_error(target: Target, exc: psycopg2.Error, source: str, *, attempts: int = 1) -> DatabaseError:
@@ -209,8 +210,8 @@ def drop_orphans(target: Target, point_ids: list[str], dry_run: bool = False) ->
     return found
 
 
-def take(target: Target, catalog: Catalog, ui: UI, *, label: str, base_manifest: dict, assume_yes: bool) -> Point:
-    preflight(target, ui, assume_yes=assume_yes)
+def take(target: Target, catalog: Catalog, ui: Reporter, ask: Confirmer, *, label: str, base_manifest: dict) -> Point:
+    preflight(target, ui, ask)
     started = utc_now()
     with catalog.writing(label) as writer:
         name = derived_name(writer.id, "")

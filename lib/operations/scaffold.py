@@ -1,0 +1,66 @@
+"""The one way a command that changes anything starts: ``with operation(...) as op``
+opens staging (refusing a staging URL that is really V2), writes the audit entry when
+it ends, takes the database's one lock, and finishes what an interrupted run left
+(the "state before" point of a restore killed after its swap). Create, restore,
+partial rollback, delete, cleanup, reset and a production migration all start here."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+
+from lib.audit import AuditRecord, audited
+from lib.config import Settings
+from lib.pg.locks import DatabaseLock
+from lib.pg.target import Target, confirm_change, open_target
+from lib.points.catalog import Catalog
+from lib.ports import Confirmer, Reporter
+from lib.restore.swap import recover_pending
+
+
+@dataclass
+class Operation:
+    settings: Settings
+    name: str
+    target: Target
+    catalog: Catalog
+    record: AuditRecord
+    ui: Reporter
+    ask: Confirmer
+
+    def confirm_change(self, question: str, *, what: str) -> None:
+        """Before staging changes: asked through the caller's Confirmer (a protected database's name must be typed)."""
+        confirm_change(self.target, self.ask, question, what=what)
+
+
+@contextmanager
+def operation(
+    settings: Settings,
+    name: str,
+    *,
+    ui: Reporter,
+    ask: Confirmer,
+    point_id: str | None = None,
+    migration_id: str | None = None,
+    check_v2: bool = True,
+    finish_pending: bool = True,
+    audit: bool = True,
+) -> Iterator[Operation]:
+    """``finish_pending=False``: a cleanup's dry run, which must change nothing.
+    ``audit=False``: a migration, which writes its own start and end events."""
+    catalog = Catalog(settings.backup_dir).ensure(clean=finish_pending)
+    with open_target(settings, check_v2=check_v2, ui=ui) as target:
+        record_cm = (
+            audited(settings.log_dir, name, target.masked, point_id, migration_id)
+            if audit
+            else nullcontext(AuditRecord(name, target.masked, point_id, migration_id))
+        )
+        with (
+            record_cm as record,
+            DatabaseLock(target.maint, target.facts.system_identifier, target.dbname, folder=catalog.root, doing=name),
+        ):
+            if finish_pending:
+                for line in recover_pending(target, catalog):
+                    ui.info(f"Finished what an interrupted run left: {line}")
+            yield Operation(settings, name, target, catalog, record, ui, ask)
