@@ -32,7 +32,7 @@ __all__ = [
 def __getattr__(name: str):
     # Loaded on first use, so that scripts importing one module of lib stay quick to start.
     if name in __all__:
-        from lib.__init__ import api
+        from lib import api
 
         return getattr(api, name)
     raise AttributeError(f"module 'lib' has no attribute {name!r}")

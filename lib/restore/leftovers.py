@@ -16,8 +16,8 @@ import socket
 
 from lib.files import human_size
 from lib.pg.db import database_exists, derived_name, drop_database, query
-from lib.pg.target import Target
 from lib.pg.process import dead_temporaries, pid_alive
+from lib.pg.target import Target
 from lib.points import spare
 from lib.points.catalog import Catalog
 from lib.points.intents import marker
