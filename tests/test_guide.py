@@ -1,6 +1,8 @@
-"""ROLLBACK_GUIDE.md cannot drift from the code: every flag of every script is in it,
-every message its troubleshooting table quotes is one the code prints, and its
-runnable examples run against the demo servers. The demo itself runs end to end."""
+"""ROLLBACK_GUIDE.md cannot drift from the code: it opens with the runbook and its
+exit-code table, every flag of every script is in it, every message its
+troubleshooting tables quote is one the code prints, its links lead somewhere, and its
+runnable examples run against the demo servers. The demo itself runs end to end.
+tests/README.md names every fault test."""
 
 from __future__ import annotations
 
@@ -14,9 +16,11 @@ from pathlib import Path
 
 import pytest
 
+from lib.errors import ExitCode
 from tests.conftest import ROOT
 
 GUIDE = (ROOT / "ROLLBACK_GUIDE.md").read_text()
+TESTS_README = (ROOT / "tests" / "README.md").read_text()
 SCRIPTS = [
     "create_rollback_point",
     "rollback_manager",
@@ -54,6 +58,29 @@ def _section(heading: str) -> str:
     return GUIDE[start : end if end != -1 else len(GUIDE)]
 
 
+def _headings(text: str) -> list[tuple[int, str, int]]:
+    """(level, title, offset) of every Markdown heading, fenced code left out."""
+    found, fenced, offset = [], False, 0
+    for line in text.splitlines(keepends=True):
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and (m := re.match(r"(#{1,6}) (.+)", line)):
+            found.append((len(m.group(1)), m.group(2).strip(), offset))
+        offset += len(line)
+    return found
+
+
+def _sections(text: str, level: int) -> dict[str, str]:
+    """Each heading of this level: its text, up to the next heading of this level or higher."""
+    heads = _headings(text)
+    sections = {}
+    for i, (lvl, title, start) in enumerate(heads):
+        if lvl == level:
+            end = next((o for lv, _, o in heads[i + 1 :] if lv <= level), len(text))
+            sections[title] = text[start:end]
+    return sections
+
+
 def _mentions(text: str, flag: str) -> bool:
     return re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", text) is not None
 
@@ -73,20 +100,84 @@ def test_every_flag_of_every_script_is_in_its_section_of_the_guide(script):
     assert not extra, f"the guide's section of {script}.py names flags it does not have: {extra}"
 
 
-def _troubleshooting_messages() -> list[str]:
-    section = GUIDE[GUIDE.index("## When things go wrong") :]
-    section = section[: section.index("\n## ", 3)]
+def _runbook() -> tuple[str, str]:
+    """The guide's first ## section: its title and text."""
+    return next(iter(_sections(GUIDE, 2).items()))
+
+
+def _quoted_messages(section: str) -> list[str]:
     return [m.group(1) for m in re.finditer(r"^\| `([^`]+)` \|", section, re.M)]
+
+
+def _troubleshooting_messages() -> list[str]:
+    return _quoted_messages(_sections(GUIDE, 2)["When things go wrong"])
+
+
+def _exit_codes_in(section: str) -> set[int]:
+    return {int(code) for code in re.findall(r"^\| (\d+) \|", section, re.M)}
 
 
 def test_the_troubleshooting_table_quotes_messages_the_code_prints():
     messages = _troubleshooting_messages()
     assert len(messages) >= 15
-    for message in messages:
+    for message in messages + _quoted_messages(_runbook()[1]):
         pieces = [p.strip() for p in message.split("…") if len(p.strip()) >= 6]
         assert pieces, message
         for piece in pieces:
             assert piece in SOURCE, f"the guide quotes {piece!r}, which no script or lib module prints"
+
+
+def test_the_guide_opens_with_the_runbook_and_its_exit_code_table():
+    """The person on call reads the first section: how to restore, and what each exit code asks of them."""
+    title, runbook = _runbook()
+    assert "runbook" in title.lower(), f"the guide's first section is {title!r}, not the runbook"
+    codes = {int(code) for code in ExitCode}
+    assert _exit_codes_in(runbook) == codes, "the runbook's exit-code table must list every ExitCode, and only those"
+    assert _exit_codes_in(_sections(GUIDE, 2)["Exit codes"]) == codes
+    for command in ("check_setup.py", "quick_rollback.py", "rollback_manager.py list", "rollback_manager.py restore <id>"):
+        assert command in runbook, command
+    assert "\n### Recovering by hand\n" in runbook  # a restore interrupted mid-swap sends people there
+
+
+def test_the_headings_the_code_points_to_exist():
+    """Messages and --help say "See ROLLBACK_GUIDE.md, 'Writing a migration'": that heading is there."""
+    named = set(re.findall(r"ROLLBACK_GUIDE\.md, ['\"]([^'\"]+)['\"]", SOURCE))
+    assert named, "the code names no section of the guide any more: drop this test"
+    titles = {title for _, title, _ in _headings(GUIDE)}
+    missing = sorted(named - titles)
+    assert not missing, f"the code points to sections the guide does not have: {missing}"
+
+
+def test_the_runbooks_messages_are_rows_of_the_full_table():
+    """The runbook's short list of messages is a part of the full table, not a second truth."""
+    runbook = _quoted_messages(_runbook()[1])
+    assert len(runbook) >= 8
+    missing = sorted(set(runbook) - set(_troubleshooting_messages()))
+    assert not missing, f"messages in the runbook but not under 'When things go wrong': {missing}"
+
+
+def _slug(title: str, seen: dict[str, int]) -> str:
+    """The anchor GitHub gives a heading (a repeated one gets -1, -2, ...)."""
+    slug = re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-")
+    count = seen.get(slug, 0)
+    seen[slug] = count + 1
+    return f"{slug}-{count}" if count else slug
+
+
+@pytest.mark.parametrize("name", ["ROLLBACK_GUIDE.md", "README.md", "tests/README.md"])
+def test_links_lead_to_files_and_headings_that_exist(name):
+    path = ROOT / name
+    text = path.read_text()
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"\w+:", target):
+            continue  # another site
+        file, _, anchor = target.partition("#")
+        linked = (path.parent / file).resolve() if file else path
+        assert linked.exists(), f"{name} links to {target}, which does not exist"
+        if anchor:
+            seen: dict[str, int] = {}
+            anchors = {_slug(title, seen) for _, title, _ in _headings(linked.read_text())}
+            assert anchor in anchors, f"{name} links to {target}: no such heading"
 
 
 def _runnable_blocks() -> list[str]:
@@ -156,8 +247,9 @@ def test_the_guides_runnable_examples_run_against_the_demo(demo_env):
             if not command or command.startswith("#"):
                 continue
             expect = int(m.group(1)) if (m := re.search(r"exit (\d+)", comment)) else 0
-            newest = _newest_point(env)
-            argv = [sys.executable if w == "python3" else w for w in shlex.split(command.replace("<id>", newest))]
+            newest, kept = _newest_points(env)
+            command = command.replace("<id>", newest).replace("<kept id>", kept)
+            argv = [sys.executable if w == "python3" else w for w in shlex.split(command)]
             result = subprocess.run(
                 argv, cwd=ROOT, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600
             )
@@ -166,13 +258,15 @@ def test_the_guides_runnable_examples_run_against_the_demo(demo_env):
     assert ran >= 10
 
 
-def _newest_point(env) -> str:
+def _newest_points(env) -> tuple[str, str]:
+    """``<id>``: the newest point taken on purpose; ``<kept id>``: the newest state a restore kept."""
     out = subprocess.run(
         [sys.executable, "rollback_manager.py", "list", "--json"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
     )
     points = __import__("json").loads(out.stdout or "[]")
     manual = [p["id"] for p in points if not p["id"].startswith("rb_before_rollback")]
-    return manual[-1] if manual else "no-point"
+    kept = [p["id"] for p in points if p.get("kind") == "before_rollback"]
+    return (manual[-1] if manual else "no-point"), (kept[-1] if kept else "no-point")
 
 
 def test_runnable_blocks_use_only_the_toolkit():
@@ -185,8 +279,7 @@ def test_runnable_blocks_use_only_the_toolkit():
 
 
 def test_what_we_test_lists_every_fault_test_and_only_real_ones():
-    section = GUIDE[GUIDE.index("## What we test") :]
-    section = section[: section.index("\n## ", 3)]
+    section = _sections(TESTS_README, 2)["What we test"]
     named = set(re.findall(r"`(test_\w+)`", section))
     faults = set()
     for path in (ROOT / "tests" / "faults").glob("test_*.py"):
