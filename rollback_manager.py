@@ -7,33 +7,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from lib.api import (
-    MigrationBackup,
-    MigrationTransaction,
-    RollbackManager,
-    RollbackType,
-    SyncMigrationBackup,
-    SyncMigrationTransaction,
-    SyncRollbackManager,
-    Verification,
-)
+from lib import api
+from lib.api import *  # noqa: F403 - the Python API of seed 000, re-exported
 from lib.cli import render
 from lib.cli.app import Parser, common_flags, epilog, run_script, settings_from
 from lib.errors import ConfigError
 from lib.operations import commands as operations
 
 # The Python API of seed 000: from rollback_manager import RollbackManager, MigrationTransaction, RollbackType
-__all__ = [
-    "MigrationBackup",
-    "MigrationTransaction",
-    "RollbackManager",
-    "RollbackType",
-    "SyncMigrationBackup",
-    "SyncMigrationTransaction",
-    "SyncRollbackManager",
-    "Verification",
-    "main",
-]
+__all__ = [*api.__all__, "main"]
 
 EXAMPLES = """
 commands:

@@ -17,7 +17,7 @@ Layers, each importing only the ones below it:
     lib (files)     errors, config, ports, audit, files, faults: the foundation
 """
 
-__all__ = [
+__all__ = [  # the names of lib/api.py's __all__, importable from here without loading it first
     "MigrationBackup",
     "MigrationTransaction",
     "RollbackManager",

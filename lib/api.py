@@ -29,6 +29,17 @@ from lib.ports import Granted, Reporter, Silent
 
 log = logging.getLogger(__name__)
 
+__all__ = [
+    "MigrationBackup",
+    "MigrationTransaction",
+    "RollbackManager",
+    "RollbackType",
+    "SyncMigrationBackup",
+    "SyncMigrationTransaction",
+    "SyncRollbackManager",
+    "Verification",
+]
+
 
 class RollbackType(StrEnum):
     """Seed 000's four kinds of rollback."""
@@ -75,7 +86,6 @@ class SyncRollbackManager:
             staging_url=database_url,
             v2_url=v2_url,
             backup_dir=str(backup_dir) if backup_dir else None,
-            confirm_database=confirm_database,
         )
         self.settings.staging()  # a missing or malformed URL fails here, not later
         self.method = method

@@ -107,9 +107,6 @@ class ConnInfo:
         user = parts.pop("user", None)
         return cls(host, port, user, dbname, password, tuple(sorted(parts.items())))
 
-    def with_dbname(self, dbname: str) -> ConnInfo:
-        return ConnInfo(self.host, self.port, self.user, dbname, self.password, self.params)
-
     def masked(self) -> str:
         """The URL with the password replaced by ***; safe for logs, manifests, audit."""
         user = quote(self.user or "", safe="")
@@ -188,7 +185,6 @@ class Settings:
     file_copy_method: str = "copy"
     rollback_spare: bool = True
     protected_databases: tuple[str, ...] = ()  # PROTECTED_DATABASES: their name must be typed to change them
-    confirm_database: str | None = None  # --confirm-database: that name, typed ahead
     encrypt_to: str | None = None  # ROLLBACK_ENCRYPT_TO: age recipients, or a file of them
     decrypt_key_file: str | None = None  # ROLLBACK_DECRYPT_KEY_FILE: the age identity file
     encrypt: bool = False  # --encrypt, or ROLLBACK_ENCRYPT_TO set: payload files in the age format
@@ -213,7 +209,6 @@ def load_settings(
     v2_url: str | None = None,
     backup_dir: str | None = None,
     env_file: Path | None = None,
-    confirm_database: str | None = None,
     encrypt: bool = False,
 ) -> Settings:
     """flag > environment > .env > default."""
@@ -249,7 +244,6 @@ def load_settings(
         file_copy_method=(pick(None, "FILE_COPY_METHOD", "copy") or "copy").strip().lower(),
         rollback_spare=(pick(None, "ROLLBACK_SPARE", "1") or "1").strip().lower() not in ("0", "false", "no", "off"),
         protected_databases=tuple(n.strip() for n in (pick(None, "PROTECTED_DATABASES", "") or "").split(",") if n.strip()),
-        confirm_database=confirm_database,
         encrypt_to=pick(None, "ROLLBACK_ENCRYPT_TO"),
         decrypt_key_file=pick(None, "ROLLBACK_DECRYPT_KEY_FILE"),
         encrypt=encrypt or bool(pick(None, "ROLLBACK_ENCRYPT_TO")),

@@ -25,6 +25,7 @@ class Reporter(Protocol):
     def step(self, text: str) -> None: ...
     def ok(self, text: str) -> None: ...
     def warn(self, text: str) -> None: ...
+    def error(self, text: str) -> None: ...
 
     def progress(self, label: str, total: float | None = None, unit: str = "") -> AbstractContextManager[Tick]:
         """Long work: the yielded callback takes ``done`` (against ``total``, in ``unit``) and/or ``detail``."""
@@ -60,7 +61,7 @@ class Silent:
     def info(self, text: str) -> None:
         pass
 
-    step = ok = warn = info
+    step = ok = warn = error = info
 
     @contextmanager
     def progress(self, label: str, total: float | None = None, unit: str = "") -> Iterator[Tick]:

@@ -84,7 +84,6 @@ def settings_from(args: argparse.Namespace):
         staging_url=getattr(args, "database_url", None),
         v2_url=getattr(args, "v2_url", None),
         backup_dir=getattr(args, "backup_dir", None),
-        confirm_database=getattr(args, "confirm_database", None),
         encrypt=bool(getattr(args, "encrypt", False)),
     )
 

@@ -182,6 +182,51 @@ def production(
     options.check()
     report = Report(migration.id, "production", threshold=options.threshold)
     started = time.monotonic()
+    database = _before_production(settings, ui, ask, migration, report, no_rollback=no_rollback, method=method, force=force)
+    audit.event(
+        settings.log_dir,
+        "migration start",
+        database=database,
+        point_id=report.point_id,
+        migration_id=migration.id,
+        mode="production",
+        batch_size=options.batch_size,
+        failure_threshold=options.threshold,
+        limit=options.limit,
+    )
+    ui.step(
+        f"Running {migration.id} on {database} in batches of {options.batch_size}, "
+        f"failure threshold {options.threshold:.0%}" + (f", at most {options.limit} records" if options.limit is not None else "")
+    )
+    guard = SequenceGuard(settings)
+    failure = _run_in_batches(settings, ui, ask, migration, options, report, guard, database)
+    try:
+        if failure is not None:
+            _after_failure(settings, ui, ask, migration, report, failure, database, force=force)
+            if report.tally.batches_committed == 0:
+                _put_back(guard, report)
+    finally:  # also when the automatic rollback itself failed
+        report.duration_seconds = time.monotonic() - started
+        _audit_end(settings, report, database)
+    if isinstance(failure, KeyboardInterrupt):
+        raise failure
+    return report
+
+
+def _before_production(
+    settings: Settings,
+    ui: Reporter,
+    ask: Confirmer,
+    migration: Migration,
+    report: Report,
+    *,
+    no_rollback: bool,
+    method: str | None,
+    force: bool,
+) -> str:
+    """What must hold before a record is migrated: no replication tie a rollback would
+    break, a protected database's name typed, and a verified point (or its absence
+    confirmed). Returns staging's masked URL."""
     with open_target(settings, ui=ui) as target:
         database, dbname = target.masked, target.dbname
         if not no_rollback:  # the automatic rollback swaps staging: refuse now, not after a batch committed
@@ -202,26 +247,24 @@ def production(
         )
         operations.verify_point(settings, ui, point.id)
         report.point_id = point.id
-    audit.event(
-        settings.log_dir,
-        "migration start",
-        database=database,
-        point_id=report.point_id,
-        migration_id=migration.id,
-        mode="production",
-        batch_size=options.batch_size,
-        failure_threshold=options.threshold,
-        limit=options.limit,
-    )
-    ui.step(
-        f"Running {migration.id} on {database} in batches of {options.batch_size}, "
-        f"failure threshold {options.threshold:.0%}" + (f", at most {options.limit} records" if options.limit is not None else "")
-    )
+    return database
+
+
+def _run_in_batches(
+    settings: Settings,
+    ui: Reporter,
+    ask: Confirmer,
+    migration: Migration,
+    options: Options,
+    report: Report,
+    guard: SequenceGuard,
+    database: str,
+) -> BaseException | None:
+    """The migration under staging's lock; returns how it failed, or None."""
     failure: BaseException | None = None
     ctx = None
-    guard = SequenceGuard(settings)
     try:
-        # its own start and end events are written above and below: no operation entry
+        # its own start and end events are written around it: no operation entry
         with operation(settings, f"migration {migration.id}", ui=ui, ask=ask, migration_id=migration.id, audit=False):
             staging = open_staging(settings, f"migration {migration.id}")
             ctx = _context(settings, ui, migration, staging, options, dry_run=False, database=database)
@@ -240,17 +283,7 @@ def production(
         failure = failure or exc
     if ctx is not None:
         report.tally = ctx.tally
-    try:
-        if failure is not None:
-            _after_failure(settings, ui, ask, migration, report, failure, database, force=force)
-            if report.tally.batches_committed == 0:
-                _put_back(guard, report)
-    finally:  # also when the automatic rollback itself failed
-        report.duration_seconds = time.monotonic() - started
-        _audit_end(settings, report, database)
-    if isinstance(failure, KeyboardInterrupt):
-        raise failure
-    return report
+    return failure
 
 
 def _after_failure(
@@ -273,18 +306,7 @@ def _after_failure(
     )
     log.error("migration %s failed: %s", migration.id, report.error, exc_info=not interrupted)
     if isinstance(failure, ThresholdExceeded):
-        audit.event(
-            settings.log_dir,
-            "threshold breach",
-            database=database,
-            point_id=report.point_id,
-            migration_id=migration.id,
-            outcome="stopped",
-            failed=report.tally.failed,
-            processed=report.tally.processed,
-            failure_rate=round(report.tally.failure_rate, 4),
-            failure_threshold=report.threshold,
-        )
+        _audit_breach(settings, report, database)
     ui.error(f"{migration.id} stopped: {report.error}")
     ui.info(f"The open batch was rolled back. {committed} batch(es) had been committed.")
     report.outcome = "aborted" if interrupted else "failed"
@@ -305,6 +327,15 @@ def _after_failure(
             f"`python3 run_migration.py {migration.path} --rollback {report.point_id}`."
         )
         return
+    _restore_automatically(settings, ui, ask, migration, report, database, force=force)
+    report.outcome = "aborted" if interrupted else "rolled back"
+    ui.ok(f"Staging is back at {report.point_id}, verified")
+
+
+def _restore_automatically(
+    settings: Settings, ui: Reporter, ask: Confirmer, migration: Migration, report: Report, database: str, *, force: bool
+) -> None:
+    committed = report.tally.batches_committed
     ui.step(f"Automatic rollback: putting staging back to {report.point_id}")
     try:
         with audit.audited(settings.log_dir, "automatic rollback", database, report.point_id, migration.id) as record:
@@ -319,8 +350,6 @@ def _after_failure(
             f"Run `python3 rollback_manager.py restore {report.point_id}` once the cause is fixed, "
             "or `python3 quick_rollback.py --from-v2` as a last resort.",
         ) from exc
-    report.outcome = "aborted" if interrupted else "rolled back"
-    ui.ok(f"Staging is back at {report.point_id}, verified")
 
 
 def rollback(
@@ -341,6 +370,21 @@ def rollback(
         point_id = mine[-1].id
         ui.info(f"The newest point made by {migration.id}: {point_id}")
     return operations.restore_point(settings, ui, ask, point_id, force=force)
+
+
+def _audit_breach(settings: Settings, report: Report, database: str) -> None:
+    audit.event(
+        settings.log_dir,
+        "threshold breach",
+        database=database,
+        point_id=report.point_id,
+        migration_id=report.migration_id,
+        outcome="stopped",
+        failed=report.tally.failed,
+        processed=report.tally.processed,
+        failure_rate=round(report.tally.failure_rate, 4),
+        failure_threshold=report.threshold,
+    )
 
 
 def _audit_end(settings: Settings, report: Report, database: str) -> None:

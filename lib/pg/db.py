@@ -386,21 +386,43 @@ def database_properties(conn, dbname: str) -> DatabaseProperties:
         ).format(provider=sql.SQL(provider), icu=sql.SQL(icu)),
         (dbname,),
     )[0]
-    acl = []
-    if not row[8]:
-        acl = [
-            {"grantee": g, "privilege": p, "grantable": w}
-            for g, p, w in query(
-                conn,
-                """
-                SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_get_userbyid(a.grantee) END,
-                       a.privilege_type, a.is_grantable
-                  FROM pg_database d, aclexplode(d.datacl) a
-                 WHERE d.datname = %s ORDER BY 1, 2
-                """,
-                (dbname,),
-            )
-        ]
+    settings, role_settings = _settings_in(conn, dbname)
+    return DatabaseProperties(
+        owner=row[0],
+        encoding=row[1],
+        collate=row[2],
+        ctype=row[3],
+        locale_provider=row[4],
+        icu_locale=row[5],
+        comment=row[6],
+        acl=[] if row[8] else _database_acl(conn, dbname),
+        settings=settings,
+        connection_limit=row[7],
+        role_settings=role_settings,
+        security_labels=_security_labels(conn, dbname),
+        tablespace=row[9],
+        is_template=row[10],
+    )
+
+
+def _database_acl(conn, dbname: str) -> list[dict]:
+    return [
+        {"grantee": g, "privilege": p, "grantable": w}
+        for g, p, w in query(
+            conn,
+            """
+            SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_get_userbyid(a.grantee) END,
+                   a.privilege_type, a.is_grantable
+              FROM pg_database d, aclexplode(d.datacl) a
+             WHERE d.datname = %s ORDER BY 1, 2
+            """,
+            (dbname,),
+        )
+    ]
+
+
+def _settings_in(conn, dbname: str) -> tuple[list[str], list[dict]]:
+    """The database's own settings, and each role's settings in it."""
     settings: list[str] = []
     role_settings = []
     for role, cfg in query(
@@ -416,7 +438,11 @@ def database_properties(conn, dbname: str) -> DatabaseProperties:
             settings = list(cfg or [])
         else:
             role_settings.append({"role": role, "settings": list(cfg or [])})
-    labels = [
+    return settings, role_settings
+
+
+def _security_labels(conn, dbname: str) -> list[dict]:
+    return [
         {"provider": p, "label": lbl}
         for p, lbl in query(
             conn,
@@ -427,22 +453,6 @@ def database_properties(conn, dbname: str) -> DatabaseProperties:
             (dbname,),
         )
     ]
-    return DatabaseProperties(
-        owner=row[0],
-        encoding=row[1],
-        collate=row[2],
-        ctype=row[3],
-        locale_provider=row[4],
-        icu_locale=row[5],
-        comment=row[6],
-        acl=acl,
-        settings=settings,
-        connection_limit=row[7],
-        role_settings=role_settings,
-        security_labels=labels,
-        tablespace=row[9],
-        is_template=row[10],
-    )
 
 
 def create_database_like(conn, name: str, props: dict, server_major: int) -> None:

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 TEMP_PREFIX = "rollback-"  # files and folders in the system's temporary folder: rollback-<what>-<pid>-...
 _TEMP_NAME = re.compile(rf"^{re.escape(TEMP_PREFIX)}(pgpass|reset)-(\d+)-")
 READ_ONLY = "-c default_transaction_read_only=on"
+NO_INPUT = subprocess.DEVNULL  # a child's stdin when it reads nothing
 
 # What the tools say when a version does not fit: they run with LC_MESSAGES=C, so this is
 # their own English text, whatever the caller's or the server's language.

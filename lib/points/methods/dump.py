@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import re
 import shutil
-import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -15,7 +14,7 @@ from lib.errors import CatalogError, ToolError, VerificationError
 from lib.files import human_size, utc_now, write_private_file
 from lib.pg.db import connection, database_properties, query, snapshot_session
 from lib.pg.fingerprint import fingerprint
-from lib.pg.process import pipeline
+from lib.pg.process import NO_INPUT, pipeline
 from lib.pg.target import Target
 from lib.pg.tools import (
     Tool,
@@ -122,7 +121,7 @@ def archive_source(point: Point, settings) -> Iterator[tuple[list[str], int]]:
     pg_restore reads (pg_restore reads a custom archive from stdin in one pass)."""
     archive = point.file_path(point.manifest.get("archive", ARCHIVE_NAME))
     if not crypto.is_encrypted(point):
-        yield [str(archive)], subprocess.DEVNULL
+        yield [str(archive)], NO_INPUT
         return
     with crypto.decrypting(archive, crypto.identities(settings, point.id), point.id) as plain:
         yield [], plain.fileno()
@@ -168,7 +167,7 @@ def restore_script(
     single_transaction: bool,
     prelude: Path | None = None,
     on_tick=None,
-    stdin=subprocess.DEVNULL,
+    stdin=NO_INPUT,
 ) -> None:
     """``pg_restore --file=-`` piped into psql with ON_ERROR_STOP, filtered for the server."""
     psql = command_for(companion(tool, "psql", target.settings), conn=target.info)

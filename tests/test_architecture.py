@@ -1,0 +1,99 @@
+"""The shape of lib/ as its package docstrings state it, checked on the code: layers
+import only downwards; one process layer, one lock scaffold, one exception module,
+and no prompt outside the console."""
+
+from __future__ import annotations
+
+import ast
+import re
+
+import pytest
+
+from tests.conftest import ROOT
+
+LIB = ROOT / "lib"
+# lowest first; a module may import its own layer and the ones before it
+LAYERS = [
+    {"lib.errors", "lib.files", "lib.faults", "lib.config", "lib.ports", "lib.audit"},
+    {"lib.pg"},
+    {"lib.points"},
+    {"lib.restore"},
+    {"lib.operations"},
+    {"lib.migrate"},
+    {"lib.api"},
+    {"lib.cli", "lib"},
+]
+
+
+def _layer(module: str) -> int:
+    for rank, names in enumerate(LAYERS):
+        if any(module == n or module.startswith(n + ".") for n in names if n != "lib"):
+            return rank
+    return len(LAYERS) - 1
+
+
+def _modules():
+    for path in sorted(LIB.rglob("*.py")):
+        name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        yield name, path, ast.parse(path.read_text())
+
+
+def _imports(tree) -> set[str]:
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            if node.module == "lib":
+                found |= {f"lib.{alias.name}" for alias in node.names}
+        elif isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+    return found
+
+
+def test_layers_import_only_downwards():
+    upward = []
+    for name, _, tree in _modules():
+        if name == "lib":
+            continue
+        for imported in _imports(tree):
+            if imported.startswith("lib.") and _layer(imported) > _layer(name):
+                upward.append(f"{name} imports {imported}")
+    assert upward == []
+
+
+@pytest.mark.parametrize(
+    "pattern, allowed, why",
+    [
+        (r"^\s*(import subprocess|from subprocess)", {"lib/pg/process.py"}, "one process layer"),
+        (r"^\s*(import rich|from rich)", {"lib/cli/console.py", "lib/cli/render.py"}, "only the console talks to people"),
+        (r"\bisatty\(", {"lib/cli/console.py"}, "whether to ask is the Confirmer's to know"),
+        (r"\bDatabaseLock\(", {"lib/operations/scaffold.py", "lib/pg/target.py", "lib/pg/locks.py"}, "one scaffold takes the lock"),
+        (r"pg_try_advisory_lock|pg_advisory_unlock", {"lib/pg/locks.py"}, "one lock primitive"),
+    ],
+)
+def test_one_way_to_do_each_thing(pattern, allowed, why):
+    found = {
+        str(path.relative_to(ROOT))
+        for path in LIB.rglob("*.py")
+        if re.search(pattern, path.read_text(), re.M) and str(path.relative_to(ROOT)) not in allowed
+    }
+    assert found == set(), f"{why}: {sorted(found)}"
+
+
+def test_every_exception_lives_in_errors():
+    elsewhere = []
+    for name, _, tree in _modules():
+        if name == "lib.errors":
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+                bases = {getattr(b, "id", getattr(b, "attr", "")) for b in node.bases}
+                if any(b.endswith(("Error", "Exception")) or b in ("RollbackError",) for b in bases):
+                    elsewhere.append(f"{name}.{node.name}")
+    assert elsewhere == []
+
+
+def test_every_package_says_what_it_may_import():
+    for init in LIB.glob("*/__init__.py"):
+        doc = ast.get_docstring(ast.parse(init.read_text())) or ""
+        assert "May import" in doc, init
