@@ -41,6 +41,9 @@ def build_parser() -> Parser:
         help="write every file of the point in the age format, to the recipients in ROLLBACK_ENCRYPT_TO",
     )
     p.add_argument("--keep", type=int, metavar="N", help="afterwards keep only the N newest points of this database")
+    p.add_argument(
+        "--jobs", type=int, metavar="N", help="parallel pg_dump jobs for a dump point (default: DUMP_JOBS or the number of CPUs)"
+    )
     p.add_argument("--database-url", help="staging database URL (default: STAGING_DATABASE_URL)")
     common_flags(p)
     return p
@@ -76,10 +79,17 @@ def action(args, ui, ask) -> int:
             }
         )
         return 0
-    counts = point.manifest["fingerprint"]["row_counts"]
+    fp = point.manifest["fingerprint"]
+    what = (
+        f"{len(fp['relations'])} relations checked by the catalog (rows are read in the background)"
+        if "relations" in fp
+        else f"{sum(fp['row_counts'].values())} rows in {len(fp['row_counts'])} tables"
+    )
+    copied = point.manifest.get("copy")
+    how = f", {dict(clone='cloned', copy='copied')[copied['method']]}: {copied['why']}" if copied else ""
     ui.ok(
-        f"Point created ({point.method}): {human_size(summary['size_bytes'])}, {sum(counts.values())} rows in "
-        f"{len(counts)} tables, in {point.manifest.get('duration_seconds')} s"
+        f"Point created ({point.method}{how}): {human_size(summary['size_bytes'])}, {what}, "
+        f"in {point.manifest.get('duration_seconds')} s"
     )
     ui.info(f"Restore it with: python3 rollback_manager.py restore {point.id}")
     print(point.id)

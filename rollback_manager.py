@@ -21,7 +21,8 @@ EXAMPLES = """
 commands:
   list                     every point: id, migration id, database, table, method, size, status, created, description
   info ID | --file PATH    one point in detail (alias: details), or any pg_dump archive / point folder
-  verify ID                checksums, and the archive read end to end
+  verify ID [--deep]       checksums, then an archive read end to end, or a database copy checked by its
+                           catalog; --deep reads every row
   restore ID               staging back to that point (alias: execute); asks first, --yes to skip
       --type partial [--table T]...   only delete the rows added since the point, keep the rest
       --type backup --file PATH       straight from a pg_dump archive or a point folder
@@ -60,6 +61,11 @@ def build_parser() -> Parser:
     info.add_argument("--file", help="a pg_dump archive, a point folder or its manifest.json")
     verify = sub.add_parser("verify", parents=[parent], help="check a point's checksums and read it end to end")
     verify.add_argument("point_id", metavar="ID")
+    verify.add_argument(
+        "--deep",
+        action="store_true",
+        help="read every row: a dump rebuilt beside staging and counted, a database copy's rows against its baseline",
+    )
     restore = sub.add_parser("restore", aliases=["execute"], parents=[parent], help="put staging back to a point")
     restore.add_argument("point_id", metavar="ID", nargs="?")
     restore.add_argument(
@@ -116,8 +122,8 @@ def action(args, ui, ask) -> int:
         point = operations.get_point(settings, args.point_id)
         return ui.result({**point.manifest, "path": str(point.path)}, lambda: render.point_details(ui, point))
     if command == "verify":
-        result = operations.verify_point(settings, ui, args.point_id)
-        return ui.result(result, lambda: ui.ok(f"Point {result['id']} verified"))
+        result = operations.verify_point(settings, ui, args.point_id, deep=args.deep)
+        return ui.result(result, lambda: ui.ok(f"Point {result['id']} verified ({result['level']})"))
     if command == "backup":
         description = args.description or f"Backup of {', '.join(args.tables)}"
         point, _ = operations.create_point(settings, ui, ask, description=description, method="data", tables=args.tables)

@@ -181,6 +181,7 @@ class Settings:
     pg_bin_dirs: list[Path]
     pg_bin_dir_only: bool
     restore_jobs: int
+    dump_jobs: int = 1  # DUMP_JOBS (or --jobs): pg_dump's parallel jobs for a dump point
     rollback_method: str = "auto"
     file_copy_method: str = "copy"
     rollback_spare: bool = True
@@ -210,6 +211,7 @@ def load_settings(
     backup_dir: str | None = None,
     env_file: Path | None = None,
     encrypt: bool = False,
+    jobs: int | None = None,
 ) -> Settings:
     """flag > environment > .env > default."""
     dotenv_path = env_file or Path(os.environ.get("ROLLBACK_ENV_FILE", PROJECT_ROOT / ".env"))
@@ -227,11 +229,18 @@ def load_settings(
         return path if path.is_absolute() else PROJECT_ROOT / path
 
     bin_dirs = pick(None, "PG_BIN_DIR", "") or ""
-    jobs_text = pick(None, "RESTORE_JOBS", "2") or "2"
-    try:
-        jobs = max(1, int(jobs_text))
-    except ValueError:
-        raise ConfigError(f"RESTORE_JOBS must be a whole number, not {jobs_text!r}.") from None
+    cores = str(max(1, os.cpu_count() or 1))
+
+    def whole(name: str, default: str, flag: int | None = None) -> int:
+        text = str(flag) if flag is not None else (pick(None, name, default) or default)
+        try:
+            value = int(text)
+        except ValueError:
+            raise ConfigError(f"{name} must be a whole number, not {text!r}.") from None
+        if value < 1:
+            raise ConfigError(f"{name} must be at least 1, not {value}.")
+        return value
+
     return Settings(
         staging_url=pick(staging_url, "STAGING_DATABASE_URL"),
         v2_url=pick(v2_url, "V2_DATABASE_URL"),
@@ -239,7 +248,8 @@ def load_settings(
         log_dir=as_path(pick(None, "LOG_DIR", "logs") or "logs"),
         pg_bin_dirs=[Path(p) for p in bin_dirs.split(":") if p],
         pg_bin_dir_only=(pick(None, "PG_BIN_DIR_ONLY", "") or "").lower() in ("1", "true", "yes"),
-        restore_jobs=jobs,
+        restore_jobs=whole("RESTORE_JOBS", cores),
+        dump_jobs=whole("DUMP_JOBS", cores, jobs),
         rollback_method=(pick(None, "ROLLBACK_METHOD", "auto") or "auto").strip().lower(),
         file_copy_method=(pick(None, "FILE_COPY_METHOD", "copy") or "copy").strip().lower(),
         rollback_spare=(pick(None, "ROLLBACK_SPARE", "1") or "1").strip().lower() not in ("0", "false", "no", "off"),

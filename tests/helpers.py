@@ -32,3 +32,9 @@ def write_tool_wrapper(folder: Path, name: str, real: Path, body: str) -> Path:
     path.write_text(f'#!/bin/sh\nREAL="{real}"\nif [ "$1" = "--version" ]; then exec "$REAL" --version; fi\n{body}\n')
     path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     return path
+
+
+def archive_file(point_dir: Path) -> Path:
+    """The largest file of a dump point's archive: a table's data in the directory format
+    (database.dir/), or the single custom-format file of older and encrypted points."""
+    return max((p for p in point_dir.rglob("*") if p.is_file() and p.name != "manifest.json"), key=lambda p: p.stat().st_size)

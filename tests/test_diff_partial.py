@@ -84,8 +84,8 @@ def test_partial_rollback_removes_only_added_rows(staging, method):
 def test_restore_straight_from_an_archive_file_or_a_point_folder(staging, tmp_path):
     dump_id = staging.create_point("dump", "--method", "dump")
     data_id = staging.create_point("data", "--method", "data")
-    archive = tmp_path / "elsewhere.dump"
-    shutil.copy(staging.backup_dir / dump_id / "database.dump", archive)
+    archive = tmp_path / "elsewhere.dir"
+    shutil.copytree(staging.backup_dir / dump_id / "database.dir", archive)
     folder = tmp_path / "data-point"
     shutil.copytree(staging.backup_dir / data_id, folder)
 

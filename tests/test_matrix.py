@@ -36,7 +36,7 @@ def test_a_point_dumped_on_one_major_restores_exactly_on_another(servers, new_st
     dst = new_staging(servers.get(target), "dst", core_only=True)
     dst.sql("DELETE FROM customers WHERE id > 10; CREATE TABLE leftover (id int)")
     point = src.run_json("create_rollback_point.py", "matrix", "--method", "dump")
-    archive = src.backup_dir / point["id"] / "database.dump"
+    archive = src.backup_dir / point["id"] / "database.dir"
     result = dst.run("rollback_manager.py", "restore", "--type", "backup", "--file", str(archive), "--yes", "--json")
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout)["verified"] is True

@@ -45,8 +45,8 @@ def test_create_writes_a_complete_private_point_whatever_the_umask(staging):
     assert created["id"].startswith("rb_orders_v2_")
     assert stat.S_IMODE(staging.backup_dir.stat().st_mode) == 0o700
     assert stat.S_IMODE(point_dir.stat().st_mode) == 0o700
-    for f in point_dir.iterdir():
-        assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
+    for f in point_dir.rglob("*"):
+        assert stat.S_IMODE(f.stat().st_mode) == (0o700 if f.is_dir() else 0o600), f
     manifest = json.loads((point_dir / "manifest.json").read_text())
     for key in (
         "id",
@@ -102,7 +102,7 @@ def test_list_info_verify_in_process_and_as_json(staging, capsys):
 
 def test_info_file_reads_any_archive(staging, capsys):
     point_id = staging.create_point()
-    archive = staging.backup_dir / point_id / "database.dump"
+    archive = staging.backup_dir / point_id / "database.dir"
     assert rollback_manager.main(["info", "--file", str(archive), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["database"] == staging.name
@@ -134,7 +134,7 @@ def test_a_killed_creation_leaves_nothing_that_lists(staging, tmp_path):
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             tmp = [p for p in staging.backup_dir.glob(".tmp-*")] if staging.backup_dir.exists() else []
-            if tmp and (tmp[0] / "database.dump").exists() and (tmp[0] / "database.dump").stat().st_size > 0:
+            if tmp and (tmp[0] / "database.dir" / "toc.dat").exists():
                 break
             time.sleep(0.1)
         else:

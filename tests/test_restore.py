@@ -13,7 +13,7 @@ from lib.config import load_settings
 from lib.pg.locks import DatabaseLock
 from lib.pg.target import open_target
 from lib.points.catalog import manifest_digest
-from tests.helpers import deep_state, schema_dump
+from tests.helpers import archive_file, deep_state, schema_dump
 
 MIGRATION = """
 INSERT INTO customers (email, name) SELECT 'new' || g || '@example.com', 'New ' || g FROM generate_series(1, 50) g;
@@ -112,7 +112,7 @@ def test_connected_sessions_are_named_and_ended_with_yes(staging):
 def test_damaged_archive_is_refused_with_exit_3_naming_good_points(staging, damage):
     good = staging.create_point("Good one")
     bad = staging.create_point("Bad one")
-    archive = staging.backup_dir / bad / "database.dump"
+    archive = archive_file(staging.backup_dir / bad)
     data = archive.read_bytes()
     archive.write_bytes(data[:-100] if damage == "truncate" else data[:200] + b"X" + data[201:])
     staging.sql("DELETE FROM customers")

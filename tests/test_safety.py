@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.helpers import write_tool_wrapper
+from tests.helpers import archive_file, write_tool_wrapper
 
 
 def _one_paragraph(stderr: str) -> None:
@@ -119,7 +119,7 @@ def test_every_create_verify_and_restore_leaves_one_audit_line(staging):
 
 def test_a_failed_restore_is_audited_with_its_error(staging):
     point_id = staging.create_point()
-    archive = staging.backup_dir / point_id / "database.dump"
+    archive = archive_file(staging.backup_dir / point_id)
     archive.write_bytes(archive.read_bytes()[:-10])
     assert staging.run("rollback_manager.py", "restore", point_id, "--yes").returncode == 3
     last = json.loads((staging.log_dir / "rollback_audit.jsonl").read_text().splitlines()[-1])

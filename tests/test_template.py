@@ -13,8 +13,21 @@ import psycopg2
 import pytest
 
 from tests.conftest import ROOT
-from tests.helpers import deep_state, schema_dump
+from tests.helpers import archive_file, deep_state, schema_dump
 from tests.test_restore import MIGRATION, databases
+
+
+def wait_for_baseline(staging, point_id: str, timeout: float = 60) -> dict:
+    """The rows the background read of a point's database, once it has."""
+    path = staging.backup_dir / point_id / ".verification.json"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.is_file():
+            found = json.loads(path.read_text()).get("baseline")
+            if found:
+                return found
+        time.sleep(0.1)
+    pytest.fail(f"the background never read the rows of {point_id}")
 
 
 def db_row(server, name: str):
@@ -39,10 +52,16 @@ def test_template_point_is_a_sealed_copy_that_lists_verifies_restores_and_delete
     allow, comment, _ = db_row(staging.server, copy)
     assert allow is False and point_id in comment
     manifest = json.loads((staging.backup_dir / point_id / "manifest.json").read_text())
-    assert manifest["template_database"] == copy and manifest["fingerprint"]["row_counts"]["public.customers"] == 300
+    assert manifest["template_database"] == copy and manifest["fingerprint"]["kind"] == "physical"
+    assert "row_counts" not in manifest["fingerprint"]  # no row is read on the foreground path
+    assert manifest["fingerprint"]["relations"]["public.customers"][1] > 0
+    assert wait_for_baseline(staging, point_id)["row_counts"]["public.customers"] == 300
 
     verified = staging.run_json("rollback_manager.py", "verify", point_id)
     assert verified["verified"] is True and verified["fingerprint"] == "matches the manifest"
+    assert verified["level"] == "physical"
+    deep = staging.run_json("rollback_manager.py", "verify", point_id, "--deep")
+    assert deep["level"] == "deep" and "rows match the baseline" in deep["rows"]
 
     staging.sql(MIGRATION)
     restored = staging.run_json("rollback_manager.py", "restore", point_id, "--yes")
@@ -198,7 +217,7 @@ def test_cleanup_never_removes_the_newest_verified_point(staging):
     oldest = staging.create_point("oldest", "--method", "dump")
     verified = staging.create_point("middle", "--method", "template")
     newest = staging.create_point("newest", "--method", "dump")
-    archive = staging.backup_dir / newest / "database.dump"
+    archive = archive_file(staging.backup_dir / newest)
     archive.write_bytes(archive.read_bytes()[:-50])  # the newest no longer verifies
 
     dry = staging.run_json("rollback_manager.py", "cleanup", "--keep", "1", "--dry-run")
@@ -271,15 +290,27 @@ def test_a_spare_copy_makes_quick_rollback_a_swap_and_is_prepared_again(staging)
     assert deep_state(staging.server, staging.name) == before
     wait_for_database(staging.server, spare)  # ready again for the next rollback
 
-    # a spare that no longer matches its point is never swapped in
+    # a spare that no longer matches its point is never swapped in: one left open...
+    staging.sql(f'ALTER DATABASE "{spare}" WITH ALLOW_CONNECTIONS true')
+    staging.sql(MIGRATION)
+    opened = staging.run("quick_rollback.py", "--yes", env=env)
+    assert opened.returncode == 3 and "takes connections" in opened.stderr
+    assert spare not in databases(staging.server)  # the suspect copy was dropped
+    staging.sql("DROP TABLE migration_log")
+    assert staging.run("quick_rollback.py", "--yes", env={"ROLLBACK_SPARE": "0"}).returncode == 0
+    staging.run("quick_rollback.py", "--yes", env=env)
+    wait_for_database(staging.server, spare)
+    # ...and one changed behind the toolkit's back and sealed again: a table truncated
     staging.sql(f'ALTER DATABASE "{spare}" WITH ALLOW_CONNECTIONS true')
     conn = staging.server.connect(spare)
     with conn.cursor() as cur:
-        cur.execute("DELETE FROM customers WHERE id < 10")
+        cur.execute("TRUNCATE measurements_2025")
     conn.close()
+    staging.sql(f'ALTER DATABASE "{spare}" WITH ALLOW_CONNECTIONS false')
     staging.sql(MIGRATION)
     tampered = staging.run("quick_rollback.py", "--yes", env=env)
     assert tampered.returncode == 3 and "does not match its manifest" in tampered.stderr
+    assert "measurements_2025: its file was replaced" in tampered.stderr
     assert spare not in databases(staging.server)  # the bad copy was dropped
     staging.sql("DROP TABLE migration_log")
     again = staging.run("quick_rollback.py", "--yes", env={"ROLLBACK_SPARE": "0"})

@@ -85,6 +85,7 @@ def settings_from(args: argparse.Namespace):
         v2_url=getattr(args, "v2_url", None),
         backup_dir=getattr(args, "backup_dir", None),
         encrypt=bool(getattr(args, "encrypt", False)),
+        jobs=getattr(args, "jobs", None),
     )
 
 

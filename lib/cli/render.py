@@ -29,7 +29,7 @@ def points_table(ui: UI, points: list[Point], *, numbered: bool = False) -> None
             s["table"] or "(all)",
             s["method"],
             human_size(s["size_bytes"]),
-            s["status"] or "?",
+            (s["status"] or "?") + (f" ({s['verified']})" if s.get("verified") else ""),
             created,
             s["description"] or "",
         )
@@ -48,15 +48,17 @@ def point_details(ui: UI, point: Point) -> None:
         ("Kind", m.get("kind", "manual") + (f" (restoring {m['restored_point']})" if m.get("restored_point") else "")),
         ("Created", f"{m.get('created_at')} ({age(m.get('created_at'))})"),
         ("Status", m.get("status")),
+        ("Verified", _verified(point)),
         ("Method", point.method),
         ("Database", f"{db.get('name')} — {db.get('url')}"),
         ("Server", f"PostgreSQL {db.get('server_version')} (system id {db.get('system_identifier') or 'unknown'})"),
         ("Database size", human_size(db.get("size_bytes"))),
         ("Written by", f"{tool.get('path')} ({tool.get('version')})" if tool else "-"),
         ("Database copy", m.get("template_database") or "-"),
+        ("Copied by", f"{m['copy']['method']}: {m['copy']['why']}" if m.get("copy") else "-"),
         ("Folder", str(point.path)),
         ("Schema digest", f"{fp.get('schema_digest', '?')[:16]}… over {fp.get('schema_objects')} objects"),
-        ("Rows", f"{sum(fp.get('row_counts', {}).values())} in {len(fp.get('row_counts', {}))} tables"),
+        ("Rows", _rows(point)),
         ("Sequences", str(len(fp.get("sequences", {})))),
         ("Large objects", str(fp.get("large_objects", 0))),
     ]
@@ -76,6 +78,26 @@ def point_details(ui: UI, point: Point) -> None:
         counts.add_row(name, str(n))
     if fp.get("row_counts"):
         ui.out.print(counts)
+
+
+def _verified(point: Point) -> str:
+    """Which verification the point has passed, and when."""
+    found = point.verification
+    if point.method in ("dump", "data"):
+        return "deep: every row was counted when it was taken" + (f"; rebuilt and counted {found['verified_at']}" if found.get("verified_at") else "")
+    if found.get("level") == "deep":
+        return f"deep: every row matched its baseline {found.get('verified_at')}"
+    return "physical: schema digest, every relation's file and size, sequences" + (
+        "; rows read as the baseline" if found.get("baseline") else "; rows not read yet (the background reads them)"
+    )
+
+
+def _rows(point: Point) -> str:
+    fp = point.manifest.get("fingerprint") or {}
+    counts = fp.get("row_counts") or (point.verification.get("baseline") or {}).get("row_counts")
+    if counts is None:
+        return f"not counted yet ({len(fp.get('relations', {}))} relations checked by the catalog)"
+    return f"{sum(counts.values())} in {len(counts)} tables"
 
 
 def diff_lines(ui: UI, found) -> None:

@@ -20,10 +20,11 @@ from lib.audit import audited
 from lib.config import Settings
 from lib.errors import ConfigError, NoPointError, VerificationError
 from lib.files import sha256_file, utc_now
+from lib.operations import background
 from lib.operations.scaffold import Operation, operation
 from lib.pg.db import database_properties
 from lib.pg.target import Target, open_target
-from lib.points import crypto, retention, spare
+from lib.points import crypto, retention
 from lib.points.catalog import Catalog, Point, check_files, refuse_damaged_manifest
 from lib.points.methods import data as data_method
 from lib.points.methods import dump as dump_method
@@ -106,13 +107,8 @@ def _take(
     if method == "template":
         template_method.drop_orphans(target, catalog.stale_ids)
         point = template_method.take(target, catalog, ui, op.ask, label=label, base_manifest=base)
-        if spare.enabled(target.settings) and kind == "manual":
-            spare.drop_all_but(target, catalog, point)
-            spare.start_in_background(target.settings, point)
-            ui.info(
-                "  A spare copy is being prepared in the background, so a quick rollback is only a swap "
-                "(it needs the database's size once more on the server; ROLLBACK_SPARE=0 turns it off)."
-            )
+        for note in background.after_point(target.settings, point):
+            ui.info(f"  {note[0].upper()}{note[1:]}.")
         return point
     raise ConfigError(f"Unknown method {method!r}.", f"Choose one of: {', '.join(METHODS)}.")
 
@@ -167,13 +163,19 @@ def file_info(settings: Settings, path: Path) -> dict:
     if path.name == "manifest.json" and path.is_file():
         point = Catalog(path.parent.parent).get(path.parent.name)
         return {"point": point.manifest, "files": "ok" if not check_files(point) else check_files(point)}
+    if dump_method.is_archive_folder(path):
+        size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+        return {"file": str(path), "format": "directory", "size_bytes": size, **dump_method.archive_header(path, settings)}
     if not path.is_file():
         raise ConfigError(f"{path} does not exist or is not a file.", "Give the path of an archive or a point folder.")
     header = dump_method.archive_header(path, settings)
     return {"file": str(path), "size_bytes": path.stat().st_size, "sha256": sha256_file(path), **header}
 
 
-def verify_point(settings: Settings, ui: Reporter, point_id: str) -> dict:
+def verify_point(settings: Settings, ui: Reporter, point_id: str, *, deep: bool = False) -> dict:
+    """Checksums, then by method: an archive read end to end, a data point's files read
+    and counted, a database copy checked by its catalog (physical). With ``deep``, every
+    row: a dump rebuilt beside staging and counted, a copy's rows against the baseline."""
     catalog = Catalog(settings.backup_dir)
     point = catalog.get(point_id)
     with audited(settings.log_dir, "verify", point.manifest.get("database", {}).get("url"), point.id) as record:
@@ -196,16 +198,25 @@ def verify_point(settings: Settings, ui: Reporter, point_id: str) -> dict:
             with ui.progress(f"Reading the archive of {point.id} end to end"):
                 result.update(dump_method.verify_archive(point, settings))
             ui.ok("Archive read end to end")
+            if deep:
+                with open_target(settings, check_v2=False, ui=ui) as target:
+                    result.update(dump_method.rebuild_and_count(target, point, ui))
+                ui.ok("Rebuilt beside staging: schema digest, row counts and sequences match the manifest")
         elif point.method == "data":
             with ui.progress(f"Reading the data of {point.id} end to end"):
                 result.update(data_method.read_through(point, settings))
             ui.ok("Every table file read end to end, row counts match")
         elif point.method == "template":
-            with open_target(settings, check_v2=False) as target:
-                result.update(template_method.verify_point_database(target, point))
-            ui.ok("Database copy matches the manifest")
+            with open_target(settings, check_v2=False, ui=ui) as target:
+                found = template_method.verify_point_database(target, point, deep=deep)
+            result.update(found)
+            ui.ok(
+                "Database copy matches the manifest: schema digest, every relation's file and size, sequences"
+                + (f"; {found['rows']}" if found.get("rows") else "")
+            )
         result["verified"] = True
-        record.set(outcome="verified")
+        result["level"] = point.verified
+        record.set(outcome="verified", level=point.verified)
     return result
 
 
@@ -243,8 +254,7 @@ def restore_point(
             result = restore_data(target, rplan, ui, lambda d, k, t: keep_current(d, k, t, "data"))
         elif rplan.mode == "swap":
             result = restore_swap(target, op.catalog, rplan, ui)
-            if point.method == "template" and spare.enabled(settings) and point.manifest.get("kind", "manual") == "manual":
-                spare.start_in_background(settings, point)  # ready for the next rollback
+            background.after_restore(settings, point, result.before_point_id)  # the next spare, the kept state's rows
         else:
             result = restore_in_place(target, rplan, ui, lambda d, k, _t: keep_current(d, k, None, "dump"))
         op.record.set(mode=result.mode, before_point_id=result.before_point_id, unavailable_seconds=result.unavailable_seconds)
@@ -256,7 +266,7 @@ def archive_point(settings: Settings, path: Path) -> Point:
     path = Path(path).expanduser().resolve()
     if path.is_dir() and (path / "manifest.json").is_file():
         return Point(path, json.loads((path / "manifest.json").read_text()))
-    if not path.is_file():
+    if not path.is_file() and not dump_method.is_archive_folder(path):
         raise ConfigError(f"{path} is neither a pg_dump archive nor a point folder.", "Give the path of one.")
     header = dump_method.archive_header(path, settings)
     writer = re.match(r"(\d+)", header.get("pg_dump_version", "") or "")

@@ -8,6 +8,7 @@ import os
 
 from lib.config import Settings
 from lib.errors import ConfigError
+from lib.operations import background
 from lib.operations.scaffold import operation
 from lib.pg.db import (
     create_database_like,
@@ -63,5 +64,6 @@ def reset_staging(
 
             result = build_verify_swap(target, op.catalog, ui, build=build, verify=verify, properties=props, restored="V2")
         op.record.set(before_point_id=result.before_point_id)
+    background.after_restore(settings, None, result.before_point_id)  # the kept state's rows, read in the background
     result.mode = "reset from V2"
     return result

@@ -125,28 +125,38 @@ _SCHEMA_QUERIES = {
 
 @dataclass
 class Fingerprint:
+    """What a database is, as far as it was read. A logical fingerprint counts rows
+    (``row_counts``; with ``content``, hashes every row). A physical one reads only the
+    catalog, in O(relations): every relation's file node and size (``relations``),
+    enough for a copy the server made of its own files."""
+
     schema_digest: str
     schema_objects: int
-    row_counts: dict[str, int]
+    row_counts: dict[str, int] | None
     sequences: dict[str, list]
     large_objects: int
     content: dict[str, str] = field(default_factory=dict)
+    relations: dict[str, list] | None = None
 
     def as_dict(self) -> dict:
         d = {
             "schema_digest": self.schema_digest,
             "schema_objects": self.schema_objects,
-            "row_counts": self.row_counts,
             "sequences": self.sequences,
             "large_objects": self.large_objects,
         }
+        if self.row_counts is not None:
+            d["row_counts"] = self.row_counts
+        if self.relations is not None:
+            d["kind"] = "physical"
+            d["relations"] = self.relations
         if self.content:
             d["content"] = self.content
         return d
 
     @property
     def total_rows(self) -> int:
-        return sum(self.row_counts.values())
+        return sum((self.row_counts or {}).values())
 
 
 DEFAULT_SEARCH_PATH = '"$user", public'
@@ -285,6 +295,48 @@ def content_hashes(conn) -> dict[str, str]:
     return hashes
 
 
+def relation_files(conn) -> dict[str, list]:
+    """Every relation with storage (tables, indexes, materialized views, sequences, and
+    each table's TOAST under the table's name): [file node, bytes of its main fork].
+    A copy made by the server has the same; a table truncated, rewritten or grown
+    behind the toolkit's back has not."""
+    rows = query(
+        conn,
+        f"""
+        SELECT format('%I.%I', n.nspname, c.relname), pg_relation_filenode(c.oid), pg_relation_size(c.oid)
+          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE c.relkind IN ('r', 'i', 'm', 'S') AND {USER_NAMESPACES}
+        UNION ALL
+        SELECT format('%I.%I', n.nspname, c.relname) || ' (toast)', pg_relation_filenode(c.reltoastrelid),
+               pg_relation_size(c.reltoastrelid)
+          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE c.reltoastrelid <> 0 AND {USER_NAMESPACES}""",
+    )
+    return {name: [int(node or 0), int(size)] for name, node, size in rows}
+
+
+def physical_fingerprint(conn) -> Fingerprint:
+    """The catalog's view of a database, in O(relations): no row is read."""
+    lines = schema_lines(conn)
+    return Fingerprint(
+        schema_digest=hashlib.sha256("\n".join(lines).encode()).hexdigest(),
+        schema_objects=len(lines),
+        row_counts=None,
+        sequences=sequence_positions(conn),
+        large_objects=int(scalar(conn, "SELECT count(*) FROM pg_largeobject_metadata")),
+        relations=relation_files(conn),
+    )
+
+
+def is_physical(expected: dict | None) -> bool:
+    return bool(expected) and expected.get("kind") == "physical"
+
+
+def fingerprint_like(conn, expected: dict) -> Fingerprint:
+    """What ``expected`` can be compared with: physical for a physical one, counted otherwise."""
+    return physical_fingerprint(conn) if is_physical(expected) else fingerprint(conn)
+
+
 def fingerprint(conn, *, deep: bool = False) -> Fingerprint:
     """Read inside whatever transaction ``conn`` has open (a snapshot, when taking a point)."""
     lines = schema_lines(conn)
@@ -300,23 +352,46 @@ def fingerprint(conn, *, deep: bool = False) -> Fingerprint:
 
 
 def compare(expected: dict, actual: Fingerprint) -> list[str]:
-    """Differences between a manifest's fingerprint and a database's, as sentences."""
+    """Differences between a recorded fingerprint (of a manifest, or a baseline) and a
+    database's, as sentences; only what was recorded is compared."""
     problems: list[str] = []
-    if expected.get("schema_digest") != actual.schema_digest:
+    if "schema_digest" in expected and expected["schema_digest"] != actual.schema_digest:
         problems.append(
             f"schema digest differs ({expected.get('schema_objects')} objects recorded, {actual.schema_objects} found)"
         )
-    want = expected.get("row_counts", {})
-    for table in sorted(set(want) | set(actual.row_counts)):
-        a, b = want.get(table), actual.row_counts.get(table)
-        if a != b:
-            problems.append(
-                f"{table}: {a if a is not None else 'absent'} rows recorded, {b if b is not None else 'absent'} found"
-            )
-    want_seq = expected.get("sequences", {})
-    for seq in sorted(set(want_seq) | set(actual.sequences)):
+    if "row_counts" in expected and actual.row_counts is not None:
+        want = expected["row_counts"]
+        for table in sorted(set(want) | set(actual.row_counts)):
+            a, b = want.get(table), actual.row_counts.get(table)
+            if a != b:
+                problems.append(
+                    f"{table}: {a if a is not None else 'absent'} rows recorded, {b if b is not None else 'absent'} found"
+                )
+    if "relations" in expected and actual.relations is not None:
+        problems += _file_differences(expected["relations"], actual.relations)
+    if "content" in expected and actual.content:
+        for table in sorted(set(expected["content"]) | set(actual.content)):
+            if expected["content"].get(table) != actual.content.get(table):
+                problems.append(f"{table}: the rows' content differs from what was read before")
+    want_seq = expected.get("sequences")
+    for seq in sorted(set(want_seq or {}) | set(actual.sequences)) if want_seq is not None else []:
         if list(want_seq.get(seq) or []) != list(actual.sequences.get(seq) or []):
             problems.append(f"sequence {seq}: {want_seq.get(seq)} recorded, {actual.sequences.get(seq)} found")
-    if expected.get("large_objects", 0) != actual.large_objects:
+    if "large_objects" in expected and expected["large_objects"] != actual.large_objects:
         problems.append(f"large objects: {expected.get('large_objects')} recorded, {actual.large_objects} found")
+    return problems
+
+
+def _file_differences(want: dict[str, list], found: dict[str, list]) -> list[str]:
+    problems = []
+    for name in sorted(set(want) | set(found)):
+        a, b = want.get(name), found.get(name)
+        if a is None or b is None:
+            problems.append(
+                f"{name}: {'absent' if a is None else 'recorded'} at the point, {'absent' if b is None else 'present'} now"
+            )
+        elif a[0] != b[0]:
+            problems.append(f"{name}: its file was replaced (truncated or rewritten: file node {a[0]} recorded, {b[0]} found)")
+        elif a[1] != b[1]:
+            problems.append(f"{name}: {a[1]} bytes recorded, {b[1]} found (rows were added or removed)")
     return problems

@@ -178,3 +178,14 @@ class SpareLock(Lock):
     @staticmethod
     def key_name(name: str) -> str:
         return f"spare:{name}"
+
+
+class CountLock(Lock):
+    """Held by the background job while it reads a point's database row by row, which it
+    opens to connections meanwhile; a check that finds the database open knows why."""
+
+    purpose = "row count"
+
+    @staticmethod
+    def key_name(name: str) -> str:
+        return f"count:{name}"

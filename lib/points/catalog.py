@@ -17,6 +17,7 @@ import shutil
 import socket
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -33,6 +34,7 @@ TMP_PREFIX = ".tmp-"
 PENDING = ".pending.json"
 INTENTS = ".intents"  # one file per database the toolkit is about to create, written before it exists
 CATALOG_ID = ".catalog-id"  # ties the databases this catalog creates to it (their comment names it)
+VERIFICATION = ".verification.json"  # beside a manifest: what has been verified since, and the rows read in the background
 FORMAT_VERSION = 1
 STATUS_COMPLETED = "completed"
 
@@ -66,6 +68,32 @@ class Point:
     def file_path(self, name: str) -> Path:
         return self.path / name
 
+    @property
+    def verification(self) -> dict:
+        """What was verified since the point was taken, and the rows the background read
+        of a database copy: a file of its own beside the manifest, which is never
+        rewritten. Ignored when it is not about this very manifest."""
+        try:
+            found = json.loads((self.path / VERIFICATION).read_text())
+        except (OSError, ValueError):
+            return {}
+        return found if found.get("manifest_sha256") == self.manifest.get("manifest_sha256") else {}
+
+    def record_verification(self, **fields) -> None:
+        merged = {**self.verification, **fields, "manifest_sha256": self.manifest.get("manifest_sha256")}
+        staged = self.path / f"{VERIFICATION}.{os.getpid()}"
+        write_private_file(staged, json.dumps(merged, indent=2, sort_keys=True, default=str).encode())
+        os.rename(staged, self.path / VERIFICATION)
+
+    @property
+    def verified(self) -> str:
+        """The deepest verification the point has passed: "deep" (every row: read when a dump
+        or data point was taken, or by `verify --deep`), or "physical" (a database copy,
+        checked by what the catalog shows)."""
+        if self.method in ("dump", "data"):
+            return "deep"
+        return self.verification.get("level", "physical")
+
     def summary(self) -> dict:
         m = self.manifest
         return {
@@ -78,6 +106,7 @@ class Point:
             "method": self.method,
             "size_bytes": self.size,
             "status": m.get("status"),
+            "verified": self.verified if m.get("status") == STATUS_COMPLETED else None,
             "kind": m.get("kind", "manual"),
             "description": m.get("description"),
         }
@@ -290,13 +319,21 @@ class PointWriter:
         return path
 
     def commit(self, manifest: dict) -> Point:
-        files = []
-        for path in sorted(self.tmp.iterdir()):
-            if path.name.startswith(".") or path.name == MANIFEST:
-                continue
+        """Checksum and fsync every file (folders of a directory-format archive included,
+        the checksums on all cores), write the manifest last, and rename into place."""
+        paths = payload_files(self.tmp)
+        for path in paths:
             path.chmod(0o600)
-            fsync_path(path)
-            files.append({"name": path.name, "size": path.stat().st_size, "sha256": sha256_file(path)})
+        for folder in {p.parent for p in paths} - {self.tmp}:
+            folder.chmod(0o700)
+        with ThreadPoolExecutor(max_workers=max(1, min(len(paths), os.cpu_count() or 1))) as pool:
+            sums = list(pool.map(_sync_and_sum, paths))
+        files = [
+            {"name": str(path.relative_to(self.tmp)), "size": path.stat().st_size, "sha256": digest}
+            for path, digest in zip(paths, sums, strict=True)
+        ]
+        for folder in sorted({p.parent for p in paths} - {self.tmp}, key=lambda f: -len(f.parts)):
+            fsync_path(folder)
         manifest = dict(manifest)
         manifest.update(format=FORMAT_VERSION, id=self.id, files=files, status=STATUS_COMPLETED)
         manifest["manifest_sha256"] = manifest_digest(manifest)
@@ -310,6 +347,22 @@ class PointWriter:
         fsync_path(self.catalog.root)
         self.committed = True
         return Point(final, manifest)
+
+
+def _sync_and_sum(path: Path) -> str:
+    fsync_path(path)
+    return sha256_file(path)
+
+
+def payload_files(folder: Path) -> list[Path]:
+    """Every file of a point, in folders too; not the manifest, not hidden files."""
+    found = []
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder)
+        if relative.parts[0].startswith(".") or relative.parts[0] in (MANIFEST, MANIFEST + ".tmp") or not path.is_file():
+            continue
+        found.append(path)
+    return found
 
 
 DAMAGED = ("manifest missing", "unreadable manifest")
@@ -339,8 +392,8 @@ def check_files(point: Point) -> list[str]:
         problems.append(f"{point.path / MANIFEST} was edited after the point was taken (its own checksum does not match)")
     listed = {entry["name"] for entry in point.manifest.get("files", [])}
     if point.path.is_dir() and point.manifest.get("kind") != "file":  # a bare archive's folder is anybody's
-        for extra in sorted(point.path.iterdir()):
-            if extra.name not in listed and extra.name != MANIFEST and not extra.name.startswith("."):
+        for extra in payload_files(point.path):
+            if str(extra.relative_to(point.path)) not in listed:
                 problems.append(f"{extra} is not part of the point (a file was added)")
     for entry in point.manifest.get("files", []):
         path = point.file_path(entry["name"])

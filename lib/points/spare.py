@@ -18,8 +18,8 @@ import psycopg2
 
 from lib.config import Settings
 from lib.pg.db import derived_name, drop_database, rename_database, set_allow_connections
+from lib.errors import VerificationError
 from lib.pg.locks import SpareLock
-from lib.pg.process import PythonModule
 from lib.pg.target import Target
 from lib.points import intents
 from lib.points.catalog import Catalog, Point
@@ -36,18 +36,6 @@ def enabled(settings: Settings) -> bool:
 
 def spare_name(point: Point) -> str:
     return derived_name(point.manifest.get("template_database") or point.id, SUFFIX)
-
-
-def start_in_background(settings: Settings, point: Point) -> None:
-    """``python -m lib.cli.background spare POINT_ID``, detached; the settings travel in
-    its environment (never its argv)."""
-    env = {
-        "STAGING_DATABASE_URL": settings.staging_url or "",
-        "BACKUP_DIR": str(settings.backup_dir),
-        "LOG_DIR": str(settings.log_dir),
-    }
-    PythonModule(env=env).start_detached("lib.cli.background", "spare", point.id)
-    log.info("preparing a spare copy of %s in the background", point.id)
 
 
 def _lock(target: Target, point: Point) -> SpareLock:
@@ -88,6 +76,13 @@ def claim(target: Target, point: Point, new_name: str, *, wait_seconds: float = 
         state = template_method.database_state(target.maint, name)
         if state is None or state["invalid"]:
             return False
+        if state["allow_connections"]:  # sealed when made: somebody opened it since
+            drop_database(target.maint, name)
+            raise VerificationError(
+                f"The spare copy {name!r} of point {point.id} takes connections, and it was sealed when it was made: "
+                "somebody may have changed it, so it was dropped. Staging was not touched.",
+                "Run the command again: the point itself is copied this time.",
+            )
         rename_database(target.maint, name, new_name)
         set_allow_connections(target.maint, new_name, True)
         return True

@@ -22,6 +22,7 @@ from lib.points import spare
 from lib.points.catalog import Catalog
 from lib.points.intents import marker
 from lib.points.methods import template as template_method
+from lib.points.methods.dump import VERIFY_SUFFIX
 from lib.restore.diff import DIFF_SUFFIX
 from lib.restore.swap import ASIDE_SUFFIX, recover_pending
 
@@ -69,7 +70,7 @@ def unowned_databases(target: Target, catalog: Catalog, *, tidy: bool = False) -
     for (name,) in rows:
         if name not in owned and name not in running and name not in found:
             found[name] = "made by this catalog and belonging to no listed point"
-    for suffix in (ASIDE_SUFFIX, DIFF_SUFFIX):
+    for suffix in (ASIDE_SUFFIX, DIFF_SUFFIX, VERIFY_SUFFIX):
         name = derived_name(target.dbname, suffix)
         if name not in found and name not in running and database_exists(target.maint, name):
             found[name] = "left by an interrupted restore, reset or diff"

@@ -7,13 +7,14 @@ import logging
 import re
 import shutil
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from lib.errors import CatalogError, ToolError, VerificationError
 from lib.files import human_size, utc_now, write_private_file
-from lib.pg.db import connection, database_properties, query, snapshot_session
-from lib.pg.fingerprint import fingerprint
+from lib.pg.db import connection, create_database_like, database_properties, derived_name, drop_database, query, snapshot_session
+from lib.pg.fingerprint import compare, fingerprint
 from lib.pg.process import NO_INPUT, pipeline
 from lib.pg.target import Target
 from lib.pg.tools import (
@@ -25,7 +26,7 @@ from lib.pg.tools import (
     companion,
     try_each,
 )
-from lib.points import crypto
+from lib.points import crypto, intents
 from lib.points.catalog import Catalog, Point
 from lib.ports import Reporter
 
@@ -59,6 +60,10 @@ def database_section(target: Target, props: dict) -> dict:
     }
 
 
+ARCHIVE_FOLDER = "database.dir"  # the directory format: one file per table, written and read by parallel jobs
+COMPRESSION = "1"  # gzip level 1: about half the time of the default level, for files about a tenth larger
+
+
 def take(
     target: Target,
     catalog: Catalog,
@@ -67,37 +72,48 @@ def take(
     label: str,
     base_manifest: dict,
 ) -> Point:
+    """pg_dump in one exported snapshot, its exact row counts read in the same snapshot
+    while it runs. Unencrypted: the directory format by ``DUMP_JOBS`` parallel jobs;
+    encrypted: the custom format streamed into age (one stream, no plaintext on disk)."""
     to = crypto.recipients_if_asked(target.settings)  # refused before anything is written
     check_free_space(catalog.root, target.facts.database_size)
     candidates = candidates_for_server("pg_dump", target.facts.major, target.settings)
     started = utc_now()
-    name = ARCHIVE_NAME + (crypto.SUFFIX if to else "")
+    jobs = 1 if to else target.settings.dump_jobs
+    name = ARCHIVE_NAME + crypto.SUFFIX if to else ARCHIVE_FOLDER
     with snapshot_session(target.info, application_name="rollback-toolkit snapshot") as snap_conn:
         snapshot = query(snap_conn, "SELECT pg_export_snapshot()")[0][0]
         with catalog.writing(label) as writer:
-            archive = writer.new_file(name)
-            with (
-                ui.progress(f"Dumping {target.dbname} ({human_size(target.facts.database_size)})") as tick,
-                crypto.encrypting(archive, to) if to else nullcontext() as sink,
-            ):
-                fds = (sink.fileno(),) if sink else ()
+            archive = writer.new_file(name) if to else writer.tmp / name
+            with ThreadPoolExecutor(max_workers=1) as counter:
+                counted = counter.submit(fingerprint, snap_conn)  # the same snapshot, while pg_dump reads
+                with (
+                    ui.progress(f"Dumping {target.dbname}", total=target.facts.database_size, unit="B") as tick,
+                    crypto.encrypting(archive, to) if to else nullcontext() as sink,
+                ):
+                    fds = (sink.fileno(),) if sink else ()
 
-                def dump_with(tool: Tool) -> None:
-                    dump = command_for(tool, conn=target.info)
-                    args = dump.archive(snapshot=snapshot, file=f"/dev/fd/{fds[0]}" if fds else str(archive))
-                    dump.run(
-                        [*args, *(["--no-sync"] if fds else [])],  # an encrypted archive is fsynced here
-                        on_tick=lambda _e: tick(f"{human_size(archive.stat().st_size if archive.exists() else 0)} written"),
-                        pass_fds=fds,
-                    )
+                    def dump_with(tool: Tool) -> None:
+                        dump = command_for(tool, conn=target.info)
+                        if fds:
+                            args = dump.archive(snapshot=snapshot, file=f"/dev/fd/{fds[0]}", compress=COMPRESSION)
+                        else:
+                            shutil.rmtree(archive, ignore_errors=True)  # a refused attempt may have begun it
+                            args = dump.archive(snapshot=snapshot, file=str(archive), compress=COMPRESSION, fmt="directory")
+                            args += [f"--jobs={jobs}"]
+                        dump.run(
+                            [*args, "--no-sync"],  # every file is fsynced when the point is committed
+                            on_tick=lambda _e: tick(done=_bytes_in(archive)),
+                            pass_fds=fds,
+                        )
 
-                tool, _ = try_each(candidates, dump_with)
+                    tool, _ = try_each(candidates, dump_with)
+                fp = counted.result()
             ui.step(
-                f"Archive written by {tool.path} ({tool.version})"
-                + (", encrypted with age" if to else "")
-                + "; counting rows in the same snapshot"
+                f"Archive written by {tool.path} ({tool.version}), "
+                + ("custom format, encrypted with age" if to else f"directory format by {jobs} job(s)")
+                + f"; {fp.total_rows} rows counted in the same snapshot"
             )
-            fp = fingerprint(snap_conn)
             props = database_properties(snap_conn, target.dbname).as_dict()
             manifest = dict(base_manifest)
             manifest.update(
@@ -106,12 +122,30 @@ def take(
                 database=database_section(target, props),
                 tool={"name": tool.name, "path": str(tool.path), "major": tool.major, "version": tool.version},
                 archive=name,
+                archive_format="custom" if to else "directory",
+                compression=f"gzip:{COMPRESSION}",
+                jobs=jobs,
                 encryption=crypto.manifest_section() if to else None,
                 fingerprint=fp.as_dict(),
                 duration_seconds=round((utc_now() - started).total_seconds(), 3),
             )
             point = writer.commit(manifest)
     return point
+
+
+def is_archive_folder(path: Path) -> bool:
+    """A pg_dump archive in the directory format (its table of contents is toc.dat)."""
+    return path.is_dir() and (path / "toc.dat").is_file()
+
+
+def _bytes_in(path: Path) -> int:
+    """How much of the archive is written so far (a file, or a folder of files)."""
+    try:
+        if path.is_dir():
+            return sum(f.stat().st_size for f in path.iterdir())
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 @contextmanager
@@ -293,3 +327,30 @@ def verify_archive(point: Point, settings) -> dict:
             "Use an earlier point (`python3 rollback_manager.py list`).",
         ) from None
     return {"archive": "read end to end", "read_by": str(tool.path)}
+
+
+VERIFY_SUFFIX = "_rb_verify"
+
+
+def rebuild_and_count(target: Target, point: Point, ui: Reporter) -> dict:
+    """verify --deep of a dump point: restored into a scratch database beside staging,
+    compared with the manifest row by row count, then dropped."""
+    name = derived_name(target.dbname, VERIFY_SUFFIX)
+    drop_database(target.maint, name)
+    props = point.manifest.get("database", {}).get("properties", {})
+    with intents.new_database(target, name, f"{point.id} rebuilt for verify --deep"):
+        try:
+            create_database_like(target.maint, name, props, target.facts.major)
+            restore_into(target, point, name, ui)
+            with connection(target.info, name, application_name="rollback-toolkit verify") as conn:
+                found = fingerprint(conn)
+        finally:
+            drop_database(target.maint, name)
+    problems = compare(point.manifest.get("fingerprint") or {}, found)
+    if problems:
+        raise VerificationError(
+            f"Point {point.id}, rebuilt, does not match its manifest: " + "; ".join(problems[:10]) + ".",
+            "Use an earlier point (`python3 rollback_manager.py list`).",
+        )
+    point.record_verification(level="deep", verified_at=utc_now().isoformat(timespec="seconds"))
+    return {"rebuilt": f"{found.total_rows} rows in {len(found.row_counts or {})} tables match the manifest"}

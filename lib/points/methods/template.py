@@ -27,11 +27,13 @@ from lib.pg.db import (
     set_allow_connections,
     terminate_sessions,
 )
-from lib.pg.fingerprint import Fingerprint, compare, fingerprint
+from lib.pg.fingerprint import Fingerprint, compare, fingerprint, fingerprint_like, is_physical, physical_fingerprint
+from lib.pg.locks import CountLock
 from lib.pg.retry import retry_on
 from lib.pg.target import Target
 from lib.points import intents
 from lib.points.catalog import Catalog, Point
+from lib.points.clone import CopyChoice, choose_copy
 from lib.points.methods.dump import database_section
 from lib.ports import Confirmer, Reporter
 
@@ -68,41 +70,72 @@ def opened(target: Target, name: str) -> Iterator[object]:
         set_allow_connections(target.maint, name, False)
 
 
-def read_fingerprint(target: Target, name: str) -> Fingerprint:
+def read_physical(target: Target, name: str) -> Fingerprint:
+    """A sealed database's catalog, in O(relations): no row is read."""
     with opened(target, name) as conn:
-        return fingerprint(conn)
+        return physical_fingerprint(conn)
 
 
-def copy_database(target: Target, source: str, new_name: str, owner: str | None) -> None:
+def read_baseline(target: Target, point: Point, name: str) -> dict:
+    """Every row of a point's database (exact counts and content hashes): the background
+    reads them once, as the baseline `verify --deep` compares with later. Held under a
+    CountLock, so a check that finds the database open to connections knows why; a
+    foreground copy of the database ends this session (the background yields)."""
+    with CountLock(target.maint, target.facts.system_identifier, name), opened(target, name) as conn:
+        fp = fingerprint(conn, deep=True)
+    baseline = {"row_counts": fp.row_counts, "content": fp.content, "read_at": utc_now().isoformat(timespec="seconds")}
+    point.record_verification(baseline=baseline)
+    return baseline
+
+
+def copy_database(target: Target, source: str, new_name: str, owner: str | None) -> CopyChoice:
     """CREATE DATABASE ... TEMPLATE, with STRATEGY FILE_COPY from PostgreSQL 15 on: a file
-    copy plus two checkpoints, several times faster than WAL_LOG for large databases.
-
-    FILE_COPY_METHOD=clone (PostgreSQL 18+) asks the kernel to clone the files: near
-    instant reflinks on XFS and btrfs, but slower than a plain copy on ext4, hence not
-    the default; where clone fails, the plain copy is used."""
+    copy plus two checkpoints, several times faster than WAL_LOG for large databases. On
+    PostgreSQL 18, cloned where the filesystem shares blocks (lib/points/clone.py);
+    where a clone fails outright, copied the plain way. Returns how it was copied."""
+    choice = copy_choice(target)
     parts = [sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(new_name), sql.Identifier(source))]
     if target.facts.major >= 15:
         parts.append(sql.SQL("STRATEGY FILE_COPY"))
     if owner:
         parts.append(sql.SQL("OWNER {}").format(sql.Identifier(owner)))
     statement = sql.SQL(" ").join(parts)
-    if target.settings.file_copy_method != "clone" or target.facts.major < 18:
+    if source != target.dbname:  # a point's database: the background may be reading it, and yields
+        terminate_sessions(target.maint, source)
+    if target.facts.major < 18:
         execute(target.maint, statement)
-        return
-    execute(target.maint, "SET file_copy_method = clone")
+        return choice
+    execute(target.maint, "SET file_copy_method = %s", (choice.method,))
     try:
         execute(target.maint, statement)
     except psycopg2.Error as exc:
-        if sqlstate(exc) in (OBJECT_IN_USE, DUPLICATE_DATABASE, DISK_FULL):
+        if choice.method != "clone" or sqlstate(exc) in (OBJECT_IN_USE, DUPLICATE_DATABASE, DISK_FULL):
             raise
         log.warning("file_copy_method = clone failed (%s); copying the plain way", str(exc).strip())
         execute(target.maint, "SET file_copy_method = copy")
         execute(target.maint, statement)
+        choice = CopyChoice("copy", f"clone failed ({str(exc).strip().splitlines()[0]})", choice.evidence)
     finally:
         execute(target.maint, "RESET file_copy_method")
+    return choice
 
 
-def verify_point_database(target: Target, point: Point) -> dict:
+_choices: dict[tuple, CopyChoice] = {}
+
+
+def copy_choice(target: Target) -> CopyChoice:
+    """How this server copies staging's databases: decided once per process and server."""
+    key = (target.facts.system_identifier, target.info.server_label(), target.dbname, target.settings.file_copy_method)
+    if key not in _choices:
+        _choices[key] = choose_copy(target)
+    return _choices[key]
+
+
+def verify_point_database(target: Target, point: Point, *, deep: bool = False) -> dict:
+    """Physically (O(relations)): the database exists, is valid and sealed, and its
+    schema digest, every relation's file node and size, sequences and large objects are
+    the manifest's. With ``deep``, every row is read and compared with the baseline the
+    background read when the point was taken."""
     name = point.manifest.get("template_database")
     state = database_state(target.maint, name) if name else None
     if state is None:
@@ -116,13 +149,46 @@ def verify_point_database(target: Target, point: Point) -> dict:
             f"The database {name!r} that holds point {point.id} is invalid (an interrupted DROP DATABASE left it).",
             "Drop it by hand (DROP DATABASE) and use another point.",
         )
-    problems = compare(point.manifest.get("fingerprint", {}), read_fingerprint(target, name))
+    counting = CountLock(target.maint, target.facts.system_identifier, name)
+    if state["allow_connections"] and counting.try_acquire() is None:
+        counting.release()
+        raise VerificationError(
+            f"Point {point.id}'s database {name!r} takes connections, and it should be sealed: someone may have changed it.",
+            f"Use another point, or check it with `python3 rollback_manager.py verify {point.id} --deep`.",
+        )
+    expected = point.manifest.get("fingerprint", {})
+    with opened(target, name) as conn:
+        found = fingerprint_like(conn, expected)
+        problems = compare(expected, found)
+        result = {
+            "database": name,
+            "fingerprint": "matches the manifest",
+            "verified": "physical" if is_physical(expected) else "deep",
+        }
+        if deep and not problems:
+            result.update(_deep_check(point, conn, problems))
     if problems:
         raise VerificationError(
             f"Point {point.id}'s database {name!r} no longer matches its manifest: " + "; ".join(problems[:10]) + ".",
             "Someone changed it; use another point.",
         )
-    return {"database": name, "fingerprint": "matches the manifest"}
+    return result
+
+
+def _deep_check(point: Point, conn, problems: list[str]) -> dict:
+    """Every row against the baseline (``problems`` grows where they differ)."""
+    baseline = point.verification.get("baseline")
+    now = fingerprint(conn, deep=True)
+    if not baseline:
+        point.record_verification(
+            baseline={"row_counts": now.row_counts, "content": now.content, "read_at": utc_now().isoformat(timespec="seconds")}
+        )
+        return {"rows": f"{now.total_rows} read; no baseline had been read yet: it is now, for the next `verify --deep`"}
+    problems += compare({"row_counts": baseline["row_counts"], "content": baseline["content"]}, now)
+    if not problems:
+        point.record_verification(level="deep", verified_at=utc_now().isoformat(timespec="seconds"))
+        return {"verified": "deep", "rows": f"{now.total_rows} rows match the baseline read on {baseline.get('read_at')}"}
+    return {}
 
 
 def invalid_databases(maint) -> list[str]:
@@ -222,7 +288,7 @@ def take(target: Target, catalog: Catalog, ui: Reporter, ask: Confirmer, *, labe
             copy_seconds = time.monotonic() - clock
             faults.pause("after copy")
             seal(target, name, writer.id, base_manifest.get("description") or "")
-            fp = read_fingerprint(target, name)
+            fp = read_physical(target, name)
             props = database_properties(target.maint, target.dbname).as_dict()
             manifest = dict(base_manifest)
             manifest.update(
@@ -232,6 +298,7 @@ def take(target: Target, catalog: Catalog, ui: Reporter, ask: Confirmer, *, labe
                 database=database_section(target, props),
                 fingerprint=fp.as_dict(),
                 sessions_terminated=ended,
+                copy=copy_choice(target).as_dict(),
                 copy_seconds=round(copy_seconds, 3),
                 duration_seconds=round((utc_now() - started).total_seconds(), 3),
             )

@@ -1,0 +1,97 @@
+"""What runs after a point or a restore, in a second process detached from the terminal
+and from the caller's output, so that neither the person nor a script that captures
+the output waits for it: the spare copy of the newest template point, the other
+spares dropped, and every row of a database copy read once as the baseline
+`verify --deep` compares with. A foreground operation never waits for it: a copy of
+a database the background is reading ends the background's session, and a quick
+rollback takes the spare only when it is ready (else it copies the point itself)."""
+
+from __future__ import annotations
+
+import logging
+
+from lib.config import Settings
+from lib.errors import RollbackError
+from lib.pg.process import PythonModule
+from lib.pg.target import open_target
+from lib.points import spare
+from lib.points.catalog import Catalog, Point
+from lib.points.methods import template as template_method
+
+log = logging.getLogger(__name__)
+
+ENTRY = "lib.cli.background"
+
+
+def start(settings: Settings, job: str, *point_ids: str) -> None:
+    """``job`` for ``point_ids`` in a detached process; the settings travel in its environment, never its argv."""
+    env = {
+        "STAGING_DATABASE_URL": settings.staging_url or "",
+        "BACKUP_DIR": str(settings.backup_dir),
+        "LOG_DIR": str(settings.log_dir),
+    }
+    PythonModule(env=env).start_detached(ENTRY, job, *point_ids)
+    log.info("started in the background: %s %s", job, " ".join(point_ids))
+
+
+def after_point(settings: Settings, point: Point) -> list[str]:
+    """Start what follows a template point: its spare (when wanted) and its row baseline."""
+    if point.method != "template":
+        return []
+    start(settings, "after-point", point.id)
+    notes = ["every row of its copy is read in the background, as the baseline `verify --deep` compares with"]
+    if _wants_spare(settings, point):
+        notes.insert(
+            0,
+            "a spare copy is being prepared in the background, so a quick rollback is only a swap (it needs the "
+            "database's size once more on the server; ROLLBACK_SPARE=0 turns it off)",
+        )
+    return notes
+
+
+def after_restore(settings: Settings, restored: Point | None, before_id: str | None) -> None:
+    """Start what follows a swap: the restored point's next spare, and the kept state's row baseline."""
+    ids = [restored.id if restored is not None and _wants_spare(settings, restored) else "-", before_id or "-"]
+    if ids != ["-", "-"]:
+        start(settings, "after-restore", *ids)
+
+
+def _wants_spare(settings: Settings, point: Point) -> bool:
+    return point.method == "template" and spare.enabled(settings) and point.manifest.get("kind", "manual") == "manual"
+
+
+# ---------------------------------------------------------------- in the background process
+
+
+def run_after_point(settings: Settings, point_id: str) -> None:
+    catalog = Catalog(settings.backup_dir)
+    point = catalog.get(point_id)
+    with open_target(settings, check_v2=False) as target:
+        if _wants_spare(settings, point):
+            spare.drop_all_but(target, catalog, point)
+            made = spare.prepare(target, point)
+            log.info("spare copy of %s: %s", point.id, "ready" if made else "nothing to do")
+        _read_baseline(target, point)
+
+
+def run_after_restore(settings: Settings, restored_id: str, before_id: str) -> None:
+    catalog = Catalog(settings.backup_dir)
+    with open_target(settings, check_v2=False) as target:
+        restored = catalog.get(restored_id) if restored_id != "-" else None
+        if restored is not None:  # first: the next quick rollback needs it
+            made = spare.prepare(target, restored)
+            log.info("spare copy of %s: %s", restored_id, "ready" if made else "nothing to do")
+        if before_id != "-":
+            _read_baseline(target, catalog.get(before_id))
+        if restored is not None and not restored.verification.get("baseline"):  # its first reading yielded to a copy
+            _read_baseline(target, restored)
+
+
+def _read_baseline(target, point: Point) -> None:
+    try:
+        baseline = template_method.read_baseline(target, point, point.manifest["template_database"])
+        log.info("baseline of %s: %s rows read", point.id, sum(baseline["row_counts"].values()))
+    except RollbackError as exc:  # ended by a foreground copy, or the point is gone: yielded
+        log.info("baseline of %s not read (yielded to the foreground): %s", point.id, exc.message)
+    except Exception as exc:  # noqa: BLE001 - psycopg2's errors when the foreground ended this session
+        log.info("baseline of %s not read (yielded to the foreground): %s", point.id, str(exc).strip())
