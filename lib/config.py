@@ -183,7 +183,7 @@ class Settings:
     restore_jobs: int
     dump_jobs: int = 1  # DUMP_JOBS (or --jobs): pg_dump's parallel jobs for a dump point
     rollback_method: str = "auto"
-    file_copy_method: str = "copy"
+    file_copy_method: str = "auto"  # FILE_COPY_METHOD: auto (by evidence), copy or clone
     rollback_spare: bool = True
     protected_databases: tuple[str, ...] = ()  # PROTECTED_DATABASES: their name must be typed to change them
     encrypt_to: str | None = None  # ROLLBACK_ENCRYPT_TO: age recipients, or a file of them
@@ -202,6 +202,12 @@ class Settings:
 
     def v2(self) -> ConnInfo | None:
         return ConnInfo.parse(self.v2_url, "V2 database URL") if self.v2_url else None
+
+
+def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(allowed)}.", f"Set {name} to one of them, or leave it out.")
+    return value
 
 
 def load_settings(
@@ -251,7 +257,9 @@ def load_settings(
         restore_jobs=whole("RESTORE_JOBS", cores),
         dump_jobs=whole("DUMP_JOBS", cores, jobs),
         rollback_method=(pick(None, "ROLLBACK_METHOD", "auto") or "auto").strip().lower(),
-        file_copy_method=(pick(None, "FILE_COPY_METHOD", "copy") or "copy").strip().lower(),
+        file_copy_method=_one_of(
+            "FILE_COPY_METHOD", (pick(None, "FILE_COPY_METHOD", "auto") or "auto").strip().lower(), ("auto", "copy", "clone")
+        ),
         rollback_spare=(pick(None, "ROLLBACK_SPARE", "1") or "1").strip().lower() not in ("0", "false", "no", "off"),
         protected_databases=tuple(n.strip() for n in (pick(None, "PROTECTED_DATABASES", "") or "").split(",") if n.strip()),
         encrypt_to=pick(None, "ROLLBACK_ENCRYPT_TO"),

@@ -67,7 +67,11 @@ def test_layers_import_only_downwards():
         (r"^\s*(import subprocess|from subprocess)", {"lib/pg/process.py"}, "one process layer"),
         (r"^\s*(import rich|from rich)", {"lib/cli/console.py", "lib/cli/render.py"}, "only the console talks to people"),
         (r"\bisatty\(", {"lib/cli/console.py"}, "whether to ask is the Confirmer's to know"),
-        (r"\bDatabaseLock\(", {"lib/operations/scaffold.py", "lib/pg/target.py", "lib/pg/locks.py"}, "one scaffold takes the lock"),
+        (
+            r"\bDatabaseLock\(",
+            {"lib/operations/scaffold.py", "lib/pg/target.py", "lib/pg/locks.py"},
+            "one scaffold takes the lock",
+        ),
         (r"pg_try_advisory_lock|pg_advisory_unlock", {"lib/pg/locks.py"}, "one lock primitive"),
     ],
 )

@@ -15,12 +15,16 @@ from lib.operations import background
 
 log = logging.getLogger(__name__)
 
-JOBS = {"after-point": (background.run_after_point, 1), "after-restore": (background.run_after_restore, 2)}
+JOBS = {
+    "after-point": (background.run_after_point, 1),
+    "after-restore": (background.run_after_restore, 2),
+    "remove": (background.run_remove, None),  # any number of point ids
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if not args or args[0] not in JOBS or len(args) - 1 != JOBS[args[0]][1]:
+    if not args or args[0] not in JOBS or len(args) - 1 != (JOBS[args[0]][1] or max(1, len(args) - 1)):
         print(f"usage: python -m lib.cli.background {{{'|'.join(JOBS)}}} POINT_ID...", file=sys.stderr)
         return 2
     setup_logging("background", debug=False)

@@ -84,7 +84,9 @@ def _verified(point: Point) -> str:
     """Which verification the point has passed, and when."""
     found = point.verification
     if point.method in ("dump", "data"):
-        return "deep: every row was counted when it was taken" + (f"; rebuilt and counted {found['verified_at']}" if found.get("verified_at") else "")
+        return "deep: every row was counted when it was taken" + (
+            f"; rebuilt and counted {found['verified_at']}" if found.get("verified_at") else ""
+        )
     if found.get("level") == "deep":
         return f"deep: every row matched its baseline {found.get('verified_at')}"
     return "physical: schema digest, every relation's file and size, sequences" + (

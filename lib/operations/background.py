@@ -14,7 +14,7 @@ from lib.config import Settings
 from lib.errors import RollbackError
 from lib.pg.process import PythonModule
 from lib.pg.target import open_target
-from lib.points import spare
+from lib.points import retention, spare
 from lib.points.catalog import Catalog, Point
 from lib.points.methods import template as template_method
 
@@ -69,8 +69,7 @@ def run_after_point(settings: Settings, point_id: str) -> None:
     with open_target(settings, check_v2=False) as target:
         if _wants_spare(settings, point):
             spare.drop_all_but(target, catalog, point)
-            made = spare.prepare(target, point)
-            log.info("spare copy of %s: %s", point.id, "ready" if made else "nothing to do")
+            _prepare_spare(target, point)
         _read_baseline(target, point)
 
 
@@ -79,12 +78,28 @@ def run_after_restore(settings: Settings, restored_id: str, before_id: str) -> N
     with open_target(settings, check_v2=False) as target:
         restored = catalog.get(restored_id) if restored_id != "-" else None
         if restored is not None:  # first: the next quick rollback needs it
-            made = spare.prepare(target, restored)
-            log.info("spare copy of %s: %s", restored_id, "ready" if made else "nothing to do")
+            _prepare_spare(target, restored)
         if before_id != "-":
             _read_baseline(target, catalog.get(before_id))
         if restored is not None and not restored.verification.get("baseline"):  # its first reading yielded to a copy
             _read_baseline(target, restored)
+
+
+def run_remove(settings: Settings, *point_ids: str) -> None:
+    """The databases of points --keep unlisted, dropped; then their folders."""
+    catalog = Catalog(settings.backup_dir)
+    with open_target(settings, check_v2=False) as target:
+        for point_id in point_ids:
+            retention.finish_removal(target, catalog, point_id)
+            log.info("removed %s", point_id)
+
+
+def _prepare_spare(target, point: Point) -> None:
+    try:
+        made = spare.prepare(target, point)
+        log.info("spare copy of %s: %s", point.id, "ready" if made else "nothing to do")
+    except RollbackError as exc:  # a quick rollback then copies the point itself
+        log.error("could not prepare a spare copy of %s: %s", point.id, exc.paragraph())
 
 
 def _read_baseline(target, point: Point) -> None:

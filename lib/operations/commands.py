@@ -143,7 +143,9 @@ def create_point(
         )
         point = _take(op, description=description, migration_id=migration_id, method=chosen, tables=tables)
         op.record.set(point_id=point.id, method=point.method)
-        removed = retention.apply(target, op.catalog, ui, keep=keep) if keep else []
+        removed = retention.apply(target, op.catalog, ui, keep=keep, later=True) if keep else []
+        if removed:
+            background.start(settings, "remove", *(p.id for p in removed))  # their databases, dropped in the background
     return point, removed
 
 

@@ -291,11 +291,19 @@ class Catalog:
             hint += "; perhaps you meant " + ", ".join(close[:3])
         raise ConfigError(f"Rollback point {point_id} not found in {self.root}.", hint + ".")
 
-    def remove(self, point: Point) -> None:
-        trash = self.root / f"{TMP_PREFIX}deleting-{point.id}"
+    def unlist(self, point: Point) -> Path:
+        """The point is no longer listed (its folder renamed aside, atomically); what is
+        left of it is removed now or later, by whoever holds the folder's name."""
+        trash = self.trash(point.id)
         os.rename(point.path, trash)
         fsync_path(self.root)
-        shutil.rmtree(trash, ignore_errors=True)
+        return trash
+
+    def trash(self, point_id: str) -> Path:
+        return self.root / f"{TMP_PREFIX}deleting-{point_id}"
+
+    def remove(self, point: Point) -> None:
+        shutil.rmtree(self.unlist(point), ignore_errors=True)
 
 
 class PointWriter:

@@ -84,8 +84,9 @@ def staging_tablespaces(target: Target) -> list[tuple[str, str | None]]:
             conn,
             """
             SELECT DISTINCT t.spcname, t.oid FROM pg_tablespace t
-             WHERE t.oid = (SELECT dattablespace FROM pg_database WHERE datname = current_database())
-                OR t.oid IN (SELECT reltablespace FROM pg_class WHERE reltablespace <> 0)
+             WHERE t.spcname <> 'pg_global'  -- the shared catalogs: never part of a database's copy
+               AND (t.oid = (SELECT dattablespace FROM pg_database WHERE datname = current_database())
+                    OR t.oid IN (SELECT reltablespace FROM pg_class WHERE reltablespace <> 0))
              ORDER BY 1""",
         )
         datadir = _setting(conn, "data_directory")

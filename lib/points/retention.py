@@ -3,7 +3,9 @@ ever removing the newest point that still verifies."""
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -77,13 +79,9 @@ def cleanup_plan(target: Target, catalog: Catalog, *, keep: int | None, older_th
 
 def delete_point(target: Target, catalog: Catalog, point: Point) -> None:
     """The database copy first: a folder left by a failed drop still names it."""
+    _same_server(target, point)
     if point.method == "template":
         name = point.manifest.get("template_database")
-        if point.manifest.get("database", {}).get("system_identifier") not in (None, target.facts.system_identifier):
-            raise ConfigError(
-                f"Point {point.id}'s database copy lives on another server ({point.manifest['database'].get('server')}).",
-                "Run the command with --database-url for that server.",
-            )
         if name:
             drop_database(target.maint, name)
         spare.drop(target, point)
@@ -99,13 +97,46 @@ def apply(
     older_than_days: float | None = None,
     dry_run: bool = False,
     cleanup: CleanupPlan | None = None,
+    later: bool = False,
 ) -> list[Point]:
+    """Remove the plan's points. ``later``: only unlisted now (a rename), their databases
+    dropped by the background (lib/operations/background.py), so that taking a point
+    never waits for a DROP DATABASE."""
     cleanup = cleanup or cleanup_plan(target, catalog, keep=keep, older_than_days=older_than_days)
     for point in cleanup.remove:
         what = f"{point.id} ({point.method}, {point.manifest.get('created_at', '?')[:19]}, {point.manifest.get('description') or ''})"
         if dry_run:
             ui.info(f"  would remove {what}")
             continue
-        delete_point(target, catalog, point)
+        if later:
+            _same_server(target, point)
+            catalog.unlist(point)
+        else:
+            delete_point(target, catalog, point)
         ui.info(f"  removed {what}")
     return cleanup.remove
+
+
+def _same_server(target: Target, point: Point) -> None:
+    if point.method == "template" and point.manifest.get("database", {}).get("system_identifier") not in (
+        None,
+        target.facts.system_identifier,
+    ):
+        raise ConfigError(
+            f"Point {point.id}'s database copy lives on another server ({point.manifest['database'].get('server')}).",
+            "Run the command with --database-url for that server.",
+        )
+
+
+def finish_removal(target: Target, catalog: Catalog, point_id: str) -> None:
+    """Drop what an unlisted point held on the server, then its folder."""
+    trash = catalog.trash(point_id)
+    try:
+        point = Point(trash, json.loads((trash / "manifest.json").read_text()))
+    except (OSError, ValueError):
+        shutil.rmtree(trash, ignore_errors=True)
+        return
+    if point.method == "template" and point.manifest.get("template_database"):
+        drop_database(target.maint, point.manifest["template_database"])
+        spare.drop(target, point)
+    shutil.rmtree(trash, ignore_errors=True)

@@ -17,8 +17,8 @@ import logging
 import psycopg2
 
 from lib.config import Settings
-from lib.pg.db import derived_name, drop_database, rename_database, set_allow_connections
 from lib.errors import VerificationError
+from lib.pg.db import derived_name, drop_database, rename_database, set_allow_connections
 from lib.pg.locks import SpareLock
 from lib.pg.target import Target
 from lib.points import intents

@@ -93,7 +93,7 @@ def test_the_servers_disk_fills_during_a_template_point_and_its_spare(server, ne
 
         first = s.run("create_rollback_point.py", "fits", "--method", "template", "--json", env={"ROLLBACK_SPARE": "1"})
         assert first.returncode == 0, first.stderr
-        spare_log = _wait_for_log(s.log_dir, "spare", "could not prepare a spare copy")
+        spare_log = _wait_for_log(s.log_dir, "background", "could not prepare a spare copy")
         assert "ran out of disk space" in spare_log
 
         second = s.run("create_rollback_point.py", "does not fit", "--method", "template")

@@ -8,8 +8,10 @@ import re
 import shutil
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
+
+import psycopg2
 
 from lib.errors import CatalogError, ToolError, VerificationError
 from lib.files import human_size, utc_now, write_private_file
@@ -107,7 +109,12 @@ def take(
                             pass_fds=fds,
                         )
 
-                    tool, _ = try_each(candidates, dump_with)
+                    try:
+                        tool, _ = try_each(candidates, dump_with)
+                    except BaseException:
+                        with suppress(psycopg2.Error):  # the count may wait on a lock pg_dump waited on too
+                            snap_conn.cancel()
+                        raise
                 fp = counted.result()
             ui.step(
                 f"Archive written by {tool.path} ({tool.version}), "

@@ -1,0 +1,259 @@
+"""Points and rollbacks whose cost does not grow with the rows: how the server copies
+(clone where the filesystem shares blocks, by evidence), database copies checked by
+what the catalog shows, every row read only in the background or by verify --deep,
+and points written before all this still restoring."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from contextlib import closing, contextmanager
+from pathlib import Path
+
+import pytest
+
+from lib.config import ConnInfo
+from lib.pg.db import connection
+from lib.pg.fingerprint import fingerprint
+from lib.pg.localserver import LocalServer, embedded_bin_dir, make_shared_dir, scratch_parent, server_account
+from lib.points.catalog import manifest_digest
+from tests.conftest import ROOT, Server, _prepare
+from tests.helpers import deep_state
+from tests.test_restore import MIGRATION
+from tests.test_template import wait_for_baseline
+
+
+def _manifest(staging, point_id: str) -> dict:
+    return json.loads((staging.backup_dir / point_id / "manifest.json").read_text())
+
+
+def _rewrite(staging, point_id: str, manifest: dict) -> None:
+    manifest["manifest_sha256"] = manifest_digest(manifest)
+    (staging.backup_dir / point_id / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+
+
+@contextmanager
+def _opened(staging, name: str):
+    """A sealed point database opened, changed behind the toolkit's back, and sealed again."""
+    staging.sql(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
+    conn = staging.server.connect(name)
+    try:
+        with conn.cursor() as cur:
+            yield cur
+    finally:
+        conn.close()
+        staging.sql(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false')
+
+
+# ------------------------------------------------------------------ checks in O(relations)
+
+
+@pytest.mark.parametrize("change", ["truncated", "grew"])
+def test_a_point_database_truncated_or_grown_behind_the_toolkits_back_is_caught(staging, change):
+    created = staging.run_json("create_rollback_point.py", "checked", "--method", "template")
+    with _opened(staging, created["template_database"]) as cur:
+        if change == "truncated":
+            cur.execute("TRUNCATE measurements_2024")
+        else:
+            cur.execute("INSERT INTO measurements_2024 SELECT DATE '2024-03-01', 'Hualien', g FROM generate_series(1, 20000) g")
+    verified = staging.run("rollback_manager.py", "verify", created["id"])
+    assert verified.returncode == 3, verified.stderr
+    assert "public.measurements_2024" in verified.stderr
+    assert ("its file was replaced" if change == "truncated" else "bytes recorded") in verified.stderr
+    staging.sql("DELETE FROM documents")
+    refused = staging.run("rollback_manager.py", "restore", created["id"], "--yes")
+    assert refused.returncode == 3
+    assert staging.sql("SELECT count(*) FROM documents")[0][0] == 0  # untouched
+
+
+def test_a_kept_state_that_grew_is_caught_before_it_is_restored(staging):
+    point_id = staging.create_point("first", "--method", "template")
+    staging.sql(MIGRATION)
+    before_id = staging.run_json("rollback_manager.py", "restore", point_id, "--yes")["before_point_id"]
+    kept = _manifest(staging, before_id)
+    assert kept["fingerprint"]["kind"] == "physical"  # kept without reading its rows
+    with _opened(staging, kept["template_database"]) as cur:
+        cur.execute("INSERT INTO audit_events (what) SELECT 'x' || g FROM generate_series(1, 20000) g")
+    refused = staging.run("rollback_manager.py", "restore", before_id, "--yes")
+    assert refused.returncode == 3 and "public.audit_events" in refused.stderr
+
+
+def test_verify_deep_catches_a_changed_row_the_catalog_cannot_show(staging):
+    created = staging.run_json("create_rollback_point.py", "deep", "--method", "template")
+    baseline = wait_for_baseline(staging, created["id"])
+    assert baseline["row_counts"]["public.customers"] == 300
+    with _opened(staging, created["template_database"]) as cur:
+        cur.execute("UPDATE documents SET body = 'secreT' WHERE body = 'secret'")  # the same size, in place: no file grows
+    assert staging.run("rollback_manager.py", "verify", created["id"]).returncode == 0  # the catalog cannot tell
+    deep = staging.run("rollback_manager.py", "verify", created["id"], "--deep")
+    assert deep.returncode == 3, deep.stderr
+    assert "public.documents: the rows' content differs" in deep.stderr
+    listed = {p["id"]: p for p in staging.run_json("rollback_manager.py", "list")}
+    assert listed[created["id"]]["verified"] == "physical"
+
+
+def test_verify_deep_rebuilds_a_dump_point_and_counts_it(staging):
+    point_id = staging.create_point("dump", "--method", "dump")
+    deep = staging.run_json("rollback_manager.py", "verify", point_id, "--deep")
+    assert deep["level"] == "deep" and "rows in" in deep["rebuilt"]
+    assert not [d for d in _databases(staging) if d.endswith("_rb_verify")]
+
+
+def _databases(staging) -> set[str]:
+    return {r[0] for r in staging.sql("SELECT datname FROM pg_database")}
+
+
+# ------------------------------------------------------------------ points written before this change
+
+
+def test_points_written_before_this_change_still_verify_and_restore(staging, tmp_path):
+    """Older manifests: a template point counted row by row (no physical fingerprint),
+    and a dump point as one custom-format file (database.dump), both restore exactly."""
+    at_point = deep_state(staging.server, staging.name)
+    template = staging.run_json("create_rollback_point.py", "old template", "--method", "template")
+    old = _manifest(staging, template["id"])
+    with connection(ConnInfo.parse(staging.url)) as conn:
+        counted = fingerprint(conn).as_dict()
+    old["fingerprint"] = counted
+    old.pop("copy", None)
+    _rewrite(staging, template["id"], old)
+
+    dump_id = staging.create_point("old dump", "--method", "dump")
+    folder = staging.backup_dir / dump_id
+    info = ConnInfo.parse(staging.url)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")} | {"PGPASSWORD": info.password}
+    subprocess.run(
+        [str(staging.server.bin_dir / "pg_dump"), "-Fc", "-f", str(folder / "database.dump"), *info.tool_args()],
+        env=env,
+        check=True,
+    )
+    subprocess.run(["rm", "-rf", str(folder / "database.dir")], check=True)
+    old_dump = _manifest(staging, dump_id)
+    for key in ("archive_format", "compression", "jobs"):
+        old_dump.pop(key, None)
+    from lib.files import sha256_file
+
+    archive = folder / "database.dump"
+    old_dump.update(
+        archive="database.dump", files=[{"name": "database.dump", "size": archive.stat().st_size, "sha256": sha256_file(archive)}]
+    )
+    _rewrite(staging, dump_id, old_dump)
+
+    for point_id in (template["id"], dump_id):
+        assert staging.run("rollback_manager.py", "verify", point_id).returncode == 0
+        staging.sql("DELETE FROM customers WHERE id > 100")
+        restored = staging.run("rollback_manager.py", "restore", point_id, "--yes")
+        assert restored.returncode == 0, restored.stderr
+        assert deep_state(staging.server, staging.name) == at_point
+
+
+# ------------------------------------------------------------------ how the server copies
+
+
+def _copy_of(staging, point_id: str) -> dict:
+    return _manifest(staging, point_id)["copy"]
+
+
+def test_on_a_filesystem_that_does_not_share_blocks_the_server_copies(pg18, new_staging):
+    """The suite's servers live on this machine's ordinary filesystem (ext4 here)."""
+    staging = new_staging(pg18)
+    point_id = staging.run_json("create_rollback_point.py", "ext4", "--method", "template", env={"FILE_COPY_METHOD": "auto"})[
+        "id"
+    ]
+    copy = _copy_of(staging, point_id)
+    assert copy["method"] == "copy"
+    assert "FICLONE refused" in copy["evidence"]["pg_default"]["how"]
+    asked = staging.run_json("create_rollback_point.py", "asked", "--method", "template", env={"FILE_COPY_METHOD": "clone"})["id"]
+    assert _copy_of(staging, asked) == {"method": "clone", "why": "asked for (FILE_COPY_METHOD=clone)", "evidence": {}}
+
+
+@contextmanager
+def _xfs_server(tmp_path: Path):
+    """A PostgreSQL 18 whose data directory is on an XFS filesystem with reflink, on a loop device."""
+    home = Path(tempfile.mkdtemp(prefix="xfs-", dir=scratch_parent(server_account())))
+    home.chmod(0o755)
+    image, mount = home / "fs.img", home / "mnt"
+    mount.mkdir()
+    subprocess.run(["truncate", "-s", "1G", str(image)], check=True)
+    subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(image)], check=True)
+    subprocess.run(["mount", "-o", "loop", str(image), str(mount)], check=True)
+    server = None
+    try:
+        base = mount / "server"
+        make_shared_dir(mount)
+        server = LocalServer(embedded_bin_dir(), base)
+        server.settings.append("wal_level = logical")
+        server.start()
+        view = Server("18xfs", 18, ConnInfo.parse(server.url()), server, server.bin_dir)
+        _prepare(view)
+        yield view
+    finally:
+        if server is not None:
+            server.destroy()
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+        subprocess.run(["rm", "-rf", str(home)], capture_output=True)
+
+
+def _probe_leftovers(server) -> list[str]:
+    """Probe files in the server's pgsql_tmp folders, and any file of the data directory owned by root."""
+    data = server.local.data_dir
+    found = [str(p) for p in data.rglob("rollback-toolkit-probe-*")]
+    found += [str(p) for p in data.rglob("*") if p.stat().st_uid == 0]
+    return found
+
+
+@pytest.mark.needs_root("makes an XFS filesystem with reflink on a loop device")
+def test_on_xfs_with_reflink_the_server_clones_and_the_probe_leaves_nothing(new_staging, tmp_path):
+    with _xfs_server(tmp_path) as server:
+        staging = new_staging(server)
+        created = staging.run_json("create_rollback_point.py", "xfs", "--method", "template")
+        copy = _copy_of(staging, created["id"])
+        assert copy["method"] == "clone", copy
+        assert "FICLONE shared the blocks" in copy["evidence"]["pg_default"]["how"]
+        assert _probe_leftovers(server) == []
+        remembered = list((staging.backup_dir / ".servers").glob("*.json"))
+        assert len(remembered) == 1 and "pg_default" in remembered[0].read_text()
+        info = staging.run("rollback_manager.py", "info", created["id"])
+        assert "clone" in info.stdout
+        staging.sql(MIGRATION)
+        quick = staging.run_json("quick_rollback.py", "--yes")
+        assert quick["verified"] is True
+
+
+def _unreachable(staging, server, *args: str) -> subprocess.CompletedProcess:
+    """The script run where the server's data directory cannot be seen: a mount namespace
+    of its own with an empty folder mounted over it."""
+    empty = Path(tempfile.mkdtemp(prefix="empty-"))
+    script = f'mount --bind "{empty}" "{server.local.data_dir}" && exec "{sys.executable}" "$@"'
+    return subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *args],
+        env=staging.env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=300,
+    )
+
+
+@pytest.mark.needs_root("hides the data directory in a mount namespace; makes an XFS loop filesystem")
+def test_without_the_data_directory_a_measured_copy_decides(pg18, new_staging, tmp_path):
+    for server, expected in ((pg18, "copy"), (None, "clone")):
+        with _xfs_server(tmp_path) if server is None else _nothing(server) as chosen:
+            staging = new_staging(chosen)
+            made = _unreachable(staging, chosen, "create_rollback_point.py", "hidden", "--method", "template", "--json")
+            assert made.returncode == 0, made.stderr
+            copy = _copy_of(staging, json.loads(made.stdout)["id"])
+            assert copy["method"] == expected, copy
+            assert copy["evidence"]["pg_default"]["how"].startswith("measured")
+            with closing(chosen.connect()) as conn, conn.cursor() as cur:
+                cur.execute("SELECT count(*) FROM pg_database WHERE datname LIKE 'rb_clone_probe%%'")
+                assert cur.fetchone()[0] == 0  # the scratch databases are gone
+
+
+@contextmanager
+def _nothing(value):
+    yield value
