@@ -48,13 +48,12 @@ def action(args, ui, ask) -> int:
     if args.from_v2:
         return reset_from_v2(settings, ui, ask, args)
     try:
-        point = operations.newest_point_for_quick_rollback(settings, ui)
+        point, result = operations.quick_rollback(settings, ui, ask, force=args.force)
     except NoPointError as exc:
         ui.error(exc.paragraph())
         if not args.json and ask.decide("Rebuild staging from V2 instead?", default=False):
             return reset_from_v2(settings, ui, ask, args)
         return int(exc.exit_code)
-    result = operations.restore_point(settings, ui, ask, point.id, force=args.force)
     description = point.manifest.get("description") or "no description"
     render.restore_outcome(
         ui, result, as_json=args.json, headline=f"{result.database} is back at {result.point_id} ({description})."

@@ -58,8 +58,10 @@ def action(args, ui, ask) -> int:
         else:
             render.points_table(ui, points)
         return 0
-    point_id = args.point_id or operations.newest_point_for_quick_rollback(settings, ui, method="data").id
-    result = operations.restore_point(settings, ui, ask, point_id)
+    if args.point_id:
+        result = operations.restore_point(settings, ui, ask, args.point_id)
+    else:
+        _, result = operations.quick_rollback(settings, ui, ask, method="data")
     render.restore_outcome(ui, result, as_json=args.json, headline=f"{result.database} restored to {result.point_id} (data).")
     return 0
 

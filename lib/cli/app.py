@@ -116,7 +116,7 @@ def run_script(script: str, argv: list[str] | None, build_parser: Callable[[], a
         log.error("%s failed: %s", script, exc.paragraph(), exc_info=True)
         ui.error(redact(exc.paragraph()))
         if getattr(args, "debug", False):
-            ui.err.print(redact(traceback.format_exc()))
+            ui.err.print(redact(traceback.format_exc()), markup=False)
         elif log_path:
             ui.err.print(f"[dim]log: {log_path}[/]")
         return int(exc.exit_code)
@@ -131,7 +131,7 @@ def run_script(script: str, argv: list[str] | None, build_parser: Callable[[], a
             + f" The full traceback is in {log_path or 'the log'}; staging is as it was unless a message above says otherwise."
         )
         if getattr(args, "debug", False):
-            ui.err.print(redact(traceback.format_exc()))
+            ui.err.print(redact(traceback.format_exc()), markup=False)
         return int(ExitCode.FAILED)
     finally:
         signal.signal(signal.SIGTERM, previous_term)

@@ -5,19 +5,32 @@ picks the Confirmer (a terminal asks; --yes grants; without either, refused)."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from rich.console import Console
-from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeRemainingColumn
-from rich.prompt import Confirm, Prompt
-
 from lib.errors import ConfirmationRefused
 from lib.files import human_size
 from lib.ports import Confirmer, Granted, Refusing
+
+_STYLE = re.compile(r"\[/?(?:(?:bold|dim|italic) )?(?:bold|dim|italic|cyan|green|yellow|red|blue|magenta)?\]")
+
+
+class PlainStream:
+    """Where nobody watches (a pipe, a log, a script's capture): the same lines without
+    colour or wrapping, and without loading rich, which a person's terminal needs and a
+    script's call does not wait for."""
+
+    is_terminal = False
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+
+    def print(self, text: str = "", *, markup: bool = True) -> None:
+        self.stream.write((_STYLE.sub("", text) if markup else text) + "\n")
+        self.stream.flush()
 
 
 class UI:
@@ -26,11 +39,24 @@ class UI:
     def __init__(self, *, json_mode: bool = False, quiet: bool = False) -> None:
         self.json_mode = json_mode
         self.quiet = quiet
-        # Piped output is not wrapped at 80 columns: ids and paths stay whole for grep.
-        self.err = Console(stderr=True, highlight=False, soft_wrap=True)
-        self.out = Console(highlight=False)
-        if not self.out.is_terminal:
-            self.out = Console(highlight=False, width=220)
+        if sys.stderr.isatty():
+            from rich.console import Console
+
+            self.err = Console(stderr=True, highlight=False, soft_wrap=True)
+        else:
+            self.err = PlainStream(sys.stderr)
+        self._out = None
+
+    @property
+    def out(self):
+        """stdout for tables; piped output is not wrapped at 80 columns: ids and paths stay whole for grep."""
+        if self._out is None:
+            from rich.console import Console
+
+            self._out = Console(highlight=False)
+            if not self._out.is_terminal:
+                self._out = Console(highlight=False, width=220)
+        return self._out
 
     def info(self, text: str) -> None:
         if not self.quiet:
@@ -46,6 +72,11 @@ class UI:
         self.err.print(f"[yellow]warning:[/] {text}")
 
     def error(self, text: str) -> None:
+        if isinstance(self.err, PlainStream):
+            self.err.print(f"error: {text}", markup=False)
+            return
+        from rich.markup import escape
+
         self.err.print(f"[bold red]error:[/] {escape(text)}")
 
     def result(self, document, human: Callable[[], None]) -> int:
@@ -79,6 +110,8 @@ class UI:
 
             yield note
             return
+        from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeRemainingColumn
+
         if total:
             columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[amount]}")]
             columns += [TimeRemainingColumn(), TextColumn("{task.fields[detail]}")]
@@ -121,6 +154,8 @@ class UI:
 
             yield tick
             return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeRemainingColumn
+
         columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()]
         columns += [TextColumn("{task.fields[rate]}/s"), TimeRemainingColumn(), TextColumn("{task.fields[failed]} failed")]
         with Progress(*columns, console=self.err) as progress:
@@ -161,11 +196,17 @@ class TerminalConfirmer(Granted):
 
     granted = False
 
-    def __init__(self, console: Console, typed: str | None = None) -> None:
+    def __init__(self, console, typed: str | None = None) -> None:
         super().__init__(typed)
+        if isinstance(console, PlainStream):  # stdin is a terminal, stderr is not: ask on the terminal anyway
+            from rich.console import Console
+
+            console = Console(stderr=True, highlight=False)
         self.console = console
 
     def confirm(self, question: str, *, what: str, protected: str | None = None) -> None:
+        from rich.prompt import Confirm, Prompt
+
         if protected:
             if self.typed == protected:
                 return
@@ -178,12 +219,16 @@ class TerminalConfirmer(Granted):
             raise ConfirmationRefused(f"Not confirmed; did not {what}.", "Nothing has been changed.")
 
     def decide(self, question: str, *, default: bool) -> bool:
+        from rich.prompt import Confirm
+
         try:
             return Confirm.ask(question, console=self.console, default=default)
         except (KeyboardInterrupt, EOFError):
             return False
 
     def choose(self, question: str, *, what: str, choices: list[str] | None = None, default: str | None = None) -> str:
+        from rich.prompt import Prompt
+
         return Prompt.ask(question, console=self.console, default=default, choices=choices, show_choices=bool(choices))
 
 

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from rich.table import Table
-
 from lib.cli.console import UI
 from lib.files import age, human_size
 from lib.points.catalog import Point
+
+
+def Table(*columns, **options):
+    """rich's Table, loaded when a table is drawn (a script's quiet call never draws one)."""
+    from rich.table import Table as RichTable
+
+    return RichTable(*columns, **options)
 
 
 def points_table(ui: UI, points: list[Point], *, numbered: bool = False) -> None:

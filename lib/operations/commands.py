@@ -234,32 +234,45 @@ def restore_point(
     catalog = Catalog(settings.backup_dir).ensure()
     point = archive_point(settings, archive) if archive else catalog.get(point_id or "")
     with operation(settings, "restore", ui=ui, ask=ask, point_id=point.id) as op:
-        target = op.target
         if archive and point.method == "dump":
             # a bare archive: restored here, with staging's own encoding, locale, owner and settings
-            point.manifest["database"]["name"] = target.dbname
-            point.manifest["database"]["properties"] = database_properties(target.maint, target.dbname).as_dict()
-        check_point_usable(target, op.catalog, point)
-        rplan = restore_plan(target, point)
-        refuse_replication_ties(target, rplan.ties, force=force, doing=f"restore {target.dbname}")
-        ui.info(rplan.describe(target))
-        if not ask.granted and point.manifest.get("fingerprint"):
-            ui.info("  What it undoes, per table:")
-            for line in diff.summary_for_confirmation(target, point, ui):
-                ui.info(f"    {line}")
-        op.confirm_change("Go ahead?", what=f"restore {target.dbname}")
+            point.manifest["database"]["name"] = op.target.dbname
+            point.manifest["database"]["properties"] = database_properties(op.target.maint, op.target.dbname).as_dict()
+        return _restore(op, point, force=force)
 
-        def keep_current(description: str, kind: str, tables: list[str] | None, method: str) -> Point:
-            return _take(op, description=description, migration_id=None, method=method, kind=kind, tables=tables)
 
-        if rplan.mode == "data":
-            result = restore_data(target, rplan, ui, lambda d, k, t: keep_current(d, k, t, "data"))
-        elif rplan.mode == "swap":
-            result = restore_swap(target, op.catalog, rplan, ui)
-            background.after_restore(settings, point, result.before_point_id)  # the next spare, the kept state's rows
-        else:
-            result = restore_in_place(target, rplan, ui, lambda d, k, _t: keep_current(d, k, None, "dump"))
-        op.record.set(mode=result.mode, before_point_id=result.before_point_id, unavailable_seconds=result.unavailable_seconds)
+def quick_rollback(settings: Settings, ui: Reporter, ask: Confirmer, *, method: str | None = None, force: bool = False) -> tuple[Point, RestoreResult]:
+    """Staging back to its newest point that passes its checks, in one operation: the point
+    is chosen under the same lock and connections that restore it."""
+    with operation(settings, "restore", ui=ui, ask=ask) as op:
+        point = _newest_usable(op.target, op.catalog, ui, method)
+        op.record.set(point_id=point.id)
+        return point, _restore(op, point, force=force)
+
+
+def _restore(op: Operation, point: Point, *, force: bool) -> RestoreResult:
+    target, ui, settings = op.target, op.ui, op.settings
+    check_point_usable(target, op.catalog, point)
+    rplan = restore_plan(target, point)
+    refuse_replication_ties(target, rplan.ties, force=force, doing=f"restore {target.dbname}")
+    ui.info(rplan.describe(target))
+    if not op.ask.granted and point.manifest.get("fingerprint"):
+        ui.info("  What it undoes, per table:")
+        for line in diff.summary_for_confirmation(target, point, ui):
+            ui.info(f"    {line}")
+    op.confirm_change("Go ahead?", what=f"restore {target.dbname}")
+
+    def keep_current(description: str, kind: str, tables: list[str] | None, method: str) -> Point:
+        return _take(op, description=description, migration_id=None, method=method, kind=kind, tables=tables)
+
+    if rplan.mode == "data":
+        result = restore_data(target, rplan, ui, lambda d, k, t: keep_current(d, k, t, "data"))
+    elif rplan.mode == "swap":
+        result = restore_swap(target, op.catalog, rplan, ui)
+        background.after_restore(settings, point, result.before_point_id)  # the next spare, the kept state's rows
+    else:
+        result = restore_in_place(target, rplan, ui, lambda d, k, _t: keep_current(d, k, None, "dump"))
+    op.record.set(mode=result.mode, before_point_id=result.before_point_id, unavailable_seconds=result.unavailable_seconds)
     return result
 
 
@@ -400,23 +413,21 @@ def cleanup(
     return removed, plan.protected, left
 
 
-def newest_point_for_quick_rollback(settings: Settings, ui: Reporter, method: str | None = None) -> Point:
+def _newest_usable(target: Target, catalog: Catalog, ui: Reporter, method: str | None) -> Point:
     """The newest completed point of staging taken on purpose (not a 'state before
     rollback' safety net) that passes its checks; skipped ones are named."""
-    catalog = Catalog(settings.backup_dir)
-    with open_target(settings, check_v2=False) as target:
-        candidates = [
-            p
-            for p in retention.points_of(catalog, target)
-            if p.manifest.get("kind", "manual") != "before_rollback"
-            and (p.method == method if method else not p.manifest.get("table"))  # table-level points are not staging
-        ]
-        for point in reversed(candidates):
-            if retention.is_good(target, point):
-                return point
-            ui.warn(f"Skipping point {point.id}: it does not verify (`rollback_manager.py verify {point.id}` says why).")
-        raise NoPointError(
-            f"There is no usable rollback point of {target.dbname} on {target.info.server_label()} in {catalog.root}.",
-            "Rebuild staging from V2 with `python3 quick_rollback.py --from-v2`, and take a point "
-            '(`python3 create_rollback_point.py "Before migration"`) before the next migration.',
-        )
+    candidates = [
+        p
+        for p in retention.points_of(catalog, target)
+        if p.manifest.get("kind", "manual") != "before_rollback"
+        and (p.method == method if method else not p.manifest.get("table"))  # table-level points are not staging
+    ]
+    for point in reversed(candidates):
+        if retention.is_good(target, point):
+            return point
+        ui.warn(f"Skipping point {point.id}: it does not verify (`rollback_manager.py verify {point.id}` says why).")
+    raise NoPointError(
+        f"There is no usable rollback point of {target.dbname} on {target.info.server_label()} in {catalog.root}.",
+        "Rebuild staging from V2 with `python3 quick_rollback.py --from-v2`, and take a point "
+        '(`python3 create_rollback_point.py "Before migration"`) before the next migration.',
+    )

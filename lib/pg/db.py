@@ -184,6 +184,7 @@ class ServerFacts:
     can_create_db: bool
     is_db_owner: bool
     db_owner: str
+    tablespaces: list[str] = field(default_factory=list)  # the database's own and every one its relations use
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -198,7 +199,11 @@ def server_facts(conn) -> ServerFacts:
                d.oid, pg_database_size(d.oid), current_user,
                r.rolsuper, r.rolcreatedb,
                pg_has_role(current_user, d.datdba, 'USAGE'),
-               pg_get_userbyid(d.datdba)
+               pg_get_userbyid(d.datdba),
+               ARRAY(SELECT DISTINCT t.spcname FROM pg_tablespace t
+                      WHERE t.spcname <> 'pg_global'  -- the shared catalogs: never part of a database's copy
+                        AND (t.oid = d.dattablespace OR t.oid IN (SELECT reltablespace FROM pg_class WHERE reltablespace <> 0))
+                      ORDER BY 1)
           FROM pg_database d, pg_roles r
          WHERE d.datname = current_database() AND r.rolname = current_user
         """,
@@ -214,6 +219,7 @@ def server_facts(conn) -> ServerFacts:
         can_create_db=row[5] or row[6],
         is_db_owner=row[5] or row[7],
         db_owner=row[8],
+        tablespaces=list(row[9]),
     )
 
 

@@ -33,7 +33,7 @@ import psycopg2
 from psycopg2 import sql
 
 from lib.files import make_private_dir, utc_now, write_private_file
-from lib.pg.db import connection, derived_name, drop_database, execute, query, scalar
+from lib.pg.db import connection, derived_name, drop_database, execute, scalar
 from lib.pg.target import Target
 from lib.points import intents
 
@@ -79,25 +79,14 @@ def choose_copy(target: Target) -> CopyChoice:
 
 def staging_tablespaces(target: Target) -> list[tuple[str, str | None]]:
     """(name, folder) of staging's default tablespace and of every tablespace its relations use."""
-    with connection(target.info, application_name="rollback-toolkit clone") as conn:
-        rows = query(
-            conn,
-            """
-            SELECT DISTINCT t.spcname, t.oid FROM pg_tablespace t
-             WHERE t.spcname <> 'pg_global'  -- the shared catalogs: never part of a database's copy
-               AND (t.oid = (SELECT dattablespace FROM pg_database WHERE datname = current_database())
-                    OR t.oid IN (SELECT reltablespace FROM pg_class WHERE reltablespace <> 0))
-             ORDER BY 1""",
-        )
-        datadir = _setting(conn, "data_directory")
-        found = []
-        for name, oid in rows:
-            location = (
-                f"{datadir}/base"
-                if name == "pg_default" and datadir
-                else scalar(conn, "SELECT pg_tablespace_location(%s)", (oid,))
-            )
-            found.append((name, location or None))
+    datadir = _setting(target.maint, "data_directory")
+    found = []
+    for name in target.facts.tablespaces:
+        if name == "pg_default":
+            location = f"{datadir}/base" if datadir else None
+        else:
+            location = scalar(target.maint, "SELECT pg_tablespace_location(oid) FROM pg_tablespace WHERE spcname = %s", (name,))
+        found.append((name, location or None))
     return found
 
 
@@ -120,9 +109,8 @@ def _local_temp_folder(target: Target, location: str | None) -> Path | None:
     """The tablespace's pgsql_tmp folder, when its folder is this machine's and this server's."""
     if not location:
         return None
-    with connection(target.info, application_name="rollback-toolkit clone") as conn:
-        datadir = _setting(conn, "data_directory")
-        started = scalar(conn, "SELECT extract(epoch FROM pg_postmaster_start_time())::bigint")
+    datadir = _setting(target.maint, "data_directory")
+    started = scalar(target.maint, "SELECT floor(extract(epoch FROM pg_postmaster_start_time()))::bigint")
     try:
         pid_lines = Path(datadir or "/nonexistent", "postmaster.pid").read_text().splitlines()
         if int(pid_lines[2]) != int(started):
