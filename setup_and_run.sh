@@ -56,6 +56,8 @@ install_venv() {
       || die "pip could not install the requirements; check network access to PyPI"
     requirements_hash >"${STAMP}"
   fi
+  # compiled once here, so that a rollback at 3 a.m. does not compile the toolkit first
+  "${PY}" -m compileall -q -x '/(\.venv|\.git|tests|bench)/' "${ROOT}/lib" "${ROOT}"/*.py >/dev/null 2>&1 || true
 }
 
 install_test_tools() {

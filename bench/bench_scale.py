@@ -34,6 +34,8 @@ one. At each size, every measurement starting from the same settled state
                    recorded, not counted in the rollback)
   dump point       create_rollback_point.py --method dump, against the embedded
                    pg_dump -Fc to a file: times and sizes
+  dump restore     rollback_manager.py restore <the dump point>, against a single-job
+                   pg_restore of pg_dump -Fc's archive into a new database
 
 Points, DSLR snapshots and copies are removed after each size, so the disk does not
 fill. One table (stderr) gives the figures per filesystem and size, the ratios, the
@@ -108,7 +110,7 @@ class Bench:
     warm: int = 0
 
     def __post_init__(self) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "ROLLBACK_")) and k not in TOOLKIT_SETTINGS}
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "ROLLBACK_")) and k not in TOOLKIT_SETTINGS and k != "PYTHONDONTWRITEBYTECODE"}
         env.update(
             STAGING_DATABASE_URL=self.server.url("staging"),
             BACKUP_DIR=str(self.backups),
@@ -287,13 +289,17 @@ def databases(b: Bench) -> list[str]:
         conn.close()
 
 
-def drop_database(b: Bench, name: str) -> None:
+def execute_admin(b: Bench, statement: str) -> None:
     conn = psycopg2.connect(b.admin_url)
     conn.autocommit = True
     try:
-        conn.cursor().execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.cursor().execute(statement)
     finally:
         conn.close()
+
+
+def drop_database(b: Bench, name: str) -> None:
+    execute_admin(b, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def remove_points(b: Bench) -> None:
@@ -377,11 +383,21 @@ def measure_dumps(b: Bench, fig: dict) -> None:
         env={**b.env, "PGPASSWORD": b.server.password},
     )
     sizes["pg_dump -Fc"] = dump_file.stat().st_size
+    console.print("  pg_restore (one job) into a new database …")
+    execute_admin(b, "CREATE DATABASE bench_restored")
+    seconds["pg_restore"], _ = b.step(
+        [str(b.bin_dir / "pg_restore"), *conn_args, "-d", "bench_restored", str(dump_file)],
+        env={**b.env, "PGPASSWORD": b.server.password},
+    )
+    drop_database(b, "bench_restored")
     dump_file.unlink()
     console.print("  dump point …")
     seconds["dump point"], created = b.script("create_rollback_point.py", "bench dump", "--method", "dump", "--yes", "--json")
-    path = Path(parse_json(created.stdout)["path"])
+    made = parse_json(created.stdout)
+    path = Path(made["path"])
     sizes["dump point"] = point_bytes(path, json.loads((path / "manifest.json").read_text()))
+    console.print("  restoring the dump point …")
+    seconds["dump point restore"], _ = b.script("rollback_manager.py", "restore", made["id"], "--yes", "--json")
     remove_points(b)
 
 
@@ -407,6 +423,7 @@ def measure_size(b: Bench, size: int) -> dict:
         "quick rollback / DSLR restore": ratio(seconds["quick rollback"], seconds["DSLR restore"]),
         "dump point / pg_dump -Fc": ratio(seconds["dump point"], seconds["pg_dump -Fc"]),
         "dump point size / pg_dump size": ratio(fig["bytes"]["dump point"], fig["bytes"]["pg_dump -Fc"]),
+        "dump point restore / pg_restore": ratio(seconds["dump point restore"], seconds["pg_restore"]),
     }
     fig["template point - server copy"] = (
         seconds["template point"] - seconds["server copy"] if seconds["server copy"] is not None else None
@@ -549,6 +566,7 @@ TARGETS: dict[str, dict[str, Target]] = {
     "staging unavailable (s)": {"xfs": Target(0.05, "≤ 0.05 s"), "ordinary": Target(0.05, "≤ 0.05 s")},
     "dump point / pg_dump -Fc": {"xfs": Target(0.5, "≤ 0.5x"), "ordinary": Target(0.5, "≤ 0.5x")},
     "dump point size / pg_dump size": {"xfs": Target(1.2, "≤ 1.2x"), "ordinary": Target(1.2, "≤ 1.2x")},
+    "dump point restore / pg_restore": {"xfs": Target(0.7, "≤ 0.7x"), "ordinary": Target(0.7, "≤ 0.7x")},
 }
 
 
@@ -577,6 +595,9 @@ ROWS: list[tuple[str, Callable[[dict], object], str, bool]] = [
     ("pg_dump -Fc file (MB)", lambda f: _mb(f["bytes"]["pg_dump -Fc"]), "{:.0f}", False),
     ("dump point files (MB)", lambda f: _mb(f["bytes"]["dump point"]), "{:.0f}", False),
     ("dump point size / pg_dump size", lambda f: f["ratios"]["dump point size / pg_dump size"], "{:.2f}x", False),
+    ("pg_restore, one job (s)", lambda f: f["seconds"]["pg_restore"], "{:.2f}", True),
+    ("dump point restore (s)", lambda f: f["seconds"]["dump point restore"], "{:.2f}", True),
+    ("dump point restore / pg_restore", lambda f: f["ratios"]["dump point restore / pg_restore"], "{:.2f}x", False),
     ("template point's copy (manifest)", lambda f: copy_method(f.get("copy")), "{}", False),
 ]
 

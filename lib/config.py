@@ -235,7 +235,7 @@ def load_settings(
         return path if path.is_absolute() else PROJECT_ROOT / path
 
     bin_dirs = pick(None, "PG_BIN_DIR", "") or ""
-    cores = str(max(1, os.cpu_count() or 1))
+    cores = str(max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
     def whole(name: str, default: str, flag: int | None = None) -> int:
         text = str(flag) if flag is not None else (pick(None, name, default) or default)

@@ -157,15 +157,24 @@ def _copy_of(staging, point_id: str) -> dict:
     return _manifest(staging, point_id)["copy"]
 
 
+def _copies_line(staging, **env) -> str:
+    checked = staging.run("check_setup.py", "--json", env=env)
+    return next(f["detail"] for f in json.loads(checked.stdout) if f["item"] == "database copies")
+
+
 def test_on_a_filesystem_that_does_not_share_blocks_the_server_copies(pg18, new_staging):
     """The suite's servers live on this machine's ordinary filesystem (ext4 here)."""
     staging = new_staging(pg18)
+    assert "not decided yet" in _copies_line(staging)
     point_id = staging.run_json("create_rollback_point.py", "ext4", "--method", "template", env={"FILE_COPY_METHOD": "auto"})[
         "id"
     ]
     copy = _copy_of(staging, point_id)
     assert copy["method"] == "copy"
     assert "FICLONE refused" in copy["evidence"]["pg_default"]["how"]
+    line = _copies_line(staging)  # what was found is said by check_setup.py, which probes nothing itself
+    assert line.startswith("copy: the filesystem of pg_default does not share blocks") and "FICLONE refused" in line
+    assert _copies_line(staging, FILE_COPY_METHOD="clone") == "clone: asked for (FILE_COPY_METHOD=clone)"
     asked = staging.run_json("create_rollback_point.py", "asked", "--method", "template", env={"FILE_COPY_METHOD": "clone"})["id"]
     assert _copy_of(staging, asked) == {"method": "clone", "why": "asked for (FILE_COPY_METHOD=clone)", "evidence": {}}
 
@@ -218,6 +227,7 @@ def test_on_xfs_with_reflink_the_server_clones_and_the_probe_leaves_nothing(new_
         assert len(remembered) == 1 and "pg_default" in remembered[0].read_text()
         info = staging.run("rollback_manager.py", "info", created["id"])
         assert "clone" in info.stdout
+        assert _copies_line(staging).startswith("clone: every tablespace staging uses is on a filesystem that shares blocks")
         staging.sql(MIGRATION)
         quick = staging.run_json("quick_rollback.py", "--yes")
         assert quick["verified"] is True

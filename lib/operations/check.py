@@ -14,6 +14,7 @@ from lib.files import human_size
 from lib.pg.db import connection, query, server_facts
 from lib.pg.tools import candidates_for_server
 from lib.points.catalog import Catalog
+from lib.points.clone import known_choice
 
 
 @dataclass
@@ -69,6 +70,7 @@ def _server(name: str, info: ConnInfo, settings: Settings, *, staging: bool) -> 
                 f"For template points and swap restores: ALTER ROLE {facts.current_user} CREATEDB;",
             )
         )
+        findings.append(_copy_finding(settings, facts, info))
         findings.append(
             Finding("end sessions", "ok", f"role {facts.current_user} may end other sessions on staging")
             if can_signal
@@ -80,6 +82,20 @@ def _server(name: str, info: ConnInfo, settings: Settings, *, staging: bool) -> 
             )
         )
     return findings, facts
+
+
+def _copy_finding(settings: Settings, facts, info: ConnInfo) -> Finding:
+    """How the server will copy staging for a template point, and why; nothing is probed here."""
+    choice = known_choice(settings, facts, info.server_label())
+    if choice is None:
+        return Finding(
+            "database copies",
+            "ok",
+            "FILE_COPY_METHOD=auto, not decided yet for this server: the first template point decides (an FICLONE "
+            "probe in each tablespace's folder, or a measured 64 MB copy) and remembers it in BACKUP_DIR/.servers/",
+        )
+    how = "; ".join(f"{name}: {found.get('how')}" for name, found in choice.evidence.items())
+    return Finding("database copies", "ok", f"{choice.method}: {choice.why}" + (f" ({how})" if how else ""))
 
 
 def run_checks(settings: Settings) -> list[Finding]:

@@ -57,12 +57,10 @@ class CopyChoice:
 
 
 def choose_copy(target: Target) -> CopyChoice:
-    asked = target.settings.file_copy_method
-    if asked in ("copy", "clone"):
-        return CopyChoice(asked, f"asked for (FILE_COPY_METHOD={asked})", {})
-    if target.facts.major < 18:
-        return CopyChoice("copy", f"PostgreSQL {target.facts.major} copies files one way only (clone needs 18)", {})
-    remembered = _remembered(target)
+    settled = _without_evidence(target.settings.file_copy_method, target.facts.major)
+    if settled:
+        return settled
+    remembered = _remembered(_cache(target.settings, target.facts, target.info.server_label()))
     evidence = {}
     for name, location in staging_tablespaces(target):
         known = remembered.get(name)
@@ -71,10 +69,34 @@ def choose_copy(target: Target) -> CopyChoice:
             continue
         evidence[name] = {"location": location, **_probe(target, name, location)}
     _remember(target, {**remembered, **evidence})
+    return _decided(evidence)
+
+
+def _without_evidence(asked: str, major: int) -> CopyChoice | None:
+    if asked in ("copy", "clone"):
+        return CopyChoice(asked, f"asked for (FILE_COPY_METHOD={asked})", {})
+    if major < 18:
+        return CopyChoice("copy", f"PostgreSQL {major} copies files one way only (clone needs 18)", {})
+    return None
+
+
+def _decided(evidence: dict) -> CopyChoice:
     slow = sorted(name for name, found in evidence.items() if not found["shares_blocks"])
     if slow:
         return CopyChoice("copy", f"the filesystem of {', '.join(slow)} does not share blocks", evidence)
     return CopyChoice("clone", "every tablespace staging uses is on a filesystem that shares blocks", evidence)
+
+
+def known_choice(settings, facts, server_label: str) -> CopyChoice | None:
+    """What the next template point will do, from the setting and what was remembered,
+    without probing anything (check_setup.py changes nothing); None when not decided yet."""
+    settled = _without_evidence(settings.file_copy_method, facts.major)
+    if settled:
+        return settled
+    remembered = _remembered(_cache(settings, facts, server_label))
+    if not facts.tablespaces or any(name not in remembered for name in facts.tablespaces):
+        return None
+    return _decided({name: remembered[name] for name in facts.tablespaces})
 
 
 def staging_tablespaces(target: Target) -> list[tuple[str, str | None]]:
@@ -210,19 +232,19 @@ def _now() -> str:
     return utc_now().isoformat(timespec="seconds")
 
 
-def _cache(target: Target) -> Path:
-    return Path(target.settings.backup_dir) / SERVERS / f"{target.facts.system_identifier or target.info.server_label()}.json"
+def _cache(settings, facts, server_label: str) -> Path:
+    return Path(settings.backup_dir) / SERVERS / f"{facts.system_identifier or server_label}.json"
 
 
-def _remembered(target: Target) -> dict:
+def _remembered(path: Path) -> dict:
     try:
-        return json.loads(_cache(target).read_text()).get("tablespaces", {})
+        return json.loads(path.read_text()).get("tablespaces", {})
     except (OSError, ValueError):
         return {}
 
 
 def _remember(target: Target, tablespaces: dict) -> None:
-    path = _cache(target)
+    path = _cache(target.settings, target.facts, target.info.server_label())
     try:
         make_private_dir(path.parent)
         write_private_file(

@@ -1,4 +1,5 @@
-"""Points as pg_dump custom-format archives, taken in one exported snapshot so the
+"""Points as pg_dump archives (the directory format by parallel jobs; the custom format
+when encrypted, and in points written before), taken in one exported snapshot so the
 recorded row counts are exactly the archive's."""
 
 from __future__ import annotations
