@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 
+import lib.cli.venv  # noqa: F401  (first: runs this script again under .venv when its packages are missing)
 from lib.cli.app import Parser, epilog, run_script
 from lib.cli.demo import run_demo, stop_demo
 

@@ -7,6 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import lib.cli.venv  # noqa: F401  (first: runs this script again under .venv when its packages are missing)
 from lib import api
 from lib.api import *  # noqa: F403 - the Python API of seed 000, re-exported
 from lib.cli import render

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 
+import lib.cli.venv  # noqa: F401  (first: runs this script again under .venv when its packages are missing)
 from lib.cli import render
 from lib.cli.app import Parser, common_flags, epilog, run_script, settings_from
 from lib.operations import commands as operations

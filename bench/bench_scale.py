@@ -110,7 +110,11 @@ class Bench:
     warm: int = 0
 
     def __post_init__(self) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "ROLLBACK_")) and k not in TOOLKIT_SETTINGS and k != "PYTHONDONTWRITEBYTECODE"}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("PG", "ROLLBACK_")) and k not in TOOLKIT_SETTINGS and k != "PYTHONDONTWRITEBYTECODE"
+        }
         env.update(
             STAGING_DATABASE_URL=self.server.url("staging"),
             BACKUP_DIR=str(self.backups),

@@ -241,7 +241,9 @@ def restore_point(
         return _restore(op, point, force=force)
 
 
-def quick_rollback(settings: Settings, ui: Reporter, ask: Confirmer, *, method: str | None = None, force: bool = False) -> tuple[Point, RestoreResult]:
+def quick_rollback(
+    settings: Settings, ui: Reporter, ask: Confirmer, *, method: str | None = None, force: bool = False
+) -> tuple[Point, RestoreResult]:
     """Staging back to its newest point that passes its checks, in one operation: the point
     is chosen under the same lock and connections that restore it."""
     with operation(settings, "restore", ui=ui, ask=ask) as op:
