@@ -116,8 +116,8 @@ def action(args, ui, ask) -> int:
         return ui.result([p.summary() for p in points], lambda: render.points_table(ui, points))
     if command == "info":
         if args.file:
-            details = operations.file_info(settings, args.file)
-            return ui.result(details, lambda: [ui.out.print(f"[bold]{k}[/]: {v}") for k, v in details.items()])
+            details, point = operations.file_info(settings, args.file)
+            return ui.result(details, lambda: render.file_details(ui, details, point))
         if not args.point_id:
             raise ConfigError("info needs a point id or --file PATH.", "See `python3 rollback_manager.py list`.")
         point = operations.get_point(settings, args.point_id)

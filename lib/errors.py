@@ -17,8 +17,9 @@ class ExitCode(IntEnum):
 
 
 EXIT_CODES_HELP = (
-    "exit codes: 0 done, 1 failed (the message says what state things are in), "
-    "2 usage or configuration error, a confirmation that could not be asked, or a missing or wrong key, "
+    "exit codes: 0 done, 1 failed (the message says what state things are in; also a server that is down), "
+    "2 usage or configuration error (also a URL whose role, password or database is refused), a confirmation "
+    "that could not be asked, or a missing or wrong key, "
     "3 verification failed, 4 another operation holds the lock, 130 interrupted (Ctrl-C or SIGTERM)"
 )
 
@@ -79,6 +80,10 @@ class ConnectError(DatabaseError):
     def __init__(self, message: str, hint: str | None = None, *, problem: ConnectProblem) -> None:
         super().__init__(message, hint)
         self.problem = problem
+        # The URL is wrong (its role, password or database): a configuration error, 2. The
+        # server is down, starting or closed to connections: a failure to retry later, 1.
+        if problem in (ConnectProblem.LOGIN_REFUSED, ConnectProblem.NO_DATABASE):
+            self.exit_code = ExitCode.USAGE
 
 
 class ToolError(RollbackError):

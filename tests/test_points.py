@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import stat
 import subprocess
@@ -110,6 +111,48 @@ def test_info_file_reads_any_archive(staging, capsys):
     assert int(info["entries"]) > 20
     assert rollback_manager.main(["info", "--file", str(staging.backup_dir / point_id), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["point"]["id"] == point_id
+
+
+def test_info_file_says_when_an_archive_was_made_and_shows_a_folder_as_a_point(staging):
+    point_id = staging.create_point()
+    manifest = json.loads((staging.backup_dir / point_id / "manifest.json").read_text())
+    archive = staging.backup_dir / point_id / "database.dir"
+    info = staging.run_json("rollback_manager.py", "info", "--file", str(archive))
+    made, taken = datetime.fromisoformat(info["created_at"]), datetime.fromisoformat(manifest["created_at"])
+    assert abs((made - taken).total_seconds()) < 60, (info["created_at"], manifest["created_at"])
+    shown = staging.run("rollback_manager.py", "info", "--file", str(staging.backup_dir / point_id))
+    assert shown.returncode == 0, shown.stderr
+    assert "{" not in shown.stdout and "Schema digest" in shown.stdout
+    assert "Files: every file matches the manifest" in shown.stdout
+
+
+def test_a_bare_archive_is_restored_with_its_own_age(staging, tmp_path):
+    point_id = staging.create_point()
+    archive = tmp_path / "old.dir"
+    shutil.copytree(staging.backup_dir / point_id / "database.dir", archive)
+    restored = staging.run("rollback_manager.py", "restore", "--type", "backup", "--file", str(archive), "--yes")
+    assert restored.returncode == 0, restored.stderr
+    taken = re.search(r"taken (\S+ \S+) UTC", restored.stderr)
+    assert taken, restored.stderr
+    made = staging.run_json("rollback_manager.py", "info", "--file", str(archive))["created_at"]  # the archive's own time
+    assert taken.group(1) == made[:19].replace("T", " ")
+
+
+def test_a_point_folder_restores_when_staging_settings_changed_since(staging):
+    """The folder's manifest is checked as written, not rewritten with staging's settings first."""
+    point_id = staging.create_point("settings", "--method", "dump")
+    staging.sql(f"ALTER DATABASE \"{staging.name}\" SET work_mem = '8MB'")
+    staging.sql("DELETE FROM customers WHERE id > 100")
+    restored = staging.run(
+        "rollback_manager.py", "restore", "--type", "backup", "--file", str(staging.backup_dir / point_id), "--yes"
+    )
+    assert restored.returncode == 0, restored.stderr
+    assert staging.sql("SELECT count(*) FROM customers")[0][0] == 300
+    settings = staging.sql(
+        "SELECT setconfig FROM pg_db_role_setting s JOIN pg_database d ON d.oid = s.setdatabase "
+        "WHERE d.datname = current_database() AND s.setrole = 0"
+    )
+    assert settings == [] or all("work_mem=8MB" not in (row[0] or []) for row in settings)
 
 
 def test_seed_form_with_two_leading_urls(staging):

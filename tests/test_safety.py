@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
 
@@ -37,7 +38,7 @@ def test_wrong_password(staging):
     the server's message is in (the German server's says 'Passwort-Authentifizierung')."""
     url = staging.server.url(staging.name, password="definitely-wrong-pw")
     result = staging.run("create_rollback_point.py", "x", env={"STAGING_DATABASE_URL": url})
-    assert result.returncode == 1
+    assert result.returncode == 2  # the URL is wrong: a configuration error
     assert "refused this role's login" in result.stderr and "the password in the URL" in result.stderr
     assert "definitely-wrong-pw" not in result.stderr
     _one_paragraph(result.stderr)
@@ -47,7 +48,7 @@ def test_wrong_password(staging):
 def test_missing_database(staging):
     url = staging.server.url(staging.name + "_gone")
     result = staging.run("create_rollback_point.py", "x", env={"STAGING_DATABASE_URL": url})
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "Check the database name in the URL" in result.stderr
     assert "refused this role's login" not in result.stderr
     _one_paragraph(result.stderr)
@@ -65,9 +66,42 @@ def test_unusable_backup_folder(staging, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     result = staging.run("create_rollback_point.py", "x", env={"BACKUP_DIR": str(blocker / "backups")})
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "backup folder" in result.stderr and "BACKUP_DIR" in result.stderr
     _one_paragraph(result.stderr)
+
+
+@pytest.mark.parametrize("under", [False, True], ids=["a file", "under a file"])
+def test_a_backup_dir_that_is_a_file_is_refused_and_never_leads_to_a_reset(staging, tmp_path, under):
+    """Not "no points yet", and no offer of the V2 reset: the setting is wrong."""
+    staging.create_point("real one")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    env = {"BACKUP_DIR": str(blocker / "backups" if under else blocker)}
+    for args in (["rollback_manager.py", "list"], ["quick_rollback.py", "--yes"], ["rollback_manager.py", "cleanup", "--keep", "1"]):
+        result = staging.run(*args, env=env)
+        assert result.returncode == 2, (args, result.stderr)
+        assert f"{blocker} is a file" in result.stderr and "No rollback points yet" not in result.stderr
+        assert "V2" not in result.stderr
+        _one_paragraph(result.stderr)
+    checked = json.loads(staging.run("check_setup.py", "--json", env=env).stdout)
+    assert [f["status"] for f in checked if f["item"] == "backup folder"] == ["fail"]
+    assert blocker.read_text() == "not a folder"
+    assert staging.sql("SELECT count(*) FROM customers")[0][0] > 0
+
+
+def test_a_log_dir_that_cannot_be_written_is_said_and_the_work_still_done(staging, tmp_path):
+    """A rollback at 3 a.m. is not stopped by its log folder, but nobody is left thinking it was logged."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    env = {"LOG_DIR": str(blocker / "logs")}
+    point = staging.run("create_rollback_point.py", "unlogged", "--json", env=env)
+    assert point.returncode == 0, point.stderr
+    warned = [line for line in point.stderr.splitlines() if "cannot be written" in line]
+    assert len(warned) == 1 and "no audit entry" in warned[0] and "LOG_DIR" in warned[0]
+    quick = staging.run("quick_rollback.py", "--yes", env=env)
+    assert quick.returncode == 0 and "no audit entry" in quick.stderr
+    assert blocker.read_text() == ""
 
 
 def test_debug_shows_the_traceback(staging):
@@ -135,3 +169,18 @@ def test_staging_that_is_really_v2_is_refused_before_anything_runs(staging):
     assert staging.sql("SELECT count(*) FROM customers")[0][0] == 0
     other = staging.run("rollback_manager.py", staging.server.url("rich_template"), staging.url, "restore", point_id, "--yes")
     assert other.returncode == 0, other.stderr
+
+
+@pytest.mark.needs_root("mounts a read-only tmpfs")
+def test_a_log_dir_on_a_read_only_mount_is_said(staging, tmp_path):
+    logs = tmp_path / "ro-logs"
+    logs.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(logs)], capture_output=True, text=True)
+    assert mounted.returncode == 0, mounted.stderr
+    try:
+        for args in (["create_rollback_point.py", "ro"], ["rollback_manager.py", "list"]):
+            result = staging.run(*args, env={"LOG_DIR": str(logs)})
+            assert result.returncode == 0, result.stderr
+            assert "cannot be written (Read-only file system)" in result.stderr and "no audit entry" in result.stderr
+    finally:
+        subprocess.run(["umount", "-l", str(logs)], capture_output=True)

@@ -27,8 +27,9 @@ class RedactingFilter(logging.Filter):
         return True
 
 
-def setup_logging(script: str, debug: bool) -> Path | None:
-    """logs/<script>_<YYYYMMDD_HHMMSS>.log, 0600 in a 0700 folder."""
+def setup_logging(script: str, debug: bool) -> tuple[Path | None, str | None]:
+    """logs/<script>_<YYYYMMDD_HHMMSS>.log, 0600 in a 0700 folder; and, when that folder
+    cannot be written, why (the audit trail lives there too)."""
     try:
         settings = load_settings()
         log_dir = settings.log_dir
@@ -40,22 +41,26 @@ def setup_logging(script: str, debug: bool) -> Path | None:
         if getattr(h, "_rollback_toolkit", False):
             root.removeHandler(h)
             h.close()
-    path = None
+    path, problem = None, None
     try:
         make_private_dir(log_dir)
         path = log_dir / f"{script}_{utc_now().strftime('%Y%m%d_%H%M%S')}.log"
         path.touch(mode=0o600, exist_ok=True)
         path.chmod(0o600)
         handler: logging.Handler = logging.FileHandler(path, encoding="utf-8")
-    except OSError:
-        handler = logging.NullHandler()
+    except OSError as exc:
+        path, handler = None, logging.NullHandler()
+        problem = (
+            f"The log folder {log_dir} cannot be written ({exc.strerror or exc}): this run leaves no log file and no "
+            "audit entry. Make it writable, or set LOG_DIR to a folder that is (`python3 check_setup.py` checks it)."
+        )
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.addFilter(RedactingFilter())
     handler._rollback_toolkit = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     for noisy in ("urllib3", "docker", "testcontainers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    return path
+    return path, problem
 
 
 class Parser(argparse.ArgumentParser):
@@ -99,7 +104,9 @@ def run_script(script: str, argv: list[str] | None, build_parser: Callable[[], a
     parser = build_parser()
     args = parser.parse_args(argv)
     ui = UI(json_mode=getattr(args, "json", False))
-    log_path = setup_logging(script, getattr(args, "debug", False))
+    log_path, unlogged = setup_logging(script, getattr(args, "debug", False))
+    if unlogged:
+        ui.warn(unlogged)
     log.info("%s started: %s", script, redact(" ".join(sys.argv if argv is None else [script, *argv])))
     previous_term = signal.signal(signal.SIGTERM, _stop_as_interrupt)  # kill: the same clean-up as Ctrl-C
     for line in dead_temporaries():

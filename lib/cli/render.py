@@ -85,6 +85,35 @@ def point_details(ui: UI, point: Point) -> None:
         ui.out.print(counts)
 
 
+def file_details(ui: UI, details: dict, point: Point | None) -> None:
+    """info --file: a point folder as `info` shows a point, with its files' check; a bare archive's header."""
+    if point is not None:
+        point_details(ui, point)
+        files = details["files"]
+        ui.out.print("Files: " + ("every file matches the manifest" if files == "ok" else "; ".join(files)))
+        return
+    names = {
+        "file": "File",
+        "size_bytes": "Size",
+        "sha256": "sha256",
+        "format": "Format",
+        "created_at": "Created",
+        "database": "Database",
+        "server_version": "Dumped from PostgreSQL",
+        "pg_dump_version": "Dumped by pg_dump",
+        "compression": "Compression",
+        "entries": "Table of contents entries",
+        "read_by": "Read by",
+    }
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    for key, value in details.items():
+        shown = human_size(value) if key == "size_bytes" else value
+        table.add_row(names.get(key, key), str(shown))
+    ui.out.print(table)
+
+
 def _verified(point: Point) -> str:
     """Which verification the point has passed, and when."""
     found = point.verification

@@ -13,7 +13,7 @@ from lib.errors import RollbackError
 from lib.files import human_size
 from lib.pg.db import connection, query, server_facts
 from lib.pg.tools import candidates_for_server
-from lib.points.catalog import Catalog
+from lib.points.catalog import Catalog, refuse_a_file_for_a_folder
 from lib.points.clone import known_choice
 
 
@@ -136,6 +136,10 @@ def run_checks(settings: Settings) -> list[Finding]:
 
 def _backup_dir(settings: Settings, staging_facts) -> list[Finding]:
     root = settings.backup_dir
+    try:
+        refuse_a_file_for_a_folder(root)
+    except RollbackError as exc:
+        return [Finding("backup folder", "fail", exc.message, exc.hint or "")]
     existing = _nearest_existing(root)
     if not os.access(existing, os.W_OK | os.X_OK):
         return [Finding("backup folder", "fail", f"{root} cannot be written", f"Make {existing} writable, or set BACKUP_DIR.")]

@@ -13,13 +13,14 @@ import logging
 import os
 import re
 import socket
+from datetime import UTC, datetime
 from pathlib import Path
 
 from lib import audit
 from lib.audit import audited
 from lib.config import Settings
 from lib.errors import ConfigError, NoPointError, VerificationError
-from lib.files import sha256_file, utc_now
+from lib.files import sha256_file
 from lib.operations import background
 from lib.operations.scaffold import Operation, operation
 from lib.pg.db import database_properties
@@ -157,21 +158,22 @@ def get_point(settings: Settings, point_id: str) -> Point:
     return Catalog(settings.backup_dir).get(point_id)
 
 
-def file_info(settings: Settings, path: Path) -> dict:
-    """info --file: a point folder, a manifest, or a bare pg_dump archive."""
+def file_info(settings: Settings, path: Path) -> tuple[dict, Point | None]:
+    """info --file: a point folder or its manifest (with the point), or a bare pg_dump archive."""
     path = Path(path)
     if path.is_dir() and (path / "manifest.json").is_file():
         path = path / "manifest.json"
     if path.name == "manifest.json" and path.is_file():
         point = Catalog(path.parent.parent).get(path.parent.name)
-        return {"point": point.manifest, "files": "ok" if not check_files(point) else check_files(point)}
+        problems = check_files(point)
+        return {"point": point.manifest, "path": str(point.path), "files": problems or "ok"}, point
     if dump_method.is_archive_folder(path):
         size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
-        return {"file": str(path), "format": "directory", "size_bytes": size, **dump_method.archive_header(path, settings)}
+        return {"file": str(path), "size_bytes": size, **dump_method.archive_header(path, settings)}, None
     if not path.is_file():
         raise ConfigError(f"{path} does not exist or is not a file.", "Give the path of an archive or a point folder.")
     header = dump_method.archive_header(path, settings)
-    return {"file": str(path), "size_bytes": path.stat().st_size, "sha256": sha256_file(path), **header}
+    return {"file": str(path), "size_bytes": path.stat().st_size, "sha256": sha256_file(path), **header}, None
 
 
 def verify_point(settings: Settings, ui: Reporter, point_id: str, *, deep: bool = False) -> dict:
@@ -234,8 +236,9 @@ def restore_point(
     catalog = Catalog(settings.backup_dir).ensure()
     point = archive_point(settings, archive) if archive else catalog.get(point_id or "")
     with operation(settings, "restore", ui=ui, ask=ask, point_id=point.id) as op:
-        if archive and point.method == "dump":
-            # a bare archive: restored here, with staging's own encoding, locale, owner and settings
+        if point.manifest.get("kind") == "file":
+            # a bare archive records nothing: restored here, with staging's own encoding, locale, owner and
+            # settings. A point folder stays as it was written (its checksums cover its manifest).
             point.manifest["database"]["name"] = op.target.dbname
             point.manifest["database"]["properties"] = database_properties(op.target.maint, op.target.dbname).as_dict()
         return _restore(op, point, force=force)
@@ -291,7 +294,7 @@ def archive_point(settings: Settings, path: Path) -> Point:
         path.parent,
         {
             "id": f"file:{path.name}",
-            "created_at": utc_now().isoformat(timespec="milliseconds"),
+            "created_at": header.get("created_at") or _modified_at(path),
             "description": f"archive {path}",
             "method": "dump",
             "archive": path.name,
@@ -304,6 +307,10 @@ def archive_point(settings: Settings, path: Path) -> Point:
             "archive_table_count": dump_method.archive_table_count(path, settings),
         },
     )
+
+
+def _modified_at(path: Path) -> str:
+    return datetime.fromtimestamp(path.stat().st_mtime, UTC).isoformat(timespec="seconds")
 
 
 def check_restore_request(kind: str, point_id: str | None, file: str | None) -> None:

@@ -112,11 +112,26 @@ class Point:
         }
 
 
+def refuse_a_file_for_a_folder(root: Path) -> None:
+    """BACKUP_DIR that is a file (or lies under one) can hold no point: said at once, so that
+    "no points yet" never leads anyone to a V2 reset when the setting is wrong."""
+    for folder in (root, *root.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise ConfigError(
+                    f"The backup folder {root} cannot be a folder: {folder} is a file. No point was looked at or changed.",
+                    "Set BACKUP_DIR (or --backup-dir) to the folder where the points are (`python3 check_setup.py` "
+                    "shows the setting in use).",
+                )
+            return
+
+
 class Catalog:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.stale_ids: list[str] = []  # ids of creations found interrupted, for their databases
         self.pending: list[Path] = []  # folders of interrupted runs that the next run can finish
+        refuse_a_file_for_a_folder(self.root)
 
     def ensure(self, clean: bool = True) -> Catalog:
         """Create the folder (0700) and prove it writable, before any work starts."""

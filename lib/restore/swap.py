@@ -129,7 +129,7 @@ def check_point_usable(target: Target, catalog: Catalog, point: Point) -> None:
     problems = check_files(point)
     if problems:
         good = [
-            p.id
+            p
             for p in catalog.points()
             if p.id != point.id
             and p.database_name == target.dbname
@@ -137,11 +137,7 @@ def check_point_usable(target: Target, catalog: Catalog, point: Point) -> None:
             and p.manifest.get("status") == "completed"
             and not check_files(p)
         ]
-        hint = (
-            "Earlier points that verify: " + ", ".join(reversed(good[-5:])) + "."
-            if good
-            else "No earlier point of this database verifies; `python3 reset_staging.py` rebuilds staging from V2."
-        )
+        hint = _earlier_points_hint(good)
         raise VerificationError(f"Point {point.id} failed its checksums: " + "; ".join(problems) + ". Nothing was changed.", hint)
     crypto.check_point_keys(point, target.settings)  # a missing or wrong key: refused here, nothing touched
     refuse_prepared_transactions(target.maint, target.dbname, f"restore {target.dbname}")
@@ -159,6 +155,19 @@ def check_point_usable(target: Target, catalog: Catalog, point: Point) -> None:
                 f"{'missing' if state is None else 'invalid (an interrupted DROP left it)'}. Nothing was changed.",
                 "Choose another point (`python3 rollback_manager.py list`).",
             )
+
+
+def _earlier_points_hint(good: list[Point]) -> str:
+    """Points taken on purpose first (what someone rolling back wants), newest first; the
+    states kept before rollbacks (post-migration states) after them."""
+    if not good:
+        return "No earlier point of this database verifies; `python3 reset_staging.py` rebuilds staging from V2."
+    taken = [p.id for p in reversed(good) if p.manifest.get("kind") != "before_rollback"][:5]
+    kept = [p.id for p in reversed(good) if p.manifest.get("kind") == "before_rollback"][:3]
+    hint = f"Earlier points that verify, newest first: {', '.join(taken)}." if taken else ""
+    if kept:
+        hint += f" States kept before earlier rollbacks (after a migration, not before one): {', '.join(kept)}."
+    return hint.strip()
 
 
 def refuse_replication_ties(target: Target, ties: list[str], *, force: bool, doing: str) -> None:

@@ -10,6 +10,7 @@ import shutil
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext, suppress
+from datetime import UTC, datetime
 from pathlib import Path
 
 import psycopg2
@@ -259,9 +260,23 @@ def archive_header(archive: Path, settings) -> dict:
     for line in listing.splitlines():
         text = line.lstrip(";").strip()
         for prefix, key in keys.items():
-            if text.startswith(prefix):
-                info[key] = text.split(":", 1)[1].strip()
+            if text.startswith(prefix):  # "Archive created at 2026-…" has no colon; "Format: DIRECTORY" has
+                info[key] = text[len(prefix) :].lstrip(":").strip()
+    if "created_at" in info:
+        info["created_at"] = _listed_time(info["created_at"])
     return info
+
+
+def _listed_time(text: str) -> str:
+    """pg_restore prints when the archive was made in this process's own time zone
+    ("2026-11-22 02:28:00 UTC", "… CET"): as UTC, in ISO 8601."""
+    try:
+        when = datetime.strptime(text[:19], "%Y-%m-%d %H:%M:%S")
+    except ValueError:
+        return text
+    zone = text[19:].strip()
+    when = when.replace(tzinfo=UTC) if zone in ("UTC", "GMT", "Z") else when.astimezone()
+    return when.astimezone(UTC).isoformat(timespec="seconds")
 
 
 def archive_table_count(archive: Path, settings) -> int:
