@@ -55,6 +55,8 @@ def build_parser() -> Parser:
     p.add_argument("--v2-url", help=argparse.SUPPRESS)
     parent = argparse.ArgumentParser(add_help=False)
     common_flags(parent)
+    # also after the command, as every other script takes it anywhere (SUPPRESS: absent, it leaves the one before alone)
+    parent.add_argument("--database-url", default=argparse.SUPPRESS, help="staging database URL (default: STAGING_DATABASE_URL)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     sub.add_parser("list", parents=[parent], help="list rollback points")
     info = sub.add_parser("info", aliases=["details"], parents=[parent], help="show one point or an archive file")
@@ -148,7 +150,7 @@ def action(args, ui, ask) -> int:
         verb = "would be removed" if args.dry_run else "removed"
         return ui.result(document, lambda: removed and ui.ok(f"{len(removed)} point(s) {verb}"))
     if command == "audit":
-        entries = operations.audit_trail(settings, ui, args.limit or None)
+        entries = operations.audit_trail(settings, ui, None if args.limit == 0 else args.limit)
         return ui.result(entries, lambda: render.audit_trail(ui, entries))
     if command == "diff":
         found = operations.diff_point(settings, ui, args.point_id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import lib.cli.venv  # noqa: F401  (first: runs this script again under .venv when its packages are missing)
 from lib.cli import render
@@ -98,8 +99,15 @@ def choose(ui, ask) -> str:
     return names[int(answer) - 1]
 
 
+def _is_a_file(text: str) -> bool:
+    return text.endswith((".py", ".sql")) or "/" in text or Path(text).is_file()
+
+
 def action(args: argparse.Namespace, ui, ask) -> int:
     settings = settings_from(args)
+    if args.rollback and not args.migration and _is_a_file(args.rollback):
+        # `--rollback migrations/001_….py`: the flag took the file as a point id
+        args.migration, args.rollback = args.rollback, ""
     migration = load(args.migration or choose(ui, ask))
     if args.rollback is not None:
         result = runner.rollback(settings, ui, ask, migration, args.rollback or None, force=args.force)

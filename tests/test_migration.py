@@ -15,6 +15,7 @@ import time
 from contextlib import closing
 from pathlib import Path
 
+import psycopg2
 import pytest
 
 from lib.cli import sample
@@ -213,8 +214,9 @@ def test_rollback_flag_restores_the_newest_point_of_the_migration_or_the_one_giv
     assert second["outcome"] == "succeeded" and second["point_id"] != first_report["point_id"]
     assert second["skipped"] == first_report["migrated"]  # a second run picks up where the first stopped
 
-    # without an id: the newest point this migration made, i.e. the state after the first run
-    back = mig18.run("run_migration.py", CLIENTS, "--rollback", "--yes", "--json")
+    # without an id: the newest point this migration made, i.e. the state after the first run;
+    # the file may come after the flag too
+    back = mig18.run("run_migration.py", "--rollback", CLIENTS, "--yes", "--json")
     assert back.returncode == 0, back.stderr
     assert json.loads(back.stdout)["point_id"] == second["point_id"]
     assert state(mig18) == after_first
@@ -463,3 +465,22 @@ def test_concurrent_audit_writers_never_interleave(tmp_path):
     assert trail.damaged == []
     assert sorted((e["worker"], e["n"]) for e in trail.entries) == [(w, n) for w in range(4) for n in range(80)]
     assert (tmp_path / audit.AUDIT_FILE).stat().st_mode & 0o777 == 0o600
+
+
+def test_an_unattended_production_run_with_yes_ends_the_application_sessions_its_point_needs(mig18):
+    """The cron-style pre-migration run: --yes reaches the template point the runner takes,
+    which needs staging to itself; without --yes and a terminal it is refused first."""
+    app = psycopg2.connect(mig18.url, application_name="the application")
+    try:
+        refused = mig18.run("run_migration.py", CLIENTS, "--production", env={"ROLLBACK_METHOD": "template"})
+        assert refused.returncode == 2 and "the application" in refused.stderr
+        assert audit_events(mig18) == [] or all(e["event"] != "migration start" for e in audit_events(mig18))
+        result = mig18.run("run_migration.py", CLIENTS, "--production", "--yes", "--json", env={"ROLLBACK_METHOD": "template"})
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout)
+        assert report["outcome"] == "succeeded" and report["migrated"] == GOOD_CLIENTS
+        assert report["point_id"] and "template" in mig18.run("rollback_manager.py", "info", report["point_id"]).stdout
+        with pytest.raises(psycopg2.OperationalError):
+            app.cursor().execute("SELECT 1")  # its session was ended for the copy
+    finally:
+        app.close()

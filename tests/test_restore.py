@@ -243,6 +243,9 @@ def test_restore_of_a_point_of_another_database_is_refused(staging, new_staging)
     result = staging.run("rollback_manager.py", "restore", point_id, "--yes", env=other_env)
     assert result.returncode == 2
     assert f"is of database {staging.name!r}" in result.stderr
+    compared = staging.run("rollback_manager.py", "diff", point_id, env=other_env)  # nor compared with it
+    assert compared.returncode == 2 and f"is of database {staging.name!r}" in compared.stderr
+    assert compared.stdout == ""
 
 
 @pytest.mark.german
@@ -299,3 +302,16 @@ def test_sessions_arriving_during_the_restore_do_not_break_it(staging):
     assert unexpected == []
     assert staging.sql("SELECT count(*) FROM customers")[0][0] == 300
     assert staging.sql("SELECT datallowconn FROM pg_database WHERE datname = current_database()")[0][0] is True
+
+
+def test_database_url_is_taken_before_or_after_the_command(staging):
+    point_id = staging.create_point()
+    no_env = {"STAGING_DATABASE_URL": ""}
+    staging.sql("DELETE FROM customers WHERE id > 100")
+    after = staging.run("rollback_manager.py", "restore", point_id, "--database-url", staging.url, "--yes", env=no_env)
+    assert after.returncode == 0, after.stderr
+    assert staging.sql("SELECT count(*) FROM customers")[0][0] == 300
+    before = staging.run("rollback_manager.py", "--database-url", staging.url, "list", "--json", env=no_env)
+    assert before.returncode == 0 and point_id in before.stdout
+    unset = staging.run("rollback_manager.py", "restore", point_id, "--yes", env=no_env)
+    assert unset.returncode == 2 and "STAGING_DATABASE_URL is not set" in unset.stderr

@@ -184,3 +184,24 @@ def test_a_log_dir_on_a_read_only_mount_is_said(staging, tmp_path):
             assert "cannot be written (Read-only file system)" in result.stderr and "no audit entry" in result.stderr
     finally:
         subprocess.run(["umount", "-l", str(logs)], capture_output=True)
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["rollback_manager.py", "cleanup", "--older-than", "-3", "--dry-run"], "--older-than must be a number of days"),
+        (["rollback_manager.py", "cleanup", "--older-than", "nan", "--yes"], "--older-than must be a number of days"),
+        (["rollback_manager.py", "cleanup", "--keep", "0", "--yes"], "--keep must be at least 1"),
+        (["rollback_manager.py", "cleanup", "--keep", "-2", "--older-than", "1", "--yes"], "--keep must be at least 1"),
+        (["create_rollback_point.py", "x", "--keep", "0"], "--keep must be at least 1"),
+        (["rollback_manager.py", "audit", "--limit", "-5"], "--limit must be 0"),
+    ],
+)
+def test_retention_and_limits_that_make_no_sense_are_refused_before_anything(staging, args, words):
+    kept = [staging.create_point("one"), staging.create_point("two")]
+    result = staging.run(*args)
+    assert result.returncode == 2, result.stderr
+    assert words in result.stderr
+    assert "left behind" not in result.stderr  # refused before the leftover scan, not after it
+    _one_paragraph(result.stderr)
+    assert [p["id"] for p in staging.run_json("rollback_manager.py", "list")] == kept

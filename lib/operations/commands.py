@@ -35,6 +35,7 @@ from lib.restore import diff, leftovers, partial
 from lib.restore.swap import (
     RestoreResult,
     check_point_usable,
+    refuse_other_database,
     refuse_replication_ties,
     restore_data,
     restore_in_place,
@@ -329,6 +330,8 @@ def check_restore_request(kind: str, point_id: str | None, file: str | None) -> 
 
 def audit_trail(settings: Settings, ui: Reporter, limit: int | None) -> list[dict]:
     """The newest entries; damaged lines are named and skipped."""
+    if limit is not None and limit < 0:
+        raise ConfigError(f"--limit must be 0 (every entry) or more (not {limit}).", "For example --limit 50.")
     found = audit.read(settings.log_dir, limit)
     for number in found.damaged:
         ui.warn(f"line {number} of {found.path} is damaged (not a JSON entry); skipped")
@@ -338,6 +341,7 @@ def audit_trail(settings: Settings, ui: Reporter, limit: int | None) -> list[dic
 def diff_point(settings: Settings, ui: Reporter, point_id: str) -> diff.Diff:
     point = Catalog(settings.backup_dir).get(point_id)
     with open_target(settings, check_v2=False, ui=ui) as target:
+        refuse_other_database(target, point)
         with ui.progress(f"Comparing staging with {point.id}"):
             return diff.compute(target, point, ui)
 
@@ -388,8 +392,7 @@ def cleanup(
     settings: Settings, ui: Reporter, ask: Confirmer, *, keep: int | None, older_than_days: float | None, dry_run: bool
 ) -> tuple[list[Point], Point | None, list[str]]:
     """Old points by the retention asked for, and always what interrupted runs left."""
-    if keep is not None and keep < 1:
-        raise ConfigError("--keep must be at least 1.", "The newest verified point is always kept.")
+    retention.check_retention_request(keep, older_than_days)
     removed: list[Point] = []
     with operation(settings, "cleanup", ui=ui, ask=ask, check_v2=False, finish_pending=False, audit=not dry_run) as op:
         target, catalog = op.target, op.catalog

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 from dataclasses import dataclass
 from datetime import timedelta
@@ -55,11 +56,21 @@ class CleanupPlan:
     protected_manual: Point | None = None  # the newest one taken on purpose: quick_rollback's target
 
 
+def check_retention_request(keep: int | None, older_than_days: float | None) -> None:
+    """Refused before anything is looked at: a retention that makes no sense."""
+    if keep is not None and keep < 1:
+        raise ConfigError(f"--keep must be at least 1 (not {keep}).", "The newest verified point is always kept.")
+    if older_than_days is not None and not (math.isfinite(older_than_days) and older_than_days >= 0):
+        raise ConfigError(
+            f"--older-than must be a number of days, 0 or more (not {older_than_days:g}).",
+            "For example --older-than 7 removes points older than a week; add --dry-run to see it first.",
+        )
+
+
 def cleanup_plan(target: Target, catalog: Catalog, *, keep: int | None, older_than_days: float | None) -> CleanupPlan:
     if keep is None and older_than_days is None:
         raise ConfigError("Say what to remove: --keep N, --older-than DAYS, or both.", "Add --dry-run to see it first.")
-    if keep is not None and keep < 1:
-        raise ConfigError("--keep must be at least 1.", "The newest verified point is always kept.")
+    check_retention_request(keep, older_than_days)
     points = points_of(catalog, target)
     protected = newest_good(target, points)
     protected_manual = newest_good(target, [p for p in points if p.manifest.get("kind", "manual") != "before_rollback"])

@@ -115,17 +115,22 @@ class RestoreResult:
         return dict(self.__dict__)
 
 
+def refuse_other_database(target: Target, point: Point) -> None:
+    """A point of another database is neither restored into staging nor compared with it."""
+    if point.database_name != target.dbname:
+        raise ConfigError(
+            f"Point {point.id} is of database {point.database_name!r}, but staging is {target.dbname!r}.",
+            "Pass --database-url for that database, or choose a point of this one (`rollback_manager.py list`).",
+        )
+
+
 def check_point_usable(target: Target, catalog: Catalog, point: Point) -> None:
     """Before anything is touched: the point is of this database, complete, and intact."""
     m = point.manifest
     refuse_damaged_manifest(point)
     if m.get("status") != "completed":
         raise ConfigError(f"Point {point.id} is not complete (status: {m.get('status')}).", "Use another point.")
-    if point.database_name != target.dbname:
-        raise ConfigError(
-            f"Point {point.id} is of database {point.database_name!r}, but staging is {target.dbname!r}.",
-            "Pass --database-url for that database, or choose a point of this one (`rollback_manager.py list`).",
-        )
+    refuse_other_database(target, point)
     problems = check_files(point)
     if problems:
         good = [
