@@ -40,8 +40,7 @@ def build_parser() -> Parser:
 
 def reset_from_v2(settings, ui, ask, args) -> int:
     result = reset_staging(settings, ui, ask, force=args.force)
-    render.restore_outcome(ui, result, as_json=args.json, headline=f"{result.database} rebuilt from V2 and checked.")
-    return 0
+    return render.restore_outcome(ui, result, as_json=args.json, headline=f"{result.database} rebuilt from V2 and checked.")
 
 
 def action(args, ui, ask) -> int:
@@ -56,10 +55,9 @@ def action(args, ui, ask) -> int:
             return reset_from_v2(settings, ui, ask, args)
         return int(exc.exit_code)
     description = point.manifest.get("description") or "no description"
-    render.restore_outcome(
+    return render.restore_outcome(
         ui, result, as_json=args.json, headline=f"{result.database} is back at {result.point_id} ({description})."
     )
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

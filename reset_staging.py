@@ -47,8 +47,7 @@ def action(args, ui, ask) -> int:
     if args.jobs is not None and args.jobs < 1:
         raise ConfigError("--jobs must be at least 1.")
     result = reset_staging(settings, ui, ask, jobs=args.jobs, force=args.force)
-    render.restore_outcome(ui, result, as_json=args.json, headline=f"{result.database} rebuilt from V2 and checked.")
-    return 0
+    return render.restore_outcome(ui, result, as_json=args.json, headline=f"{result.database} rebuilt from V2 and checked.")
 
 
 def main(argv: list[str] | None = None) -> int:

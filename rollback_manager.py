@@ -166,8 +166,7 @@ def restore(args, ui, ask, settings) -> int:
     archive = Path(args.file) if args.type == "backup" else None
     result = operations.restore_point(settings, ui, ask, args.point_id, archive=archive, force=args.force)
     headline = f"{result.database} restored to {result.point_id} and verified ({result.mode})."
-    render.restore_outcome(ui, result, as_json=args.json, headline=headline)
-    return 0
+    return render.restore_outcome(ui, result, as_json=args.json, headline=headline)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -111,10 +111,9 @@ def action(args: argparse.Namespace, ui, ask) -> int:
     migration = load(args.migration or choose(ui, ask))
     if args.rollback is not None:
         result = runner.rollback(settings, ui, ask, migration, args.rollback or None, force=args.force)
-        render.restore_outcome(
+        return render.restore_outcome(
             ui, result, as_json=args.json, headline=f"{result.database} restored to {result.point_id} and verified."
         )
-        return 0
     if args.no_rollback and not args.production:
         raise ConfigError("--no-rollback only applies with --production.", "A dry run never changes staging.")
     options = runner.Options(args.batch_size, args.failure_threshold, args.limit, parse_params(args.param))

@@ -63,8 +63,9 @@ def action(args, ui, ask) -> int:
         result = operations.restore_point(settings, ui, ask, args.point_id)
     else:
         _, result = operations.quick_rollback(settings, ui, ask, method="data")
-    render.restore_outcome(ui, result, as_json=args.json, headline=f"{result.database} restored to {result.point_id} (data).")
-    return 0
+    return render.restore_outcome(
+        ui, result, as_json=args.json, headline=f"{result.database} restored to {result.point_id} (data)."
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

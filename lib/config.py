@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
@@ -189,6 +190,10 @@ class Settings:
     encrypt_to: str | None = None  # ROLLBACK_ENCRYPT_TO: age recipients, or a file of them
     decrypt_key_file: str | None = None  # ROLLBACK_DECRYPT_KEY_FILE: the age identity file
     encrypt: bool = False  # --encrypt, or ROLLBACK_ENCRYPT_TO set: payload files in the age format
+    before_swap: tuple[str, ...] = ()  # ROLLBACK_BEFORE_SWAP: a command (no shell) run just before a swap
+    after_swap: tuple[str, ...] = ()  # ROLLBACK_AFTER_SWAP: run just after it, also when it failed
+    hook_timeout: int = 60  # ROLLBACK_HOOK_TIMEOUT: seconds either may take
+    keep_before_states: int = 3  # KEEP_BEFORE_STATES: states kept before rollbacks, per database (0: all)
 
     def staging(self) -> ConnInfo:
         if not self.staging_url:
@@ -208,6 +213,19 @@ def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
         raise ConfigError(f"{name}={value!r} is not one of {', '.join(allowed)}.", f"Set {name} to one of them, or leave it out.")
     return value
+
+
+def _command(name: str, text: str | None) -> tuple[str, ...]:
+    """A command line split as a shell would split it, but run without one."""
+    if not text or not text.strip():
+        return ()
+    try:
+        return tuple(shlex.split(text))
+    except ValueError as exc:
+        raise ConfigError(
+            f"{name} cannot be split into a command and its arguments ({exc}).",
+            "Quote it as in a shell, without pipes or redirections (it runs without a shell).",
+        ) from None
 
 
 def load_settings(
@@ -237,14 +255,14 @@ def load_settings(
     bin_dirs = pick(None, "PG_BIN_DIR", "") or ""
     cores = str(max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
-    def whole(name: str, default: str, flag: int | None = None) -> int:
+    def whole(name: str, default: str, flag: int | None = None, least: int = 1) -> int:
         text = str(flag) if flag is not None else (pick(None, name, default) or default)
         try:
             value = int(text)
         except ValueError:
             raise ConfigError(f"{name} must be a whole number, not {text!r}.") from None
-        if value < 1:
-            raise ConfigError(f"{name} must be at least 1, not {value}.")
+        if value < least:
+            raise ConfigError(f"{name} must be at least {least}, not {value}.")
         return value
 
     return Settings(
@@ -265,4 +283,8 @@ def load_settings(
         encrypt_to=pick(None, "ROLLBACK_ENCRYPT_TO"),
         decrypt_key_file=pick(None, "ROLLBACK_DECRYPT_KEY_FILE"),
         encrypt=encrypt or bool(pick(None, "ROLLBACK_ENCRYPT_TO")),
+        before_swap=_command("ROLLBACK_BEFORE_SWAP", pick(None, "ROLLBACK_BEFORE_SWAP")),
+        after_swap=_command("ROLLBACK_AFTER_SWAP", pick(None, "ROLLBACK_AFTER_SWAP")),
+        hook_timeout=whole("ROLLBACK_HOOK_TIMEOUT", "60"),
+        keep_before_states=whole("KEEP_BEFORE_STATES", "3", least=0),
     )

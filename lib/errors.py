@@ -32,11 +32,19 @@ class RollbackError(Exception):
     """
 
     exit_code: ExitCode = ExitCode.FAILED
+    # True where the failure is one method's own (no right to create databases, no room on
+    # the server, no fitting pg_dump): --method auto then tries the next method.
+    another_method_may_work: bool = False
 
     def __init__(self, message: str, hint: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.hint = hint
+
+    def only_this_method(self) -> RollbackError:
+        """Marks the failure as this method's own; returns it, for ``raise exc.only_this_method()``."""
+        self.another_method_may_work = True
+        return self
 
     def paragraph(self) -> str:
         text = self.message.rstrip()

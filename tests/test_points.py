@@ -13,6 +13,7 @@ import sys
 import time
 from datetime import UTC, datetime
 
+import psycopg2
 import pytest
 
 import create_rollback_point
@@ -205,3 +206,56 @@ def test_a_shortfall_of_free_space_is_refused_with_both_numbers(staging, monkeyp
     size = re.search(r"\((\d+) bytes\) and only", err)
     assert size and int(size.group(1)) > 1024
     assert Catalog(staging.backup_dir).points() == []
+
+
+# ------------------------------------------------------------------ --method auto tries the next method
+
+
+def test_auto_falls_back_to_a_dump_when_staging_cannot_be_had_to_itself(staging):
+    app = psycopg2.connect(staging.url, application_name="the application")
+    try:
+        made = staging.run("create_rollback_point.py", "busy", "--json", env={"ROLLBACK_METHOD": "auto"})
+        assert made.returncode == 0, made.stderr
+        assert json.loads(made.stdout)["method"] == "dump"
+        assert "A template point could not be taken: Refusing to disconnect" in made.stderr
+        assert "Trying a dump point instead" in made.stderr
+        app.cursor().execute("SELECT 1")  # nobody was disconnected
+    finally:
+        app.close()
+
+
+def test_auto_goes_on_to_a_data_point_when_no_pg_dump_fits_either(staging, tmp_path):
+    empty = tmp_path / "no-tools"
+    empty.mkdir()
+    app = psycopg2.connect(staging.url)
+    try:
+        env = {"ROLLBACK_METHOD": "auto", "PG_BIN_DIR": str(empty), "PG_BIN_DIR_ONLY": "1"}
+        made = staging.run("create_rollback_point.py", "no tools", "--json", env=env)
+    finally:
+        app.close()
+    assert made.returncode == 0, made.stderr
+    assert json.loads(made.stdout)["method"] == "data"
+    assert "Trying a dump point instead" in made.stderr and "A dump point could not be taken: No pg_dump fits" in made.stderr
+    failed = [e for e in _audit_entries(staging) if e["event"] == "create"][-1]["methods_failed"]
+    assert [f["method"] for f in failed] == ["template", "dump"]
+
+
+def test_a_failure_every_method_shares_stops_at_once(staging, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    made = staging.run("create_rollback_point.py", "x", env={"ROLLBACK_METHOD": "auto", "BACKUP_DIR": str(blocker)})
+    assert made.returncode == 2 and "Trying" not in made.stderr
+    unreachable = staging.run(
+        "create_rollback_point.py",
+        "x",
+        env={"ROLLBACK_METHOD": "auto", "STAGING_DATABASE_URL": "postgresql://u:pw@127.0.0.1:1/db"},
+    )
+    assert unreachable.returncode == 1 and "Trying" not in unreachable.stderr
+    explicit = staging.run(  # a method asked for by name is not replaced
+        "create_rollback_point.py", "x", "--method", "dump", env={"PG_BIN_DIR": str(tmp_path), "PG_BIN_DIR_ONLY": "1"}
+    )
+    assert explicit.returncode == 1 and "No pg_dump fits" in explicit.stderr and "Trying" not in explicit.stderr
+
+
+def _audit_entries(staging) -> list[dict]:
+    return [json.loads(line) for line in (staging.log_dir / "rollback_audit.jsonl").read_text().splitlines()]

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 import threading
 import time
+from pathlib import Path
 
 import psycopg2
 import pytest
@@ -315,3 +318,99 @@ def test_database_url_is_taken_before_or_after_the_command(staging):
     assert before.returncode == 0 and point_id in before.stdout
     unset = staging.run("rollback_manager.py", "restore", point_id, "--yes", env=no_env)
     assert unset.returncode == 2 and "STAGING_DATABASE_URL is not set" in unset.stderr
+
+
+# ------------------------------------------------------------------ commands around the swap
+
+
+def _recorder(log: Path, code: int = 0) -> str:
+    """A command line that appends what it was told to ``log`` and exits ``code``."""
+    body = (
+        "import os, sys; e = os.environ; "
+        f"open({str(log)!r}, 'a').write(' '.join([e['ROLLBACK_PHASE'], e['ROLLBACK_DATABASE'], e['ROLLBACK_POINT_ID'], "
+        "e.get('ROLLBACK_SWAPPED', '-'), str(any('DATABASE_URL' in k for k in e))]) + '\\n'); "
+        f"print('pooler said no', file=sys.stderr) if {code} else None; sys.exit({code})"
+    )
+    return shlex.join([sys.executable, "-c", body])
+
+
+def test_commands_run_just_before_and_after_the_swap(staging, tmp_path):
+    point_id = staging.create_point()
+    log = tmp_path / "hooks.log"
+    env = {"ROLLBACK_BEFORE_SWAP": _recorder(log), "ROLLBACK_AFTER_SWAP": _recorder(log)}
+    staging.sql("DELETE FROM customers WHERE id > 100")
+    restored = staging.run("rollback_manager.py", "restore", point_id, "--yes", env=env)
+    assert restored.returncode == 0, restored.stderr
+    assert "Just before the swap:" in restored.stderr
+    assert log.read_text().splitlines() == [
+        f"before_swap {staging.name} {point_id} - False",  # no URL (and no password) reaches it
+        f"after_swap {staging.name} {point_id} 1 False",
+    ]
+    assert staging.sql("SELECT count(*) FROM customers")[0][0] == 300
+
+
+def test_a_failing_command_before_the_swap_leaves_staging_untouched_and_resumes(staging, tmp_path):
+    point_id = staging.create_point()
+    staging.sql("DELETE FROM customers WHERE id > 100")
+    before = deep_state(staging.server, staging.name)
+    listed = [p["id"] for p in staging.run_json("rollback_manager.py", "list")]
+    log = tmp_path / "hooks.log"
+    env = {"ROLLBACK_BEFORE_SWAP": _recorder(log, code=3), "ROLLBACK_AFTER_SWAP": _recorder(log)}
+    result = staging.run("rollback_manager.py", "restore", point_id, "--yes", env=env)
+    assert result.returncode == 1
+    assert "exited with code 3: pooler said no" in result.stderr and "Nothing was swapped" in result.stderr
+    assert log.read_text().splitlines()[-1] == f"after_swap {staging.name} {point_id} 0 False"  # resumed all the same
+    assert deep_state(staging.server, staging.name) == before
+    assert [p["id"] for p in staging.run_json("rollback_manager.py", "list")] == listed
+    assert not staging.sql("SELECT 1 FROM pg_database WHERE datname LIKE %s", (f"{staging.name}_rb_restoring%",))
+
+
+def test_a_failing_command_after_the_swap_is_loud_and_exits_1(staging, tmp_path):
+    point_id = staging.create_point()
+    staging.sql("DELETE FROM customers WHERE id > 100")
+    env = {"ROLLBACK_AFTER_SWAP": _recorder(tmp_path / "hooks.log", code=4)}
+    result = staging.run("quick_rollback.py", "--yes", "--json", env=env)
+    assert result.returncode == 1
+    outcome = json.loads(result.stdout)
+    assert outcome["point_id"] == point_id and outcome["before_point_id"]
+    assert "is restored, but the command after the swap" in outcome["after_swap_failed"]
+    assert "run it by hand now" in result.stderr
+    assert staging.sql("SELECT count(*) FROM customers")[0][0] == 300
+
+
+def test_a_command_that_cannot_be_split_is_refused_before_anything(staging):
+    point_id = staging.create_point()
+    result = staging.run("rollback_manager.py", "restore", point_id, "--yes", env={"ROLLBACK_BEFORE_SWAP": "psql -c 'PAUSE"})
+    assert result.returncode == 2 and "ROLLBACK_BEFORE_SWAP cannot be split" in result.stderr
+
+
+def test_states_kept_before_rollbacks_have_a_retention_of_their_own(staging):
+    point_id = staging.create_point("before the migrations")
+    env = {"KEEP_BEFORE_STATES": "2"}
+    outputs = []
+    for n in range(3):
+        staging.sql(f"DELETE FROM customers WHERE id > {200 - n}")
+        restored = staging.run("rollback_manager.py", "restore", point_id, "--yes", "--json", env=env)
+        assert restored.returncode == 0, restored.stderr
+        outputs.append((json.loads(restored.stdout)["before_point_id"], restored.stderr))
+    listed = staging.run_json("rollback_manager.py", "list")
+    befores = [p["id"] for p in listed if p["kind"] == "before_rollback"]
+    assert befores == [outputs[1][0], outputs[2][0]]  # the newest two
+    assert point_id in [p["id"] for p in listed]  # a point taken on purpose is never retired by this
+    assert f"Removed {outputs[0][0]}" in outputs[2][1] and "KEEP_BEFORE_STATES" in outputs[2][1]
+    assert "Removed" not in outputs[1][1]
+    gone = outputs[0][0]
+    for _ in range(120):  # its database is dropped in the background
+        if not staging.sql("SELECT 1 FROM pg_database WHERE datname = %s", (gone,)):
+            break
+        time.sleep(0.25)
+    else:
+        pytest.fail(f"the database of {gone} was not dropped")
+    trail = [e for e in _audit(staging) if e.get("retired_before_states")]
+    assert [e["retired_before_states"] for e in trail] == [[gone]]
+    kept_all = staging.run("rollback_manager.py", "restore", point_id, "--yes", env={"KEEP_BEFORE_STATES": "0"})
+    assert kept_all.returncode == 0 and "Removed" not in kept_all.stderr
+
+
+def _audit(staging) -> list[dict]:
+    return [json.loads(line) for line in (staging.log_dir / "rollback_audit.jsonl").read_text().splitlines()]

@@ -148,17 +148,22 @@ def partial_outcome(ui: UI, outcome: dict) -> None:
         ui.info(f"Undo with: python3 rollback_manager.py restore {outcome['before_point_id']}")
 
 
-def restore_outcome(ui: UI, result, *, as_json: bool, headline: str) -> None:
-    """The end of a restore: the result as JSON, or a line and the way to undo it."""
+def restore_outcome(ui: UI, result, *, as_json: bool, headline: str) -> int:
+    """The end of a restore: the result as JSON, or a line and the way to undo it; the
+    exit code (1 when the command after the swap failed: something is left paused)."""
     if as_json:
         ui.emit_json(result.as_dict())
-        return
-    ui.ok(headline)
-    if result.before_point_id:
-        ui.info(
-            f"The state before is kept as point {result.before_point_id}; "
-            f"undo with: python3 rollback_manager.py restore {result.before_point_id}"
-        )
+    else:
+        ui.ok(headline)
+        if result.before_point_id:
+            ui.info(
+                f"The state before is kept as point {result.before_point_id}; "
+                f"undo with: python3 rollback_manager.py restore {result.before_point_id}"
+            )
+    if getattr(result, "after_swap_failed", None):
+        ui.error(result.after_swap_failed)
+        return 1
+    return 0
 
 
 def migration_report(ui: UI, report) -> None:

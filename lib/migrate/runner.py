@@ -343,6 +343,9 @@ def _restore_automatically(
             granted = Granted(getattr(ask, "typed", None))
             report.restored = operations.restore_point(settings, ui, granted, report.point_id, force=force)
             record.set(reason=report.error, before_point_id=report.restored.before_point_id)
+            if report.restored.after_swap_failed:
+                record.set(after_swap_failed=report.restored.after_swap_failed)
+                ui.warn(report.restored.after_swap_failed)
     except (RollbackError, psycopg2.Error) as exc:
         raise MigrationError(
             f"{migration.id} failed ({report.error}) and the automatic rollback to {report.point_id} failed too: "

@@ -56,6 +56,24 @@ def after_restore(settings: Settings, restored: Point | None, before_id: str | N
         start(settings, "after-restore", *ids)
 
 
+def retire_before_states(op) -> None:
+    """After a restore (within its operation, lib/operations/scaffold.py): the states kept
+    before older rollbacks beyond KEEP_BEFORE_STATES are unlisted now, said, recorded in the
+    audit entry, and their databases dropped in the background."""
+    keep = op.settings.keep_before_states
+    old = retention.before_states_to_retire(op.target, op.catalog, keep)
+    for point in old:
+        op.catalog.unlist(point)
+        op.ui.info(
+            f"Removed {point.id} ({point.manifest.get('description') or 'state before rollback'}, "
+            f"{point.manifest.get('created_at', '?')[:19].replace('T', ' ')} UTC): only the newest {keep} states kept "
+            "before rollbacks stay (KEEP_BEFORE_STATES)."
+        )
+    if old:
+        start(op.settings, "remove", *(p.id for p in old))
+        op.record.set(retired_before_states=[p.id for p in old])
+
+
 def _wants_spare(settings: Settings, point: Point) -> bool:
     return point.method == "template" and spare.enabled(settings) and point.manifest.get("kind", "manual") == "manual"
 

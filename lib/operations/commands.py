@@ -19,7 +19,7 @@ from pathlib import Path
 from lib import audit
 from lib.audit import audited
 from lib.config import Settings
-from lib.errors import ConfigError, NoPointError, VerificationError
+from lib.errors import ConfigError, NoPointError, RollbackError, VerificationError
 from lib.files import sha256_file
 from lib.operations import background
 from lib.operations.scaffold import Operation, operation
@@ -73,6 +73,29 @@ def choose_method(target: Target, requested: str) -> tuple[str, str]:
     if f.can_create_db:
         return "template", f"role {f.current_user} may create databases on this server: a server-side copy is fastest"
     return "dump", f"role {f.current_user} may not create databases on this server"
+
+
+FALLBACKS = {"template": "dump", "dump": "data"}  # --method auto: the next method, where the first's failure is its own
+
+
+def _take_trying(op: Operation, requested: str, chosen: str, **point) -> Point:
+    """``chosen``; with --method auto, on a failure that is that method's own (see
+    RollbackError.another_method_may_work), the next one, saying which failed and why. A
+    failure every method shares (the server, the backup folder) stops at once."""
+    method, failed = chosen, []
+    while True:
+        try:
+            point = _take(op, method=method, **point)
+        except RollbackError as exc:
+            after = FALLBACKS.get(method)
+            if requested != "auto" or not exc.another_method_may_work or after is None:
+                raise
+            op.ui.warn(f"A {method} point could not be taken: {exc.message} Trying a {after} point instead (--method auto).")
+            failed.append({"method": method, "error": exc.message})
+            op.record.set(methods_failed=failed)
+            method = after
+            continue
+        return point
 
 
 def _who() -> dict:
@@ -143,7 +166,7 @@ def create_point(
             f"Rollback point of {target.dbname} on {target.info.server_label()} "
             f"(PostgreSQL {target.facts.version}), method {chosen}" + (f": {why}" if requested == "auto" else "")
         )
-        point = _take(op, description=description, migration_id=migration_id, method=chosen, tables=tables)
+        point = _take_trying(op, requested, chosen, description=description, migration_id=migration_id, tables=tables)
         op.record.set(point_id=point.id, method=point.method)
         removed = retention.apply(target, op.catalog, ui, keep=keep, later=True) if keep else []
         if removed:
@@ -279,6 +302,7 @@ def _restore(op: Operation, point: Point, *, force: bool) -> RestoreResult:
     else:
         result = restore_in_place(target, rplan, ui, lambda d, k, _t: keep_current(d, k, None, "dump"))
     op.record.set(mode=result.mode, before_point_id=result.before_point_id, unavailable_seconds=result.unavailable_seconds)
+    background.retire_before_states(op)
     return result
 
 
@@ -375,6 +399,7 @@ def partial_rollback(settings: Settings, ui: Reporter, ask: Confirmer, point_id:
             point_id=point.id, database=target.dbname, mode="partial", before_point_id=kept["point"].id if kept else None
         )
         op.record.set(mode="partial", deleted=outcome["deleted"], before_point_id=outcome["before_point_id"])
+        background.retire_before_states(op)
     return outcome
 
 

@@ -64,6 +64,7 @@ def reset_staging(
 
             result = build_verify_swap(target, op.catalog, ui, build=build, verify=verify, properties=props, restored="V2")
         op.record.set(before_point_id=result.before_point_id)
+        background.retire_before_states(op)
     background.after_restore(settings, None, result.before_point_id)  # the kept state's rows, read in the background
     result.mode = "reset from V2"
     return result

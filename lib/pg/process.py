@@ -343,6 +343,36 @@ class ServerProgram(Command):
         self.name = self.path.name
 
 
+class OperatorCommand(Command):
+    """A command the operator configured (ROLLBACK_BEFORE_SWAP, ROLLBACK_AFTER_SWAP): run
+    without a shell, with the toolkit's URLs (and their passwords) left out of its
+    environment; what it needs to know comes as ROLLBACK_* variables."""
+
+    def __init__(self, argv: Sequence[str], *, env: dict[str, str]) -> None:
+        super().__init__(argv[0], env=env)
+        self.args = list(argv[1:])
+        self.name = self.path.name
+
+    def environment(self, pass_file: Path | None) -> dict[str, str]:
+        env = super().environment(pass_file)
+        for secret in ("STAGING_DATABASE_URL", "V2_DATABASE_URL"):
+            env.pop(secret, None)
+        return env
+
+    def outcome(self, timeout: float) -> str | None:
+        """None when it exited 0; otherwise what went wrong, in one sentence."""
+        try:
+            finished = self.run(self.args, timeout=timeout, check=False)
+        except ToolError as exc:  # did not finish in time: stopped
+            return exc.message
+        except OSError as exc:
+            return f"{self.path} could not be started: {exc.strerror or exc}"
+        if finished.returncode != 0:
+            said = _first_error_line(finished.stderr) or _first_error_line(finished.stdout)
+            return f"{self.name} exited with code {finished.returncode}" + (f": {said}" if said else "")
+        return None
+
+
 class PythonModule(Command):
     """The toolkit's own work in a second Python process."""
 

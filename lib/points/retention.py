@@ -32,6 +32,13 @@ def points_of(catalog: Catalog, target: Target) -> list[Point]:
     ]
 
 
+def before_states_to_retire(target: Target, catalog: Catalog, keep: int) -> list[Point]:
+    """The states kept before rollbacks (post-migration states) of this database beyond
+    its newest ``keep``, oldest first; none when ``keep`` is 0 (all are kept)."""
+    befores = [p for p in points_of(catalog, target) if p.manifest.get("kind") == "before_rollback"]
+    return befores[:-keep] if keep > 0 and len(befores) > keep else []
+
+
 def is_good(target: Target, point: Point) -> bool:
     """Complete, files intact, and for a database copy: present and valid."""
     if point.manifest.get("status") != "completed" or check_files(point):

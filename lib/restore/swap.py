@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ from lib.pg.db import (
     terminate_sessions,
 )
 from lib.pg.fingerprint import compare, counted_tables, fingerprint_like, is_physical
+from lib.pg.process import OperatorCommand
 from lib.pg.retry import retry_on
 from lib.pg.target import Target
 from lib.points import crypto, intents, spare
@@ -84,6 +86,7 @@ class RestorePlan:
                 "  The point is rebuilt beside staging and verified first; staging is then swapped "
                 "in one short step, and its current state kept as a new point (undo: restore that point)."
             )
+            lines += _hook_lines(target)
         else:
             lines.append(f"  In place, in one transaction ({self.reason}); the current state is first kept as a dump point.")
         if self.ties:
@@ -110,9 +113,36 @@ class RestoreResult:
     tool: str | None = None
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    after_swap_failed: str | None = None  # ROLLBACK_AFTER_SWAP did not succeed: the restore is done, the hook is not
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
+
+
+def _hook_lines(target: Target) -> list[str]:
+    s = target.settings
+    return [
+        f"  {label}: {shlex.join(argv)}"
+        for label, argv in (("Just before the swap", s.before_swap), ("Just after it (also if it fails)", s.after_swap))
+        if argv
+    ]
+
+
+def _run_hook(target: Target, ui: Reporter, phase: str, argv: tuple[str, ...], facts: dict[str, str]) -> str | None:
+    """ROLLBACK_BEFORE_SWAP / ROLLBACK_AFTER_SWAP: None when it succeeded (or there is none)."""
+    if not argv:
+        return None
+    env = {
+        "ROLLBACK_PHASE": phase,
+        "ROLLBACK_DATABASE": target.dbname,
+        "ROLLBACK_HOST": target.info.host or "",
+        "ROLLBACK_PORT": str(target.info.port or ""),
+        **facts,
+    }
+    ui.step(f"Running the command {phase.replace('_', ' ')}: {shlex.join(argv)}")
+    problem = OperatorCommand(argv, env=env).outcome(target.settings.hook_timeout)
+    log.info("%s command %s: %s", phase, shlex.join(argv), problem or "succeeded")
+    return problem
 
 
 def refuse_other_database(target: Target, point: Point) -> None:
@@ -343,22 +373,47 @@ def build_verify_swap(
             ) from None
         current_props = database_properties(target.maint, target.dbname).as_dict()
         description = f"state before rollback to {restored}"
-        with catalog.writing(f"before rollback {target.dbname}") as writer:
-            before = derived_name(writer.id, "")
-            info = _before_state_info(target, before, description, current_props, restored)
-            writer.pending(info)  # killed after the swap: the next run finishes this point
-            lap("prepare swap")
-            unavailable, ended = swap_databases(target, aside, before)
-            new.own()  # it is staging now
-            lap("swap")
-            ui.ok(f"{target.dbname} swapped in ({unavailable:.2f} s without connections, {ended} session(s) ended)")
-            faults.pause("after swap")
-            before_point = _keep_before_state(target, writer, info)
-            lap("keep state before")
+        facts = {"ROLLBACK_POINT_ID": restored}
+        swapped, after_problem = False, None
+        try:
+            problem = _run_hook(target, ui, "before_swap", target.settings.before_swap, facts)
+            if problem:
+                raise RollbackError(
+                    f"The command before the swap (ROLLBACK_BEFORE_SWAP) failed: {problem}. Nothing was swapped: "
+                    f"staging {target.dbname} was not touched, and the copy built beside it was dropped.",
+                    "Fix the command (run it by hand to see why), or unset ROLLBACK_BEFORE_SWAP, then run the restore again.",
+                )
+            with catalog.writing(f"before rollback {target.dbname}") as writer:
+                before = derived_name(writer.id, "")
+                info = _before_state_info(target, before, description, current_props, restored)
+                writer.pending(info)  # killed after the swap: the next run finishes this point
+                lap("prepare swap")
+                unavailable, ended = swap_databases(target, aside, before)
+                swapped = True
+                new.own()  # it is staging now
+                lap("swap")
+                ui.ok(f"{target.dbname} swapped in ({unavailable:.2f} s without connections, {ended} session(s) ended)")
+                after_problem = _run_hook(
+                    target, ui, "after_swap", target.settings.after_swap, {**facts, "ROLLBACK_SWAPPED": "1"}
+                )
+                faults.pause("after swap")
+                before_point = _keep_before_state(target, writer, info)
+                lap("keep state before")
+        finally:
+            if not swapped:  # the pooler paused before a swap that did not happen is resumed all the same
+                problem = _run_hook(target, ui, "after_swap", target.settings.after_swap, {**facts, "ROLLBACK_SWAPPED": "0"})
+                if problem:
+                    ui.warn(f"The command after the swap (ROLLBACK_AFTER_SWAP) failed too: {problem}. Run it by hand.")
     log.info("restore timings: %s", timings)
-    return RestoreResult(
+    result = RestoreResult(
         restored, target.dbname, "swap", before_point.id, round(unavailable, 3), ended, tool=tool, timings=timings
     )
+    if after_problem:
+        result.after_swap_failed = (
+            f"Staging {target.dbname} is restored, but the command after the swap (ROLLBACK_AFTER_SWAP) failed: "
+            f"{after_problem}. Whatever it was to resume (a paused pooler?) is not resumed: run it by hand now."
+        )
+    return result
 
 
 def _before_state_info(target: Target, before: str, description: str, props: dict, restored_id: str) -> dict:

@@ -12,9 +12,9 @@ import psycopg2
 from psycopg2 import sql
 
 from lib import faults
-from lib.errors import ConfigError, DatabaseError, VerificationError
+from lib.errors import ConfigError, ConfirmationRefused, DatabaseError, VerificationError
 from lib.files import human_size, utc_now
-from lib.pg.codes import DISK_FULL, DUPLICATE_DATABASE, OBJECT_IN_USE, sqlstate
+from lib.pg.codes import DISK_FULL, DUPLICATE_DATABASE, INSUFFICIENT_PRIVILEGE, OBJECT_IN_USE, sqlstate
 from lib.pg.db import (
     connection,
     database_properties,
@@ -203,7 +203,7 @@ def preflight(target: Target, ui: Reporter, ask: Confirmer) -> None:
         raise ConfigError(
             f"Role {f.current_user} may not create databases, which a template point needs.",
             "Use --method dump, or grant CREATEDB to the role.",
-        )
+        ).only_this_method()
     invalid = invalid_databases(target.maint)
     if target.dbname in invalid:
         raise VerificationError(
@@ -219,7 +219,10 @@ def preflight(target: Target, ui: Reporter, ask: Confirmer) -> None:
         ui.info(f"  A copy needs {target.dbname} to itself; these {len(sessions)} session(s) will be disconnected:")
         for s in sessions:
             ui.info(f"    - {s.describe()}")
-        ask.confirm("Disconnect them and take the point?", what=f"disconnect the sessions on {target.dbname}")
+        try:
+            ask.confirm("Disconnect them and take the point?", what=f"disconnect the sessions on {target.dbname}")
+        except ConfirmationRefused as exc:
+            raise exc.only_this_method() from None  # a dump point needs nobody disconnected
 
 
 COPY_ATTEMPTS = 5
@@ -252,14 +255,18 @@ def copy_error(target: Target, exc: psycopg2.Error, source: str, *, attempts: in
         return DatabaseError(
             f"Could not copy {source}: sessions kept connecting to it ({attempts} attempt(s)): {first}",
             "Stop the clients that keep connecting to it, then try again.",
-        )
+        ).only_this_method()
     if code == DISK_FULL:
         return DatabaseError(
             f"The server ran out of disk space copying {source} ({human_size(target.facts.database_size)}): {first}. "
             "The unfinished copy is not kept.",
             "Free space on the server; or take a dump point (--method dump), which writes to BACKUP_DIR instead; "
             "`python3 rollback_manager.py cleanup --dry-run` lists what earlier failures left.",
-        )
+        ).only_this_method()
+    if code == INSUFFICIENT_PRIVILEGE:
+        return DatabaseError(
+            f"Could not copy {source}: {first}", "Grant the role CREATEDB, or take a dump point (--method dump)."
+        ).only_this_method()
     return DatabaseError(f"Could not copy {source}: {first}", "See the log for details.")
 
 
