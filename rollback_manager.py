@@ -79,6 +79,16 @@ def build_parser() -> Parser:
     )
     restore.add_argument("--table", action="append", metavar="TABLE", help="partial: only this table (repeatable)")
     restore.add_argument("--file", help="backup: a pg_dump archive or a point folder")
+    moment = restore.add_mutually_exclusive_group()
+    moment.add_argument(
+        "--to-time", metavar="TIME", help="a moment the pgBackRest repository covers, with its zone: '2026-11-21 21:55:00+00'"
+    )
+    moment.add_argument("--to-lsn", metavar="LSN", help="a WAL position the pgBackRest repository covers, e.g. 0/3000100")
+    restore.add_argument(
+        "--in-place",
+        action="store_true",
+        help="pitr only: stop the cluster and restore ALL of it (every database on it goes back)",
+    )
     restore.add_argument(
         "--force",
         action="store_true",
@@ -159,12 +169,23 @@ def action(args, ui, ask) -> int:
 
 
 def restore(args, ui, ask, settings) -> int:
-    operations.check_restore_request(args.type, args.point_id, args.file)
+    moment = bool(args.to_time or args.to_lsn)
+    operations.check_restore_request(args.type, args.point_id, args.file, moment=moment, in_place=args.in_place)
     if args.type == "partial":
         outcome = operations.partial_rollback(settings, ui, ask, args.point_id, tables=args.table)
         return ui.result(outcome, lambda: render.partial_outcome(ui, outcome))
     archive = Path(args.file) if args.type == "backup" else None
-    result = operations.restore_point(settings, ui, ask, args.point_id, archive=archive, force=args.force)
+    result = operations.restore_point(
+        settings,
+        ui,
+        ask,
+        args.point_id,
+        archive=archive,
+        force=args.force,
+        to_time=args.to_time,
+        to_lsn=args.to_lsn,
+        in_place=args.in_place,
+    )
     headline = f"{result.database} restored to {result.point_id} and verified ({result.mode})."
     return render.restore_outcome(ui, result, as_json=args.json, headline=headline)
 

@@ -66,6 +66,9 @@ install_test_tools() {
   command -v shellcheck >/dev/null || missing+=(shellcheck)
   command -v age >/dev/null || missing+=(age)
   command -v localedef >/dev/null || missing+=(locales)
+  command -v pgbackrest >/dev/null || missing+=(pgbackrest)
+  # XFS with reflink on a loop device: only root mounts one, so only root's run needs it
+  if [[ "$(id -u)" -eq 0 ]] && ! command -v mkfs.xfs >/dev/null; then missing+=(xfsprogs); fi
   if [[ ${#missing[@]} -gt 0 ]]; then
     if [[ "$(id -u)" -ne 0 ]] || ! command -v apt-get >/dev/null; then
       die "the tests need ${missing[*]} from Debian: sudo apt-get install ${missing[*]}"

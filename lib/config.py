@@ -194,6 +194,13 @@ class Settings:
     after_swap: tuple[str, ...] = ()  # ROLLBACK_AFTER_SWAP: run just after it, also when it failed
     hook_timeout: int = 60  # ROLLBACK_HOOK_TIMEOUT: seconds either may take
     keep_before_states: int = 3  # KEEP_BEFORE_STATES: states kept before rollbacks, per database (0: all)
+    pgbackrest_env: dict[str, str] = field(default_factory=dict)  # PGBACKREST_*: pgBackRest's own settings
+    pitr_side_dir: Path | None = None  # PITR_SIDE_DIR: where a point's cluster is restored beside staging
+    archive_timeout: int = 120  # PITR_ARCHIVE_TIMEOUT: seconds to wait for a WAL segment to be archived
+
+    @property
+    def pgbackrest_stanza(self) -> str | None:
+        return self.pgbackrest_env.get("PGBACKREST_STANZA") or None
 
     def staging(self) -> ConnInfo:
         if not self.staging_url:
@@ -287,4 +294,8 @@ def load_settings(
         after_swap=_command("ROLLBACK_AFTER_SWAP", pick(None, "ROLLBACK_AFTER_SWAP")),
         hook_timeout=whole("ROLLBACK_HOOK_TIMEOUT", "60"),
         keep_before_states=whole("KEEP_BEFORE_STATES", "3", least=0),
+        # pgBackRest reads PGBACKREST_* itself; those in .env are handed to it the same way
+        pgbackrest_env={k: v for k, v in {**file_values, **os.environ}.items() if k.startswith("PGBACKREST_") and v},
+        pitr_side_dir=as_path(side) if (side := pick(None, "PITR_SIDE_DIR")) else None,
+        archive_timeout=whole("PITR_ARCHIVE_TIMEOUT", "120"),
     )

@@ -14,7 +14,7 @@ import os
 import time
 from pathlib import Path
 
-PLACES = ("between renames", "after swap", "data copy", "before copy", "after copy")
+PLACES = ("between renames", "after swap", "data copy", "before copy", "after copy", "side server up")
 _arrivals: dict[str, int] = {}
 
 

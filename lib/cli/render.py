@@ -117,6 +117,9 @@ def file_details(ui: UI, details: dict, point: Point | None) -> None:
 def _verified(point: Point) -> str:
     """Which verification the point has passed, and when."""
     found = point.verification
+    if point.method == "pitr":
+        backup = point.manifest.get("backup", {}).get("label", "?")
+        return f"repository: needs backup {backup} and the WAL up to its restore point (`verify` asks pgBackRest)"
     if point.method in ("dump", "data"):
         return "deep: every row was counted when it was taken" + (
             f"; rebuilt and counted {found['verified_at']}" if found.get("verified_at") else ""
@@ -130,6 +133,8 @@ def _verified(point: Point) -> str:
 
 def _rows(point: Point) -> str:
     fp = point.manifest.get("fingerprint") or {}
+    if point.method == "pitr":
+        return "not counted: a restore point in the WAL (a restore counts the recovered copy against its source)"
     counts = fp.get("row_counts") or (point.verification.get("baseline") or {}).get("row_counts")
     if counts is None:
         return f"not counted yet ({len(fp.get('relations', {}))} relations checked by the catalog)"

@@ -12,9 +12,11 @@ from lib.config import ConnInfo, Settings
 from lib.errors import RollbackError
 from lib.files import human_size
 from lib.pg.db import connection, query, server_facts
+from lib.pg.target import open_target
 from lib.pg.tools import candidates_for_server
 from lib.points.catalog import Catalog, refuse_a_file_for_a_folder
 from lib.points.clone import known_choice
+from lib.points.methods import pitr as pitr_method
 
 
 @dataclass
@@ -71,6 +73,7 @@ def _server(name: str, info: ConnInfo, settings: Settings, *, staging: bool) -> 
             )
         )
         findings.append(_copy_finding(settings, facts, info))
+        findings.append(_pitr_finding(settings, conn_info=info))
         findings.append(
             Finding("end sessions", "ok", f"role {facts.current_user} may end other sessions on staging")
             if can_signal
@@ -82,6 +85,33 @@ def _server(name: str, info: ConnInfo, settings: Settings, *, staging: bool) -> 
             )
         )
     return findings, facts
+
+
+def _pitr_finding(settings: Settings, *, conn_info: ConnInfo) -> Finding:
+    """Whether pitr points will work here, and why not; nothing is changed (no backup, no WAL switch)."""
+    if not settings.pgbackrest_stanza:
+        return Finding("pitr points", "ok", "not configured (PGBACKREST_STANZA is not set): template, dump and data points only")
+    try:
+        with open_target(settings, check_v2=False) as target:
+            cluster, repo = pitr_method.repository_for(target, needed_for="A pitr point")
+            pitr_method.check_archiving(target, repo)
+            backups = repo.backups()
+            holds = repo.backup_holding(target.dbname, target.facts.database_oid)
+    except RollbackError as exc:
+        return Finding("pitr points", "fail", exc.message, exc.hint or "")
+    if holds is None:
+        return Finding(
+            "pitr points",
+            "warn",
+            f"stanza {repo.stanza}: {len(backups)} backup(s), none holding {conn_info.dbname} as it is now",
+            "The first pitr point takes one (incremental when a full one exists), which takes longer.",
+        )
+    return Finding(
+        "pitr points",
+        "ok",
+        f"stanza {repo.stanza} (cluster {cluster.data_dir}, run as {cluster.owner.pw_name}): {len(backups)} backup(s), "
+        f"newest holding {conn_info.dbname}: {holds.label}; archiving on",
+    )
 
 
 def _copy_finding(settings: Settings, facts, info: ConnInfo) -> Finding:

@@ -22,6 +22,7 @@ from lib.config import Settings
 from lib.errors import ConfigError, NoPointError, RollbackError, VerificationError
 from lib.files import sha256_file
 from lib.operations import background
+from lib.operations import pitr as pitr_ops
 from lib.operations.scaffold import Operation, operation
 from lib.pg.db import database_properties
 from lib.pg.target import Target, open_target
@@ -29,6 +30,7 @@ from lib.points import crypto, retention
 from lib.points.catalog import Catalog, Point, check_files, refuse_damaged_manifest
 from lib.points.methods import data as data_method
 from lib.points.methods import dump as dump_method
+from lib.points.methods import pitr as pitr_method
 from lib.points.methods import template as template_method
 from lib.ports import Confirmer, Reporter
 from lib.restore import diff, leftovers, partial
@@ -45,7 +47,7 @@ from lib.restore.swap import (
 
 log = logging.getLogger(__name__)
 
-METHODS = ("auto", "template", "dump", "data")
+METHODS = ("auto", "template", "dump", "data", "pitr")
 
 
 def default_method(settings: Settings) -> str:
@@ -68,7 +70,7 @@ def choose_method(target: Target, requested: str) -> tuple[str, str]:
         return "dump", "encryption asked for: a template point would be an unencrypted database copy"
     if requested == "template":
         return "template", "asked for"
-    if requested in ("dump", "data"):
+    if requested in ("dump", "data", "pitr"):
         return requested, "asked for"
     if f.can_create_db:
         return "template", f"role {f.current_user} may create databases on this server: a server-side copy is fastest"
@@ -129,6 +131,8 @@ def _take(
         return dump_method.take(target, catalog, ui, label=label, base_manifest=base)
     if method == "data":
         return data_method.take(target, catalog, ui, label=label, base_manifest=base, tables=tables)
+    if method == "pitr":
+        return pitr_method.take(target, catalog, ui, label=label, base_manifest=base)
     if method == "template":
         template_method.drop_orphans(target, catalog.stale_ids)
         point = template_method.take(target, catalog, ui, op.ask, label=label, base_manifest=base)
@@ -234,6 +238,10 @@ def verify_point(settings: Settings, ui: Reporter, point_id: str, *, deep: bool 
             with ui.progress(f"Reading the data of {point.id} end to end"):
                 result.update(data_method.read_through(point, settings))
             ui.ok("Every table file read end to end, row counts match")
+        elif point.method == "pitr":
+            with open_target(settings, check_v2=False, ui=ui) as target, ui.progress("Checking the repository"):
+                result.update(pitr_method.verify(target, point))
+            ui.ok(f"Backup {result['backup']} and the WAL up to the restore point are in the repository")
         elif point.method == "template":
             with open_target(settings, check_v2=False, ui=ui) as target:
                 found = template_method.verify_point_database(target, point, deep=deep)
@@ -256,16 +264,27 @@ def restore_point(
     *,
     archive: Path | None = None,
     force: bool = False,
+    to_time: str | None = None,
+    to_lsn: str | None = None,
+    in_place: bool = False,
 ) -> RestoreResult:
+    """A point by id, an archive or point folder (--file), or a moment the pgBackRest
+    repository covers (--to-time, --to-lsn)."""
+    if to_time or to_lsn:
+        with operation(settings, "restore", ui=ui, ask=ask) as op:
+            recovery = pitr_ops.recovery_for(op, None, to_time=to_time, to_lsn=to_lsn)
+            op.record.set(target=recovery.label)
+            return pitr_ops.restore(op, recovery, point=None, in_place=in_place, force=force)
     catalog = Catalog(settings.backup_dir).ensure()
     point = archive_point(settings, archive) if archive else catalog.get(point_id or "")
+    pitr_ops.refuse_for_other_methods(point, in_place=in_place)
     with operation(settings, "restore", ui=ui, ask=ask, point_id=point.id) as op:
         if point.manifest.get("kind") == "file":
             # a bare archive records nothing: restored here, with staging's own encoding, locale, owner and
             # settings. A point folder stays as it was written (its checksums cover its manifest).
             point.manifest["database"]["name"] = op.target.dbname
             point.manifest["database"]["properties"] = database_properties(op.target.maint, op.target.dbname).as_dict()
-        return _restore(op, point, force=force)
+        return _restore(op, point, force=force, in_place=in_place)
 
 
 def quick_rollback(
@@ -279,9 +298,12 @@ def quick_rollback(
         return point, _restore(op, point, force=force)
 
 
-def _restore(op: Operation, point: Point, *, force: bool) -> RestoreResult:
+def _restore(op: Operation, point: Point, *, force: bool, in_place: bool = False) -> RestoreResult:
     target, ui, settings = op.target, op.ui, op.settings
     check_point_usable(target, op.catalog, point)
+    if point.method == "pitr":
+        recovery = pitr_ops.recovery_for(op, point, to_time=None, to_lsn=None)
+        return pitr_ops.restore(op, recovery, point=point, in_place=in_place, force=force)
     rplan = restore_plan(target, point)
     refuse_replication_ties(target, rplan.ties, force=force, doing=f"restore {target.dbname}")
     ui.info(rplan.describe(target))
@@ -338,8 +360,20 @@ def _modified_at(path: Path) -> str:
     return datetime.fromtimestamp(path.stat().st_mtime, UTC).isoformat(timespec="seconds")
 
 
-def check_restore_request(kind: str, point_id: str | None, file: str | None) -> None:
+def check_restore_request(
+    kind: str, point_id: str | None, file: str | None, *, moment: bool = False, in_place: bool = False
+) -> None:
     """restore --type full|partial|backup|transaction: what each needs, or why it does not apply."""
+    if moment:
+        if point_id or file or kind != "full":
+            raise ConfigError(
+                "--to-time and --to-lsn restore a moment from the pgBackRest repository: give them without a point "
+                "id, --file or --type.",
+                "For a point: `rollback_manager.py restore <id>`.",
+            )
+        return
+    if in_place and kind != "full":
+        raise ConfigError("--in-place restores a whole pitr point (or moment), not --type " + kind + ".")
     if kind == "transaction":
         raise ConfigError(
             "A transaction rollback exists only inside a running migration: the migration's own transaction "

@@ -10,12 +10,14 @@ turns a failure into a ToolError (a VersionMismatch when the tool refused the
 server's or the archive's version) with argv, exit code and stderr.
 
 One small subclass per program builds that program's arguments: ``PgDump``,
-``PgRestore``, ``Psql``, ``PgIsReady``; ``ServerProgram`` runs initdb and pg_ctl
-as the server's user; ``PythonModule`` starts the toolkit's own background work
+``PgRestore``, ``Psql``, ``PgIsReady``, ``PgBackRest``; ``ServerProgram`` runs initdb
+and pg_ctl as the server's user; ``OperatorCommand`` runs the commands an operator
+configured around a swap; ``PythonModule`` starts the toolkit's own background work
 detached. ``pipeline`` joins two commands, as ``pg_dump | pg_restore``."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pwd
@@ -338,9 +340,23 @@ class ServerProgram(Command):
 
     name = "server program"
 
-    def __init__(self, path: Path, *, account: pwd.struct_passwd | None, cwd: Path) -> None:
-        super().__init__(path, account=account, cwd=cwd)
+    def __init__(self, path: Path, *, account: pwd.struct_passwd | None, cwd: Path, env: dict[str, str] | None = None) -> None:
+        super().__init__(path, account=account, cwd=cwd, env=env)
         self.name = self.path.name
+
+
+class PgBackRest(Command):
+    """pgBackRest, run as the cluster's owner when the toolkit runs as root, with its own
+    settings (PGBACKREST_*, credentials included) in its environment, never in argv."""
+
+    name = "pgbackrest"
+
+    def __init__(self, path: Path, *, account: pwd.struct_passwd | None, env: dict[str, str]) -> None:
+        super().__init__(path, account=account, env=env, cwd=Path("/"))
+
+    def json(self, command: str, *args: str, **kwargs) -> object:
+        """``pgbackrest --output=json COMMAND ARGS``, parsed."""
+        return json.loads(self.output(["--output=json", *args, command], **kwargs) or "null")
 
 
 class OperatorCommand(Command):

@@ -44,6 +44,11 @@ class Target:
         if not self.maint.closed:
             self.maint.close()
 
+    def reopen(self) -> None:
+        """A new maintenance session, after the server was restarted (an in-place pitr restore)."""
+        self.close()
+        self.maint = connect_maintenance(self.info)
+
     def __enter__(self) -> Target:
         return self
 

@@ -89,9 +89,12 @@ class Point:
     def verified(self) -> str:
         """The deepest verification the point has passed: "deep" (every row: read when a dump
         or data point was taken, or by `verify --deep`), or "physical" (a database copy,
-        checked by what the catalog shows)."""
+        checked by what the catalog shows), or "repository" (a pitr point: pgBackRest holds
+        what it needs)."""
         if self.method in ("dump", "data"):
             return "deep"
+        if self.method == "pitr":
+            return "repository"
         return self.verification.get("level", "physical")
 
     def summary(self) -> dict:

@@ -33,6 +33,7 @@ import psycopg2
 from psycopg2 import sql
 
 from lib.files import make_private_dir, utc_now, write_private_file
+from lib.pg.cluster import find_local_cluster, readable_setting
 from lib.pg.db import connection, derived_name, drop_database, execute, scalar
 from lib.pg.target import Target
 from lib.points import intents
@@ -101,7 +102,7 @@ def known_choice(settings, facts, server_label: str) -> CopyChoice | None:
 
 def staging_tablespaces(target: Target) -> list[tuple[str, str | None]]:
     """(name, folder) of staging's default tablespace and of every tablespace its relations use."""
-    datadir = _setting(target.maint, "data_directory")
+    datadir = readable_setting(target.maint, "data_directory")
     found = []
     for name in target.facts.tablespaces:
         if name == "pg_default":
@@ -110,14 +111,6 @@ def staging_tablespaces(target: Target) -> list[tuple[str, str | None]]:
             location = scalar(target.maint, "SELECT pg_tablespace_location(oid) FROM pg_tablespace WHERE spcname = %s", (name,))
         found.append((name, location or None))
     return found
-
-
-def _setting(conn, name: str) -> str | None:
-    """A setting only some roles may read (superuser, pg_read_all_settings); None for the others."""
-    try:
-        return scalar(conn, "SELECT current_setting(%s, true)", (name,))
-    except psycopg2.Error:
-        return None
 
 
 def _probe(target: Target, name: str, location: str | None) -> dict:
@@ -129,15 +122,7 @@ def _probe(target: Target, name: str, location: str | None) -> dict:
 
 def _local_temp_folder(target: Target, location: str | None) -> Path | None:
     """The tablespace's pgsql_tmp folder, when its folder is this machine's and this server's."""
-    if not location:
-        return None
-    datadir = _setting(target.maint, "data_directory")
-    started = scalar(target.maint, "SELECT floor(extract(epoch FROM pg_postmaster_start_time()))::bigint")
-    try:
-        pid_lines = Path(datadir or "/nonexistent", "postmaster.pid").read_text().splitlines()
-        if int(pid_lines[2]) != int(started):
-            return None  # another server's folder of the same name
-    except (OSError, ValueError, IndexError):
+    if not location or find_local_cluster(target.maint) is None:  # not here, or another server's folder of that name
         return None
     base = Path(location)
     if base.name != "base":  # a tablespace: its files live in PG_<major>_<catalog version>/

@@ -24,6 +24,7 @@ from lib.points.intents import marker
 from lib.points.methods import template as template_method
 from lib.points.methods.dump import VERIFY_SUFFIX
 from lib.restore.diff import DIFF_SUFFIX
+from lib.restore.pitr import leftover_sides
 from lib.restore.swap import ASIDE_SUFFIX, recover_pending
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,7 @@ def remove(target: Target, catalog: Catalog, *, dry_run: bool) -> list[str]:
     ):
         found.append(f"{verb} database {name}, the copy of a point whose creation was interrupted")
     found += [f"{verb} {line}" for line in dead_temporaries(dry_run)]
+    found += [f"{verb} {line}" for line in leftover_sides(target.settings, dry_run=dry_run)]
     for line in found:
         log.info("%s", line)
     return found

@@ -20,12 +20,13 @@ from lib.errors import ConfigError, VerificationError
 from lib.files import human_size
 from lib.pg.db import (
     connection,
+    create_database_like,
     query,
     scalar,
     sessions_on,
     snapshot_session,
 )
-from lib.pg.fingerprint import row_counts, schema_differences, sequence_positions
+from lib.pg.fingerprint import portable_schema_lines, row_counts, schema_differences, schema_lines, sequence_positions
 from lib.pg.process import PgDump, PgRestore, pipeline, private_temporary_folder
 from lib.pg.target import Target
 from lib.pg.tools import candidates_for_archive, candidates_for_server, command_for, companion, try_each
@@ -33,6 +34,7 @@ from lib.points.methods import data as data_method
 from lib.points.methods.data import Table
 from lib.points.methods.dump import restore_script
 from lib.ports import Reporter
+from lib.restore.swap import build_verify_swap
 
 log = logging.getLogger(__name__)
 
@@ -180,31 +182,80 @@ def _dump_then_script(target: Target, dump: PgDump, snapshot: str, restore_tool,
 
 @dataclass
 class V2State:
-    """What the copy of V2 must show: V2's rows, sequences and schema, read in the snapshot the copy is made from."""
+    """What the copy of V2 (or of another source) must show: its rows, sequences and
+    schema, read in the snapshot the copy is made from."""
 
     rows: dict[str, int]
     sequences: dict[str, list]
     read_schema: Callable
     schema: list[str] = field(default_factory=list)
+    source: str = "V2"  # what the copy is of, in messages
 
     def check(self, conn, staging: str) -> None:
         got = row_counts(conn)
         problems = [
-            f"{t}: V2 has {self.rows.get(t)}, the copy {got.get(t)}"
+            f"{t}: {self.source} has {self.rows.get(t)}, the copy {got.get(t)}"
             for t in sorted(set(self.rows) | set(got))
             if self.rows.get(t) != got.get(t)
         ]
         got_sequences = sequence_positions(conn)
         problems += [
-            f"sequence {q}: V2 at {self.sequences.get(q)}, the copy at {got_sequences.get(q)}"
+            f"sequence {q}: {self.source} at {self.sequences.get(q)}, the copy at {got_sequences.get(q)}"
             for q in sorted(set(self.sequences) | set(got_sequences))
             if self.sequences.get(q) != got_sequences.get(q)
         ]
         problems += [f"schema {line}" for line in schema_differences(self.schema, self.read_schema(conn))]
         if problems:
             raise VerificationError(
-                "The copy of V2 does not match V2: " + "; ".join(problems[:10]) + f". Staging {staging} was not touched."
+                f"The copy of {self.source} does not match it: "
+                + "; ".join(problems[:10])
+                + f". Staging {staging} was not touched."
             )
 
     def describe_rows(self) -> str:
         return f"{sum(self.rows.values())} rows in {len(self.rows)} tables"
+
+
+def rebuild_from(
+    target: Target,
+    catalog,
+    ui: Reporter,
+    source,
+    source_major: int,
+    *,
+    props: dict,
+    jobs: int,
+    restored: str,
+    what: str,
+    sequences: dict | None = None,
+):
+    """Staging rebuilt as a copy of ``source``'s database (V2, or a point's cluster restored
+    beside it), streamed in one snapshot, checked against that snapshot's rows, sequences
+    and schema, and swapped in (lib/restore/swap.py). ``sequences``: positions to give the
+    copy instead of the source's (a recovered cluster's run up to 32 ahead)."""
+    with snapshot_session(source, application_name="rollback-toolkit source snapshot") as snap:
+        snapshot = query(snap, "SELECT pg_export_snapshot()")[0][0]
+        expected = V2State(
+            row_counts(snap),
+            sequence_positions(snap),
+            # the same major prints the schema alike; across majors, what both print alike
+            schema_lines if source_major == target.facts.major else portable_schema_lines,
+            source=what,
+        )
+        expected.sequences.update({k: v for k, v in (sequences or {}).items() if k in expected.sequences})
+        expected.schema = expected.read_schema(snap)
+
+        def build(aside: str) -> str:
+            create_database_like(target.maint, aside, props, target.facts.major)
+            return copy_v2(target, source, source_major, aside, snapshot, ui, jobs, expected.sequences)
+
+        def verify(conn) -> None:
+            expected.check(conn, target.dbname)
+            note = (
+                ""
+                if source_major == target.facts.major
+                else f", as PostgreSQL {source_major} and {target.facts.major} both print them"
+            )
+            ui.ok(f"The copy matches {what}: its schema ({len(expected.schema)} objects{note}) and {expected.describe_rows()}")
+
+        return build_verify_swap(target, catalog, ui, build=build, verify=verify, properties=props, restored=restored)

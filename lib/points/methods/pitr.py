@@ -1,0 +1,189 @@
+"""Points as named restore points in a pgBackRest repository: for databases that
+outgrow copies. A point is ``pg_create_restore_point(<id>)`` and a WAL switch, waited
+for until that segment is archived, in seconds whatever the database's size; it
+needs a backup in the repository that holds staging's current database (by oid), and
+takes one first where there is none. Restoring one is lib/restore/pitr.py's."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from pathlib import Path
+
+from lib.errors import ConfigError, RollbackError, ToolError, VerificationError
+from lib.files import utc_now
+from lib.pg.backrest import Backup, Repository
+from lib.pg.cluster import LocalCluster, local_cluster
+from lib.pg.db import connection, database_properties, query, scalar
+from lib.pg.fingerprint import schema_lines, sequence_positions
+from lib.pg.target import Target
+from lib.points.catalog import Catalog, Point
+from lib.points.methods.dump import database_section
+from lib.ports import Reporter
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.05
+
+
+def repository_for(target: Target, *, needed_for: str) -> tuple[LocalCluster, Repository]:
+    """The cluster on this machine and its pgBackRest stanza, or why not."""
+    if not target.facts.is_superuser:
+        raise ConfigError(
+            f"{needed_for} needs a superuser (pg_create_restore_point, pg_switch_wal and the server's files); "
+            f"role {target.facts.current_user} is not one.",
+            "Use a superuser URL for staging (--database-url), or take template or dump points.",
+        )
+    cluster = local_cluster(target.maint, needed_for=needed_for)
+    return cluster, Repository(target.settings, cluster)
+
+
+def check_archiving(target: Target, repo: Repository) -> None:
+    mode = scalar(target.maint, "SELECT current_setting('archive_mode')")
+    command = scalar(target.maint, "SELECT current_setting('archive_command')")
+    if mode not in ("on", "always"):
+        raise ConfigError(
+            f"archive_mode is {mode} on {target.info.server_label()}: no WAL reaches the repository, so no point can be "
+            "restored from it.",
+            f"Set archive_mode = on and archive_command = 'pgbackrest --stanza={repo.stanza} archive-push %p', "
+            "restart the server, then run `pgbackrest check`.",
+        )
+    if "pgbackrest" not in (command or ""):
+        log.warning("archive_command does not mention pgbackrest: %s", command)
+
+
+def backup_for(target: Target, repo: Repository, ui: Reporter) -> Backup:
+    """The newest backup holding staging as it is now; one taken first where none does
+    (incremental when a full one exists)."""
+    found = repo.backup_holding(target.dbname, target.facts.database_oid)
+    if found is not None:
+        return found
+    kind = "incr" if any(b.kind == "full" for b in repo.backups()) else "full"
+    ui.warn(
+        f"No backup in stanza {repo.stanza!r} holds {target.dbname} as it is now (oid {target.facts.database_oid}; "
+        f"every restore gives it a new one): taking {'an incremental' if kind == 'incr' else 'a full'} backup first."
+    )
+    with ui.progress(f"pgbackrest backup --type={kind}") as tick:
+        try:
+            repo.backup(kind, on_tick=lambda _e: tick())
+        except ToolError as exc:
+            raise ToolError(
+                f"pgBackRest could not take the backup this point needs: {exc.message}. Nothing was listed.",
+                f"Run `pgbackrest --stanza={repo.stanza} check` as {repo.cluster.owner.pw_name} and fix what it says.",
+            ) from None
+    found = repo.backup_holding(target.dbname, target.facts.database_oid)
+    if found is None:
+        raise VerificationError(
+            f"The {kind} backup just taken does not list {target.dbname} (oid {target.facts.database_oid}).",
+            f"Check the stanza's configuration (pg1-path must be {repo.cluster.data_dir}).",
+        )
+    return found
+
+
+def wait_archived(target: Target, segment: str, ui: Reporter) -> float:
+    """Until ``segment`` is archived (pg_stat_archiver), at most PITR_ARCHIVE_TIMEOUT seconds."""
+    started = time.monotonic()
+    limit = target.settings.archive_timeout
+    with ui.progress(f"Waiting for WAL segment {segment} to be archived") as tick:
+        while True:
+            archived, failed, failed_at, failures = query(
+                target.maint, "SELECT last_archived_wal, last_failed_wal, last_failed_time, failed_count FROM pg_stat_archiver"
+            )[0]
+            if archived and not archived.endswith((".history", ".partial", ".backup")) and archived >= segment:
+                return time.monotonic() - started
+            waited = time.monotonic() - started
+            if waited > limit:
+                said = f"; the last failure was {failed} at {failed_at} ({failures} failures so far)" if failed else ""
+                raise RollbackError(
+                    f"WAL segment {segment} was not archived within {limit} s (the last archived is {archived or 'none'}"
+                    f"{said}), so the restore point cannot be relied on. Nothing was listed.",
+                    "Check archiving: `pgbackrest --stanza=… check` as the cluster's owner, and the server's log for "
+                    "archive_command errors; PITR_ARCHIVE_TIMEOUT waits longer.",
+                )
+            tick(f"{waited:.0f} s")
+            time.sleep(POLL_SECONDS)
+
+
+def take(target: Target, catalog: Catalog, ui: Reporter, *, label: str, base_manifest: dict) -> Point:
+    started = utc_now()
+    cluster, repo = repository_for(target, needed_for="A pitr point")
+    check_archiving(target, repo)
+    backup = backup_for(target, repo, ui)
+    with catalog.writing(label) as writer, connection(target.info, application_name="rollback-toolkit pitr") as conn:
+        lines = schema_lines(conn)
+        unlogged = [r[0] for r in query(conn, _UNLOGGED)]
+        props = database_properties(conn, target.dbname).as_dict()
+        # the sequences read at the restore point: recovery brings them back up to 32 ahead
+        sequences = sequence_positions(conn)
+        lsn, segment = query(conn, "SELECT p, pg_walfile_name(p) FROM pg_create_restore_point(%s) p", (writer.id,))[0]
+        query(conn, "SELECT pg_switch_wal()")
+        conn.commit()
+        waited = wait_archived(target, segment, ui)
+        if unlogged:
+            ui.warn(
+                "These UNLOGGED tables come back empty from any pitr restore (their rows are never in the WAL): "
+                + ", ".join(unlogged)
+            )
+        manifest = dict(base_manifest)
+        manifest.update(
+            created_at=started.isoformat(timespec="milliseconds"),
+            method="pitr",
+            database=database_section(target, props),
+            restore_point={"name": writer.id, "lsn": lsn, "wal": segment, "timeline": int(segment[:8], 16)},
+            backup=backup.as_dict(),
+            repository={"stanza": repo.stanza, "config": target.settings.pgbackrest_env.get("PGBACKREST_CONFIG")},
+            cluster={"data_directory": str(cluster.data_dir), "owner": cluster.owner.pw_name, "major": cluster.major},
+            sequences=sequences,
+            unlogged_tables=unlogged,
+            fingerprint={
+                "kind": "pitr",
+                "schema_digest": hashlib.sha256("\n".join(lines).encode()).hexdigest(),
+                "schema_objects": len(lines),
+                "sequences": sequences,
+            },
+            archive_wait_seconds=round(waited, 3),
+            duration_seconds=round((utc_now() - started).total_seconds(), 3),
+        )
+        point = writer.commit(manifest)
+    ui.step(
+        f"Restore point {point.id} at {lsn} (WAL {segment}, archived); it needs backup {backup.label} of stanza {repo.stanza}"
+    )
+    return point
+
+
+_UNLOGGED = """
+SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE c.relpersistence = 'u' AND c.relkind IN ('r', 'p', 'm')
+   AND n.nspname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1"""
+
+
+def verify(target: Target, point: Point) -> dict:
+    """The backup the point needs, and the archived WAL up to its restore point, are in the
+    repository (pgBackRest's own checksums: `pgbackrest verify`)."""
+    _, repo = repository_for(target, needed_for="Verifying a pitr point")
+    m = point.manifest
+    label = m["backup"]["label"]
+    if label not in {b.label for b in repo.backups()}:
+        raise VerificationError(
+            f"Point {point.id} needs backup {label} of stanza {repo.stanza}, which the repository no longer holds "
+            "(pgBackRest's retention expired it).",
+            "Delete the point (`rollback_manager.py delete`); keep backups longer (repo1-retention-full) for the next ones.",
+        )
+    covered = repo.archived_range()
+    wal = m["restore_point"]["wal"]
+    if covered is None or not (covered[0][8:] <= wal[8:] <= covered[1][8:]):
+        raise VerificationError(
+            f"The WAL point {point.id} needs ({wal}) is not among the archived segments "
+            f"({covered[0] + ' to ' + covered[1] if covered else 'none'}).",
+            "Check archiving with `pgbackrest check`; the point cannot be restored without it.",
+        )
+    repo.verify()
+    return {"backup": label, "wal": f"{wal} archived", "repository": "pgbackrest verify found no problem"}
+
+
+def side_folder(settings, cluster: LocalCluster, point_id: str) -> Path:
+    """Where a point's cluster is restored beside staging: PITR_SIDE_DIR, else beside the
+    cluster's own data directory (its filesystem has room for a cluster)."""
+    parent = settings.pitr_side_dir or cluster.data_dir.parent
+    return parent / f"rollback-side-{point_id}"
