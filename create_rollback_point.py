@@ -19,12 +19,15 @@ methods:
   dump      a pg_dump archive in BACKUP_DIR, chosen to fit the server's PostgreSQL version
   data      the rows of every table, or of --table ones, copied with COPY (no client tools needed);
             restores data, not schema
+  pitr      a named restore point in staging's pgBackRest repository (PGBACKREST_STANZA): seconds
+            whatever the size; for databases too large to copy (asked for by name, never by auto)
 
 examples:
   python3 create_rollback_point.py "Before migration test"
   python3 create_rollback_point.py "Before clients import" --migration-id client_migration --keep 5
   python3 create_rollback_point.py "Nightly" --method dump --json      # prints {"id": ..., ...}
   python3 create_rollback_point.py "Before orders fix" --method data --table customers --table orders
+  PGBACKREST_STANZA=staging python3 create_rollback_point.py "Before clients import" --method pitr
 
 Every point has BACKUP_DIR/<id>/manifest.json and is listed by `python3 rollback_manager.py list`.
 """

@@ -27,6 +27,8 @@ commands:
   restore ID               staging back to that point (alias: execute); asks first, --yes to skip
       --type partial [--table T]...   only delete the rows added since the point, keep the rest
       --type backup --file PATH       straight from a pg_dump archive or a point folder
+      --in-place                      a pitr point: the whole cluster, stopped and restored
+  restore --to-time T | --to-lsn L    staging back to a moment the pgBackRest repository covers
   diff ID                  what restoring ID would undo: rows added, deleted, changed per table
   backup TABLE             a data point of one table (--description TEXT)
   delete ID                remove one point, its database copy included
@@ -40,6 +42,7 @@ examples:
   python3 rollback_manager.py info rb_before_migration_test_20261121_101500
   python3 rollback_manager.py verify rb_before_migration_test_20261121_101500 --json
   python3 rollback_manager.py restore rb_before_migration_test_20261121_101500
+  python3 rollback_manager.py restore --to-time "2026-11-21 21:55:00+00"
   python3 rollback_manager.py cleanup --keep 5 --dry-run
   python3 rollback_manager.py audit --limit 50 --json
   python3 rollback_manager.py "$V2_DATABASE_URL" "$STAGING_DATABASE_URL" list

@@ -208,6 +208,10 @@ def test_to_time_restores_any_moment_the_repository_covers(cluster, tmp_path):
     assert early.returncode == 2 and "outside what the repository covers" in early.stderr
     naive = staging.run("rollback_manager.py", "restore", "--to-time", "2026-01-01 00:00:00", "--yes")
     assert naive.returncode == 2 and "no time zone" in naive.stderr
+    before_backups = staging.run("rollback_manager.py", "restore", "--to-lsn", "0/10", "--yes")
+    assert before_backups.returncode == 2 and "outside what the repository covers" in before_backups.stderr
+    not_an_lsn = staging.run("rollback_manager.py", "restore", "--to-lsn", "yesterday", "--yes")
+    assert not_an_lsn.returncode == 2 and "is not an LSN" in not_an_lsn.stderr
 
 
 def _without_sequences(state: dict) -> dict:

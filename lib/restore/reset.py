@@ -207,7 +207,7 @@ class V2State:
         problems += [f"schema {line}" for line in schema_differences(self.schema, self.read_schema(conn))]
         if problems:
             raise VerificationError(
-                f"The copy of {self.source} does not match it: "
+                f"The copy does not match {self.source}: "
                 + "; ".join(problems[:10])
                 + f". Staging {staging} was not touched."
             )
