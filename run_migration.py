@@ -13,8 +13,9 @@ from lib.cli.app import Parser, common_flags, epilog, run_script, settings_from
 from lib.cli.console import TerminalConfirmer
 from lib.config import PROJECT_ROOT
 from lib.errors import ConfigError
-from lib.migrate import runner
-from lib.migrate.context import available, load
+from lib.migrate import folder, runner
+from lib.migrate.context import MIGRATIONS_DIR, available, load
+from lib.migrate.status import status
 from lib.operations.commands import METHODS
 
 EXAMPLES = """
@@ -26,7 +27,18 @@ every --batch-size records. A record that fails validation is written to a failu
 file (logs/<migration>_<time>_failures.csv) and the run goes on. When the failure
 rate passes --failure-threshold, or the migration crashes, staging is put back to the
 point by itself. Ctrl-C rolls back the open batch and asks whether to restore the
-point (without a terminal it restores).
+point (without a terminal it restores). The progress line shows the failure rate
+against the threshold, and a warning says when it passes half the threshold.
+
+--retry-failed FILE runs the migration again for the records FILE lists as failed,
+and only for those, dry or --production as any run; the records that fail again go
+to a new failures file.
+
+A production run that succeeds is written in staging's ledger of applied migrations
+(the table rollback_toolkit.migrations, part of every point). Given a folder, the
+migrations it holds that the ledger does not list run one after the other in name
+order, each behind its own point, stopping at the first that does not succeed.
+--status lists them: applied, rolled back (from the audit trail) or pending.
 
 A migration is a .py file with def migrate(ctx) or a .sql file run as one unit;
 see ROLLBACK_GUIDE.md, "Writing a migration".
@@ -37,15 +49,23 @@ examples:
   python3 run_migration.py migrations/001_migrate_clients.py --production --param strict=1
   python3 run_migration.py migrations/001_migrate_clients.py --rollback      # its newest point
   python3 run_migration.py migrations/002_fix_prices.sql --production --limit 10
+  python3 run_migration.py migrations/001_migrate_clients.py --production \\
+      --retry-failed logs/001_migrate_clients_20250101_120000_failures.csv   # those records only
+  python3 run_migration.py migrations/ --production      # every pending migration, in name order
+  python3 run_migration.py --status                      # applied, rolled back, pending
 
 exit codes of a migration: 0 it ran (a dry run, or a production run that succeeded),
-1 it failed or was rolled back (the summary says which).
+1 it failed or was rolled back (the summary says which; for a folder, the first that did).
 """
 
 
 def build_parser() -> Parser:
     p = Parser(prog="run_migration.py", description=__doc__, epilog=epilog(EXAMPLES))
-    p.add_argument("migration", nargs="?", help="the migration file (.py with migrate(ctx), or .sql); asked on a terminal")
+    p.add_argument(
+        "migration",
+        nargs="?",
+        help="the migration file (.py with migrate(ctx), or .sql), or a folder of them; asked on a terminal",
+    )
     p.add_argument("--production", action="store_true", help="really migrate: rollback point, committed batches")
     p.add_argument("--no-rollback", action="store_true", help="production without a rollback point (asks first)")
     p.add_argument("--rollback", nargs="?", const="", metavar="ID", help="restore ID, or the newest point this migration made")
@@ -58,6 +78,16 @@ def build_parser() -> Parser:
         help="stop and roll back above this failure rate (default 0.10)",
     )
     p.add_argument("--limit", type=int, metavar="N", help="migrate at most N records")
+    p.add_argument(
+        "--retry-failed",
+        metavar="FILE",
+        help="run the migration again only for the records this failures file of it lists as failed",
+    )
+    p.add_argument(
+        "--status",
+        action="store_true",
+        help="list the migrations of the folder (default migrations/): applied, rolled back, pending; changes nothing",
+    )
     p.add_argument(
         "--param", action="append", default=[], metavar="KEY=VALUE", help="passed to the migration as ctx.params (repeatable)"
     )
@@ -103,20 +133,51 @@ def _is_a_file(text: str) -> bool:
     return text.endswith((".py", ".sql")) or "/" in text or Path(text).is_file()
 
 
+def show_status(args: argparse.Namespace, ui, settings) -> int:
+    if args.production or args.rollback is not None or args.retry_failed:
+        raise ConfigError("--status only reads: it takes no --production, --rollback or --retry-failed.")
+    where = Path(args.migration) if args.migration else MIGRATIONS_DIR
+    found = status(settings, folder.load_folder(where) if where.is_dir() else [load(where)])
+    return ui.result(found.as_dict(), lambda: render.migration_status(ui, found))
+
+
+def run_folder(args: argparse.Namespace, ui, ask, settings, where: Path) -> int:
+    if args.rollback is not None or args.retry_failed:
+        raise ConfigError(f"{where} is a folder: --rollback and --retry-failed take one migration file.")
+    options = runner.Options(args.batch_size, args.failure_threshold, args.limit, parse_params(args.param))
+    flags = {"no_rollback": args.no_rollback, "method": args.method, "force": args.force} if args.production else {}
+    report = folder.run_pending(settings, ui, ask, where, options, production=args.production, **flags)
+    if args.json:
+        ui.emit_json(report.as_dict())
+    else:
+        render.migrations_folder(ui, report)
+    if report.error is not None:
+        raise report.error
+    return report.exit_code
+
+
 def action(args: argparse.Namespace, ui, ask) -> int:
     settings = settings_from(args)
+    if args.status:
+        return show_status(args, ui, settings)
     if args.rollback and not args.migration and _is_a_file(args.rollback):
         # `--rollback migrations/001_….py`: the flag took the file as a point id
         args.migration, args.rollback = args.rollback, ""
-    migration = load(args.migration or choose(ui, ask))
+    if args.no_rollback and not args.production:
+        raise ConfigError("--no-rollback only applies with --production.", "A dry run never changes staging.")
+    given = args.migration or choose(ui, ask)
+    if Path(given).is_dir():
+        return run_folder(args, ui, ask, settings, Path(given))
+    migration = load(given)
+    if args.rollback is not None and args.retry_failed:
+        raise ConfigError("--rollback restores a point; it takes no --retry-failed.")
     if args.rollback is not None:
         result = runner.rollback(settings, ui, ask, migration, args.rollback or None, force=args.force)
         return render.restore_outcome(
             ui, result, as_json=args.json, headline=f"{result.database} restored to {result.point_id} and verified."
         )
-    if args.no_rollback and not args.production:
-        raise ConfigError("--no-rollback only applies with --production.", "A dry run never changes staging.")
-    options = runner.Options(args.batch_size, args.failure_threshold, args.limit, parse_params(args.param))
+    retry = runner.retry(migration, args.retry_failed) if args.retry_failed else None
+    options = runner.Options(args.batch_size, args.failure_threshold, args.limit, parse_params(args.param), retry)
     if args.production:
         report = runner.production(
             settings,

@@ -76,6 +76,14 @@ def human_size(n: int | None) -> str:
     return f"{n} B"
 
 
+def percent(fraction: float) -> str:
+    """A rate as people read it, one decimal at most: 0.10149 is '10.1%', 0.1 is '10%'.
+    Every rate the toolkit prints goes through here, once, from the exact fraction, so
+    that it reads the same in a progress line, an error and a summary."""
+    text = f"{fraction * 100:.1f}"
+    return text.removesuffix(".0") + "%"
+
+
 def age(created_at: str | None) -> str:
     if not created_at:
         return "?"

@@ -31,8 +31,8 @@ class Reporter(Protocol):
         """Long work: the yielded callback takes ``done`` (against ``total``, in ``unit``) and/or ``detail``."""
         ...
 
-    def counter(self, label: str, total: int | None, failed: Callable[[], int]) -> AbstractContextManager[Callable[[], None]]:
-        """Records done, one call each."""
+    def counter(self, label: str, total: int | None, failures: Callable[[], str]) -> AbstractContextManager[Callable[[], None]]:
+        """Records done, one call each; ``failures()`` says how many failed so far, and the rate."""
         ...
 
 
@@ -68,7 +68,7 @@ class Silent:
         yield lambda *args, **kwargs: None
 
     @contextmanager
-    def counter(self, label: str, total: int | None, failed: Callable[[], int]) -> Iterator[Callable[[], None]]:
+    def counter(self, label: str, total: int | None, failures: Callable[[], str]) -> Iterator[Callable[[], None]]:
         yield lambda: None
 
 

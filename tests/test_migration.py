@@ -7,12 +7,13 @@ from __future__ import annotations
 import asyncio
 import csv
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
-from contextlib import closing
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import psycopg2
@@ -119,6 +120,8 @@ def test_a_dry_run_changes_nothing_and_reports_what_would_change(mig18):
     assert reasons["25"] == "client CL00025 has no phone number"
     assert reasons["3001"].startswith("duplicate client code CL00010")
     assert not any(p.name.startswith("rb_") for p in mig18.backup_dir.glob("*"))  # a dry run takes no point
+    (failures,) = [e for e in audit_events(mig18) if e["event"] == "record failures"]  # one for the run
+    assert (failures["failed"], failures["mode"], failures["failures_file"]) == (180, "dry run", report["failures_file"])
 
 
 def test_the_threshold_stops_the_run_and_restores_the_point_by_itself(mig):
@@ -136,13 +139,18 @@ def test_the_threshold_stops_the_run_and_restores_the_point_by_itself(mig):
         ("create", "succeeded"),
         ("verify", "verified"),
         ("migration start", "noted"),
-        ("batch failures", "noted"),
+        ("record failures", "noted"),
         ("threshold breach", "stopped"),
         ("restore", "succeeded"),
         ("automatic rollback", "succeeded"),
         ("migration end", "rolled back"),
     ]:
         assert expected in events, expected
+    # one entry for the run's failed records, not one per batch
+    assert "batch failures" not in [e for e, _ in events]
+    (failures,) = [e for e in audit_events(mig) if e["event"] == "record failures"]
+    assert failures["failed"] == report["failed"] and failures["failures_file"] == report["failures_file"]
+    assert failures["batches"].startswith("1") and failures["batches_with_failures"] >= 10
     # the migrated state was kept as a point, so even the automatic rollback can be undone
     assert report["before_rollback_point_id"] in {p["id"] for p in mig.run_json("rollback_manager.py", "list")}
 
@@ -484,3 +492,304 @@ def test_an_unattended_production_run_with_yes_ends_the_application_sessions_its
             app.cursor().execute("SELECT 1")  # its session was ended for the copy
     finally:
         app.close()
+
+
+# ------------------------------------------------------------------ retrying failed records
+
+POSITIONS = '''
+"""Twenty products keyed by their position; every fifth fails unless --param fixed=1."""
+def migrate(ctx):
+    def handle(n):
+        if n % 5 == 0 and ctx.params.get("fixed") != "1":
+            ctx.fail(n, "a multiple of five")
+        with ctx.staging.cursor() as cur:
+            cur.execute("INSERT INTO products (code, name, price) VALUES (%s, 'retry', 1)", ("R%d" % n,))
+    ctx.run_batches(range(1, 21), handle)
+'''
+
+
+def failure_rows(path: str) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_retry_failed_reruns_exactly_the_failed_records_and_writes_those_that_fail_again(mig18):
+    first = mig18.run_json("run_migration.py", CLIENTS, "--production")
+    assert (first["migrated"], first["failed"]) == (GOOD_CLIENTS, 180)
+    with closing(mig18.server.connect(mig18.v2_name)) as conn, conn.cursor() as cur:
+        cur.execute("UPDATE clients SET phone = '+886-2-1234567' WHERE phone IS NULL")  # the 120 get a phone
+    before = state(mig18)
+
+    dry = mig18.run_json("run_migration.py", CLIENTS, "--retry-failed", first["failures_file"])
+    assert (dry["migrated"], dry["failed"], dry["skipped"]) == (120, 60, 0)  # the 2,880 others are not touched
+    assert dry["retry_of"] == first["failures_file"] and dry["retry_not_found"] == []
+    assert state(mig18) == before
+
+    # the threshold holds for the records retried: 60 of 180 fail again, 33%
+    retry = mig18.run_json(
+        "run_migration.py", CLIENTS, "--retry-failed", first["failures_file"], "--production", "--failure-threshold", "0.5"
+    )
+    assert retry["outcome"] == "succeeded" and retry["point_id"] not in (None, first["point_id"])
+    assert (retry["migrated"], retry["failed"], retry["skipped"]) == (120, 60, 0)
+    assert retry["failures_file"] != first["failures_file"]
+    again = failure_rows(retry["failures_file"])
+    assert len(again) == 60 and all(r["reason"].startswith("duplicate client code") for r in again)
+    assert {r["record_key"] for r in again} < {r["record_key"] for r in failure_rows(first["failures_file"])}
+    assert mig18.sql("SELECT count(*) FROM customers WHERE legacy_id IS NOT NULL")[0][0] == GOOD_CLIENTS + 120
+
+
+def test_retry_failed_finds_records_by_position_and_names_keys_it_never_met(mig18, tmp_path):
+    path = write_migration(tmp_path, "positions.py", POSITIONS)
+    first = mig18.run_json("run_migration.py", path, "--production", "--failure-threshold", "0.5")
+    assert [r["record_key"] for r in failure_rows(first["failures_file"])] == ["5", "10", "15", "20"]
+
+    edited = tmp_path / "edited_failures.csv"  # an operator's copy, with a record the migration does not have
+    edited.write_text(
+        Path(first["failures_file"]).read_text() + "99,failed,typed by hand,1,2024-01-01T00:00:00+00:00,positions\n"
+    )
+    dry = mig18.run_json("run_migration.py", path, "--retry-failed", str(edited), "--param", "fixed=1")
+    assert (dry["migrated"], dry["failed"], dry["retry_not_found"]) == (4, 0, ["99"])
+
+    retry = mig18.run_json(
+        "run_migration.py", path, "--retry-failed", first["failures_file"], "--param", "fixed=1", "--production"
+    )
+    assert (retry["migrated"], retry["failed"], retry["skipped"]) == (4, 0, 0)  # records 1-4 were not run again
+    assert retry["failures_file"] is None
+    codes = {r[0] for r in mig18.sql("SELECT code FROM products WHERE name = 'retry'")}
+    assert codes == {f"R{n}" for n in range(1, 21)}
+
+
+def test_retry_failed_refuses_a_wrong_missing_or_malformed_file_before_anything_changes(mig18, tmp_path):
+    other = json.loads(mig18.run("run_migration.py", write_migration(tmp_path, "positions.py", POSITIONS), "--json").stdout)[
+        "failures_file"
+    ]
+    old_format = tmp_path / "002_other_20240101_000000_failures.csv"
+    old_format.write_text("record_key,outcome,reason,batch,time\n7,failed,x,1,2024-01-01T00:00:00+00:00\n")
+    only_skipped = tmp_path / "001_migrate_clients_20240101_000000_failures.csv"
+    only_skipped.write_text("record_key,outcome,reason,batch,time\n7,skipped,x,1,2024-01-01T00:00:00+00:00\n")
+    garbage = tmp_path / "garbage.csv"
+    garbage.write_bytes(b"\x00\xff\xfe not a failures file\n")
+    no_key = tmp_path / "no_key.csv"
+    no_key.write_text(
+        "record_key,outcome,reason,batch,time,migration_id\n,failed,x,1,2024-01-01T00:00:00+00:00,001_migrate_clients\n"
+    )
+    before = state(mig18)
+    for path, words in [
+        (other, "is a failures file of the migration positions, not of 001_migrate_clients"),
+        (old_format, "is a failures file of another migration"),
+        (tmp_path / "missing.csv", "There is no failures file"),
+        (garbage, "is not a failures file"),
+        (no_key, "line 2 has no record_key"),
+        (only_skipped, "lists no failed record"),
+    ]:
+        for mode in ([], ["--production", "--yes"]):
+            result = mig18.run("run_migration.py", CLIENTS, "--retry-failed", str(path), *mode)
+            assert result.returncode == 2, (path, result.stderr)
+            error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+            assert len(error) == 1 and words in error[0], (words, result.stderr)
+    sql_retry = mig18.run("run_migration.py", PRICES, "--retry-failed", str(old_format))
+    assert sql_retry.returncode == 2 and "a .sql migration has no records" in sql_retry.stderr
+    assert state(mig18) == before
+    assert not mig18.backup_dir.exists() or not list(mig18.backup_dir.glob("rb_*"))
+    assert all(e["event"] != "migration start" or e["mode"] == "dry run" for e in audit_events(mig18))
+
+
+# ------------------------------------------------------------------ the ledger of applied migrations
+
+ADDS = '''
+"""Adds products {prefix}1 to {prefix}5."""
+def migrate(ctx):
+    def handle(n):
+        with ctx.staging.cursor() as cur:
+            cur.execute("INSERT INTO products (code, name, price) VALUES (%s, 'ledger', 1)", ("{prefix}%d" % n,))
+    ctx.run_batches(range(1, 6), handle)
+'''
+
+
+def ledger(s: Staging) -> list[tuple]:
+    if s.sql("SELECT to_regclass('rollback_toolkit.migrations')")[0][0] is None:
+        return []
+    return s.sql("SELECT migration_id, point_id FROM rollback_toolkit.migrations ORDER BY migration_id")
+
+
+def by_id(status: dict) -> dict[str, dict]:
+    return {m["migration_id"]: m for m in status["migrations"]}
+
+
+def test_a_folder_runs_what_is_pending_in_name_order_and_stops_at_the_first_rollback(mig18, tmp_path):
+    folder = tmp_path / "migrations"
+    folder.mkdir()
+    write_migration(folder, "a_first.py", ADDS.format(prefix="A"))
+    write_migration(folder, "b_second.py", CRASHING.format(at=150))  # a batch committed, then a crash
+    write_migration(folder, "c_third.py", ADDS.format(prefix="C"))
+    write_migration(folder, "_helper.py", "x = 1\n")  # not a migration
+    before = state(mig18)
+
+    dry = mig18.run("run_migration.py", str(folder), "--json")
+    assert dry.returncode == 1, dry.stderr
+    dry_runs = json.loads(dry.stdout)  # the crash stops a dry run of the folder too
+    assert [r["migration_id"] for r in dry_runs["ran"]] == ["a_first"] and dry_runs["mode"] == "dry run"
+    assert dry_runs["stopped_at"] == "b_second" and dry_runs["not_run"] == ["c_third"]
+    assert "the V2 feed broke at record 150" in dry_runs["error"] and "the V2 feed broke" in dry.stderr
+    assert state(mig18) == before  # a dry run never writes the ledger
+
+    result = mig18.run("run_migration.py", str(folder), "--production", "--json")
+    assert result.returncode == 1, result.stderr
+    run = json.loads(result.stdout)
+    assert [(r["migration_id"], r["outcome"]) for r in run["ran"]] == [("a_first", "succeeded"), ("b_second", "rolled back")]
+    assert run["stopped_at"] == "b_second" and run["not_run"] == ["c_third"]
+    assert "b_second rolled back" in result.stderr
+    a_point, b_point = (r["point_id"] for r in run["ran"])
+    assert ledger(mig18) == [("a_first", a_point)]
+    assert mig18.sql("SELECT count(*) FROM products WHERE code LIKE 'C%'")[0][0] == 0
+
+    status = mig18.run_json("run_migration.py", "--status", str(folder))
+    rows = by_id(status)
+    assert [m["migration_id"] for m in status["migrations"]] == ["a_first", "b_second", "c_third"]
+    assert (rows["a_first"]["state"], rows["a_first"]["point_id"]) == ("applied", a_point)
+    assert (rows["b_second"]["state"], rows["b_second"]["point_id"]) == ("rolled back", b_point)
+    assert rows["c_third"]["state"] == "pending"
+
+    write_migration(folder, "b_second.py", ADDS.format(prefix="B"))  # fixed
+    again = mig18.run_json("run_migration.py", str(folder), "--production")
+    assert again["already_applied"] == ["a_first"] and again["stopped_at"] is None
+    assert [(r["migration_id"], r["outcome"]) for r in again["ran"]] == [("b_second", "succeeded"), ("c_third", "succeeded")]
+    assert [m for m, _ in ledger(mig18)] == ["a_first", "b_second", "c_third"]
+    nothing = mig18.run_json("run_migration.py", str(folder), "--production")
+    assert nothing["ran"] == [] and nothing["already_applied"] == ["a_first", "b_second", "c_third"]
+
+
+def test_status_only_reads_and_restoring_a_point_restores_the_ledger(mig18, tmp_path):
+    folder = tmp_path / "migrations"
+    folder.mkdir()
+    first = write_migration(folder, "a_first.py", ADDS.format(prefix="A"))
+    second = write_migration(folder, "b_second.py", ADDS.format(prefix="B"))
+    before = state(mig18)
+    fresh = mig18.run_json("run_migration.py", "--status", str(folder))
+    assert [m["state"] for m in fresh["migrations"]] == ["pending", "pending"] and fresh["ledger"] is False
+    assert state(mig18) == before  # --status never creates the ledger
+    shipped = mig18.run_json("run_migration.py", "--status")  # the folder migrations/ by default
+    assert [(m["migration_id"], m["state"]) for m in shipped["migrations"]] == [
+        ("001_migrate_clients", "pending"),
+        ("002_fix_prices", "pending"),
+    ]
+    table = mig18.run("run_migration.py", "--status", str(folder))
+    assert table.returncode == 0 and "pending" in table.stdout
+
+    a = mig18.run_json("run_migration.py", first, "--production")
+    b = mig18.run_json("run_migration.py", second, "--production")
+    assert ledger(mig18) == [("a_first", a["point_id"]), ("b_second", b["point_id"])]
+    back = mig18.run("run_migration.py", second, "--rollback", "--yes")
+    assert back.returncode == 0, back.stderr
+    assert ledger(mig18) == [("a_first", a["point_id"])]  # the point had a_first applied, not b_second
+    rows = by_id(mig18.run_json("run_migration.py", "--status", str(folder)))
+    assert rows["a_first"]["state"] == "applied"
+    assert rows["b_second"]["state"] == "rolled back" and rows["b_second"]["point_id"] == b["point_id"]
+    assert f"restore to {b['point_id']}" in rows["b_second"]["detail"]
+
+    # what a rollback to a_first's point would undo: the products, not the toolkit's own ledger
+    found = mig18.run_json("rollback_manager.py", "diff", a["point_id"])
+    assert found["tables_added"] == [] and found["schema_objects_added"] == 0
+    assert [(t["table"], t["added"]) for t in found["tables"] if t["added"]] == [("public.products", 5)]
+
+
+# ------------------------------------------------------------------ the failure rate, live and alike
+
+TENTH = '''
+"""670 records, 68 of them fail: a rate of 10.149...%, just over 10%."""
+def migrate(ctx):
+    def handle(n):
+        if n % 10 == 0 or n == 1:
+            ctx.fail(n, "refused")
+    ctx.run_batches(range(1, 671), handle)
+'''
+
+RISING = '''
+"""100 records; from record 51 on every third fails."""
+def migrate(ctx):
+    def handle(n):
+        if n > 50 and n % 3 == 0:
+            ctx.fail(n, "refused")
+    ctx.run_batches(range(1, 101), handle)
+'''
+
+
+def test_the_failure_rate_is_computed_once_and_printed_alike_everywhere(mig18, tmp_path):
+    path = write_migration(tmp_path, "tenth.py", TENTH)
+    result = mig18.run("run_migration.py", path, "--production", "--batch-size", "1000")
+    assert result.returncode == 1, result.stderr
+    assert "68 of 670 records failed (10.1%), more than the failure threshold of 10%" in result.stderr
+    rate_row = next(line for line in result.stdout.splitlines() if "Failure rate" in line)
+    assert "10.1%" in rate_row and "10.2%" not in rate_row, rate_row
+
+
+class Recorder:
+    """A Reporter that keeps what a person would have seen."""
+
+    def __init__(self) -> None:
+        self.warnings: list[str] = []
+        self.progress_texts: list[str] = []
+
+    def info(self, text: str) -> None:
+        pass
+
+    step = ok = error = info
+
+    def warn(self, text: str) -> None:
+        self.warnings.append(text)
+
+    def progress(self, label, total=None, unit=""):
+        from lib.ports import Silent
+
+        return Silent().progress(label, total, unit)
+
+    @contextmanager
+    def counter(self, label, total, failures):
+        yield lambda: self.progress_texts.append(failures())
+
+
+def test_progress_shows_the_rate_against_the_threshold_and_warns_once_past_half(mig18, tmp_path, caplog):
+    from lib.config import load_settings
+    from lib.migrate import runner
+    from lib.migrate.context import load
+
+    recorder = Recorder()
+    migration = load(write_migration(tmp_path, "rising.py", RISING))
+    with caplog.at_level(logging.WARNING):
+        report = runner.dry_run(load_settings(), recorder, migration, runner.Options(batch_size=10, threshold=0.2))
+    assert report.tally.failed == 17
+    assert recorder.progress_texts[0] == "0 failed, 0% of 20%"
+    assert recorder.progress_texts[76] == "9 failed, 11.7% of 20%"  # 9 of 77 records
+    assert recorder.progress_texts[-1] == "17 failed, 17% of 20%"
+    assert len(recorder.warnings) == 1  # after batch 8: 10 of 80 is 12.5%, past 10%; batch 7's 10% is not past it
+    assert "10 of 80 records failed (12.5% of 20%)" in recorder.warnings[0] and "after batch 8" in recorder.warnings[0]
+    assert [r.getMessage() for r in caplog.records if "half the failure threshold" in r.getMessage()] == recorder.warnings
+
+
+def test_a_role_that_cannot_keep_the_ledger_is_stopped_before_any_record(mig18, tmp_path):
+    """The ledger is made ready in the first transaction, so a role that may not create
+    or write it fails the run before a record is migrated, not after the last batch."""
+    mig18.sql(
+        "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'ledger_runner') "
+        "THEN CREATE ROLE ledger_runner LOGIN PASSWORD 'runner-secret'; END IF; END $$"
+    )
+    mig18.sql("GRANT SELECT, INSERT ON products TO ledger_runner; GRANT USAGE ON SEQUENCE products_id_seq TO ledger_runner")
+    runner_url = mig18.server.url(mig18.name, user="ledger_runner", password="runner-secret")
+    path = write_migration(tmp_path, "a_first.py", ADDS.format(prefix="A"))
+    before = state(mig18)
+    args = ("run_migration.py", path, "--production", "--no-rollback", "--yes", "--json")
+    result = mig18.run(*args, env={"STAGING_DATABASE_URL": runner_url})
+    assert result.returncode == 1, result.stderr
+    report = json.loads(result.stdout)
+    assert report["outcome"] == "failed" and report["migrated"] == 0
+    assert "could not be set up in staging" in report["error"] and "permission denied" in report["error"]
+    assert state(mig18) == before
+
+    mig18.sql("CREATE SCHEMA rollback_toolkit; CREATE TABLE rollback_toolkit.migrations (migration_id text PRIMARY KEY)")
+    mig18.sql("GRANT USAGE ON SCHEMA rollback_toolkit TO ledger_runner")
+    result = mig18.run(*args, env={"STAGING_DATABASE_URL": runner_url})
+    assert result.returncode == 1, result.stderr
+    report = json.loads(result.stdout)
+    assert "may not write the ledger" in report["error"] and report["migrated"] == 0
+    assert mig18.sql("SELECT count(*) FROM products WHERE code LIKE 'A%'")[0][0] == 0
+    assert "runner-secret" not in result.stderr + result.stdout

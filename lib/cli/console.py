@@ -136,9 +136,10 @@ class UI:
             yield update
 
     @contextmanager
-    def counter(self, label: str, total: int | None, failed: Callable[[], int]) -> Iterator[Callable[[], None]]:
-        """Records done, rate, ETA and failures; the yielded callback counts one record.
-        Without a terminal, one line every 5 s."""
+    def counter(self, label: str, total: int | None, failures: Callable[[], str]) -> Iterator[Callable[[], None]]:
+        """Records done, rate, ETA and ``failures()`` (failed so far, and the failure rate
+        against the threshold); the yielded callback counts one record. Without a
+        terminal, one line every 5 s."""
         started = last = time.monotonic()
         done = 0
         if self.quiet or not self.err.is_terminal:
@@ -150,22 +151,22 @@ class UI:
                 if now - last >= 5:
                     last = now
                     of = f"/{total}" if total else ""
-                    self.info(f"  {label}: {done}{of} records, {done / (now - started):.0f}/s, {failed()} failed")
+                    self.info(f"  {label}: {done}{of} records, {done / (now - started):.0f}/s, {failures()}")
 
             yield tick
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeRemainingColumn
 
         columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()]
-        columns += [TextColumn("{task.fields[rate]}/s"), TimeRemainingColumn(), TextColumn("{task.fields[failed]} failed")]
+        columns += [TextColumn("{task.fields[rate]}/s"), TimeRemainingColumn(), TextColumn("{task.fields[failures]}")]
         with Progress(*columns, console=self.err) as progress:
-            task = progress.add_task(label, total=total, rate="0", failed=0)
+            task = progress.add_task(label, total=total, rate="0", failures=failures())
 
             def tick() -> None:
                 nonlocal done
                 done += 1
                 elapsed = max(time.monotonic() - started, 1e-6)
-                progress.update(task, advance=1, rate=f"{done / elapsed:.0f}", failed=failed())
+                progress.update(task, advance=1, rate=f"{done / elapsed:.0f}", failures=failures())
 
             yield tick
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from lib.cli.console import UI
-from lib.files import age, human_size
+from lib.files import age, human_size, percent
 from lib.points.catalog import Point
 
 
@@ -177,7 +177,7 @@ def migration_report(ui: UI, report) -> None:
     table = Table(show_header=False, box=None, pad_edge=False, title=f"{d['migration_id']}: {d['mode']}", title_justify="left")
     table.add_column(style="bold")
     table.add_column(overflow="fold")
-    rate = f"{d['failure_rate']:.1%} (threshold {d['failure_threshold']:.0%})"
+    rate = f"{percent(report.tally.failure_rate)} (threshold {percent(report.threshold)})"
     for key, value in (
         ("Outcome", d["outcome"]),
         ("Migrated", f"{d['migrated']} (undone by the rollback)" if d["restored_to"] else d["migrated"]),
@@ -189,6 +189,7 @@ def migration_report(ui: UI, report) -> None:
         ("Rollback point", d["point_id"] or "none"),
         ("Restored to", d["restored_to"] or "-"),
         ("Failures file", d["failures_file"] or "-"),
+        *([("Retry of", d["retry_of"])] if d["retry_of"] else []),
     ):
         table.add_row(key, str(value))
     ui.out.print(table)
@@ -202,6 +203,36 @@ def migration_report(ui: UI, report) -> None:
         ui.info(note)
     if d["before_rollback_point_id"]:
         ui.info(f"The migrated state is kept as point {d['before_rollback_point_id']}.")
+
+
+def migrations_folder(ui: UI, folder) -> None:
+    """run_migration.py FOLDER: each run's summary (where it stopped was said as it stopped)."""
+    for report in folder.reports:
+        migration_report(ui, report)
+    if folder.already_applied:
+        ui.info(f"Already applied (not run again): {', '.join(folder.already_applied)}.")
+    if folder.stopped_at is None and folder.reports:
+        ui.ok(f"{len(folder.reports)} migration(s) of {folder.folder} ran ({folder.mode}).")
+
+
+def migration_status(ui: UI, found) -> None:
+    """run_migration.py --status: applied, rolled back and pending migrations with their points."""
+    table = Table(title=f"Migrations of {found.database}", title_justify="left")
+    for col in ("Migration", "File", "State", "Point", "When (UTC)", "Detail"):
+        table.add_column(col, overflow="fold")
+    style = {"applied": "green", "rolled back": "yellow", "pending": "cyan"}
+    for m in found.migrations:
+        table.add_row(
+            m.migration_id,
+            m.file or "-",
+            f"[{style.get(m.state, 'bold')}]{m.state}[/]",
+            m.point_id or "-",
+            (m.when or "-")[:19].replace("T", " "),
+            m.detail,
+        )
+    ui.out.print(table)
+    if not found.ledger:
+        ui.info("Staging has no ledger yet: no production run has applied a migration to it.")
 
 
 def audit_trail(ui: UI, entries: list[dict]) -> None:

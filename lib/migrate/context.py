@@ -11,7 +11,6 @@ or a ``.sql`` file that runs as one unit."""
 
 from __future__ import annotations
 
-import csv
 import importlib.util
 import logging
 import time
@@ -26,9 +25,10 @@ import psycopg2.extensions
 import sqlparse
 from psycopg2 import sql
 
-from lib.config import Settings
+from lib.config import PROJECT_ROOT, Settings
 from lib.errors import ConfigError, DatabaseError, MigrationError, RecordFailed, RecordSkipped, RollbackError, ThresholdExceeded
-from lib.files import make_private_dir, slugify, utc_now
+from lib.files import percent, slugify
+from lib.migrate.failures import FailuresFile
 from lib.pg.db import connect
 from lib.ports import Reporter
 
@@ -84,12 +84,13 @@ class Migration:
         return "sql" if self.sql is not None else "python"
 
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+MIGRATIONS_DIR = PROJECT_ROOT / "migrations"
 
 
-def available() -> list[Path]:
-    """The migrations shipped in migrations/, in name order."""
-    return sorted(p for p in MIGRATIONS_DIR.glob("*") if p.suffix in (".py", ".sql") and not p.name.startswith("_"))
+def available(folder: Path = MIGRATIONS_DIR) -> list[Path]:
+    """The migrations in ``folder`` (those shipped in migrations/), in name order; a file
+    whose name starts with _ is not one."""
+    return sorted(p for p in folder.glob("*") if p.suffix in (".py", ".sql") and not p.name.startswith("_") and p.is_file())
 
 
 def load(path: str | Path) -> Migration:
@@ -141,6 +142,8 @@ class Tally:
     changes: dict[str, list[int]] = field(default_factory=dict)  # table: [inserted, updated, deleted]
     failures_file: Path | None = None
     threshold_batch: int | None = None  # the batch after which the failure rate passed the threshold
+    batches_with_failures: list[int] = field(default_factory=list)
+    retry_not_found: list[str] = field(default_factory=list)  # keys of a failures file no record had
 
     @property
     def processed(self) -> int:
@@ -148,7 +151,11 @@ class Tally:
 
     @property
     def failure_rate(self) -> float:
+        """Exact; printed only through ``lib.files.percent``."""
         return self.failed / self.processed if self.processed else 0.0
+
+    def rate_against(self, threshold: float) -> str:
+        return f"{percent(self.failure_rate)} of {percent(threshold)}"
 
     def add_changes(self, counts: dict[str, list[int]]) -> None:
         _accumulate(self.changes, counts)
@@ -215,7 +222,8 @@ class MigrationContext:
         limit: int | None,
         params: dict[str, str],
         failures_path: Path,
-        on_batch: Callable[[int, list[tuple]], None] | None = None,
+        only_keys: set[str] | None = None,
+        before_last_commit: Callable[[MigrationContext], None] | None = None,
     ) -> None:
         self.settings = settings
         self.migration = migration
@@ -229,12 +237,14 @@ class MigrationContext:
         self.tally = Tally()
         self._ui = ui
         self._v2 = None
-        self._failures_path = failures_path
-        self._failures_writer = None
-        self._failures_fh = None
+        self._failures = FailuresFile(failures_path, migration.id)
         self._batch = 0
-        self._batch_failures: list[tuple] = []
-        self._on_batch = on_batch
+        self._batch_failed = False
+        self._warned_half = False
+        self._position = 0  # of the record among all those passed to run_batches: its key when it has no other
+        self._only_keys = only_keys  # --retry-failed: the keys of the records to run, as text
+        self._keys_left = set(only_keys) if only_keys is not None else None
+        self._before_last_commit = before_last_commit
         self._undone: dict[str, list[int]] = {}  # rows written by records that were rolled back
         self._release = ""  # releases the previous record's savepoint, sent with the next one
         # Exact per-table counts need the transaction's counters read before every record
@@ -263,14 +273,22 @@ class MigrationContext:
         raise RecordSkipped(key, reason)
 
     def run_batches(self, records: Iterable, handle: Callable, *, key: Callable | None = None, total: int | None = None) -> Tally:
+        if self._keys_left is not None:
+            total = len(self._keys_left)
         if self.limit is not None and total is not None:
             total = min(total, max(0, self.limit - self.tally.processed))
         in_batch = 0
-        with self._ui.counter(f"Migrating ({self.migration.id})", total, lambda: self.tally.failed) as tick:
+        with self._ui.counter(f"Migrating ({self.migration.id})", total, self._failures_so_far) as tick:
             for record in records:
+                if self._keys_left is not None and not self._keys_left:
+                    break  # a retry met every record it was given
                 if self.limit is not None and self.tally.processed >= self.limit:
                     break
-                self._one(record, handle, key(record) if key else self.tally.processed + 1)
+                self._position += 1
+                record_key = key(record) if key else self._position
+                if not self._wanted(record_key):
+                    continue
+                self._one(record, handle, record_key)
                 in_batch += 1
                 tick()
                 if in_batch >= self.batch_size:
@@ -281,6 +299,19 @@ class MigrationContext:
         return self.tally
 
     # -- for the runner
+
+    def _wanted(self, record_key) -> bool:
+        """All records, or in a retry those the failures file lists (each once)."""
+        if self._only_keys is None:
+            return True
+        text = str(record_key)
+        if text not in self._keys_left:
+            return False
+        self._keys_left.discard(text)
+        return True
+
+    def _failures_so_far(self) -> str:
+        return f"{self.tally.failed} failed, {self.tally.rate_against(self.threshold)}"
 
     def _one(self, record, handle: Callable, record_key) -> None:
         # The previous record's savepoint is released in the same round trip that opens this one.
@@ -313,54 +344,66 @@ class MigrationContext:
             _accumulate(self._undone, _minus(_xact_changes(self.staging), before))
 
     def _record_failure(self, key, reason: str, *, skipped: bool = False) -> None:
+        outcome = "skipped" if skipped else "failed"
         if skipped:
             self.tally.skipped += 1
         else:
             self.tally.failed += 1
-            self._batch_failures.append((key, reason))
-        if self._failures_writer is None:
-            make_private_dir(self._failures_path.parent)
-            self._failures_fh = open(self._failures_path, "w", newline="", encoding="utf-8")  # noqa: SIM115 - open for the run
-            self._failures_path.chmod(0o600)
-            self._failures_writer = csv.writer(self._failures_fh)
-            self._failures_writer.writerow(["record_key", "outcome", "reason", "batch", "time"])
-            self.tally.failures_file = self._failures_path
-        self._failures_writer.writerow(
-            [key, "skipped" if skipped else "failed", reason, self._batch + 1, utc_now().isoformat(timespec="seconds")]
-        )
-        self._failures_fh.flush()
-        self.log.info("record %s %s: %s", key, "skipped" if skipped else "failed", reason)
+            self._batch_failed = True
+        self._failures.write(key, outcome, reason, self._batch + 1)
+        self.tally.failures_file = self._failures.path
+        self.log.info("record %s %s: %s", key, outcome, reason)
 
     def end_batch(self) -> None:
         """Commit the batch (production) and stop when the failure rate has passed the threshold."""
         self._batch += 1
-        if self._on_batch:
-            self._on_batch(self._batch, self._batch_failures)
-        self._batch_failures = []
+        if self._batch_failed:
+            self.tally.batches_with_failures.append(self._batch)
+            self._batch_failed = False
         over = self.tally.failure_rate > self.threshold
         if over and self.tally.threshold_batch is None:
             self.tally.threshold_batch = self._batch
         if over and not self.dry_run:
             raise ThresholdExceeded(
-                f"{self.tally.failed} of {self.tally.processed} records failed ({self.tally.failure_rate:.1%}), "
-                f"more than the failure threshold of {self.threshold:.0%}; the migration stopped after batch {self._batch}.",
+                f"{self.tally.failed} of {self.tally.processed} records failed ({percent(self.tally.failure_rate)}), "
+                f"more than the failure threshold of {percent(self.threshold)}; the migration stopped after batch "
+                f"{self._batch}.",
                 f"The failed records and why are in {self.tally.failures_file}.",
             )
+        self._warn_past_half()
         if not self.dry_run:
             self.staging.commit()  # releases the last record's savepoint too
             self._release = ""
             self.tally.batches_committed += 1
 
+    def _warn_past_half(self) -> None:
+        """Once, when the rate passes half the threshold (and not the threshold itself)."""
+        rate = self.tally.failure_rate
+        if self._warned_half or not self.threshold / 2 < rate <= self.threshold:
+            return
+        self._warned_half = True
+        text = (
+            f"{self.tally.failed} of {self.tally.processed} records failed ({self.tally.rate_against(self.threshold)}) "
+            f"after batch {self._batch}: past half the failure threshold. "
+            + ("A production run stops" if self.dry_run else "The run stops and rolls back")
+            + f" when it passes {percent(self.threshold)}."
+        )
+        self._ui.warn(text)
+        log.warning("%s", text)
+
     def finish(self) -> None:
         """Count the changes (one transaction: a dry run or a .sql migration); commit in production."""
         if self.count_changes:
             self.tally.add_changes(_minus(_xact_changes(self.staging), self._undone))
+        if self._keys_left:
+            self.tally.retry_not_found = sorted(self._keys_left)
         if not self.dry_run:
+            if self._before_last_commit:
+                self._before_last_commit(self)  # in the last transaction: committed with it, or not at all
             self.staging.commit()
 
     def close(self) -> None:
-        if self._failures_fh:
-            self._failures_fh.close()
+        self._failures.close()
         if self._v2 is not None and not self._v2.closed:
             self._v2.close()
 

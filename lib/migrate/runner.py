@@ -13,7 +13,8 @@ import psycopg2
 from lib import audit
 from lib.config import Settings
 from lib.errors import ConfigError, MigrationError, RollbackError, ThresholdExceeded
-from lib.files import slugify, utc_now
+from lib.files import percent
+from lib.migrate import failures, ledger
 from lib.migrate.context import (
     Migration,
     MigrationContext,
@@ -45,6 +46,7 @@ class Report:
     error: str | None = None
     restored: RestoreResult | None = None
     notes: list[str] = field(default_factory=list)
+    retry_of: Path | None = None  # --retry-failed: the failures file whose records ran again
 
     @property
     def ok(self) -> bool:
@@ -60,12 +62,14 @@ class Report:
             "migrated": t.migrated,
             "failed": t.failed,
             "skipped": t.skipped,
-            "failure_rate": round(t.failure_rate, 4),
+            "failure_rate": t.failure_rate,  # exact: people read it through lib.files.percent
             "failure_threshold": self.threshold,
             "threshold_exceeded": t.threshold_batch is not None,
             "batches_committed": t.batches_committed,
             "changes": {k: dict(zip(("inserted", "updated", "deleted"), v, strict=True)) for k, v in sorted(t.changes.items())},
             "failures_file": str(t.failures_file) if t.failures_file else None,
+            "retry_of": str(self.retry_of) if self.retry_of else None,
+            "retry_not_found": t.retry_not_found,
             "duration_seconds": round(self.duration_seconds, 3),
             "error": self.error,
             "restored_to": self.restored.point_id if self.restored else None,
@@ -80,6 +84,7 @@ class Options:
     threshold: float = 0.10
     limit: int | None = None
     params: dict[str, str] = field(default_factory=dict)
+    retry: failures.Retry | None = None  # --retry-failed: only the records this failures file lists as failed
 
     def check(self) -> None:
         if self.batch_size < 1:
@@ -90,25 +95,17 @@ class Options:
             raise ConfigError("--limit must be 0 or more.")
 
 
-def _failures_path(settings: Settings, migration: Migration, dry_run: bool) -> Path:
-    stamp = utc_now().strftime("%Y%m%d_%H%M%S")
-    return settings.log_dir / f"{slugify(migration.id, 60)}_{stamp}{'_dry_run' if dry_run else ''}_failures.csv"
+def retry(migration: Migration, failures_file: str | Path) -> failures.Retry:
+    """--retry-failed: what to run again, checked before anything runs."""
+    if migration.kind == "sql":
+        raise ConfigError(
+            f"{migration.id} is a .sql migration, and a .sql migration has no records to retry: it runs as one unit.",
+            "Run it again whole (nothing was run).",
+        )
+    return failures.read_retry(failures_file, migration.id)
 
 
-def _context(settings, ui, migration, staging, options: Options, *, dry_run: bool, database: str) -> MigrationContext:
-    def on_batch(batch: int, failures: list[tuple]) -> None:
-        if failures:
-            audit.event(
-                settings.log_dir,
-                "batch failures",
-                database=database,
-                migration_id=migration.id,
-                batch=batch,
-                failed=len(failures),
-                record_keys=[str(k) for k, _ in failures[:10]],
-                dry_run=dry_run,
-            )
-
+def _context(settings, ui, migration, staging, options: Options, *, dry_run: bool, before_last_commit=None) -> MigrationContext:
     return MigrationContext(
         settings,
         migration,
@@ -119,24 +116,33 @@ def _context(settings, ui, migration, staging, options: Options, *, dry_run: boo
         threshold=options.threshold,
         limit=options.limit,
         params=options.params,
-        failures_path=_failures_path(settings, migration, dry_run),
-        on_batch=on_batch,
+        failures_path=failures.path_for(settings.log_dir, migration.id, dry_run=dry_run, retry=options.retry is not None),
+        only_keys=options.retry.keys if options.retry else None,
+        before_last_commit=before_last_commit,
     )
 
 
 def dry_run(settings: Settings, ui: Reporter, migration: Migration, options: Options) -> Report:
     """The whole migration in one transaction on staging, rolled back: nothing changes."""
     options.check()
-    report = Report(migration.id, "dry run", threshold=options.threshold)
+    report = Report(migration.id, "dry run", threshold=options.threshold, retry_of=_retry_path(options))
     started = time.monotonic()
     with open_target(settings) as target:  # refuses V2 given as staging
         database = target.masked
     ui.step(f"Dry run of {migration.id} ({migration.description}) on {database}: one transaction, rolled back at the end")
-    audit.event(settings.log_dir, "migration start", database=database, migration_id=migration.id, mode="dry run")
+    _say_retry(ui, options)
+    audit.event(
+        settings.log_dir,
+        "migration start",
+        database=database,
+        migration_id=migration.id,
+        mode="dry run",
+        retry_of=_retry_path(options),
+    )
     guard = SequenceGuard(settings)
     staging = open_staging(settings, f"migration {migration.id} (dry run)")
     staging.forbid_commit = "A dry run commits nothing, and the migration tried to commit."
-    ctx = _context(settings, ui, migration, staging, options, dry_run=True, database=database)
+    ctx = _context(settings, ui, migration, staging, options, dry_run=True)
     try:
         perform(ctx)
         report.outcome = "dry run"
@@ -162,9 +168,10 @@ def dry_run(settings: Settings, ui: Reporter, migration: Migration, options: Opt
         _audit_end(settings, report, database)
     if ctx.tally.threshold_batch is not None:
         report.notes.append(
-            f"The failure rate passed the threshold of {options.threshold:.0%} after batch {ctx.tally.threshold_batch}: "
-            "a production run would stop there and put staging back to its rollback point."
+            f"The failure rate passed the threshold of {percent(options.threshold)} after batch "
+            f"{ctx.tally.threshold_batch}: a production run would stop there and put staging back to its rollback point."
         )
+    _note_not_found(report)
     return report
 
 
@@ -180,7 +187,7 @@ def production(
     force: bool = False,
 ) -> Report:
     options.check()
-    report = Report(migration.id, "production", threshold=options.threshold)
+    report = Report(migration.id, "production", threshold=options.threshold, retry_of=_retry_path(options))
     started = time.monotonic()
     database = _before_production(settings, ui, ask, migration, report, no_rollback=no_rollback, method=method, force=force)
     audit.event(
@@ -193,11 +200,14 @@ def production(
         batch_size=options.batch_size,
         failure_threshold=options.threshold,
         limit=options.limit,
+        retry_of=_retry_path(options),
     )
     ui.step(
         f"Running {migration.id} on {database} in batches of {options.batch_size}, "
-        f"failure threshold {options.threshold:.0%}" + (f", at most {options.limit} records" if options.limit is not None else "")
+        f"failure threshold {percent(options.threshold)}"
+        + (f", at most {options.limit} records" if options.limit is not None else "")
     )
+    _say_retry(ui, options)
     guard = SequenceGuard(settings)
     failure = _run_in_batches(settings, ui, ask, migration, options, report, guard, database)
     try:
@@ -210,6 +220,7 @@ def production(
         _audit_end(settings, report, database)
     if isinstance(failure, KeyboardInterrupt):
         raise failure
+    _note_not_found(report)
     return report
 
 
@@ -267,8 +278,11 @@ def _run_in_batches(
         # its own start and end events are written around it: no operation entry
         with operation(settings, f"migration {migration.id}", ui=ui, ask=ask, migration_id=migration.id, audit=False):
             staging = open_staging(settings, f"migration {migration.id}")
-            ctx = _context(settings, ui, migration, staging, options, dry_run=False, database=database)
+            ctx = _context(
+                settings, ui, migration, staging, options, dry_run=False, before_last_commit=_ledger_entry(migration, report)
+            )
             try:
+                ledger.prepare(staging)  # in the first batch's transaction: a run that commits nothing leaves no ledger
                 perform(ctx)
                 report.outcome = "succeeded"
             except BaseException as exc:  # noqa: BLE001 - every failure ends in the same rollback
@@ -385,13 +399,15 @@ def _audit_breach(settings: Settings, report: Report, database: str) -> None:
         outcome="stopped",
         failed=report.tally.failed,
         processed=report.tally.processed,
-        failure_rate=round(report.tally.failure_rate, 4),
+        failure_rate=report.tally.failure_rate,
         failure_threshold=report.threshold,
     )
 
 
 def _audit_end(settings: Settings, report: Report, database: str) -> None:
     t = report.tally
+    if t.failed:
+        _audit_failures(settings, report, database)
     audit.event(
         settings.log_dir,
         "migration end",
@@ -405,7 +421,66 @@ def _audit_end(settings: Settings, report: Report, database: str) -> None:
         skipped=t.skipped,
         batches_committed=t.batches_committed,
         error=report.error,
+        restored_to=report.restored.point_id if report.restored else None,
     )
+
+
+def _audit_failures(settings: Settings, report: Report, database: str) -> None:
+    """One entry per run for its failed records (an operator reads the file for each one)."""
+    t = report.tally
+    audit.event(
+        settings.log_dir,
+        "record failures",
+        database=database,
+        point_id=report.point_id,
+        migration_id=report.migration_id,
+        mode=report.mode,
+        failed=t.failed,
+        processed=t.processed,
+        failure_rate=t.failure_rate,
+        batches_with_failures=len(t.batches_with_failures),
+        batches=_ranges(t.batches_with_failures),
+        failures_file=str(t.failures_file) if t.failures_file else None,
+    )
+
+
+def _ranges(numbers: list[int]) -> str:
+    """[1, 2, 3, 7, 9, 10] as '1-3, 7, 9-10': a run's batches stay one short line."""
+    spans: list[list[int]] = []
+    for n in numbers:
+        if spans and n == spans[-1][1] + 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
+def _retry_path(options: Options) -> Path | None:
+    return options.retry.path if options.retry else None
+
+
+def _say_retry(ui: Reporter, options: Options) -> None:
+    if options.retry:
+        ui.info(f"Only the {len(options.retry.keys)} record(s) {options.retry.path} lists as failed are run again.")
+
+
+def _note_not_found(report: Report) -> None:
+    missing = report.tally.retry_not_found
+    if missing:
+        shown = ", ".join(missing[:10]) + (", …" if len(missing) > 10 else "")
+        report.notes.append(
+            f"{len(missing)} record(s) of {report.retry_of} were not among the migration's records, so they did not run: "
+            f"{shown}. A record is found by the key its run wrote (key(record) in ctx.run_batches, else its position)."
+        )
+
+
+def _ledger_entry(migration: Migration, report: Report):
+    """What the last commit of a production run writes: this migration, applied."""
+
+    def write(ctx: MigrationContext) -> None:
+        ledger.record(ctx.staging, migration, report.point_id, ctx.tally, report.retry_of)
+
+    return write
 
 
 def _put_back(guard: SequenceGuard, report: Report) -> None:

@@ -20,6 +20,9 @@ from lib.pg.retry import wait_until
 log = logging.getLogger(__name__)
 
 MAINTENANCE_DB = "postgres"
+# The toolkit's own bookkeeping inside staging (the ledger of applied migrations): part
+# of every point, left out of diffs and partial rollbacks, which are about the data.
+TOOLKIT_SCHEMA = "rollback_toolkit"
 MAX_IDENTIFIER_BYTES = 63
 
 

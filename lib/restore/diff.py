@@ -4,13 +4,18 @@ Both sides are read as COPY text over the columns they share, keyed by staging's
 primary key: rows only in staging were added since the point, rows only in the
 point were deleted, rows under the same key with other content were changed. The
 point side comes from a data point's files, a template point's database, or a dump
-point rebuilt in a temporary database beside staging."""
+point rebuilt in a temporary database beside staging.
+
+The toolkit's own schema (the ledger of applied migrations) is left out on both sides:
+a restore puts it back with the point, but it is bookkeeping, not the data a rollback is
+asked about, and a partial rollback leaves it as it is."""
 
 from __future__ import annotations
 
 import gzip
 import hashlib
 import logging
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from psycopg2 import sql
 
 from lib.errors import ConfigError, DiffTimeout
-from lib.pg.db import connection, create_database_like, derived_name, drop_database, query
+from lib.pg.db import TOOLKIT_SCHEMA, connection, create_database_like, derived_name, drop_database, query
 from lib.pg.fingerprint import schema_lines
 from lib.pg.target import Target
 from lib.points import crypto, intents
@@ -33,6 +38,16 @@ from lib.ports import Reporter, Silent
 log = logging.getLogger(__name__)
 
 DIFF_SUFFIX = "_rb_diff"
+# schema_lines() of the toolkit's schema and the objects in it, which it names qualified
+_TOOLKIT_LINE = re.compile(rf"^(schema|comment schema) {TOOLKIT_SCHEMA}[ :]|\b{TOOLKIT_SCHEMA}\.")
+
+
+def _outside_toolkit(tables: list[Table]) -> list[Table]:
+    return [t for t in tables if t.schema != TOOLKIT_SCHEMA]
+
+
+def _schema_outside_toolkit(lines: list[str]) -> list[str]:
+    return [line for line in lines if not _TOOLKIT_LINE.search(line)]
 
 
 @dataclass
@@ -125,8 +140,8 @@ class PointSide:
 
     def tables(self) -> list[Table]:
         if self.conn is None:
-            return [Table(e["schema"], e["name"]) for e in self.point.manifest.get("tables", [])]
-        return data_method.all_tables(self.conn)
+            return _outside_toolkit([Table(e["schema"], e["name"]) for e in self.point.manifest.get("tables", [])])
+        return _outside_toolkit(data_method.all_tables(self.conn))
 
     def columns(self, table: Table) -> list[str]:
         if self.conn is None:
@@ -155,7 +170,7 @@ class PointSide:
                 on_line(line)
 
     def schema_lines(self) -> list[str] | None:
-        return schema_lines(self.conn) if self.conn is not None else None
+        return _schema_outside_toolkit(schema_lines(self.conn)) if self.conn is not None else None
 
 
 @contextmanager
@@ -198,12 +213,12 @@ def compute(target: Target, point: Point, ui: Reporter, *, deadline: float | Non
                 k: t for k, t in point_tables.items() if query(current, "SELECT to_regclass(%s)", (data_method.quoted(t),))[0][0]
             }
         else:
-            current_tables = {t.key: t for t in data_method.all_tables(current)}
+            current_tables = {t.key: t for t in _outside_toolkit(data_method.all_tables(current))}
         result.tables_added = sorted(set(current_tables) - set(point_tables))
         result.tables_dropped = sorted(set(point_tables) - set(current_tables))
         ours = side.schema_lines()
         if ours is not None:
-            theirs = set(schema_lines(current))
+            theirs = set(_schema_outside_toolkit(schema_lines(current)))
             result.schema_objects_added = len(theirs - set(ours))
             result.schema_objects_dropped = len(set(ours) - theirs)
         for key in sorted(set(point_tables) & set(current_tables)):
