@@ -55,7 +55,7 @@ def reset_staging(
 
             def build(aside: str) -> str:
                 create_database_like(target.maint, aside, props, f.major)
-                return copy_v2(target, v2, v2_major, aside, snapshot, ui, jobs, expected.sequences)
+                return copy_v2(target, v2, v2_major, aside, snapshot, ui, jobs, expected)
 
             def verify(conn) -> None:
                 expected.check(conn, target.dbname)
