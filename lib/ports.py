@@ -27,8 +27,12 @@ class Reporter(Protocol):
     def warn(self, text: str) -> None: ...
     def error(self, text: str) -> None: ...
 
-    def progress(self, label: str, total: float | None = None, unit: str = "") -> AbstractContextManager[Tick]:
-        """Long work: the yielded callback takes ``done`` (against ``total``, in ``unit``) and/or ``detail``."""
+    def progress(
+        self, label: str, total: float | None = None, unit: str = "", *, estimated: bool = False
+    ) -> AbstractContextManager[Tick]:
+        """Long work: the yielded callback takes ``done`` (against ``total``, in ``unit``:
+        "B" for bytes, or what is counted: "rows", "entries") and/or a ``detail`` text.
+        ``estimated``: the total is an estimate, and said to be one."""
         ...
 
     def counter(self, label: str, total: int | None, failures: Callable[[], str]) -> AbstractContextManager[Callable[[], None]]:
@@ -64,7 +68,7 @@ class Silent:
     step = ok = warn = error = info
 
     @contextmanager
-    def progress(self, label: str, total: float | None = None, unit: str = "") -> Iterator[Tick]:
+    def progress(self, label: str, total: float | None = None, unit: str = "", *, estimated: bool = False) -> Iterator[Tick]:
         yield lambda *args, **kwargs: None
 
     @contextmanager

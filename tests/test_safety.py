@@ -78,7 +78,11 @@ def test_a_backup_dir_that_is_a_file_is_refused_and_never_leads_to_a_reset(stagi
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     env = {"BACKUP_DIR": str(blocker / "backups" if under else blocker)}
-    for args in (["rollback_manager.py", "list"], ["quick_rollback.py", "--yes"], ["rollback_manager.py", "cleanup", "--keep", "1"]):
+    for args in (
+        ["rollback_manager.py", "list"],
+        ["quick_rollback.py", "--yes"],
+        ["rollback_manager.py", "cleanup", "--keep", "1"],
+    ):
         result = staging.run(*args, env=env)
         assert result.returncode == 2, (args, result.stderr)
         assert f"{blocker} is a file" in result.stderr and "No rollback points yet" not in result.stderr

@@ -15,6 +15,8 @@ from lib.errors import ConfirmationRefused
 from lib.files import human_size
 from lib.ports import Confirmer, Granted, Refusing
 
+PROGRESS_EVERY = 10.0  # seconds between progress lines where no terminal shows a bar
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # all but tab and newline: a log never holds escapes
 _STYLE = re.compile(r"\[/?(?:(?:bold|dim|italic) )?(?:bold|dim|italic|cyan|green|yellow|red|blue|magenta)?\]")
 
 
@@ -29,12 +31,14 @@ class PlainStream:
         self.stream = stream
 
     def print(self, text: str = "", *, markup: bool = True) -> None:
-        self.stream.write((_STYLE.sub("", text) if markup else text) + "\n")
+        self.stream.write(_CONTROL.sub("?", _STYLE.sub("", text) if markup else text) + "\n")
         self.stream.flush()
 
 
 class UI:
     """Human messages go to stderr so that stdout carries only results (and JSON)."""
+
+    clock = staticmethod(time.monotonic)
 
     def __init__(self, *, json_mode: bool = False, quiet: bool = False) -> None:
         self.json_mode = json_mode
@@ -92,46 +96,81 @@ class UI:
         sys.stdout.flush()
 
     @contextmanager
-    def progress(self, label: str, total: float | None = None, unit: str = "") -> Iterator[Callable[..., None]]:
+    def progress(
+        self, label: str, total: float | None = None, unit: str = "", *, estimated: bool = False
+    ) -> Iterator[Callable[..., None]]:
         """Long work. The yielded callback takes a ``detail`` text and/or ``done`` against
-        ``total`` (bytes with unit "B", or a count): a bar with an ETA on a terminal; a
-        line every 10 s without one."""
-        started = time.monotonic()
+        ``total`` (bytes with unit "B", or a count of ``unit``; ``estimated``: "about"): a
+        bar with an ETA on a terminal; without one, a line as it starts and at most one
+        every PROGRESS_EVERY seconds."""
         if self.quiet or not self.err.is_terminal:
-            self.info(f"[cyan]•[/] {label} …")
-            last = [started]
+            with self._progress_lines(label, total, unit, estimated) as tick:
+                yield tick
+        elif total:
+            with self._progress_bar(label, total, unit, estimated) as tick:
+                yield tick
+        else:
+            with self._spinner(label, unit) as tick:
+                yield tick
 
-            def note(detail: str | None = None, *, done: float | None = None) -> None:
-                now = time.monotonic()
-                if now - last[0] < 10:
-                    return
-                last[0] = now
-                self.info(f"  {label}: {_progress_text(done, total, unit, now - started, detail)}")
+    def _line(self, text: str) -> None:
+        if not self.quiet:
+            self.err.print(text, markup=False)
 
-            yield note
-            return
-        from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeRemainingColumn
+    @contextmanager
+    def _progress_lines(self, label: str, total: float | None, unit: str, estimated: bool) -> Iterator[Callable[..., None]]:
+        """For a pipe, a log, cron: plain lines, never more than one every PROGRESS_EVERY
+        seconds, and a last one when the work took that long."""
+        started = self.clock()
+        self.info(f"[cyan]•[/] {label} …")
+        shown = {"at": started, "done": None, "lines": 0}
 
-        if total:
-            columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[amount]}")]
-            columns += [TimeRemainingColumn(), TextColumn("{task.fields[detail]}")]
-            with Progress(*columns, console=self.err, transient=False) as bar:
-                task = bar.add_task(label, total=total, amount="", detail="")
+        def note(detail: str | None = None, *, done: float | None = None) -> None:
+            shown["done"] = shown["done"] if done is None else done
+            now = self.clock()
+            if now - shown["at"] < PROGRESS_EVERY:
+                return
+            shown["at"] = now
+            shown["lines"] += 1
+            self._line(f"  {label}: {_progress_text(shown['done'], total, unit, now - started, detail, estimated)}")
 
-                def advance(detail: str | None = None, *, done: float | None = None) -> None:
-                    fields = {"detail": detail or ""}
-                    if done is not None:
-                        fields["completed"] = min(done, total)
-                        fields["amount"] = _amount(done, total, unit)
-                    bar.update(task, **fields)
+        yield note
+        if shown["lines"] or self.clock() - started >= PROGRESS_EVERY:
+            self._line(f"  {label}: finished after {_duration(self.clock() - started)}")
 
-                yield advance
-            return
-        with self.err.status(label) as status:
+    @contextmanager
+    def _progress_bar(self, label: str, total: float, unit: str, estimated: bool) -> Iterator[Callable[..., None]]:
+        from rich.markup import escape
+        from rich.progress import BarColumn, Progress, SpinnerColumn, TaskProgressColumn, TextColumn
+
+        columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TaskProgressColumn()]
+        columns += [TextColumn("{task.fields[amount]}"), TextColumn("{task.fields[left]}"), TextColumn("{task.fields[detail]}")]
+        started = self.clock()
+        with Progress(*columns, console=self.err, transient=False) as bar:
+            task = bar.add_task(escape(label), total=total, amount=_amount(0, total, unit, estimated), left="", detail="")
+
+            def advance(detail: str | None = None, *, done: float | None = None) -> None:
+                fields = {"detail": escape(detail or "")}
+                if done is not None:
+                    left = _time_left(done, total, self.clock() - started)
+                    fields.update(completed=min(done, total), amount=_amount(done, total, unit, estimated), left=left or "")
+                bar.update(task, **fields)
+
+            yield advance
+
+    @contextmanager
+    def _spinner(self, label: str, unit: str) -> Iterator[Callable[..., None]]:
+        """Work that cannot tell how far it is: what it is doing, and for how long."""
+        from rich.markup import escape
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        columns = [SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), TextColumn("{task.fields[detail]}")]
+        with Progress(*columns, console=self.err, transient=True) as spinner:
+            task = spinner.add_task(escape(label), total=None, detail="")
 
             def update(detail: str | None = None, *, done: float | None = None) -> None:
-                text = _progress_text(done, None, unit, time.monotonic() - started, detail)
-                status.update(f"{label} — {text}")
+                text = ", ".join(part for part in (_amount(done, None, unit) if done is not None else "", detail) if part)
+                spinner.update(task, detail=escape(text))
 
             yield update
 
@@ -171,23 +210,38 @@ class UI:
             yield tick
 
 
-def _amount(done: float, total: float | None, unit: str) -> str:
+def _amount(done: float, total: float | None, unit: str, estimated: bool = False) -> str:
+    """'1.2 GiB of about 4.0 GiB', '1,200 of 5,000 rows'."""
+    of = f" of {'about ' if estimated else ''}"
     if unit == "B":
-        return human_size(int(done)) + (f" of {human_size(int(total))}" if total else "")
-    return f"{int(done)}" + (f"/{int(total)}" if total else "") + (f" {unit}" if unit else "")
+        return human_size(int(done)) + (of + human_size(int(total)) if total else "")
+    return f"{int(done):,}" + (f"{of}{int(total):,}" if total else "") + (f" {unit}" if unit else "")
 
 
-def _progress_text(done: float | None, total: float | None, unit: str, elapsed: float, detail: str | None) -> str:
-    """'1.2 GiB of 4.0 GiB, 30%, about 2 min left — detail', as far as it is known."""
+def _duration(seconds: float) -> str:
+    if seconds >= 5400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{max(seconds, 1):.0f} s"
+
+
+def _time_left(done: float, total: float, elapsed: float) -> str | None:
+    """The ETA at the rate so far, once there is a rate."""
+    if not 0 < done < total or elapsed <= 0:
+        return None
+    return f"about {_duration(elapsed * (total - done) / done)} left"
+
+
+def _progress_text(
+    done: float | None, total: float | None, unit: str, elapsed: float, detail: str | None, estimated: bool
+) -> str:
+    """'1.2 GiB of about 4.0 GiB, 30%, about 2 min left, 45 s so far — detail', as far as it is known."""
     parts = []
     if done is not None:
-        parts.append(_amount(done, total, unit))
+        parts.append(_amount(done, total, unit, estimated))
         if total:
             parts.append(f"{min(done / total, 1):.0%}")
-            if done > 0 and done < total:
-                left = elapsed * (total - done) / done
-                parts.append(f"about {left / 60:.0f} min left" if left >= 90 else f"about {left:.0f} s left")
-    parts.append(f"{elapsed:.0f} s")
+            parts += [left] if (left := _time_left(done, total, elapsed)) else []
+    parts.append(f"{_duration(elapsed)} so far")
     return ", ".join(parts) + (f" — {detail}" if detail else "")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from lib.cli.console import UI
 from lib.files import age, human_size, percent
 from lib.points.catalog import Point
@@ -14,31 +16,102 @@ def Table(*columns, **options):
     return RichTable(*columns, **options)
 
 
+@dataclass
+class _Column:
+    """A column that is cut or left out, never wrapped, when the screen is narrow."""
+
+    header: str
+    cells: list[str]
+    cap: int = 0  # wider cells are cut to this with an ellipsis (0: never cut)
+    shrink_to: int = 0  # the column takes what room is left, down to this, or is left out
+    justify: str = "left"
+
+    @property
+    def natural(self) -> int:
+        from rich.cells import cell_len
+
+        widest = max(cell_len(line) for text in [self.header, *self.cells] for line in text.split("\n"))
+        return min(widest, self.cap) if self.cap else widest
+
+
+def _fit(columns: dict[str, _Column], width: int, leave_out: list[str]) -> dict[str, int]:
+    """Column widths for a table of at most ``width`` cells: columns are left out in the
+    order of ``leave_out`` until the rest fits, then those left out last are taken back
+    where they still fit. A column never named there stays whole."""
+    shown = list(columns)
+    dropped: list[str] = []
+    for name in [None, *leave_out]:
+        if name is not None:
+            shown.remove(name)
+            dropped.append(name)
+        if _widths(columns, shown, width) is not None:
+            break
+    for name in reversed(dropped):
+        wider = [n for n in columns if n in shown or n == name]
+        if _widths(columns, wider, width) is not None:
+            shown = wider
+    return _widths(columns, shown, width) or {name: columns[name].natural for name in shown}
+
+
+def _widths(columns: dict[str, _Column], shown: list[str], width: int) -> dict[str, int] | None:
+    """Every column at its natural width, those that shrink given what room is left (in
+    order); None when one cannot have its least. A column costs 3 cells more for its
+    border and padding, the table 1."""
+    widths = {name: columns[name].natural for name in shown}
+    flexible = [name for name in shown if columns[name].shrink_to]
+    least = {name: min(columns[name].shrink_to, widths[name]) for name in flexible}
+    room = width - 1 - 3 * len(shown) - sum(widths[name] for name in shown if name not in flexible)
+    for i, name in enumerate(flexible):
+        widths[name] = min(widths[name], room - sum(least[n] for n in flexible[i + 1 :]))
+        if widths[name] < least[name]:
+            return None
+        room -= widths[name]
+    return widths if room >= 0 else None
+
+
+def _draw(ui: UI, columns: dict[str, _Column], widths: dict[str, int], **options) -> None:
+    table = Table(**options)
+    for name, width in widths.items():
+        table.add_column(columns[name].header, width=width, no_wrap=True, overflow="ellipsis", justify=columns[name].justify)
+    for row in zip(*(columns[name].cells for name in widths), strict=True):
+        table.add_row(*row)
+    ui.out.print(table)
+
+
 def points_table(ui: UI, points: list[Point], *, numbered: bool = False) -> None:
+    """Every point on one line. An id is never cut or wrapped, so it can be copied from the
+    screen: on a narrow screen the description is shortened first, then Migration ID,
+    Database, Size and the rest are left out."""
     if not points:
         ui.out.print('No rollback points yet. Take one with: python3 create_rollback_point.py "Before migration"')
         return
-    table = Table(title="Rollback points (oldest first)", title_justify="left")
-    if numbered:
-        table.add_column("#", justify="right")
-    for col in ("ID", "Migration ID", "Database", "Table", "Method", "Size", "Status", "Created", "Description"):
-        table.add_column(col, overflow="fold")
-    for n, p in enumerate(points, start=1):
-        s = p.summary()
-        created = (s["created_at"] or "?")[:19].replace("T", " ") + " UTC"
-        table.add_row(
-            *([str(n)] if numbered else []),
-            s["id"],
-            s["migration_id"] or "-",
-            s["database"],
-            s["table"] or "(all)",
-            s["method"],
-            human_size(s["size_bytes"]),
-            (s["status"] or "?") + (f" ({s['verified']})" if s.get("verified") else ""),
-            created,
-            s["description"] or "",
-        )
-    ui.out.print(table)
+    summaries = [p.summary() for p in points]
+    columns = {"#": _Column("#", [str(n) for n in range(1, len(points) + 1)], justify="right")} if numbered else {}
+    columns.update(
+        id=_Column("ID", [s["id"] for s in summaries]),
+        migration=_Column("Migration ID", [s["migration_id"] or "-" for s in summaries], cap=30),
+        database=_Column("Database", [s["database"] for s in summaries], cap=30),
+        table=_Column("Table", [s["table"] or "(all)" for s in summaries], cap=24),
+        method=_Column("Method", [s["method"] for s in summaries]),
+        size=_Column("Size", [human_size(s["size_bytes"]) for s in summaries], justify="right"),
+        status=_Column(
+            "Status", [(s["status"] or "?") + (f" ({s['verified']})" if s.get("verified") else "") for s in summaries]
+        ),
+        created=_Column("Created (UTC)", [(s["created_at"] or "?")[:19].replace("T", " ") for s in summaries]),
+        description=_Column("Description", [s["description"] or "" for s in summaries], shrink_to=12),
+    )
+    order = [
+        "migration",
+        "database",
+        "size",
+        "created",
+        "table",
+        "method",
+        "description",
+        "status",
+    ]  # created: the id says it too
+    widths = _fit(columns, ui.out.width, order)
+    _draw(ui, columns, widths, title="Rollback points (oldest first)", title_justify="left")
 
 
 def point_details(ui: UI, point: Point) -> None:
@@ -236,26 +309,44 @@ def migration_status(ui: UI, found) -> None:
 
 
 def audit_trail(ui: UI, entries: list[dict]) -> None:
+    """One entry in two lines at most: when and by whom, what and how it ended, the point
+    and migration, and the details cut with an ellipsis (--json has them whole)."""
     from lib.audit import details
 
     if not entries:
         ui.out.print("The audit trail is empty.")
         return
-    table = Table(title="Audit trail (oldest first)", title_justify="left")
-    for col in ("Time (UTC)", "Event", "Point", "Migration", "User", "Host", "Outcome", "Details"):
-        table.add_column(col, overflow="fold")
-    for e in entries:
-        table.add_row(
-            str(e.get("timestamp", "?"))[:19].replace("T", " "),
-            str(e.get("event", "?")),
-            e.get("point_id") or "-",
-            e.get("migration_id") or "-",
-            str(e.get("user", "?")),
-            str(e.get("host", "?")),
-            str(e.get("outcome") or "?"),
-            details(e),
-        )
-    ui.out.print(table)
+    columns = {
+        "when": _Column(
+            "Time (UTC) / by",
+            [
+                f"{str(e.get('timestamp', '?'))[:19].replace('T', ' ')}\n{e.get('user', '?')}@{e.get('host', '?')}"
+                for e in entries
+            ],
+            cap=19,
+        ),
+        "what": _Column("Event / outcome", [f"{e.get('event', '?')}\n{e.get('outcome') or '?'}" for e in entries], cap=18),
+        "point": _Column(
+            "Point / migration",
+            [f"{e.get('point_id') or '-'}\n{e.get('migration_id') or ''}".rstrip() for e in entries],
+            shrink_to=24,
+        ),
+        "details": _Column("Details", [details(e) for e in entries], shrink_to=12),
+    }
+    widths = _fit(columns, ui.out.width, ["details"])
+    if "details" in widths:
+        columns["details"].cells = [_two_lines(text, widths["details"]) for text in columns["details"].cells]
+    _draw(ui, columns, widths, title="Audit trail (oldest first)", title_justify="left")
+
+
+def _two_lines(text: str, width: int) -> str:
+    """``text`` wrapped to ``width`` in two lines at most, the second cut with an ellipsis."""
+    import textwrap
+
+    lines = textwrap.wrap(text, width=width) or [""]
+    if len(lines) > 2:
+        lines = [lines[0], lines[1][: width - 1] + "…"]
+    return "\n".join(lines)
 
 
 def findings(ui: UI, found: list) -> None:

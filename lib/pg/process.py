@@ -136,8 +136,21 @@ def _wait(proc: subprocess.Popen, timeout: float | None, on_tick, started: float
                 raise ToolError(f"{Path(proc.args[0]).name} did not finish within {timeout:.0f} s and was stopped.") from None
 
 
-def _drain(stream, into: list[bytes]) -> threading.Thread:
-    thread = threading.Thread(target=lambda: into.append(stream.read()), daemon=True)
+def _drain(stream, into: list[bytes], on_line: Callable[[str], bool] | None = None) -> threading.Thread:
+    """Read ``stream`` to its end into ``into``. With ``on_line``, line by line as it
+    comes: each line is given to it, and the lines it takes (progress) are not kept."""
+
+    def read_lines() -> None:
+        for raw in stream:
+            try:
+                taken = on_line(raw.decode(errors="replace").rstrip("\r\n"))
+            except Exception as exc:  # noqa: BLE001 - a progress reader never loses a line of stderr
+                log.debug("stderr line not read for progress: %s", exc)
+                taken = False
+            if not taken:
+                into.append(raw)
+
+    thread = threading.Thread(target=read_lines if on_line else lambda: into.append(stream.read()), daemon=True)
     thread.start()
     return thread
 
@@ -211,10 +224,12 @@ class Command:
         pass_fds: tuple[int, ...] = (),
         timeout: float | None = None,
         on_tick: Callable[[float], None] | None = None,
+        on_stderr: Callable[[str], bool] | None = None,
         check: bool = True,
         quiet: bool = False,
     ) -> Finished:
-        """Run to the end. ``pass_fds``: pipes the program reads or writes as /dev/fd/N."""
+        """Run to the end. ``pass_fds``: pipes the program reads or writes as /dev/fd/N.
+        ``on_stderr`` reads each line of stderr as it comes (see ``_drain``)."""
         argv = self.argv(args)
         if not quiet:
             log.info("running: %s", redact(" ".join(argv)))
@@ -232,7 +247,7 @@ class Command:
                 )
                 errs: list[bytes] = []
                 outs: list[bytes] = []
-                readers = [_drain(proc.stderr, errs)] + ([_drain(proc.stdout, outs)] if stdout_path is None else [])
+                readers = [_drain(proc.stderr, errs, on_stderr)] + ([_drain(proc.stdout, outs)] if stdout_path is None else [])
                 try:
                     _wait(proc, timeout, on_tick, time.monotonic())
                 except BaseException:
@@ -284,9 +299,11 @@ class PgDump(PgTool):
 class PgRestore(PgTool):
     name = "pg_restore"
 
-    def into(self, dbname: str, source: list[str], *, jobs: int = 1) -> list[str]:
-        """Arguments to restore ``source`` into ``dbname``, stopping at the first error."""
-        return ["--exit-on-error", *([f"--jobs={jobs}"] if jobs > 1 else []), *self.conn.tool_args(dbname), *source]
+    def into(self, dbname: str, source: list[str], *, jobs: int = 1, verbose: bool = False) -> list[str]:
+        """Arguments to restore ``source`` into ``dbname``, stopping at the first error;
+        ``verbose``: a line on stderr per archive entry, for the progress."""
+        args = ["--exit-on-error", *([f"--jobs={jobs}"] if jobs > 1 else []), *(["--verbose"] if verbose else [])]
+        return [*args, *self.conn.tool_args(dbname), *source]
 
     def failure(self, finished: Finished, argv: list[str]) -> ToolError | None:
         if finished.returncode == 0 and "errors ignored on restore" in finished.stderr:
@@ -425,11 +442,13 @@ def pipeline(
     *,
     line_filter: Callable[[bytes], bool] | None = None,
     on_tick: Callable[[float], None] | None = None,
+    on_producer_stderr: Callable[[str], bool] | None = None,
     producer_stdin=subprocess.DEVNULL,
 ) -> None:
     """``producer | consumer``: pg_restore's SQL script into psql, or pg_dump from one
     server into pg_restore on another. With ``line_filter``, lines for which it returns
-    False are dropped on the way; without, the two are joined by an OS pipe."""
+    False are dropped on the way; without, the two are joined by an OS pipe.
+    ``on_producer_stderr`` reads the producer's stderr as ``Command.run``'s ``on_stderr``."""
     p_argv, c_argv = producer.argv(producer_args), consumer.argv(consumer_args)
     log.info("running: %s | %s", redact(" ".join(p_argv)), redact(" ".join(c_argv)))
     with (
@@ -451,7 +470,7 @@ def pipeline(
             prod.stdout.close()  # the consumer holds the pipe; a dying consumer ends the producer
         p_err: list[bytes] = []
         c_err: list[bytes] = []
-        readers = [_drain(prod.stderr, p_err), _drain(cons.stderr, c_err)]
+        readers = [_drain(prod.stderr, p_err, on_producer_stderr), _drain(cons.stderr, c_err)]
         started = last_tick = time.monotonic()
         try:
             if not direct:

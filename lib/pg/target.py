@@ -20,6 +20,7 @@ from lib.pg.db import (
     system_identifier,
 )
 from lib.pg.locks import DatabaseLock
+from lib.pg.progress import ProgressPoller
 from lib.ports import Confirmer, Reporter, Silent
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,10 @@ class Target:
     @property
     def masked(self) -> str:
         return self.info.masked()
+
+    def progress_poller(self, dbname: str, app: str) -> ProgressPoller:
+        """The progress of ``app``'s sessions on ``dbname``, read through the maintenance database."""
+        return ProgressPoller(self.info, self.maint.info.dbname, dbname, app)
 
     def close(self) -> None:
         if not self.maint.closed:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,11 +28,12 @@ from lib.pg.db import (
 )
 from lib.pg.fingerprint import portable_schema_lines, row_counts, schema_differences, schema_lines, sequence_positions
 from lib.pg.process import PgDump, PgRestore, pipeline, private_temporary_folder
+from lib.pg.progress import RestoreTracker, RowsLoaded, Watch, application_name, named_sessions
 from lib.pg.target import Target
 from lib.pg.tools import candidates_for_archive, candidates_for_server, command_for, companion, try_each
 from lib.points.methods import data as data_method
 from lib.points.methods.data import Table
-from lib.points.methods.dump import restore_script
+from lib.points.methods.dump import archive_listing, restore_script
 from lib.ports import Reporter
 from lib.restore.swap import build_verify_swap
 
@@ -68,7 +69,7 @@ def describe(target: Target, v2, v2_major: int, v2_size: int) -> str:
     return "\n".join(lines)
 
 
-def copy_v2(target: Target, v2, v2_major: int, aside: str, snapshot: str, ui: Reporter, jobs: int, sequences: dict) -> str:
+def copy_v2(target: Target, v2, v2_major: int, aside: str, snapshot: str, ui: Reporter, jobs: int, expected: V2State) -> str:
     dumps = candidates_for_server("pg_dump", v2_major, target.settings)
 
     def attempt_dump(dump_tool):
@@ -81,7 +82,7 @@ def copy_v2(target: Target, v2, v2_major: int, aside: str, snapshot: str, ui: Re
                 _dump_then_script(target, dump, snapshot, restore_tool, aside)
             else:
                 restore = command_for(restore_tool, conn=target.info)
-                _stream_then_index(target, v2, dump, restore, snapshot, aside, jobs, ui, sequences)
+                _stream_then_index(target, v2, dump, restore, snapshot, aside, jobs, ui, expected)
             return restore_tool
 
         return try_each(restores, attempt_restore)[1]
@@ -91,7 +92,7 @@ def copy_v2(target: Target, v2, v2_major: int, aside: str, snapshot: str, ui: Re
 
 
 def _stream_then_index(
-    target: Target, v2, dump: PgDump, restore: PgRestore, snapshot: str, aside: str, jobs: int, ui: Reporter, sequences: dict
+    target: Target, v2, dump: PgDump, restore: PgRestore, snapshot: str, aside: str, jobs: int, ui: Reporter, expected: V2State
 ) -> None:
     """Schema first; then every table's rows streamed from V2 by ``jobs`` COPY pipes at
     once (large tables split by block ranges), sequences and large objects, all in the
@@ -100,53 +101,98 @@ def _stream_then_index(
     common = ["--format=custom", "--compress=0", f"--snapshot={snapshot}"]
     with ui.progress(f"Creating V2's tables in {aside}"):
         pipeline(dump, [*common, "--section=pre-data", *v2.tool_args()], restore, restore.into(aside, []))
-    units = _copy_units(v2, snapshot, jobs)
-    with ui.progress(f"Streaming {len(units)} part(s) of V2's tables with {jobs} pipe(s)", total=len(units)) as tick:
-        _run_units(target, v2, dump, restore, units, aside, snapshot, jobs, tick)
+    _stream_rows(target, v2, dump, restore, aside, snapshot, jobs, ui, expected.rows)
     with connection(target.info, aside, application_name="rollback-toolkit reset") as conn:
-        for key, (last, called) in sequences.items():
+        for key, (last, called) in expected.sequences.items():
             schema, _, name = key.partition(".")
             query(conn, "SELECT setval(%s::regclass, %s, %s)", (data_method.quoted(Table(schema, name)), last, called))
     with ui.progress("Copying large objects"):
         pipeline(dump, [*common, "--section=data", "--exclude-table-data=*.*", *v2.tool_args()], restore, restore.into(aside, []))
-    indexer = command_for(restore.tool, conn=target.info, options=f"-c maintenance_work_mem={INDEX_MEMORY}")
-    with private_temporary_folder("reset") as tmp, ui.progress(f"Building indexes and constraints with {jobs} worker(s)"):
+    with private_temporary_folder("reset") as tmp:
         post = Path(tmp) / "post-data.dump"
         dump.run([*common, "--section=post-data", f"--file={post}", *v2.tool_args()])
-        indexer.run(indexer.into(aside, [str(post)], jobs=jobs))
+        _build_indexes(target, restore, post, aside, jobs, ui)
+
+
+def _build_indexes(target: Target, restore: PgRestore, post: Path, aside: str, jobs: int, ui: Reporter) -> None:
+    """The post-data archive by ``jobs`` workers: progress in its entries, and the index
+    builds under way (pg_stat_progress_create_index)."""
+    app = application_name("reset")
+    options = f"-c maintenance_work_mem={INDEX_MEMORY}"
+    indexer = command_for(restore.tool, conn=target.info, options=options, env=named_sessions(app))
+    tracker = RestoreTracker(archive_listing(restore.tool, [str(post)]), None)
+    with (
+        ui.progress(f"Building indexes and constraints with {jobs} worker(s)", total=tracker.total, unit="entries") as tick,
+        target.progress_poller(aside, app) as poller,
+    ):
+        watch = Watch(tick, tracker, poller)
+        indexer.run(indexer.into(aside, [str(post)], jobs=jobs, verbose=True), on_tick=watch, on_stderr=tracker.line)
+        watch.finished()
 
 
 SPLIT_PAGES = 16384  # 128 MB of 8 kB blocks per part of a large table
 
 
-def _copy_units(v2, snapshot: str, jobs: int) -> list[tuple[Table, list[str], str]]:
-    """(table, columns, block-range condition) for every part to copy, largest first."""
+@dataclass(frozen=True)
+class CopyUnit:
+    """One COPY pipe's work: a table, or a range of its blocks."""
+
+    table: Table
+    columns: tuple[str, ...]
+    where: str  # a block range, or "" for the whole table
+    pages: int
+    share: float  # of the table's blocks
+
+
+def _copy_units(v2, snapshot: str, jobs: int) -> list[CopyUnit]:
+    """Every part to copy, largest first."""
     with snapshot_session(v2, application_name="rollback-toolkit v2 plan", snapshot=snapshot) as conn:
         tid_ranges = scalar(conn, "SELECT current_setting('server_version_num')::int") >= 140000
         units = []
         for table in data_method.all_tables(conn):
-            cols = [c[0] for c in data_method.columns(conn, table) if not c[2]]
+            cols = tuple(c[0] for c in data_method.columns(conn, table) if not c[2])
             pages = scalar(conn, "SELECT pg_relation_size(to_regclass(%s)) / 8192", (data_method.quoted(table),)) or 0
             if tid_ranges and pages > SPLIT_PAGES and jobs > 1:
                 starts = list(range(0, pages, SPLIT_PAGES))
                 for n, first in enumerate(starts):
                     upper = "" if n == len(starts) - 1 else f" AND ctid < '({first + SPLIT_PAGES},0)'::tid"
-                    units.append((table, cols, f"ctid >= '({first},0)'::tid{upper}", SPLIT_PAGES))
+                    part = min(SPLIT_PAGES, pages - first)
+                    units.append(CopyUnit(table, cols, f"ctid >= '({first},0)'::tid{upper}", part, part / pages))
             else:
-                units.append((table, cols, "", pages))
-    units.sort(key=lambda u: -u[3])
-    return [u[:3] for u in units]
+                units.append(CopyUnit(table, cols, "", pages, 1.0))
+    units.sort(key=lambda u: -u.pages)
+    return units
 
 
-def _run_units(target: Target, v2, dump: PgDump, restore: PgRestore, units, aside: str, snapshot: str, jobs: int, tick) -> None:
+def _stream_rows(
+    target: Target, v2, dump: PgDump, restore: PgRestore, aside: str, snapshot: str, jobs: int, ui: Reporter, rows: dict
+) -> None:
+    """Every table's rows by ``jobs`` COPY pipes; progress in V2's rows (counted in the same
+    snapshot), the ones under way as pg_stat_progress_copy tells."""
+    units = _copy_units(v2, snapshot, jobs)
+    app = application_name("reset")
+    tracker = RowsLoaded(sum(rows.get(key, 0) for key in {u.table.key for u in units}))
+    with (
+        ui.progress(
+            f"Streaming {len(units)} part(s) of V2's tables with {jobs} pipe(s)", total=tracker.total, unit="rows"
+        ) as tick,
+        target.progress_poller(aside, app) as poller,
+    ):
+        watch = Watch(tick, tracker, poller, note=lambda: f"{tracker.pieces} of {len(units)} parts")
+        _run_units(target, v2, dump, restore, units, aside, snapshot, jobs, app, watch, rows)
+        watch.finished()
+
+
+def _run_units(
+    target: Target, v2, dump: PgDump, restore: PgRestore, units, aside: str, snapshot: str, jobs: int, app: str, watch, rows
+) -> None:
     v2_psql = command_for(companion(dump.tool, "psql", target.settings), conn=v2, readonly=True)
-    staging_psql = command_for(companion(restore.tool, "psql", target.settings), conn=target.info)
+    staging_psql = command_for(companion(restore.tool, "psql", target.settings), conn=target.info, env=named_sessions(app))
 
-    def copy_one(unit) -> None:
-        table, cols, where = unit
-        column_list = ", ".join('"' + c.replace('"', '""') + '"' for c in cols)
-        condition = f" WHERE {where}" if where else ""
-        name = data_method.quoted(table)
+    def copy_one(unit: CopyUnit) -> None:
+        column_list = ", ".join('"' + c.replace('"', '""') + '"' for c in unit.columns)
+        condition = f" WHERE {unit.where}" if unit.where else ""
+        name = data_method.quoted(unit.table)
         out = v2_psql.commands(
             v2.dbname,
             "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
@@ -157,14 +203,18 @@ def _run_units(target: Target, v2, dump: PgDump, restore: PgRestore, units, asid
         into = staging_psql.commands(aside, f"COPY {name} ({column_list}) FROM STDIN")
         pipeline(v2_psql, out, staging_psql, into)
 
-    done = 0
+    tracker = watch.tracker
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = [pool.submit(copy_one, unit) for unit in units]
+        futures = {pool.submit(copy_one, unit): unit for unit in units}
+        pending = set(futures)
         try:
-            for future in as_completed(futures):
-                future.result()
-                done += 1
-                tick(f"{done}/{len(units)} parts", done=done)
+            while pending:
+                finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    future.result()
+                    unit = futures[future]
+                    tracker.add(round(rows.get(unit.table.key, 0) * unit.share))
+                watch()
         except BaseException:
             for future in futures:
                 future.cancel()
@@ -207,9 +257,7 @@ class V2State:
         problems += [f"schema {line}" for line in schema_differences(self.schema, self.read_schema(conn))]
         if problems:
             raise VerificationError(
-                f"The copy does not match {self.source}: "
-                + "; ".join(problems[:10])
-                + f". Staging {staging} was not touched."
+                f"The copy does not match {self.source}: " + "; ".join(problems[:10]) + f". Staging {staging} was not touched."
             )
 
     def describe_rows(self) -> str:
@@ -247,7 +295,7 @@ def rebuild_from(
 
         def build(aside: str) -> str:
             create_database_like(target.maint, aside, props, target.facts.major)
-            return copy_v2(target, source, source_major, aside, snapshot, ui, jobs, expected.sequences)
+            return copy_v2(target, source, source_major, aside, snapshot, ui, jobs, expected)
 
         def verify(conn) -> None:
             expected.check(conn, target.dbname)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import gzip
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import psycopg2
@@ -21,6 +23,7 @@ from lib.errors import CatalogError, ConfigError, VerificationError
 from lib.files import human_size, utc_now
 from lib.pg.db import connection, database_properties, query, snapshot_session
 from lib.pg.fingerprint import USER_NAMESPACES, schema_lines
+from lib.pg.progress import estimated_rows
 from lib.pg.target import Target
 from lib.points import crypto
 from lib.points.catalog import Catalog, Point
@@ -197,20 +200,56 @@ def all_sequences(conn) -> list[Table]:
     return [Table(s, n) for s, n in rows]
 
 
-class _CountingGzip:
+class _RowCount:
+    """Rows of COPY text passing through, told to ``report`` at most every REPORT_SECONDS:
+    the toolkit streams every row itself, so it counts them exactly, with no query."""
+
+    REPORT_SECONDS = 0.5
+
+    def __init__(self, report: Callable[[int], None] | None) -> None:
+        self.rows = 0
+        self.report = report
+        self._at = time.monotonic()
+
+    def passing(self, chunk: bytes) -> None:
+        self.rows += chunk.count(b"\n")
+        if self.report is not None and time.monotonic() - self._at >= self.REPORT_SECONDS:
+            self._at = time.monotonic()
+            self.report(self.rows)
+
+
+def _telling(tick, detail: str, before: int) -> Callable[[int], None]:
+    """Rows of the table under way, told as the progress of all: ``before`` plus them."""
+    return lambda rows: tick(detail, done=before + rows)
+
+
+class _CountingGzip(_RowCount):
     """A file-like sink for copy_expert: gzip on disk, rows counted on the way."""
 
-    def __init__(self, stream) -> None:
+    def __init__(self, stream, report: Callable[[int], None] | None = None) -> None:
+        super().__init__(report)
         self.handle = gzip.GzipFile(fileobj=stream, mode="wb", compresslevel=COMPRESS_LEVEL)
-        self.rows = 0
 
     def write(self, data) -> int:
         chunk = data.encode() if isinstance(data, str) else data
-        self.rows += chunk.count(b"\n")
+        self.passing(chunk)
         return self.handle.write(chunk)
 
     def close(self) -> None:
         self.handle.close()
+
+
+class _CountingReader(_RowCount):
+    """A file-like source for copy_expert: rows counted as they go to the server."""
+
+    def __init__(self, handle, report: Callable[[int], None] | None = None) -> None:
+        super().__init__(report)
+        self.handle = handle
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self.handle.read(size)
+        self.passing(chunk)
+        return chunk
 
 
 def copy_columns(cols: list[list[str]]) -> sql.Composed:
@@ -239,14 +278,16 @@ def take(
         entries, counts = [], {}
         with catalog.writing(label) as writer:
             total = len(chosen)
-            with ui.progress(f"Copying {total} table(s) of {target.dbname}") as tick:
+            about = estimated_rows(conn, [(t.schema, t.name) for t in chosen])
+            copied = 0
+            with ui.progress(f"Copying {total} table(s) of {target.dbname}", total=about, unit="rows", estimated=True) as tick:
                 for n, table in enumerate(chosen, start=1):
                     faults.pause("data copy")
                     cols = columns(conn, table)
                     filename = f"table_{n:04d}.copy.gz" + (crypto.SUFFIX if to else "")
                     path = writer.new_file(filename)
                     with crypto.encrypting(path, to) if to else open(path, "wb") as stream:
-                        sink = _CountingGzip(stream)
+                        sink = _CountingGzip(stream, _telling(tick, f"{n}/{total}: {table.key}", copied))
                         try:
                             with conn.cursor() as cur:
                                 cur.copy_expert(
@@ -261,7 +302,8 @@ def take(
                         {"schema": table.schema, "name": table.name, "file": filename, "rows": sink.rows, "columns": cols}
                     )
                     counts[table.key] = sink.rows
-                    tick(f"{n}/{total}: {table.key}, {sink.rows} rows")
+                    copied += sink.rows
+                    tick(f"{n}/{total}: {table.key}, {sink.rows} rows", done=copied)
             positions = {}
             for seq in sequences:
                 last, called = query(conn, sql.SQL("SELECT last_value, is_called FROM {}").format(seq.ident()))[0]
@@ -392,9 +434,11 @@ def restore_in_transaction(target: Target, point: Point, ui: Reporter) -> str:
             replica = False
         mode = "triggers and foreign-key checks off (session_replication_role = replica)" if replica else "dependency order"
         ordered = tables if replica else _dependency_order(conn, tables)
-        with ui.progress(f"Restoring {len(tables)} table(s) in one transaction ({mode})") as tick:
+        by_key = {f"{e['schema']}.{e['name']}": e for e in point.manifest["tables"]}
+        rows = sum(by_key[t.key]["rows"] for t in tables)
+        with ui.progress(f"Restoring {len(tables)} table(s) in one transaction ({mode})", total=rows, unit="rows") as tick:
             query(conn, sql.SQL("TRUNCATE {}").format(sql.SQL(", ").join(sql.SQL("ONLY {}").format(t.ident()) for t in tables)))
-            by_key = {f"{e['schema']}.{e['name']}": e for e in point.manifest["tables"]}
+            loaded = 0
             for n, table in enumerate(ordered, start=1):
                 entry = by_key[table.key]
                 with (
@@ -402,11 +446,13 @@ def restore_in_transaction(target: Target, point: Point, ui: Reporter) -> str:
                     gzip.GzipFile(fileobj=raw, mode="rb") as fh,
                     conn.cursor() as cur,
                 ):
+                    source = _CountingReader(fh, _telling(tick, f"{n}/{len(tables)}: {table.key}", loaded))
                     cur.copy_expert(
                         sql.SQL("COPY {} ({}) FROM STDIN").format(table.ident(), copy_columns(entry["columns"])).as_string(conn),
-                        fh,
+                        source,
                     )
-                tick(f"{n}/{len(tables)}: {table.key}")
+                loaded += entry["rows"]
+                tick(f"{n}/{len(tables)}: {table.key}", done=loaded)
             for key, (last, called) in point.manifest.get("fingerprint", {}).get("sequences", {}).items():
                 schema, _, name = key.partition(".")
                 query(conn, "SELECT setval(%s::regclass, %s, %s)", (quoted(Table(schema, name)), last, called))

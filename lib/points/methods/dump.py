@@ -20,6 +20,7 @@ from lib.files import human_size, utc_now, write_private_file
 from lib.pg.db import connection, create_database_like, database_properties, derived_name, drop_database, query, snapshot_session
 from lib.pg.fingerprint import compare, fingerprint
 from lib.pg.process import NO_INPUT, pipeline
+from lib.pg.progress import DumpTracker, RestoreTracker, Watch, application_name, named_sessions, table_sizes
 from lib.pg.target import Target
 from lib.pg.tools import (
     Tool,
@@ -85,31 +86,42 @@ def take(
     started = utc_now()
     jobs = 1 if to else target.settings.dump_jobs
     name = ARCHIVE_NAME + crypto.SUFFIX if to else ARCHIVE_FOLDER
+    app = application_name("dump")
     with snapshot_session(target.info, application_name="rollback-toolkit snapshot") as snap_conn:
         snapshot = query(snap_conn, "SELECT pg_export_snapshot()")[0][0]
+        tables = table_sizes(snap_conn)  # what pg_dump reads, for its progress; before the count uses the connection
         with catalog.writing(label) as writer:
             archive = writer.new_file(name) if to else writer.tmp / name
             with ThreadPoolExecutor(max_workers=1) as counter:
                 counted = counter.submit(fingerprint, snap_conn)  # the same snapshot, while pg_dump reads
                 with (
-                    ui.progress(f"Dumping {target.dbname}", total=target.facts.database_size, unit="B") as tick,
+                    ui.progress(f"Dumping {target.dbname}", total=sum(t.size for t in tables), unit="B", estimated=True) as tick,
+                    target.progress_poller(target.dbname, app) as poller,
                     crypto.encrypting(archive, to) if to else nullcontext() as sink,
                 ):
                     fds = (sink.fileno(),) if sink else ()
 
                     def dump_with(tool: Tool) -> None:
-                        dump = command_for(tool, conn=target.info)
+                        dump = command_for(tool, conn=target.info, env=named_sessions(app))
                         if fds:
                             args = dump.archive(snapshot=snapshot, file=f"/dev/fd/{fds[0]}", compress=COMPRESSION)
                         else:
                             shutil.rmtree(archive, ignore_errors=True)  # a refused attempt may have begun it
                             args = dump.archive(snapshot=snapshot, file=str(archive), compress=COMPRESSION, fmt="directory")
                             args += [f"--jobs={jobs}"]
+                        watch = Watch(
+                            tick,
+                            DumpTracker(tables, parallel=jobs > 1),
+                            poller,
+                            note=lambda: f"{human_size(_bytes_in(archive))} written",
+                        )
                         dump.run(
-                            [*args, "--no-sync"],  # every file is fsynced when the point is committed
-                            on_tick=lambda _e: tick(done=_bytes_in(archive)),
+                            [*args, "--no-sync", "--verbose"],  # every file is fsynced when the point is committed
+                            on_tick=watch,
+                            on_stderr=watch.tracker.line,
                             pass_fds=fds,
                         )
+                        watch.finished()
 
                     try:
                         tool, _ = try_each(candidates, dump_with)
@@ -178,27 +190,53 @@ def restore_candidates(point: Point, target: Target) -> list[Tool]:
 def restore_into(target: Target, point: Point, dbname: str, ui: Reporter) -> Tool:
     """pg_restore --exit-on-error into an existing empty database."""
     jobs = target.settings.restore_jobs
+    app = application_name("restore")
 
     def attempt(tool: Tool) -> None:
-        if tool.major > target.facts.major:
+        newer = tool.major > target.facts.major
+        if newer:
             ui.step(
                 f"Restoring with {tool.describe()}, which is newer than the server (PostgreSQL {target.facts.major}): "
                 "its SQL script goes into psql, without the settings that server does not know"
             )
         else:
             ui.step(f"Restoring with {tool.describe()}")
-        with ui.progress(f"Restoring {point.id} into {dbname}") as tick, archive_source(point, target.settings) as (src, stdin):
-            if tool.major > target.facts.major:
-                # A newer pg_restore writes settings an older server rejects; go through
-                # its SQL script, filtered, into psql, stopping at the first error.
-                restore_script(target, tool, src, dbname, single_transaction=False, on_tick=lambda _e: tick(), stdin=stdin)
-            else:
-                restore = command_for(tool, conn=target.info)
-                # a pipe (an encrypted archive) cannot be read in parallel
-                restore.run(restore.into(dbname, src, jobs=jobs if src else 1), on_tick=lambda _e: tick(), stdin=stdin)
+        with archive_source(point, target.settings) as (src, stdin):
+            tracker = restore_tracker(tool, point, src)
+            with (
+                ui.progress(f"Restoring {point.id} into {dbname}", total=tracker.total, unit=tracker.unit) as tick,
+                target.progress_poller(dbname, app) as poller,
+            ):
+                watch = Watch(tick, tracker, poller)
+                if newer:
+                    # A newer pg_restore writes settings an older server rejects; go through
+                    # its SQL script, filtered, into psql, stopping at the first error.
+                    restore_script(target, tool, src, dbname, single_transaction=False, watch=watch, app=app, stdin=stdin)
+                else:
+                    restore = command_for(tool, conn=target.info, env=named_sessions(app))
+                    # a pipe (an encrypted archive) cannot be read in parallel
+                    args = restore.into(dbname, src, jobs=jobs if src else 1, verbose=True)
+                    restore.run(args, on_tick=watch, on_stderr=tracker.line, stdin=stdin)
+                watch.finished()
 
     tool, _ = try_each(restore_candidates(point, target), attempt)
     return tool
+
+
+def restore_tracker(tool: Tool, point: Point, src: list[str]) -> RestoreTracker:
+    """Progress in rows where the point counted them, in entries of the archive's table of
+    contents otherwise; the table of contents is read ahead where the archive is a path."""
+    listing = archive_listing(tool, src) if src else None
+    return RestoreTracker(listing, (point.manifest.get("fingerprint") or {}).get("row_counts"))
+
+
+def archive_listing(tool: Tool, src: list[str]) -> str | None:
+    """``pg_restore --list``: the archive's table of contents (read from its start, fast); None when it cannot be read."""
+    try:
+        return command_for(tool).output(["--list", *src], quiet=True)
+    except (OSError, ToolError) as exc:
+        log.debug("no table of contents for the progress: %s", exc)
+        return None
 
 
 def restore_script(
@@ -209,22 +247,25 @@ def restore_script(
     *,
     single_transaction: bool,
     prelude: Path | None = None,
-    on_tick=None,
+    watch: Watch | None = None,
+    app: str | None = None,
     stdin=NO_INPUT,
 ) -> None:
-    """``pg_restore --file=-`` piped into psql with ON_ERROR_STOP, filtered for the server."""
-    psql = command_for(companion(tool, "psql", target.settings), conn=target.info)
+    """``pg_restore --file=-`` piped into psql with ON_ERROR_STOP, filtered for the server.
+    With ``watch``, pg_restore says each entry as it goes and psql's sessions are named ``app``."""
+    psql = command_for(companion(tool, "psql", target.settings), conn=target.info, env=named_sessions(app) if app else None)
     with connection(target.info, dbname) as conn:
         known = {row[0] for row in query(conn, "SELECT name FROM pg_settings")}
     files = [str(prelude)] if prelude else []
     line_filter = UnknownSettingsFilter(known)
     pipeline(
         command_for(tool),
-        ["--file=-", *archive],
+        ["--file=-", *(["--verbose"] if watch else []), *archive],
         psql,
         psql.script(dbname, files=[*files, "-"], single_transaction=single_transaction),
         line_filter=line_filter,
-        on_tick=on_tick,
+        on_tick=watch,
+        on_producer_stderr=watch.tracker.line if watch else None,
         producer_stdin=stdin,
     )
     if line_filter.dropped:
@@ -318,23 +359,25 @@ def restore_in_place(target: Target, point: Point, ui: Reporter) -> Tool:
     """Empty staging and restore the point in one transaction: all of it commits or none."""
     clear = point.path.parent / f".clear-{point.id}.sql"
     write_private_file(clear, _clear_sql(target.facts.major).encode())
+    app = application_name("restore")
+
+    def attempt(tool: Tool) -> None:
+        with archive_source(point, target.settings) as (src, stdin):
+            tracker = restore_tracker(tool, point, src)
+            with (
+                ui.progress(
+                    f"Restoring {point.id} into {target.dbname} in one transaction", total=tracker.total, unit=tracker.unit
+                ) as tick,
+                target.progress_poller(target.dbname, app) as poller,
+            ):
+                watch = Watch(tick, tracker, poller)
+                restore_script(
+                    target, tool, src, target.dbname, single_transaction=True, prelude=clear, watch=watch, app=app, stdin=stdin
+                )
+                watch.finished()
+
     try:
-        with ui.progress(f"Restoring {point.id} into {target.dbname} in one transaction") as tick:
-
-            def attempt(t: Tool) -> None:
-                with archive_source(point, target.settings) as (src, stdin):
-                    restore_script(
-                        target,
-                        t,
-                        src,
-                        target.dbname,
-                        single_transaction=True,
-                        prelude=clear,
-                        on_tick=lambda _e: tick(),
-                        stdin=stdin,
-                    )
-
-            tool, _ = try_each(restore_candidates(point, target), attempt)
+        tool, _ = try_each(restore_candidates(point, target), attempt)
     finally:
         clear.unlink(missing_ok=True)
     return tool
