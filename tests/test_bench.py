@@ -91,3 +91,20 @@ def test_scale_benchmark_measures_both_sizes_on_each_filesystem():
         assert all(size["seconds"]["server copy (clone)"] > 0 for size in xfs["sizes"].values())
         assert xfs["mount"] not in Path("/proc/mounts").read_text() and not Path(xfs["image"]).exists()
     assert "quick rollback" in result.stderr and "met" in result.stderr and "larger/smaller" in result.stderr
+
+
+def test_pitr_benchmark_runs_end_to_end_on_a_small_database():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench_pitr.py"), "--sizes-gb", "0.02", "--json"],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        cwd=ROOT,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout)["0.02"]
+    for key in ("pitr point", "restore beside", "pgBackRest alone", "pg_dump -Fc", "pg_restore"):
+        assert figures[key] > 0, key
+    assert figures["pg_dump + pg_restore"] == figures["pg_dump -Fc"] + figures["pg_restore"]
+    assert "restore beside / pg_dump + pg_restore" in result.stderr
