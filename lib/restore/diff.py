@@ -24,10 +24,10 @@ from dataclasses import asdict, dataclass, field
 from psycopg2 import sql
 
 from lib.errors import ConfigError, DiffTimeout
-from lib.pg.db import TOOLKIT_SCHEMA, connection, create_database_like, derived_name, drop_database, query
+from lib.pg.db import TOOLKIT_SCHEMA, connection, query
 from lib.pg.fingerprint import schema_lines
 from lib.pg.target import Target
-from lib.points import crypto, intents
+from lib.points import crypto
 from lib.points.catalog import Point
 from lib.points.methods import data as data_method
 from lib.points.methods import dump as dump_method
@@ -183,18 +183,8 @@ def point_side(target: Target, point: Point, ui: Reporter) -> Iterator[PointSide
             yield PointSide(point, conn)
         return
     if point.method == "dump":
-        name = derived_name(target.dbname, DIFF_SUFFIX)
-        drop_database(target.maint, name)
-        props = point.manifest.get("database", {}).get("properties", {})
-        with intents.new_database(target, name, f"{point.id} rebuilt for a diff"):
-            try:
-                create_database_like(target.maint, name, props, target.facts.major)
-                intents.mark(target, name, f"{point.id} rebuilt for a diff")
-                dump_method.restore_into(target, point, name, ui)
-                with connection(target.info, name, application_name="rollback-toolkit diff") as conn:
-                    yield PointSide(point, conn)
-            finally:
-                drop_database(target.maint, name)
+        with dump_method.rebuilt(target, point, DIFF_SUFFIX, "diff", ui) as conn:
+            yield PointSide(point, conn)
         return
     raise ConfigError(f"Point {point.id} has method {point.method!r}, which diff does not read.")
 

@@ -398,20 +398,29 @@ def verify_archive(point: Point, settings) -> dict:
 VERIFY_SUFFIX = "_rb_verify"
 
 
+@contextmanager
+def rebuilt(target: Target, point: Point, suffix: str, purpose: str, ui: Reporter) -> Iterator[object]:
+    """A connection to the point restored into a scratch database beside staging
+    (``<staging><suffix>``), recorded before it exists and dropped afterwards."""
+    name = derived_name(target.dbname, suffix)
+    drop_database(target.maint, name)
+    props = point.manifest.get("database", {}).get("properties", {})
+    with intents.new_database(target, name, f"{point.id} rebuilt for {purpose}"):
+        try:
+            create_database_like(target.maint, name, props, target.facts.major)
+            intents.mark(target, name, f"{point.id} rebuilt for {purpose}")
+            restore_into(target, point, name, ui)
+            with connection(target.info, name, application_name=f"rollback-toolkit {purpose}") as conn:
+                yield conn
+        finally:
+            drop_database(target.maint, name)
+
+
 def rebuild_and_count(target: Target, point: Point, ui: Reporter) -> dict:
     """verify --deep of a dump point: restored into a scratch database beside staging,
     compared with the manifest row by row count, then dropped."""
-    name = derived_name(target.dbname, VERIFY_SUFFIX)
-    drop_database(target.maint, name)
-    props = point.manifest.get("database", {}).get("properties", {})
-    with intents.new_database(target, name, f"{point.id} rebuilt for verify --deep"):
-        try:
-            create_database_like(target.maint, name, props, target.facts.major)
-            restore_into(target, point, name, ui)
-            with connection(target.info, name, application_name="rollback-toolkit verify") as conn:
-                found = fingerprint(conn)
-        finally:
-            drop_database(target.maint, name)
+    with rebuilt(target, point, VERIFY_SUFFIX, "verify --deep", ui) as conn:
+        found = fingerprint(conn)
     problems = compare(point.manifest.get("fingerprint") or {}, found)
     if problems:
         raise VerificationError(
