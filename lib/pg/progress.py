@@ -192,7 +192,15 @@ def table_sizes(conn) -> list[TableSize]:
          WHERE c.relkind = 'r' AND c.relpersistence <> 't' AND {USER_NAMESPACES}
            AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
                             AND d.objid = c.oid AND d.deptype = 'e')"""
-    rows = _guarded(conn, lambda: query(conn, statement)) or []
+    def sizes():
+        # a table locked by someone else is not waited for here: the progress is not worth the dump's time
+        previous = query(conn, "SELECT current_setting('lock_timeout'), set_config('lock_timeout', '200ms', true)")[0][0]
+        try:
+            return query(conn, statement)
+        finally:
+            query(conn, "SELECT set_config('lock_timeout', %s, true)", (previous,))
+
+    rows = _guarded(conn, sizes) or []
     return [TableSize(int(r[0]), r[1], r[2], int(r[3] or 0), float(r[4])) for r in rows]
 
 

@@ -24,7 +24,7 @@ def _blocked_dump(s: Staging):
     def dump_waiting() -> bool:
         with closing(s.server.connect()) as conn, conn.cursor() as cur:
             cur.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pg_dump' AND datname = %s AND wait_event_type = 'Lock'",
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'rollback-toolkit dump %%' AND datname = %s AND wait_event_type = 'Lock'",
                 (s.name,),
             )
             return cur.fetchone()[0] > 0
@@ -42,7 +42,7 @@ def test_the_dump_session_terminated(fault_staging):
     try:
         with closing(s.server.connect()) as conn, conn.cursor() as cur:
             cur.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'pg_dump' AND datname = %s",
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name LIKE 'rollback-toolkit dump %%' AND datname = %s",
                 (s.name,),
             )
         out, err = proc.communicate(timeout=120)
