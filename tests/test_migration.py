@@ -329,7 +329,8 @@ def test_the_audit_trail_skips_and_reports_a_damaged_line(mig18):
     assert [e["event"] for e in entries] == ["create", "create"]
     assert "line 2 of" in result.stderr and "is damaged" in result.stderr
     table = mig18.run("rollback_manager.py", "audit", "--limit", "1")
-    assert table.returncode == 0 and "create" in table.stdout and "Migration" in table.stdout
+    assert table.returncode == 0 and "create" in table.stdout and "Point / migration" in table.stdout
+    assert entries[1]["point_id"] in table.stdout and entries[0]["point_id"] not in table.stdout
 
 
 # ------------------------------------------------------------------ the Python API
