@@ -153,11 +153,15 @@ class ConnInfo:
         return env
 
 
+_NOT_FOR_CHILDREN = ("LANGUAGE", "STAGING_DATABASE_URL", "V2_DATABASE_URL")
+
+
 def child_environment() -> dict[str, str]:
     """The environment every child process starts from: no PG* variable of the caller's
     (connections are given explicitly), and messages in English (LC_MESSAGES=C), since
-    the toolkit reads what the tools say; the character type is kept as it was."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG") and k != "LANGUAGE"}
+    the toolkit reads what the tools say; the character type is kept as it was. The
+    toolkit's own URLs (and the passwords in them) are left out too."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG") and k not in _NOT_FOR_CHILDREN}
     every = env.pop("LC_ALL", None)
     if every:
         env.setdefault("LC_CTYPE", every)

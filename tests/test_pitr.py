@@ -198,12 +198,19 @@ def test_to_time_restores_any_moment_the_repository_covers(cluster, tmp_path):
     at_moment = deep_state(staging.server, staging.name)
     time.sleep(1.1)
     staging.sql("DELETE FROM customers WHERE id > 50")
+    latest = deep_state(staging.server, staging.name)
+    # a moment after the last commit: the WAL up to now is archived first, and nothing is lost
+    now = staging.run("rollback_manager.py", "restore", "--to-time", datetime.now(UTC).isoformat(sep=" "), "--yes")
+    assert now.returncode == 0, now.stderr
+    state = _without("public.scratch", deep_state(staging.server, staging.name))
+    assert _without_sequences(state) == _without_sequences(_without("public.scratch", latest))
     restored = staging.run("rollback_manager.py", "restore", "--to-time", moment.isoformat(sep=" "), "--yes")
     assert restored.returncode == 0, restored.stderr
     # a moment has no recorded sequences: recovery leaves them where it does (never behind)
     state = _without("public.scratch", deep_state(staging.server, staging.name))
     assert _without_sequences(state) == _without_sequences(_without("public.scratch", at_moment))
 
+    unchanged = deep_state(staging.server, staging.name)
     early = staging.run("rollback_manager.py", "restore", "--to-time", "2001-01-01 00:00:00+00", "--yes")
     assert early.returncode == 2 and "outside what the repository covers" in early.stderr
     naive = staging.run("rollback_manager.py", "restore", "--to-time", "2026-01-01 00:00:00", "--yes")
@@ -212,6 +219,7 @@ def test_to_time_restores_any_moment_the_repository_covers(cluster, tmp_path):
     assert before_backups.returncode == 2 and "outside what the repository covers" in before_backups.stderr
     not_an_lsn = staging.run("rollback_manager.py", "restore", "--to-lsn", "yesterday", "--yes")
     assert not_an_lsn.returncode == 2 and "is not an LSN" in not_an_lsn.stderr
+    assert deep_state(staging.server, staging.name) == unchanged  # nothing refused touched staging
 
 
 def _without_sequences(state: dict) -> dict:
@@ -308,14 +316,21 @@ def test_in_place_brings_the_whole_cluster_back(tmp_path):
             point = staging.run_json("create_rollback_point.py", "before")
             at_point = deep_state(staging.server, staging.name)
             staging.sql("DELETE FROM customers WHERE id > 10")
+            changed = deep_state(staging.server, staging.name)
             refused = staging.run("rollback_manager.py", "restore", point["id"], "--in-place")
             assert refused.returncode == 2 and "Every database on it goes back" in refused.stderr
+            assert deep_state(staging.server, staging.name) == changed
             restored = staging.run("rollback_manager.py", "restore", point["id"], "--in-place", "--yes", "--json")
             assert restored.returncode == 0, restored.stderr
-            assert json.loads(restored.stdout)["mode"] == "pitr in place"
+            outcome = json.loads(restored.stdout)
+            assert outcome["mode"] == "pitr in place" and outcome["before_point_id"]
             assert _without("public.scratch", deep_state(staging.server, staging.name)) == _without("public.scratch", at_point)
             with closing(psycopg2.connect(staging.url)) as conn, conn.cursor() as cur:  # it runs again
                 cur.execute("SELECT 1")
+            # undo: the state kept before is on the timeline the in-place restore left behind
+            undone = staging.run("rollback_manager.py", "restore", outcome["before_point_id"], "--yes")
+            assert undone.returncode == 0, undone.stderr
+            assert _without("public.scratch", deep_state(staging.server, staging.name)) == _without("public.scratch", changed)
     finally:
         shutil.rmtree(repo, ignore_errors=True)
 
@@ -401,10 +416,11 @@ def test_an_s3_repository_takes_and_restores_points(tmp_path):
                 "repo1-s3-uri-style=path",
                 "repo1-s3-verify-tls=n",
                 "repo1-s3-key=testing-key-id",
-                "repo1-s3-key-secret=testing-secret-not-real",
+                "repo1-s3-key-secret=testing-secret-not-real",  # the server's archive-push reads it here
             ]
             with pitr_cluster(lines) as made:
                 staging = made.staging(tmp_path)
+                staging.env["PGBACKREST_REPO1_S3_KEY_SECRET"] = "env-secret-not-real"  # the toolkit's pgBackRest: from its env
                 point = staging.run_json("create_rollback_point.py", "on S3")
                 at_point = deep_state(staging.server, staging.name)
                 staging.sql("DELETE FROM customers WHERE id > 100")
@@ -413,8 +429,8 @@ def test_an_s3_repository_takes_and_restores_points(tmp_path):
                 assert _without("public.scratch", deep_state(staging.server, staging.name)) == _without(
                     "public.scratch", at_point
                 )
-                for text in _everything_written(staging):
-                    assert "testing-secret-not-real" not in text
+                for text in [*_everything_written(staging), restored.stdout, restored.stderr]:
+                    assert "testing-secret-not-real" not in text and "env-secret-not-real" not in text
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

@@ -328,24 +328,28 @@ def _recorder(log: Path, code: int = 0) -> str:
     body = (
         "import os, sys; e = os.environ; "
         f"open({str(log)!r}, 'a').write(' '.join([e['ROLLBACK_PHASE'], e['ROLLBACK_DATABASE'], e['ROLLBACK_POINT_ID'], "
-        "e.get('ROLLBACK_SWAPPED', '-'), str(any('DATABASE_URL' in k for k in e))]) + '\\n'); "
+        "e.get('ROLLBACK_SWAPPED', '-'), str(any('DATABASE_URL' in k for k in e)), e.get('PGPASSFILE', '-')]) + '\\n'); "
         f"print('pooler said no', file=sys.stderr) if {code} else None; sys.exit({code})"
     )
-    return shlex.join([sys.executable, "-c", body])
+    # the URL is an argument it ignores: a pooler's admin URL with a password, which must never be shown
+    return shlex.join([sys.executable, "-c", body, "postgresql://pgbouncer:hook-pw-123@pooler/pgbouncer"])
 
 
 def test_commands_run_just_before_and_after_the_swap(staging, tmp_path):
     point_id = staging.create_point()
     log = tmp_path / "hooks.log"
-    env = {"ROLLBACK_BEFORE_SWAP": _recorder(log), "ROLLBACK_AFTER_SWAP": _recorder(log)}
+    env = {"ROLLBACK_BEFORE_SWAP": _recorder(log), "ROLLBACK_AFTER_SWAP": _recorder(log), "PGPASSFILE": "/the/operators/pgpass"}
     staging.sql("DELETE FROM customers WHERE id > 100")
     restored = staging.run("rollback_manager.py", "restore", point_id, "--yes", env=env)
     assert restored.returncode == 0, restored.stderr
-    assert "Just before the swap:" in restored.stderr
+    assert "Just before the swap:" in restored.stderr and "pgbouncer:***@pooler" in restored.stderr
+    # no toolkit URL (and no password) reaches it; the operator's own PG* variables do
     assert log.read_text().splitlines() == [
-        f"before_swap {staging.name} {point_id} - False",  # no URL (and no password) reaches it
-        f"after_swap {staging.name} {point_id} 1 False",
+        f"before_swap {staging.name} {point_id} - False /the/operators/pgpass",
+        f"after_swap {staging.name} {point_id} 1 False /the/operators/pgpass",
     ]
+    written = [p.read_text(errors="replace") for p in staging.log_dir.rglob("*") if p.is_file()]
+    assert all("hook-pw-123" not in text for text in [restored.stderr, restored.stdout, *written])
     assert staging.sql("SELECT count(*) FROM customers")[0][0] == 300
 
 
@@ -359,7 +363,7 @@ def test_a_failing_command_before_the_swap_leaves_staging_untouched_and_resumes(
     result = staging.run("rollback_manager.py", "restore", point_id, "--yes", env=env)
     assert result.returncode == 1
     assert "exited with code 3: pooler said no" in result.stderr and "Nothing was swapped" in result.stderr
-    assert log.read_text().splitlines()[-1] == f"after_swap {staging.name} {point_id} 0 False"  # resumed all the same
+    assert log.read_text().splitlines()[-1] == f"after_swap {staging.name} {point_id} 0 False -"  # resumed all the same
     assert deep_state(staging.server, staging.name) == before
     assert [p["id"] for p in staging.run_json("rollback_manager.py", "list")] == listed
     assert not staging.sql("SELECT 1 FROM pg_database WHERE datname LIKE %s", (f"{staging.name}_rb_restoring%",))

@@ -4,8 +4,6 @@ whole cluster in place. The work itself is lib/restore/pitr.py's."""
 
 from __future__ import annotations
 
-import shlex
-
 from lib.errors import ConfigError
 from lib.operations import background
 from lib.operations.scaffold import Operation
@@ -13,7 +11,7 @@ from lib.pg.db import connection, replication_ties, sessions_on
 from lib.points.catalog import Point
 from lib.points.methods import pitr as pitr_method
 from lib.restore import pitr
-from lib.restore.swap import RestoreResult, refuse_replication_ties
+from lib.restore.swap import RestoreResult, hook_lines, refuse_replication_ties
 
 
 def recovery_for(op: Operation, point: Point | None, *, to_time: str | None, to_lsn: str | None) -> pitr.Recovery:
@@ -46,12 +44,7 @@ def _describe_beside(op: Operation, recovery: pitr.Recovery) -> str:
         "staging's database copied from it and checked; staging is then swapped in one short step and its current "
         "state kept as a new point (undo: restore that point). The other databases keep running.",
     ]
-    s = op.settings
-    lines += [
-        f"  {label}: {shlex.join(argv)}"
-        for label, argv in (("Just before the swap", s.before_swap), ("Just after it", s.after_swap))
-        if argv
-    ]
+    lines += hook_lines(target)
     if sessions:
         lines.append(f"  These {len(sessions)} session(s) on {target.dbname} will be disconnected at the swap:")
         lines += [f"    - {s.describe()}" for s in sessions]
@@ -59,27 +52,47 @@ def _describe_beside(op: Operation, recovery: pitr.Recovery) -> str:
 
 
 def _in_place(op: Operation, recovery: pitr.Recovery, point: Point | None) -> RestoreResult:
-    """The whole cluster back: every database on it is named, and each protected one's name must be typed."""
+    """The whole cluster back: every database on it is named, and each protected one's name
+    must be typed. The current state is kept first as a pitr point (undo: restore it, in
+    place again, or beside)."""
     target, ui = op.target, op.ui
     databases = pitr.databases_on(target)
     ui.info(
         f"Restore the WHOLE cluster of {target.dbname} on {target.info.server_label()} to {recovery.label}, in place: "
         "the server is stopped, pgBackRest brings every file back (--delta), and it is started again. "
-        f"Every database on it goes back, and nothing is kept of their current state: {', '.join(databases)}."
+        f"Every database on it goes back: {', '.join(databases)}. The current state is kept first as a pitr point "
+        f"of {target.dbname} (undo: restore that point)."
     )
     for name in databases:
         if name in op.settings.protected_databases:
             op.ask.confirm(f"Restore {name} too?", what=f"restore the cluster holding {name}", protected=name)
     op.confirm_change("Stop the cluster and restore all of it?", what=f"restore the cluster of {target.dbname} in place")
+    restored = point.id if point else recovery.label
+    before = pitr_method.take(
+        target,
+        op.catalog,
+        ui,
+        label=f"before in-place restore to {restored}",
+        base_manifest={
+            "description": f"state before in-place restore to {restored}",
+            "migration_id": None,
+            "table": None,
+            "kind": "before_rollback",
+            "restored_point": restored,
+        },
+    )
+    op.record.set(before_point_id=before.id)
     done = pitr.restore_in_place(target, ui, recovery)
     if point is not None:
         with connection(target.info, application_name="rollback-toolkit pitr check") as conn:
             pitr.set_sequences(conn, point.manifest.get("sequences", {}))
             conn.commit()
             pitr.check_schema(conn, point)
-    ui.ok(f"The cluster is back at {recovery.label}; {target.dbname} matches the point's schema and sequences")
+        ui.ok(f"The cluster is back at {recovery.label}; {target.dbname} matches the point's schema and sequences")
+    else:
+        ui.ok(f"The cluster is back at {recovery.label} (recovery stopped at the last commit before it)")
     op.record.set(mode="pitr in place", cluster=done["cluster"], databases=databases)
-    return RestoreResult(recovery.target if point else recovery.label, target.dbname, "pitr in place", None, None, 0)
+    return RestoreResult(point.id if point else recovery.label, target.dbname, "pitr in place", before.id, None, 0)
 
 
 def refuse_for_other_methods(point: Point, *, in_place: bool) -> None:

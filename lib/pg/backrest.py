@@ -112,9 +112,6 @@ class Repository:
         newest = archives[-1]
         return newest.get("min"), newest.get("max")
 
-    def repositories(self) -> list[dict]:
-        return [{"key": r.get("key"), "cipher": r.get("cipher")} for r in self.info().get("repo", [])]
-
     # ---- what it does ----------------------------------------------------------
 
     def backup(self, kind: str, on_tick: Callable[[float], None] | None = None) -> None:
@@ -122,10 +119,6 @@ class Repository:
 
     def restore(self, args: list[str], on_tick: Callable[[float], None] | None = None) -> None:
         self.command.run([f"--stanza={self.stanza}", *args, "restore"], on_tick=on_tick)
-
-    def verify(self) -> None:
-        """``pgbackrest verify``: every backup and archived segment against its checksum."""
-        self.command.run([f"--stanza={self.stanza}", "verify"])
 
 
 def _backup(raw: dict) -> Backup:

@@ -100,6 +100,13 @@ def find_local_cluster(conn) -> LocalCluster | None:
 def local_cluster(conn, *, needed_for: str) -> LocalCluster:
     """As ``find_local_cluster``, or why not, as an error naming the fix."""
     found = find_local_cluster(conn)
+    data_dir = readable_setting(conn, "data_directory") if found is None else None
+    if data_dir and Path(data_dir).exists() and not os.access(Path(data_dir) / "postmaster.pid", os.R_OK):
+        raise ConfigError(
+            f"{needed_for} works on the cluster's files in {data_dir}, which this user ({pwd.getpwuid(os.getuid()).pw_name}) "
+            "may not read.",
+            f"Run the command as the cluster's owner ({pwd.getpwuid(Path(data_dir).stat().st_uid).pw_name}) or as root.",
+        )
     if found is None:
         raise ConfigError(
             f"{needed_for} works on the cluster's files, so it runs on the database server itself, as a role that may "

@@ -378,8 +378,9 @@ class PgBackRest(Command):
 
 class OperatorCommand(Command):
     """A command the operator configured (ROLLBACK_BEFORE_SWAP, ROLLBACK_AFTER_SWAP): run
-    without a shell, with the toolkit's URLs (and their passwords) left out of its
-    environment; what it needs to know comes as ROLLBACK_* variables."""
+    without a shell, in the operator's own environment (their PG* variables, PGPASSFILE
+    for a pooler's admin console, their locale) but for the toolkit's URLs and the
+    passwords in them; what it needs to know comes as ROLLBACK_* variables."""
 
     def __init__(self, argv: Sequence[str], *, env: dict[str, str]) -> None:
         super().__init__(argv[0], env=env)
@@ -387,9 +388,8 @@ class OperatorCommand(Command):
         self.name = self.path.name
 
     def environment(self, pass_file: Path | None) -> dict[str, str]:
-        env = super().environment(pass_file)
-        for secret in ("STAGING_DATABASE_URL", "V2_DATABASE_URL"):
-            env.pop(secret, None)
+        env = {k: v for k, v in os.environ.items() if k not in ("STAGING_DATABASE_URL", "V2_DATABASE_URL")}
+        env.update(self.extra_env)
         return env
 
     def outcome(self, timeout: float) -> str | None:

@@ -192,6 +192,7 @@ def table_sizes(conn) -> list[TableSize]:
          WHERE c.relkind = 'r' AND c.relpersistence <> 't' AND {USER_NAMESPACES}
            AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
                             AND d.objid = c.oid AND d.deptype = 'e')"""
+
     def sizes():
         # a table locked by someone else is not waited for here: the progress is not worth the dump's time
         previous = query(conn, "SELECT current_setting('lock_timeout'), set_config('lock_timeout', '200ms', true)")[0][0]

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import pwd
+import shlex
 import shutil
 import socket
 import tempfile
@@ -66,6 +67,8 @@ _SIDE_SETTINGS = {
     "logging_collector": "off",
     "ssl": "off",
     "shared_buffers": "256MB",
+    "max_logical_replication_workers": "0",  # a restored subscription must not pull from (or move) a real publisher
+    "synchronous_standby_names": "",
 }
 # what a server in recovery needs at least as high as the cluster that wrote the WAL
 _AS_HIGH = (
@@ -87,9 +90,11 @@ class Recovery:
     backup: str | None = None  # the backup set; None: pgBackRest chooses by the target
     sequences: dict = field(default_factory=dict)  # positions at a named point (recovery runs them up to 32 ahead)
     properties: dict = field(default_factory=dict)  # the database's, recorded at the point
+    timeline: int | None = None  # a named point's: an in-place restore since may have started a newer one
 
     def options(self) -> list[str]:
         found = [f"--type={self.kind}", f"--target={self.target}", "--target-action=promote"]
+        found += [f"--target-timeline={self.timeline}"] if self.timeline else []
         return found + ([f"--set={self.backup}"] if self.backup else [])
 
 
@@ -102,12 +107,15 @@ def for_point(point: Point) -> Recovery:
         backup=m["backup"]["label"],
         sequences=m.get("sequences", {}),
         properties=m.get("database", {}).get("properties", {}),
+        timeline=m["restore_point"].get("timeline"),
     )
 
 
 def for_moment(target: Target, repo: Repository, ui: Reporter, *, at_time: str | None, at_lsn: str | None) -> Recovery:
     """--to-time / --to-lsn: refused before anything is touched when the repository
-    cannot cover it; a moment after the last archived WAL waits for it to be archived."""
+    cannot cover it. The backup is chosen here (the newest that ends before the moment),
+    and the WAL up to now is made recoverable first: a commit record (recovery to a time
+    stops only at a commit after it), a WAL switch, its archiving waited for."""
     backups = repo.backups()
     if not backups:
         raise ConfigError(f"Stanza {repo.stanza!r} holds no backup, so no moment can be restored.", "Take one first.")
@@ -125,7 +133,8 @@ def for_moment(target: Target, repo: Repository, ui: Reporter, *, at_time: str |
                 "Choose a position in that range.",
             )
         _archive_up_to_now(target, ui)
-        return Recovery("lsn", at_lsn, f"LSN {at_lsn}")
+        backup = [b for b in backups if lsn_value(b.stop_lsn) <= wanted][-1]
+        return Recovery("lsn", at_lsn, f"LSN {at_lsn}", backup=backup.label)
     moment = _parse_time(at_time or "")
     start = datetime.fromtimestamp(oldest.stop_time, UTC)
     now = utc_now()
@@ -135,10 +144,9 @@ def for_moment(target: Target, repo: Repository, ui: Reporter, *, at_time: str |
             f"backup {oldest.label}) to {now.isoformat(sep=' ', timespec='seconds')} (now). Nothing was touched.",
             "Choose a moment in that range (with its time zone, e.g. 2026-11-21 21:55:00+00).",
         )
-    archived_at = scalar(target.maint, "SELECT last_archived_time FROM pg_stat_archiver")
-    if archived_at is None or moment >= archived_at:
-        _archive_up_to_now(target, ui)
-    return Recovery("time", moment.isoformat(sep=" "), f"{moment.isoformat(sep=' ')}")
+    _archive_up_to_now(target, ui)
+    backup = [b for b in backups if b.stop_time <= moment.timestamp()][-1]
+    return Recovery("time", moment.isoformat(sep=" "), f"{moment.isoformat(sep=' ')}", backup=backup.label)
 
 
 def _parse_time(text: str) -> datetime:
@@ -157,6 +165,7 @@ def _parse_time(text: str) -> datetime:
 
 
 def _archive_up_to_now(target: Target, ui: Reporter) -> None:
+    scalar(target.maint, "SELECT txid_current()")  # a transaction of its own: its commit record is written now
     segment = scalar(target.maint, "SELECT pg_walfile_name(pg_switch_wal())")
     pitr_method.wait_archived(target, segment, ui)
 
@@ -378,7 +387,8 @@ def leftover_sides(settings: Settings, *, dry_run: bool) -> list[str]:
             )
         shutil.rmtree(record["folder"], ignore_errors=True)
         shutil.rmtree(record["socket"], ignore_errors=True)
-        path.unlink(missing_ok=True)
+        if not Path(record["folder"]).exists():  # else the next cleanup tries again
+            path.unlink(missing_ok=True)
     return found
 
 
@@ -387,6 +397,8 @@ def leftover_sides(settings: Settings, *, dry_run: bool) -> list[str]:
 
 def restore_beside(target: Target, catalog: Catalog, ui: Reporter, recovery: Recovery, *, jobs: int) -> RestoreResult:
     cluster, repo = pitr_method.repository_for(target, needed_for="Restoring from pgBackRest")
+    for line in leftover_sides(target.settings, dry_run=False):  # a killed run's side server, in the way
+        ui.info(f"Removed {line}")
     with side_server(target, cluster, repo, recovery, ui) as side:
         faults.pause("side server up")
         props = recovery.properties or _current_properties(target)
@@ -411,30 +423,77 @@ def _current_properties(target: Target) -> dict:
 
 
 def databases_on(target: Target) -> list[str]:
-    return [r[0] for r in query(target.maint, "SELECT datname FROM pg_database WHERE datallowconn ORDER BY 1")]
+    """Every database of the cluster but template0: an in-place restore takes them all back,
+    database copies of points and kept states included."""
+    return [r[0] for r in query(target.maint, "SELECT datname FROM pg_database WHERE datname <> 'template0' ORDER BY 1")]
+
+
+class ClusterControl:
+    """Stopping and starting the cluster itself: through Debian's pg_ctlcluster where the
+    cluster is one of its (its configuration in /etc/postgresql/<major>/<name>/, so that
+    systemd keeps managing it), else pg_ctl as its owner."""
+
+    def __init__(self, target: Target, cluster: LocalCluster) -> None:
+        self.cluster = cluster
+        parts = cluster.config_file.parts
+        debian = len(parts) >= 6 and parts[:3] == ("/", "etc", "postgresql") and shutil.which("pg_ctlcluster")
+        self.debian = (parts[3], parts[4]) if debian and os.geteuid() == 0 else None
+        env = target.settings.pgbackrest_env  # the restore_command (archive-get) reads them
+        self.pg_ctl = ServerProgram(cluster.bin_dir(target.settings) / "pg_ctl", account=cluster.run_as(), cwd=Path("/"), env=env)
+        self.log = cluster.data_dir.parent / f"rollback-restore-{int(time.time())}.log"
+
+    def commands(self, what: str) -> str:
+        if self.debian:
+            return f"pg_ctlcluster {self.debian[0]} {self.debian[1]} {what}"
+        folder = self.cluster.config_file.parent if what == "start" else self.cluster.data_dir
+        return f"pg_ctl -D {folder} {what}" + (f" -l {self.log}" if what == "start" else "")
+
+    def run(self, what: str) -> None:
+        if self.debian:
+            ServerProgram(Path(shutil.which("pg_ctlcluster")), account=None, cwd=Path("/")).run(
+                [self.debian[0], self.debian[1], what, *(["--", "-m", "fast"] if what == "stop" else [])]
+            )
+        elif what == "stop":
+            self.pg_ctl.run(["-D", str(self.cluster.data_dir), "-m", "fast", "-w", "-t", "300", "stop"])
+        else:
+            self.pg_ctl.run(
+                ["-D", str(self.cluster.config_file.parent), "-l", str(self.log), "-w", "-t", str(START_SECONDS), "start"]
+            )
 
 
 def restore_in_place(target: Target, ui: Reporter, recovery: Recovery) -> dict:
-    """The whole cluster back to ``recovery``: stopped, `pgbackrest restore --delta`, started."""
+    """The whole cluster back to ``recovery``: stopped, `pgbackrest restore --delta`, started.
+    Everything that can be checked is checked before the stop; a failure after it says that
+    the cluster is stopped, and the commands that finish the work by hand."""
     cluster, repo = pitr_method.repository_for(target, needed_for="An in-place restore")
-    bin_dir = cluster.bin_dir(target.settings)
-    pg_ctl = ServerProgram(bin_dir / "pg_ctl", account=cluster.run_as(), cwd=Path("/"), env=target.settings.pgbackrest_env)
-    config_dir = cluster.config_file.parent
+    if recovery.backup and recovery.backup not in {b.label for b in repo.backups()}:
+        raise VerificationError(f"Backup {recovery.backup} is no longer in stanza {repo.stanza}. Nothing was touched.")
+    control = ClusterControl(target, cluster)
     target.close()  # our own sessions first
     with ui.progress(f"Stopping the cluster in {cluster.data_dir}"):
-        pg_ctl.run(["-D", str(cluster.data_dir), "-m", "fast", "-w", "-t", "300", "stop"])
-    with ui.progress(f"pgBackRest restoring the whole cluster to {recovery.label} (--delta)"):
-        repo.restore([f"--pg1-path={cluster.data_dir}", *recovery.options(), "--delta"])
-    log_file = cluster.data_dir / "rollback-restore.log"
-    with ui.progress("Starting the cluster and recovering"):
-        pg_ctl.run(["-D", str(config_dir), "-l", str(log_file), "-w", "-t", str(START_SECONDS), "start"])
-    target.reopen()
-    deadline = time.monotonic() + START_SECONDS
-    while scalar(target.maint, "SELECT pg_is_in_recovery()"):
-        if time.monotonic() > deadline:
-            raise RollbackError("The cluster did not finish recovering in time; see its log.", f"Its log: {log_file}")
-        time.sleep(0.2)
-    return {"cluster": str(cluster.data_dir), "log": str(log_file)}
+        control.run("stop")
+    try:
+        with ui.progress(f"pgBackRest restoring the whole cluster to {recovery.label} (--delta)"):
+            repo.restore([f"--pg1-path={cluster.data_dir}", *recovery.options(), "--delta"])
+        with ui.progress("Starting the cluster and recovering"):
+            control.run("start")
+        target.reopen()
+        deadline = time.monotonic() + START_SECONDS
+        while scalar(target.maint, "SELECT pg_is_in_recovery()"):
+            if time.monotonic() > deadline:
+                raise RollbackError(f"The cluster did not finish recovering within {START_SECONDS} s.")
+            time.sleep(0.2)
+    except BaseException as exc:
+        restore = shlex.join(
+            ["pgbackrest", f"--stanza={repo.stanza}", f"--pg1-path={cluster.data_dir}", *recovery.options(), "--delta", "restore"]
+        )
+        raise RollbackError(
+            f"The in-place restore stopped half-way ({getattr(exc, 'message', None) or exc or type(exc).__name__}): the "
+            f"cluster in {cluster.data_dir} is STOPPED or still recovering.",
+            f"As {cluster.owner.pw_name}, finish by hand: `{restore}`, then `{control.commands('start')}`; its log: "
+            f"{control.log if not control.debian else 'the cluster log'}. Or restore the state kept before the restore.",
+        ) from None
+    return {"cluster": str(cluster.data_dir), "log": str(control.log)}
 
 
 def set_sequences(conn, sequences: dict) -> None:

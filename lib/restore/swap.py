@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import psycopg2
 
 from lib import faults
+from lib.config import redact
 from lib.errors import ConfigError, DatabaseError, RollbackError, VerificationError
 from lib.files import age, utc_now
 from lib.pg.codes import OBJECT_IN_USE
@@ -86,7 +87,7 @@ class RestorePlan:
                 "  The point is rebuilt beside staging and verified first; staging is then swapped "
                 "in one short step, and its current state kept as a new point (undo: restore that point)."
             )
-            lines += _hook_lines(target)
+            lines += hook_lines(target)
         else:
             lines.append(f"  In place, in one transaction ({self.reason}); the current state is first kept as a dump point.")
         if self.ties:
@@ -119,10 +120,11 @@ class RestoreResult:
         return dict(self.__dict__)
 
 
-def _hook_lines(target: Target) -> list[str]:
+def hook_lines(target: Target) -> list[str]:
+    """The commands configured around the swap, as a confirmation shows them."""
     s = target.settings
     return [
-        f"  {label}: {shlex.join(argv)}"
+        f"  {label}: {redact(shlex.join(argv))}"
         for label, argv in (("Just before the swap", s.before_swap), ("Just after it (also if it fails)", s.after_swap))
         if argv
     ]
@@ -139,9 +141,11 @@ def _run_hook(target: Target, ui: Reporter, phase: str, argv: tuple[str, ...], f
         "ROLLBACK_PORT": str(target.info.port or ""),
         **facts,
     }
-    ui.step(f"Running the command {phase.replace('_', ' ')}: {shlex.join(argv)}")
+    shown = redact(shlex.join(argv))
+    ui.step(f"Running the command {phase.replace('_', ' ')}: {shown}")
     problem = OperatorCommand(argv, env=env).outcome(target.settings.hook_timeout)
-    log.info("%s command %s: %s", phase, shlex.join(argv), problem or "succeeded")
+    problem = redact(problem) if problem else None
+    log.info("%s command %s: %s", phase, shown, problem or "succeeded")
     return problem
 
 

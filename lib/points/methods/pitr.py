@@ -105,6 +105,20 @@ def wait_archived(target: Target, segment: str, ui: Reporter) -> float:
             time.sleep(POLL_SECONDS)
 
 
+def reached_repository(repo: Repository, segment: str) -> None:
+    """pg_stat_archiver says the segment was archived; the repository must say so too (an
+    archive_command that exits 0 without pgBackRest would fool the first)."""
+    covered = repo.archived_range()
+    if covered is None or not covered[0] <= segment <= covered[1]:
+        raise RollbackError(
+            f"The server says WAL segment {segment} was archived, but stanza {repo.stanza!r} does not hold it "
+            f"(it holds {covered[0] + ' to ' + covered[1] if covered else 'none'}): archive_command does not archive "
+            "into this stanza. Nothing was listed.",
+            f"Set archive_command = 'pgbackrest --stanza={repo.stanza} archive-push %p', reload, and run "
+            f"`pgbackrest --stanza={repo.stanza} check`.",
+        )
+
+
 def take(target: Target, catalog: Catalog, ui: Reporter, *, label: str, base_manifest: dict) -> Point:
     started = utc_now()
     cluster, repo = repository_for(target, needed_for="A pitr point")
@@ -114,12 +128,13 @@ def take(target: Target, catalog: Catalog, ui: Reporter, *, label: str, base_man
         lines = schema_lines(conn)
         unlogged = [r[0] for r in query(conn, _UNLOGGED)]
         props = database_properties(conn, target.dbname).as_dict()
-        # the sequences read at the restore point: recovery brings them back up to 32 ahead
-        sequences = sequence_positions(conn)
         lsn, segment = query(conn, "SELECT p, pg_walfile_name(p) FROM pg_create_restore_point(%s) p", (writer.id,))[0]
+        # read right after the restore point, so never behind it (a restore sets them: recovery leaves them up to 32 ahead)
+        sequences = sequence_positions(conn)
         query(conn, "SELECT pg_switch_wal()")
         conn.commit()
         waited = wait_archived(target, segment, ui)
+        reached_repository(repo, segment)
         if unlogged:
             ui.warn(
                 "These UNLOGGED tables come back empty from any pitr restore (their rows are never in the WAL): "
@@ -159,27 +174,32 @@ SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n
 
 
 def verify(target: Target, point: Point) -> dict:
-    """The backup the point needs, and the archived WAL up to its restore point, are in the
-    repository (pgBackRest's own checksums: `pgbackrest verify`)."""
+    """The backup the point needs is in the repository, and so is the archived WAL up to
+    its restore point. (pgBackRest's own `pgbackrest verify` reads every file of the
+    repository, hours at hundreds of GB: it belongs on pgBackRest's schedule.)"""
     _, repo = repository_for(target, needed_for="Verifying a pitr point")
+    point_in_repository(repo, point)
+    m = point.manifest
+    return {"backup": m["backup"]["label"], "wal": f"{m['restore_point']['wal']} archived", "repository": repo.stanza}
+
+
+def point_in_repository(repo: Repository, point: Point) -> None:
     m = point.manifest
     label = m["backup"]["label"]
     if label not in {b.label for b in repo.backups()}:
         raise VerificationError(
             f"Point {point.id} needs backup {label} of stanza {repo.stanza}, which the repository no longer holds "
-            "(pgBackRest's retention expired it).",
+            "(pgBackRest's retention expired it). Nothing was touched.",
             "Delete the point (`rollback_manager.py delete`); keep backups longer (repo1-retention-full) for the next ones.",
         )
     covered = repo.archived_range()
     wal = m["restore_point"]["wal"]
-    if covered is None or not (covered[0][8:] <= wal[8:] <= covered[1][8:]):
+    if covered is None or not covered[0] <= wal <= covered[1]:
         raise VerificationError(
             f"The WAL point {point.id} needs ({wal}) is not among the archived segments "
-            f"({covered[0] + ' to ' + covered[1] if covered else 'none'}).",
+            f"({covered[0] + ' to ' + covered[1] if covered else 'none'}). Nothing was touched.",
             "Check archiving with `pgbackrest check`; the point cannot be restored without it.",
         )
-    repo.verify()
-    return {"backup": label, "wal": f"{wal} archived", "repository": "pgbackrest verify found no problem"}
 
 
 def side_folder(settings, cluster: LocalCluster, point_id: str) -> Path:
