@@ -11,16 +11,22 @@ from pathlib import Path
 from tests.conftest import ROOT
 
 
-def test_benchmark_runs_end_to_end_on_a_small_database():
+def _bench(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """One benchmark script, run as a person would, without a terminal; it must succeed."""
     result = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "bench_rollback.py"), "--size-mb", "20", "--no-dslr", "--json"],
+        [sys.executable, str(ROOT / "bench" / script), *args],
         capture_output=True,
         text=True,
         stdin=subprocess.DEVNULL,
         cwd=ROOT,
-        timeout=600,
+        timeout=timeout,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_benchmark_runs_end_to_end_on_a_small_database():
+    result = _bench("bench_rollback.py", "--size-mb", "20", "--no-dslr", "--json")
     figures = json.loads(result.stdout[result.stdout.index("{") :])
     seconds = figures["seconds"]
     for key in ("pg_dump -Fc", "pg_restore", "dump point", "template point", "quick rollback", "staging unavailable"):
@@ -30,15 +36,7 @@ def test_benchmark_runs_end_to_end_on_a_small_database():
 
 
 def test_migration_benchmark_runs_end_to_end_on_a_small_sample():
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "bench_migration.py"), "--clients", "500", "--json"],
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        cwd=ROOT,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = _bench("bench_migration.py", "--clients", "500", "--json")
     figures = json.loads(result.stdout)
     # every variant migrated the same records (the script checks it and fails otherwise)
     assert {(r["migrated"], r["failed"]) for r in figures["results"].values()} == {(500 + 10 - 20 - 10, 30)}
@@ -46,24 +44,7 @@ def test_migration_benchmark_runs_end_to_end_on_a_small_sample():
 
 
 def test_scale_benchmark_measures_both_sizes_on_each_filesystem():
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "bench_scale.py"),
-            "--sizes-gb",
-            "0.02,0.04",
-            "--no-dslr",
-            "--migration-seconds",
-            "2",
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        cwd=ROOT,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = _bench("bench_scale.py", "--sizes-gb", "0.02,0.04", "--no-dslr", "--migration-seconds", "2", "--json")
     figures = json.loads(result.stdout)
     assert figures["sizes_gb"] == [0.02, 0.04]
     places = ["ordinary", "xfs"] if os.geteuid() == 0 else ["ordinary"]  # the XFS loop mount needs root
@@ -94,15 +75,7 @@ def test_scale_benchmark_measures_both_sizes_on_each_filesystem():
 
 
 def test_pitr_benchmark_runs_end_to_end_on_a_small_database():
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "bench_pitr.py"), "--sizes-gb", "0.02", "--json"],
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        cwd=ROOT,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = _bench("bench_pitr.py", "--sizes-gb", "0.02", "--json", timeout=900)
     figures = json.loads(result.stdout)["0.02"]
     for key in ("pitr point", "restore beside", "pgBackRest alone", "pg_dump -Fc", "pg_restore"):
         assert figures[key] > 0, key

@@ -132,6 +132,26 @@ def cluster() -> Iterator[Cluster]:
         shutil.rmtree(repo, ignore_errors=True)
 
 
+# ------------------------------------------------------------------ which backups lead to a timeline
+
+
+def test_a_backup_past_a_branch_does_not_lead_to_the_new_timeline():
+    from lib.pg.backrest import Backup, parse_history
+
+    def backup(timeline: int, stop: str) -> Backup:
+        return Backup(f"b-{timeline}-{stop}", "incr", stop, stop, 0, 0, 0, timeline)
+
+    # timeline 3 branched from 2 at 0/7000000, which branched from 1 at 0/5000100
+    history = parse_history(3, '1\t0/5000100\tat restore point "a"\n\n2\t0/7000000\tbefore 2026-11-22 04:00:00+00\n')
+    assert history.holds(backup(3, "0/8000000"))
+    assert history.holds(backup(1, "0/5000100")) and not history.holds(backup(1, "0/5000200"))
+    assert history.holds(backup(2, "0/6000000")) and not history.holds(backup(2, "0/7000100"))
+    assert not history.holds(backup(4, "0/1000000"))  # a timeline that is not an ancestor
+    parent = history.parent()
+    assert parent.current == 2 and parent.holds(backup(2, "0/7000100")) and not parent.holds(backup(3, "0/8000000"))
+    assert parse_history(1, "").holds(backup(1, "0/1")) and not parse_history(1, "").holds(backup(2, "0/1"))
+
+
 # ------------------------------------------------------------------ taking and restoring
 
 
@@ -316,6 +336,9 @@ def test_in_place_brings_the_whole_cluster_back(tmp_path):
             point = staging.run_json("create_rollback_point.py", "before")
             at_point = deep_state(staging.server, staging.name)
             staging.sql("DELETE FROM customers WHERE id > 10")
+            # a scheduled backup after the point: on the timeline the in-place restore will leave behind
+            assert made.backrest("--type=incr", "backup").returncode == 0
+            past_branch = json.loads(made.backrest("--output=json", "info").stdout)[0]["backup"][-1]["label"]
             changed = deep_state(staging.server, staging.name)
             refused = staging.run("rollback_manager.py", "restore", point["id"], "--in-place")
             assert refused.returncode == 2 and "Every database on it goes back" in refused.stderr
@@ -327,6 +350,15 @@ def test_in_place_brings_the_whole_cluster_back(tmp_path):
             assert _without("public.scratch", deep_state(staging.server, staging.name)) == _without("public.scratch", at_point)
             with closing(psycopg2.connect(staging.url)) as conn, conn.cursor() as cur:  # it runs again
                 cur.execute("SELECT 1")
+            # a point on the new timeline cannot use that backup (same oid, but it lies past the branch): an older one
+            later = staging.run_json("create_rollback_point.py", "on the new timeline")
+            manifest = json.loads((Path(later["path"]) / "manifest.json").read_text())
+            assert manifest["restore_point"]["timeline"] == 2 and manifest["backup"]["label"] != past_branch
+            at_later = deep_state(staging.server, staging.name)
+            staging.sql("DELETE FROM audit_events")
+            back = staging.run("rollback_manager.py", "restore", later["id"], "--yes")
+            assert back.returncode == 0, back.stderr
+            assert _without("public.scratch", deep_state(staging.server, staging.name)) == _without("public.scratch", at_later)
             # undo: the state kept before is on the timeline the in-place restore left behind
             undone = staging.run("rollback_manager.py", "restore", outcome["before_point_id"], "--yes")
             assert undone.returncode == 0, undone.stderr

@@ -96,7 +96,7 @@ def _pitr_finding(settings: Settings, *, conn_info: ConnInfo) -> Finding:
             cluster, repo = pitr_method.repository_for(target, needed_for="A pitr point")
             pitr_method.check_archiving(target, repo)
             backups = repo.backups()
-            holds = repo.backup_holding(target.dbname, target.facts.database_oid)
+            holds = repo.backup_holding(target.dbname, target.facts.database_oid, pitr_method.history(target))
     except RollbackError as exc:
         return Finding("pitr points", "fail", exc.message, exc.hint or "")
     if holds is None:

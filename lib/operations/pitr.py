@@ -22,6 +22,9 @@ def recovery_for(op: Operation, point: Point | None, *, to_time: str | None, to_
 
 
 def restore(op: Operation, recovery: pitr.Recovery, *, point: Point | None, in_place: bool, force: bool) -> RestoreResult:
+    if point is not None:  # the backup and the WAL it needs, before anything is asked or touched
+        _, repo = pitr_method.repository_for(op.target, needed_for="Restoring a pitr point")
+        pitr_method.point_in_repository(repo, point)
     if in_place:
         return _in_place(op, recovery, point)
     target, ui = op.target, op.ui
@@ -90,7 +93,8 @@ def _in_place(op: Operation, recovery: pitr.Recovery, point: Point | None) -> Re
             pitr.check_schema(conn, point)
         ui.ok(f"The cluster is back at {recovery.label}; {target.dbname} matches the point's schema and sequences")
     else:
-        ui.ok(f"The cluster is back at {recovery.label} (recovery stopped at the last commit before it)")
+        stopped = "the last commit before it" if recovery.kind == "time" else "that position"
+        ui.ok(f"The cluster is back at {recovery.label} (recovery stopped at {stopped})")
     op.record.set(mode="pitr in place", cluster=done["cluster"], databases=databases)
     return RestoreResult(point.id if point else recovery.label, target.dbname, "pitr in place", before.id, None, 0)
 

@@ -39,9 +39,44 @@ class Backup:
     start_time: int
     stop_time: int
     size: int  # bytes of the cluster it restores
+    timeline: int = 1  # the timeline it was taken on (its first WAL segment's)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
+
+
+@dataclass
+class History:
+    """The cluster's current timeline and the ones it descends from, each with the LSN at
+    which the next one branched off (its .history file). An in-place restore starts a new
+    timeline; a backup taken on the old one after the branch point cannot start a
+    recovery along the new one."""
+
+    current: int
+    left_at: dict[int, int]  # ancestor timeline -> the LSN (as a number) where it was left
+    current_since: float | None = None  # when the current timeline began (epoch seconds), when known
+
+    def holds(self, backup: Backup) -> bool:
+        """A recovery along the current timeline can start from ``backup``."""
+        if backup.timeline == self.current:
+            return True
+        end = self.left_at.get(backup.timeline)
+        return end is not None and lsn_value(backup.stop_lsn) <= end
+
+    def parent(self) -> History:
+        """The history as it was on the timeline the current one branched from."""
+        parent = max(self.left_at)
+        return History(parent, {t: lsn for t, lsn in self.left_at.items() if t < parent})
+
+
+def parse_history(current: int, text: str, since: float | None = None) -> History:
+    """A timeline's .history file: one line per ancestor, ``<timeline> <LSN> <reason>``."""
+    left = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0].isdigit():
+            left[int(parts[0])] = lsn_value(parts[1])
+    return History(current, left, since)
 
 
 class Repository:
@@ -96,11 +131,12 @@ class Repository:
                 return {d["name"]: int(d["oid"]) for d in found.get("database-ref") or []}
         return {}
 
-    def backup_holding(self, dbname: str, oid: int) -> Backup | None:
+    def backup_holding(self, dbname: str, oid: int, history: History) -> Backup | None:
         """The newest backup that holds database ``dbname`` as it is now (by oid: a swap
-        gives staging a new one, which older backups do not hold)."""
+        gives staging a new one, which older backups do not hold), on the current
+        timeline's history."""
         for backup in reversed(self.backups()):
-            if self.databases_in(backup.label).get(dbname) == oid:
+            if history.holds(backup) and self.databases_in(backup.label).get(dbname) == oid:
                 return backup
         return None
 
@@ -130,6 +166,7 @@ def _backup(raw: dict) -> Backup:
         start_time=int(raw.get("timestamp", {}).get("start", 0)),
         stop_time=int(raw.get("timestamp", {}).get("stop", 0)),
         size=int(raw.get("info", {}).get("size", 0)),
+        timeline=int((raw.get("archive", {}).get("start") or "00000001")[:8], 16),
     )
 
 

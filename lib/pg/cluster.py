@@ -66,11 +66,16 @@ def readable_setting(conn, name: str) -> str | None:
 
 
 def _started_here(conn, data_dir: Path) -> bool:
-    """The data directory's postmaster.pid records this very server's start (to the second)."""
-    started = scalar(conn, "SELECT floor(extract(epoch FROM pg_postmaster_start_time()))::bigint")
+    """The data directory's postmaster.pid is this very server's: the same port, and a start
+    time at most two minutes before the one the server reports (the lock file is written
+    early in the postmaster's start, its start time taken once shared memory is made:
+    seconds apart with large shared_buffers or slow preloaded libraries)."""
+    started, port = query(
+        conn, "SELECT floor(extract(epoch FROM pg_postmaster_start_time()))::bigint, current_setting('port')::int"
+    )[0]
     try:
         lines = (data_dir / "postmaster.pid").read_text().splitlines()
-        return int(lines[2]) == int(started)
+        return int(lines[3]) == int(port) and -1 <= int(started) - int(lines[2]) <= 120
     except (OSError, ValueError, IndexError):
         return False
 
@@ -101,11 +106,12 @@ def local_cluster(conn, *, needed_for: str) -> LocalCluster:
     """As ``find_local_cluster``, or why not, as an error naming the fix."""
     found = find_local_cluster(conn)
     data_dir = readable_setting(conn, "data_directory") if found is None else None
-    if data_dir and Path(data_dir).exists() and not os.access(Path(data_dir) / "postmaster.pid", os.R_OK):
+    host = conn.info.host or ""
+    here = host.startswith("/") or host in ("localhost", "127.0.0.1", "::1")
+    if here and data_dir and Path(data_dir).exists() and not os.access(Path(data_dir) / "postmaster.pid", os.R_OK):
         raise ConfigError(
-            f"{needed_for} works on the cluster's files in {data_dir}, which this user ({pwd.getpwuid(os.getuid()).pw_name}) "
-            "may not read.",
-            f"Run the command as the cluster's owner ({pwd.getpwuid(Path(data_dir).stat().st_uid).pw_name}) or as root.",
+            f"{needed_for} works on the cluster's files in {data_dir}, which this user (uid {os.getuid()}) may not read.",
+            f"Run the command as the cluster's owner ({_name_of(Path(data_dir).stat().st_uid)}) or as root.",
         )
     if found is None:
         raise ConfigError(
@@ -115,3 +121,10 @@ def local_cluster(conn, *, needed_for: str) -> LocalCluster:
             "Run the command on the database server, with a superuser URL.",
         )
     return found
+
+
+def _name_of(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"

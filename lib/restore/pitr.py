@@ -39,7 +39,7 @@ from lib import faults
 from lib.config import ConnInfo, Settings
 from lib.errors import ConfigError, RollbackError, VerificationError
 from lib.files import human_size, make_private_dir, utc_now, write_private_file
-from lib.pg.backrest import Repository, lsn_value
+from lib.pg.backrest import Backup, History, Repository, lsn_value
 from lib.pg.cluster import LocalCluster
 from lib.pg.db import connect, database_properties, query, scalar
 from lib.pg.fingerprint import compare, physical_fingerprint
@@ -113,40 +113,61 @@ def for_point(point: Point) -> Recovery:
 
 def for_moment(target: Target, repo: Repository, ui: Reporter, *, at_time: str | None, at_lsn: str | None) -> Recovery:
     """--to-time / --to-lsn: refused before anything is touched when the repository
-    cannot cover it. The backup is chosen here (the newest that ends before the moment),
-    and the WAL up to now is made recoverable first: a commit record (recovery to a time
-    stops only at a commit after it), a WAL switch, its archiving waited for."""
-    backups = repo.backups()
-    if not backups:
-        raise ConfigError(f"Stanza {repo.stanza!r} holds no backup, so no moment can be restored.", "Take one first.")
-    oldest = backups[0]
+    cannot cover it. The timeline is chosen here (an LSN is read along the current one;
+    a time before an in-place restore began the current one, along the timeline that was
+    live then), and the backup (the newest on that timeline's history that ends before
+    the moment); then the WAL up to now is made recoverable: a commit record (recovery to
+    a time stops only at a commit after it), a WAL switch, its archiving waited for."""
+    timelines = pitr_method.history(target)
     now_lsn = scalar(target.maint, "SELECT pg_current_wal_lsn()")
     if at_lsn is not None:
         try:
             wanted = lsn_value(at_lsn)
         except ValueError:
             raise ConfigError(f"--to-lsn {at_lsn!r} is not an LSN.", "Write it as PostgreSQL does, e.g. 0/3000100.") from None
-        if not lsn_value(oldest.stop_lsn) <= wanted <= lsn_value(now_lsn):
+        backups = _usable(repo, timelines)
+        if not lsn_value(backups[0].stop_lsn) <= wanted <= lsn_value(now_lsn):
             raise ConfigError(
-                f"LSN {at_lsn} is outside what the repository covers: {oldest.stop_lsn} (the end of backup "
-                f"{oldest.label}) to {now_lsn} (now). Nothing was touched.",
+                f"LSN {at_lsn} is outside what the repository covers on timeline {timelines.current}: "
+                f"{backups[0].stop_lsn} (the end of backup {backups[0].label}) to {now_lsn} (now). Nothing was touched.",
                 "Choose a position in that range.",
             )
         _archive_up_to_now(target, ui)
         backup = [b for b in backups if lsn_value(b.stop_lsn) <= wanted][-1]
-        return Recovery("lsn", at_lsn, f"LSN {at_lsn}", backup=backup.label)
+        return Recovery("lsn", at_lsn, f"LSN {at_lsn}", backup=backup.label, timeline=timelines.current)
     moment = _parse_time(at_time or "")
-    start = datetime.fromtimestamp(oldest.stop_time, UTC)
+    on = timelines
+    if timelines.current_since is not None and moment.timestamp() < timelines.current_since:
+        on = timelines.parent()  # the cluster was restored in place since: then, the older timeline was live
+        if on.left_at:
+            raise ConfigError(
+                f"{moment.isoformat(sep=' ')} is before the cluster's last two in-place restores, so the toolkit cannot "
+                "tell which of its timelines was live then. Nothing was touched.",
+                "Restore a point taken then (`rollback_manager.py list`) instead.",
+            )
+    backups = _usable(repo, on)
+    start = datetime.fromtimestamp(backups[0].stop_time, UTC)
     now = utc_now()
     if not start <= moment <= now:
         raise ConfigError(
             f"{moment.isoformat(sep=' ')} is outside what the repository covers: {start.isoformat(sep=' ')} (the end of "
-            f"backup {oldest.label}) to {now.isoformat(sep=' ', timespec='seconds')} (now). Nothing was touched.",
+            f"backup {backups[0].label}) to {now.isoformat(sep=' ', timespec='seconds')} (now). Nothing was touched.",
             "Choose a moment in that range (with its time zone, e.g. 2026-11-21 21:55:00+00).",
         )
     _archive_up_to_now(target, ui)
     backup = [b for b in backups if b.stop_time <= moment.timestamp()][-1]
-    return Recovery("time", moment.isoformat(sep=" "), f"{moment.isoformat(sep=' ')}", backup=backup.label)
+    return Recovery("time", moment.isoformat(sep=" "), moment.isoformat(sep=" "), backup=backup.label, timeline=on.current)
+
+
+def _usable(repo: Repository, on: History) -> list[Backup]:
+    """The backups a recovery along timeline ``on.current`` can start from, oldest first."""
+    backups = [b for b in repo.backups() if on.holds(b)]
+    if not backups:
+        raise ConfigError(
+            f"Stanza {repo.stanza!r} holds no backup on timeline {on.current}'s history, so no moment can be restored.",
+            f"Take one first (`pgbackrest --stanza={repo.stanza} --type=full backup`).",
+        )
+    return backups
 
 
 def _parse_time(text: str) -> datetime:
@@ -430,8 +451,8 @@ def databases_on(target: Target) -> list[str]:
 
 class ClusterControl:
     """Stopping and starting the cluster itself: through Debian's pg_ctlcluster where the
-    cluster is one of its (its configuration in /etc/postgresql/<major>/<name>/, so that
-    systemd keeps managing it), else pg_ctl as its owner."""
+    cluster is one of its (its configuration in /etc/postgresql/<major>/<name>/) and the
+    toolkit runs as root, so that systemd keeps managing it; else pg_ctl as its owner."""
 
     def __init__(self, target: Target, cluster: LocalCluster) -> None:
         self.cluster = cluster
@@ -440,18 +461,21 @@ class ClusterControl:
         self.debian = (parts[3], parts[4]) if debian and os.geteuid() == 0 else None
         env = target.settings.pgbackrest_env  # the restore_command (archive-get) reads them
         self.pg_ctl = ServerProgram(cluster.bin_dir(target.settings) / "pg_ctl", account=cluster.run_as(), cwd=Path("/"), env=env)
-        self.log = cluster.data_dir.parent / f"rollback-restore-{int(time.time())}.log"
+        self.log = cluster.data_dir / "rollback-restore.log"  # the one folder the owner surely may write
 
-    def commands(self, what: str) -> str:
+    def command(self, what: str) -> str:
         if self.debian:
             return f"pg_ctlcluster {self.debian[0]} {self.debian[1]} {what}"
         folder = self.cluster.config_file.parent if what == "start" else self.cluster.data_dir
         return f"pg_ctl -D {folder} {what}" + (f" -l {self.log}" if what == "start" else "")
 
+    def log_hint(self) -> str:
+        return f"its log: {self.log}" if not self.debian else "its log: /var/log/postgresql/ or `journalctl -u postgresql@…`"
+
     def run(self, what: str) -> None:
-        if self.debian:
+        if self.debian:  # no pg_ctl options: with any, pg_ctlcluster bypasses systemd (its stop is fast already)
             ServerProgram(Path(shutil.which("pg_ctlcluster")), account=None, cwd=Path("/")).run(
-                [self.debian[0], self.debian[1], what, *(["--", "-m", "fast"] if what == "stop" else [])]
+                [self.debian[0], self.debian[1], what]
             )
         elif what == "stop":
             self.pg_ctl.run(["-D", str(self.cluster.data_dir), "-m", "fast", "-w", "-t", "300", "stop"])
@@ -463,37 +487,61 @@ class ClusterControl:
 
 def restore_in_place(target: Target, ui: Reporter, recovery: Recovery) -> dict:
     """The whole cluster back to ``recovery``: stopped, `pgbackrest restore --delta`, started.
-    Everything that can be checked is checked before the stop; a failure after it says that
-    the cluster is stopped, and the commands that finish the work by hand."""
+    Everything that can be checked is checked before the stop; a failure after it says in
+    which state the cluster is, and the commands that finish the work by hand."""
     cluster, repo = pitr_method.repository_for(target, needed_for="An in-place restore")
     if recovery.backup and recovery.backup not in {b.label for b in repo.backups()}:
         raise VerificationError(f"Backup {recovery.backup} is no longer in stanza {repo.stanza}. Nothing was touched.")
     control = ClusterControl(target, cluster)
+    args = [f"--pg1-path={cluster.data_dir}", *recovery.options(), "--delta", *_config_option(target)]
     target.close()  # our own sessions first
     with ui.progress(f"Stopping the cluster in {cluster.data_dir}"):
         control.run("stop")
+    phase = "restore"
     try:
         with ui.progress(f"pgBackRest restoring the whole cluster to {recovery.label} (--delta)"):
-            repo.restore([f"--pg1-path={cluster.data_dir}", *recovery.options(), "--delta"])
+            repo.restore(args)
+        phase = "start"
         with ui.progress("Starting the cluster and recovering"):
             control.run("start")
-        target.reopen()
-        deadline = time.monotonic() + START_SECONDS
-        while scalar(target.maint, "SELECT pg_is_in_recovery()"):
-            if time.monotonic() > deadline:
-                raise RollbackError(f"The cluster did not finish recovering within {START_SECONDS} s.")
-            time.sleep(0.2)
+            _wait_recovered(target)
     except BaseException as exc:
-        restore = shlex.join(
-            ["pgbackrest", f"--stanza={repo.stanza}", f"--pg1-path={cluster.data_dir}", *recovery.options(), "--delta", "restore"]
-        )
+        said = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+        restore = shlex.join(["pgbackrest", f"--stanza={repo.stanza}", *args, "restore"])
+        if phase == "restore":
+            state, steps = "STOPPED", f"`{restore}`, then `{control.command('start')}`"
+        else:
+            state, steps = "restored but not (yet) recovered", f"`{control.command('start')}` if it is down, and watch it"
         raise RollbackError(
-            f"The in-place restore stopped half-way ({getattr(exc, 'message', None) or exc or type(exc).__name__}): the "
-            f"cluster in {cluster.data_dir} is STOPPED or still recovering.",
-            f"As {cluster.owner.pw_name}, finish by hand: `{restore}`, then `{control.commands('start')}`; its log: "
-            f"{control.log if not control.debian else 'the cluster log'}. Or restore the state kept before the restore.",
+            f"The in-place restore stopped half-way ({said}): the cluster in {cluster.data_dir} is {state}.",
+            f"As {cluster.owner.pw_name}, with the same PGBACKREST_* settings, finish by hand: {steps}; "
+            f"{control.log_hint()}. Or restore the state kept before the restore once it runs.",
         ) from None
     return {"cluster": str(cluster.data_dir), "log": str(control.log)}
+
+
+def _config_option(target: Target) -> list[str]:
+    """PGBACKREST_CONFIG also on the command line: pgBackRest writes the restore's own
+    options into the restore_command, which a server started by systemd (without the
+    toolkit's environment) then runs."""
+    config = target.settings.pgbackrest_env.get("PGBACKREST_CONFIG")
+    return [f"--config={config}"] if config else []
+
+
+def _wait_recovered(target: Target) -> None:
+    """Until the restarted server takes connections and has left recovery (a server
+    started by systemd is waited for here, not by pg_ctl)."""
+    deadline = time.monotonic() + START_SECONDS
+    while True:
+        try:
+            target.reopen()
+            if not scalar(target.maint, "SELECT pg_is_in_recovery()"):
+                return
+        except (psycopg2.Error, RollbackError):
+            pass
+        if time.monotonic() > deadline:
+            raise RollbackError(f"The cluster did not finish recovering within {START_SECONDS} s.")
+        time.sleep(0.5)
 
 
 def set_sequences(conn, sequences: dict) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from lib.errors import ConfigError, RollbackError, ToolError, VerificationError
 from lib.files import utc_now
-from lib.pg.backrest import Backup, Repository
+from lib.pg.backrest import Backup, History, Repository, parse_history
 from lib.pg.cluster import LocalCluster, local_cluster
 from lib.pg.db import connection, database_properties, query, scalar
 from lib.pg.fingerprint import schema_lines, sequence_positions
@@ -53,16 +53,40 @@ def check_archiving(target: Target, repo: Repository) -> None:
         log.warning("archive_command does not mention pgbackrest: %s", command)
 
 
+def history(target: Target) -> History:
+    """The server's timeline and the ones it branched from (its .history file, read by a
+    superuser), with when the current one began (that file's time: written at the
+    promotion that started it)."""
+    current = int(scalar(target.maint, "SELECT pg_walfile_name(pg_current_wal_lsn())")[:8], 16)
+    if current == 1:
+        return History(1, {})
+    name = f"pg_wal/{current:08X}.history"
+    text, since = query(
+        target.maint,
+        "SELECT pg_read_file(%s, 0, 10000000, true), extract(epoch FROM (pg_stat_file(%s, true)).modification)",
+        (name, name),
+    )[0]
+    if text is None:
+        raise RollbackError(
+            f"The server is on timeline {current}, but its history file {name} is missing, so the toolkit cannot tell "
+            "which backups lead to it. Nothing was touched.",
+            "Take a full backup (`pgbackrest --stanza=… --type=full backup`), then try again.",
+        )
+    return parse_history(current, text, float(since) if since is not None else None)
+
+
 def backup_for(target: Target, repo: Repository, ui: Reporter) -> Backup:
-    """The newest backup holding staging as it is now; one taken first where none does
-    (incremental when a full one exists)."""
-    found = repo.backup_holding(target.dbname, target.facts.database_oid)
+    """The newest backup holding staging as it is now, on the current timeline's
+    history; one taken first where none does (incremental when a full one exists)."""
+    timelines = history(target)
+    found = repo.backup_holding(target.dbname, target.facts.database_oid, timelines)
     if found is not None:
         return found
     kind = "incr" if any(b.kind == "full" for b in repo.backups()) else "full"
     ui.warn(
-        f"No backup in stanza {repo.stanza!r} holds {target.dbname} as it is now (oid {target.facts.database_oid}; "
-        f"every restore gives it a new one): taking {'an incremental' if kind == 'incr' else 'a full'} backup first."
+        f"No backup in stanza {repo.stanza!r} holds {target.dbname} as it is now (oid {target.facts.database_oid} on "
+        f"timeline {timelines.current}; every restore beside gives it a new oid, every restore in place a new "
+        f"timeline): taking {'an incremental' if kind == 'incr' else 'a full'} backup first."
     )
     with ui.progress(f"pgbackrest backup --type={kind}") as tick:
         try:
@@ -72,7 +96,7 @@ def backup_for(target: Target, repo: Repository, ui: Reporter) -> Backup:
                 f"pgBackRest could not take the backup this point needs: {exc.message}. Nothing was listed.",
                 f"Run `pgbackrest --stanza={repo.stanza} check` as {repo.cluster.owner.pw_name} and fix what it says.",
             ) from None
-    found = repo.backup_holding(target.dbname, target.facts.database_oid)
+    found = repo.backup_holding(target.dbname, target.facts.database_oid, timelines)
     if found is None:
         raise VerificationError(
             f"The {kind} backup just taken does not list {target.dbname} (oid {target.facts.database_oid}).",
