@@ -75,6 +75,38 @@ def test_template_point_is_a_sealed_copy_that_lists_verifies_restores_and_delete
     assert point_id not in [p["id"] for p in staging.run_json("rollback_manager.py", "list")]
 
 
+def test_two_readers_of_a_sealed_point_overlap_and_the_last_to_leave_seals_it(staging, monkeypatch):
+    """The background's baseline and a diff may read one point's database at once."""
+    from lib.config import load_settings
+    from lib.pg.target import open_target
+    from lib.points.methods import template as template_method
+
+    created = staging.run_json("create_rollback_point.py", "read twice", "--method", "template")
+    copy = created["template_database"]
+    wait_for_baseline(staging, created["id"])  # the background's own read is over
+    for key, value in staging.env.items():
+        monkeypatch.setenv(key, value)
+    settings = load_settings()
+    with open_target(settings, check_v2=False) as one, open_target(settings, check_v2=False) as two:
+        first, second = template_method.opened(one, copy), template_method.opened(two, copy)
+        first.__enter__()
+        reader = second.__enter__()
+        first.__exit__(None, None, None)  # the first leaves while the second still reads
+        assert db_row(staging.server, copy)[0] is True
+        with reader.cursor() as cur:
+            cur.execute("SELECT count(*) FROM customers")
+            assert cur.fetchone()[0] == 300
+        second.__exit__(None, None, None)
+        assert db_row(staging.server, copy)[0] is False  # the last one sealed it
+        # a reader whose connection lost the race (sealed between its opening and its login) opens it again
+        conn = template_method._connect_to_opened(one, copy)
+        conn.close()
+        assert db_row(staging.server, copy)[0] is True
+        with template_method.opened(one, copy):
+            pass
+        assert db_row(staging.server, copy)[0] is False
+
+
 def test_auto_chooses_template_for_a_role_that_may_create_databases_and_says_why(staging):
     result = staging.run("create_rollback_point.py", "auto", "--json", env={"ROLLBACK_METHOD": ""})
     assert result.returncode == 0, result.stderr

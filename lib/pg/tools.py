@@ -192,6 +192,10 @@ def try_each(candidates: list[Tool], attempt: Callable[[Tool], T]) -> tuple[Tool
     ).only_this_method()
 
 
+# per index-building session of a restore: the server default (64MB) makes large indexes spill to disk
+INDEX_MEMORY = "512MB"
+
+
 def command_for(tool: Tool, **kwargs) -> PgTool:
     """The Command that runs ``tool`` (see lib/pg/process.py), with its own arguments."""
     kinds = {"pg_dump": PgDump, "pg_restore": PgRestore, "psql": Psql, "pg_isready": PgIsReady}

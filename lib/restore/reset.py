@@ -30,7 +30,7 @@ from lib.pg.fingerprint import portable_schema_lines, row_counts, schema_differe
 from lib.pg.process import PgDump, PgRestore, pipeline, private_temporary_folder
 from lib.pg.progress import RestoreTracker, RowsLoaded, Watch, application_name, named_sessions
 from lib.pg.target import Target
-from lib.pg.tools import candidates_for_archive, candidates_for_server, command_for, companion, try_each
+from lib.pg.tools import INDEX_MEMORY, candidates_for_archive, candidates_for_server, command_for, companion, try_each
 from lib.points.methods import data as data_method
 from lib.points.methods.data import Table
 from lib.points.methods.dump import archive_listing, restore_script
@@ -38,8 +38,6 @@ from lib.ports import Reporter
 from lib.restore.swap import build_verify_swap
 
 log = logging.getLogger(__name__)
-
-INDEX_MEMORY = "512MB"  # per index-building session; the server default (64MB) makes large indexes spill
 
 
 def v2_facts(settings: Settings):

@@ -23,6 +23,7 @@ from lib.pg.process import NO_INPUT, pipeline
 from lib.pg.progress import DumpTracker, RestoreTracker, Watch, application_name, named_sessions, table_sizes
 from lib.pg.target import Target
 from lib.pg.tools import (
+    INDEX_MEMORY,
     Tool,
     UnknownSettingsFilter,
     candidates_for_archive,
@@ -213,7 +214,8 @@ def restore_into(target: Target, point: Point, dbname: str, ui: Reporter) -> Too
                     # its SQL script, filtered, into psql, stopping at the first error.
                     restore_script(target, tool, src, dbname, single_transaction=False, watch=watch, app=app, stdin=stdin)
                 else:
-                    restore = command_for(tool, conn=target.info, env=named_sessions(app))
+                    options = f"-c maintenance_work_mem={INDEX_MEMORY}"
+                    restore = command_for(tool, conn=target.info, options=options, env=named_sessions(app))
                     # a pipe (an encrypted archive) cannot be read in parallel
                     args = restore.into(dbname, src, jobs=jobs if src else 1, verbose=True)
                     restore.run(args, on_tick=watch, on_stderr=tracker.line, stdin=stdin)

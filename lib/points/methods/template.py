@@ -12,11 +12,11 @@ import psycopg2
 from psycopg2 import sql
 
 from lib import faults
-from lib.errors import ConfigError, ConfirmationRefused, DatabaseError, VerificationError
+from lib.errors import ConfigError, ConfirmationRefused, ConnectError, ConnectProblem, DatabaseError, VerificationError
 from lib.files import human_size, utc_now
 from lib.pg.codes import DISK_FULL, DUPLICATE_DATABASE, INSUFFICIENT_PRIVILEGE, OBJECT_IN_USE, sqlstate
 from lib.pg.db import (
-    connection,
+    connect,
     database_properties,
     derived_name,
     drop_database,
@@ -59,15 +59,39 @@ def seal(target: Target, name: str, point_id: str, description: str) -> None:
     execute(target.maint, sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(name), sql.Literal(text)))
 
 
+_READER = "rollback-toolkit verify"
+
+
 @contextmanager
 def opened(target: Target, name: str) -> Iterator[object]:
-    """Briefly allow connections to a sealed point database to read it."""
+    """Briefly allow connections to a sealed point database to read it. Two readers may
+    overlap (the background's baseline, a diff): the last to leave seals it again, and one
+    whose connection lost that race opens it again."""
     set_allow_connections(target.maint, name, True)
+    ours = None
     try:
-        with connection(target.info, name, application_name="rollback-toolkit verify") as conn:
+        conn = _connect_to_opened(target, name)
+        ours = conn.get_backend_pid()
+        try:
             yield conn
+        finally:
+            conn.close()
     finally:
-        set_allow_connections(target.maint, name, False)
+        readers = [s for s in sessions_on(target.maint, name) if s.application == _READER and s.pid != ours]
+        if not readers:
+            set_allow_connections(target.maint, name, False)
+
+
+def _connect_to_opened(target: Target, name: str, attempts: int = 5):
+    attempt = 1
+    while True:
+        try:
+            return connect(target.info, name, application_name=_READER)
+        except ConnectError as exc:
+            if exc.problem is not ConnectProblem.NOT_ACCEPTING or attempt >= attempts:
+                raise
+        attempt += 1
+        set_allow_connections(target.maint, name, True)  # another reader sealed it meanwhile
 
 
 def read_physical(target: Target, name: str) -> Fingerprint:
