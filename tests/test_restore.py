@@ -380,6 +380,31 @@ def test_a_failing_command_after_the_swap_is_loud_and_exits_1(staging, tmp_path)
     assert "is restored, but the command after the swap" in outcome["after_swap_failed"]
     assert "run it by hand now" in result.stderr
     assert staging.sql("SELECT count(*) FROM customers")[0][0] == 300
+    last = staging.run_json("rollback_manager.py", "audit")[-1]  # the audit entry says so too
+    assert last["point_id"] == point_id and "the command after the swap" in last["after_swap_failed"]
+
+
+def test_a_command_past_its_time_is_stopped_with_everything_it_started(staging, tmp_path):
+    point_id = staging.create_point()
+    pid_file = tmp_path / "child.pid"
+    wrapper = shlex.join(["sh", "-c", f"sleep 300 & echo $! > {pid_file}; wait"])
+    env = {"ROLLBACK_BEFORE_SWAP": wrapper, "ROLLBACK_HOOK_TIMEOUT": "1"}
+    result = staging.run("rollback_manager.py", "restore", point_id, "--yes", env=env)
+    assert result.returncode == 1 and "Nothing was swapped" in result.stderr
+    child = int(pid_file.read_text())
+    for _ in range(50):  # the wrapper's own child is stopped too, not left running
+        if not _running(child):
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the command's child {child} still runs")
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def test_a_command_that_cannot_be_split_is_refused_before_anything(staging):

@@ -323,7 +323,7 @@ def _restore(op: Operation, point: Point, *, force: bool, in_place: bool = False
         background.after_restore(settings, point, result.before_point_id)  # the next spare, the kept state's rows
     else:
         result = restore_in_place(target, rplan, ui, lambda d, k, _t: keep_current(d, k, None, "dump"))
-    op.record.set(mode=result.mode, before_point_id=result.before_point_id, unavailable_seconds=result.unavailable_seconds)
+    op.record_swap(result)
     background.retire_before_states(op)
     return result
 

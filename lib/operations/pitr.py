@@ -32,7 +32,7 @@ def restore(op: Operation, recovery: pitr.Recovery, *, point: Point | None, in_p
     ui.info(_describe_beside(op, recovery))
     op.confirm_change("Go ahead?", what=f"restore {target.dbname}")
     result = pitr.restore_beside(target, op.catalog, ui, recovery, jobs=op.settings.restore_jobs)
-    op.record.set(mode=result.mode, before_point_id=result.before_point_id, unavailable_seconds=result.unavailable_seconds)
+    op.record_swap(result)
     background.retire_before_states(op)
     background.after_restore(op.settings, None, result.before_point_id)  # the kept state's rows
     return result

@@ -40,7 +40,7 @@ def reset_staging(
         op.confirm_change("Rebuild staging from V2?", what=f"rebuild {target.dbname} from V2")
         props = database_properties(target.maint, target.dbname).as_dict()
         result = rebuild_from(target, op.catalog, ui, v2, v2_major, props=props, jobs=jobs, restored="V2", what="V2")
-        op.record.set(before_point_id=result.before_point_id)
+        op.record_swap(result, mode="reset from V2")
         background.retire_before_states(op)
     background.after_restore(settings, None, result.before_point_id)  # the kept state's rows, read in the background
     result.mode = "reset from V2"

@@ -33,6 +33,18 @@ class Operation:
         """Before staging changes: asked through the caller's Confirmer (a protected database's name must be typed)."""
         confirm_change(self.target, self.ask, question, what=what)
 
+    def record_swap(self, result, **more) -> None:
+        """What a restore that swapped staging leaves in the audit entry: its mode, the state
+        kept before, how long staging was unavailable, and a command after the swap that failed."""
+        facts = {
+            "mode": result.mode,
+            "before_point_id": result.before_point_id,
+            "unavailable_seconds": result.unavailable_seconds,
+        }
+        if result.after_swap_failed:
+            facts["after_swap_failed"] = result.after_swap_failed
+        self.record.set(**{**facts, **more})
+
 
 @contextmanager
 def operation(

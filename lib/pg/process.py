@@ -23,6 +23,7 @@ import os
 import pwd
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -202,6 +203,10 @@ class Command:
     def argv(self, args: Sequence[str]) -> list[str]:
         return [str(self.path), *args]
 
+    def stop(self, proc: subprocess.Popen) -> None:
+        """Stopped before its end (a timeout, Ctrl-C)."""
+        proc.kill()
+
     def failure(self, finished: Finished, argv: list[str]) -> ToolError | None:
         """The error ``finished`` is, or None: a non-zero exit, a version refused."""
         if finished.returncode == 0:
@@ -251,7 +256,7 @@ class Command:
                 try:
                     _wait(proc, timeout, on_tick, time.monotonic())
                 except BaseException:
-                    proc.kill()
+                    self.stop(proc)
                     proc.wait()
                     raise
                 for reader in readers:
@@ -391,6 +396,16 @@ class OperatorCommand(Command):
         env = {k: v for k, v in os.environ.items() if k not in ("STAGING_DATABASE_URL", "V2_DATABASE_URL")}
         env.update(self.extra_env)
         return env
+
+    def _popen_kwargs(self) -> dict:
+        return {**super()._popen_kwargs(), "start_new_session": True}  # a group of its own, stopped whole
+
+    def stop(self, proc: subprocess.Popen) -> None:
+        """A script that started others (a wrapper around psql) is stopped with all of them."""
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
     def outcome(self, timeout: float) -> str | None:
         """None when it exited 0; otherwise what went wrong, in one sentence."""

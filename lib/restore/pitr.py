@@ -141,8 +141,9 @@ def for_moment(target: Target, repo: Repository, ui: Reporter, *, at_time: str |
         on = timelines.parent()  # the cluster was restored in place since: then, the older timeline was live
         if on.left_at:
             raise ConfigError(
-                f"{moment.isoformat(sep=' ')} is before the cluster's last two in-place restores, so the toolkit cannot "
-                "tell which of its timelines was live then. Nothing was touched.",
+                f"{moment.isoformat(sep=' ')} is before the cluster's latest in-place restore, and the cluster has been "
+                f"restored in place more than once (it is on timeline {timelines.current}), so the toolkit cannot tell "
+                "which of its timelines was live then. Nothing was touched.",
                 "Restore a point taken then (`rollback_manager.py list`) instead.",
             )
     backups = _usable(repo, on)
