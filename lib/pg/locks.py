@@ -189,3 +189,36 @@ class CountLock(Lock):
     @staticmethod
     def key_name(name: str) -> str:
         return f"count:{name}"
+
+
+class SealLock(Lock):
+    """Held for a moment while a point's database is opened to connections or sealed again:
+    two readers that open and seal it at once would update its pg_database row together,
+    which the server refuses ("tuple concurrently updated")."""
+
+    purpose = "sealing"
+
+    @staticmethod
+    def key_name(name: str) -> str:
+        return f"seal:{name}"
+
+
+class Readers:
+    """The sessions reading a sealed point's database at once: each holds a shared advisory
+    lock while it reads, so the exclusive one is free only when none does. Joined and
+    left under the SealLock, so that opening, reading and sealing never cross."""
+
+    def __init__(self, conn, system_identifier: str | None, name: str) -> None:
+        self.conn = conn
+        self.key = lock_key(system_identifier, f"read:{name}")
+
+    def join(self) -> None:
+        scalar(self.conn, "SELECT pg_advisory_lock_shared(%s)", (self.key,))
+
+    def leave(self) -> bool:
+        """True when this was the last reader."""
+        scalar(self.conn, "SELECT pg_advisory_unlock_shared(%s)", (self.key,))
+        if not scalar(self.conn, "SELECT pg_try_advisory_lock(%s)", (self.key,)):
+            return False
+        scalar(self.conn, "SELECT pg_advisory_unlock(%s)", (self.key,))
+        return True

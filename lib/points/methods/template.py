@@ -12,11 +12,11 @@ import psycopg2
 from psycopg2 import sql
 
 from lib import faults
-from lib.errors import ConfigError, ConfirmationRefused, ConnectError, ConnectProblem, DatabaseError, VerificationError
+from lib.errors import ConfigError, ConfirmationRefused, DatabaseError, VerificationError
 from lib.files import human_size, utc_now
 from lib.pg.codes import DISK_FULL, DUPLICATE_DATABASE, INSUFFICIENT_PRIVILEGE, OBJECT_IN_USE, sqlstate
 from lib.pg.db import (
-    connect,
+    connection,
     database_properties,
     derived_name,
     drop_database,
@@ -28,7 +28,7 @@ from lib.pg.db import (
     terminate_sessions,
 )
 from lib.pg.fingerprint import Fingerprint, compare, fingerprint, fingerprint_like, is_physical, physical_fingerprint
-from lib.pg.locks import CountLock
+from lib.pg.locks import CountLock, Readers, SealLock
 from lib.pg.retry import retry_on
 from lib.pg.target import Target
 from lib.points import intents
@@ -59,39 +59,35 @@ def seal(target: Target, name: str, point_id: str, description: str) -> None:
     execute(target.maint, sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(name), sql.Literal(text)))
 
 
-_READER = "rollback-toolkit verify"
+@contextmanager
+def opened(target: Target, name: str) -> Iterator[object]:
+    """Briefly allow connections to a sealed point database to read it. Readers may
+    overlap (the background's baseline, a diff, a verify): each joins the database's
+    Readers when it opens it and leaves when done, and the last to leave seals it; both
+    under a SealLock, so that no reader finds it sealed under it."""
+    with _sealing(target, name):
+        set_allow_connections(target.maint, name, True)
+        readers = Readers(target.maint, target.facts.system_identifier, name)
+        readers.join()
+    try:
+        with connection(target.info, name, application_name="rollback-toolkit verify") as conn:
+            yield conn
+    finally:
+        with _sealing(target, name):
+            if readers.leave():
+                set_allow_connections(target.maint, name, False)
 
 
 @contextmanager
-def opened(target: Target, name: str) -> Iterator[object]:
-    """Briefly allow connections to a sealed point database to read it. Two readers may
-    overlap (the background's baseline, a diff): the last to leave seals it again, and one
-    whose connection lost that race opens it again."""
-    set_allow_connections(target.maint, name, True)
-    ours = None
+def _sealing(target: Target, name: str) -> Iterator[None]:
+    lock = SealLock(target.maint, target.facts.system_identifier, name)
+    holder = lock.acquire(wait=30)
+    if holder is not None:
+        raise lock.refused(holder)
     try:
-        conn = _connect_to_opened(target, name)
-        ours = conn.get_backend_pid()
-        try:
-            yield conn
-        finally:
-            conn.close()
+        yield
     finally:
-        readers = [s for s in sessions_on(target.maint, name) if s.application == _READER and s.pid != ours]
-        if not readers:
-            set_allow_connections(target.maint, name, False)
-
-
-def _connect_to_opened(target: Target, name: str, attempts: int = 5):
-    attempt = 1
-    while True:
-        try:
-            return connect(target.info, name, application_name=_READER)
-        except ConnectError as exc:
-            if exc.problem is not ConnectProblem.NOT_ACCEPTING or attempt >= attempts:
-                raise
-        attempt += 1
-        set_allow_connections(target.maint, name, True)  # another reader sealed it meanwhile
+        lock.release()
 
 
 def read_physical(target: Target, name: str) -> Fingerprint:
