@@ -153,7 +153,8 @@ class ConnInfo:
         return env
 
 
-_NOT_FOR_CHILDREN = ("LANGUAGE", "STAGING_DATABASE_URL", "V2_DATABASE_URL")
+TOOLKIT_URLS = ("STAGING_DATABASE_URL", "V2_DATABASE_URL")  # with their passwords: never handed to another program
+_NOT_FOR_CHILDREN = ("LANGUAGE", *TOOLKIT_URLS)
 
 
 def child_environment() -> dict[str, str]:

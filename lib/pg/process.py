@@ -34,7 +34,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-from lib.config import PROJECT_ROOT, ConnInfo, child_environment, passfile_line, redact
+from lib.config import PROJECT_ROOT, TOOLKIT_URLS, ConnInfo, child_environment, passfile_line, redact
 from lib.errors import ToolError, VersionMismatch
 
 log = logging.getLogger(__name__)
@@ -393,7 +393,7 @@ class OperatorCommand(Command):
         self.name = self.path.name
 
     def environment(self, pass_file: Path | None) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k not in ("STAGING_DATABASE_URL", "V2_DATABASE_URL")}
+        env = {k: v for k, v in os.environ.items() if k not in TOOLKIT_URLS}
         env.update(self.extra_env)
         return env
 

@@ -98,12 +98,17 @@ def cleanup_plan(target: Target, catalog: Catalog, *, keep: int | None, older_th
 def delete_point(target: Target, catalog: Catalog, point: Point) -> None:
     """The database copy first: a folder left by a failed drop still names it."""
     _same_server(target, point)
+    _drop_copies(target, point)
+    catalog.remove(point)
+
+
+def _drop_copies(target: Target, point: Point) -> None:
+    """What a template point holds on the server: its database copy and its spare."""
     if point.method == "template":
         name = point.manifest.get("template_database")
         if name:
             drop_database(target.maint, name)
         spare.drop(target, point)
-    catalog.remove(point)
 
 
 def apply(
@@ -154,7 +159,5 @@ def finish_removal(target: Target, catalog: Catalog, point_id: str) -> None:
     except (OSError, ValueError):
         shutil.rmtree(trash, ignore_errors=True)
         return
-    if point.method == "template" and point.manifest.get("template_database"):
-        drop_database(target.maint, point.manifest["template_database"])
-        spare.drop(target, point)
+    _drop_copies(target, point)
     shutil.rmtree(trash, ignore_errors=True)

@@ -27,7 +27,7 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -374,10 +374,15 @@ def _log_tail(side: Side) -> str:
 
 
 def remove_side(side: Side) -> None:
-    if (side.data / "postmaster.pid").exists():
-        side.pg_ctl("-m", "immediate", "-w", "stop")
-    shutil.rmtree(side.folder, ignore_errors=True)
-    shutil.rmtree(side.socket, ignore_errors=True)
+    _stop_and_remove(side.pg_ctl, side.data, side.folder, side.socket)
+
+
+def _stop_and_remove(pg_ctl: Callable[..., object], data: Path, folder: Path, socket_dir: Path) -> None:
+    """A side server stopped at once (its data is thrown away) and its folders removed."""
+    if (data / "postmaster.pid").exists():
+        pg_ctl("-m", "immediate", "-w", "stop")
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.rmtree(socket_dir, ignore_errors=True)
 
 
 def _free_port() -> int:
@@ -401,14 +406,13 @@ def leftover_sides(settings: Settings, *, dry_run: bool) -> list[str]:
         if dry_run:
             continue
         data = Path(record["folder"]) / "data"
-        if (data / "postmaster.pid").exists():
+
+        def pg_ctl(*args: str, data: Path = data, bin_dir: str = record["bin_dir"]) -> None:
             owner = data.stat().st_uid
             account = pwd.getpwuid(owner) if os.geteuid() == 0 and owner != 0 else None
-            ServerProgram(Path(record["bin_dir"]) / "pg_ctl", account=account, cwd=Path("/")).run(
-                ["-D", str(data), "-m", "immediate", "-w", "stop"], check=False
-            )
-        shutil.rmtree(record["folder"], ignore_errors=True)
-        shutil.rmtree(record["socket"], ignore_errors=True)
+            ServerProgram(Path(bin_dir) / "pg_ctl", account=account, cwd=Path("/")).run(["-D", str(data), *args], check=False)
+
+        _stop_and_remove(pg_ctl, data, Path(record["folder"]), Path(record["socket"]))
         if not Path(record["folder"]).exists():  # else the next cleanup tries again
             path.unlink(missing_ok=True)
     return found
