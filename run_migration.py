@@ -10,7 +10,6 @@ from pathlib import Path
 import lib.cli.venv  # noqa: F401  (first: runs this script again under .venv when its packages are missing)
 from lib.cli import render
 from lib.cli.app import Parser, common_flags, epilog, run_script, settings_from
-from lib.cli.console import TerminalConfirmer
 from lib.config import PROJECT_ROOT
 from lib.errors import ConfigError
 from lib.migrate import folder, runner
@@ -116,7 +115,7 @@ def parse_params(pairs: list[str]) -> dict[str, str]:
 def choose(ui, ask) -> str:
     found = available()
     names = [str(p.relative_to(PROJECT_ROOT)) for p in found]
-    if not isinstance(ask, TerminalConfirmer) or not found:
+    if not ask.person or not found:
         raise ConfigError(
             "Which migration? Give its file.",
             "For example: python3 run_migration.py " + (names[0] if names else "migrations/<file>.py") + ".",

@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from lib.cli import sample
-    from lib.pg.localserver import LocalServer, embedded_bin_dir
+    from lib.sandbox.servers import LocalServer, embedded_bin_dir
 
     server = LocalServer(embedded_bin_dir())
     work = Path(tempfile.mkdtemp(prefix="rollback-bench-migration-"))

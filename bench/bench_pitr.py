@@ -49,7 +49,7 @@ from bench_scale import grow_staging, parse_sizes, warm_bytes  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from lib.pg.localserver import LocalServer, debian_bin_dir, free_port, scratch_parent, server_account  # noqa: E402
+from lib.sandbox.servers import LocalServer, debian_bin_dir, free_port, scratch_parent, server_account  # noqa: E402
 
 STANZA = "bench"
 MB = 1024 * 1024

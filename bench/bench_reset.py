@@ -31,7 +31,7 @@ from bench_rollback import build_staging, console, timed  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from lib.pg.localserver import LocalServer, embedded_bin_dir  # noqa: E402
+from lib.sandbox.servers import LocalServer, embedded_bin_dir  # noqa: E402
 
 
 def pgcopydb() -> str | None:

@@ -38,7 +38,7 @@ import psycopg2  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from lib.pg.localserver import LocalServer, embedded_bin_dir  # noqa: E402
+from lib.sandbox.servers import LocalServer, embedded_bin_dir  # noqa: E402
 
 DSLR_VENV = ROOT / "bench" / ".venv-dslr"
 DSLR_REQUIREMENT = ["dslr==0.6.0", "psycopg2-binary==2.9.13"]

@@ -74,8 +74,8 @@ from bench_rollback import CUSTOMERS, ORDERS, build_staging, console, dslr_bin, 
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from lib.pg.localserver import LocalServer, embedded_bin_dir, scratch_parent, server_account  # noqa: E402
 from lib.pg.tools import probe  # noqa: E402
+from lib.sandbox.servers import LocalServer, embedded_bin_dir, scratch_parent, server_account  # noqa: E402
 
 MB = 1024 * 1024
 GB = 1024 * MB
@@ -230,7 +230,7 @@ def simulate_migration(b: Bench) -> dict:
 
 
 def background_jobs(backups: Path) -> list[int]:
-    """The toolkit's detached background processes (python -m lib.cli.background) for these points."""
+    """The toolkit's detached background processes (python -m lib.operations.background) for these points."""
     found = []
     wanted = backups.resolve()
     for entry in Path("/proc").iterdir():
@@ -240,7 +240,7 @@ def background_jobs(backups: Path) -> list[int]:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"lib.cli.background" not in argv:
+        if b"lib.operations.background" not in argv:
             continue
         try:
             environ = (entry / "environ").read_bytes().split(b"\0")

@@ -21,11 +21,11 @@ from pathlib import Path
 from lib import audit
 from lib.config import Settings, load_settings
 from lib.errors import ConfigError, VerificationError
+from lib.interaction import Granted, Reporter, Silent
 from lib.migrate.context import SequenceGuard, TrackedConnection, open_staging
 from lib.operations import commands as operations
 from lib.pg.db import connection
 from lib.pg.fingerprint import compare, fingerprint, row_counts, sequence_positions
-from lib.ports import Granted, Reporter, Silent
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from lib.config import ConnInfo  # noqa: E402
-from lib.pg.localserver import LocalServer, debian_bin_dir, embedded_bin_dir  # noqa: E402
+from lib.sandbox.servers import LocalServer, debian_bin_dir, embedded_bin_dir  # noqa: E402
 
 TEMPLATE_DB = "rich_template"
 SCHEMA_SQL = (Path(__file__).parent / "rich_schema.sql").read_text()

@@ -8,7 +8,7 @@ from pathlib import Path
 from lib.config import ConnInfo
 from lib.pg.db import connection
 from lib.pg.fingerprint import fingerprint
-from lib.pg.process import Command
+from lib.process import Command
 
 
 def schema_dump(server, dbname: str) -> str:

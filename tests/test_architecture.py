@@ -14,8 +14,9 @@ from tests.conftest import ROOT
 LIB = ROOT / "lib"
 # lowest first; a module may import its own layer and the ones before it
 LAYERS = [
-    {"lib.errors", "lib.files", "lib.faults", "lib.config", "lib.ports", "lib.audit"},
+    {"lib.errors", "lib.files", "lib.faults", "lib.config", "lib.interaction", "lib.audit", "lib.process", "lib.logfiles"},
     {"lib.pg"},
+    {"lib.sandbox"},
     {"lib.points"},
     {"lib.restore"},
     {"lib.operations"},
@@ -64,7 +65,7 @@ def test_layers_import_only_downwards():
 @pytest.mark.parametrize(
     "pattern, allowed, why",
     [
-        (r"^\s*(import subprocess|from subprocess)", {"lib/pg/process.py"}, "one process layer"),
+        (r"^\s*(import subprocess|from subprocess)", {"lib/process.py"}, "one process layer"),
         (r"^\s*(import rich|from rich)", {"lib/cli/console.py", "lib/cli/render.py"}, "only the console talks to people"),
         (r"\bisatty\(", {"lib/cli/console.py"}, "whether to ask is the Confirmer's to know"),
         (
@@ -101,3 +102,35 @@ def test_every_package_says_what_it_may_import():
     for init in LIB.glob("*/__init__.py"):
         doc = ast.get_docstring(ast.parse(init.read_text())) or ""
         assert "May import" in doc, init
+
+
+def test_module_basenames_are_unique():
+    """A name means one thing: no two modules of lib/ share a file name."""
+    seen: dict[str, list[str]] = {}
+    for path in LIB.rglob("*.py"):
+        if path.name != "__init__.py":
+            seen.setdefault(path.name, []).append(str(path.relative_to(ROOT)))
+    assert {name: paths for name, paths in seen.items() if len(paths) > 1} == {}
+
+
+def test_the_product_never_imports_the_sandbox():
+    """Throwaway servers exist for the demo, the tests and the benchmarks only."""
+    product = ("lib.pg", "lib.points", "lib.restore", "lib.operations", "lib.migrate", "lib.api")
+    found = [
+        f"{name} imports {imported}"
+        for name, _, tree in _modules()
+        if name.startswith(product)
+        for imported in _imports(tree)
+        if imported == "lib.sandbox" or imported.startswith("lib.sandbox.")
+    ]
+    assert found == []
+
+
+def test_no_module_is_named_by_a_string():
+    """A module the toolkit starts is imported, so that a rename breaks at import, not at run time."""
+    spelled = {
+        str(path.relative_to(ROOT))
+        for path in LIB.rglob("*.py")
+        if re.search(r"""["']lib\.[a-z_]+(\.[a-z_]+)*["']""", path.read_text())
+    }
+    assert spelled == set()

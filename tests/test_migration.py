@@ -740,7 +740,7 @@ class Recorder:
         self.warnings.append(text)
 
     def progress(self, label, total=None, unit=""):
-        from lib.ports import Silent
+        from lib.interaction import Silent
 
         return Silent().progress(label, total, unit)
 

@@ -9,7 +9,7 @@ import pytest
 from lib.config import ConnInfo, load_settings
 from lib.errors import ToolError, VersionMismatch
 from lib.pg import tools as pgtools
-from lib.pg.localserver import debian_bin_dir, embedded_bin_dir
+from lib.sandbox.servers import debian_bin_dir, embedded_bin_dir
 
 
 @pytest.mark.parametrize(

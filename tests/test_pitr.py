@@ -23,7 +23,7 @@ import psycopg2
 import pytest
 
 from lib.config import ConnInfo
-from lib.pg.localserver import LocalServer, debian_bin_dir, free_port, scratch_parent, server_account
+from lib.sandbox.servers import LocalServer, debian_bin_dir, free_port, scratch_parent, server_account
 from tests.conftest import ROOT, Server, Staging, _prepare, make_staging
 from tests.helpers import deep_state
 

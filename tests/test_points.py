@@ -18,8 +18,8 @@ import pytest
 
 import create_rollback_point
 import rollback_manager
-from lib.pg.localserver import embedded_bin_dir
 from lib.points.catalog import Catalog
+from lib.sandbox.servers import embedded_bin_dir
 from tests.conftest import ROOT
 from tests.helpers import write_tool_wrapper
 

@@ -18,15 +18,15 @@ import create_rollback_point
 from lib.cli import console
 from lib.cli.console import UI, PlainStream
 from lib.config import ConnInfo, load_settings
+from lib.interaction import Granted, Silent
 from lib.operations import commands
 from lib.operations.reset import reset_staging
 from lib.pg.db import connection
 from lib.pg.fingerprint import row_counts
-from lib.pg.localserver import free_port
-from lib.pg.process import Command
 from lib.pg.progress import DumpTracker, ProgressPoller, RestoreTracker, application_name, table_sizes
 from lib.points.methods.data import all_tables
-from lib.ports import Granted, Silent
+from lib.process import Command
+from lib.sandbox.servers import free_port
 
 
 class Recorder(Silent):

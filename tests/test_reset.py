@@ -97,7 +97,7 @@ def test_reset_asks_first_and_needs_v2(staging, new_staging):
 
 def test_large_tables_are_split_by_block_ranges_and_still_copied_exactly(servers, new_staging, monkeypatch, capsys):
     import reset_staging
-    from lib.restore import reset
+    from lib.restore import rebuild as reset
     from tests.conftest import get_server
 
     v2 = new_staging(get_server(servers, 15), "v2split")

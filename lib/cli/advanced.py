@@ -4,11 +4,11 @@ see what it would undo, confirm. Every step is the operations the other scripts 
 from __future__ import annotations
 
 from lib.cli import render
-from lib.cli.console import UI, TerminalConfirmer
+from lib.cli.console import UI
 from lib.config import Settings
 from lib.errors import ConfigError, ConfirmationRefused, RollbackError
+from lib.interaction import Confirmer
 from lib.operations import commands as operations
-from lib.ports import Confirmer
 
 
 def choose_point(settings: Settings, ui: UI, ask: Confirmer):
@@ -30,7 +30,7 @@ def choose_point(settings: Settings, ui: UI, ask: Confirmer):
 
 
 def walk_through(settings: Settings, ui: UI, ask: Confirmer) -> dict:
-    if not isinstance(ask, TerminalConfirmer):
+    if not ask.person:
         raise ConfirmationRefused(
             "advanced_rollback.py asks which point and how, and there is no terminal to ask on.",
             "Use `python3 rollback_manager.py restore <id> [--type partial] --yes` instead (nothing has been changed).",

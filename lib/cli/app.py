@@ -9,58 +9,14 @@ import signal
 import sys
 import traceback
 from collections.abc import Callable
-from pathlib import Path
 
 from lib.cli.console import UI, confirmer_for
-from lib.config import PROJECT_ROOT, load_settings, loose_password_file, redact
+from lib.config import load_settings, loose_password_file, redact
 from lib.errors import EXIT_CODES_HELP, ExitCode, RollbackError
-from lib.files import make_private_dir, utc_now
-from lib.pg.process import dead_temporaries
+from lib.logfiles import setup_logging
+from lib.process import dead_temporaries
 
 log = logging.getLogger(__name__)
-
-
-class RedactingFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.msg = redact(record.getMessage())
-        record.args = None
-        return True
-
-
-def setup_logging(script: str, debug: bool) -> tuple[Path | None, str | None]:
-    """logs/<script>_<YYYYMMDD_HHMMSS>.log, 0600 in a 0700 folder; and, when that folder
-    cannot be written, why (the audit trail lives there too)."""
-    try:
-        settings = load_settings()
-        log_dir = settings.log_dir
-    except RollbackError:
-        log_dir = PROJECT_ROOT / "logs"
-    root = logging.getLogger()
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
-    for h in list(root.handlers):
-        if getattr(h, "_rollback_toolkit", False):
-            root.removeHandler(h)
-            h.close()
-    path, problem = None, None
-    try:
-        make_private_dir(log_dir)
-        path = log_dir / f"{script}_{utc_now().strftime('%Y%m%d_%H%M%S')}.log"
-        path.touch(mode=0o600, exist_ok=True)
-        path.chmod(0o600)
-        handler: logging.Handler = logging.FileHandler(path, encoding="utf-8")
-    except OSError as exc:
-        path, handler = None, logging.NullHandler()
-        problem = (
-            f"The log folder {log_dir} cannot be written ({exc.strerror or exc}): this run leaves no log file and no "
-            "audit entry. Make it writable, or set LOG_DIR to a folder that is (`python3 check_setup.py` checks it)."
-        )
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(RedactingFilter())
-    handler._rollback_toolkit = True  # type: ignore[attr-defined]
-    root.addHandler(handler)
-    for noisy in ("urllib3", "docker", "testcontainers"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    return path, problem
 
 
 class Parser(argparse.ArgumentParser):

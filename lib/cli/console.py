@@ -13,7 +13,7 @@ from contextlib import contextmanager
 
 from lib.errors import ConfirmationRefused
 from lib.files import human_size
-from lib.ports import Confirmer, Granted, Refusing
+from lib.interaction import Confirmer, Granted, Refusing
 
 PROGRESS_EVERY = 10.0  # seconds between progress lines where no terminal shows a bar
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # all but tab and newline: a log never holds escapes
@@ -250,6 +250,7 @@ class TerminalConfirmer(Granted):
     in the same run (an automatic rollback after a confirmed migration)."""
 
     granted = False
+    person = True
 
     def __init__(self, console, typed: str | None = None) -> None:
         super().__init__(typed)

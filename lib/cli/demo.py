@@ -20,8 +20,8 @@ from lib.errors import ConfigError
 from lib.files import make_private_dir, write_private_file
 from lib.pg.db import connection, execute, query, scalar
 from lib.pg.fingerprint import fingerprint
-from lib.pg.localserver import SHARED_HOME, LocalServer, embedded_bin_dir, make_shared_dir, reachable, server_account
-from lib.pg.process import Finished, PythonModule
+from lib.process import Finished, PythonModule
+from lib.sandbox.servers import SHARED_HOME, LocalServer, embedded_bin_dir, make_shared_dir, reachable, server_account
 
 PGDATA = PROJECT_ROOT / ".pgdata"
 STATE = PGDATA / "demo.json"  # port and password of the demo server, 0600

@@ -28,9 +28,9 @@ from psycopg2 import sql
 from lib.config import PROJECT_ROOT, Settings
 from lib.errors import ConfigError, DatabaseError, MigrationError, RecordFailed, RecordSkipped, RollbackError, ThresholdExceeded
 from lib.files import percent, slugify
+from lib.interaction import Reporter
 from lib.migrate.failures import FailuresFile
 from lib.pg.db import connect
-from lib.ports import Reporter
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 from lib.config import Settings
 from lib.errors import ConfigError, ExitCode, RollbackError
+from lib.interaction import Confirmer, Reporter
 from lib.migrate import ledger, runner
 from lib.migrate.context import Migration, available, load
-from lib.ports import Confirmer, Reporter
 
 
 @dataclass

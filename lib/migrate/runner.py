@@ -14,6 +14,7 @@ from lib import audit
 from lib.config import Settings
 from lib.errors import ConfigError, MigrationError, RollbackError, ThresholdExceeded
 from lib.files import percent
+from lib.interaction import Confirmer, Granted, Reporter
 from lib.migrate import failures, ledger
 from lib.migrate.context import (
     Migration,
@@ -28,7 +29,6 @@ from lib.operations.scaffold import operation
 from lib.pg.db import replication_ties
 from lib.pg.target import confirm_change, open_target
 from lib.points.catalog import Catalog
-from lib.ports import Confirmer, Granted, Reporter
 from lib.restore.swap import RestoreResult, refuse_replication_ties
 
 log = logging.getLogger(__name__)

@@ -9,18 +9,18 @@ rollback takes the spare only when it is ready (else it copies the point itself)
 from __future__ import annotations
 
 import logging
+import sys
 
-from lib.config import Settings
+from lib.config import Settings, load_settings
 from lib.errors import RollbackError
-from lib.pg.process import PythonModule
+from lib.logfiles import setup_logging
 from lib.pg.target import open_target
 from lib.points import retention, spare
 from lib.points.catalog import Catalog, Point
 from lib.points.methods import template as template_method
+from lib.process import PythonModule
 
 log = logging.getLogger(__name__)
-
-ENTRY = "lib.cli.background"
 
 
 def start(settings: Settings, job: str, *point_ids: str) -> None:
@@ -30,7 +30,7 @@ def start(settings: Settings, job: str, *point_ids: str) -> None:
         "BACKUP_DIR": str(settings.backup_dir),
         "LOG_DIR": str(settings.log_dir),
     }
-    PythonModule(env=env).start_detached(ENTRY, job, *point_ids)
+    PythonModule(env=env).start_detached(__spec__.name, job, *point_ids)  # this module's main()
     log.info("started in the background: %s %s", job, " ".join(point_ids))
 
 
@@ -128,3 +128,35 @@ def _read_baseline(target, point: Point) -> None:
         log.info("baseline of %s not read (yielded to the foreground): %s", point.id, exc.message)
     except Exception as exc:  # noqa: BLE001 - psycopg2's errors when the foreground ended this session
         log.info("baseline of %s not read (yielded to the foreground): %s", point.id, str(exc).strip())
+
+
+# ---- the detached process: ``python -m lib.operations.background JOB POINT_ID...`` ----
+# It reports into its own log file and its exit code only: nobody reads its output.
+
+JOBS = {
+    "after-point": (run_after_point, 1),
+    "after-restore": (run_after_restore, 2),  # RESTORED_ID BEFORE_ID, "-" for none
+    "remove": (run_remove, None),  # any number of point ids
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] not in JOBS or len(args) - 1 != (JOBS[args[0]][1] or max(1, len(args) - 1)):
+        print(f"usage: python -m {__spec__.name} {{{'|'.join(JOBS)}}} POINT_ID...", file=sys.stderr)
+        return 2
+    setup_logging("background", debug=False)
+    job, _ = JOBS[args[0]]
+    try:
+        job(load_settings(), *args[1:])
+        return 0
+    except RollbackError as exc:
+        log.error("%s did not finish: %s", args[0], exc.paragraph())
+        return 1
+    except Exception:  # noqa: BLE001 - background work: logged, never loud
+        log.exception("%s did not finish", args[0])
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -2,7 +2,7 @@
 verify, restore, partial rollback, diff, delete, cleanup, audit.
 
 Each takes settings, a Reporter and, where it may destroy something, a Confirmer
-(lib/ports.py); what changes anything starts through the operation scaffold
+(lib/interaction.py); what changes anything starts through the operation scaffold
 (lib/operations/scaffold.py). They return results and raise on failure."""
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from lib.audit import audited
 from lib.config import Settings
 from lib.errors import ConfigError, NoPointError, RollbackError, VerificationError
 from lib.files import sha256_file
+from lib.interaction import Confirmer, Reporter
 from lib.operations import background
-from lib.operations import pitr as pitr_ops
+from lib.operations import pitr_restore as pitr_ops
 from lib.operations.scaffold import Operation, operation
 from lib.pg.db import database_properties
 from lib.pg.target import Target, open_target
@@ -32,7 +33,6 @@ from lib.points.methods import data as data_method
 from lib.points.methods import dump as dump_method
 from lib.points.methods import pitr as pitr_method
 from lib.points.methods import template as template_method
-from lib.ports import Confirmer, Reporter
 from lib.restore import diff, leftovers, partial
 from lib.restore.swap import (
     RestoreResult,

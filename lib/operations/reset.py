@@ -1,5 +1,5 @@
 """reset_staging.py's command: staging rebuilt from V2, the last resort. V2 is only
-read; the copy is built beside staging (lib/restore/reset.py), checked against V2's
+read; the copy is built beside staging (lib/restore/rebuild.py), checked against V2's
 rows, sequences and schema, and swapped in like any restore."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import os
 
 from lib.config import Settings
 from lib.errors import ConfigError
+from lib.interaction import Confirmer, Reporter
 from lib.operations import background
 from lib.operations.scaffold import operation
 from lib.pg.db import (
@@ -15,8 +16,7 @@ from lib.pg.db import (
     refuse_prepared_transactions,
     replication_ties,
 )
-from lib.ports import Confirmer, Reporter
-from lib.restore.reset import describe, rebuild_from, v2_facts
+from lib.restore.rebuild import describe, rebuild_from, v2_facts
 from lib.restore.swap import RestoreResult, refuse_replication_ties
 
 

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 from lib.audit import AuditRecord, audited
 from lib.config import Settings
+from lib.interaction import Confirmer, Reporter
 from lib.pg.locks import DatabaseLock
 from lib.pg.target import Target, confirm_change, open_target
 from lib.points.catalog import Catalog
-from lib.ports import Confirmer, Reporter
 from lib.restore.swap import recover_pending
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from lib.config import Settings
 from lib.errors import ConfigError, ToolError
 from lib.pg.cluster import LocalCluster
-from lib.pg.process import PgBackRest
+from lib.process import PgBackRest
 
 log = logging.getLogger(__name__)
 

@@ -25,9 +25,9 @@ import psycopg2
 from psycopg2 import sql
 
 from lib.config import ConnInfo, redact
+from lib.interaction import Tick
 from lib.pg.db import execute, query
 from lib.pg.fingerprint import USER_NAMESPACES
-from lib.ports import Tick
 
 log = logging.getLogger(__name__)
 

@@ -9,6 +9,7 @@ import psycopg2
 
 from lib.config import ConnInfo, Settings
 from lib.errors import ConfigError, ConnectError, ConnectProblem, DatabaseError, LockHeld
+from lib.interaction import Confirmer, Reporter, Silent
 from lib.pg.db import (
     MAINTENANCE_DB,
     ServerFacts,
@@ -21,7 +22,6 @@ from lib.pg.db import (
 )
 from lib.pg.locks import DatabaseLock
 from lib.pg.progress import ProgressPoller
-from lib.ports import Confirmer, Reporter, Silent
 
 log = logging.getLogger(__name__)
 

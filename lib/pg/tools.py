@@ -1,5 +1,5 @@
 """Find every installed pg_dump / pg_restore / psql, learn their majors by running
-them, and choose one per server or archive; lib/pg/process.py runs them."""
+them, and choose one per server or archive; lib/process.py runs them."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import TypeVar
 
 from lib.config import ConnInfo, Settings
 from lib.errors import ToolError, VersionMismatch
-from lib.pg.process import Command, PgDump, PgIsReady, PgRestore, PgTool, Psql
+from lib.process import Command, PgDump, PgIsReady, PgRestore, PgTool, Psql
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -197,7 +197,7 @@ INDEX_MEMORY = "512MB"
 
 
 def command_for(tool: Tool, **kwargs) -> PgTool:
-    """The Command that runs ``tool`` (see lib/pg/process.py), with its own arguments."""
+    """The Command that runs ``tool`` (see lib/process.py), with its own arguments."""
     kinds = {"pg_dump": PgDump, "pg_restore": PgRestore, "psql": Psql, "pg_isready": PgIsReady}
     return kinds.get(tool.name, PgTool)(tool, **kwargs)
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from lib.errors import CatalogError, ConfigError, VerificationError
 from lib.files import fsync_path, make_private_dir, sha256_file, slugify, utc_now, write_private_file
-from lib.pg.process import pid_alive
+from lib.process import pid_alive
 
 log = logging.getLogger(__name__)
 

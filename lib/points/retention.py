@@ -12,12 +12,12 @@ from datetime import timedelta
 
 from lib.errors import ConfigError
 from lib.files import utc_now
+from lib.interaction import Reporter
 from lib.pg.db import drop_database
 from lib.pg.target import Target
 from lib.points import spare
 from lib.points.catalog import Catalog, Point, check_files
 from lib.points.methods import template as template_method
-from lib.ports import Reporter
 
 log = logging.getLogger(__name__)
 

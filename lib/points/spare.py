@@ -8,7 +8,7 @@ point's manifest before use, like any rebuilt copy, so a half-made or tampered s
 is simply not used. ROLLBACK_SPARE=0 turns this off (it needs the database's size
 once more on the server).
 
-Prepared by ``python -m lib.cli.background spare POINT_ID``, which the toolkit starts."""
+Prepared by ``python -m lib.operations.background after-point POINT_ID``, which the toolkit starts."""
 
 from __future__ import annotations
 

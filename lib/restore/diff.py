@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from psycopg2 import sql
 
 from lib.errors import ConfigError, DiffTimeout
+from lib.interaction import Reporter, Silent
 from lib.pg.db import TOOLKIT_SCHEMA, connection, query
 from lib.pg.fingerprint import schema_lines
 from lib.pg.target import Target
@@ -33,7 +34,6 @@ from lib.points.methods import data as data_method
 from lib.points.methods import dump as dump_method
 from lib.points.methods import template as template_method
 from lib.points.methods.data import Table
-from lib.ports import Reporter, Silent
 
 log = logging.getLogger(__name__)
 

@@ -16,15 +16,15 @@ import socket
 
 from lib.files import human_size
 from lib.pg.db import database_exists, derived_name, drop_database, query
-from lib.pg.process import dead_temporaries, pid_alive
 from lib.pg.target import Target
 from lib.points import spare
 from lib.points.catalog import Catalog
 from lib.points.intents import marker
 from lib.points.methods import template as template_method
 from lib.points.methods.dump import VERIFY_SUFFIX
+from lib.process import dead_temporaries, pid_alive
 from lib.restore.diff import DIFF_SUFFIX
-from lib.restore.pitr import leftover_sides
+from lib.restore.pitr_recovery import leftover_sides
 from lib.restore.swap import ASIDE_SUFFIX, recover_pending
 
 log = logging.getLogger(__name__)

@@ -10,12 +10,12 @@ from dataclasses import dataclass
 from psycopg2 import sql
 
 from lib.errors import ConfigError
+from lib.interaction import Reporter
 from lib.pg.db import connection, query
 from lib.pg.target import Target
 from lib.points.catalog import Point
 from lib.points.methods import data as data_method
 from lib.points.methods.data import Table, _dependency_order
-from lib.ports import Reporter
 from lib.restore.diff import point_side, primary_key
 
 log = logging.getLogger(__name__)

@@ -25,6 +25,7 @@ from lib import faults
 from lib.config import redact
 from lib.errors import ConfigError, DatabaseError, RollbackError, VerificationError
 from lib.files import age, utc_now
+from lib.interaction import Reporter
 from lib.pg.codes import OBJECT_IN_USE
 from lib.pg.db import (
     Session,
@@ -44,7 +45,6 @@ from lib.pg.db import (
     terminate_sessions,
 )
 from lib.pg.fingerprint import compare, counted_tables, fingerprint_like, is_physical
-from lib.pg.process import OperatorCommand
 from lib.pg.retry import retry_on
 from lib.pg.target import Target
 from lib.points import crypto, intents, spare
@@ -52,7 +52,7 @@ from lib.points.catalog import PENDING, TMP_PREFIX, Catalog, Point, PointWriter,
 from lib.points.methods import data as data_method
 from lib.points.methods import dump as dump_method
 from lib.points.methods import template as template_method
-from lib.ports import Reporter
+from lib.process import OperatorCommand
 
 log = logging.getLogger(__name__)
 

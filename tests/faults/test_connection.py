@@ -9,7 +9,7 @@ from contextlib import closing
 
 import psycopg2
 
-from lib.pg.localserver import LocalServer, embedded_bin_dir
+from lib.sandbox.servers import LocalServer, embedded_bin_dir
 from tests.conftest import Staging
 from tests.faults.conftest import last_audit, leftovers, points, start, wait_for
 

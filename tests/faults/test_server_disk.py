@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from lib.pg.localserver import scratch_parent, server_account
+from lib.sandbox.servers import scratch_parent, server_account
 from tests.faults.conftest import points
 
 MEGABYTES = 48

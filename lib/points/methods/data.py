@@ -21,6 +21,7 @@ from psycopg2 import sql
 from lib import faults
 from lib.errors import CatalogError, ConfigError, VerificationError
 from lib.files import human_size, utc_now
+from lib.interaction import Reporter
 from lib.pg.db import connection, database_properties, query, snapshot_session
 from lib.pg.fingerprint import USER_NAMESPACES, schema_lines
 from lib.pg.progress import estimated_rows
@@ -28,7 +29,6 @@ from lib.pg.target import Target
 from lib.points import crypto
 from lib.points.catalog import Catalog, Point
 from lib.points.methods.dump import check_free_space, database_section
-from lib.ports import Reporter
 
 log = logging.getLogger(__name__)
 

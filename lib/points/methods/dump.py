@@ -17,9 +17,9 @@ import psycopg2
 
 from lib.errors import CatalogError, ToolError, VerificationError
 from lib.files import human_size, utc_now, write_private_file
+from lib.interaction import Reporter
 from lib.pg.db import connection, create_database_like, database_properties, derived_name, drop_database, query, snapshot_session
 from lib.pg.fingerprint import compare, fingerprint
-from lib.pg.process import NO_INPUT, pipeline
 from lib.pg.progress import DumpTracker, RestoreTracker, Watch, application_name, named_sessions, table_sizes
 from lib.pg.target import Target
 from lib.pg.tools import (
@@ -34,7 +34,7 @@ from lib.pg.tools import (
 )
 from lib.points import crypto, intents
 from lib.points.catalog import Catalog, Point
-from lib.ports import Reporter
+from lib.process import NO_INPUT, pipeline
 
 log = logging.getLogger(__name__)
 

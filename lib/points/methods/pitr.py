@@ -2,7 +2,7 @@
 outgrow copies. A point is ``pg_create_restore_point(<id>)`` and a WAL switch, waited
 for until that segment is archived, in seconds whatever the database's size; it
 needs a backup in the repository that holds staging's current database (by oid), and
-takes one first where there is none. Restoring one is lib/restore/pitr.py's."""
+takes one first where there is none. Restoring one is lib/restore/pitr_recovery.py's."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 
 from lib.errors import ConfigError, RollbackError, ToolError, VerificationError
 from lib.files import utc_now
+from lib.interaction import Reporter
 from lib.pg.backrest import Backup, History, Repository, parse_history
 from lib.pg.cluster import LocalCluster, local_cluster
 from lib.pg.db import connection, database_properties, query, scalar
@@ -20,7 +21,6 @@ from lib.pg.fingerprint import schema_lines, sequence_positions
 from lib.pg.target import Target
 from lib.points.catalog import Catalog, Point
 from lib.points.methods.dump import database_section
-from lib.ports import Reporter
 
 log = logging.getLogger(__name__)
 

@@ -14,6 +14,7 @@ from psycopg2 import sql
 from lib import faults
 from lib.errors import ConfigError, ConfirmationRefused, DatabaseError, VerificationError
 from lib.files import human_size, utc_now
+from lib.interaction import Confirmer, Reporter
 from lib.pg.codes import DISK_FULL, DUPLICATE_DATABASE, INSUFFICIENT_PRIVILEGE, OBJECT_IN_USE, sqlstate
 from lib.pg.db import (
     connection,
@@ -35,7 +36,6 @@ from lib.points import intents
 from lib.points.catalog import Catalog, Point
 from lib.points.clone import CopyChoice, choose_copy
 from lib.points.methods.dump import database_section
-from lib.ports import Confirmer, Reporter
 
 log = logging.getLogger(__name__)
 

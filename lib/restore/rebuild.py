@@ -18,6 +18,7 @@ from pathlib import Path
 from lib.config import Settings
 from lib.errors import ConfigError, VerificationError
 from lib.files import human_size
+from lib.interaction import Reporter
 from lib.pg.db import (
     connection,
     create_database_like,
@@ -27,14 +28,13 @@ from lib.pg.db import (
     snapshot_session,
 )
 from lib.pg.fingerprint import portable_schema_lines, row_counts, schema_differences, schema_lines, sequence_positions
-from lib.pg.process import PgDump, PgRestore, pipeline, private_temporary_folder
 from lib.pg.progress import RestoreTracker, RowsLoaded, Watch, application_name, named_sessions
 from lib.pg.target import Target
 from lib.pg.tools import INDEX_MEMORY, candidates_for_archive, candidates_for_server, command_for, companion, try_each
 from lib.points.methods import data as data_method
 from lib.points.methods.data import Table
 from lib.points.methods.dump import archive_listing, restore_script
-from lib.ports import Reporter
+from lib.process import PgDump, PgRestore, pipeline, private_temporary_folder
 from lib.restore.swap import build_verify_swap
 
 log = logging.getLogger(__name__)

@@ -17,14 +17,13 @@ import os
 import pwd
 import secrets
 import shutil
-import socket
 import tempfile
 from pathlib import Path
 from urllib.parse import quote
 
 from lib.errors import ServerStartError
-from lib.pg.process import Command, Finished, ServerProgram
 from lib.pg.tools import embedded_bin_dirs, probe
+from lib.process import Command, Finished, ServerProgram, free_port
 
 log = logging.getLogger(__name__)
 
@@ -133,12 +132,6 @@ def debian_bin_dir(major: int) -> Path | None:
 def embedded_bin_dir() -> Path | None:
     dirs = [d for d in embedded_bin_dirs() if (d / "postgres").is_file()]
     return dirs[0] if dirs else None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LocalServer:

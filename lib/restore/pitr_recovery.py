@@ -7,7 +7,7 @@ off (the side server must never write into the repository, whose timelines a lat
 restore would follow). A private server starts on it: unix socket only, in a 0700
 folder, on a free port, trusted only there. Once it has recovered to the target and
 promoted, staging's database is streamed from it into a new database beside staging,
-checked against it, and swapped in as every restore is (lib/restore/reset.py's
+checked against it, and swapped in as every restore is (lib/restore/rebuild.py's
 rebuild_from): staging's other databases and the cluster keep running. The side server
 and its files are removed afterwards, also after a failure or Ctrl-C; a run killed
 outright leaves a record in BACKUP_DIR/.sides/ that `cleanup` acts on.
@@ -24,7 +24,6 @@ import os
 import pwd
 import shlex
 import shutil
-import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -39,18 +38,18 @@ from lib import faults
 from lib.config import ConnInfo, Settings
 from lib.errors import ConfigError, RollbackError, VerificationError
 from lib.files import human_size, make_private_dir, utc_now, write_private_file
+from lib.interaction import Reporter
 from lib.pg.backrest import Backup, History, Repository, lsn_value
 from lib.pg.cluster import LocalCluster
 from lib.pg.db import connect, database_properties, query, scalar
 from lib.pg.fingerprint import compare, physical_fingerprint
-from lib.pg.process import ServerProgram, pid_alive
 from lib.pg.target import Target
 from lib.points.catalog import Catalog, Point
 from lib.points.methods import data as data_method
 from lib.points.methods import pitr as pitr_method
 from lib.points.methods.data import Table
-from lib.ports import Reporter
-from lib.restore.reset import rebuild_from
+from lib.process import ServerProgram, free_port, pid_alive
+from lib.restore.rebuild import rebuild_from
 from lib.restore.swap import RestoreResult
 
 log = logging.getLogger(__name__)
@@ -260,7 +259,7 @@ def side_server(target: Target, cluster: LocalCluster, repo: Repository, recover
     backup_bytes = max((b.size for b in repo.backups() if b.label == recovery.backup), default=cluster_size(target))
     check_space(target, cluster, folder, backup_bytes)
     socket = Path(tempfile.mkdtemp(prefix="rb-side-"))
-    side = Side(folder, socket, _free_port(), cluster, cluster.bin_dir(settings), settings.pgbackrest_env)
+    side = Side(folder, socket, free_port(), cluster, cluster.bin_dir(settings), settings.pgbackrest_env)
     record = _record(settings, side)
     try:
         for path in (folder, side.data, folder / "tablespaces"):
@@ -383,12 +382,6 @@ def _stop_and_remove(pg_ctl: Callable[..., object], data: Path, folder: Path, so
         pg_ctl("-m", "immediate", "-w", "stop")
     shutil.rmtree(folder, ignore_errors=True)
     shutil.rmtree(socket_dir, ignore_errors=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def leftover_sides(settings: Settings, *, dry_run: bool) -> list[str]:

@@ -1,6 +1,6 @@
 """Restores from a pgBackRest repository, within an operation (lib/operations/scaffold.py):
 to a pitr point or to a moment, beside staging then swapped (the default), or the
-whole cluster in place. The work itself is lib/restore/pitr.py's."""
+whole cluster in place. The work itself is lib/restore/pitr_recovery.py's."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from lib.operations.scaffold import Operation
 from lib.pg.db import connection, replication_ties, sessions_on
 from lib.points.catalog import Point
 from lib.points.methods import pitr as pitr_method
-from lib.restore import pitr
+from lib.restore import pitr_recovery as pitr
 from lib.restore.swap import RestoreResult, hook_lines, refuse_replication_ties
 
 

@@ -44,9 +44,12 @@ class Confirmer(Protocol):
     """Questions to a person. ``confirm`` returns to go ahead and raises
     ConfirmationRefused otherwise; for a protected database (PROTECTED_DATABASES) its
     name must be typed, or given ahead, whatever else was said. ``granted`` is True
-    when the caller said yes ahead (--yes, the Python API): nobody reads a preview."""
+    when the caller said yes ahead (--yes, the Python API): nobody reads a preview.
+    ``person`` is True when a person answers, so that questions with no safe default
+    (which point? which migration?) can be asked at all."""
 
     granted: bool
+    person: bool
 
     def confirm(self, question: str, *, what: str, protected: str | None = None) -> None: ...
 
@@ -81,6 +84,7 @@ class Granted:
     still needs its name, given ahead (``--confirm-database``, ``confirm_database=``)."""
 
     granted = True
+    person = False
 
     def __init__(self, typed: str | None = None) -> None:
         self.typed = typed

@@ -24,6 +24,7 @@ import pwd
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -82,6 +83,13 @@ def dead_temporaries(dry_run: bool = False) -> list[str]:
             else:
                 entry.unlink(missing_ok=True)
     return found
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now, for a server this toolkit starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def private_temporary_folder(what: str) -> tempfile.TemporaryDirectory:
