@@ -9,6 +9,7 @@ import lib.cli.venv  # noqa: F401  (first: runs this script again under .venv wh
 from lib.cli.app import Parser, common_flags, epilog, run_script, settings_from
 from lib.files import human_size
 from lib.operations import commands as operations
+from lib.points.methods import registry
 
 EXAMPLES = """
 methods:
@@ -36,7 +37,7 @@ Every point has BACKUP_DIR/<id>/manifest.json and is listed by `python3 rollback
 def build_parser() -> Parser:
     p = Parser(prog="create_rollback_point.py", description=__doc__, epilog=epilog(EXAMPLES))
     p.add_argument("description", nargs="?", help="what this point is for (asked on a terminal; default 'Manual rollback point')")
-    p.add_argument("--method", choices=operations.METHODS, help="how to take it (default: ROLLBACK_METHOD or auto)")
+    p.add_argument("--method", choices=registry.NAMES, help="how to take it (default: ROLLBACK_METHOD or auto)")
     p.add_argument("--migration-id", help="the migration this point guards; also names the point id")
     p.add_argument("--table", action="append", metavar="TABLE", help="a data point of this table (repeatable)")
     p.add_argument(
@@ -71,7 +72,7 @@ def action(args, ui, ask) -> int:
         keep=args.keep,
         tables=args.table,
     )
-    summary = point.summary()
+    summary = registry.summary(point)
     if args.json:
         ui.emit_json(
             {

@@ -14,6 +14,7 @@ from lib.cli import render
 from lib.cli.app import Parser, common_flags, epilog, run_script, settings_from
 from lib.errors import ConfigError
 from lib.operations import commands as operations
+from lib.points.methods import registry
 
 # The Python API of seed 000: from rollback_manager import RollbackManager, MigrationTransaction, RollbackType
 __all__ = [*api.__all__, "main"]
@@ -128,7 +129,7 @@ def action(args, ui, ask) -> int:
     command = {"details": "info", "execute": "restore"}.get(args.command, args.command)
     if command == "list":
         points = operations.list_points(settings)
-        return ui.result([p.summary() for p in points], lambda: render.points_table(ui, points))
+        return ui.result([registry.summary(p) for p in points], lambda: render.points_table(ui, points))
     if command == "info":
         if args.file:
             details, point = operations.file_info(settings, args.file)
@@ -144,7 +145,7 @@ def action(args, ui, ask) -> int:
         description = args.description or f"Backup of {', '.join(args.tables)}"
         point, _ = operations.create_point(settings, ui, ask, description=description, method="data", tables=args.tables)
         return ui.result(
-            {**point.summary(), "path": str(point.path)},
+            {**registry.summary(point), "path": str(point.path)},
             lambda: (ui.ok(f"Data point {point.id} of {point.manifest.get('table')}"), print(point.id)),
         )
     if command == "delete":

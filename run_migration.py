@@ -15,7 +15,7 @@ from lib.errors import ConfigError
 from lib.migrate import folder, runner
 from lib.migrate.context import MIGRATIONS_DIR, available, load
 from lib.migrate.status import status
-from lib.operations.commands import METHODS
+from lib.points.methods.registry import NAMES as METHODS
 
 EXAMPLES = """
 By default a migration is a dry run: it runs whole, in one transaction on staging,

@@ -13,6 +13,7 @@ import lib.cli.venv  # noqa: F401  (first: runs this script again under .venv wh
 from lib.cli import render
 from lib.cli.app import Parser, common_flags, epilog, run_script, settings_from
 from lib.operations import commands as operations
+from lib.points.methods import registry
 
 EXAMPLES = """
 commands:
@@ -48,14 +49,14 @@ def action(args, ui, ask) -> int:
     if args.command == "create":
         point, _ = operations.create_point(settings, ui, ask, description=args.description, method="data", tables=args.table)
         if args.json:
-            ui.emit_json({**point.summary(), "path": str(point.path)})
+            ui.emit_json({**registry.summary(point), "path": str(point.path)})
         else:
             print(point.id)
         return 0
     if args.command == "list":
         points = [p for p in operations.list_points(settings) if p.method == "data"]
         if args.json:
-            ui.emit_json([p.summary() for p in points])
+            ui.emit_json([registry.summary(p) for p in points])
         else:
             render.points_table(ui, points)
         return 0

@@ -24,8 +24,7 @@ from lib.errors import ConfigError, VerificationError
 from lib.interaction import Granted, Reporter, Silent
 from lib.migrate.context import SequenceGuard, TrackedConnection, open_staging
 from lib.operations import commands as operations
-from lib.pg.db import connection
-from lib.pg.fingerprint import compare, fingerprint, row_counts, sequence_positions
+from lib.points.methods import registry
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +102,7 @@ class SyncRollbackManager:
             self.ask,
             description=description or (f"before {migration_id}" if migration_id else "rollback point"),
             migration_id=migration_id,
-            method="data" if tables else self.method,
+            method=registry.FOR_TABLES if tables else self.method,
             tables=tables or None,
         )
         return point.id
@@ -153,55 +152,15 @@ class SyncRollbackManager:
     def verify_rollback(self, rollback_id: str) -> Verification:
         """Does staging now hold what the point holds? Row counts per table, sequences,
         and for a whole-database point the schema digest and large objects."""
-        point = operations.get_point(self.settings, rollback_id)
-        expected = dict(point.manifest.get("fingerprint") or {})
-        if expected.pop("kind", None) == "physical":  # a database copy: its rows as the background read them
-            expected.pop("relations", None)
-            baseline = point.verification.get("baseline") or {}
-            if baseline.get("row_counts"):
-                expected["row_counts"] = baseline["row_counts"]
-        with audit.audited(self.settings.log_dir, "verify rollback", self.settings.staging().masked(), point.id) as record:
-            with connection(self.settings.staging(), readonly=True, application_name="rollback-toolkit verify") as conn:
-                if point.method == "data":
-                    actual = row_counts(conn)
-                    want = expected.get("row_counts", {})
-                    tables = {
-                        t: {"expected_rows": n, "actual_rows": actual.get(t), "matches": actual.get(t) == n}
-                        for t, n in want.items()
-                    }
-                    problems = [
-                        f"{t}: {d['expected_rows']} rows in the point, {d['actual_rows']} now"
-                        for t, d in tables.items()
-                        if not d["matches"]
-                    ]
-                    now = sequence_positions(conn)
-                    problems += [
-                        f"sequence {name}: {list(position)} in the point, {now.get(name)} now"
-                        for name, position in expected.get("sequences", {}).items()
-                        if list(position) != list(now.get(name) or [])
-                    ]
-                else:
-                    fp = fingerprint(conn)
-                    want = expected.get("row_counts", {})
-                    tables = {
-                        t: {
-                            "expected_rows": want.get(t),
-                            "actual_rows": fp.row_counts.get(t),
-                            "matches": want.get(t) == fp.row_counts.get(t),
-                        }
-                        for t in sorted(set(want) | set(fp.row_counts))
-                    }
-                    problems = compare(expected, fp)
-            result = Verification(point.id, not problems, tables, problems)
-            record.set(outcome="matches" if result.matches else "differs", problems=problems[:10])
-        return result
+        tables, problems = operations.verify_staging(self.settings, rollback_id)
+        return Verification(rollback_id, not problems, tables, problems)
 
     def get_rollback_history(self, limit: int | None = None) -> list[dict]:
         """The audit trail, oldest first (the newest ``limit`` entries)."""
         return audit.read(self.settings.log_dir, limit).entries
 
     def list_rollback_points(self) -> list[dict]:
-        return [p.summary() for p in operations.list_points(self.settings)]
+        return [registry.summary(p) for p in operations.list_points(self.settings)]
 
 
 class SyncMigrationTransaction:

@@ -240,6 +240,11 @@ def _command(name: str, text: str | None) -> tuple[str, ...]:
         ) from None
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity), the default of every job count."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
 def load_settings(
     *,
     staging_url: str | None = None,
@@ -265,7 +270,7 @@ def load_settings(
         return path if path.is_absolute() else PROJECT_ROOT / path
 
     bin_dirs = pick(None, "PG_BIN_DIR", "") or ""
-    cores = str(max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+    cores = str(usable_cores())
 
     def whole(name: str, default: str, flag: int | None = None, least: int = 1) -> int:
         text = str(flag) if flag is not None else (pick(None, name, default) or default)

@@ -9,6 +9,7 @@ from lib.config import Settings
 from lib.errors import ConfigError, ConfirmationRefused, RollbackError
 from lib.interaction import Confirmer
 from lib.operations import commands as operations
+from lib.points.methods import registry
 
 
 def choose_point(settings: Settings, ui: UI, ask: Confirmer):
@@ -43,7 +44,7 @@ def walk_through(settings: Settings, ui: UI, ask: Confirmer) -> dict:
         default="full",
     )
     found = None
-    if point.method != "dump":  # a dump has no row keys to compare without restoring it
+    if not registry.of(point).read_by_rebuilding:  # a dump has no row keys to compare without restoring it
         try:
             found = operations.diff_point(settings, ui, point.id)
             ui.info(f"Restoring {point.id} would undo:")

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from lib.cli.console import UI
 from lib.files import age, human_size, percent
 from lib.points.catalog import Point
+from lib.points.methods import registry
 
 
 def Table(*columns, **options):
@@ -85,7 +86,7 @@ def points_table(ui: UI, points: list[Point], *, numbered: bool = False) -> None
     if not points:
         ui.out.print('No rollback points yet. Take one with: python3 create_rollback_point.py "Before migration"')
         return
-    summaries = [p.summary() for p in points]
+    summaries = [registry.summary(p) for p in points]
     columns = {"#": _Column("#", [str(n) for n in range(1, len(points) + 1)], justify="right")} if numbered else {}
     columns.update(
         id=_Column("ID", [s["id"] for s in summaries]),
@@ -189,29 +190,11 @@ def file_details(ui: UI, details: dict, point: Point | None) -> None:
 
 def _verified(point: Point) -> str:
     """Which verification the point has passed, and when."""
-    found = point.verification
-    if point.method == "pitr":
-        backup = point.manifest.get("backup", {}).get("label", "?")
-        return f"repository: needs backup {backup} and the WAL up to its restore point (`verify` asks pgBackRest)"
-    if point.method in ("dump", "data"):
-        return "deep: every row was counted when it was taken" + (
-            f"; rebuilt and counted {found['verified_at']}" if found.get("verified_at") else ""
-        )
-    if found.get("level") == "deep":
-        return f"deep: every row matched its baseline {found.get('verified_at')}"
-    return "physical: schema digest, every relation's file and size, sequences" + (
-        "; rows read as the baseline" if found.get("baseline") else "; rows not read yet (the background reads them)"
-    )
+    return registry.of(point).describe_verification(point)
 
 
 def _rows(point: Point) -> str:
-    fp = point.manifest.get("fingerprint") or {}
-    if point.method == "pitr":
-        return "not counted: a restore point in the WAL (a restore counts the recovered copy against its source)"
-    counts = fp.get("row_counts") or (point.verification.get("baseline") or {}).get("row_counts")
-    if counts is None:
-        return f"not counted yet ({len(fp.get('relations', {}))} relations checked by the catalog)"
-    return f"{sum(counts.values())} in {len(counts)} tables"
+    return registry.of(point).describe_rows(point)
 
 
 def diff_lines(ui: UI, found) -> None:

@@ -17,6 +17,7 @@ from lib.logfiles import setup_logging
 from lib.pg.target import open_target
 from lib.points import retention, spare
 from lib.points.catalog import Catalog, Point
+from lib.points.methods import registry
 from lib.points.methods import template as template_method
 from lib.process import PythonModule
 
@@ -32,21 +33,6 @@ def start(settings: Settings, job: str, *point_ids: str) -> None:
     }
     PythonModule(env=env).start_detached(__spec__.name, job, *point_ids)  # this module's main()
     log.info("started in the background: %s %s", job, " ".join(point_ids))
-
-
-def after_point(settings: Settings, point: Point) -> list[str]:
-    """Start what follows a template point: its spare (when wanted) and its row baseline."""
-    if point.method != "template":
-        return []
-    start(settings, "after-point", point.id)
-    notes = ["every row of its copy is read in the background, as the baseline `verify --deep` compares with"]
-    if _wants_spare(settings, point):
-        notes.insert(
-            0,
-            "a spare copy is being prepared in the background, so a quick rollback is only a swap (it needs the "
-            "database's size once more on the server; ROLLBACK_SPARE=0 turns it off)",
-        )
-    return notes
 
 
 def after_restore(settings: Settings, restored: Point | None, before_id: str | None) -> None:
@@ -75,7 +61,8 @@ def retire_before_states(op) -> None:
 
 
 def _wants_spare(settings: Settings, point: Point) -> bool:
-    return point.method == "template" and spare.enabled(settings) and point.manifest.get("kind", "manual") == "manual"
+    method = registry.find(point.method)
+    return method is not None and method.follow_up_after_restore(settings, point)
 
 
 # ---------------------------------------------------------------- in the background process

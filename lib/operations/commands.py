@@ -8,12 +8,9 @@ Each takes settings, a Reporter and, where it may destroy something, a Confirmer
 from __future__ import annotations
 
 import getpass
-import json
 import logging
 import os
-import re
 import socket
-from datetime import UTC, datetime
 from pathlib import Path
 
 from lib import audit
@@ -25,14 +22,15 @@ from lib.interaction import Confirmer, Reporter
 from lib.operations import background
 from lib.operations import pitr_restore as pitr_ops
 from lib.operations.scaffold import Operation, operation
-from lib.pg.db import database_properties
+from lib.pg.db import connection, database_properties
+from lib.pg.fingerprint import compare, fingerprint, row_counts, sequence_positions
 from lib.pg.target import Target, open_target
 from lib.points import crypto, retention
 from lib.points.catalog import Catalog, Point, check_files, refuse_damaged_manifest
 from lib.points.methods import data as data_method
 from lib.points.methods import dump as dump_method
-from lib.points.methods import pitr as pitr_method
-from lib.points.methods import template as template_method
+from lib.points.methods import registry
+from lib.points.methods.base import REPOSITORY, SWAP, TABLES, Method, TakeRequest
 from lib.restore import diff, leftovers, partial
 from lib.restore.swap import (
     RestoreResult,
@@ -47,57 +45,29 @@ from lib.restore.swap import (
 
 log = logging.getLogger(__name__)
 
-METHODS = ("auto", "template", "dump", "data", "pitr")
-
 
 def default_method(settings: Settings) -> str:
-    value = settings.rollback_method
-    if value not in METHODS:
-        raise ConfigError(f"ROLLBACK_METHOD={value!r} is not a method.", f"Use one of: {', '.join(METHODS)}.")
-    return value
+    return registry.check_name(settings.rollback_method, setting="ROLLBACK_METHOD")
 
 
-def choose_method(target: Target, requested: str) -> tuple[str, str]:
-    """auto: a server-side copy where the role may create databases, a dump otherwise."""
-    f = target.facts
-    if target.settings.encrypt and requested == "template":
-        raise ConfigError(
-            "A template point is a database on the server, which this toolkit cannot encrypt, and encryption was "
-            "asked for (--encrypt or ROLLBACK_ENCRYPT_TO). Nothing was written.",
-            "Use --method dump or --method data (or auto, which then takes a dump).",
-        )
-    if target.settings.encrypt and requested == "auto":
-        return "dump", "encryption asked for: a template point would be an unencrypted database copy"
-    if requested == "template":
-        return "template", "asked for"
-    if requested in ("dump", "data", "pitr"):
-        return requested, "asked for"
-    if f.can_create_db:
-        return "template", f"role {f.current_user} may create databases on this server: a server-side copy is fastest"
-    return "dump", f"role {f.current_user} may not create databases on this server"
-
-
-FALLBACKS = {"template": "dump", "dump": "data"}  # --method auto: the next method, where the first's failure is its own
-
-
-def _take_trying(op: Operation, requested: str, chosen: str, **point) -> Point:
+def _take_trying(op: Operation, requested: str, chosen: Method, **point) -> Point:
     """``chosen``; with --method auto, on a failure that is that method's own (see
     RollbackError.another_method_may_work), the next one, saying which failed and why. A
     failure every method shares (the server, the backup folder) stops at once."""
     method, failed = chosen, []
     while True:
         try:
-            point = _take(op, method=method, **point)
+            return _take(op, method=method, **point)
         except RollbackError as exc:
-            after = FALLBACKS.get(method)
-            if requested != "auto" or not exc.another_method_may_work or after is None:
+            after = registry.fallback(method)
+            if requested != registry.AUTO or not exc.another_method_may_work or after is None:
                 raise
-            op.ui.warn(f"A {method} point could not be taken: {exc.message} Trying a {after} point instead (--method auto).")
-            failed.append({"method": method, "error": exc.message})
+            op.ui.warn(
+                f"A {method.name} point could not be taken: {exc.message} Trying a {after.name} point instead (--method auto)."
+            )
+            failed.append({"method": method.name, "error": exc.message})
             op.record.set(methods_failed=failed)
             method = after
-            continue
-        return point
 
 
 def _who() -> dict:
@@ -113,12 +83,12 @@ def _take(
     *,
     description: str,
     migration_id: str | None,
-    method: str,
+    method: Method,
     kind: str = "manual",
     tables: list[str] | None = None,
 ) -> Point:
-    """A point of staging under an operation already started (the lock held)."""
-    target, catalog, ui = op.target, op.catalog, op.ui
+    """A point of staging under an operation already started (the lock held); the
+    background work the method asks for is started here."""
     base = {
         "description": description,
         "migration_id": migration_id,
@@ -126,20 +96,15 @@ def _take(
         "kind": kind,
         "created_by": _who(),
     }
-    label = migration_id or description
-    if method == "dump":
-        return dump_method.take(target, catalog, ui, label=label, base_manifest=base)
-    if method == "data":
-        return data_method.take(target, catalog, ui, label=label, base_manifest=base, tables=tables)
-    if method == "pitr":
-        return pitr_method.take(target, catalog, ui, label=label, base_manifest=base)
-    if method == "template":
-        template_method.drop_orphans(target, catalog.stale_ids)
-        point = template_method.take(target, catalog, ui, op.ask, label=label, base_manifest=base)
-        for note in background.after_point(target.settings, point):
-            ui.info(f"  {note[0].upper()}{note[1:]}.")
-        return point
-    raise ConfigError(f"Unknown method {method!r}.", f"Choose one of: {', '.join(METHODS)}.")
+    method.before_take(op.target, op.catalog)
+    taken = method.take(
+        TakeRequest(op.target, op.catalog, op.ui, op.ask, label=migration_id or description, base_manifest=base, tables=tables)
+    )
+    for follow_up in taken.follow_up:
+        background.start(op.settings, follow_up.job, *follow_up.point_ids)
+        for note in follow_up.notes:
+            op.ui.info(f"  {note[0].upper()}{note[1:]}.")
+    return taken.point
 
 
 def create_point(
@@ -154,21 +119,18 @@ def create_point(
     tables: list[str] | None = None,
 ) -> tuple[Point, list[Point]]:
     """The new point, and the points --keep removed."""
-    requested = method or ("data" if tables else default_method(settings))
-    if requested not in METHODS:
-        raise ConfigError(f"Unknown method {requested!r}.", f"Choose one of: {', '.join(METHODS)}.")
-    if tables and requested != "data":
+    requested = registry.check_name(method or (registry.FOR_TABLES if tables else default_method(settings)))
+    if tables and requested != registry.FOR_TABLES:
         raise ConfigError(
             "--table makes a data point of those tables.", "Use --method data with --table (or leave --method out)."
         )
-    if keep is not None and keep < 1:
-        raise ConfigError("--keep must be at least 1.", "The new point is always kept.")
+    retention.check_retention_request(keep, None)
     with operation(settings, "create", ui=ui, ask=ask, migration_id=migration_id) as op:
         target = op.target
-        chosen, why = choose_method(target, requested)
+        chosen, why = registry.choose(target, requested)
         ui.step(
             f"Rollback point of {target.dbname} on {target.info.server_label()} "
-            f"(PostgreSQL {target.facts.version}), method {chosen}" + (f": {why}" if requested == "auto" else "")
+            f"(PostgreSQL {target.facts.version}), method {chosen.name}" + (f": {why}" if requested == registry.AUTO else "")
         )
         point = _take_trying(op, requested, chosen, description=description, migration_id=migration_id, tables=tables)
         op.record.set(point_id=point.id, method=point.method)
@@ -226,34 +188,63 @@ def verify_point(settings: Settings, ui: Reporter, point_id: str, *, deep: bool 
         if crypto.is_encrypted(point):
             crypto.check_point_keys(point, settings)
             result["encryption"] = "age; the key opens every file"
-        if point.method == "dump":
-            with ui.progress(f"Reading the archive of {point.id} end to end"):
-                result.update(dump_method.verify_archive(point, settings))
-            ui.ok("Archive read end to end")
-            if deep:
-                with open_target(settings, check_v2=False, ui=ui) as target:
-                    result.update(dump_method.rebuild_and_count(target, point, ui))
-                ui.ok("Rebuilt beside staging: schema digest, row counts and sequences match the manifest")
-        elif point.method == "data":
-            with ui.progress(f"Reading the data of {point.id} end to end"):
-                result.update(data_method.read_through(point, settings))
-            ui.ok("Every table file read end to end, row counts match")
-        elif point.method == "pitr":
-            with open_target(settings, check_v2=False, ui=ui) as target, ui.progress("Checking the repository"):
-                result.update(pitr_method.verify(target, point))
-            ui.ok(f"Backup {result['backup']} and the WAL up to the restore point are in the repository")
-        elif point.method == "template":
+        method = registry.of(point)
+        if method.needs_server_to_verify(deep):
             with open_target(settings, check_v2=False, ui=ui) as target:
-                found = template_method.verify_point_database(target, point, deep=deep)
-            result.update(found)
-            ui.ok(
-                "Database copy matches the manifest: schema digest, every relation's file and size, sequences"
-                + (f"; {found['rows']}" if found.get("rows") else "")
-            )
+                result.update(method.verify(point, settings, ui, target, deep=deep))
+        else:
+            result.update(method.verify(point, settings, ui, None, deep=deep))
         result["verified"] = True
-        result["level"] = point.verified
-        record.set(outcome="verified", level=point.verified)
+        level = method.verified_level(point)
+        result["level"] = level
+        record.set(outcome="verified", level=level)
     return result
+
+
+def verify_staging(settings: Settings, point_id: str) -> tuple[dict[str, dict], list[str]]:
+    """Does staging now hold what the point holds? Row counts per table and sequences; for a
+    whole-database point also the schema digest and large objects. Returns per table
+    (expected_rows, actual_rows, matches) and the problems found."""
+    point = get_point(settings, point_id)
+    expected = dict(point.manifest.get("fingerprint") or {})
+    if expected.pop("kind", None) == "physical":  # a database copy: its rows as the background read them
+        expected.pop("relations", None)
+        baseline = point.verification.get("baseline") or {}
+        if baseline.get("row_counts"):
+            expected["row_counts"] = baseline["row_counts"]
+    with audited(settings.log_dir, "verify rollback", settings.staging().masked(), point.id) as record:
+        with connection(settings.staging(), readonly=True, application_name="rollback-toolkit verify") as conn:
+            if registry.of(point).whole_database:
+                fp = fingerprint(conn)
+                want = expected.get("row_counts", {})
+                tables = {
+                    t: {
+                        "expected_rows": want.get(t),
+                        "actual_rows": fp.row_counts.get(t),
+                        "matches": want.get(t) == fp.row_counts.get(t),
+                    }
+                    for t in sorted(set(want) | set(fp.row_counts))
+                }
+                problems = compare(expected, fp)
+            else:  # only the point's tables, and their sequences
+                actual = row_counts(conn)
+                want = expected.get("row_counts", {})
+                tables = {
+                    t: {"expected_rows": n, "actual_rows": actual.get(t), "matches": actual.get(t) == n} for t, n in want.items()
+                }
+                problems = [
+                    f"{t}: {d['expected_rows']} rows in the point, {d['actual_rows']} now"
+                    for t, d in tables.items()
+                    if not d["matches"]
+                ]
+                now = sequence_positions(conn)
+                problems += [
+                    f"sequence {name}: {list(position)} in the point, {now.get(name)} now"
+                    for name, position in expected.get("sequences", {}).items()
+                    if list(position) != list(now.get(name) or [])
+                ]
+        record.set(outcome="differs" if problems else "matches", problems=problems[:10])
+    return tables, problems
 
 
 def restore_point(
@@ -276,7 +267,7 @@ def restore_point(
             op.record.set(target=recovery.label)
             return pitr_ops.restore(op, recovery, point=None, in_place=in_place, force=force)
     catalog = Catalog(settings.backup_dir).ensure()
-    point = archive_point(settings, archive) if archive else catalog.get(point_id or "")
+    point = dump_method.point_of_archive(settings, archive) if archive else catalog.get(point_id or "")
     pitr_ops.refuse_for_other_methods(point, in_place=in_place)
     with operation(settings, "restore", ui=ui, ask=ask, point_id=point.id) as op:
         if point.manifest.get("kind") == "file":
@@ -301,7 +292,8 @@ def quick_rollback(
 def _restore(op: Operation, point: Point, *, force: bool, in_place: bool = False) -> RestoreResult:
     target, ui, settings = op.target, op.ui, op.settings
     check_point_usable(target, op.catalog, point)
-    if point.method == "pitr":
+    method = registry.of(point)
+    if method.restore_mode == REPOSITORY:
         recovery = pitr_ops.recovery_for(op, point, to_time=None, to_lsn=None)
         return pitr_ops.restore(op, recovery, point=point, in_place=in_place, force=force)
     rplan = restore_plan(target, point)
@@ -312,52 +304,24 @@ def _restore(op: Operation, point: Point, *, force: bool, in_place: bool = False
         for line in diff.summary_for_confirmation(target, point, ui):
             ui.info(f"    {line}")
     op.confirm_change("Go ahead?", what=f"restore {target.dbname}")
-
-    def keep_current(description: str, kind: str, tables: list[str] | None, method: str) -> Point:
-        return _take(op, description=description, migration_id=None, method=method, kind=kind, tables=tables)
-
-    if rplan.mode == "data":
-        result = restore_data(target, rplan, ui, lambda d, k, t: keep_current(d, k, t, "data"))
-    elif rplan.mode == "swap":
+    if rplan.mode == SWAP:
         result = restore_swap(target, op.catalog, rplan, ui)
         background.after_restore(settings, point, result.before_point_id)  # the next spare, the kept state's rows
-    else:
-        result = restore_in_place(target, rplan, ui, lambda d, k, _t: keep_current(d, k, None, "dump"))
+    else:  # in one transaction: the current state is kept first, by the method that restores it
+        method.check_restorable(target, point)  # refused before anything is written
+        ui.step(rplan.keeping_before(target))
+        before = _take(
+            op,
+            description=f"state before rollback to {point.id}",
+            migration_id=None,
+            method=method,
+            kind="before_rollback",
+            tables=method.keeps_before(point) if rplan.mode == TABLES else None,
+        )
+        result = restore_data(target, rplan, ui, before) if rplan.mode == TABLES else restore_in_place(target, rplan, ui, before)
     op.record_swap(result)
     background.retire_before_states(op)
     return result
-
-
-def archive_point(settings: Settings, path: Path) -> Point:
-    """restore --type backup --file: a point folder anywhere, or a bare pg_dump archive."""
-    path = Path(path).expanduser().resolve()
-    if path.is_dir() and (path / "manifest.json").is_file():
-        return Point(path, json.loads((path / "manifest.json").read_text()))
-    if not path.is_file() and not dump_method.is_archive_folder(path):
-        raise ConfigError(f"{path} is neither a pg_dump archive nor a point folder.", "Give the path of one.")
-    header = dump_method.archive_header(path, settings)
-    writer = re.match(r"(\d+)", header.get("pg_dump_version", "") or "")
-    return Point(
-        path.parent,
-        {
-            "id": f"file:{path.name}",
-            "created_at": header.get("created_at") or _modified_at(path),
-            "description": f"archive {path}",
-            "method": "dump",
-            "archive": path.name,
-            "status": "completed",
-            "kind": "file",
-            "tool": {"major": int(writer.group(1))} if writer else {},
-            "database": {"name": None, "properties": {}},
-            "files": [],
-            "fingerprint": None,  # nothing recorded: checked against the archive's own table of contents
-            "archive_table_count": dump_method.archive_table_count(path, settings),
-        },
-    )
-
-
-def _modified_at(path: Path) -> str:
-    return datetime.fromtimestamp(path.stat().st_mtime, UTC).isoformat(timespec="seconds")
 
 
 def check_restore_request(
@@ -423,7 +387,7 @@ def partial_rollback(settings: Settings, ui: Reporter, ask: Confirmer, point_id:
                 op,
                 description=f"state before partial rollback to {point.id}",
                 migration_id=None,
-                method="data",
+                method=registry.get(registry.FOR_TABLES),
                 kind="before_rollback",
                 tables=[data_method.quoted(t) for t in partial_plan.tables],
             )
@@ -440,7 +404,8 @@ def partial_rollback(settings: Settings, ui: Reporter, ask: Confirmer, point_id:
 def delete_point(settings: Settings, ui: Reporter, ask: Confirmer, point_id: str) -> Point:
     point = Catalog(settings.backup_dir).get(point_id)
     with operation(settings, "delete", ui=ui, ask=ask, point_id=point.id, check_v2=False) as op:
-        copy = f" and its database copy {point.manifest.get('template_database')!r}" if point.method == "template" else ""
+        held = registry.of(point).holds_database if point.manifest.get("status") == "completed" else False
+        copy = f" and its database copy {point.manifest.get('template_database')!r}" if held else ""
         ui.info(f"Delete point {point.id}{copy} ({point.manifest.get('description') or 'no description'})?")
         ask.confirm("Delete it?", what=f"delete {point.id}")
         retention.delete_point(op.target, op.catalog, point)

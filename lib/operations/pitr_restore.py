@@ -10,6 +10,8 @@ from lib.operations.scaffold import Operation
 from lib.pg.db import connection, replication_ties, sessions_on
 from lib.points.catalog import Point
 from lib.points.methods import pitr as pitr_method
+from lib.points.methods import registry
+from lib.points.methods.base import REPOSITORY
 from lib.restore import pitr_recovery as pitr
 from lib.restore.swap import RestoreResult, hook_lines, refuse_replication_ties
 
@@ -100,7 +102,7 @@ def _in_place(op: Operation, recovery: pitr.Recovery, point: Point | None) -> Re
 
 
 def refuse_for_other_methods(point: Point, *, in_place: bool) -> None:
-    if in_place and point.method != "pitr":
+    if in_place and registry.of(point).restore_mode != REPOSITORY:
         raise ConfigError(
             f"--in-place restores a pitr point (the whole cluster, from pgBackRest); {point.id} is a {point.method} point.",
             "Leave --in-place out: other points are restored beside staging and swapped.",

@@ -4,9 +4,7 @@ rows, sequences and schema, and swapped in like any restore."""
 
 from __future__ import annotations
 
-import os
-
-from lib.config import Settings
+from lib.config import Settings, usable_cores
 from lib.errors import ConfigError
 from lib.interaction import Confirmer, Reporter
 from lib.operations import background
@@ -23,11 +21,11 @@ from lib.restore.swap import RestoreResult, refuse_replication_ties
 def reset_staging(
     settings: Settings, ui: Reporter, ask: Confirmer, *, jobs: int | None = None, force: bool = False
 ) -> RestoreResult:
-    jobs = jobs or max(1, os.cpu_count() or 1)
+    jobs = jobs or usable_cores()
     v2, v2_major, v2_size = v2_facts(settings)
     with operation(settings, "reset", ui=ui, ask=ask) as op:  # refuses a staging URL that is V2
         target, f = op.target, op.target.facts
-        if not (f.is_superuser or (f.can_create_db and f.is_db_owner)):
+        if not target.may_swap:
             raise ConfigError(
                 f"Role {f.current_user} may not create and rename databases, which rebuilding staging needs.",
                 "Run it as staging's owner with CREATEDB, or as a superuser.",

@@ -41,6 +41,12 @@ class Target:
     def masked(self) -> str:
         return self.info.masked()
 
+    @property
+    def may_swap(self) -> bool:
+        """Whether staging can be replaced by renaming: a superuser, or its owner with CREATEDB."""
+        f = self.facts
+        return f.is_superuser or (f.can_create_db and f.is_db_owner)
+
     def progress_poller(self, dbname: str, app: str) -> ProgressPoller:
         """The progress of ``app``'s sessions on ``dbname``, read through the maintenance database."""
         return ProgressPoller(self.info, self.maint.info.dbname, dbname, app)

@@ -85,35 +85,6 @@ class Point:
         write_private_file(staged, json.dumps(merged, indent=2, sort_keys=True, default=str).encode())
         os.rename(staged, self.path / VERIFICATION)
 
-    @property
-    def verified(self) -> str:
-        """The deepest verification the point has passed: "deep" (every row: read when a dump
-        or data point was taken, or by `verify --deep`), or "physical" (a database copy,
-        checked by what the catalog shows), or "repository" (a pitr point: pgBackRest holds
-        what it needs)."""
-        if self.method in ("dump", "data"):
-            return "deep"
-        if self.method == "pitr":
-            return "repository"
-        return self.verification.get("level", "physical")
-
-    def summary(self) -> dict:
-        m = self.manifest
-        return {
-            "id": self.id,
-            "created_at": m.get("created_at"),
-            "migration_id": m.get("migration_id"),
-            "database": self.database_name,
-            "server": m.get("database", {}).get("server"),
-            "table": m.get("table"),
-            "method": self.method,
-            "size_bytes": self.size,
-            "status": m.get("status"),
-            "verified": self.verified if m.get("status") == STATUS_COMPLETED else None,
-            "kind": m.get("kind", "manual"),
-            "description": m.get("description"),
-        }
-
 
 def refuse_a_file_for_a_folder(root: Path) -> None:
     """BACKUP_DIR that is a file (or lies under one) can hold no point: said at once, so that

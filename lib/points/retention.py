@@ -10,14 +10,12 @@ import shutil
 from dataclasses import dataclass
 from datetime import timedelta
 
-from lib.errors import ConfigError
+from lib.errors import ConfigError, RollbackError
 from lib.files import utc_now
 from lib.interaction import Reporter
-from lib.pg.db import drop_database
 from lib.pg.target import Target
-from lib.points import spare
 from lib.points.catalog import Catalog, Point, check_files
-from lib.points.methods import template as template_method
+from lib.points.methods import registry
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +41,10 @@ def is_good(target: Target, point: Point) -> bool:
     """Complete, files intact, and for a database copy: present and valid."""
     if point.manifest.get("status") != "completed" or check_files(point):
         return False
-    if point.method == "template":
-        state = template_method.database_state(target.maint, point.manifest.get("template_database", ""))
-        return state is not None and not state["invalid"]
+    try:
+        registry.of(point).check_usable(target, point)
+    except RollbackError:
+        return False
     return True
 
 
@@ -103,12 +102,9 @@ def delete_point(target: Target, catalog: Catalog, point: Point) -> None:
 
 
 def _drop_copies(target: Target, point: Point) -> None:
-    """What a template point holds on the server: its database copy and its spare."""
-    if point.method == "template":
-        name = point.manifest.get("template_database")
-        if name:
-            drop_database(target.maint, name)
-        spare.drop(target, point)
+    """What the point holds on the server (a database copy and its spare)."""
+    if registry.find(point.method) is not None:
+        registry.of(point).drop(target, point)
 
 
 def apply(
@@ -141,10 +137,8 @@ def apply(
 
 
 def _same_server(target: Target, point: Point) -> None:
-    if point.method == "template" and point.manifest.get("database", {}).get("system_identifier") not in (
-        None,
-        target.facts.system_identifier,
-    ):
+    method = registry.find(point.method)
+    if method is not None and method.holds_database and not method.lives_on(target, point):
         raise ConfigError(
             f"Point {point.id}'s database copy lives on another server ({point.manifest['database'].get('server')}).",
             "Run the command with --database-url for that server.",

@@ -21,9 +21,8 @@ from lib.errors import VerificationError
 from lib.pg.db import derived_name, drop_database, rename_database, set_allow_connections
 from lib.pg.locks import SpareLock
 from lib.pg.target import Target
-from lib.points import intents
+from lib.points import copies, intents
 from lib.points.catalog import Catalog, Point
-from lib.points.methods import template as template_method
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +49,15 @@ def prepare(target: Target, point: Point) -> bool:
     try:
         name = spare_name(point)
         source = point.manifest.get("template_database")
-        state = template_method.database_state(target.maint, source) if source else None
-        if state is None or state["invalid"] or template_method.database_state(target.maint, name) is not None:
+        state = copies.database_state(target.maint, source) if source else None
+        if state is None or state["invalid"] or copies.database_state(target.maint, name) is not None:
             return False
         with intents.new_database(target, name, "spare copy", point_id=point.id) as new:
             try:
-                template_method.copy_database(target, source, name, None)
+                copies.copy_database(target, source, name, None)
             except psycopg2.Error as exc:
-                raise template_method.copy_error(target, exc, source) from None
-            template_method.seal(target, name, point.id, "spare copy for quick rollback")
+                raise copies.copy_error(target, exc, source) from None
+            copies.seal(target, name, point.id, "spare copy for quick rollback")
             new.own()
         return True
     finally:
@@ -73,7 +72,7 @@ def claim(target: Target, point: Point, new_name: str, *, wait_seconds: float = 
         return False
     try:
         name = spare_name(point)
-        state = template_method.database_state(target.maint, name)
+        state = copies.database_state(target.maint, name)
         if state is None or state["invalid"]:
             return False
         if state["allow_connections"]:  # sealed when made: somebody opened it since
@@ -92,12 +91,16 @@ def claim(target: Target, point: Point, new_name: str, *, wait_seconds: float = 
 
 def drop(target: Target, point: Point) -> None:
     name = spare_name(point)
-    if template_method.database_state(target.maint, name) is not None:
+    if copies.database_state(target.maint, name) is not None:
         drop_database(target.maint, name)
 
 
 def drop_all_but(target: Target, catalog: Catalog, keep: Point | None) -> None:
     """Only the newest template point has a spare: server space stays bounded."""
     for point in catalog.points():
-        if point.method == "template" and point.database_name == target.dbname and (keep is None or point.id != keep.id):
+        if (
+            point.manifest.get("template_database")
+            and point.database_name == target.dbname
+            and (keep is None or point.id != keep.id)
+        ):
             drop(target, point)

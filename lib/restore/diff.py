@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 
 from psycopg2 import sql
 
-from lib.errors import ConfigError, DiffTimeout
+from lib.errors import DiffTimeout
 from lib.interaction import Reporter, Silent
 from lib.pg.db import TOOLKIT_SCHEMA, connection, query
 from lib.pg.fingerprint import schema_lines
@@ -31,13 +31,12 @@ from lib.pg.target import Target
 from lib.points import crypto
 from lib.points.catalog import Point
 from lib.points.methods import data as data_method
-from lib.points.methods import dump as dump_method
-from lib.points.methods import template as template_method
+from lib.points.methods import registry
 from lib.points.methods.data import Table
 
 log = logging.getLogger(__name__)
 
-DIFF_SUFFIX = "_rb_diff"
+
 # schema_lines() of the toolkit's schema and the objects in it, which it names qualified
 _TOOLKIT_LINE = re.compile(rf"^(schema|comment schema) {TOOLKIT_SCHEMA}[ :]|\b{TOOLKIT_SCHEMA}\.")
 
@@ -175,18 +174,9 @@ class PointSide:
 
 @contextmanager
 def point_side(target: Target, point: Point, ui: Reporter) -> Iterator[PointSide]:
-    if point.method == "data":
-        yield PointSide(point, settings=target.settings)
-        return
-    if point.method == "template":
-        with template_method.opened(target, point.manifest["template_database"]) as conn:
-            yield PointSide(point, conn)
-        return
-    if point.method == "dump":
-        with dump_method.rebuilt(target, point, DIFF_SUFFIX, "diff", ui) as conn:
-            yield PointSide(point, conn)
-        return
-    raise ConfigError(f"Point {point.id} has method {point.method!r}, which diff does not read.")
+    """The point's data: its files, or a connection to its copy (opened, or rebuilt beside staging)."""
+    with registry.of(point).open_for_reading(target, point, ui) as conn:
+        yield PointSide(point, conn, settings=target.settings)
 
 
 def _key_hash(line: bytes, key_positions: list[int]) -> tuple[bytes, bytes]:
@@ -198,7 +188,7 @@ def compute(target: Target, point: Point, ui: Reporter, *, deadline: float | Non
     result = Diff(point.id)
     with point_side(target, point, ui) as side, connection(target.info, application_name="rollback-toolkit diff") as current:
         point_tables = {t.key: t for t in side.tables()}
-        if point.method == "data":
+        if not registry.of(point).whole_database:  # a point of its tables: the rest is not its business
             current_tables = {
                 k: t for k, t in point_tables.items() if query(current, "SELECT to_regclass(%s)", (data_method.quoted(t),))[0][0]
             }
@@ -262,7 +252,7 @@ def _table_diff(side: PointSide, current, table: Table) -> TableDiff:
 
 def summary_for_confirmation(target: Target, point: Point, ui: Reporter, budget_seconds: float = 5.0) -> list[str]:
     """One line per table touched, or why not; never fails a restore."""
-    if point.method == "dump":
+    if registry.of(point).read_by_rebuilding:
         return [f"not computed (a dump point is rebuilt to compare: `rollback_manager.py diff {point.id}`)"]
     try:
         return compute(target, point, Silent(), deadline=time.monotonic() + budget_seconds).lines()

@@ -21,9 +21,8 @@ from lib.points import spare
 from lib.points.catalog import Catalog
 from lib.points.intents import marker
 from lib.points.methods import template as template_method
-from lib.points.methods.dump import VERIFY_SUFFIX
+from lib.points.methods.dump import DIFF_SUFFIX, VERIFY_SUFFIX
 from lib.process import dead_temporaries, pid_alive
-from lib.restore.diff import DIFF_SUFFIX
 from lib.restore.pitr_recovery import leftover_sides
 from lib.restore.swap import ASIDE_SUFFIX, recover_pending
 

@@ -31,7 +31,6 @@ from lib.pg.db import (
     Session,
     apply_database_properties,
     connection,
-    create_database_like,
     database_exists,
     database_properties,
     derived_name,
@@ -47,22 +46,25 @@ from lib.pg.db import (
 from lib.pg.fingerprint import compare, counted_tables, fingerprint_like, is_physical
 from lib.pg.retry import retry_on
 from lib.pg.target import Target
-from lib.points import crypto, intents, spare
+from lib.points import copies, crypto, intents
 from lib.points.catalog import PENDING, TMP_PREFIX, Catalog, Point, PointWriter, check_files, refuse_damaged_manifest
-from lib.points.methods import data as data_method
-from lib.points.methods import dump as dump_method
-from lib.points.methods import template as template_method
+from lib.points.methods import registry
+from lib.points.methods.base import SWAP, TABLES
+from lib.points.methods.data import restore_in_transaction
+from lib.points.methods.dump import database_section
+from lib.points.methods.template import TemplateMethod
 from lib.process import OperatorCommand
 
 log = logging.getLogger(__name__)
 
 ASIDE_SUFFIX = "_rb_restoring"
+IN_PLACE = "in-place"  # a restore mode of its own: emptied and restored in one transaction, where renaming is not allowed
 
 
 @dataclass
 class RestorePlan:
     point: Point
-    mode: str  # "swap" or "in-place"
+    mode: str  # SWAP, TABLES or IN_PLACE
     sessions: list[Session]
     reason: str = ""
     ties: list[str] = field(default_factory=list)  # replication slots and subscriptions a swap leaves behind
@@ -75,14 +77,14 @@ class RestorePlan:
             f"  taken {p.manifest.get('created_at', '?')[:19].replace('T', ' ')} UTC ({age(p.manifest.get('created_at'))}) — "
             f"{p.manifest.get('description') or 'no description'} ({p.method})",
         ]
-        if self.mode == "data":
+        if self.mode == TABLES:
             lines.append(
                 f"  Its {len(p.manifest.get('tables', []))} table(s) are emptied and refilled in one transaction; "
                 "the rest of the database is untouched and sessions stay connected. "
                 "Their current data is first kept as a data point (undo: restore that point)."
             )
             return "\n".join(lines)
-        if self.mode == "swap":
+        if self.mode == SWAP:
             lines.append(
                 "  The point is rebuilt beside staging and verified first; staging is then swapped "
                 "in one short step, and its current state kept as a new point (undo: restore that point)."
@@ -100,6 +102,12 @@ class RestorePlan:
         else:
             lines.append(f"  No sessions are connected to {target.dbname} now.")
         return "\n".join(lines)
+
+    def keeping_before(self, target: Target) -> str:
+        """What a restore in one transaction keeps first, as the step says it."""
+        if self.mode == TABLES:
+            return f"Keeping the current data of {len(self.point.manifest.get('tables', []))} table(s) as a data point first"
+        return f"Keeping the current state of {target.dbname} as a dump point first"
 
 
 @dataclass
@@ -180,20 +188,7 @@ def check_point_usable(target: Target, catalog: Catalog, point: Point) -> None:
         raise VerificationError(f"Point {point.id} failed its checksums: " + "; ".join(problems) + ". Nothing was changed.", hint)
     crypto.check_point_keys(point, target.settings)  # a missing or wrong key: refused here, nothing touched
     refuse_prepared_transactions(target.maint, target.dbname, f"restore {target.dbname}")
-    if point.method == "template":
-        same_server = m.get("database", {}).get("system_identifier") in (None, target.facts.system_identifier)
-        if not same_server:
-            raise ConfigError(
-                f"Point {point.id} is a database copy on another server ({m.get('database', {}).get('server')}).",
-                "Restore it against that server, or choose a dump point.",
-            )
-        state = template_method.database_state(target.maint, m.get("template_database", ""))
-        if state is None or state["invalid"]:
-            raise VerificationError(
-                f"Point {point.id}'s database {m.get('template_database')!r} is "
-                f"{'missing' if state is None else 'invalid (an interrupted DROP left it)'}. Nothing was changed.",
-                "Choose another point (`python3 rollback_manager.py list`).",
-            )
+    registry.of(point).check_usable(target, point)
 
 
 def _earlier_points_hint(good: list[Point]) -> str:
@@ -224,40 +219,19 @@ def refuse_replication_ties(target: Target, ties: list[str], *, force: bool, doi
 
 def restore_plan(target: Target, point: Point) -> RestorePlan:
     f = target.facts
-    if point.method == "data":
-        return RestorePlan(point, "data", [])
-    can_swap = f.is_superuser or (f.can_create_db and f.is_db_owner)
+    method = registry.of(point)
+    if method.restore_mode == TABLES:
+        return RestorePlan(point, TABLES, [])
     sessions = sessions_on(target.maint, target.dbname)
-    if can_swap:
-        return RestorePlan(point, "swap", sessions, ties=replication_ties(target.maint, target.dbname))
-    if point.method == "template":
+    if target.may_swap:
+        return RestorePlan(point, SWAP, sessions, ties=replication_ties(target.maint, target.dbname))
+    if not method.can_restore_in_place():
         raise ConfigError(
             f"Role {f.current_user} may not create or rename databases, which restoring the database copy {point.id} needs.",
             "Run it as the database owner with CREATEDB, or as a superuser; or restore a dump point.",
         )
     reason = f"role {f.current_user} may not create or rename databases"
-    return RestorePlan(point, "in-place", sessions, reason)
-
-
-def _build_aside(target: Target, point: Point, aside: str, ui: Reporter) -> str | None:
-    props = point.manifest.get("database", {}).get("properties", {})
-    if point.method == "dump":
-        create_database_like(target.maint, aside, props, target.facts.major)
-        tool = dump_method.restore_into(target, point, aside, ui)
-        return f"{tool.path} ({tool.version})"
-    source = point.manifest["template_database"]
-    if spare.enabled(target.settings):
-        with ui.progress(f"Taking the spare copy of {point.id} (waiting if it is still being prepared)"):
-            claimed = spare.claim(target, point, aside)
-        if claimed:
-            ui.step(f"Using the spare copy of {point.id} prepared in the background")
-            return "spare copy"
-    with ui.progress(f"Copying {source} into {aside} on the server"):
-        try:
-            template_method.copy_database(target, source, aside, props.get("owner"))
-        except psycopg2.Error as exc:
-            raise template_method.copy_error(target, exc, source) from None
-    return None
+    return RestorePlan(point, IN_PLACE, sessions, reason)
 
 
 def swap_databases(target: Target, aside: str, before: str, attempts: int = 3) -> tuple[float, int]:
@@ -304,7 +278,7 @@ def restore_swap(target: Target, catalog: Catalog, rplan: RestorePlan, ui: Repor
         target,
         catalog,
         ui,
-        build=lambda aside: _build_aside(target, point, aside, ui),
+        build=lambda aside: registry.of(point).build_beside(target, point, aside, ui),
         verify=verify,
         properties=point.manifest.get("database", {}).get("properties", {}),
         restored=point.id,
@@ -427,17 +401,17 @@ def _before_state_info(target: Target, before: str, description: str, props: dic
         "table": None,
         "kind": "before_rollback",
         "restored_point": restored_id,
-        "method": "template",
+        "method": TemplateMethod.name,
         "template_database": before,
-        "database": dump_method.database_section(target, props),
+        "database": database_section(target, props),
     }
 
 
 def _keep_before_state(target: Target, writer, info: dict) -> Point:
     before = info["template_database"]
-    template_method.seal(target, before, writer.id, info["description"])
+    copies.seal(target, before, writer.id, info["description"])
     try:
-        fp = template_method.read_physical(target, before)
+        fp = copies.read_physical(target, before)
     except RollbackError as exc:
         raise DatabaseError(
             f"Staging was restored, but the previous state, kept as database {before!r}, could not be read: {exc.message}",
@@ -461,7 +435,7 @@ def recover_pending(target: Target, catalog: Catalog) -> list[str]:
             continue  # another staging's: left for its own runs
         catalog.pending.remove(folder)
         point_id = folder.name[len(TMP_PREFIX) :]
-        state = template_method.database_state(target.maint, info["template_database"])
+        state = copies.database_state(target.maint, info["template_database"])
         if state is None or state["invalid"]:
             shutil.rmtree(folder, ignore_errors=True)
             done.append(f"unfinished point folder {folder} (the swap it was made for did not happen)")
@@ -473,25 +447,21 @@ def recover_pending(target: Target, catalog: Catalog) -> list[str]:
     return done
 
 
-def restore_data(target: Target, rplan: RestorePlan, ui: Reporter, take_point) -> RestoreResult:
+def restore_data(target: Target, rplan: RestorePlan, ui: Reporter, before: Point) -> RestoreResult:
+    """The point's tables emptied and refilled in one transaction; ``before`` keeps their current data."""
     point = rplan.point
-    tables = [data_method.quoted(data_method.Table(t["schema"], t["name"])) for t in point.manifest.get("tables", [])]
-    data_method.preflight(target, point)  # refuse before anything is written
-    ui.step(f"Keeping the current data of {len(tables)} table(s) as a data point first")
-    scope = tables if point.manifest.get("table") else None  # a whole-database point: all tables and sequences
-    before = take_point(f"state before rollback to {point.id}", "before_rollback", scope)
-    mode = data_method.restore_in_transaction(target, point, ui)
+    tables = point.manifest.get("tables", [])
+    mode = restore_in_transaction(target, point, ui)
     ui.ok(f"{len(tables)} table(s) restored and their row counts checked before the commit")
-    return RestoreResult(point.id, target.dbname, "data", before.id, None, 0, notes=[mode])
+    return RestoreResult(point.id, target.dbname, TABLES, before.id, None, 0, notes=[mode])
 
 
-def restore_in_place(target: Target, rplan: RestorePlan, ui: Reporter, take_point) -> RestoreResult:
+def restore_in_place(target: Target, rplan: RestorePlan, ui: Reporter, before: Point) -> RestoreResult:
+    """Staging emptied and restored in one transaction; ``before`` keeps its current state."""
     point = rplan.point
-    ui.step(f"Keeping the current state of {target.dbname} as a dump point first")
-    before = take_point(f"state before rollback to {point.id}", "before_rollback", None)
     if rplan.sessions:
         terminate_sessions(target.maint, target.dbname)
-    tool = dump_method.restore_in_place(target, point, ui)
+    tool = registry.of(point).restore_in_place(target, point, ui)
     with connection(target.info, application_name="rollback-toolkit verify") as conn:
         try:
             verify_restored(conn, point, ui, untouched="Staging was restored in place and differs.")
@@ -503,10 +473,10 @@ def restore_in_place(target: Target, rplan: RestorePlan, ui: Reporter, take_poin
     return RestoreResult(
         point.id,
         target.dbname,
-        "in-place",
+        IN_PLACE,
         before.id,
         None,
         len(rplan.sessions),
-        tool=f"{tool.path} ({tool.version})",
+        tool=tool,
         notes=[rplan.reason],
     )

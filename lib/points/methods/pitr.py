@@ -20,6 +20,7 @@ from lib.pg.db import connection, database_properties, query, scalar
 from lib.pg.fingerprint import schema_lines, sequence_positions
 from lib.pg.target import Target
 from lib.points.catalog import Catalog, Point
+from lib.points.methods.base import REPOSITORY, Method, Taken, TakeRequest
 from lib.points.methods.dump import database_section
 
 log = logging.getLogger(__name__)
@@ -231,3 +232,29 @@ def side_folder(settings, cluster: LocalCluster, point_id: str) -> Path:
     cluster's own data directory (its filesystem has room for a cluster)."""
     parent = settings.pitr_side_dir or cluster.data_dir.parent
     return parent / f"rollback-side-{point_id}"
+
+
+class PitrMethod(Method):
+    """A named restore point in staging's pgBackRest repository: costs a WAL switch to
+    take; restored by recovery, beside staging or the whole cluster in place."""
+
+    name = "pitr"
+    level = "repository"
+    restore_mode = REPOSITORY
+
+    def take(self, request: TakeRequest) -> Taken:
+        r = request
+        return Taken(take(r.target, r.catalog, r.ui, label=r.label, base_manifest=r.base_manifest))
+
+    def verify(self, point: Point, settings, ui: Reporter, target: Target | None, *, deep: bool) -> dict:
+        with ui.progress("Checking the repository"):
+            result = verify(target, point)
+        ui.ok(f"Backup {result['backup']} and the WAL up to the restore point are in the repository")
+        return result
+
+    def describe_verification(self, point: Point) -> str:
+        backup = point.manifest.get("backup", {}).get("label", "?")
+        return f"repository: needs backup {backup} and the WAL up to its restore point (`verify` asks pgBackRest)"
+
+    def describe_rows(self, point: Point) -> str:
+        return "not counted: a restore point in the WAL (a restore counts the recovered copy against its source)"

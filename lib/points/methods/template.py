@@ -9,91 +9,40 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import psycopg2
-from psycopg2 import sql
 
 from lib import faults
-from lib.errors import ConfigError, ConfirmationRefused, DatabaseError, VerificationError
+from lib.errors import ConfigError, ConfirmationRefused, VerificationError
 from lib.files import human_size, utc_now
 from lib.interaction import Confirmer, Reporter
-from lib.pg.codes import DISK_FULL, DUPLICATE_DATABASE, INSUFFICIENT_PRIVILEGE, OBJECT_IN_USE, sqlstate
+from lib.pg.codes import OBJECT_IN_USE, sqlstate
 from lib.pg.db import (
-    connection,
     database_properties,
     derived_name,
     drop_database,
-    execute,
-    query,
     refuse_prepared_transactions,
     sessions_on,
-    set_allow_connections,
     terminate_sessions,
 )
-from lib.pg.fingerprint import Fingerprint, compare, fingerprint, fingerprint_like, is_physical, physical_fingerprint
-from lib.pg.locks import CountLock, Readers, SealLock
+from lib.pg.fingerprint import compare, fingerprint, fingerprint_like, is_physical
+from lib.pg.locks import CountLock
 from lib.pg.retry import retry_on
 from lib.pg.target import Target
-from lib.points import intents
+from lib.points import intents, spare
 from lib.points.catalog import Catalog, Point
-from lib.points.clone import CopyChoice, choose_copy
+from lib.points.copies import (
+    copy_choice,
+    copy_database,
+    copy_error,
+    database_state,
+    invalid_databases,
+    opened,
+    read_physical,
+    seal,
+)
+from lib.points.methods.base import FollowUp, Method, Taken, TakeRequest
 from lib.points.methods.dump import database_section
 
 log = logging.getLogger(__name__)
-
-
-def comment_for(point_id: str, description: str, marker: str) -> str:
-    return f"rollback point {point_id}: {description} (managed by rollback_manager.py, {marker}; do not connect)"
-
-
-def database_state(maint, name: str) -> dict | None:
-    """exists / allows connections / invalid (an interrupted DROP DATABASE leaves datconnlimit -2)."""
-    rows = query(maint, "SELECT datallowconn, datconnlimit FROM pg_database WHERE datname = %s", (name,))
-    if not rows:
-        return None
-    return {"allow_connections": rows[0][0], "invalid": rows[0][1] == -2}
-
-
-def seal(target: Target, name: str, point_id: str, description: str) -> None:
-    """No connections, and a comment naming the point and the catalog it belongs to."""
-    set_allow_connections(target.maint, name, False)
-    text = comment_for(point_id, description, intents.marker(Catalog(target.settings.backup_dir)))
-    execute(target.maint, sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(name), sql.Literal(text)))
-
-
-@contextmanager
-def opened(target: Target, name: str) -> Iterator[object]:
-    """Briefly allow connections to a sealed point database to read it. Readers may
-    overlap (the background's baseline, a diff, a verify): each joins the database's
-    Readers when it opens it and leaves when done, and the last to leave seals it; both
-    under a SealLock, so that no reader finds it sealed under it."""
-    with _sealing(target, name):
-        set_allow_connections(target.maint, name, True)
-        readers = Readers(target.maint, target.facts.system_identifier, name)
-        readers.join()
-    try:
-        with connection(target.info, name, application_name="rollback-toolkit verify") as conn:
-            yield conn
-    finally:
-        with _sealing(target, name):
-            if readers.leave():
-                set_allow_connections(target.maint, name, False)
-
-
-@contextmanager
-def _sealing(target: Target, name: str) -> Iterator[None]:
-    lock = SealLock(target.maint, target.facts.system_identifier, name)
-    holder = lock.acquire(wait=30)
-    if holder is not None:
-        raise lock.refused(holder)
-    try:
-        yield
-    finally:
-        lock.release()
-
-
-def read_physical(target: Target, name: str) -> Fingerprint:
-    """A sealed database's catalog, in O(relations): no row is read."""
-    with opened(target, name) as conn:
-        return physical_fingerprint(conn)
 
 
 def read_baseline(target: Target, point: Point, name: str) -> dict:
@@ -106,49 +55,6 @@ def read_baseline(target: Target, point: Point, name: str) -> dict:
     baseline = {"row_counts": fp.row_counts, "content": fp.content, "read_at": utc_now().isoformat(timespec="seconds")}
     point.record_verification(baseline=baseline)
     return baseline
-
-
-def copy_database(target: Target, source: str, new_name: str, owner: str | None) -> CopyChoice:
-    """CREATE DATABASE ... TEMPLATE, with STRATEGY FILE_COPY from PostgreSQL 15 on: a file
-    copy plus two checkpoints, several times faster than WAL_LOG for large databases. On
-    PostgreSQL 18, cloned where the filesystem shares blocks (lib/points/clone.py);
-    where a clone fails outright, copied the plain way. Returns how it was copied."""
-    choice = copy_choice(target)
-    parts = [sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(new_name), sql.Identifier(source))]
-    if target.facts.major >= 15:
-        parts.append(sql.SQL("STRATEGY FILE_COPY"))
-    if owner:
-        parts.append(sql.SQL("OWNER {}").format(sql.Identifier(owner)))
-    statement = sql.SQL(" ").join(parts)
-    if source != target.dbname:  # a point's database: the background may be reading it, and yields
-        terminate_sessions(target.maint, source)
-    if target.facts.major < 18:
-        execute(target.maint, statement)
-        return choice
-    execute(target.maint, "SET file_copy_method = %s", (choice.method,))
-    try:
-        execute(target.maint, statement)
-    except psycopg2.Error as exc:
-        if choice.method != "clone" or sqlstate(exc) in (OBJECT_IN_USE, DUPLICATE_DATABASE, DISK_FULL):
-            raise
-        log.warning("file_copy_method = clone failed (%s); copying the plain way", str(exc).strip())
-        execute(target.maint, "SET file_copy_method = copy")
-        execute(target.maint, statement)
-        choice = CopyChoice("copy", f"clone failed ({str(exc).strip().splitlines()[0]})", choice.evidence)
-    finally:
-        execute(target.maint, "RESET file_copy_method")
-    return choice
-
-
-_choices: dict[tuple, CopyChoice] = {}
-
-
-def copy_choice(target: Target) -> CopyChoice:
-    """How this server copies staging's databases: decided once per process and server."""
-    key = (target.facts.system_identifier, target.info.server_label(), target.dbname, target.settings.file_copy_method)
-    if key not in _choices:
-        _choices[key] = choose_copy(target)
-    return _choices[key]
 
 
 def verify_point_database(target: Target, point: Point, *, deep: bool = False) -> dict:
@@ -211,11 +117,6 @@ def _deep_check(point: Point, conn, problems: list[str]) -> dict:
     return {}
 
 
-def invalid_databases(maint) -> list[str]:
-    """Databases an interrupted DROP DATABASE left invalid: never a source, never a point."""
-    return [r[0] for r in query(maint, "SELECT datname FROM pg_database WHERE datconnlimit = -2 ORDER BY 1")]
-
-
 def preflight(target: Target, ui: Reporter, ask: Confirmer) -> None:
     """Before copying: rights, invalid databases, space, and the sessions that must end."""
     f = target.facts
@@ -267,29 +168,6 @@ def copy_staging(target: Target, new_name: str) -> int:
     return ended
 
 
-def copy_error(target: Target, exc: psycopg2.Error, source: str, *, attempts: int = 1) -> DatabaseError:
-    """Why a server-side copy failed, and what to do, decided by its SQLSTATE."""
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    code = sqlstate(exc)
-    if code == OBJECT_IN_USE:
-        return DatabaseError(
-            f"Could not copy {source}: sessions kept connecting to it ({attempts} attempt(s)): {first}",
-            "Stop the clients that keep connecting to it, then try again.",
-        ).only_this_method()
-    if code == DISK_FULL:
-        return DatabaseError(
-            f"The server ran out of disk space copying {source} ({human_size(target.facts.database_size)}): {first}. "
-            "The unfinished copy is not kept.",
-            "Free space on the server; or take a dump point (--method dump), which writes to BACKUP_DIR instead; "
-            "`python3 rollback_manager.py cleanup --dry-run` lists what earlier failures left.",
-        ).only_this_method()
-    if code == INSUFFICIENT_PRIVILEGE:
-        return DatabaseError(
-            f"Could not copy {source}: {first}", "Grant the role CREATEDB, or take a dump point (--method dump)."
-        ).only_this_method()
-    return DatabaseError(f"Could not copy {source}: {first}", "See the log for details.")
-
-
 def drop_orphans(target: Target, point_ids: list[str], dry_run: bool = False) -> list[str]:
     """Databases of creations that were killed before their manifest was written; returns their names."""
     found = []
@@ -332,3 +210,110 @@ def take(target: Target, catalog: Catalog, ui: Reporter, ask: Confirmer, *, labe
             point = writer.commit(manifest)
             new.own()
         return point
+
+
+class TemplateMethod(Method):
+    """A copy of staging on its own server: taken and restored by the server, checked
+    by the catalog (physical), its rows read in the background as the baseline."""
+
+    name = "template"
+    level = "physical"
+    holds_database = True
+    encryptable = False
+
+    def before_take(self, target: Target, catalog: Catalog) -> None:
+        drop_orphans(target, catalog.stale_ids)
+
+    def take(self, request: TakeRequest) -> Taken:
+        r = request
+        point = take(r.target, r.catalog, r.ui, r.ask, label=r.label, base_manifest=r.base_manifest)
+        notes = ["every row of its copy is read in the background, as the baseline `verify --deep` compares with"]
+        if self.wants_spare(r.target.settings, point):
+            notes.insert(
+                0,
+                "a spare copy is being prepared in the background, so a quick rollback is only a swap (it needs the "
+                "database's size once more on the server; ROLLBACK_SPARE=0 turns it off)",
+            )
+        return Taken(point, [FollowUp("after-point", (point.id,), tuple(notes))])
+
+    @staticmethod
+    def wants_spare(settings, point: Point) -> bool:
+        return spare.enabled(settings) and point.manifest.get("kind", "manual") == "manual"
+
+    def follow_up_after_restore(self, settings, point: Point) -> bool:
+        return self.wants_spare(settings, point)
+
+    def verified_level(self, point: Point) -> str:
+        return point.verification.get("level", self.level)
+
+    def verify(self, point: Point, settings, ui: Reporter, target: Target | None, *, deep: bool) -> dict:
+        found = verify_point_database(target, point, deep=deep)
+        ui.ok(
+            "Database copy matches the manifest: schema digest, every relation's file and size, sequences"
+            + (f"; {found['rows']}" if found.get("rows") else "")
+        )
+        return found
+
+    def describe_verification(self, point: Point) -> str:
+        found = point.verification
+        if found.get("level") == "deep":
+            return f"deep: every row matched its baseline {found.get('verified_at')}"
+        return "physical: schema digest, every relation's file and size, sequences" + (
+            "; rows read as the baseline" if found.get("baseline") else "; rows not read yet (the background reads them)"
+        )
+
+    def describe_rows(self, point: Point) -> str:
+        fp = point.manifest.get("fingerprint") or {}
+        counts = fp.get("row_counts") or (point.verification.get("baseline") or {}).get("row_counts")
+        if counts is None:
+            return f"not counted yet ({len(fp.get('relations', {}))} relations checked by the catalog)"
+        return f"{sum(counts.values())} in {len(counts)} tables"
+
+    def lives_on(self, target: Target, point: Point) -> bool:
+        return point.manifest.get("database", {}).get("system_identifier") in (None, target.facts.system_identifier)
+
+    def check_usable(self, target: Target, point: Point) -> None:
+        m = point.manifest
+        if not self.lives_on(target, point):
+            raise ConfigError(
+                f"Point {point.id} is a database copy on another server ({m.get('database', {}).get('server')}).",
+                "Restore it against that server, or choose a dump point.",
+            )
+        state = database_state(target.maint, m.get("template_database", ""))
+        if state is None or state["invalid"]:
+            raise VerificationError(
+                f"Point {point.id}'s database {m.get('template_database')!r} is "
+                f"{'missing' if state is None else 'invalid (an interrupted DROP left it)'}. Nothing was changed.",
+                "Choose another point (`python3 rollback_manager.py list`).",
+            )
+
+    def present(self, target: Target, point: Point) -> bool:
+        state = database_state(target.maint, point.manifest.get("template_database", ""))
+        return state is not None and not state["invalid"]
+
+    def build_beside(self, target: Target, point: Point, aside: str, ui: Reporter) -> str | None:
+        source = point.manifest["template_database"]
+        if spare.enabled(target.settings):
+            with ui.progress(f"Taking the spare copy of {point.id} (waiting if it is still being prepared)"):
+                claimed = spare.claim(target, point, aside)
+            if claimed:
+                ui.step(f"Using the spare copy of {point.id} prepared in the background")
+                return "spare copy"
+        owner = point.manifest.get("database", {}).get("properties", {}).get("owner")
+        with ui.progress(f"Copying {source} into {aside} on the server"):
+            try:
+                copy_database(target, source, aside, owner)
+            except psycopg2.Error as exc:
+                raise copy_error(target, exc, source) from None
+        return None
+
+    def drop(self, target: Target, point: Point) -> None:
+        name = point.manifest.get("template_database")
+        if name:
+            drop_database(target.maint, name)
+        spare.drop(target, point)
+
+    @contextmanager
+    def open_for_reading(self, target: Target, point: Point, ui: Reporter) -> Iterator[object | None]:
+        with opened(target, point.manifest["template_database"]) as conn:
+            yield conn
