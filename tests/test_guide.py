@@ -1,8 +1,8 @@
 """ROLLBACK_GUIDE.md cannot drift from the code: it opens with the runbook and its
-exit-code table, every flag of every script is in it, every message its
-troubleshooting tables quote is one the code prints, its links lead somewhere, and its
-runnable examples run against the demo servers. The demo itself runs end to end.
-tests/README.md names every fault test."""
+exit-code table, short enough to read at 3 a.m.; its command reference is the one the
+scripts' parsers generate; every message its troubleshooting tables quote is one the
+code prints, its links lead somewhere, and its runnable examples run against the demo
+servers. The demo itself runs end to end. tests/README.md names every fault test."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from lib.cli import reference
 from lib.errors import ExitCode
 from tests.conftest import ROOT
 
@@ -100,6 +101,25 @@ def test_every_flag_of_every_script_is_in_its_section_of_the_guide(script):
     assert not extra, f"the guide's section of {script}.py names flags it does not have: {extra}"
 
 
+def test_the_command_reference_is_what_the_parsers_generate():
+    """Edit a flag's help in its script, then `python3 -m lib.cli.reference --write`."""
+    assert set(reference.SCRIPTS) == set(SCRIPTS)
+    assert reference.current(GUIDE) == reference.render(), (
+        "the guide's command reference is stale: run python3 -m lib.cli.reference --write"
+    )
+    assert _sections(GUIDE, 2)["Command reference"].count(reference.START) == 1
+
+
+def test_the_reference_generator_checks_and_rewrites_its_section(tmp_path):
+    guide = tmp_path / "guide.md"
+    stale = reference.current(GUIDE).replace("`--keep N`", "`--keep-old N`")
+    guide.write_text(GUIDE.replace(reference.current(GUIDE), stale))
+    assert reference.main(["--check", "--guide", str(guide)]) == 1
+    assert reference.main(["--write", "--guide", str(guide)]) == 0
+    assert guide.read_text() == GUIDE
+    assert reference.main(["--check", "--guide", str(guide)]) == 0
+
+
 def _runbook() -> tuple[str, str]:
     """The guide's first ## section: its title and text."""
     return next(iter(_sections(GUIDE, 2).items()))
@@ -137,6 +157,32 @@ def test_the_guide_opens_with_the_runbook_and_its_exit_code_table():
     for command in ("check_setup.py", "quick_rollback.py", "rollback_manager.py list", "rollback_manager.py restore <id>"):
         assert command in runbook, command
     assert "\n### Recovering by hand\n" in runbook  # a restore interrupted mid-swap sends people there
+
+
+def test_the_first_restore_command_is_within_the_first_30_lines():
+    """At 3 a.m. the command that puts staging back is on the first screen."""
+    lines = GUIDE.splitlines()
+    first = next(
+        i
+        for i, line in enumerate(lines, 1)
+        if line.startswith(("python3 quick_rollback.py", "python3 rollback_manager.py restore"))
+    )
+    assert first <= 30, f"the first restore command is on line {first} of ROLLBACK_GUIDE.md"
+
+
+def _table_cells(text: str) -> list[str]:
+    return [cell.strip() for line in text.splitlines() if line.startswith("|") for cell in line.strip().strip("|").split(" | ")]
+
+
+def test_every_cell_of_the_runbooks_tables_is_short():
+    """A cell is read at a glance: 40 words at most; the detail lives under Operations."""
+    long = [cell for cell in _table_cells(_runbook()[1]) if len(cell.split()) > 40]
+    assert not long, f"runbook table cells of more than 40 words: {long}"
+
+
+def test_the_guide_is_at_most_10000_words():
+    words = len(GUIDE.split())
+    assert words <= 10_000, f"ROLLBACK_GUIDE.md has {words} words: cut repetition, not facts"
 
 
 def test_the_headings_the_code_points_to_exist():
