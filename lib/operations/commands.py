@@ -96,7 +96,6 @@ def _take(
         "kind": kind,
         "created_by": _who(),
     }
-    method.before_take(op.target, op.catalog)
     taken = method.take(
         TakeRequest(op.target, op.catalog, op.ui, op.ask, label=migration_id or description, base_manifest=base, tables=tables)
     )
@@ -420,7 +419,7 @@ def cleanup(
     removed: list[Point] = []
     with operation(settings, "cleanup", ui=ui, ask=ask, check_v2=False, finish_pending=False, audit=not dry_run) as op:
         target, catalog = op.target, op.catalog
-        left = leftovers.remove(target, catalog, dry_run=dry_run)
+        left = leftovers.finish_interrupted(target, catalog, dry_run=dry_run, everything=True)
         for line in left:
             ui.info(line)
         if not left:

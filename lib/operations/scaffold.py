@@ -16,7 +16,7 @@ from lib.interaction import Confirmer, Reporter
 from lib.pg.locks import DatabaseLock
 from lib.pg.target import Target, confirm_change, open_target
 from lib.points.catalog import Catalog
-from lib.restore.swap import recover_pending
+from lib.restore.leftovers import finish_interrupted
 
 
 @dataclass
@@ -61,7 +61,7 @@ def operation(
 ) -> Iterator[Operation]:
     """``finish_pending=False``: a cleanup's dry run, which must change nothing.
     ``audit=False``: a migration, which writes its own start and end events."""
-    catalog = Catalog(settings.backup_dir).ensure(clean=finish_pending)
+    catalog = Catalog(settings.backup_dir).ensure()
     with open_target(settings, check_v2=check_v2, ui=ui) as target:
         record_cm = (
             audited(settings.log_dir, name, target.masked, point_id, migration_id)
@@ -73,6 +73,6 @@ def operation(
             DatabaseLock(target.maint, target.facts.system_identifier, target.dbname, folder=catalog.root, doing=name),
         ):
             if finish_pending:
-                for line in recover_pending(target, catalog):
+                for line in finish_interrupted(target, catalog):
                     ui.info(f"Finished what an interrupted run left: {line}")
             yield Operation(settings, name, target, catalog, record, ui, ask)

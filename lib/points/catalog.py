@@ -107,8 +107,9 @@ class Catalog:
         self.pending: list[Path] = []  # folders of interrupted runs that the next run can finish
         refuse_a_file_for_a_folder(self.root)
 
-    def ensure(self, clean: bool = True) -> Catalog:
-        """Create the folder (0700) and prove it writable, before any work starts."""
+    def ensure(self) -> Catalog:
+        """Create the folder (0700) and prove it writable, before any work starts. What
+        interrupted runs left in it is finished by lib/restore/leftovers.py."""
         try:
             make_private_dir(self.root)
             probe = self.root / f".write-test-{os.getpid()}"
@@ -119,8 +120,6 @@ class Catalog:
                 f"The backup folder {self.root} is not usable: {exc.strerror or exc}.",
                 "Make it writable for this user, or set BACKUP_DIR (or --backup-dir) to a folder that is.",
             ) from None
-        if clean:
-            self.remove_stale_temporaries()
         return self
 
     # ---- the databases this catalog creates ---------------------------------

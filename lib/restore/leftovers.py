@@ -78,30 +78,41 @@ def unowned_databases(target: Target, catalog: Catalog, *, tidy: bool = False) -
     return [(name, sizes.get(name), why) for name, why in sorted(found.items())]
 
 
-def remove(target: Target, catalog: Catalog, *, dry_run: bool) -> list[str]:
-    """Call with staging's lock held. Returns what was (or would be) done, as sentences."""
+def finish_interrupted(target: Target, catalog: Catalog, *, dry_run: bool = False, everything: bool = False) -> list[str]:
+    """The one place what killed runs left is finished, with staging's lock held: before
+    every operation starts (the scaffold), and on demand (cleanup, ``everything``: also
+    every database this catalog made that nothing owns). Unfinished point folders are
+    removed, the state kept before a restore killed after its swap is listed, and the
+    database copy of a point whose creation was killed, the copy a killed restore was
+    building beside staging, private temporary files and pgBackRest side servers of
+    dead processes are removed. Returns what was (or would be) done, as sentences."""
     verb = "Would remove" if dry_run else "Removed"
     found = [f"{verb} unfinished point folder {p}" for p in catalog.remove_stale_temporaries(dry_run=dry_run)]
     if dry_run:
         found += [f"Would finish unfinished point folder {p} (or remove it if its swap did not happen)" for p in catalog.pending]
     else:
         found += [line[0].upper() + line[1:] for line in recover_pending(target, catalog)]
-    unowned = unowned_databases(target, catalog, tidy=not dry_run)
-    for name, size, why in unowned:
-        found.append(f"{verb} database {name} ({human_size(size) if size is not None else 'invalid'}), {why}")
+    named: set[str] = set()
+    if everything:
+        for name, size, why in unowned_databases(target, catalog, tidy=not dry_run):
+            found.append(f"{verb} database {name} ({human_size(size) if size is not None else 'invalid'}), {why}")
+            named.add(name)
+            if not dry_run:
+                drop_database(target.maint, name)
         if not dry_run:
-            drop_database(target.maint, name)
-    if not dry_run:
-        for path, record in catalog.intents():  # their databases are gone now
-            if record.get("server") in (None, target.facts.system_identifier) and not database_exists(
-                target.maint, record.get("database", "")
-            ):
-                catalog.settle(path)
-    named = {name for name, _, _ in unowned}
-    for name in template_method.drop_orphans(
-        target, [i for i in catalog.stale_ids if derived_name(i, "") not in named], dry_run=dry_run
-    ):
+            for path, record in catalog.intents():  # their databases are gone now
+                if record.get("server") in (None, target.facts.system_identifier) and not database_exists(
+                    target.maint, record.get("database", "")
+                ):
+                    catalog.settle(path)
+    orphans = [i for i in catalog.stale_ids if derived_name(i, "") not in named]
+    for name in template_method.drop_orphans(target, orphans, dry_run=dry_run):
         found.append(f"{verb} database {name}, the copy of a point whose creation was interrupted")
+    aside = derived_name(target.dbname, ASIDE_SUFFIX)
+    if aside not in named and database_exists(target.maint, aside):
+        if not dry_run:
+            drop_database(target.maint, aside)
+        found.append(f"{verb} database {aside}, left behind by an interrupted restore")
     found += [f"{verb} {line}" for line in dead_temporaries(dry_run)]
     found += [f"{verb} {line}" for line in leftover_sides(target.settings, dry_run=dry_run)]
     for line in found:

@@ -416,8 +416,6 @@ def leftover_sides(settings: Settings, *, dry_run: bool) -> list[str]:
 
 def restore_beside(target: Target, catalog: Catalog, ui: Reporter, recovery: Recovery, *, jobs: int) -> RestoreResult:
     cluster, repo = pitr_method.repository_for(target, needed_for="Restoring from pgBackRest")
-    for line in leftover_sides(target.settings, dry_run=False):  # a killed run's side server, in the way
-        ui.info(f"Removed {line}")
     with side_server(target, cluster, repo, recovery, ui) as side:
         faults.pause("side server up")
         props = recovery.properties or _current_properties(target)

@@ -31,10 +31,8 @@ from lib.pg.db import (
     Session,
     apply_database_properties,
     connection,
-    database_exists,
     database_properties,
     derived_name,
-    drop_database,
     execute,
     refuse_prepared_transactions,
     rename_database,
@@ -319,10 +317,7 @@ def build_verify_swap(
     transaction, keep the old staging as a point. Any failure before the swap drops
     what was built and leaves staging exactly as it was. Call within an operation
     (lib/operations/scaffold.py), which finished what interrupted runs left."""
-    aside = derived_name(target.dbname, ASIDE_SUFFIX)
-    if database_exists(target.maint, aside):
-        ui.warn(f"Dropping {aside}, left behind by an interrupted restore.")
-        drop_database(target.maint, aside)
+    aside = derived_name(target.dbname, ASIDE_SUFFIX)  # one left by an interrupted restore is gone (the scaffold)
     timings: dict[str, float] = {}
     clock = time.monotonic()
 

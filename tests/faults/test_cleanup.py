@@ -3,26 +3,26 @@
 from __future__ import annotations
 
 import json
+import socket
 
 from tests.faults.conftest import databases, kill_9, leftovers, points, start, start_paused, wait_for
 from tests.helpers import deep_state
 
 
 def test_cleanup_removes_what_killed_runs_left_and_says_so(fault_staging, tmp_path):
-    """Fault: a create and a restore killed with -9. Injected: kill -9 while each waits
-    on a paused client tool. Holds: --dry-run names the unfinished folder and the
-    half-built database and removes nothing; cleanup removes both and says so; the
-    point taken before is kept."""
+    """Fault: a restore killed with -9, and a point's unfinished folder of a dead process.
+    Injected: kill -9 while the restore waits on a paused pg_restore; the folder is the
+    one a killed create leaves (every operation finishes what killed runs left before it
+    starts, so two real leftovers never meet). Holds: --dry-run names the unfinished
+    folder and the half-built database and removes nothing; cleanup removes both and
+    says so; the point taken before is kept."""
     s = fault_staging
     point_id = s.create_point("good")
-    for n, (args, slow) in enumerate(
-        [
-            (["rollback_manager.py", "restore", point_id, "--yes"], "pg_restore"),
-            (["create_rollback_point.py", "killed"], "pg_dump"),  # last: every run removes dead folders
-        ]
-    ):
-        proc, marker = start_paused(s, tmp_path, slow, *args, tag=str(n))
-        kill_9(proc, marker)
+    proc, marker = start_paused(s, tmp_path, "pg_restore", "rollback_manager.py", "restore", point_id, "--yes", tag="0")
+    kill_9(proc, marker)
+    unfinished = s.backup_dir / ".tmp-rb_killed_20260101_000000"
+    unfinished.mkdir(mode=0o700)
+    (unfinished / ".owner").write_text(json.dumps({"pid": proc.pid, "host": socket.gethostname()}))
     left = leftovers(s)
     assert f"{s.name}_rb_restoring" in left and any(name.startswith(".tmp-rb_killed") for name in left)
 

@@ -76,9 +76,6 @@ class Method(ABC):
     @abstractmethod
     def take(self, request: TakeRequest) -> Taken: ...
 
-    def before_take(self, target: Target, catalog: Catalog) -> None:  # noqa: B027 - most methods need nothing
-        """Tidy what an interrupted take of this method left (called under staging's lock)."""
-
     # ---- verifying -----------------------------------------------------------
 
     def verified_level(self, point: Point) -> str:

@@ -221,9 +221,6 @@ class TemplateMethod(Method):
     holds_database = True
     encryptable = False
 
-    def before_take(self, target: Target, catalog: Catalog) -> None:
-        drop_orphans(target, catalog.stale_ids)
-
     def take(self, request: TakeRequest) -> Taken:
         r = request
         point = take(r.target, r.catalog, r.ui, r.ask, label=r.label, base_manifest=r.base_manifest)
