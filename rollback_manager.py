@@ -143,7 +143,9 @@ def action(args, ui, ask) -> int:
         return ui.result(result, lambda: ui.ok(f"Point {result['id']} verified ({result['level']})"))
     if command == "backup":
         description = args.description or f"Backup of {', '.join(args.tables)}"
-        point, _ = operations.create_point(settings, ui, ask, description=description, method="data", tables=args.tables)
+        point, _ = operations.create_point(
+            settings, ui, ask, description=description, method=registry.FOR_TABLES, tables=args.tables
+        )
         return ui.result(
             {**registry.summary(point), "path": str(point.path)},
             lambda: (ui.ok(f"Data point {point.id} of {point.manifest.get('table')}"), print(point.id)),

@@ -3,7 +3,7 @@
 
 The way out when no pg_dump / pg_restore fits the server. Points hold table data,
 not schema (a restore refuses when a table's columns changed), and are listed by
-`rollback_manager.py list` with the rest (method "data")."""
+`rollback_manager.py list` with the rest (data points)."""
 
 from __future__ import annotations
 
@@ -47,14 +47,16 @@ def build_parser() -> Parser:
 def action(args, ui, ask) -> int:
     settings = settings_from(args)
     if args.command == "create":
-        point, _ = operations.create_point(settings, ui, ask, description=args.description, method="data", tables=args.table)
+        point, _ = operations.create_point(
+            settings, ui, ask, description=args.description, method=registry.FOR_TABLES, tables=args.table
+        )
         if args.json:
             ui.emit_json({**registry.summary(point), "path": str(point.path)})
         else:
             print(point.id)
         return 0
     if args.command == "list":
-        points = [p for p in operations.list_points(settings) if p.method == "data"]
+        points = [p for p in operations.list_points(settings) if p.method == registry.FOR_TABLES]
         if args.json:
             ui.emit_json([registry.summary(p) for p in points])
         else:
@@ -63,7 +65,7 @@ def action(args, ui, ask) -> int:
     if args.point_id:
         result = operations.restore_point(settings, ui, ask, args.point_id)
     else:
-        _, result = operations.quick_rollback(settings, ui, ask, method="data")
+        _, result = operations.quick_rollback(settings, ui, ask, method=registry.FOR_TABLES)
     return render.restore_outcome(
         ui, result, as_json=args.json, headline=f"{result.database} restored to {result.point_id} (data)."
     )

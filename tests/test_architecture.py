@@ -134,3 +134,18 @@ def test_no_module_is_named_by_a_string():
         if re.search(r"""["']lib\.[a-z_]+(\.[a-z_]+)*["']""", path.read_text())
     }
     assert spelled == set()
+
+
+def test_method_names_are_compared_only_in_the_registry_and_their_own_modules():
+    """Callers ask a method what it does (lib/points/methods/base.py), never its name."""
+    names = r"""["'](template|dump|data|pitr)["']"""
+    allowed = {"lib/points/methods/registry.py", *(f"lib/points/methods/{n}.py" for n in ("template", "dump", "data", "pitr"))}
+    allowed.add("lib/points/methods/base.py")  # the restore mode TABLES is "data" in the JSON a restore prints
+    found = {
+        f"{path.relative_to(ROOT)}:{number}"
+        for path in [*LIB.rglob("*.py"), *ROOT.glob("*.py")]
+        if str(path.relative_to(ROOT)) not in allowed
+        for number, line in enumerate(path.read_text().splitlines(), start=1)
+        if re.search(names, line) and not re.search(r"""/ ["']data["']""", line)  # a folder named data
+    }
+    assert found == set()

@@ -8,8 +8,8 @@ A method says:
 - the level of verification a point of it has when taken (``level``) and has passed
   since (``verified_level``), and how ``verify`` checks it, by level;
 - how it is restored: rebuilt beside staging and swapped (``build_beside``), in place
-  in one transaction (``restore_in_place``), table by table (``restore_mode`` "data"),
-  or from a pgBackRest repository ("pitr");
+  in one transaction (``restore_in_place``), table by table (``restore_mode`` TABLES),
+  or from a pgBackRest repository (REPOSITORY);
 - what it holds on the server and drops with the point (``drop``), and whether the
   point can be read for a diff (``open_for_reading``)."""
 
@@ -29,7 +29,7 @@ from lib.points.catalog import Catalog, Point
 # how a method's points are restored
 SWAP = "swap"  # rebuilt beside staging, verified, swapped in (in place in one transaction where renaming is not allowed)
 TABLES = "data"  # its tables emptied and refilled in one transaction; the rest of the database untouched
-REPOSITORY = "pitr"  # recovered from a pgBackRest repository, beside staging or the whole cluster in place
+REPOSITORY = "repository"  # recovered from a pgBackRest repository, beside staging or the whole cluster in place
 
 
 @dataclass(frozen=True)
