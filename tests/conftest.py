@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
 from contextlib import closing
@@ -41,6 +42,19 @@ ALLOW_MISSING = "ROLLBACK_TESTS_ALLOW_MISSING"  # e.g. "18" or "15de,18": a pers
 ASKED = "asked by " + ALLOW_MISSING  # the one reason a test may be skipped
 IS_ROOT = os.geteuid() == 0
 _counter = itertools.count(1)
+
+
+def give_children_the_default_sigint() -> None:
+    """A shell without job control starts a background job (``bash .ci/run &``) with
+    SIGINT ignored, and an ignored signal stays ignored across exec: every script a test
+    starts would shrug off the test's Ctrl-C. A handled signal is reset to the default
+    at exec, so handling it here gives each child the default, whoever started the suite."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # a blocked signal stays blocked across exec too
+
+
+give_children_the_default_sigint()
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """The suite's own rules, checked by running it: a server it needs that does not start
 fails the run, with or without CI set; only ROLLBACK_TESTS_ALLOW_MISSING turns that
-into skips, and the summary says how many and why; a skip nobody asked for fails."""
+into skips, and the summary says how many and why; a skip nobody asked for fails; a
+child of the suite takes Ctrl-C as a person's would, however the suite was started."""
 
 from __future__ import annotations
 
@@ -13,17 +14,35 @@ import pytest
 from tests.conftest import ROOT
 
 ONE_TEST = "tests/test_safety.py::test_unknown_point_id"
+CTRL_C_TEST = "tests/faults/test_interrupts.py::test_ctrl_c_during_a_data_point[pg18]"
+
+# Python with SIGINT ignored (or blocked), exec'ing the rest of its argv: how a shell
+# without job control starts a background job (`bash .ci/run &`).
+_PARENT = "import os, signal, sys; {}; os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+IGNORING = [sys.executable, "-c", _PARENT.format("signal.signal(signal.SIGINT, signal.SIG_IGN)")]
+BLOCKING = [sys.executable, "-c", _PARENT.format("signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})")]
+
+# Started the way the tests start scripts (subprocess), a child says how it takes SIGINT.
+_HOW_A_CHILD_TAKES_SIGINT = """
+import signal, subprocess, sys
+ask = (
+    "import signal; h = signal.getsignal(signal.SIGINT); "
+    "print('default' if h is signal.default_int_handler else 'ignored' if h == signal.SIG_IGN else h, "
+    "'blocked' if signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, []) else 'unblocked')"
+)
+print(subprocess.run([sys.executable, "-c", ask], capture_output=True, text=True, check=True).stdout.strip())
+"""
 
 
-def _pytest(*args: str, env: dict) -> subprocess.CompletedProcess:
+def _pytest(*args: str, env: dict, parent: list[str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if k not in ("CI", "ROLLBACK_TESTS_ALLOW_MISSING", "PYTEST_ADDOPTS")}
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args],
+        [*(parent or [sys.executable]), "-m", "pytest", "-q", "-p", "no:cacheprovider", *args],
         cwd=ROOT,
         env={**base, **env},
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
     )
 
 
@@ -48,3 +67,27 @@ def test_a_skip_nobody_asked_for_fails(tmp_path):
         probe.unlink()
     assert result.returncode != 0, result.stdout
     assert "skipped without being asked to" in result.stdout
+
+
+@pytest.mark.parametrize("parent", [IGNORING, BLOCKING], ids=["sigint-ignored", "sigint-blocked"])
+def test_a_child_of_the_suite_takes_ctrl_c_whoever_started_the_suite(parent):
+    """Without the suite's conftest, the child inherits the parent's SIGINT as it is
+    (the parent really ignores or blocks it); with it, the child has the default."""
+    bare = subprocess.run([*parent, "-c", _HOW_A_CHILD_TAKES_SIGINT], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert bare.stdout.split() == (["ignored", "unblocked"] if parent is IGNORING else ["default", "blocked"]), bare.stderr
+    suite = subprocess.run(
+        [*parent, "-c", "import tests.conftest\n" + _HOW_A_CHILD_TAKES_SIGINT],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert suite.stdout.split() == ["default", "unblocked"], suite.stderr
+
+
+def test_a_ctrl_c_fault_test_passes_when_the_suite_starts_with_sigint_ignored():
+    """The fault test sends SIGINT to a script it started; from a parent that ignores
+    SIGINT the script would inherit that, never stop, and the test would time out."""
+    ran = _pytest(CTRL_C_TEST, env={}, parent=IGNORING, timeout=600)
+    assert ran.returncode == 0, ran.stdout[-3000:]
+    assert "1 passed" in ran.stdout
