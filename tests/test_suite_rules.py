@@ -8,10 +8,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
 from tests.conftest import ROOT
+from tests.helpers import wait_for
 
 ONE_TEST = "tests/test_safety.py::test_unknown_point_id"
 CTRL_C_TEST = "tests/faults/test_interrupts.py::test_ctrl_c_during_a_data_point[pg18]"
@@ -91,3 +93,26 @@ def test_a_ctrl_c_fault_test_passes_when_the_suite_starts_with_sigint_ignored():
     ran = _pytest(CTRL_C_TEST, env={}, parent=IGNORING, timeout=600)
     assert ran.returncode == 0, ran.stdout[-3000:]
     assert "1 passed" in ran.stdout
+
+
+def test_wait_for_returns_what_came_and_says_what_never_did():
+    answers = iter([None, 0, "", [], "here"])
+    assert wait_for(lambda: next(answers), timeout=30, what="an answer", every=0.01) == "here"
+    began = time.monotonic()
+    with pytest.raises(AssertionError, match=r"^waited 0\.3 s for the moon, in vain$"):
+        wait_for(lambda: False, timeout=0.3, what="the moon", every=0.01)
+    assert 0.3 <= time.monotonic() - began < 10
+
+
+def test_wait_for_stops_at_once_when_the_run_it_waits_on_ends_first():
+    run = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stderr.write('gave up early'); sys.exit(3)"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    began = time.monotonic()
+    with pytest.raises(AssertionError) as caught:
+        wait_for(lambda: False, timeout=120, what="the marker", process=run)
+    assert str(caught.value) == "the run ended (exit 3) before the marker:\ngave up early"
+    assert time.monotonic() - began < 60
