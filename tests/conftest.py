@@ -283,6 +283,9 @@ def pytest_configure(config) -> None:
     config.addinivalue_line(
         "markers", "needs_root(why): a test that needs root; for an ordinary user it is not run, and the summary says so"
     )
+    config.addinivalue_line(
+        "markers", "unit: needs no server and nothing the test command installs; pytest -m unit runs these alone, in seconds"
+    )
     config.addinivalue_line("markers", "german: also runs against the server with German messages (needs its locale)")
     config.addinivalue_line("markers", "servers(*keys): runs on these servers only (a slow test, where one major suffices)")
     config.stash["not_run"] = []
@@ -329,6 +332,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
         tr.write_line(f"ran: {key:>4}  PostgreSQL {server.version} — {CANDIDATES[key].origin}")
     for key, why in sorted(_SERVERS.failed.items()):
         tr.write_line(f"did not run: {key:>4}  {why}")
+    if not _SERVERS.started and not _SERVERS.failed:
+        tr.write_line("no server was started: the tests that ran needed none")
     for key, c in sorted(CANDIDATES.items()):
         if c.absent and key not in _SERVERS.failed and key not in _SERVERS.started:
             tr.write_line(f"not on this machine: {key:>4}  {c.origin}: {c.absent}")

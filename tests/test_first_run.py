@@ -202,6 +202,7 @@ def test_a_bare_python3_runs_each_script_under_the_projects_venv(staging):
         assert helped.returncode == 0 and "usage:" in helped.stdout, (script, helped.stderr)
 
 
+@pytest.mark.unit
 def test_without_the_venv_a_bare_python3_says_how_to_install(tmp_path):
     """A fresh clone before ./setup_and_run.sh install: one paragraph, exit 2, nothing done."""
     shutil.copytree(ROOT / "lib", tmp_path / "lib", ignore=shutil.ignore_patterns("__pycache__"))

@@ -461,6 +461,7 @@ def _append_many(log_dir: str, worker: int) -> None:
         audit.event(Path(log_dir), "concurrency", worker=worker, n=n, padding="x" * (n * 40))
 
 
+@pytest.mark.unit
 def test_concurrent_audit_writers_never_interleave(tmp_path):
     import multiprocessing
 

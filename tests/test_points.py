@@ -13,6 +13,7 @@ import sys
 from datetime import UTC, datetime
 
 import psycopg2
+import pytest
 
 import create_rollback_point
 import rollback_manager
@@ -22,6 +23,7 @@ from tests.conftest import ROOT
 from tests.helpers import wait_for, write_tool_wrapper
 
 
+@pytest.mark.unit
 def test_ids_follow_the_seed_form_and_stay_unique_within_one_second(tmp_path):
     catalog = Catalog(tmp_path / "b")
     when = datetime(2024, 1, 20, 14, 30, 22, tzinfo=UTC)

@@ -115,6 +115,7 @@ def test_the_poller_reads_a_copy_and_an_index_build_under_way_and_only_its_own(s
     assert staging.sql("SELECT count(*) FROM pg_indexes WHERE tablename = 'progress_probe'")[0][0] == 1
 
 
+@pytest.mark.unit
 def test_a_server_that_cannot_be_asked_is_logged_at_debug_and_never_fails_or_waits(caplog):
     nowhere = ConnInfo.parse(f"postgresql://nobody:secret-pw-1@127.0.0.1:{free_port()}/staging")
     caplog.set_level(logging.DEBUG, logger="lib.pg.progress")
@@ -242,6 +243,7 @@ def plain_ui() -> tuple[UI, io.StringIO, FakeClock]:
     return ui, out, ui.clock
 
 
+@pytest.mark.unit
 def test_without_a_terminal_a_line_every_ten_seconds_with_an_eta_and_no_control_characters():
     ui, out, clock = plain_ui()
     with ui.progress("Dumping staging", total=4 * 2**30, unit="B", estimated=True) as tick:
@@ -257,6 +259,7 @@ def test_without_a_terminal_a_line_every_ten_seconds_with_an_eta_and_no_control_
     assert not any(ch in out.getvalue() for ch in "\x1b\r\x07")
 
 
+@pytest.mark.unit
 def test_without_a_terminal_short_work_says_one_line_long_work_its_time_and_failed_work_no_finish():
     ui, out, clock = plain_ui()
     with ui.progress("Restoring", total=10, unit="rows") as tick:
@@ -274,6 +277,7 @@ def test_without_a_terminal_short_work_says_one_line_long_work_its_time_and_fail
     assert "finished" not in out.getvalue() and "5 of 10 rows, 50%, about 11 s left, 11 s so far" in out.getvalue()
 
 
+@pytest.mark.unit
 def test_on_a_terminal_a_bar_with_the_amount_and_an_eta():
     from rich.console import Console
 

@@ -6,6 +6,7 @@ child of the suite takes Ctrl-C as a person's would, however the suite was start
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -60,6 +61,38 @@ def test_a_server_that_does_not_start_fails_the_run_unless_asked(ci):
     assert "2 test(s) skipped because ROLLBACK_TESTS_ALLOW_MISSING=15,18 asked for it" in asked.stdout
 
 
+def test_the_unit_subset_starts_no_server_and_takes_seconds():
+    """pytest -m unit: the rules checked without PostgreSQL, for a quick run while working."""
+    began = time.monotonic()
+    ran = _pytest("-m", "unit", env={})
+    took = time.monotonic() - began
+    assert ran.returncode == 0, ran.stdout[-3000:]
+    passed = re.search(r"^(\d+) passed, (\d+) deselected in ", ran.stdout, re.M)
+    assert passed and int(passed.group(1)) >= 80 and int(passed.group(2)) > 300, ran.stdout[-1000:]
+    servers = ran.stdout[ran.stdout.index("PostgreSQL servers") :]
+    assert "no server was started" in servers
+    assert not re.search(r"^(ran|did not run):", servers, re.M), servers
+    assert took < 60, f"pytest -m unit took {took:.0f} s"
+
+
+def test_the_test_command_runs_only_the_tests_it_is_given():
+    """./setup_and_run.sh test tests/FILE: that file, not the whole suite as well."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"}
+    listed = subprocess.run(
+        ["./setup_and_run.sh", "test", "tests/test_rules.py", "--collect-only", "-q", "-p", "no:cacheprovider"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=600,
+    )
+    assert listed.returncode == 0, listed.stdout[-2000:] + listed.stderr[-2000:]
+    tests = [line for line in listed.stdout.splitlines() if "::" in line]
+    assert len(tests) >= 40 and all(t.startswith("tests/test_rules.py::") for t in tests), tests[:3]
+
+
+@pytest.mark.unit
 def test_a_skip_nobody_asked_for_fails(tmp_path):
     probe = ROOT / "tests" / f"test_zz_skip_probe_{os.getpid()}.py"
     probe.write_text("import pytest\n\n\ndef test_it():\n    pytest.skip('for no good reason')\n")
@@ -71,6 +104,7 @@ def test_a_skip_nobody_asked_for_fails(tmp_path):
     assert "skipped without being asked to" in result.stdout
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("parent", [IGNORING, BLOCKING], ids=["sigint-ignored", "sigint-blocked"])
 def test_a_child_of_the_suite_takes_ctrl_c_whoever_started_the_suite(parent):
     """Without the suite's conftest, the child inherits the parent's SIGINT as it is
@@ -95,6 +129,7 @@ def test_a_ctrl_c_fault_test_passes_when_the_suite_starts_with_sigint_ignored():
     assert "1 passed" in ran.stdout
 
 
+@pytest.mark.unit
 def test_wait_for_returns_what_came_and_says_what_never_did():
     answers = iter([None, 0, "", [], "here"])
     assert wait_for(lambda: next(answers), timeout=30, what="an answer", every=0.01) == "here"
@@ -104,6 +139,7 @@ def test_wait_for_returns_what_came_and_says_what_never_did():
     assert 0.3 <= time.monotonic() - began < 10
 
 
+@pytest.mark.unit
 def test_wait_for_stops_at_once_when_the_run_it_waits_on_ends_first():
     run = subprocess.Popen(
         [sys.executable, "-c", "import sys; sys.stderr.write('gave up early'); sys.exit(3)"],
