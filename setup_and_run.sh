@@ -17,7 +17,8 @@
 #                     demo --stop stops its server
 #      test           set up .venv and what the tests need (PostgreSQL 15 from Debian, the 14 and 16
 #                     wheels, a German locale), run the test suite; it fails when a server it needs
-#                     does not start (ROLLBACK_TESTS_ALLOW_MISSING=18 runs without that one)
+#                     does not start (ROLLBACK_TESTS_ALLOW_MISSING=18 runs without that one); ARGS go
+#                     to pytest: test -m unit runs the tests that need no server, test tests/FILE one file
 #      menu           the menu
 #      help, --help   this text
 #
@@ -129,7 +130,7 @@ cmd_test() {
   install_venv
   install_test_tools
   cd "${ROOT}"
-  exec "${PY}" -m pytest tests "$@"
+  exec "${PY}" -m pytest "$@" # without a path, pytest runs tests/ (testpaths in pyproject.toml)
 }
 
 # One option: install, or one Python script with the given arguments.

@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
 from contextlib import closing
@@ -41,6 +42,19 @@ ALLOW_MISSING = "ROLLBACK_TESTS_ALLOW_MISSING"  # e.g. "18" or "15de,18": a pers
 ASKED = "asked by " + ALLOW_MISSING  # the one reason a test may be skipped
 IS_ROOT = os.geteuid() == 0
 _counter = itertools.count(1)
+
+
+def give_children_the_default_sigint() -> None:
+    """A shell without job control starts a background job (``bash .ci/run &``) with
+    SIGINT ignored, and an ignored signal stays ignored across exec: every script a test
+    starts would shrug off the test's Ctrl-C. A handled signal is reset to the default
+    at exec, so handling it here gives each child the default, whoever started the suite."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # a blocked signal stays blocked across exec too
+
+
+give_children_the_default_sigint()
 
 
 @dataclass
@@ -269,6 +283,9 @@ def pytest_configure(config) -> None:
     config.addinivalue_line(
         "markers", "needs_root(why): a test that needs root; for an ordinary user it is not run, and the summary says so"
     )
+    config.addinivalue_line(
+        "markers", "unit: needs no server and nothing the test command installs; pytest -m unit runs these alone, in seconds"
+    )
     config.addinivalue_line("markers", "german: also runs against the server with German messages (needs its locale)")
     config.addinivalue_line("markers", "servers(*keys): runs on these servers only (a slow test, where one major suffices)")
     config.stash["not_run"] = []
@@ -315,6 +332,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
         tr.write_line(f"ran: {key:>4}  PostgreSQL {server.version} — {CANDIDATES[key].origin}")
     for key, why in sorted(_SERVERS.failed.items()):
         tr.write_line(f"did not run: {key:>4}  {why}")
+    if not _SERVERS.started and not _SERVERS.failed:
+        tr.write_line("no server was started: the tests that ran needed none")
     for key, c in sorted(CANDIDATES.items()):
         if c.absent and key not in _SERVERS.failed and key not in _SERVERS.started:
             tr.write_line(f"not on this machine: {key:>4}  {c.origin}: {c.absent}")

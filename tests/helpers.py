@@ -1,14 +1,50 @@
-"""Comparisons the tests make: a schema-only dump and a deep fingerprint of a database."""
+"""What many tests share: a schema-only dump and a deep fingerprint of a database,
+tool wrappers, and the one way to wait for something."""
 
 from __future__ import annotations
 
 import stat
+import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from lib.config import ConnInfo
 from lib.pg.db import connection
 from lib.pg.fingerprint import fingerprint
 from lib.process import Command
+
+T = TypeVar("T")
+
+
+def wait_for(
+    predicate: Callable[[], T],
+    *,
+    timeout: float,
+    what: str,
+    process: subprocess.Popen | None = None,
+    every: float = 0.1,
+) -> T:
+    """Ask ``predicate`` every ``every`` seconds until it answers something true, and
+    return that answer. Fails naming ``what`` was waited for when ``timeout`` seconds
+    pass first, or when ``process`` (the run that should bring it about) ends first,
+    with the end of what that process said on stderr."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = predicate()
+        if found:
+            return found
+        if process is not None and process.poll() is not None:
+            found = predicate()  # brought about just before the end
+            if found:
+                return found
+            stderr = process.communicate()[1] if process.stderr else ""
+            said = stderr.decode(errors="replace") if isinstance(stderr, bytes) else stderr or ""
+            raise AssertionError(f"the run ended (exit {process.returncode}) before {what}:\n{said[-3000:]}")
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"waited {timeout:g} s for {what}, in vain")
+        time.sleep(every)
 
 
 def schema_dump(server, dbname: str) -> str:

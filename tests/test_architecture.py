@@ -11,6 +11,8 @@ import pytest
 
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.unit
+
 LIB = ROOT / "lib"
 # lowest first; a module may import its own layer and the ones before it
 LAYERS = [

@@ -49,6 +49,7 @@ def rendered(draw, width: int) -> list[str]:
     return ui._out.file.getvalue().splitlines()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("numbered", [False, True], ids=["list", "menu"])
 @pytest.mark.parametrize("width", [80, 100, 160])
 def test_every_point_id_is_whole_on_one_line_at_any_width(width, numbered):
@@ -60,6 +61,7 @@ def test_every_point_id_is_whole_on_one_line_at_any_width(width, numbered):
     assert len(lines) == 4 + len(POINTS) + 1  # title, three lines of header, a line per point, the bottom
 
 
+@pytest.mark.unit
 def test_the_description_is_cut_before_columns_are_left_out():
     wide = "\n".join(rendered(lambda ui: render.points_table(ui, POINTS), 240))
     assert "Migration ID" in wide and "client_and_invoice_migration" in wide
@@ -114,6 +116,7 @@ def entries() -> list[dict]:
     ]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("width", [80, 100, 160])
 def test_an_audit_entry_keeps_to_two_lines(width):
     lines = rendered(lambda ui: render.audit_trail(ui, entries()), width)

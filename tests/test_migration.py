@@ -22,7 +22,7 @@ import pytest
 from lib.cli import sample
 from lib.errors import ConfigError
 from tests.conftest import ROOT, Staging, _drop_databases_like, get_server
-from tests.helpers import deep_state
+from tests.helpers import deep_state, wait_for
 
 CLIENTS = "migrations/001_migrate_clients.py"
 PRICES = "migrations/002_fix_prices.sql"
@@ -294,10 +294,12 @@ def migrate(ctx):
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline = time.monotonic() + 120
-    while mig18.sql("SELECT count(*) FROM products WHERE name = 'slow'")[0][0] < 40:
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.1)
+    wait_for(
+        lambda: mig18.sql("SELECT count(*) FROM products WHERE name = 'slow'")[0][0] >= 40,
+        timeout=120,
+        what="two batches of the migration to commit",
+        process=proc,
+    )
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
@@ -459,6 +461,7 @@ def _append_many(log_dir: str, worker: int) -> None:
         audit.event(Path(log_dir), "concurrency", worker=worker, n=n, padding="x" * (n * 40))
 
 
+@pytest.mark.unit
 def test_concurrent_audit_writers_never_interleave(tmp_path):
     import multiprocessing
 

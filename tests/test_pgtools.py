@@ -12,6 +12,7 @@ from lib.pg import tools as pgtools
 from lib.sandbox.servers import debian_bin_dir, embedded_bin_dir
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "text, major",
     [

@@ -25,7 +25,7 @@ import pytest
 from lib.config import ConnInfo
 from lib.sandbox.servers import LocalServer, debian_bin_dir, free_port, scratch_parent, server_account
 from tests.conftest import ROOT, Server, Staging, _prepare, make_staging
-from tests.helpers import deep_state
+from tests.helpers import deep_state, wait_for
 
 STANZA = "staging"
 
@@ -299,11 +299,7 @@ def test_a_side_server_killed_half_way_is_removed_by_cleanup(cluster, tmp_path):
         stderr=subprocess.PIPE,
         text=True,
     )
-    for _ in range(1200):
-        if ready.exists() or proc.poll() is not None:
-            break
-        time.sleep(0.1)
-    assert ready.exists(), proc.stderr.read() if proc.poll() is not None else "never reached the side server"
+    wait_for(ready.exists, timeout=120, what="the restore to bring its side server up", process=proc)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     sides = list(cluster.folder.glob("rollback-side-*"))

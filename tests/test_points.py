@@ -10,7 +10,6 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 from datetime import UTC, datetime
 
 import psycopg2
@@ -21,9 +20,10 @@ import rollback_manager
 from lib.points.catalog import Catalog
 from lib.sandbox.servers import embedded_bin_dir
 from tests.conftest import ROOT
-from tests.helpers import write_tool_wrapper
+from tests.helpers import wait_for, write_tool_wrapper
 
 
+@pytest.mark.unit
 def test_ids_follow_the_seed_form_and_stay_unique_within_one_second(tmp_path):
     catalog = Catalog(tmp_path / "b")
     when = datetime(2024, 1, 20, 14, 30, 22, tzinfo=UTC)
@@ -175,14 +175,12 @@ def test_a_killed_creation_leaves_nothing_that_lists(staging, tmp_path):
         start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            tmp = [p for p in staging.backup_dir.glob(".tmp-*")] if staging.backup_dir.exists() else []
-            if tmp and (tmp[0] / "database.dir" / "toc.dat").exists():
-                break
-            time.sleep(0.1)
-        else:
-            pytest.fail("the dump never started")
+        wait_for(
+            lambda: any((tmp / "database.dir" / "toc.dat").exists() for tmp in staging.backup_dir.glob(".tmp-*")),
+            timeout=60,
+            what="the dump to write its archive",
+            process=proc,
+        )
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()

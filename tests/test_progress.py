@@ -27,6 +27,7 @@ from lib.pg.progress import DumpTracker, ProgressPoller, RestoreTracker, applica
 from lib.points.methods.data import all_tables
 from lib.process import Command
 from lib.sandbox.servers import free_port
+from tests.helpers import wait_for
 
 
 class Recorder(Silent):
@@ -45,17 +46,6 @@ class Recorder(Silent):
         found = [b for b in self.bars if b["label"].startswith(start)]
         assert found, f"no progress starting {start!r} among {[b['label'] for b in self.bars]}"
         return found[0]
-
-
-def until(condition, what: str, seconds: float = 60):
-    """Wait for ``condition()`` to return something true; fail naming ``what`` if it never does."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        found = condition()
-        if found:
-            return found
-        time.sleep(0.1)
-    pytest.fail(f"never saw {what}")
 
 
 class HeldCopy:
@@ -97,7 +87,9 @@ def test_the_poller_reads_a_copy_and_an_index_build_under_way_and_only_its_own(s
     poller = ProgressPoller(ConnInfo.parse(staging.url), "postgres", staging.name, app)
     ours, theirs = HeldCopy(staging, app, 20000), HeldCopy(staging, "someone else", 5000)
     try:
-        reading = until(lambda: (r := poller.read_once()) and r.copies and r.copies[0].tuples > 0 and r, "our COPY under way")
+        reading = wait_for(
+            lambda: (r := poller.read_once()) and r.copies and r.copies[0].tuples > 0 and r, timeout=60, what="our COPY under way"
+        )
         assert [(c.relid, c.command) for c in reading.copies] == [(oid, "COPY FROM")]  # not the other session's
         assert 0 < reading.rows("COPY FROM") <= 20000
     finally:
@@ -113,7 +105,7 @@ def test_the_poller_reads_a_copy_and_an_index_build_under_way_and_only_its_own(s
     build = threading.Thread(target=lambda: builder.cursor().execute("CREATE INDEX CONCURRENTLY ON progress_probe (id)"))
     build.start()
     try:
-        reading = until(lambda: (r := poller.read_once()) and r.indexes and r, "the index build under way")
+        reading = wait_for(lambda: (r := poller.read_once()) and r.indexes and r, timeout=60, what="the index build under way")
         assert "waiting" in reading.indexes[0].phase
     finally:
         writer.commit()
@@ -123,6 +115,7 @@ def test_the_poller_reads_a_copy_and_an_index_build_under_way_and_only_its_own(s
     assert staging.sql("SELECT count(*) FROM pg_indexes WHERE tablename = 'progress_probe'")[0][0] == 1
 
 
+@pytest.mark.unit
 def test_a_server_that_cannot_be_asked_is_logged_at_debug_and_never_fails_or_waits(caplog):
     nowhere = ConnInfo.parse(f"postgresql://nobody:secret-pw-1@127.0.0.1:{free_port()}/staging")
     caplog.set_level(logging.DEBUG, logger="lib.pg.progress")
@@ -130,7 +123,7 @@ def test_a_server_that_cannot_be_asked_is_logged_at_debug_and_never_fails_or_wai
     assert poller.read_once() is None
     started = time.monotonic()
     with poller:
-        until(lambda: "progress of staging not read" in caplog.text, "the debug line")
+        wait_for(lambda: "progress of staging not read" in caplog.text, timeout=60, what="the debug line")
     assert time.monotonic() - started < 30 and poller.latest is None
     assert "secret-pw-1" not in caplog.text
     assert all(r.levelno == logging.DEBUG for r in caplog.records if r.name == "lib.pg.progress")
@@ -250,6 +243,7 @@ def plain_ui() -> tuple[UI, io.StringIO, FakeClock]:
     return ui, out, ui.clock
 
 
+@pytest.mark.unit
 def test_without_a_terminal_a_line_every_ten_seconds_with_an_eta_and_no_control_characters():
     ui, out, clock = plain_ui()
     with ui.progress("Dumping staging", total=4 * 2**30, unit="B", estimated=True) as tick:
@@ -265,6 +259,7 @@ def test_without_a_terminal_a_line_every_ten_seconds_with_an_eta_and_no_control_
     assert not any(ch in out.getvalue() for ch in "\x1b\r\x07")
 
 
+@pytest.mark.unit
 def test_without_a_terminal_short_work_says_one_line_long_work_its_time_and_failed_work_no_finish():
     ui, out, clock = plain_ui()
     with ui.progress("Restoring", total=10, unit="rows") as tick:
@@ -282,6 +277,7 @@ def test_without_a_terminal_short_work_says_one_line_long_work_its_time_and_fail
     assert "finished" not in out.getvalue() and "5 of 10 rows, 50%, about 11 s left, 11 s so far" in out.getvalue()
 
 
+@pytest.mark.unit
 def test_on_a_terminal_a_bar_with_the_amount_and_an_eta():
     from rich.console import Console
 

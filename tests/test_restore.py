@@ -16,7 +16,7 @@ from lib.config import load_settings
 from lib.pg.locks import DatabaseLock
 from lib.pg.target import open_target
 from lib.points.catalog import manifest_digest
-from tests.helpers import archive_file, deep_state, schema_dump
+from tests.helpers import archive_file, deep_state, schema_dump, wait_for
 
 MIGRATION = """
 INSERT INTO customers (email, name) SELECT 'new' || g || '@example.com', 'New ' || g FROM generate_series(1, 50) g;
@@ -285,9 +285,10 @@ def test_sessions_arriving_during_the_restore_do_not_break_it(staging):
     t = threading.Thread(target=hammer, daemon=True)
     t.start()
     try:
-        time.sleep(0.2)
+        wait_for(lambda: seen, timeout=30, what="the first session's answer", every=0.01)
         result = staging.run("rollback_manager.py", "restore", point_id, "--yes")
-        time.sleep(0.2)
+        answered = len(seen)
+        wait_for(lambda: len(seen) > answered, timeout=30, what="a session's answer after the restore", every=0.01)
     finally:
         stop.set()
         t.join()
@@ -392,12 +393,7 @@ def test_a_command_past_its_time_is_stopped_with_everything_it_started(staging, 
     result = staging.run("rollback_manager.py", "restore", point_id, "--yes", env=env)
     assert result.returncode == 1 and "Nothing was swapped" in result.stderr
     child = int(pid_file.read_text())
-    for _ in range(50):  # the wrapper's own child is stopped too, not left running
-        if not _running(child):
-            break
-        time.sleep(0.1)
-    else:
-        pytest.fail(f"the command's child {child} still runs")
+    wait_for(lambda: not _running(child), timeout=5, what=f"the command's child {child} to be stopped too")
 
 
 def _running(pid: int) -> bool:
@@ -429,12 +425,12 @@ def test_states_kept_before_rollbacks_have_a_retention_of_their_own(staging):
     assert f"Removed {outputs[0][0]}" in outputs[2][1] and "KEEP_BEFORE_STATES" in outputs[2][1]
     assert "Removed" not in outputs[1][1]
     gone = outputs[0][0]
-    for _ in range(120):  # its database is dropped in the background
-        if not staging.sql("SELECT 1 FROM pg_database WHERE datname = %s", (gone,)):
-            break
-        time.sleep(0.25)
-    else:
-        pytest.fail(f"the database of {gone} was not dropped")
+    wait_for(
+        lambda: not staging.sql("SELECT 1 FROM pg_database WHERE datname = %s", (gone,)),
+        timeout=30,
+        what=f"the database of {gone} to be dropped in the background",
+        every=0.25,
+    )
     trail = [e for e in _audit(staging) if e.get("retired_before_states")]
     assert [e["retired_before_states"] for e in trail] == [[gone]]
     kept_all = staging.run("rollback_manager.py", "restore", point_id, "--yes", env={"KEEP_BEFORE_STATES": "0"})

