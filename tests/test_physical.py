@@ -18,7 +18,7 @@ import pytest
 from lib.config import ConnInfo
 from lib.pg.db import connection
 from lib.pg.fingerprint import fingerprint
-from lib.points.catalog import manifest_digest
+from lib.points.manifest import manifest_digest
 from lib.sandbox.servers import LocalServer, embedded_bin_dir, make_shared_dir, scratch_parent, server_account
 from tests.conftest import ROOT, Server, _prepare
 from tests.helpers import deep_state
