@@ -78,23 +78,23 @@ def action(args, ui, ask) -> int:
             {
                 **summary,
                 "path": str(point.path),
-                "template_database": point.manifest.get("template_database"),
-                "duration_seconds": point.manifest.get("duration_seconds"),
+                "template_database": point.manifest.template_database,
+                "duration_seconds": point.manifest.duration_seconds,
                 "removed": [p.id for p in removed],
             }
         )
         return 0
-    fp = point.manifest["fingerprint"]
+    fp = point.manifest.fingerprint
     what = (
         f"{len(fp['relations'])} relations checked by the catalog (rows are read in the background)"
         if "relations" in fp
         else f"{sum(fp['row_counts'].values())} rows in {len(fp['row_counts'])} tables"
     )
-    copied = point.manifest.get("copy")
+    copied = point.manifest.copy
     how = f", {dict(clone='cloned', copy='copied')[copied['method']]}: {copied['why']}" if copied else ""
     ui.ok(
         f"Point created ({point.method}{how}): {human_size(summary['size_bytes'])}, {what}, "
-        f"in {point.manifest.get('duration_seconds')} s"
+        f"in {point.manifest.duration_seconds} s"
     )
     ui.info(f"Restore it with: python3 rollback_manager.py restore {point.id}")
     print(point.id)

@@ -54,7 +54,7 @@ def action(args, ui, ask) -> int:
         if not args.json and ask.decide("Rebuild staging from V2 instead?", default=False):
             return reset_from_v2(settings, ui, ask, args)
         return int(exc.exit_code)
-    description = point.manifest.get("description") or "no description"
+    description = point.manifest.description or "no description"
     return render.restore_outcome(
         ui, result, as_json=args.json, headline=f"{result.database} is back at {result.point_id} ({description})."
     )

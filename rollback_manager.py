@@ -137,7 +137,7 @@ def action(args, ui, ask) -> int:
         if not args.point_id:
             raise ConfigError("info needs a point id or --file PATH.", "See `python3 rollback_manager.py list`.")
         point = operations.get_point(settings, args.point_id)
-        return ui.result({**point.manifest, "path": str(point.path)}, lambda: render.point_details(ui, point))
+        return ui.result({**point.manifest.as_dict(), "path": str(point.path)}, lambda: render.point_details(ui, point))
     if command == "verify":
         result = operations.verify_point(settings, ui, args.point_id, deep=args.deep)
         return ui.result(result, lambda: ui.ok(f"Point {result['id']} verified ({result['level']})"))
@@ -148,7 +148,7 @@ def action(args, ui, ask) -> int:
         )
         return ui.result(
             {**registry.summary(point), "path": str(point.path)},
-            lambda: (ui.ok(f"Data point {point.id} of {point.manifest.get('table')}"), print(point.id)),
+            lambda: (ui.ok(f"Data point {point.id} of {point.manifest.table}"), print(point.id)),
         )
     if command == "delete":
         point = operations.delete_point(settings, ui, ask, args.point_id)

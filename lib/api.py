@@ -260,7 +260,7 @@ class SyncMigrationBackup:
         except VerificationError as exc:
             return Verification(backup_id, False, problems=[exc.message])
         read = details.get("rows_read", {})
-        want = (point.manifest.get("fingerprint") or {}).get("row_counts", {})
+        want = point.manifest.row_counts or {}
         tables = {t: {"expected_rows": n, "actual_rows": read[t], "matches": read[t] == n} for t, n in want.items() if t in read}
         return Verification(backup_id, True, tables=tables)
 

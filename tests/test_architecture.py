@@ -151,3 +151,44 @@ def test_method_names_are_compared_only_in_the_registry_and_their_own_modules():
         if re.search(names, line) and not re.search(r"""/ ["']data["']""", line)  # a folder named data
     }
     assert found == set()
+
+
+MANIFEST_MODULES = {"lib/points/catalog.py", "lib/points/manifest.py"}
+
+
+def _product_sources() -> dict[str, str]:
+    """lib/ and the top-level scripts, by path relative to the project."""
+    paths = [*LIB.rglob("*.py"), *ROOT.glob("*.py")]
+    return {str(path.relative_to(ROOT)): path.read_text() for path in sorted(paths)}
+
+
+@pytest.mark.parametrize(
+    "pattern, what",
+    [
+        (r"manifest(\.get\(|\[)", "a manifest looked up as a dict"),
+        (r"json\.loads\(.*(manifest\.json|\bMANIFEST\b)", "a manifest.json parsed by hand"),
+    ],
+)
+def test_only_the_catalog_reads_a_manifest(pattern, what):
+    """A manifest is a typed record (lib/points/manifest.py) that the catalog reads and
+    writes; everyone else asks its attributes."""
+    found = [
+        f"{path}:{number}: {line.strip()}"
+        for path, text in _product_sources().items()
+        if path not in MANIFEST_MODULES
+        for number, line in enumerate(text.splitlines(), start=1)
+        if re.search(pattern, line)
+    ]
+    assert found == [], f"{what} outside {sorted(MANIFEST_MODULES)}"
+
+
+def test_a_points_status_and_kind_are_named_in_one_place():
+    """Status and Kind are compared as enums; their values are spelled in manifest.py only."""
+    found = [
+        f"{path}:{number}: {line.strip()}"
+        for path, text in _product_sources().items()
+        if path != "lib/points/manifest.py"
+        for number, line in enumerate(text.splitlines(), start=1)
+        if re.search(r"""["'](completed|before_rollback|manual)["']""", line)
+    ]
+    assert found == []

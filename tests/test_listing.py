@@ -15,6 +15,7 @@ from lib import audit
 from lib.cli import render
 from lib.cli.console import UI
 from lib.points.catalog import Point
+from lib.points.manifest import Manifest
 
 LONGEST_ID = "rb_before_the_client_and_invoice_migrations_20261121_101500_999"  # a 40-character label, the 999th in a second
 LONG_TEXT = "Before the client and invoice migration of the legacy system, with the address clean-up and the VAT fix " * 2
@@ -32,7 +33,7 @@ def point(point_id: str, description: str, *, migration_id: str | None = None, m
         "description": description,
         "files": [],
     }
-    return Point(Path("/nonexistent") / point_id, manifest)
+    return Point(Path("/nonexistent") / point_id, Manifest.from_dict(manifest))
 
 
 POINTS = [

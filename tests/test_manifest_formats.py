@@ -15,6 +15,7 @@ import pytest
 from lib.errors import CatalogError
 from lib.points import catalog
 from lib.points.manifest import (
+    DAMAGED,
     DEFAULT_KIND,
     FORMAT_VERSION,
     DatabaseSection,
@@ -167,12 +168,11 @@ def test_each_earlier_shape_is_written_back_key_for_key(name):
 def test_an_old_points_own_checksum_still_matches(name):
     written = raw(name)
     manifest = Manifest.from_dict(written)
-    assert manifest_digest(written) == catalog.manifest_digest(written)  # one algorithm, wherever it is called from
-    assert manifest.digest() == catalog.manifest_digest(written)
+    assert manifest.digest() == manifest_digest(written)
     assert not manifest.edited
     if EXPECTED[name]["checksum"]:
-        assert manifest.manifest_sha256 == written["manifest_sha256"] == catalog.manifest_digest(manifest.as_dict())
-        assert catalog.check_files(catalog.Point(FIXTURES / "nowhere", manifest.as_dict())) == [
+        assert manifest.manifest_sha256 == written["manifest_sha256"] == manifest_digest(manifest.as_dict())
+        assert catalog.check_files(catalog.Point(FIXTURES / "nowhere", manifest)) == [
             f"{FIXTURES / 'nowhere' / entry.name} is missing" for entry in manifest.files
         ]  # the manifest passes; only its files are absent here
     else:
@@ -243,7 +243,7 @@ def test_keys_a_later_toolkit_adds_are_kept_and_the_checksum_with_them():
     written["database"]["properties"]["locale"] = "en_US.UTF-8"
     written["files"][0]["blake3"] = "af1349b9f5f9a1a6a0404dea36dcc949"
     written["tool"]["build"] = "Debian"
-    written["manifest_sha256"] = catalog.manifest_digest(written)
+    written["manifest_sha256"] = manifest_digest(written)
     m = Manifest.from_dict(written)
     assert m.extra["retention"]["reasons"] == ("legal hold",)
     assert m.database.extra["collation_version"] == "2.36"
@@ -257,7 +257,7 @@ def test_an_edited_manifest_shows():
     written["template_database"] = "someone_elses_database"
     m = Manifest.from_dict(written)
     assert m.edited
-    assert catalog.check_files(catalog.Point(FIXTURES / "nowhere", m.as_dict()))[0].endswith(
+    assert catalog.check_files(catalog.Point(FIXTURES / "nowhere", m))[0].endswith(
         "was edited after the point was taken (its own checksum does not match)"
     )
 
@@ -316,7 +316,7 @@ def test_a_kind_or_status_this_toolkit_does_not_know_is_kept_as_written():
 def test_a_damaged_manifest_stands_for_its_folder_as_the_catalog_lists_it(status):
     m = Manifest.damaged("rb_lost_20261121_120000", status)
     assert m.as_dict() == {"id": "rb_lost_20261121_120000", "status": str(status), "created_at": "1970-01-01T00:00:00+00:00"}
-    assert m.is_damaged and not m.is_completed and m.status in catalog.DAMAGED
+    assert m.is_damaged and not m.is_completed and m.status in DAMAGED
     assert m.created_at == datetime(1970, 1, 1, tzinfo=UTC)
     assert m.kind is Kind.MANUAL and m.method is None and m.files == () and m.size == 0 and m.database.name is None
     assert Manifest.from_dict(m.as_dict()).is_damaged
@@ -340,7 +340,7 @@ def test_a_file_entry_without_its_checksum_is_refused():
         Manifest.from_dict(written)
 
 
-def test_format_2_leaves_out_what_is_none_and_reads_back():
+def test_format_2_leaves_out_what_is_none_but_the_keys_every_point_wrote_and_reads_back():
     m = Manifest(
         id="rb_rel_3_0_0_20261202_120000",
         method="template",
@@ -354,9 +354,11 @@ def test_format_2_leaves_out_what_is_none_and_reads_back():
     written = m.as_dict()
     assert written["format"] == FORMAT_VERSION == 2
     assert written["kind"] == "manual" and written["status"] == "completed" and written["files"] == []
-    assert None not in written.values() and "migration_id" not in written and "table" not in written
+    nulls = {key for key, value in written.items() if value is None}
+    assert nulls == {"migration_id", "table", "encryption"} == Manifest.NULLABLE - {"description"}  # as format 1 wrote them
+    assert "backup" not in written and "restore_point" not in written and "copy" not in written
     assert written["fingerprint"]["relations"]["public.t"] == [16390, 8192]
-    assert written["manifest_sha256"] == catalog.manifest_digest(written)
+    assert written["manifest_sha256"] == manifest_digest(written)
     again = Manifest.from_dict(json.loads(json.dumps(written)))
     assert again.as_dict() == written and not again.edited and not again.from_a_newer_toolkit
     assert again.template_database == m.template_database and again.created_at.microsecond == 250_000
@@ -366,7 +368,7 @@ def test_completing_lists_the_files_and_seals():
     files = [FileEntry(name="database.dump", size=10, sha256="ab" * 32)]
     m = Manifest(id="rb_a_20261202_120000", method="dump", archive="database.dump").completed(files)
     assert m.is_completed and m.files == tuple(files) and m.size == 10 and m.format == FORMAT_VERSION
-    assert m.manifest_sha256 == catalog.manifest_digest(m.as_dict())
+    assert m.manifest_sha256 == manifest_digest(m.as_dict())
 
 
 def test_a_manifest_from_a_later_format_is_read_and_says_so():

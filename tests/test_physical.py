@@ -11,14 +11,15 @@ import subprocess
 import sys
 import tempfile
 from contextlib import closing, contextmanager
+from datetime import datetime
 from pathlib import Path
 
 import pytest
+from pyrage import x25519
 
 from lib.config import ConnInfo
-from lib.pg.db import connection
-from lib.pg.fingerprint import fingerprint
-from lib.points.catalog import manifest_digest
+from lib.files import sha256_file
+from lib.points.manifest import manifest_digest
 from lib.sandbox.servers import LocalServer, embedded_bin_dir, make_shared_dir, scratch_parent, server_account
 from tests.conftest import ROOT, Server, _prepare
 from tests.helpers import deep_state
@@ -108,46 +109,102 @@ def _databases(staging) -> set[str]:
 
 # ------------------------------------------------------------------ points written before this change
 
+OLD_SHAPES = Path(__file__).parent / "fixtures" / "manifests"  # one manifest per shape, by the commit that wrote it
+GREW = {"database", "properties", "tool", "created_by"}  # objects whose keys grew: shaped key by key too
+
+
+def _shaped(real: dict, old: dict) -> dict:
+    """``old``'s keys with ``real``'s values: a key ``old`` lacks left out, one ``real`` lacks null."""
+    return {
+        key: _shaped(real[key], example) if key in GREW and isinstance(real.get(key), dict) else real.get(key)
+        for key, example in old.items()
+    }
+
+
+def _rewrite_as(staging, point_id: str, shape: str, *, recorded: dict | None = None, **values) -> dict:
+    """The point's manifest as the version of the toolkit that wrote fixture ``shape`` wrote
+    it: its keys, its format, its precision of created_at, a checksum only where it had one.
+    ``recorded``: the fingerprint that version recorded, where it differs from today's."""
+    old = json.loads((OLD_SHAPES / shape).read_text())
+    real = _manifest(staging, point_id) | values
+    manifest = _shaped(real, old) | {"format": old["format"]}
+    manifest["fingerprint"] = _shaped(recorded or real["fingerprint"], old["fingerprint"])
+    if "." not in old["created_at"]:  # to the second
+        manifest["created_at"] = datetime.fromisoformat(real["created_at"]).isoformat(timespec="seconds")
+    manifest.pop("manifest_sha256", None)
+    if "manifest_sha256" in old:
+        _rewrite(staging, point_id, manifest)
+    else:
+        (staging.backup_dir / point_id / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    return old
+
+
+def _moved(source: Path, folder: Path) -> None:
+    folder.mkdir(exist_ok=True)
+    source.rename(folder / source.name)
+
 
 def test_points_written_before_this_change_still_verify_and_restore(staging, tmp_path):
-    """Older manifests: a template point counted row by row (no physical fingerprint),
-    and a dump point as one custom-format file (database.dump), both restore exactly."""
+    """Each shape of tests/fixtures/manifests/ a point of these methods has had on disk (pitr
+    points: tests/test_pitr.py): a real point, its manifest rewritten in that shape, is
+    listed, verifies and restores staging exactly. Five points, each rewritten in turn."""
+    keys = _age_keys(tmp_path)
+    staging.env["KEEP_BEFORE_STATES"] = "0"  # the state a restore keeps is restored in its old shapes below
     at_point = deep_state(staging.server, staging.name)
-    template = staging.run_json("create_rollback_point.py", "old template", "--method", "template")
-    old = _manifest(staging, template["id"])
-    with connection(ConnInfo.parse(staging.url)) as conn:
-        counted = fingerprint(conn).as_dict()
-    old["fingerprint"] = counted
-    old.pop("copy", None)
-    _rewrite(staging, template["id"], old)
-
-    dump_id = staging.create_point("old dump", "--method", "dump")
-    folder = staging.backup_dir / dump_id
+    template = staging.create_point("old template", "--method", "template")
+    dump = staging.create_point("old dump", "--method", "dump")
+    data = staging.create_point("old data", "--method", "data")
+    sealed_dump = staging.run_json("create_rollback_point.py", "old sealed dump", "--method", "dump", env=keys)["id"]
+    sealed_data = staging.run_json("rollback_manager.py", "backup", "documents", "scratch", env=keys)["id"]
+    custom = tmp_path / "custom" / "database.dump"  # dump points before the directory format: one custom-format file
+    custom.parent.mkdir()
     info = ConnInfo.parse(staging.url)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")} | {"PGPASSWORD": info.password}
     subprocess.run(
-        [str(staging.server.bin_dir / "pg_dump"), "-Fc", "-f", str(folder / "database.dump"), *info.tool_args()],
-        env=env,
+        [str(staging.server.bin_dir / "pg_dump"), "-Fc", "-f", str(custom), *info.tool_args()],
+        env={k: v for k, v in os.environ.items() if not k.startswith("PG")} | {"PGPASSWORD": info.password},
         check=True,
     )
-    subprocess.run(["rm", "-rf", str(folder / "database.dir")], check=True)
-    old_dump = _manifest(staging, dump_id)
-    for key in ("archive_format", "compression", "jobs"):
-        old_dump.pop(key, None)
-    from lib.files import sha256_file
+    custom_file = {"name": custom.name, "size": custom.stat().st_size, "sha256": sha256_file(custom)}
 
-    archive = folder / "database.dump"
-    old_dump.update(
-        archive="database.dump", files=[{"name": "database.dump", "size": archive.stat().st_size, "sha256": sha256_file(archive)}]
-    )
-    _rewrite(staging, dump_id, old_dump)
+    def holds(point_id: str, shape: str, state: dict, *, change: str | None = "DELETE FROM customers WHERE id > 100", **how):
+        """Rewritten in ``shape``, the point is listed and verifies, and restores ``state``
+        after ``change`` (None: staging differs already); returns what the restore said."""
+        old = _rewrite_as(staging, point_id, shape, **how)
+        listed = {p["id"]: p for p in staging.run_json("rollback_manager.py", "list", env=keys)}[point_id]
+        assert (listed["status"], listed["method"], listed["kind"]) == ("completed", old["method"], old["kind"]), shape
+        assert listed["verified"], shape
+        assert staging.run_json("rollback_manager.py", "verify", point_id, env=keys)["verified"] is True, shape
+        if change:
+            staging.sql(change)
+        assert deep_state(staging.server, staging.name) != state, shape
+        restored = staging.run_json("rollback_manager.py", "restore", point_id, "--yes", env=keys)
+        assert deep_state(staging.server, staging.name) == state, shape
+        return restored
 
-    for point_id in (template["id"], dump_id):
-        assert staging.run("rollback_manager.py", "verify", point_id).returncode == 0
-        staging.sql("DELETE FROM customers WHERE id > 100")
-        restored = staging.run("rollback_manager.py", "restore", point_id, "--yes")
-        assert restored.returncode == 0, restored.stderr
-        assert deep_state(staging.server, staging.name) == at_point
+    holds(dump, "dump_directory_6e5b673.json", at_point)
+    _moved(staging.backup_dir / dump / "database.dir", tmp_path / "directory")
+    _moved(custom, staging.backup_dir / dump)
+    for shape in ("dump_1bcbadc.json", "dump_7024adc.json"):
+        holds(dump, shape, at_point, archive=custom.name, files=[custom_file])
+    holds(sealed_dump, "dump_encrypted_b7623de.json", at_point)
+    holds(data, "data_07ec2c3.json", at_point)
+    holds(sealed_data, "data_table_encrypted_b7623de.json", at_point, change="DELETE FROM documents")
+    holds(template, "template_physical_6e5b673.json", at_point)
+    holds(template, "template_b7623de.json", at_point, recorded=at_point)  # counted row by row
+    staging.sql("DELETE FROM customers WHERE id > 100")
+    kept_state = deep_state(staging.server, staging.name)  # the state the next restore keeps
+    before = holds(template, "template_75d37f7.json", at_point, change=None, recorded=at_point)["before_point_id"]
+    holds(before, "before_rollback_template_6e5b673.json", kept_state, change="DELETE FROM documents")
+    holds(before, "before_rollback_template_7024adc.json", kept_state, change="DELETE FROM documents", recorded=kept_state)
+
+
+def _age_keys(tmp_path: Path) -> dict[str, str]:
+    """A new age identity: the environment that encrypts to it and opens with it."""
+    identity = x25519.Identity.generate()
+    key = tmp_path / "key.txt"
+    key.write_text(f"{identity}\n")
+    key.chmod(0o600)
+    return {"ROLLBACK_ENCRYPT_TO": str(identity.to_public()), "ROLLBACK_DECRYPT_KEY_FILE": str(key)}
 
 
 # ------------------------------------------------------------------ how the server copies

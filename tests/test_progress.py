@@ -187,14 +187,14 @@ def test_a_dump_point_and_its_restore_report_bytes_and_rows_against_a_known_tota
         commands.restore_point(load_settings(), recorder, Granted(), point.id)
         restoring = recorder.bar(f"Restoring {point.id}")
         assert restoring["unit"] == "rows" and not restoring["estimated"]
-        assert restoring["total"] == sum(point.manifest["fingerprint"]["row_counts"].values()) > 0
+        assert restoring["total"] == sum(point.manifest.row_counts.values()) > 0
         assert restoring["ticks"][-1][1] == restoring["total"]
 
 
 def test_a_data_point_and_its_restore_count_the_rows_they_stream(staging):
     recorder = Recorder()
     point, _ = commands.create_point(load_settings(), recorder, Granted(), description="Rows", method="data")
-    rows = sum(t["rows"] for t in point.manifest["tables"])
+    rows = sum(t.rows for t in point.manifest.tables)
     copying = recorder.bar("Copying")
     assert copying["unit"] == "rows" and copying["estimated"] and copying["total"] > 0
     assert copying["ticks"][-1][1] == rows  # counted exactly as they passed, against an estimate

@@ -15,7 +15,7 @@ import pytest
 from lib.config import load_settings
 from lib.pg.locks import DatabaseLock
 from lib.pg.target import open_target
-from lib.points.catalog import manifest_digest
+from lib.points.manifest import manifest_digest
 from tests.helpers import archive_file, deep_state, schema_dump, wait_for
 
 MIGRATION = """

@@ -117,24 +117,24 @@ def points_table(ui: UI, points: list[Point], *, numbered: bool = False) -> None
 
 def point_details(ui: UI, point: Point) -> None:
     m = point.manifest
-    db = m.get("database", {})
-    fp = m.get("fingerprint", {})
-    tool = m.get("tool") or {}
+    db = m.database
+    fp = m.fingerprint or {}
+    tool = m.tool.as_dict() if m.tool else {}
     rows = [
         ("ID", point.id),
-        ("Description", m.get("description") or ""),
-        ("Migration ID", m.get("migration_id") or "-"),
-        ("Kind", m.get("kind", "manual") + (f" (restoring {m['restored_point']})" if m.get("restored_point") else "")),
-        ("Created", f"{m.get('created_at')} ({age(m.get('created_at'))})"),
-        ("Status", m.get("status")),
+        ("Description", m.description or ""),
+        ("Migration ID", m.migration_id or "-"),
+        ("Kind", f"{m.kind}" + (f" (restoring {m.restored_point})" if m.restored_point else "")),
+        ("Created", f"{m.created_at_text} ({age(m.created_at_text)})"),
+        ("Status", m.status),
         ("Verified", _verified(point)),
         ("Method", point.method),
-        ("Database", f"{db.get('name')} — {db.get('url')}"),
-        ("Server", f"PostgreSQL {db.get('server_version')} (system id {db.get('system_identifier') or 'unknown'})"),
-        ("Database size", human_size(db.get("size_bytes"))),
-        ("Written by", f"{tool.get('path')} ({tool.get('version')})" if tool else "-"),
-        ("Database copy", m.get("template_database") or "-"),
-        ("Copied by", f"{m['copy']['method']}: {m['copy']['why']}" if m.get("copy") else "-"),
+        ("Database", f"{db.name} — {db.url}"),
+        ("Server", f"PostgreSQL {db.server_version} (system id {db.system_identifier or 'unknown'})"),
+        ("Database size", human_size(db.size_bytes)),
+        ("Written by", f"{m.tool.path} ({m.tool.version})" if tool else "-"),
+        ("Database copy", m.template_database or "-"),
+        ("Copied by", f"{m.copy['method']}: {m.copy['why']}" if m.copy else "-"),
         ("Folder", str(point.path)),
         ("Schema digest", f"{fp.get('schema_digest', '?')[:16]}… over {fp.get('schema_objects')} objects"),
         ("Rows", _rows(point)),
@@ -148,9 +148,9 @@ def point_details(ui: UI, point: Point) -> None:
         table.add_row(k, str(v))
     ui.out.print(table)
     files = Table("File", "Size", "sha256", title="Files", title_justify="left")
-    for f in m.get("files", []):
-        files.add_row(f["name"], human_size(f["size"]), f["sha256"])
-    if m.get("files"):
+    for f in m.files:
+        files.add_row(f.name, human_size(f.size), f.sha256)
+    if m.files:
         ui.out.print(files)
     counts = Table("Table", "Rows", title="Row counts", title_justify="left")
     for name, n in sorted(fp.get("row_counts", {}).items()):

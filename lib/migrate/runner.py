@@ -377,7 +377,7 @@ def rollback(
         mine = [
             p
             for p in Catalog(settings.backup_dir).points()
-            if p.manifest.get("migration_id") == migration.id and p.manifest.get("status") == "completed"
+            if p.manifest.migration_id == migration.id and p.manifest.is_completed
         ]
         if not mine:
             raise ConfigError(

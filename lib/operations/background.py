@@ -51,8 +51,8 @@ def retire_before_states(op) -> None:
     for point in old:
         op.catalog.unlist(point)
         op.ui.info(
-            f"Removed {point.id} ({point.manifest.get('description') or 'state before rollback'}, "
-            f"{point.manifest.get('created_at', '?')[:19].replace('T', ' ')} UTC): only the newest {keep} states kept "
+            f"Removed {point.id} ({point.manifest.description or 'state before rollback'}, "
+            f"{(point.manifest.created_at_text or '?')[:19].replace('T', ' ')} UTC): only the newest {keep} states kept "
             "before rollbacks stay (KEEP_BEFORE_STATES)."
         )
     if old:
@@ -86,7 +86,7 @@ def run_after_restore(settings: Settings, restored_id: str, before_id: str) -> N
             _prepare_spare(target, restored)
         if before_id != "-":
             _read_baseline(target, catalog.get(before_id))
-        if restored is not None and not restored.verification.get("baseline"):  # its first reading yielded to a copy
+        if restored is not None and not restored.verification.baseline:  # its first reading yielded to a copy
             _read_baseline(target, restored)
 
 
@@ -109,8 +109,8 @@ def _prepare_spare(target, point: Point) -> None:
 
 def _read_baseline(target, point: Point) -> None:
     try:
-        baseline = template_method.read_baseline(target, point, point.manifest["template_database"])
-        log.info("baseline of %s: %s rows read", point.id, sum(baseline["row_counts"].values()))
+        baseline = template_method.read_baseline(target, point, point.manifest.template_database)
+        log.info("baseline of %s: %s rows read", point.id, sum(baseline.row_counts.values()))
     except RollbackError as exc:  # ended by a foreground copy, or the point is gone: yielded
         log.info("baseline of %s not read (yielded to the foreground): %s", point.id, exc.message)
     except Exception as exc:  # noqa: BLE001 - psycopg2's errors when the foreground ended this session

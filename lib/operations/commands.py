@@ -26,7 +26,8 @@ from lib.pg.db import connection, database_properties
 from lib.pg.fingerprint import compare, fingerprint, row_counts, sequence_positions
 from lib.pg.target import Target, open_target
 from lib.points import crypto, retention
-from lib.points.catalog import Catalog, Point, check_files, refuse_damaged_manifest
+from lib.points.catalog import MANIFEST, Catalog, Point, check_files, refuse_damaged_manifest
+from lib.points.manifest import DEFAULT_KIND, CreatedBy, Kind, thawed
 from lib.points.methods import data as data_method
 from lib.points.methods import dump as dump_method
 from lib.points.methods import registry
@@ -70,12 +71,12 @@ def _take_trying(op: Operation, requested: str, chosen: Method, **point) -> Poin
             method = after
 
 
-def _who() -> dict:
+def _who() -> CreatedBy:
     try:
         user = getpass.getuser()
     except (KeyError, OSError):
         user = str(os.getuid())
-    return {"user": user, "host": socket.gethostname(), "pid": os.getpid()}
+    return CreatedBy(user=user, host=socket.gethostname(), pid=os.getpid())
 
 
 def _take(
@@ -84,20 +85,14 @@ def _take(
     description: str,
     migration_id: str | None,
     method: Method,
-    kind: str = "manual",
+    kind: Kind = DEFAULT_KIND,
     tables: list[str] | None = None,
 ) -> Point:
     """A point of staging under an operation already started (the lock held); the
     background work the method asks for is started here."""
-    base = {
-        "description": description,
-        "migration_id": migration_id,
-        "table": None,
-        "kind": kind,
-        "created_by": _who(),
-    }
+    base = {"description": description, "migration_id": migration_id, "kind": kind, "created_by": _who()}
     taken = method.take(
-        TakeRequest(op.target, op.catalog, op.ui, op.ask, label=migration_id or description, base_manifest=base, tables=tables)
+        TakeRequest(op.target, op.catalog, op.ui, op.ask, label=migration_id or description, base=base, tables=tables)
     )
     for follow_up in taken.follow_up:
         background.start(op.settings, follow_up.job, *follow_up.point_ids)
@@ -150,12 +145,12 @@ def get_point(settings: Settings, point_id: str) -> Point:
 def file_info(settings: Settings, path: Path) -> tuple[dict, Point | None]:
     """info --file: a point folder or its manifest (with the point), or a bare pg_dump archive."""
     path = Path(path)
-    if path.is_dir() and (path / "manifest.json").is_file():
-        path = path / "manifest.json"
-    if path.name == "manifest.json" and path.is_file():
+    if path.is_dir() and (path / MANIFEST).is_file():
+        path = path / MANIFEST
+    if path.name == MANIFEST and path.is_file():
         point = Catalog(path.parent.parent).get(path.parent.name)
         problems = check_files(point)
-        return {"point": point.manifest, "path": str(point.path), "files": problems or "ok"}, point
+        return {"point": point.manifest.as_dict(), "path": str(point.path), "files": problems or "ok"}, point
     if dump_method.is_archive_folder(path):
         size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
         return {"file": str(path), "size_bytes": size, **dump_method.archive_header(path, settings)}, None
@@ -171,7 +166,7 @@ def verify_point(settings: Settings, ui: Reporter, point_id: str, *, deep: bool 
     row: a dump rebuilt beside staging and counted, a copy's rows against the baseline."""
     catalog = Catalog(settings.backup_dir)
     point = catalog.get(point_id)
-    with audited(settings.log_dir, "verify", point.manifest.get("database", {}).get("url"), point.id) as record:
+    with audited(settings.log_dir, "verify", point.manifest.database.url, point.id) as record:
         result: dict = {"id": point.id, "method": point.method}
         refuse_damaged_manifest(point)
         problems = check_files(point)
@@ -180,7 +175,7 @@ def verify_point(settings: Settings, ui: Reporter, point_id: str, *, deep: bool 
                 f"Point {point.id} failed its checksums: " + "; ".join(problems) + ".",
                 "Use an earlier point (`python3 rollback_manager.py list`).",
             )
-        files = len(point.manifest.get("files", []))
+        files = len(point.manifest.files)
         result["checksums"] = f"{files} file(s) match"
         if files:
             ui.ok(f"Checksums of {point.id} match ({files} file(s))")
@@ -205,12 +200,12 @@ def verify_staging(settings: Settings, point_id: str) -> tuple[dict[str, dict], 
     whole-database point also the schema digest and large objects. Returns per table
     (expected_rows, actual_rows, matches) and the problems found."""
     point = get_point(settings, point_id)
-    expected = dict(point.manifest.get("fingerprint") or {})
+    expected = thawed(point.manifest.fingerprint or {})
     if expected.pop("kind", None) == "physical":  # a database copy: its rows as the background read them
         expected.pop("relations", None)
-        baseline = point.verification.get("baseline") or {}
-        if baseline.get("row_counts"):
-            expected["row_counts"] = baseline["row_counts"]
+        baseline = point.verification.baseline
+        if baseline and baseline.row_counts:
+            expected["row_counts"] = thawed(baseline.row_counts)
     with audited(settings.log_dir, "verify rollback", settings.staging().masked(), point.id) as record:
         with connection(settings.staging(), readonly=True, application_name="rollback-toolkit verify") as conn:
             if registry.of(point).whole_database:
@@ -269,11 +264,13 @@ def restore_point(
     point = dump_method.point_of_archive(settings, archive) if archive else catalog.get(point_id or "")
     pitr_ops.refuse_for_other_methods(point, in_place=in_place)
     with operation(settings, "restore", ui=ui, ask=ask, point_id=point.id) as op:
-        if point.manifest.get("kind") == "file":
+        if point.manifest.kind == Kind.FILE:
             # a bare archive records nothing: restored here, with staging's own encoding, locale, owner and
             # settings. A point folder stays as it was written (its checksums cover its manifest).
-            point.manifest["database"]["name"] = op.target.dbname
-            point.manifest["database"]["properties"] = database_properties(op.target.maint, op.target.dbname).as_dict()
+            here = point.manifest.database.replaced(
+                name=op.target.dbname, properties=database_properties(op.target.maint, op.target.dbname).as_dict()
+            )
+            point = Point(point.path, point.manifest.replaced(database=here))
         return _restore(op, point, force=force, in_place=in_place)
 
 
@@ -298,7 +295,7 @@ def _restore(op: Operation, point: Point, *, force: bool, in_place: bool = False
     rplan = restore_plan(target, point)
     refuse_replication_ties(target, rplan.ties, force=force, doing=f"restore {target.dbname}")
     ui.info(rplan.describe(target))
-    if not op.ask.granted and point.manifest.get("fingerprint"):
+    if not op.ask.granted and point.manifest.fingerprint:
         ui.info("  What it undoes, per table:")
         for line in diff.summary_for_confirmation(target, point, ui):
             ui.info(f"    {line}")
@@ -314,7 +311,7 @@ def _restore(op: Operation, point: Point, *, force: bool, in_place: bool = False
             description=f"state before rollback to {point.id}",
             migration_id=None,
             method=method,
-            kind="before_rollback",
+            kind=Kind.BEFORE_ROLLBACK,
             tables=method.keeps_before(point) if rplan.mode == TABLES else None,
         )
         result = restore_data(target, rplan, ui, before) if rplan.mode == TABLES else restore_in_place(target, rplan, ui, before)
@@ -387,7 +384,7 @@ def partial_rollback(settings: Settings, ui: Reporter, ask: Confirmer, point_id:
                 description=f"state before partial rollback to {point.id}",
                 migration_id=None,
                 method=registry.get(registry.FOR_TABLES),
-                kind="before_rollback",
+                kind=Kind.BEFORE_ROLLBACK,
                 tables=[data_method.quoted(t) for t in partial_plan.tables],
             )
 
@@ -403,9 +400,9 @@ def partial_rollback(settings: Settings, ui: Reporter, ask: Confirmer, point_id:
 def delete_point(settings: Settings, ui: Reporter, ask: Confirmer, point_id: str) -> Point:
     point = Catalog(settings.backup_dir).get(point_id)
     with operation(settings, "delete", ui=ui, ask=ask, point_id=point.id, check_v2=False) as op:
-        held = registry.of(point).holds_database if point.manifest.get("status") == "completed" else False
-        copy = f" and its database copy {point.manifest.get('template_database')!r}" if held else ""
-        ui.info(f"Delete point {point.id}{copy} ({point.manifest.get('description') or 'no description'})?")
+        held = registry.of(point).holds_database if point.manifest.is_completed else False
+        copy = f" and its database copy {point.manifest.template_database!r}" if held else ""
+        ui.info(f"Delete point {point.id}{copy} ({point.manifest.description or 'no description'})?")
         ask.confirm("Delete it?", what=f"delete {point.id}")
         retention.delete_point(op.target, op.catalog, point)
     return point
@@ -441,7 +438,7 @@ def cleanup(
             return plan.remove, plan.protected, left
         ui.info(f"{len(plan.remove)} point(s) of {target.dbname} will be removed, database copies included:")
         for p in plan.remove:
-            ui.info(f"  - {p.id} ({p.method}, {p.manifest.get('created_at', '?')[:19]})")
+            ui.info(f"  - {p.id} ({p.method}, {(p.manifest.created_at_text or '?')[:19]})")
         ask.confirm("Remove them?", what="remove points")
         removed = retention.apply(target, catalog, ui, cleanup=plan)
         op.record.set(removed=[p.id for p in removed])
@@ -454,8 +451,8 @@ def _newest_usable(target: Target, catalog: Catalog, ui: Reporter, method: str |
     candidates = [
         p
         for p in retention.points_of(catalog, target)
-        if p.manifest.get("kind", "manual") != "before_rollback"
-        and (p.method == method if method else not p.manifest.get("table"))  # table-level points are not staging
+        if p.manifest.kind != Kind.BEFORE_ROLLBACK
+        and (p.method == method if method else not p.manifest.is_table_level)  # table-level points are not staging
     ]
     for point in reversed(candidates):
         if retention.is_good(target, point):

@@ -9,6 +9,7 @@ from lib.operations import background
 from lib.operations.scaffold import Operation
 from lib.pg.db import connection, replication_ties, sessions_on
 from lib.points.catalog import Point
+from lib.points.manifest import Kind, thawed
 from lib.points.methods import pitr as pitr_method
 from lib.points.methods import registry
 from lib.points.methods.base import REPOSITORY
@@ -78,11 +79,9 @@ def _in_place(op: Operation, recovery: pitr.Recovery, point: Point | None) -> Re
         op.catalog,
         ui,
         label=f"before in-place restore to {restored}",
-        base_manifest={
+        base={
             "description": f"state before in-place restore to {restored}",
-            "migration_id": None,
-            "table": None,
-            "kind": "before_rollback",
+            "kind": Kind.BEFORE_ROLLBACK,
             "restored_point": restored,
         },
     )
@@ -90,7 +89,7 @@ def _in_place(op: Operation, recovery: pitr.Recovery, point: Point | None) -> Re
     done = pitr.restore_in_place(target, ui, recovery)
     if point is not None:
         with connection(target.info, application_name="rollback-toolkit pitr check") as conn:
-            pitr.set_sequences(conn, point.manifest.get("sequences", {}))
+            pitr.set_sequences(conn, thawed(point.manifest.sequences or {}))
             conn.commit()
             pitr.check_schema(conn, point)
         ui.ok(f"The cluster is back at {recovery.label}; {target.dbname} matches the point's schema and sequences")

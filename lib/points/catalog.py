@@ -25,6 +25,7 @@ from pathlib import Path
 
 from lib.errors import CatalogError, ConfigError, VerificationError
 from lib.files import fsync_path, make_private_dir, sha256_file, slugify, utc_now, write_private_file
+from lib.points.manifest import FileEntry, Kind, Manifest, Status, VerificationRecord
 from lib.process import pid_alive
 
 log = logging.getLogger(__name__)
@@ -35,55 +36,67 @@ PENDING = ".pending.json"
 INTENTS = ".intents"  # one file per database the toolkit is about to create, written before it exists
 CATALOG_ID = ".catalog-id"  # ties the databases this catalog creates to it (their comment names it)
 VERIFICATION = ".verification.json"  # beside a manifest: what has been verified since, and the rows read in the background
-FORMAT_VERSION = 1
-STATUS_COMPLETED = "completed"
 
 
 @dataclass
 class Point:
     path: Path
-    manifest: dict
+    manifest: Manifest
 
     @property
     def id(self) -> str:
-        return self.manifest["id"]
+        return self.manifest.id
 
     @property
     def method(self) -> str:
-        return self.manifest.get("method", "?")
+        return "?" if self.manifest.method is None else self.manifest.method
 
     @property
-    def created_at(self) -> datetime:
-        return datetime.fromisoformat(self.manifest["created_at"])
+    def created_at(self) -> datetime | None:
+        return self.manifest.created_at
 
     @property
     def database_name(self) -> str:
-        return self.manifest.get("database", {}).get("name", "?")
+        return "?" if self.manifest.database.name is None else self.manifest.database.name
 
     @property
     def size(self) -> int:
-        files = sum(f.get("size", 0) for f in self.manifest.get("files", []))
-        return files or int(self.manifest.get("database", {}).get("size_bytes") or 0)
+        return self.manifest.size
 
     def file_path(self, name: str) -> Path:
         return self.path / name
 
     @property
-    def verification(self) -> dict:
+    def verification(self) -> VerificationRecord:
         """What was verified since the point was taken, and the rows the background read
         of a database copy: a file of its own beside the manifest, which is never
-        rewritten. Ignored when it is not about this very manifest."""
+        rewritten. Empty when it is not about this very manifest."""
         try:
-            found = json.loads((self.path / VERIFICATION).read_text())
-        except (OSError, ValueError):
-            return {}
-        return found if found.get("manifest_sha256") == self.manifest.get("manifest_sha256") else {}
+            raw = json.loads((self.path / VERIFICATION).read_text())
+            return VerificationRecord.for_manifest(self.manifest, raw)
+        except (OSError, ValueError, CatalogError):
+            return VerificationRecord.for_manifest(self.manifest, None)
 
-    def record_verification(self, **fields) -> None:
-        merged = {**self.verification, **fields, "manifest_sha256": self.manifest.get("manifest_sha256")}
+    def record_verification(self, **changes) -> VerificationRecord:
+        """``changes`` (VerificationRecord's fields: level, verified_at, baseline) over
+        what was recorded, written atomically; returns the record written."""
+        record = self.verification.replaced(**changes)
+        body = {**record.as_dict(), "manifest_sha256": self.manifest.manifest_sha256}  # null for a point without a checksum
         staged = self.path / f"{VERIFICATION}.{os.getpid()}"
-        write_private_file(staged, json.dumps(merged, indent=2, sort_keys=True, default=str).encode())
+        write_private_file(staged, json.dumps(body, indent=2, sort_keys=True, default=str).encode())
         os.rename(staged, self.path / VERIFICATION)
+        return record
+
+
+def read_manifest(folder: Path) -> Manifest:
+    """The manifest of a point folder. OSError when it cannot be read (FileNotFoundError:
+    there is none); ValueError or CatalogError when it is not a manifest."""
+    return Manifest.from_dict(json.loads((folder / MANIFEST).read_text()))
+
+
+def point_at(folder: Path) -> Point:
+    """The point a folder holds, wherever it is (read as ``read_manifest`` reads it)."""
+    return Point(folder, read_manifest(folder))
 
 
 def refuse_a_file_for_a_folder(root: Path) -> None:
@@ -252,19 +265,18 @@ class Catalog:
         for entry in self.root.iterdir():
             if entry.name.startswith(".") or not entry.is_dir():
                 continue
-            manifest = entry / MANIFEST
             try:
-                data = json.loads(manifest.read_text())
+                manifest = read_manifest(entry)
             except FileNotFoundError:
                 if not any(entry.iterdir()):
                     continue
                 log.warning("point folder %s has no manifest", entry)
-                data = {"id": entry.name, "status": "manifest missing", "created_at": "1970-01-01T00:00:00+00:00"}
-            except (OSError, ValueError) as exc:
-                log.warning("unreadable manifest %s: %s", manifest, exc)
-                data = {"id": entry.name, "status": "unreadable manifest", "created_at": "1970-01-01T00:00:00+00:00"}
-            found.append(Point(entry, data))
-        return sorted(found, key=lambda p: (p.manifest.get("created_at", ""), p.id))
+                manifest = Manifest.damaged(entry.name, Status.MANIFEST_MISSING)
+            except (OSError, ValueError, CatalogError) as exc:
+                log.warning("unreadable manifest %s: %s", entry / MANIFEST, exc)
+                manifest = Manifest.damaged(entry.name, Status.UNREADABLE_MANIFEST)
+            found.append(Point(entry, manifest))
+        return sorted(found, key=lambda p: (p.manifest.created_at_text or "", p.id))
 
     def get(self, point_id: str) -> Point:
         point_id = point_id.strip().rstrip("/")
@@ -302,10 +314,11 @@ class PointWriter:
         self.committed = False
         self.recoverable = False
 
-    def pending(self, info: dict) -> None:
-        """What the next run needs to finish this point should this one die: from now on
-        a failure leaves the folder for it instead of removing it."""
-        write_private_file(self.tmp / PENDING, json.dumps(info, default=str).encode())
+    def pending(self, manifest: Manifest) -> None:
+        """What the next run needs to finish this point should this one die (its manifest
+        but for what ``commit`` adds): from now on a failure leaves the folder for it
+        instead of removing it."""
+        write_private_file(self.tmp / PENDING, json.dumps(manifest.as_dict(), default=str).encode())
         self.recoverable = True
 
     def new_file(self, name: str) -> Path:
@@ -314,9 +327,10 @@ class PointWriter:
         write_private_file(path, b"")
         return path
 
-    def commit(self, manifest: dict) -> Point:
+    def commit(self, manifest: Manifest) -> Point:
         """Checksum and fsync every file (folders of a directory-format archive included,
-        the checksums on all cores), write the manifest last, and rename into place."""
+        the checksums on all cores), write the manifest last (``manifest`` completed: this
+        point's id, its files, the current format, sealed), and rename into place."""
         paths = payload_files(self.tmp)
         for path in paths:
             path.chmod(0o600)
@@ -325,16 +339,14 @@ class PointWriter:
         with ThreadPoolExecutor(max_workers=max(1, min(len(paths), os.cpu_count() or 1))) as pool:
             sums = list(pool.map(_sync_and_sum, paths))
         files = [
-            {"name": str(path.relative_to(self.tmp)), "size": path.stat().st_size, "sha256": digest}
+            FileEntry(name=str(path.relative_to(self.tmp)), size=path.stat().st_size, sha256=digest)
             for path, digest in zip(paths, sums, strict=True)
         ]
         for folder in sorted({p.parent for p in paths} - {self.tmp}, key=lambda f: -len(f.parts)):
             fsync_path(folder)
-        manifest = dict(manifest)
-        manifest.update(format=FORMAT_VERSION, id=self.id, files=files, status=STATUS_COMPLETED)
-        manifest["manifest_sha256"] = manifest_digest(manifest)
+        manifest = manifest.replaced(id=self.id).completed(files)
         staged = self.tmp / (MANIFEST + ".tmp")
-        write_private_file(staged, json.dumps(manifest, indent=2, sort_keys=True).encode())
+        write_private_file(staged, json.dumps(manifest.as_dict(), indent=2, sort_keys=True).encode())
         os.rename(staged, self.tmp / MANIFEST)
         (self.tmp / ".owner").unlink(missing_ok=True)
         fsync_path(self.tmp)
@@ -361,50 +373,50 @@ def payload_files(folder: Path) -> list[Path]:
     return found
 
 
-DAMAGED = ("manifest missing", "unreadable manifest")
+def read_pending(folder: Path) -> Manifest:
+    """What ``PointWriter.pending`` recorded in an unfinished point's folder, as the
+    manifest it is to become. (Records written before they carried the point's id take
+    it from the folder's name.) OSError, ValueError or CatalogError when it cannot be read."""
+    raw = json.loads((folder / PENDING).read_text())
+    if not isinstance(raw, dict):
+        raise CatalogError(f"{folder / PENDING} is not a JSON object.")
+    return Manifest.from_dict({"id": folder.name[len(TMP_PREFIX) :], **raw})
 
 
 def refuse_damaged_manifest(point: Point) -> None:
-    if point.manifest.get("status") in DAMAGED:
+    if point.manifest.is_damaged:
         raise VerificationError(
-            f"Point {point.id} cannot be trusted: its {MANIFEST} is {point.manifest['status'].split()[-1]}"
+            f"Point {point.id} cannot be trusted: its {MANIFEST} is {point.manifest.status.split()[-1]}"
             f" ({point.path / MANIFEST}). Nothing was changed.",
             "Use another point (`python3 rollback_manager.py list`).",
         )
-
-
-def manifest_digest(manifest: dict) -> str:
-    """sha256 of the manifest's canonical JSON, its own digest left out: an edit shows."""
-    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def check_files(point: Point) -> list[str]:
     """The manifest unedited; every file's presence, size and sha256 against it; no file
     that it does not list."""
     problems = []
-    recorded = point.manifest.get("manifest_sha256")
-    if recorded is not None and recorded != manifest_digest(point.manifest):
+    if point.manifest.edited:
         problems.append(f"{point.path / MANIFEST} was edited after the point was taken (its own checksum does not match)")
-    listed = {entry["name"] for entry in point.manifest.get("files", [])}
-    if point.path.is_dir() and point.manifest.get("kind") != "file":  # a bare archive's folder is anybody's
+    listed = {entry.name for entry in point.manifest.files}
+    if point.path.is_dir() and point.manifest.kind != Kind.FILE:  # a bare archive's folder is anybody's
         for extra in payload_files(point.path):
             if str(extra.relative_to(point.path)) not in listed:
                 problems.append(f"{extra} is not part of the point (a file was added)")
-    for entry in point.manifest.get("files", []):
-        path = point.file_path(entry["name"])
+    for entry in point.manifest.files:
+        path = point.file_path(entry.name)
         if not path.is_file():
             problems.append(f"{path} is {'not a readable file' if path.exists() else 'missing'}")
             continue
         size = path.stat().st_size
-        if size != entry["size"]:
-            problems.append(f"{path} is {size} bytes, the manifest says {entry['size']} (truncated or replaced)")
+        if size != entry.size:
+            problems.append(f"{path} is {size} bytes, the manifest says {entry.size} (truncated or replaced)")
             continue
         try:
             digest = sha256_file(path)
         except OSError as exc:
             problems.append(f"{path} cannot be read ({exc.strerror or exc})")
             continue
-        if digest != entry["sha256"]:
+        if digest != entry.sha256:
             problems.append(f"{path} does not match its sha256 checksum (corrupted)")
     return problems

@@ -96,7 +96,7 @@ def identities(settings: Settings, point_id: str) -> list:
 
 
 def is_encrypted(point: Point) -> bool:
-    return bool(point.manifest.get("encryption"))
+    return point.manifest.encrypted
 
 
 def manifest_section() -> dict:
@@ -225,6 +225,6 @@ def check_point_keys(point: Point, settings: Settings) -> None:
     if not is_encrypted(point):
         return
     keys = identities(settings, point.id)
-    for entry in point.manifest.get("files", []):
-        if entry["name"].endswith(SUFFIX):
-            check_key(point.file_path(entry["name"]), keys, point.id)
+    for entry in point.manifest.files:
+        if entry.name.endswith(SUFFIX):
+            check_key(point.file_path(entry.name), keys, point.id)

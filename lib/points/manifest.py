@@ -21,7 +21,9 @@ Formats:
   (``kind: file``) and the one that stands for a damaged manifest.
 - ``format: 2`` (``FORMAT_VERSION``) is what ``as_dict`` writes for a manifest made
   here rather than read: the same keys as format 1, and a key whose value is None is
-  left out instead of written as ``null`` (readers take an absent key as None).
+  left out instead of written as ``null`` (readers take an absent key as None), but
+  for the keys format 1 wrote as ``null`` in every point (``Manifest.NULLABLE``), so
+  that `info --json` keeps them.
 
 Sections are typed records (``DatabaseSection``, ``FileEntry``, ``TableEntry``,
 ``ToolSection``, ``CreatedBy``, ``RestorePointSection``, ``BackupSection``,
@@ -46,7 +48,7 @@ from datetime import datetime
 from enum import Enum, StrEnum
 from functools import cache
 from types import MappingProxyType
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 from lib.errors import CatalogError
 
@@ -180,6 +182,7 @@ class _Record:
 
     extra: Mapping[str, Any] = field(default_factory=_no_extra, kw_only=True, repr=False)
     written: frozenset[str] | None = field(default=None, kw_only=True, repr=False)
+    NULLABLE: ClassVar[frozenset[str]] = frozenset()  # keys a record made here writes as null rather than leaving out
 
     def __post_init__(self) -> None:
         for f in _json_fields(type(self)):
@@ -217,7 +220,7 @@ class _Record:
         found: dict[str, Any] = {}
         for name, key in _keys_of(type(self)).items():
             value = getattr(self, name)
-            wanted = value is not None if self.written is None else key in self.written
+            wanted = (value is not None or key in self.NULLABLE) if self.written is None else key in self.written
             if wanted:
                 found[key] = thawed(value)
         found.update(thawed(self.extra))
@@ -343,6 +346,8 @@ class ClusterSection(_Record):
 class Manifest(_Record):
     """Every field any version of the toolkit has written into a point's manifest.json.
     A field a method does not write is None (``files``: empty; ``kind``: manual)."""
+
+    NULLABLE: ClassVar[frozenset[str]] = frozenset({"description", "migration_id", "table", "encryption"})
 
     id: str
     format: int | None = None

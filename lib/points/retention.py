@@ -3,18 +3,18 @@ ever removing the newest point that still verifies."""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shutil
 from dataclasses import dataclass
 from datetime import timedelta
 
-from lib.errors import ConfigError, RollbackError
+from lib.errors import CatalogError, ConfigError, RollbackError
 from lib.files import utc_now
 from lib.interaction import Reporter
 from lib.pg.target import Target
-from lib.points.catalog import Catalog, Point, check_files
+from lib.points.catalog import Catalog, Point, check_files, point_at
+from lib.points.manifest import Kind
 from lib.points.methods import registry
 
 log = logging.getLogger(__name__)
@@ -24,22 +24,20 @@ def points_of(catalog: Catalog, target: Target) -> list[Point]:
     """This database's points on this server, oldest first."""
     sysid = target.facts.system_identifier
     return [
-        p
-        for p in catalog.points()
-        if p.database_name == target.dbname and p.manifest.get("database", {}).get("system_identifier") in (None, sysid)
+        p for p in catalog.points() if p.database_name == target.dbname and p.manifest.database.system_identifier in (None, sysid)
     ]
 
 
 def before_states_to_retire(target: Target, catalog: Catalog, keep: int) -> list[Point]:
     """The states kept before rollbacks (post-migration states) of this database beyond
     its newest ``keep``, oldest first; none when ``keep`` is 0 (all are kept)."""
-    befores = [p for p in points_of(catalog, target) if p.manifest.get("kind") == "before_rollback"]
+    befores = [p for p in points_of(catalog, target) if p.manifest.kind == Kind.BEFORE_ROLLBACK]
     return befores[:-keep] if keep > 0 and len(befores) > keep else []
 
 
 def is_good(target: Target, point: Point) -> bool:
     """Complete, files intact, and for a database copy: present and valid."""
-    if point.manifest.get("status") != "completed" or check_files(point):
+    if not point.manifest.is_completed or check_files(point):
         return False
     try:
         registry.of(point).check_usable(target, point)
@@ -79,7 +77,7 @@ def cleanup_plan(target: Target, catalog: Catalog, *, keep: int | None, older_th
     check_retention_request(keep, older_than_days)
     points = points_of(catalog, target)
     protected = newest_good(target, points)
-    protected_manual = newest_good(target, [p for p in points if p.manifest.get("kind", "manual") != "before_rollback"])
+    protected_manual = newest_good(target, [p for p in points if p.manifest.kind != Kind.BEFORE_ROLLBACK])
     keep_ids = {p.id for p in (protected, protected_manual) if p is not None}
     cutoff = utc_now() - timedelta(days=older_than_days) if older_than_days is not None else None
     newest_first = list(reversed(points))
@@ -123,7 +121,7 @@ def apply(
     never waits for a DROP DATABASE."""
     cleanup = cleanup or cleanup_plan(target, catalog, keep=keep, older_than_days=older_than_days)
     for point in cleanup.remove:
-        what = f"{point.id} ({point.method}, {point.manifest.get('created_at', '?')[:19]}, {point.manifest.get('description') or ''})"
+        what = f"{point.id} ({point.method}, {(point.manifest.created_at_text or '?')[:19]}, {point.manifest.description or ''})"
         if dry_run:
             ui.info(f"  would remove {what}")
             continue
@@ -140,7 +138,7 @@ def _same_server(target: Target, point: Point) -> None:
     method = registry.find(point.method)
     if method is not None and method.holds_database and not method.lives_on(target, point):
         raise ConfigError(
-            f"Point {point.id}'s database copy lives on another server ({point.manifest['database'].get('server')}).",
+            f"Point {point.id}'s database copy lives on another server ({point.manifest.database.server}).",
             "Run the command with --database-url for that server.",
         )
 
@@ -149,8 +147,8 @@ def finish_removal(target: Target, catalog: Catalog, point_id: str) -> None:
     """Drop what an unlisted point held on the server, then its folder."""
     trash = catalog.trash(point_id)
     try:
-        point = Point(trash, json.loads((trash / "manifest.json").read_text()))
-    except (OSError, ValueError):
+        point = point_at(trash)
+    except (OSError, ValueError, CatalogError):
         shutil.rmtree(trash, ignore_errors=True)
         return
     _drop_copies(target, point)

@@ -34,7 +34,7 @@ def enabled(settings: Settings) -> bool:
 
 
 def spare_name(point: Point) -> str:
-    return derived_name(point.manifest.get("template_database") or point.id, SUFFIX)
+    return derived_name(point.manifest.template_database or point.id, SUFFIX)
 
 
 def _lock(target: Target, point: Point) -> SpareLock:
@@ -48,7 +48,7 @@ def prepare(target: Target, point: Point) -> bool:
         return False  # another process is preparing it
     try:
         name = spare_name(point)
-        source = point.manifest.get("template_database")
+        source = point.manifest.template_database
         state = copies.database_state(target.maint, source) if source else None
         if state is None or state["invalid"] or copies.database_state(target.maint, name) is not None:
             return False
@@ -98,9 +98,5 @@ def drop(target: Target, point: Point) -> None:
 def drop_all_but(target: Target, catalog: Catalog, keep: Point | None) -> None:
     """Only the newest template point has a spare: server space stays bounded."""
     for point in catalog.points():
-        if (
-            point.manifest.get("template_database")
-            and point.database_name == target.dbname
-            and (keep is None or point.id != keep.id)
-        ):
+        if point.manifest.template_database and point.database_name == target.dbname and (keep is None or point.id != keep.id):
             drop(target, point)

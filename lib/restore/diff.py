@@ -30,6 +30,7 @@ from lib.pg.fingerprint import schema_lines
 from lib.pg.target import Target
 from lib.points import crypto
 from lib.points.catalog import Point
+from lib.points.manifest import TableEntry
 from lib.points.methods import data as data_method
 from lib.points.methods import registry
 from lib.points.methods.data import Table
@@ -139,17 +140,17 @@ class PointSide:
 
     def tables(self) -> list[Table]:
         if self.conn is None:
-            return _outside_toolkit([Table(e["schema"], e["name"]) for e in self.point.manifest.get("tables", [])])
+            return _outside_toolkit([Table(e.schema, e.name) for e in self.point.manifest.tables or ()])
         return _outside_toolkit(data_method.all_tables(self.conn))
 
     def columns(self, table: Table) -> list[str]:
         if self.conn is None:
             entry = self._entry(table)
-            return [c[0] for c in entry["columns"] if not c[2]]
+            return [c[0] for c in entry.columns if not c[2]]
         return [c[0] for c in data_method.columns(self.conn, table) if not c[2]]
 
-    def _entry(self, table: Table) -> dict:
-        return next(e for e in self.point.manifest["tables"] if e["schema"] == table.schema and e["name"] == table.name)
+    def _entry(self, table: Table) -> TableEntry:
+        return next(e for e in self.point.manifest.tables if e.schema == table.schema and e.name == table.name)
 
     def rows(self, table: Table, cols: list[str], on_line) -> None:
         """Lines of COPY text over ``cols`` (a subset of the point's columns, in order)."""
@@ -157,10 +158,10 @@ class PointSide:
             copy_lines(self.conn, table, cols, on_line)
             return
         entry = self._entry(table)
-        stored = [c[0] for c in entry["columns"] if not c[2]]
+        stored = [c[0] for c in entry.columns if not c[2]]
         keep = [stored.index(c) for c in cols]
         whole = keep == list(range(len(stored)))
-        with crypto.payload(self.point, entry["file"], self.settings) as raw, gzip.GzipFile(fileobj=raw, mode="rb") as fh:
+        with crypto.payload(self.point, entry.file, self.settings) as raw, gzip.GzipFile(fileobj=raw, mode="rb") as fh:
             for raw in fh:
                 line = raw.rstrip(b"\n")
                 if not whole:

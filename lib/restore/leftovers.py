@@ -33,7 +33,7 @@ def _owned(target: Target, catalog: Catalog) -> set[str]:
     """Databases that belong to a listed point, or are staging itself."""
     owned = {target.dbname}
     for point in catalog.points():
-        name = point.manifest.get("template_database")
+        name = point.manifest.template_database
         if name:
             owned |= {name, spare.spare_name(point)}
     return owned

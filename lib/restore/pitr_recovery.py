@@ -45,6 +45,7 @@ from lib.pg.db import connect, database_properties, query, scalar
 from lib.pg.fingerprint import compare, physical_fingerprint
 from lib.pg.target import Target
 from lib.points.catalog import Catalog, Point
+from lib.points.manifest import thawed
 from lib.points.methods import data as data_method
 from lib.points.methods import pitr as pitr_method
 from lib.points.methods.data import Table
@@ -101,12 +102,12 @@ def for_point(point: Point) -> Recovery:
     m = point.manifest
     return Recovery(
         "name",
-        m["restore_point"]["name"],
+        m.restore_point.name,
         f"point {point.id}",
-        backup=m["backup"]["label"],
-        sequences=m.get("sequences", {}),
-        properties=m.get("database", {}).get("properties", {}),
-        timeline=m["restore_point"].get("timeline"),
+        backup=m.backup.label,
+        sequences=thawed(m.sequences or {}),
+        properties=thawed(m.database.properties),
+        timeline=m.restore_point.timeline,
     )
 
 
@@ -548,7 +549,7 @@ def set_sequences(conn, sequences: dict) -> None:
 
 
 def check_schema(conn, point: Point) -> None:
-    expected = {k: v for k, v in point.manifest.get("fingerprint", {}).items() if k in ("schema_digest", "sequences")}
+    expected = {k: v for k, v in thawed(point.manifest.fingerprint or {}).items() if k in ("schema_digest", "sequences")}
     problems = compare(expected, physical_fingerprint(conn))
     if problems:
         raise VerificationError(f"After the in-place restore, staging does not match point {point.id}: " + "; ".join(problems))

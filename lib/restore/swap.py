@@ -12,7 +12,6 @@ empty staging and restore in a single transaction: all or nothing.
 
 from __future__ import annotations
 
-import json
 import logging
 import shlex
 import shutil
@@ -23,7 +22,7 @@ import psycopg2
 
 from lib import faults
 from lib.config import redact
-from lib.errors import ConfigError, DatabaseError, RollbackError, VerificationError
+from lib.errors import CatalogError, ConfigError, DatabaseError, RollbackError, VerificationError
 from lib.files import age, utc_now
 from lib.interaction import Reporter
 from lib.pg.codes import OBJECT_IN_USE
@@ -45,7 +44,17 @@ from lib.pg.fingerprint import compare, counted_tables, fingerprint_like, is_phy
 from lib.pg.retry import retry_on
 from lib.pg.target import Target
 from lib.points import copies, crypto, intents
-from lib.points.catalog import PENDING, TMP_PREFIX, Catalog, Point, PointWriter, check_files, refuse_damaged_manifest
+from lib.points.catalog import (
+    PENDING,
+    TMP_PREFIX,
+    Catalog,
+    Point,
+    PointWriter,
+    check_files,
+    read_pending,
+    refuse_damaged_manifest,
+)
+from lib.points.manifest import Kind, Manifest, thawed
 from lib.points.methods import registry
 from lib.points.methods.base import SWAP, TABLES
 from lib.points.methods.data import restore_in_transaction
@@ -72,12 +81,12 @@ class RestorePlan:
         lines = [
             f"Restore database [bold]{target.dbname}[/] on {target.info.server_label()} "
             f"(PostgreSQL {target.facts.major}) to point [bold]{p.id}[/]",
-            f"  taken {p.manifest.get('created_at', '?')[:19].replace('T', ' ')} UTC ({age(p.manifest.get('created_at'))}) — "
-            f"{p.manifest.get('description') or 'no description'} ({p.method})",
+            f"  taken {(p.manifest.created_at_text or '?')[:19].replace('T', ' ')} UTC ({age(p.manifest.created_at_text)}) — "
+            f"{p.manifest.description or 'no description'} ({p.method})",
         ]
         if self.mode == TABLES:
             lines.append(
-                f"  Its {len(p.manifest.get('tables', []))} table(s) are emptied and refilled in one transaction; "
+                f"  Its {len(p.manifest.tables or ())} table(s) are emptied and refilled in one transaction; "
                 "the rest of the database is untouched and sessions stay connected. "
                 "Their current data is first kept as a data point (undo: restore that point)."
             )
@@ -104,7 +113,7 @@ class RestorePlan:
     def keeping_before(self, target: Target) -> str:
         """What a restore in one transaction keeps first, as the step says it."""
         if self.mode == TABLES:
-            return f"Keeping the current data of {len(self.point.manifest.get('tables', []))} table(s) as a data point first"
+            return f"Keeping the current data of {len(self.point.manifest.tables or ())} table(s) as a data point first"
         return f"Keeping the current state of {target.dbname} as a dump point first"
 
 
@@ -168,8 +177,8 @@ def check_point_usable(target: Target, catalog: Catalog, point: Point) -> None:
     """Before anything is touched: the point is of this database, complete, and intact."""
     m = point.manifest
     refuse_damaged_manifest(point)
-    if m.get("status") != "completed":
-        raise ConfigError(f"Point {point.id} is not complete (status: {m.get('status')}).", "Use another point.")
+    if not m.is_completed:
+        raise ConfigError(f"Point {point.id} is not complete (status: {m.status}).", "Use another point.")
     refuse_other_database(target, point)
     problems = check_files(point)
     if problems:
@@ -178,8 +187,8 @@ def check_point_usable(target: Target, catalog: Catalog, point: Point) -> None:
             for p in catalog.points()
             if p.id != point.id
             and p.database_name == target.dbname
-            and p.manifest.get("created_at", "") <= m.get("created_at", "")
-            and p.manifest.get("status") == "completed"
+            and (p.manifest.created_at_text or "") <= (m.created_at_text or "")
+            and p.manifest.is_completed
             and not check_files(p)
         ]
         hint = _earlier_points_hint(good)
@@ -194,8 +203,8 @@ def _earlier_points_hint(good: list[Point]) -> str:
     states kept before rollbacks (post-migration states) after them."""
     if not good:
         return "No earlier point of this database verifies; `python3 reset_staging.py` rebuilds staging from V2."
-    taken = [p.id for p in reversed(good) if p.manifest.get("kind") != "before_rollback"][:5]
-    kept = [p.id for p in reversed(good) if p.manifest.get("kind") == "before_rollback"][:3]
+    taken = [p.id for p in reversed(good) if p.manifest.kind != Kind.BEFORE_ROLLBACK][:5]
+    kept = [p.id for p in reversed(good) if p.manifest.kind == Kind.BEFORE_ROLLBACK][:3]
     hint = f"Earlier points that verify, newest first: {', '.join(taken)}." if taken else ""
     if kept:
         hint += f" States kept before earlier rollbacks (after a migration, not before one): {', '.join(kept)}."
@@ -278,7 +287,7 @@ def restore_swap(target: Target, catalog: Catalog, rplan: RestorePlan, ui: Repor
         ui,
         build=lambda aside: registry.of(point).build_beside(target, point, aside, ui),
         verify=verify,
-        properties=point.manifest.get("database", {}).get("properties", {}),
+        properties=thawed(point.manifest.database.properties),
         restored=point.id,
     )
 
@@ -286,10 +295,9 @@ def restore_swap(target: Target, catalog: Catalog, rplan: RestorePlan, ui: Repor
 def verify_restored(conn, point: Point, ui: Reporter, *, untouched: str) -> None:
     """Against the point's manifest; a bare archive (restore --file) against its own
     table of contents, since nothing else was recorded."""
-    expected = point.manifest.get("fingerprint")
-    if expected is None:
+    if point.manifest.fingerprint is None:
         found = len(counted_tables(conn))
-        want = point.manifest.get("archive_table_count", 0)
+        want = point.manifest.archive_table_count or 0
         if found < want:
             raise VerificationError(
                 f"The archive lists data for {want} tables, the restored database has {found}. {untouched}",
@@ -298,6 +306,7 @@ def verify_restored(conn, point: Point, ui: Reporter, *, untouched: str) -> None
         ui.ok(f"Restored without an error; all {want} tables of the archive's table of contents are there")
         return
     ui.step(f"Verifying the restored database against the manifest of {point.id}")
+    expected = thawed(point.manifest.fingerprint)
     problems = compare(expected, fingerprint_like(conn, expected))
     if problems:
         raise VerificationError(
@@ -358,8 +367,8 @@ def build_verify_swap(
                 )
             with catalog.writing(f"before rollback {target.dbname}") as writer:
                 before = derived_name(writer.id, "")
-                info = _before_state_info(target, before, description, current_props, restored)
-                writer.pending(info)  # killed after the swap: the next run finishes this point
+                kept = _before_state(target, writer.id, before, description, current_props, restored)
+                writer.pending(kept)  # killed after the swap: the next run finishes this point
                 lap("prepare swap")
                 unavailable, ended = swap_databases(target, aside, before)
                 swapped = True
@@ -370,7 +379,7 @@ def build_verify_swap(
                     target, ui, "after_swap", target.settings.after_swap, {**facts, "ROLLBACK_SWAPPED": "1"}
                 )
                 faults.pause("after swap")
-                before_point = _keep_before_state(target, writer, info)
+                before_point = _keep_before_state(target, writer, kept)
                 lap("keep state before")
         finally:
             if not swapped:  # the pooler paused before a swap that did not happen is resumed all the same
@@ -389,22 +398,22 @@ def build_verify_swap(
     return result
 
 
-def _before_state_info(target: Target, before: str, description: str, props: dict, restored_id: str) -> dict:
-    return {
-        "description": description,
-        "migration_id": None,
-        "table": None,
-        "kind": "before_rollback",
-        "restored_point": restored_id,
-        "method": TemplateMethod.name,
-        "template_database": before,
-        "database": database_section(target, props),
-    }
+def _before_state(target: Target, point_id: str, before: str, description: str, props: dict, restored_id: str) -> Manifest:
+    """The manifest of the state a swap keeps, but for its fingerprint (read once it is sealed)."""
+    return Manifest(
+        id=point_id,
+        description=description,
+        kind=Kind.BEFORE_ROLLBACK,
+        restored_point=restored_id,
+        method=TemplateMethod.name,
+        template_database=before,
+        database=database_section(target, props),
+    )
 
 
-def _keep_before_state(target: Target, writer, info: dict) -> Point:
-    before = info["template_database"]
-    copies.seal(target, before, writer.id, info["description"])
+def _keep_before_state(target: Target, writer, kept: Manifest) -> Point:
+    before = kept.template_database
+    copies.seal(target, before, writer.id, kept.description)
     try:
         fp = copies.read_physical(target, before)
     except RollbackError as exc:
@@ -412,7 +421,7 @@ def _keep_before_state(target: Target, writer, info: dict) -> Point:
             f"Staging was restored, but the previous state, kept as database {before!r}, could not be read: {exc.message}",
             f"Nothing is lost: database {before!r} holds it. See ROLLBACK_GUIDE.md, 'Recovering by hand'.",
         ) from None
-    return writer.commit({**info, "created_at": utc_now().isoformat(timespec="milliseconds"), "fingerprint": fp.as_dict()})
+    return writer.commit(kept.replaced(created_at_text=utc_now().isoformat(timespec="milliseconds"), fingerprint=fp.as_dict()))
 
 
 def recover_pending(target: Target, catalog: Catalog) -> list[str]:
@@ -422,22 +431,22 @@ def recover_pending(target: Target, catalog: Catalog) -> list[str]:
     done = []
     for folder in list(catalog.pending):
         try:
-            info = json.loads((folder / PENDING).read_text())
-        except (OSError, ValueError):
+            kept = read_pending(folder)
+        except (OSError, ValueError, CatalogError):
             continue
-        db = info.get("database", {})
-        if db.get("name") != target.dbname or db.get("system_identifier") not in (None, target.facts.system_identifier):
+        db = kept.database
+        if db.name != target.dbname or db.system_identifier not in (None, target.facts.system_identifier):
             continue  # another staging's: left for its own runs
         catalog.pending.remove(folder)
         point_id = folder.name[len(TMP_PREFIX) :]
-        state = copies.database_state(target.maint, info["template_database"])
+        state = copies.database_state(target.maint, kept.template_database)
         if state is None or state["invalid"]:
             shutil.rmtree(folder, ignore_errors=True)
             done.append(f"unfinished point folder {folder} (the swap it was made for did not happen)")
             continue
         writer = PointWriter(catalog, point_id, folder)
         (folder / PENDING).unlink()
-        _keep_before_state(target, writer, info)
+        _keep_before_state(target, writer, kept)
         done.append(f"point {point_id}, the state before an interrupted restore, recovered and listed")
     return done
 
@@ -445,7 +454,7 @@ def recover_pending(target: Target, catalog: Catalog) -> list[str]:
 def restore_data(target: Target, rplan: RestorePlan, ui: Reporter, before: Point) -> RestoreResult:
     """The point's tables emptied and refilled in one transaction; ``before`` keeps their current data."""
     point = rplan.point
-    tables = point.manifest.get("tables", [])
+    tables = point.manifest.tables or ()
     mode = restore_in_transaction(target, point, ui)
     ui.ok(f"{len(tables)} table(s) restored and their row counts checked before the commit")
     return RestoreResult(point.id, target.dbname, TABLES, before.id, None, 0, notes=[mode])

@@ -16,10 +16,10 @@ A method says:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from lib.errors import ConfigError
 from lib.interaction import Confirmer, Reporter
@@ -41,7 +41,7 @@ class TakeRequest:
     ui: Reporter
     ask: Confirmer
     label: str
-    base_manifest: dict
+    base: Mapping[str, Any]  # the new point's Manifest fields the operation sets: description, kind, created_by, ...
     tables: list[str] | None = None
 
 
@@ -96,7 +96,7 @@ class Method(ABC):
         return self.level
 
     def describe_rows(self, point: Point) -> str:
-        counts = (point.manifest.get("fingerprint") or {}).get("row_counts")
+        counts = point.manifest.row_counts
         return f"{sum(counts.values())} in {len(counts)} tables" if counts is not None else "not counted"
 
     # ---- restoring -----------------------------------------------------------

@@ -12,9 +12,10 @@ from __future__ import annotations
 import gzip
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import psycopg2
 from psycopg2 import sql
@@ -29,6 +30,7 @@ from lib.pg.progress import estimated_rows
 from lib.pg.target import Target
 from lib.points import crypto
 from lib.points.catalog import Catalog, Point
+from lib.points.manifest import Manifest, TableEntry, thawed
 from lib.points.methods.base import TABLES, Method, Taken, TakeRequest
 from lib.points.methods.dump import check_free_space, database_section
 
@@ -155,10 +157,10 @@ def resolve_tables(conn, names: list[str]) -> list[Table]:
     return list(dict.fromkeys(found))
 
 
-def columns(conn, table: Table) -> list[list[str]]:
-    """[name, type, generated] in column order."""
-    return [
-        [r[0], r[1], r[2]]
+def columns(conn, table: Table) -> tuple[tuple[str, str, str], ...]:
+    """(name, type, generated) in column order, as a data point's manifest holds them."""
+    return tuple(
+        (r[0], r[1], r[2])
         for r in query(
             conn,
             """
@@ -168,7 +170,7 @@ def columns(conn, table: Table) -> list[list[str]]:
              ORDER BY a.attnum""",
             (quoted(table),),
         )
-    ]
+    )
 
 
 def quoted(table: Table) -> str:
@@ -254,7 +256,7 @@ class _CountingReader(_RowCount):
         return chunk
 
 
-def copy_columns(cols: list[list[str]]) -> sql.Composed:
+def copy_columns(cols: tuple[tuple[str, str, str], ...]) -> sql.Composed:
     return sql.SQL(", ").join(sql.Identifier(c[0]) for c in cols if not c[2])
 
 
@@ -264,7 +266,7 @@ def take(
     ui: Reporter,
     *,
     label: str,
-    base_manifest: dict,
+    base: Mapping[str, Any],
     tables: list[str] | None = None,
 ) -> Point:
     to = crypto.recipients_if_asked(target.settings)  # refused before anything is written
@@ -300,9 +302,7 @@ def take(
                                 )
                         finally:
                             sink.close()
-                    entries.append(
-                        {"schema": table.schema, "name": table.name, "file": filename, "rows": sink.rows, "columns": cols}
-                    )
+                    entries.append(TableEntry(schema=table.schema, name=table.name, file=filename, rows=sink.rows, columns=cols))
                     counts[table.key] = sink.rows
                     copied += sink.rows
                     tick(f"{n}/{total}: {table.key}, {sink.rows} rows", done=copied)
@@ -312,18 +312,20 @@ def take(
                 positions[seq.key] = [int(last), bool(called)]
             lines = schema_lines(conn)
             props = database_properties(conn, target.dbname).as_dict()
-            manifest = dict(base_manifest)
-            manifest.update(
-                created_at=started.isoformat(timespec="milliseconds"),
-                method="data",
-                table=", ".join(t.key for t in chosen) if tables else None,
-                database=database_section(target, props),
-                tables=entries,
-                fingerprint={"row_counts": counts, "sequences": positions, "schema_objects": len(lines)},
-                encryption=crypto.manifest_section() if to else None,
-                duration_seconds=round((utc_now() - started).total_seconds(), 3),
+            point = writer.commit(
+                Manifest(
+                    id=writer.id,
+                    **base,
+                    created_at_text=started.isoformat(timespec="milliseconds"),
+                    method=DataMethod.name,
+                    table=", ".join(t.key for t in chosen) if tables else None,
+                    database=database_section(target, props),
+                    tables=entries,
+                    fingerprint={"row_counts": counts, "sequences": positions, "schema_objects": len(lines)},
+                    encryption=crypto.manifest_section() if to else None,
+                    duration_seconds=round((utc_now() - started).total_seconds(), 3),
+                )
             )
-            point = writer.commit(manifest)
     ui.step(f"{len(chosen)} table(s), {sum(counts.values())} rows, {human_size(point.size)} compressed")
     return point
 
@@ -331,29 +333,29 @@ def take(
 def read_through(point: Point, settings) -> dict:
     """Decompress (and decrypt) every file and count its rows against the manifest."""
     counted = {}
-    for entry in point.manifest.get("tables", []):
-        path = point.file_path(entry["file"])
+    for entry in point.manifest.tables or ():
+        path = point.file_path(entry.file)
         try:
-            with crypto.payload(point, entry["file"], settings) as raw, gzip.GzipFile(fileobj=raw, mode="rb") as fh:
+            with crypto.payload(point, entry.file, settings) as raw, gzip.GzipFile(fileobj=raw, mode="rb") as fh:
                 rows = sum(block.count(b"\n") for block in iter(lambda: fh.read(1 << 20), b""))
         except (OSError, EOFError) as exc:
             raise VerificationError(f"{path} cannot be read: {exc}.", "Use an earlier point.") from None
-        if rows != entry["rows"]:
-            raise VerificationError(f"{path} holds {rows} rows, the manifest says {entry['rows']}.", "Use an earlier point.")
-        counted[f"{entry['schema']}.{entry['name']}"] = rows
+        if rows != entry.rows:
+            raise VerificationError(f"{path} holds {rows} rows, the manifest says {entry.rows}.", "Use an earlier point.")
+        counted[entry.key] = rows
     return {"archive": "read end to end", "tables": len(counted), "rows_read": counted}
 
 
 def _check_columns(conn, point: Point) -> list[Table]:
     tables, changed, missing = [], [], []
-    for entry in point.manifest.get("tables", []):
-        table = Table(entry["schema"], entry["name"])
+    for entry in point.manifest.tables or ():
+        table = Table(entry.schema, entry.name)
         if not query(conn, "SELECT to_regclass(%s)", (quoted(table),))[0][0]:
             missing.append(table.key)
             continue
         now = columns(conn, table)
-        if now != entry["columns"]:
-            before = {c[0]: c[1] for c in entry["columns"]}
+        if now != entry.columns:
+            before = {c[0]: c[1] for c in entry.columns}
             after = {c[0]: c[1] for c in now}
             diff = sorted(
                 [f"{c} added" for c in after if c not in before]
@@ -436,33 +438,33 @@ def restore_in_transaction(target: Target, point: Point, ui: Reporter) -> str:
             replica = False
         mode = "triggers and foreign-key checks off (session_replication_role = replica)" if replica else "dependency order"
         ordered = tables if replica else _dependency_order(conn, tables)
-        by_key = {f"{e['schema']}.{e['name']}": e for e in point.manifest["tables"]}
-        rows = sum(by_key[t.key]["rows"] for t in tables)
+        by_key = {e.key: e for e in point.manifest.tables}
+        rows = sum(by_key[t.key].rows for t in tables)
         with ui.progress(f"Restoring {len(tables)} table(s) in one transaction ({mode})", total=rows, unit="rows") as tick:
             query(conn, sql.SQL("TRUNCATE {}").format(sql.SQL(", ").join(sql.SQL("ONLY {}").format(t.ident()) for t in tables)))
             loaded = 0
             for n, table in enumerate(ordered, start=1):
                 entry = by_key[table.key]
                 with (
-                    crypto.payload(point, entry["file"], target.settings) as raw,
+                    crypto.payload(point, entry.file, target.settings) as raw,
                     gzip.GzipFile(fileobj=raw, mode="rb") as fh,
                     conn.cursor() as cur,
                 ):
                     source = _CountingReader(fh, _telling(tick, f"{n}/{len(tables)}: {table.key}", loaded))
                     cur.copy_expert(
-                        sql.SQL("COPY {} ({}) FROM STDIN").format(table.ident(), copy_columns(entry["columns"])).as_string(conn),
+                        sql.SQL("COPY {} ({}) FROM STDIN").format(table.ident(), copy_columns(entry.columns)).as_string(conn),
                         source,
                     )
-                loaded += entry["rows"]
+                loaded += entry.rows
                 tick(f"{n}/{len(tables)}: {table.key}", done=loaded)
-            for key, (last, called) in point.manifest.get("fingerprint", {}).get("sequences", {}).items():
+            for key, (last, called) in thawed((point.manifest.fingerprint or {}).get("sequences", {})).items():
                 schema, _, name = key.partition(".")
                 query(conn, "SELECT setval(%s::regclass, %s, %s)", (quoted(Table(schema, name)), last, called))
             problems = []
             for table in tables:
                 got = query(conn, sql.SQL("SELECT count(*) FROM ONLY {}").format(table.ident()))[0][0]
-                if got != by_key[table.key]["rows"]:
-                    problems.append(f"{table.key}: {got} rows, the point has {by_key[table.key]['rows']}")
+                if got != by_key[table.key].rows:
+                    problems.append(f"{table.key}: {got} rows, the point has {by_key[table.key].rows}")
             if problems:
                 conn.rollback()
                 raise VerificationError(
@@ -513,7 +515,7 @@ class DataMethod(Method):
 
     def take(self, request: TakeRequest) -> Taken:
         r = request
-        return Taken(take(r.target, r.catalog, r.ui, label=r.label, base_manifest=r.base_manifest, tables=r.tables))
+        return Taken(take(r.target, r.catalog, r.ui, label=r.label, base=r.base, tables=r.tables))
 
     def needs_server_to_verify(self, deep: bool) -> bool:
         return False
@@ -533,8 +535,8 @@ class DataMethod(Method):
     def keeps_before(self, point: Point) -> list[str] | None:
         """What the state before a restore of ``point`` keeps: its tables for a point of
         chosen tables, everything (tables and sequences) for a whole-database one."""
-        tables = [quoted(Table(t["schema"], t["name"])) for t in point.manifest.get("tables", [])]
-        return tables if point.manifest.get("table") else None
+        tables = [quoted(Table(t.schema, t.name)) for t in point.manifest.tables or ()]
+        return tables if point.manifest.is_table_level else None
 
     @contextmanager
     def open_for_reading(self, target: Target, point: Point, ui: Reporter) -> Iterator[object | None]:

@@ -4,15 +4,15 @@ recorded row counts are exactly the archive's."""
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext, suppress
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import psycopg2
 
@@ -34,7 +34,8 @@ from lib.pg.tools import (
     try_each,
 )
 from lib.points import crypto, intents
-from lib.points.catalog import Catalog, Point
+from lib.points.catalog import MANIFEST, Catalog, Point, point_at
+from lib.points.manifest import DatabaseSection, Kind, Manifest, Status, ToolSection, VerificationLevel, thawed
 from lib.points.methods.base import Method, Taken, TakeRequest
 from lib.process import NO_INPUT, pipeline
 
@@ -53,19 +54,19 @@ def check_free_space(folder: Path, database_size: int) -> None:
         )
 
 
-def database_section(target: Target, props: dict) -> dict:
+def database_section(target: Target, props: Mapping[str, Any]) -> DatabaseSection:
     f = target.facts
-    return {
-        "name": target.dbname,
-        "url": target.masked,
-        "server": target.info.server_label(),
-        "server_version": f.version,
-        "server_major": f.major,
-        "system_identifier": f.system_identifier,
-        "database_oid": f.database_oid,
-        "size_bytes": f.database_size,
-        "properties": props,
-    }
+    return DatabaseSection(
+        name=target.dbname,
+        url=target.masked,
+        server=target.info.server_label(),
+        server_version=f.version,
+        server_major=f.major,
+        system_identifier=f.system_identifier,
+        database_oid=f.database_oid,
+        size_bytes=f.database_size,
+        properties=props,
+    )
 
 
 ARCHIVE_FOLDER = "database.dir"  # the directory format: one file per table, written and read by parallel jobs
@@ -78,7 +79,7 @@ def take(
     ui: Reporter,
     *,
     label: str,
-    base_manifest: dict,
+    base: Mapping[str, Any],
 ) -> Point:
     """pg_dump in one exported snapshot, its exact row counts read in the same snapshot
     while it runs. Unencrypted: the directory format by ``DUMP_JOBS`` parallel jobs;
@@ -139,21 +140,23 @@ def take(
                 + f"; {fp.total_rows} rows counted in the same snapshot"
             )
             props = database_properties(snap_conn, target.dbname).as_dict()
-            manifest = dict(base_manifest)
-            manifest.update(
-                created_at=started.isoformat(timespec="milliseconds"),
-                method="dump",
-                database=database_section(target, props),
-                tool={"name": tool.name, "path": str(tool.path), "major": tool.major, "version": tool.version},
-                archive=name,
-                archive_format="custom" if to else "directory",
-                compression=f"gzip:{COMPRESSION}",
-                jobs=jobs,
-                encryption=crypto.manifest_section() if to else None,
-                fingerprint=fp.as_dict(),
-                duration_seconds=round((utc_now() - started).total_seconds(), 3),
+            point = writer.commit(
+                Manifest(
+                    id=writer.id,
+                    **base,
+                    created_at_text=started.isoformat(timespec="milliseconds"),
+                    method=DumpMethod.name,
+                    database=database_section(target, props),
+                    tool=ToolSection(name=tool.name, path=str(tool.path), major=tool.major, version=tool.version),
+                    archive=name,
+                    archive_format="custom" if to else "directory",
+                    compression=f"gzip:{COMPRESSION}",
+                    jobs=jobs,
+                    encryption=crypto.manifest_section() if to else None,
+                    fingerprint=fp.as_dict(),
+                    duration_seconds=round((utc_now() - started).total_seconds(), 3),
+                )
             )
-            point = writer.commit(manifest)
     return point
 
 
@@ -177,7 +180,7 @@ def archive_source(point: Point, settings) -> Iterator[tuple[list[str], int]]:
     """The archive as pg_restore reads it: (arguments, stdin). Its path; or for an
     encrypted point no path and, on stdin, a pipe of its plaintext decrypted as
     pg_restore reads (pg_restore reads a custom archive from stdin in one pass)."""
-    archive = point.file_path(point.manifest.get("archive", ARCHIVE_NAME))
+    archive = point.file_path(archive_name(point))
     if not crypto.is_encrypted(point):
         yield [str(archive)], NO_INPUT
         return
@@ -185,9 +188,13 @@ def archive_source(point: Point, settings) -> Iterator[tuple[list[str], int]]:
         yield [], plain.fileno()
 
 
+def archive_name(point: Point) -> str:
+    """The archive's name in the point's folder (points of the first versions did not record it)."""
+    return ARCHIVE_NAME if point.manifest.archive is None else point.manifest.archive
+
+
 def restore_candidates(point: Point, target: Target) -> list[Tool]:
-    writer_major = (point.manifest.get("tool") or {}).get("major")
-    return candidates_for_archive("pg_restore", writer_major, target.settings)
+    return candidates_for_archive("pg_restore", point.manifest.tool_major, target.settings)
 
 
 def restore_into(target: Target, point: Point, dbname: str, ui: Reporter) -> Tool:
@@ -231,7 +238,7 @@ def restore_tracker(tool: Tool, point: Point, src: list[str]) -> RestoreTracker:
     """Progress in rows where the point counted them, in entries of the archive's table of
     contents otherwise; the table of contents is read ahead where the archive is a path."""
     listing = archive_listing(tool, src) if src else None
-    return RestoreTracker(listing, (point.manifest.get("fingerprint") or {}).get("row_counts"))
+    return RestoreTracker(listing, thawed(point.manifest.row_counts))
 
 
 def archive_listing(tool: Tool, src: list[str]) -> str | None:
@@ -283,7 +290,7 @@ def read_through(point: Point, settings) -> Tool:
         with archive_source(point, settings) as (src, stdin):
             command_for(tool).run(["--file=/dev/null", *src], stdin=stdin)
 
-    tool, _ = try_each(candidates_for_archive("pg_restore", (point.manifest.get("tool") or {}).get("major"), settings), attempt)
+    tool, _ = try_each(candidates_for_archive("pg_restore", point.manifest.tool_major, settings), attempt)
     return tool
 
 
@@ -388,7 +395,7 @@ def restore_in_place(target: Target, point: Point, ui: Reporter) -> Tool:
 
 
 def verify_archive(point: Point, settings) -> dict:
-    archive = point.file_path(point.manifest.get("archive", ARCHIVE_NAME))
+    archive = point.file_path(archive_name(point))
     try:
         tool = read_through(point, settings)
     except ToolError as exc:
@@ -408,7 +415,7 @@ def rebuilt(target: Target, point: Point, suffix: str, purpose: str, ui: Reporte
     (``<staging><suffix>``), recorded before it exists and dropped afterwards."""
     name = derived_name(target.dbname, suffix)
     drop_database(target.maint, name)
-    props = point.manifest.get("database", {}).get("properties", {})
+    props = thawed(point.manifest.database.properties)
     with intents.new_database(target, name, f"{point.id} rebuilt for {purpose}"):
         try:
             create_database_like(target.maint, name, props, target.facts.major)
@@ -425,13 +432,13 @@ def rebuild_and_count(target: Target, point: Point, ui: Reporter) -> dict:
     compared with the manifest row by row count, then dropped."""
     with rebuilt(target, point, VERIFY_SUFFIX, "verify --deep", ui) as conn:
         found = fingerprint(conn)
-    problems = compare(point.manifest.get("fingerprint") or {}, found)
+    problems = compare(thawed(point.manifest.fingerprint or {}), found)
     if problems:
         raise VerificationError(
             f"Point {point.id}, rebuilt, does not match its manifest: " + "; ".join(problems[:10]) + ".",
             "Use an earlier point (`python3 rollback_manager.py list`).",
         )
-    point.record_verification(level="deep", verified_at=utc_now().isoformat(timespec="seconds"))
+    point.record_verification(level=VerificationLevel.DEEP, verified_at=utc_now().isoformat(timespec="seconds"))
     return {"rebuilt": f"{found.total_rows} rows in {len(found.row_counts or {})} tables match the manifest"}
 
 
@@ -448,7 +455,7 @@ class DumpMethod(Method):
 
     def take(self, request: TakeRequest) -> Taken:
         r = request
-        return Taken(take(r.target, r.catalog, r.ui, label=r.label, base_manifest=r.base_manifest))
+        return Taken(take(r.target, r.catalog, r.ui, label=r.label, base=r.base))
 
     def needs_server_to_verify(self, deep: bool) -> bool:
         return deep
@@ -465,11 +472,11 @@ class DumpMethod(Method):
     def describe_verification(self, point: Point) -> str:
         found = point.verification
         return "deep: every row was counted when it was taken" + (
-            f"; rebuilt and counted {found['verified_at']}" if found.get("verified_at") else ""
+            f"; rebuilt and counted {found.verified_at}" if found.verified_at else ""
         )
 
     def build_beside(self, target: Target, point: Point, aside: str, ui: Reporter) -> str | None:
-        create_database_like(target.maint, aside, point.manifest.get("database", {}).get("properties", {}), target.facts.major)
+        create_database_like(target.maint, aside, thawed(point.manifest.database.properties), target.facts.major)
         tool = restore_into(target, point, aside, ui)
         return f"{tool.path} ({tool.version})"
 
@@ -489,28 +496,27 @@ class DumpMethod(Method):
 def point_of_archive(settings, path: Path) -> Point:
     """restore --type backup --file: a point folder anywhere, or a bare pg_dump archive."""
     path = Path(path).expanduser().resolve()
-    if path.is_dir() and (path / "manifest.json").is_file():
-        return Point(path, json.loads((path / "manifest.json").read_text()))
+    if path.is_dir() and (path / MANIFEST).is_file():
+        return point_at(path)
     if not path.is_file() and not is_archive_folder(path):
         raise ConfigError(f"{path} is neither a pg_dump archive nor a point folder.", "Give the path of one.")
     header = archive_header(path, settings)
     writer = re.match(r"(\d+)", header.get("pg_dump_version", "") or "")
     return Point(
         path.parent,
-        {
-            "id": f"file:{path.name}",
-            "created_at": header.get("created_at") or _modified_at(path),
-            "description": f"archive {path}",
-            "method": DumpMethod.name,
-            "archive": path.name,
-            "status": "completed",
-            "kind": "file",
-            "tool": {"major": int(writer.group(1))} if writer else {},
-            "database": {"name": None, "properties": {}},
-            "files": [],
-            "fingerprint": None,  # nothing recorded: checked against the archive's own table of contents
-            "archive_table_count": archive_table_count(path, settings),
-        },
+        Manifest(
+            id=f"file:{path.name}",
+            created_at_text=header.get("created_at") or _modified_at(path),
+            description=f"archive {path}",
+            method=DumpMethod.name,
+            archive=path.name,
+            status=Status.COMPLETED,
+            kind=Kind.FILE,
+            tool=ToolSection(major=int(writer.group(1))) if writer else ToolSection(),
+            database=DatabaseSection(),
+            fingerprint=None,  # nothing recorded: checked against the archive's own table of contents
+            archive_table_count=archive_table_count(path, settings),
+        ),
     )
 
 

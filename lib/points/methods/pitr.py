@@ -9,7 +9,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from lib.errors import ConfigError, RollbackError, ToolError, VerificationError
 from lib.files import utc_now
@@ -20,6 +22,7 @@ from lib.pg.db import connection, database_properties, query, scalar
 from lib.pg.fingerprint import schema_lines, sequence_positions
 from lib.pg.target import Target
 from lib.points.catalog import Catalog, Point
+from lib.points.manifest import BackupSection, ClusterSection, Manifest, RepositorySection, RestorePointSection
 from lib.points.methods.base import REPOSITORY, Method, Taken, TakeRequest
 from lib.points.methods.dump import database_section
 
@@ -144,7 +147,7 @@ def reached_repository(repo: Repository, segment: str) -> None:
         )
 
 
-def take(target: Target, catalog: Catalog, ui: Reporter, *, label: str, base_manifest: dict) -> Point:
+def take(target: Target, catalog: Catalog, ui: Reporter, *, label: str, base: Mapping[str, Any]) -> Point:
     started = utc_now()
     cluster, repo = repository_for(target, needed_for="A pitr point")
     check_archiving(target, repo)
@@ -165,27 +168,29 @@ def take(target: Target, catalog: Catalog, ui: Reporter, *, label: str, base_man
                 "These UNLOGGED tables come back empty from any pitr restore (their rows are never in the WAL): "
                 + ", ".join(unlogged)
             )
-        manifest = dict(base_manifest)
-        manifest.update(
-            created_at=started.isoformat(timespec="milliseconds"),
-            method="pitr",
-            database=database_section(target, props),
-            restore_point={"name": writer.id, "lsn": lsn, "wal": segment, "timeline": int(segment[:8], 16)},
-            backup=backup.as_dict(),
-            repository={"stanza": repo.stanza, "config": target.settings.pgbackrest_env.get("PGBACKREST_CONFIG")},
-            cluster={"data_directory": str(cluster.data_dir), "owner": cluster.owner.pw_name, "major": cluster.major},
-            sequences=sequences,
-            unlogged_tables=unlogged,
-            fingerprint={
-                "kind": "pitr",
-                "schema_digest": hashlib.sha256("\n".join(lines).encode()).hexdigest(),
-                "schema_objects": len(lines),
-                "sequences": sequences,
-            },
-            archive_wait_seconds=round(waited, 3),
-            duration_seconds=round((utc_now() - started).total_seconds(), 3),
+        point = writer.commit(
+            Manifest(
+                id=writer.id,
+                **base,
+                created_at_text=started.isoformat(timespec="milliseconds"),
+                method=PitrMethod.name,
+                database=database_section(target, props),
+                restore_point=RestorePointSection(name=writer.id, lsn=lsn, wal=segment, timeline=int(segment[:8], 16)),
+                backup=BackupSection(**backup.as_dict()),
+                repository=RepositorySection(stanza=repo.stanza, config=target.settings.pgbackrest_env.get("PGBACKREST_CONFIG")),
+                cluster=ClusterSection(data_directory=str(cluster.data_dir), owner=cluster.owner.pw_name, major=cluster.major),
+                sequences=sequences,
+                unlogged_tables=unlogged,
+                fingerprint={
+                    "kind": "pitr",
+                    "schema_digest": hashlib.sha256("\n".join(lines).encode()).hexdigest(),
+                    "schema_objects": len(lines),
+                    "sequences": sequences,
+                },
+                archive_wait_seconds=round(waited, 3),
+                duration_seconds=round((utc_now() - started).total_seconds(), 3),
+            )
         )
-        point = writer.commit(manifest)
     ui.step(
         f"Restore point {point.id} at {lsn} (WAL {segment}, archived); it needs backup {backup.label} of stanza {repo.stanza}"
     )
@@ -205,12 +210,12 @@ def verify(target: Target, point: Point) -> dict:
     _, repo = repository_for(target, needed_for="Verifying a pitr point")
     point_in_repository(repo, point)
     m = point.manifest
-    return {"backup": m["backup"]["label"], "wal": f"{m['restore_point']['wal']} archived", "repository": repo.stanza}
+    return {"backup": m.backup.label, "wal": f"{m.restore_point.wal} archived", "repository": repo.stanza}
 
 
 def point_in_repository(repo: Repository, point: Point) -> None:
     m = point.manifest
-    label = m["backup"]["label"]
+    label = m.backup.label
     if label not in {b.label for b in repo.backups()}:
         raise VerificationError(
             f"Point {point.id} needs backup {label} of stanza {repo.stanza}, which the repository no longer holds "
@@ -218,7 +223,7 @@ def point_in_repository(repo: Repository, point: Point) -> None:
             "Delete the point (`rollback_manager.py delete`); keep backups longer (repo1-retention-full) for the next ones.",
         )
     covered = repo.archived_range()
-    wal = m["restore_point"]["wal"]
+    wal = m.restore_point.wal
     if covered is None or not covered[0] <= wal <= covered[1]:
         raise VerificationError(
             f"The WAL point {point.id} needs ({wal}) is not among the archived segments "
@@ -244,7 +249,7 @@ class PitrMethod(Method):
 
     def take(self, request: TakeRequest) -> Taken:
         r = request
-        return Taken(take(r.target, r.catalog, r.ui, label=r.label, base_manifest=r.base_manifest))
+        return Taken(take(r.target, r.catalog, r.ui, label=r.label, base=r.base))
 
     def verify(self, point: Point, settings, ui: Reporter, target: Target | None, *, deep: bool) -> dict:
         with ui.progress("Checking the repository"):
@@ -253,7 +258,7 @@ class PitrMethod(Method):
         return result
 
     def describe_verification(self, point: Point) -> str:
-        backup = point.manifest.get("backup", {}).get("label", "?")
+        backup = point.manifest.backup.label if point.manifest.backup else "?"
         return f"repository: needs backup {backup} and the WAL up to its restore point (`verify` asks pgBackRest)"
 
     def describe_rows(self, point: Point) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from lib.errors import ConfigError
 from lib.pg.target import Target
-from lib.points.catalog import STATUS_COMPLETED, Point
+from lib.points.catalog import Point
 from lib.points.methods.base import Method
 from lib.points.methods.data import DataMethod
 from lib.points.methods.dump import DumpMethod
@@ -75,18 +75,17 @@ def find(name: str) -> Method | None:
 def summary(point: Point) -> dict:
     """A point as `list` and `--json` show it, with the deepest verification it has passed."""
     m = point.manifest
-    completed = m.get("status") == STATUS_COMPLETED
     return {
         "id": point.id,
-        "created_at": m.get("created_at"),
-        "migration_id": m.get("migration_id"),
+        "created_at": m.created_at_text,
+        "migration_id": m.migration_id,
         "database": point.database_name,
-        "server": m.get("database", {}).get("server"),
-        "table": m.get("table"),
+        "server": m.database.server,
+        "table": m.table,
         "method": point.method,
         "size_bytes": point.size,
-        "status": m.get("status"),
-        "verified": of(point).verified_level(point) if completed else None,
-        "kind": m.get("kind", "manual"),
-        "description": m.get("description"),
+        "status": m.status,
+        "verified": of(point).verified_level(point) if m.is_completed else None,
+        "kind": m.kind,
+        "description": m.description,
     }

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 import psycopg2
 
@@ -39,22 +40,25 @@ from lib.points.copies import (
     read_physical,
     seal,
 )
+from lib.points.manifest import Baseline, Kind, Manifest, VerificationLevel, thawed
 from lib.points.methods.base import FollowUp, Method, Taken, TakeRequest
 from lib.points.methods.dump import database_section
 
 log = logging.getLogger(__name__)
 
 
-def read_baseline(target: Target, point: Point, name: str) -> dict:
+def read_baseline(target: Target, point: Point, name: str) -> Baseline:
     """Every row of a point's database (exact counts and content hashes): the background
     reads them once, as the baseline `verify --deep` compares with later. Held under a
     CountLock, so a check that finds the database open to connections knows why; a
     foreground copy of the database ends this session (the background yields)."""
     with CountLock(target.maint, target.facts.system_identifier, name), opened(target, name) as conn:
         fp = fingerprint(conn, deep=True)
-    baseline = {"row_counts": fp.row_counts, "content": fp.content, "read_at": utc_now().isoformat(timespec="seconds")}
-    point.record_verification(baseline=baseline)
-    return baseline
+    return point.record_verification(baseline=_baseline_of(fp)).baseline
+
+
+def _baseline_of(fp) -> Baseline:
+    return Baseline(row_counts=fp.row_counts, content=fp.content, read_at=utc_now().isoformat(timespec="seconds"))
 
 
 def verify_point_database(target: Target, point: Point, *, deep: bool = False) -> dict:
@@ -62,7 +66,7 @@ def verify_point_database(target: Target, point: Point, *, deep: bool = False) -
     schema digest, every relation's file node and size, sequences and large objects are
     the manifest's. With ``deep``, every row is read and compared with the baseline the
     background read when the point was taken."""
-    name = point.manifest.get("template_database")
+    name = point.manifest.template_database
     state = database_state(target.maint, name) if name else None
     if state is None:
         raise VerificationError(
@@ -82,7 +86,7 @@ def verify_point_database(target: Target, point: Point, *, deep: bool = False) -
             f"Point {point.id}'s database {name!r} takes connections, and it should be sealed: someone may have changed it.",
             f"Use another point, or check it with `python3 rollback_manager.py verify {point.id} --deep`.",
         )
-    expected = point.manifest.get("fingerprint", {})
+    expected = thawed(point.manifest.fingerprint or {})
     with opened(target, name) as conn:
         found = fingerprint_like(conn, expected)
         problems = compare(expected, found)
@@ -103,17 +107,15 @@ def verify_point_database(target: Target, point: Point, *, deep: bool = False) -
 
 def _deep_check(point: Point, conn, problems: list[str]) -> dict:
     """Every row against the baseline (``problems`` grows where they differ)."""
-    baseline = point.verification.get("baseline")
+    baseline = point.verification.baseline
     now = fingerprint(conn, deep=True)
     if not baseline:
-        point.record_verification(
-            baseline={"row_counts": now.row_counts, "content": now.content, "read_at": utc_now().isoformat(timespec="seconds")}
-        )
+        point.record_verification(baseline=_baseline_of(now))
         return {"rows": f"{now.total_rows} read; no baseline had been read yet: it is now, for the next `verify --deep`"}
-    problems += compare({"row_counts": baseline["row_counts"], "content": baseline["content"]}, now)
+    problems += compare({"row_counts": thawed(baseline.row_counts), "content": thawed(baseline.content)}, now)
     if not problems:
-        point.record_verification(level="deep", verified_at=utc_now().isoformat(timespec="seconds"))
-        return {"verified": "deep", "rows": f"{now.total_rows} rows match the baseline read on {baseline.get('read_at')}"}
+        point.record_verification(level=VerificationLevel.DEEP, verified_at=utc_now().isoformat(timespec="seconds"))
+        return {"verified": "deep", "rows": f"{now.total_rows} rows match the baseline read on {baseline.read_at}"}
     return {}
 
 
@@ -181,10 +183,11 @@ def drop_orphans(target: Target, point_ids: list[str], dry_run: bool = False) ->
     return found
 
 
-def take(target: Target, catalog: Catalog, ui: Reporter, ask: Confirmer, *, label: str, base_manifest: dict) -> Point:
+def take(target: Target, catalog: Catalog, ui: Reporter, ask: Confirmer, *, label: str, base: Mapping[str, Any]) -> Point:
     preflight(target, ui, ask)
     started = utc_now()
     with catalog.writing(label) as writer:
+        manifest = Manifest(id=writer.id, **base)
         name = derived_name(writer.id, "")
         with intents.new_database(target, name, "template point copy", point_id=writer.id) as new:
             clock = time.monotonic()
@@ -192,22 +195,22 @@ def take(target: Target, catalog: Catalog, ui: Reporter, ask: Confirmer, *, labe
                 ended = copy_staging(target, name)
             copy_seconds = time.monotonic() - clock
             faults.pause("after copy")
-            seal(target, name, writer.id, base_manifest.get("description") or "")
+            seal(target, name, writer.id, manifest.description or "")
             fp = read_physical(target, name)
             props = database_properties(target.maint, target.dbname).as_dict()
-            manifest = dict(base_manifest)
-            manifest.update(
-                created_at=started.isoformat(timespec="milliseconds"),
-                method="template",
-                template_database=name,
-                database=database_section(target, props),
-                fingerprint=fp.as_dict(),
-                sessions_terminated=ended,
-                copy=copy_choice(target).as_dict(),
-                copy_seconds=round(copy_seconds, 3),
-                duration_seconds=round((utc_now() - started).total_seconds(), 3),
+            point = writer.commit(
+                manifest.replaced(
+                    created_at_text=started.isoformat(timespec="milliseconds"),
+                    method=TemplateMethod.name,
+                    template_database=name,
+                    database=database_section(target, props),
+                    fingerprint=fp.as_dict(),
+                    sessions_terminated=ended,
+                    copy=copy_choice(target).as_dict(),
+                    copy_seconds=round(copy_seconds, 3),
+                    duration_seconds=round((utc_now() - started).total_seconds(), 3),
+                )
             )
-            point = writer.commit(manifest)
             new.own()
         return point
 
@@ -223,7 +226,7 @@ class TemplateMethod(Method):
 
     def take(self, request: TakeRequest) -> Taken:
         r = request
-        point = take(r.target, r.catalog, r.ui, r.ask, label=r.label, base_manifest=r.base_manifest)
+        point = take(r.target, r.catalog, r.ui, r.ask, label=r.label, base=r.base)
         notes = ["every row of its copy is read in the background, as the baseline `verify --deep` compares with"]
         if self.wants_spare(r.target.settings, point):
             notes.insert(
@@ -235,13 +238,14 @@ class TemplateMethod(Method):
 
     @staticmethod
     def wants_spare(settings, point: Point) -> bool:
-        return spare.enabled(settings) and point.manifest.get("kind", "manual") == "manual"
+        return spare.enabled(settings) and point.manifest.kind == Kind.MANUAL
 
     def follow_up_after_restore(self, settings, point: Point) -> bool:
         return self.wants_spare(settings, point)
 
     def verified_level(self, point: Point) -> str:
-        return point.verification.get("level", self.level)
+        found = point.verification.level
+        return self.level if found is None else found
 
     def verify(self, point: Point, settings, ui: Reporter, target: Target | None, *, deep: bool) -> dict:
         found = verify_point_database(target, point, deep=deep)
@@ -253,50 +257,51 @@ class TemplateMethod(Method):
 
     def describe_verification(self, point: Point) -> str:
         found = point.verification
-        if found.get("level") == "deep":
-            return f"deep: every row matched its baseline {found.get('verified_at')}"
+        if found.level == VerificationLevel.DEEP:
+            return f"deep: every row matched its baseline {found.verified_at}"
         return "physical: schema digest, every relation's file and size, sequences" + (
-            "; rows read as the baseline" if found.get("baseline") else "; rows not read yet (the background reads them)"
+            "; rows read as the baseline" if found.baseline else "; rows not read yet (the background reads them)"
         )
 
     def describe_rows(self, point: Point) -> str:
-        fp = point.manifest.get("fingerprint") or {}
-        counts = fp.get("row_counts") or (point.verification.get("baseline") or {}).get("row_counts")
+        fp = point.manifest.fingerprint or {}
+        baseline = point.verification.baseline
+        counts = point.manifest.row_counts or (baseline.row_counts if baseline else None)
         if counts is None:
             return f"not counted yet ({len(fp.get('relations', {}))} relations checked by the catalog)"
         return f"{sum(counts.values())} in {len(counts)} tables"
 
     def lives_on(self, target: Target, point: Point) -> bool:
-        return point.manifest.get("database", {}).get("system_identifier") in (None, target.facts.system_identifier)
+        return point.manifest.database.system_identifier in (None, target.facts.system_identifier)
 
     def check_usable(self, target: Target, point: Point) -> None:
         m = point.manifest
         if not self.lives_on(target, point):
             raise ConfigError(
-                f"Point {point.id} is a database copy on another server ({m.get('database', {}).get('server')}).",
+                f"Point {point.id} is a database copy on another server ({m.database.server}).",
                 "Restore it against that server, or choose a dump point.",
             )
-        state = database_state(target.maint, m.get("template_database", ""))
+        state = database_state(target.maint, m.template_database or "")
         if state is None or state["invalid"]:
             raise VerificationError(
-                f"Point {point.id}'s database {m.get('template_database')!r} is "
+                f"Point {point.id}'s database {m.template_database!r} is "
                 f"{'missing' if state is None else 'invalid (an interrupted DROP left it)'}. Nothing was changed.",
                 "Choose another point (`python3 rollback_manager.py list`).",
             )
 
     def present(self, target: Target, point: Point) -> bool:
-        state = database_state(target.maint, point.manifest.get("template_database", ""))
+        state = database_state(target.maint, point.manifest.template_database or "")
         return state is not None and not state["invalid"]
 
     def build_beside(self, target: Target, point: Point, aside: str, ui: Reporter) -> str | None:
-        source = point.manifest["template_database"]
+        source = point.manifest.template_database
         if spare.enabled(target.settings):
             with ui.progress(f"Taking the spare copy of {point.id} (waiting if it is still being prepared)"):
                 claimed = spare.claim(target, point, aside)
             if claimed:
                 ui.step(f"Using the spare copy of {point.id} prepared in the background")
                 return "spare copy"
-        owner = point.manifest.get("database", {}).get("properties", {}).get("owner")
+        owner = point.manifest.database.properties.get("owner")
         with ui.progress(f"Copying {source} into {aside} on the server"):
             try:
                 copy_database(target, source, aside, owner)
@@ -305,12 +310,12 @@ class TemplateMethod(Method):
         return None
 
     def drop(self, target: Target, point: Point) -> None:
-        name = point.manifest.get("template_database")
+        name = point.manifest.template_database
         if name:
             drop_database(target.maint, name)
         spare.drop(target, point)
 
     @contextmanager
     def open_for_reading(self, target: Target, point: Point, ui: Reporter) -> Iterator[object | None]:
-        with opened(target, point.manifest["template_database"]) as conn:
+        with opened(target, point.manifest.template_database) as conn:
             yield conn
