@@ -1,13 +1,18 @@
-"""The rules of choosing a method, without a server: what `auto` picks and why, what
-it tries next, and what every method says about itself."""
+"""Rules without a server: what `auto` picks and why, what it tries next, what every
+method says about itself, and which points retention removes."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from lib.errors import ConfigError
+from lib.points import retention as retention_rules
+from lib.points.catalog import Point
+from lib.points.manifest import Kind, Manifest, Status
 from lib.points.methods import registry
 from lib.points.methods.base import REPOSITORY, SWAP, TABLES, Method
 
@@ -76,3 +81,55 @@ def test_every_method_says_how_it_is_restored_and_what_its_points_guarantee():
     assert all(isinstance(m, Method) and m.name == name for name, m in registry.METHODS.items())
     assert ("auto", *registry.METHODS) == registry.NAMES
     assert registry.FOR_TABLES in registry.METHODS and not registry.METHODS[registry.FOR_TABLES].whole_database
+
+
+# ---------------------------------------------------------------- retention
+
+
+NOW = datetime(2026, 12, 2, 12, 0, tzinfo=UTC)
+
+
+def _point(n: int, days_old: float, kind: Kind = Kind.MANUAL) -> Point:
+    created = (NOW - timedelta(days=days_old)).isoformat(timespec="milliseconds")
+    manifest = Manifest(id=f"rb_p{n}", method="dump", kind=kind, status=Status.COMPLETED, created_at_text=created)
+    return Point(Path(f"/nonexistent/rb_p{n}"), manifest)
+
+
+def _plan(points, good_ids, **retention):
+    plan = retention_rules.plan_cleanup(points, lambda p: p.id in good_ids, now=NOW, **retention)
+    return [p.id for p in plan.remove], plan.protected and plan.protected.id, plan.protected_manual and plan.protected_manual.id
+
+
+def test_keep_n_removes_the_oldest_beyond_the_newest_n():
+    points = [_point(n, days_old=10 - n) for n in range(6)]  # oldest first
+    assert _plan(points, {p.id for p in points}, keep=2, older_than_days=None) == (
+        ["rb_p0", "rb_p1", "rb_p2", "rb_p3"],
+        "rb_p5",
+        "rb_p5",
+    )
+
+
+def test_the_newest_point_that_verifies_is_kept_whatever_keep_says():
+    points = [_point(n, days_old=10 - n) for n in range(4)]
+    removed, protected, _ = _plan(points, {"rb_p1"}, keep=1, older_than_days=None)  # only p1 verifies
+    assert protected == "rb_p1" and "rb_p1" not in removed and removed == ["rb_p0", "rb_p2"]
+
+
+def test_quick_rollbacks_target_is_kept_beside_a_newer_state_kept_before_a_rollback():
+    points = [_point(0, 5), _point(1, 4), _point(2, 1, Kind.BEFORE_ROLLBACK)]
+    removed, protected, manual = _plan(points, {p.id for p in points}, keep=1, older_than_days=None)
+    assert (protected, manual) == ("rb_p2", "rb_p1") and removed == ["rb_p0"]
+
+
+def test_older_than_removes_only_what_is_older_and_both_rules_must_agree():
+    points = [_point(n, days_old=d) for n, d in enumerate([30, 20, 8, 6, 1])]
+    everyone = {p.id for p in points}
+    assert _plan(points, everyone, keep=None, older_than_days=7)[0] == ["rb_p0", "rb_p1", "rb_p2"]
+    assert _plan(points, everyone, keep=4, older_than_days=7)[0] == ["rb_p0"]  # beyond the newest 4 and older than 7 days
+    assert _plan(points, everyone, keep=None, older_than_days=0)[0] == ["rb_p0", "rb_p1", "rb_p2", "rb_p3"]
+
+
+@pytest.mark.parametrize("keep, older, message", [(0, None, "--keep must be at least 1"), (None, -1.0, "--older-than must be")])
+def test_a_retention_that_makes_no_sense_is_refused(keep, older, message):
+    with pytest.raises(ConfigError, match=message):
+        retention_rules.check_retention_request(keep, older)

@@ -6,8 +6,9 @@ from __future__ import annotations
 import logging
 import math
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from lib.errors import CatalogError, ConfigError, RollbackError
 from lib.files import utc_now
@@ -46,11 +47,8 @@ def is_good(target: Target, point: Point) -> bool:
     return True
 
 
-def newest_good(target: Target, points: list[Point]) -> Point | None:
-    for point in reversed(points):
-        if is_good(target, point):
-            return point
-    return None
+def newest_good(points: list[Point], good: Callable[[Point], bool]) -> Point | None:
+    return next((point for point in reversed(points) if good(point)), None)
 
 
 @dataclass
@@ -75,14 +73,23 @@ def cleanup_plan(target: Target, catalog: Catalog, *, keep: int | None, older_th
     if keep is None and older_than_days is None:
         raise ConfigError("Say what to remove: --keep N, --older-than DAYS, or both.", "Add --dry-run to see it first.")
     check_retention_request(keep, older_than_days)
-    points = points_of(catalog, target)
-    protected = newest_good(target, points)
-    protected_manual = newest_good(target, [p for p in points if p.manifest.kind != Kind.BEFORE_ROLLBACK])
+    return plan_cleanup(
+        points_of(catalog, target), lambda p: is_good(target, p), keep=keep, older_than_days=older_than_days, now=utc_now()
+    )
+
+
+def plan_cleanup(
+    points: list[Point], good: Callable[[Point], bool], *, keep: int | None, older_than_days: float | None, now: datetime
+) -> CleanupPlan:
+    """The rule itself (``points`` oldest first): the newest ``keep`` and those younger than
+    ``older_than_days`` stay; so do, always, the newest point that is ``good`` and the
+    newest good one taken on purpose (quick rollback's target), whatever their age."""
+    protected = newest_good(points, good)
+    protected_manual = newest_good([p for p in points if p.manifest.kind != Kind.BEFORE_ROLLBACK], good)
     keep_ids = {p.id for p in (protected, protected_manual) if p is not None}
-    cutoff = utc_now() - timedelta(days=older_than_days) if older_than_days is not None else None
-    newest_first = list(reversed(points))
+    cutoff = now - timedelta(days=older_than_days) if older_than_days is not None else None
     remove = []
-    for rank, point in enumerate(newest_first, start=1):
+    for rank, point in enumerate(reversed(points), start=1):
         if point.id in keep_ids:
             continue
         beyond_keep = keep is None or rank > keep
