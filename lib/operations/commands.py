@@ -32,7 +32,7 @@ from lib.points.methods import data as data_method
 from lib.points.methods import dump as dump_method
 from lib.points.methods import registry
 from lib.points.methods.base import REPOSITORY, SWAP, TABLES, Method, TakeRequest
-from lib.restore import diff, leftovers, partial
+from lib.restore import diff, partial
 from lib.restore.swap import (
     RestoreResult,
     check_point_usable,
@@ -414,9 +414,8 @@ def cleanup(
     """Old points by the retention asked for, and always what interrupted runs left."""
     retention.check_retention_request(keep, older_than_days)
     removed: list[Point] = []
-    with operation(settings, "cleanup", ui=ui, ask=ask, check_v2=False, finish_pending=False, audit=not dry_run) as op:
-        target, catalog = op.target, op.catalog
-        left = leftovers.finish_interrupted(target, catalog, dry_run=dry_run, everything=True)
+    with operation(settings, "cleanup", ui=ui, ask=ask, check_v2=False, audit=not dry_run, sweep=True, dry_run=dry_run) as op:
+        target, catalog, left = op.target, op.catalog, op.leftovers
         for line in left:
             ui.info(line)
         if not left:

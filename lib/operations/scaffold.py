@@ -28,6 +28,7 @@ class Operation:
     record: AuditRecord
     ui: Reporter
     ask: Confirmer
+    leftovers: list[str]  # what killed runs left, finished (or, in a dry run, found) before it started
 
     def confirm_change(self, question: str, *, what: str) -> None:
         """Before staging changes: asked through the caller's Confirmer (a protected database's name must be typed)."""
@@ -56,10 +57,13 @@ def operation(
     point_id: str | None = None,
     migration_id: str | None = None,
     check_v2: bool = True,
-    finish_pending: bool = True,
     audit: bool = True,
+    sweep: bool = False,
+    dry_run: bool = False,
 ) -> Iterator[Operation]:
-    """``finish_pending=False``: a cleanup's dry run, which must change nothing.
+    """``sweep``: cleanup, which also removes every database of this catalog that nothing
+    owns, and says what it did in ``Operation.leftovers`` rather than as it goes.
+    ``dry_run``: a cleanup's dry run, which finds what it would do and changes nothing.
     ``audit=False``: a migration, which writes its own start and end events."""
     catalog = Catalog(settings.backup_dir).ensure()
     with open_target(settings, check_v2=check_v2, ui=ui) as target:
@@ -72,7 +76,8 @@ def operation(
             record_cm as record,
             DatabaseLock(target.maint, target.facts.system_identifier, target.dbname, folder=catalog.root, doing=name),
         ):
-            if finish_pending:
-                for line in finish_interrupted(target, catalog):
+            left = finish_interrupted(target, catalog, dry_run=dry_run, everything=sweep)
+            if not sweep:
+                for line in left:
                     ui.info(f"Finished what an interrupted run left: {line}")
-            yield Operation(settings, name, target, catalog, record, ui, ask)
+            yield Operation(settings, name, target, catalog, record, ui, ask, left)
