@@ -153,7 +153,7 @@ class SyncRollbackManager:
         """Does staging now hold what the point holds? Row counts per table, sequences,
         and for a whole-database point the schema digest and large objects."""
         tables, problems = operations.verify_staging(self.settings, rollback_id)
-        return Verification(rollback_id, not problems, tables, problems)
+        return Verification(operations.get_point(self.settings, rollback_id).id, not problems, tables, problems)
 
     def get_rollback_history(self, limit: int | None = None) -> list[dict]:
         """The audit trail, oldest first (the newest ``limit`` entries)."""

@@ -9,6 +9,7 @@ from lib.config import Settings
 from lib.errors import ConfigError, ConfirmationRefused, RollbackError
 from lib.interaction import Confirmer
 from lib.operations import commands as operations
+from lib.points.catalog import refuse_damaged_manifest
 from lib.points.methods import registry
 
 
@@ -27,7 +28,9 @@ def choose_point(settings: Settings, ui: UI, ask: Confirmer):
         choices=[str(n) for n in range(1, len(points) + 1)],
         default=str(len(points)),
     )
-    return points[int(answer) - 1]
+    point = points[int(answer) - 1]
+    refuse_damaged_manifest(point)  # its method is unknown: nothing to restore it with
+    return point
 
 
 def walk_through(settings: Settings, ui: UI, ask: Confirmer) -> dict:

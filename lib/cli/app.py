@@ -14,6 +14,7 @@ from lib.cli.console import UI, confirmer_for
 from lib.config import load_settings, loose_password_file, redact
 from lib.errors import EXIT_CODES_HELP, ExitCode, RollbackError
 from lib.logfiles import setup_logging
+from lib.process import dead_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,8 @@ def run_script(script: str, argv: list[str] | None, build_parser: Callable[[], a
         ui.warn(unlogged)
     log.info("%s started: %s", script, redact(" ".join(sys.argv if argv is None else [script, *argv])))
     previous_term = signal.signal(signal.SIGTERM, _stop_as_interrupt)  # kill: the same clean-up as Ctrl-C
+    for line in dead_temporaries():  # passfiles of killed runs: local, no lock needed, so at every start
+        log.info("removed %s, left by a run that was killed", line)
     loose = loose_password_file()
     if loose:
         ui.warn(loose)

@@ -190,11 +190,13 @@ def file_details(ui: UI, details: dict, point: Point | None) -> None:
 
 def _verified(point: Point) -> str:
     """Which verification the point has passed, and when."""
-    return registry.of(point).describe_verification(point)
+    method = registry.find(point.method)
+    return method.describe_verification(point) if method else "none: its manifest cannot be read"
 
 
 def _rows(point: Point) -> str:
-    return registry.of(point).describe_rows(point)
+    method = registry.find(point.method)
+    return method.describe_rows(point) if method else "unknown"
 
 
 def diff_lines(ui: UI, found) -> None:

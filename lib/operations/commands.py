@@ -400,7 +400,8 @@ def partial_rollback(settings: Settings, ui: Reporter, ask: Confirmer, point_id:
 def delete_point(settings: Settings, ui: Reporter, ask: Confirmer, point_id: str) -> Point:
     point = Catalog(settings.backup_dir).get(point_id)
     with operation(settings, "delete", ui=ui, ask=ask, point_id=point.id, check_v2=False) as op:
-        held = registry.of(point).holds_database if point.manifest.is_completed else False
+        method = registry.find(point.method)
+        held = method is not None and method.holds_database and point.manifest.is_completed
         copy = f" and its database copy {point.manifest.template_database!r}" if held else ""
         ui.info(f"Delete point {point.id}{copy} ({point.manifest.description or 'no description'})?")
         ask.confirm("Delete it?", what=f"delete {point.id}")

@@ -184,18 +184,22 @@ class Catalog:
                 log.warning("unreadable intent record %s", path)
         return found
 
-    def remove_stale_temporaries(self, dry_run: bool = False) -> list[Path]:
-        """Folders of creations and deletions whose process is gone; returns them."""
+    def remove_stale_temporaries(self, dry_run: bool = False, *, deletions: bool = False) -> list[Path]:
+        """Folders of creations whose process is gone (a process on another host is taken
+        as alive); with ``deletions``, also the folders of unlisted points, which the
+        background removes and otherwise only cleanup touches. Returns them."""
         found: list[Path] = []
         if not self.root.is_dir():
             return found
         for entry in self.root.iterdir():
             if not entry.name.startswith(TMP_PREFIX) or not entry.is_dir():
                 continue
+            if entry.name.startswith(f"{TMP_PREFIX}deleting-") and not deletions:
+                continue
             owner = entry / ".owner"
             try:
                 info = json.loads(owner.read_text())
-                alive = info.get("host") == socket.gethostname() and pid_alive(int(info["pid"]))
+                alive = info.get("host") != socket.gethostname() or pid_alive(int(info["pid"]))
             except (OSError, ValueError, KeyError):
                 alive = False
             if not alive and (entry / PENDING).is_file():

@@ -14,6 +14,9 @@ import logging
 import os
 import socket
 
+import psycopg2
+
+from lib.errors import RollbackError
 from lib.files import human_size
 from lib.pg.db import database_exists, derived_name, drop_database, query
 from lib.pg.target import Target
@@ -87,7 +90,9 @@ def finish_interrupted(target: Target, catalog: Catalog, *, dry_run: bool = Fals
     building beside staging, private temporary files and pgBackRest side servers of
     dead processes are removed. Returns what was (or would be) done, as sentences."""
     verb = "Would remove" if dry_run else "Removed"
-    found = [f"{verb} unfinished point folder {p}" for p in catalog.remove_stale_temporaries(dry_run=dry_run)]
+    found = [
+        f"{verb} unfinished point folder {p}" for p in catalog.remove_stale_temporaries(dry_run=dry_run, deletions=everything)
+    ]
     if dry_run:
         found += [f"Would finish unfinished point folder {p} (or remove it if its swap did not happen)" for p in catalog.pending]
     else:
@@ -106,15 +111,31 @@ def finish_interrupted(target: Target, catalog: Catalog, *, dry_run: bool = Fals
                 ):
                     catalog.settle(path)
     orphans = [i for i in catalog.stale_ids if derived_name(i, "") not in named]
-    for name in template_method.drop_orphans(target, orphans, dry_run=dry_run):
-        found.append(f"{verb} database {name}, the copy of a point whose creation was interrupted")
     aside = derived_name(target.dbname, ASIDE_SUFFIX)
-    if aside not in named and database_exists(target.maint, aside):
+
+    def drop_orphans() -> list[str]:
+        names = template_method.drop_orphans(target, orphans, dry_run=dry_run)
+        return [f"{verb} database {name}, the copy of a point whose creation was interrupted" for name in names]
+
+    def drop_aside() -> list[str]:
+        if aside in named or not database_exists(target.maint, aside):
+            return []
         if not dry_run:
             drop_database(target.maint, aside)
-        found.append(f"{verb} database {aside}, left behind by an interrupted restore")
-    found += [f"{verb} {line}" for line in dead_temporaries(dry_run)]
-    found += [f"{verb} {line}" for line in leftover_sides(target.settings, dry_run=dry_run)]
+        return [f"{verb} database {aside}, left behind by an interrupted restore"]
+
+    for step in (
+        drop_orphans,
+        drop_aside,
+        lambda: [f"{verb} {line}" for line in dead_temporaries(dry_run)],
+        lambda: [f"{verb} {line}" for line in leftover_sides(target.settings, dry_run=dry_run)],
+    ):
+        try:
+            found += step()
+        except (RollbackError, psycopg2.Error, OSError, KeyError, ValueError) as exc:  # never a reason to stop the work asked for
+            if everything:
+                raise
+            log.warning("could not finish what a killed run left (%s): %s", step.__name__, exc)
     for line in found:
         log.info("%s", line)
     return found

@@ -115,6 +115,10 @@ class Method(ABC):
         """Staging emptied and the point restored into it in one transaction; returns what restored it."""
         raise ConfigError(f"A {self.name} point is not restored in place.")
 
+    def keeps_before(self, point: Point) -> list[str] | None:
+        """What the state kept before a restore in one transaction holds: None for all of staging."""
+        return None
+
     def check_restorable(self, target: Target, point: Point) -> None:  # noqa: B027 - most methods need nothing
         """Before the state before is kept: whatever would make this restore fail on staging as it is now."""
 
