@@ -11,7 +11,7 @@ import lib.cli.venv  # noqa: F401  (first: runs this script again under .venv wh
 from lib import api
 from lib.api import *  # noqa: F403 - the Python API of seed 000, re-exported
 from lib.cli import render
-from lib.cli.app import Parser, common_flags, epilog, run_script, settings_from
+from lib.cli.app import CATALOG_CHECK_ONLY_HELP, Parser, common_flags, epilog, run_script, settings_from
 from lib.errors import ConfigError
 from lib.operations import commands as operations
 from lib.points.methods import registry
@@ -96,8 +96,10 @@ def build_parser() -> Parser:
     restore.add_argument(
         "--force",
         action="store_true",
-        help="go ahead although staging has logical replication slots or subscriptions (they stay with the state kept before)",
+        help="go ahead although staging has logical replication slots or subscriptions (they stay with the state kept "
+        "before), or the point's database may have been changed outside the toolkit",
     )
+    restore.add_argument("--catalog-check-only", action="store_true", help=CATALOG_CHECK_ONLY_HELP)
     differ = sub.add_parser("diff", parents=[parent], help="what restoring a point would undo")
     differ.add_argument("point_id", metavar="ID")
     backup = sub.add_parser("backup", parents=[parent], help="a data point of one or more tables")
@@ -191,8 +193,9 @@ def restore(args, ui, ask, settings) -> int:
         to_time=args.to_time,
         to_lsn=args.to_lsn,
         in_place=args.in_place,
+        catalog_only=args.catalog_check_only,
     )
-    headline = f"{result.database} restored to {result.point_id} and verified ({result.mode})."
+    headline = f"{result.database} restored to {result.point_id} ({result.mode}); checked: {result.verified or 'see above'}."
     return render.restore_outcome(ui, result, as_json=args.json, headline=headline)
 
 

@@ -122,6 +122,15 @@ class VerificationError(RollbackError):
     exit_code = ExitCode.VERIFICATION_FAILED
 
 
+class CopyDamaged(VerificationError):
+    """The server could not read a copy's page or file as it was written."""
+
+
+class CopyRejected(VerificationError):
+    """The copy built beside staging is not the point (its catalog, a page or a row
+    differs, or it cannot be read): dropped before the swap, staging untouched."""
+
+
 class LockHeld(RollbackError):
     """Another mutating operation on the same database is running."""
 

@@ -73,9 +73,9 @@ def test_every_method_says_how_it_is_restored_and_what_its_points_guarantee():
         for name, m in registry.METHODS.items()
     }
     assert facts == {
-        "template": (SWAP, "physical", True, True, False),
-        "dump": (SWAP, "deep", False, True, True),
-        "data": (TABLES, "deep", False, False, False),
+        "template": (SWAP, "catalog", True, True, False),
+        "dump": (SWAP, "counted", False, True, True),
+        "data": (TABLES, "counted", False, False, False),
         "pitr": (REPOSITORY, "repository", False, True, False),
     }
     assert all(isinstance(m, Method) and m.name == name for name, m in registry.METHODS.items())

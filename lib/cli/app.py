@@ -10,10 +10,13 @@ import sys
 import traceback
 from collections.abc import Callable
 
+import psycopg2
+
 from lib.cli.console import UI, confirmer_for
 from lib.config import load_settings, loose_password_file, redact
 from lib.errors import EXIT_CODES_HELP, ExitCode, RollbackError
 from lib.logfiles import setup_logging
+from lib.pg.codes import is_damage
 from lib.process import dead_temporaries
 
 log = logging.getLogger(__name__)
@@ -25,6 +28,12 @@ class Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
         super().__init__(*args, **kwargs)
+
+
+CATALOG_CHECK_ONLY_HELP = (
+    "swap the copy in after its catalog check only, without reading it: faster on a large database, "
+    "but a changed or damaged page in the point is not seen (a spare the background read is swapped at once anyway)"
+)
 
 
 def common_flags(parser: argparse.ArgumentParser) -> None:
@@ -87,17 +96,34 @@ def run_script(script: str, argv: list[str] | None, build_parser: Callable[[], a
         log.error("%s aborted (Ctrl-C or SIGTERM)", script)
         ui.error("Interrupted. Anything half-built was removed; staging is as it was unless a message above says otherwise.")
         return int(ExitCode.INTERRUPTED)
-    except Exception as exc:  # noqa: BLE001 - the last line of defence for people at 3 a.m.
-        log.exception("%s crashed", script)
+    except psycopg2.Error as exc:
+        if not is_damage(exc):
+            return _crashed(script, args, ui, exc, log_path)
+        log.exception("%s met damaged storage", script)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         ui.error(
-            redact(f"Unexpected failure: {type(exc).__name__}: {exc}.")
-            + f" The full traceback is in {log_path or 'the log'}; staging is as it was unless a message above says otherwise."
+            redact(f"The server could not read a page or file it needed: {first}.")
+            + " Its storage is damaged (a page that fails its checksum or header check, or a missing file). "
+            "Staging is as it was unless a message above says otherwise. Next: use an earlier point "
+            "(`python3 rollback_manager.py list`), and check the server's disk."
         )
-        if getattr(args, "debug", False):
-            ui.err.print(redact(traceback.format_exc()), markup=False)
-        return int(ExitCode.FAILED)
+        return int(ExitCode.VERIFICATION_FAILED)
+    except Exception as exc:  # noqa: BLE001 - see _crashed
+        return _crashed(script, args, ui, exc, log_path)
     finally:
         signal.signal(signal.SIGTERM, previous_term)
+
+
+def _crashed(script: str, args, ui, exc: BaseException, log_path) -> int:
+    """The last line of defence for people at 3 a.m.: what failed, and where the traceback is."""
+    log.exception("%s crashed", script)
+    ui.error(
+        redact(f"Unexpected failure: {type(exc).__name__}: {exc}.")
+        + f" The full traceback is in {log_path or 'the log'}; staging is as it was unless a message above says otherwise."
+    )
+    if getattr(args, "debug", False):
+        ui.err.print(redact(traceback.format_exc()), markup=False)
+    return int(ExitCode.FAILED)
 
 
 def _stop_as_interrupt(signum, frame) -> None:

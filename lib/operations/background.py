@@ -1,10 +1,11 @@
 """What runs after a point or a restore, in a second process detached from the terminal
 and from the caller's output, so that neither the person nor a script that captures
 the output waits for it: the spare copy of the newest template point, the other
-spares dropped, and every row of a database copy read once as the baseline
-`verify --deep` compares with. A foreground operation never waits for it: a copy of
-a database the background is reading ends the background's session, and a quick
-rollback takes the spare only when it is ready (else it copies the point itself)."""
+spares dropped, every row of a database copy read once as the baseline its copies are
+compared with, and the spare read against it (every page, every row) and marked ready.
+A foreground operation never waits for it: a copy of a database the background is
+reading ends the background's session, and a quick rollback takes the spare only when
+the background is done with it (else it copies the point itself, and reads the copy)."""
 
 from __future__ import annotations
 
@@ -75,7 +76,7 @@ def run_after_point(settings: Settings, point_id: str) -> None:
         if _wants_spare(settings, point):
             spare.drop_all_but(target, catalog, point)
             _prepare_spare(target, point)
-        _read_baseline(target, point)
+        _read(target, point)
 
 
 def run_after_restore(settings: Settings, restored_id: str, before_id: str) -> None:
@@ -84,10 +85,9 @@ def run_after_restore(settings: Settings, restored_id: str, before_id: str) -> N
         restored = catalog.get(restored_id) if restored_id != "-" else None
         if restored is not None:  # first: the next quick rollback needs it
             _prepare_spare(target, restored)
+            _read(target, restored)
         if before_id != "-":
-            _read_baseline(target, catalog.get(before_id))
-        if restored is not None and not restored.verification.baseline:  # its first reading yielded to a copy
-            _read_baseline(target, restored)
+            _read(target, catalog.get(before_id))
 
 
 def run_remove(settings: Settings, *point_ids: str) -> None:
@@ -102,19 +102,30 @@ def run_remove(settings: Settings, *point_ids: str) -> None:
 def _prepare_spare(target, point: Point) -> None:
     try:
         made = spare.prepare(target, point)
-        log.info("spare copy of %s: %s", point.id, "ready" if made else "nothing to do")
+        log.info("spare copy of %s: %s", point.id, "copied" if made else "nothing to do")
     except RollbackError as exc:  # a quick rollback then copies the point itself
         log.error("could not prepare a spare copy of %s: %s", point.id, exc.paragraph())
 
 
-def _read_baseline(target, point: Point) -> None:
+def _read(target, point: Point) -> None:
+    """The point's baseline, read once, and its spare read against it and marked ready;
+    yields to any foreground work that ends its sessions."""
     try:
-        baseline = template_method.read_baseline(target, point, point.manifest.template_database)
-        log.info("baseline of %s: %s rows read", point.id, sum(baseline.row_counts.values()))
-    except RollbackError as exc:  # ended by a foreground copy, or the point is gone: yielded
-        log.info("baseline of %s not read (yielded to the foreground): %s", point.id, exc.message)
+        with spare.held(target, point) as name:
+            if name is not None and _wants_spare(target.settings, point):
+                ready = template_method.ready_spare(target, point, name)
+                log.info("spare copy of %s: %s", point.id, f"read and ready ({ready})" if ready else "not ready")
+            elif point.verification.baseline is None:
+                baseline, _ = template_method.read_baseline(target, point)
+                log.info(
+                    "baseline of %s: %s",
+                    point.id,
+                    f"{sum(baseline.row_counts.values())} rows read" if baseline.known else f"unknown ({baseline.unknown})",
+                )
+    except RollbackError as exc:  # ended by a foreground copy, the point is gone, or the copy differs
+        log.info("reading %s stopped: %s", point.id, exc.message)
     except Exception as exc:  # noqa: BLE001 - psycopg2's errors when the foreground ended this session
-        log.info("baseline of %s not read (yielded to the foreground): %s", point.id, str(exc).strip())
+        log.info("reading %s stopped (yielded to the foreground): %s", point.id, str(exc).strip())
 
 
 # ---- the detached process: ``python -m lib.operations.background JOB POINT_ID...`` ----

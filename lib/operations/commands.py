@@ -16,8 +16,8 @@ from pathlib import Path
 from lib import audit
 from lib.audit import audited
 from lib.config import Settings
-from lib.errors import ConfigError, NoPointError, RollbackError, VerificationError
-from lib.files import sha256_file
+from lib.errors import ConfigError, CopyRejected, NoPointError, RollbackError, VerificationError
+from lib.files import sha256_file, utc_now
 from lib.interaction import Confirmer, Reporter
 from lib.operations import background
 from lib.operations import pitr_restore as pitr_ops
@@ -183,13 +183,19 @@ def verify_point(settings: Settings, ui: Reporter, point_id: str, *, deep: bool 
             crypto.check_point_keys(point, settings)
             result["encryption"] = "age; the key opens every file"
         method = registry.of(point)
-        if method.needs_server_to_verify(deep):
-            with open_target(settings, check_v2=False, ui=ui) as target:
-                result.update(method.verify(point, settings, ui, target, deep=deep))
-        else:
-            result.update(method.verify(point, settings, ui, None, deep=deep))
+        try:
+            if method.needs_server_to_verify(deep):
+                with open_target(settings, check_v2=False, ui=ui) as target:
+                    result.update(method.verify(point, settings, ui, target, deep=deep))
+            else:
+                result.update(method.verify(point, settings, ui, None, deep=deep))
+        except VerificationError as exc:  # quick_rollback.py skips a point whose last verification failed
+            point.record_verification(failed=f"{utc_now().isoformat(timespec='seconds')}: {exc.message}")
+            raise
+        if point.verification.failed:
+            point.record_verification(failed=None)
+        level = result.pop("verified", None) or method.verified_level(point)
         result["verified"] = True
-        level = method.verified_level(point)
         result["level"] = level
         record.set(outcome="verified", level=level)
     return result
@@ -252,6 +258,7 @@ def restore_point(
     to_time: str | None = None,
     to_lsn: str | None = None,
     in_place: bool = False,
+    catalog_only: bool = False,
 ) -> RestoreResult:
     """A point by id, an archive or point folder (--file), or a moment the pgBackRest
     repository covers (--to-time, --to-lsn)."""
@@ -271,24 +278,90 @@ def restore_point(
                 name=op.target.dbname, properties=database_properties(op.target.maint, op.target.dbname).as_dict()
             )
             point = Point(point.path, point.manifest.replaced(database=here))
-        return _restore(op, point, force=force, in_place=in_place)
+        return _restore(op, point, force=force, in_place=in_place, catalog_only=catalog_only)
 
 
 def quick_rollback(
-    settings: Settings, ui: Reporter, ask: Confirmer, *, method: str | None = None, force: bool = False
+    settings: Settings,
+    ui: Reporter,
+    ask: Confirmer,
+    *,
+    method: str | None = None,
+    force: bool = False,
+    catalog_only: bool = False,
 ) -> tuple[Point, RestoreResult]:
-    """Staging back to its newest point that passes its checks, in one operation: the point
-    is chosen under the same lock and connections that restore it."""
+    """Staging back to its newest point that can be restored, in one operation: the point
+    is chosen under the same lock and connections that restore it. A point that cannot be
+    used (its last verification failed, it was changed, its key is missing, its tables
+    changed shape) or whose copy fails its reading before the swap is skipped with one
+    line, and the next one is tried; one older than the newest taken on purpose is said."""
     with operation(settings, "restore", ui=ui, ask=ask) as op:
-        point = _newest_usable(op.target, op.catalog, ui, method)
-        op.record.set(point_id=point.id)
-        return point, _restore(op, point, force=force)
+        candidates = _candidates(op.target, op.catalog, method)
+        skipped: list[str] = []
+        for point in candidates:
+            why = _cannot_use(op, point, force=force)
+            if why:
+                ui.warn(f"Skipping point {point.id} ({_when(point)}, {point.manifest.description or 'no description'}): {why}")
+                skipped.append(point.id)
+                continue
+            if skipped:
+                ui.warn(
+                    f"Using point {point.id} ({_when(point)}), older than the newest point taken on purpose "
+                    f"({candidates[0].id}), which cannot be used."
+                )
+            op.record.set(point_id=point.id, skipped=skipped)
+            try:
+                return point, _restore(op, point, force=force, catalog_only=catalog_only)
+            except CopyRejected as exc:  # before the swap: staging untouched, the next point may do
+                ui.warn(f"Skipping point {point.id}: {exc.message}")
+                skipped.append(point.id)
+        raise NoPointError(
+            f"There is no usable rollback point of {op.target.dbname} on {op.target.info.server_label()} in "
+            f"{op.catalog.root}" + (f" ({len(skipped)} skipped above)." if skipped else "."),
+            "Rebuild staging from V2 with `python3 quick_rollback.py --from-v2`, and take a point "
+            '(`python3 create_rollback_point.py "Before migration"`) before the next migration.',
+        )
 
 
-def _restore(op: Operation, point: Point, *, force: bool, in_place: bool = False) -> RestoreResult:
+def _when(point: Point) -> str:
+    return f"taken {(point.manifest.created_at_text or '?')[:19].replace('T', ' ')} UTC"
+
+
+def _candidates(target: Target, catalog: Catalog, method: str | None) -> list[Point]:
+    """Completed points of staging taken on purpose (not the 'state before rollback'
+    safety nets, not table-level points), newest first."""
+    return [
+        p
+        for p in reversed(retention.points_of(catalog, target))
+        if p.manifest.kind != Kind.BEFORE_ROLLBACK
+        and (p.method == method if method else not p.manifest.is_table_level)
+        and p.manifest.is_completed
+    ]
+
+
+def _cannot_use(op: Operation, point: Point, *, force: bool) -> str | None:
+    """Why quick rollback cannot restore ``point``, in one sentence; None when it can try."""
+    failed = point.verification.failed
+    if failed:
+        return f"its last verification failed ({failed[:200]})"
+    method = registry.of(point)
+    try:
+        check_point_usable(op.target, op.catalog, point)
+        if not force:
+            method.check_unchanged(op.target, point, "restore it")
+        if method.restore_mode == TABLES:
+            method.check_restorable(op.target, point)
+    except RollbackError as exc:
+        return exc.message
+    return None
+
+
+def _restore(op: Operation, point: Point, *, force: bool, in_place: bool = False, catalog_only: bool = False) -> RestoreResult:
     target, ui, settings = op.target, op.ui, op.settings
     check_point_usable(target, op.catalog, point)
     method = registry.of(point)
+    if not force:
+        method.check_unchanged(target, point, f"restore {target.dbname} to it")
     if method.restore_mode == REPOSITORY:
         recovery = pitr_ops.recovery_for(op, point, to_time=None, to_lsn=None)
         return pitr_ops.restore(op, recovery, point=point, in_place=in_place, force=force)
@@ -301,7 +374,7 @@ def _restore(op: Operation, point: Point, *, force: bool, in_place: bool = False
             ui.info(f"    {line}")
     op.confirm_change("Go ahead?", what=f"restore {target.dbname}")
     if rplan.mode == SWAP:
-        result = restore_swap(target, op.catalog, rplan, ui)
+        result = restore_swap(target, op.catalog, rplan, ui, catalog_only=catalog_only)
         background.after_restore(settings, point, result.before_point_id)  # the next spare, the kept state's rows
     else:  # in one transaction: the current state is kept first, by the method that restores it
         method.check_restorable(target, point)  # refused before anything is written
@@ -443,23 +516,3 @@ def cleanup(
         removed = retention.apply(target, catalog, ui, cleanup=plan)
         op.record.set(removed=[p.id for p in removed])
     return removed, plan.protected, left
-
-
-def _newest_usable(target: Target, catalog: Catalog, ui: Reporter, method: str | None) -> Point:
-    """The newest completed point of staging taken on purpose (not a 'state before
-    rollback' safety net) that passes its checks; skipped ones are named."""
-    candidates = [
-        p
-        for p in retention.points_of(catalog, target)
-        if p.manifest.kind != Kind.BEFORE_ROLLBACK
-        and (p.method == method if method else not p.manifest.is_table_level)  # table-level points are not staging
-    ]
-    for point in reversed(candidates):
-        if retention.is_good(target, point):
-            return point
-        ui.warn(f"Skipping point {point.id}: it does not verify (`rollback_manager.py verify {point.id}` says why).")
-    raise NoPointError(
-        f"There is no usable rollback point of {target.dbname} on {target.info.server_label()} in {catalog.root}.",
-        "Rebuild staging from V2 with `python3 quick_rollback.py --from-v2`, and take a point "
-        '(`python3 create_rollback_point.py "Before migration"`) before the next migration.',
-    )

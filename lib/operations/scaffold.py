@@ -41,6 +41,7 @@ class Operation:
             "mode": result.mode,
             "before_point_id": result.before_point_id,
             "unavailable_seconds": result.unavailable_seconds,
+            "verified": result.verified,  # the level its check reached, as said
         }
         if result.after_swap_failed:
             facts["after_swap_failed"] = result.after_swap_failed

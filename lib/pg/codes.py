@@ -14,3 +14,13 @@ INSUFFICIENT_PRIVILEGE = "42501"
 def sqlstate(exc: BaseException) -> str | None:
     """The server's SQLSTATE of a psycopg2 error; None where there is none (a failed connection)."""
     return getattr(exc, "pgcode", None)
+
+
+# Storage the server could not read as it wrote it: a page that fails its checksum or its
+# header check (data_corrupted, index_corrupted), a relation file that is missing
+# (undefined_file), a read that failed (io_error). A copy showing one is damaged.
+DAMAGE = frozenset({"XX001", "XX002", "58P01", "58030"})
+
+
+def is_damage(exc: BaseException) -> bool:
+    return sqlstate(exc) in DAMAGE

@@ -294,6 +294,10 @@ def refuse_prepared_transactions(conn, dbname: str, doing: str) -> None:
         )
 
 
+def terminate_session(conn, pid: int) -> bool:
+    return bool(scalar(conn, "SELECT pg_terminate_backend(%s)", (pid,)))
+
+
 def terminate_sessions(conn, dbname: str, wait_seconds: float = 10.0) -> list[Session]:
     """Terminate every other session on ``dbname`` and wait until they are gone."""
     gone = sessions_on(conn, dbname)

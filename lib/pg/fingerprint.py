@@ -275,23 +275,33 @@ def sequence_positions(conn) -> dict[str, list]:
     return positions
 
 
-def content_hashes(conn) -> dict[str, str]:
-    """Order-independent hash of every row of every table, and of all large objects."""
-    hashes = {}
-    for schema, name in counted_tables(conn):
-        count, total = query(
-            conn,
-            sql.SQL(
-                "SELECT count(*), coalesce(sum(('x' || substr(md5(t::text), 1, 15))::bit(60)::bigint), 0) FROM ONLY {}.{} t"
-            ).format(sql.Identifier(schema), sql.Identifier(name)),
-        )[0]
-        hashes[qualified(schema, name)] = f"{count}:{total}"
+def table_content(conn, schema: str, name: str) -> str:
+    """Order-independent hash of every row of one table: ``count:sum`` of 60-bit md5s."""
+    count, total = query(
+        conn,
+        sql.SQL(
+            "SELECT count(*), coalesce(sum(('x' || substr(md5(t::text), 1, 15))::bit(60)::bigint), 0) FROM ONLY {}.{} t"
+        ).format(sql.Identifier(schema), sql.Identifier(name)),
+    )[0]
+    return f"{count}:{total}"
+
+
+LARGE_OBJECTS = "<large objects>"
+
+
+def large_object_content(conn) -> str:
     lo = query(
         conn,
         "SELECT count(*), coalesce(sum(('x' || substr(md5(oid::text || md5(lo_get(oid))), 1, 15))::bit(60)::bigint), 0) "
         "FROM pg_largeobject_metadata",
     )[0]
-    hashes["<large objects>"] = f"{lo[0]}:{lo[1]}"
+    return f"{lo[0]}:{lo[1]}"
+
+
+def content_hashes(conn) -> dict[str, str]:
+    """Order-independent hash of every row of every table, and of all large objects."""
+    hashes = {qualified(schema, name): table_content(conn, schema, name) for schema, name in counted_tables(conn)}
+    hashes[LARGE_OBJECTS] = large_object_content(conn)
     return hashes
 
 

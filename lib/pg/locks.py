@@ -215,6 +215,13 @@ class Readers:
     def join(self) -> None:
         scalar(self.conn, "SELECT pg_advisory_lock_shared(%s)", (self.key,))
 
+    def busy(self) -> bool:
+        """Someone reads it now (another session: a session's own shared lock does not count)."""
+        if not scalar(self.conn, "SELECT pg_try_advisory_lock(%s)", (self.key,)):
+            return True
+        scalar(self.conn, "SELECT pg_advisory_unlock(%s)", (self.key,))
+        return False
+
     def leave(self) -> bool:
         """True when this was the last reader."""
         scalar(self.conn, "SELECT pg_advisory_unlock_shared(%s)", (self.key,))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 
 import psycopg2
 from psycopg2 import sql
@@ -15,7 +16,15 @@ from psycopg2 import sql
 from lib.errors import DatabaseError
 from lib.files import human_size
 from lib.pg.codes import DISK_FULL, DUPLICATE_DATABASE, INSUFFICIENT_PRIVILEGE, OBJECT_IN_USE, sqlstate
-from lib.pg.db import connection, execute, query, set_allow_connections, terminate_sessions
+from lib.pg.db import (
+    connection,
+    execute,
+    query,
+    sessions_on,
+    set_allow_connections,
+    terminate_session,
+    terminate_sessions,
+)
 from lib.pg.fingerprint import Fingerprint, physical_fingerprint
 from lib.pg.locks import Readers, SealLock
 from lib.pg.target import Target
@@ -30,6 +39,66 @@ def comment_for(point_id: str, description: str, marker: str) -> str:
     return f"rollback point {point_id}: {description} (managed by rollback_manager.py, {marker}; do not connect)"
 
 
+# Why a point database may have been changed outside the toolkit, by the code its comment keeps.
+CHANGED = {
+    "open": "it was found open to connections with no toolkit command reading it",
+    "resealed": "it was opened to connections and sealed again outside the toolkit",
+    "session": "a session outside the toolkit connected to it while it was open for reading",
+}
+
+
+@dataclass(frozen=True)
+class SealMark:
+    """What a sealed database's comment says of its seal, after the point's own text:
+    `` [seal=XMIN; open; changed=CODE; interrupted; ready=LEVEL AT]``.
+
+    ``stamp`` is the xmin of the database's pg_database row when the toolkit sealed it:
+    ALTER DATABASE (opening it to connections, sealing it again) writes a new row
+    version, a comment does not, so a stamp that no longer matches means someone opened
+    it since. ``open``: the toolkit opened it to read it. ``changed``: it may have been
+    changed outside the toolkit (sticky: a key of CHANGED). ``interrupted``: a reading
+    of it was killed and it stood open with nobody reading. ``ready``: a spare copy that
+    was read and matched its point (the level and when)."""
+
+    stamp: str | None = None
+    open: bool = False
+    changed: str | None = None
+    interrupted: bool = False
+    ready: str | None = None
+
+    def text(self) -> str:
+        parts = [f"seal={self.stamp}"] if self.stamp else []
+        parts += ["open"] if self.open else []
+        parts += [f"changed={self.changed}"] if self.changed else []
+        parts += ["interrupted"] if self.interrupted else []
+        parts += [f"ready={self.ready}"] if self.ready else []
+        return f" [{'; '.join(parts)}]" if parts else ""
+
+    @classmethod
+    def split(cls, comment: str | None) -> tuple[str, SealMark]:
+        """The point's own text and the mark after it (an empty mark when it has none)."""
+        comment = comment or ""
+        head, bracket, tail = comment.rpartition(" [")
+        if not bracket or not tail.endswith("]") or not tail.startswith(("seal=", "open", "changed=", "interrupted", "ready=")):
+            return comment, cls()
+        found: dict = {}
+        for part in tail[:-1].split("; "):
+            key, _, value = part.partition("=")
+            if key == "seal":
+                found["stamp"] = value
+            elif key in ("open", "interrupted"):
+                found[key] = True
+            elif key in ("changed", "ready"):
+                found[key] = value
+        return head, cls(**found)
+
+    def trusted(self) -> bool:
+        return self.changed is None
+
+    def why_changed(self) -> str | None:
+        return CHANGED.get(self.changed or "", self.changed)
+
+
 def database_state(maint, name: str) -> dict | None:
     """exists / allows connections / invalid (an interrupted DROP DATABASE leaves datconnlimit -2)."""
     rows = query(maint, "SELECT datallowconn, datconnlimit FROM pg_database WHERE datname = %s", (name,))
@@ -38,11 +107,91 @@ def database_state(maint, name: str) -> dict | None:
     return {"allow_connections": rows[0][0], "invalid": rows[0][1] == -2}
 
 
-def seal(target: Target, name: str, point_id: str, description: str) -> None:
-    """No connections, and a comment naming the point and the catalog it belongs to."""
+def _row(maint, name: str) -> tuple[bool, str, str | None] | None:
+    """Allows connections, the xmin of its pg_database row, its comment."""
+    rows = query(
+        maint,
+        "SELECT datallowconn, xmin::text, shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s",
+        (name,),
+    )
+    return (rows[0][0], rows[0][1], rows[0][2]) if rows else None
+
+
+def _write_mark(target: Target, name: str, head: str, mark: SealMark) -> None:
+    execute(target.maint, sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(name), sql.Literal(head + mark.text())))
+
+
+def _seal_as(target: Target, name: str, head: str, mark: SealMark) -> SealMark:
+    """No connections, and the comment stamped with the pg_database row that says so."""
     set_allow_connections(target.maint, name, False)
-    text = comment_for(point_id, description, intents.marker(Catalog(target.settings.backup_dir)))
-    execute(target.maint, sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(name), sql.Literal(text)))
+    row = _row(target.maint, name)
+    sealed = replace(mark, stamp=row[1] if row else None, open=False)
+    _write_mark(target, name, head, sealed)
+    return sealed
+
+
+def seal(target: Target, name: str, point_id: str, description: str) -> None:
+    """No connections, and a comment naming the point and the catalog it belongs to,
+    stamped so that opening it outside the toolkit shows (SealMark)."""
+    head = comment_for(point_id, description, intents.marker(Catalog(target.settings.backup_dir)))
+    _seal_as(target, name, head, SealMark())
+
+
+def seal_mark(target: Target, name: str) -> SealMark | None:
+    """How a sealed database stands (None when it does not exist), after finishing what
+    others left: found open with nobody reading it, it is sealed again and marked (changed
+    outside the toolkit, or interrupted when the toolkit had opened it); found sealed by
+    someone else since the toolkit sealed it, it is marked changed."""
+    with _sealing(target, name):
+        return _inspect(target, name)
+
+
+def _inspect(target: Target, name: str) -> SealMark | None:
+    row = _row(target.maint, name)
+    if row is None:
+        return None
+    allow, xmin, comment = row
+    head, mark = SealMark.split(comment)
+    if allow:
+        if _readers(target, name).busy():
+            return mark
+        if mark.open:
+            log.warning("%s was left open by a reading that was killed: sealed again", name)
+            return _seal_as(target, name, head, replace(mark, interrupted=True))
+        log.warning("%s was found open to connections outside the toolkit: sealed again and marked changed", name)
+        _end_outsiders(target, name)
+        return _seal_as(target, name, head, replace(mark, changed=mark.changed or "open"))
+    if mark.stamp and mark.stamp != xmin:
+        log.warning("%s was opened and sealed again outside the toolkit: marked changed", name)
+        return _seal_as(target, name, head, replace(mark, changed=mark.changed or "resealed"))
+    return mark
+
+
+def mark_ready(target: Target, name: str, ready: str) -> bool:
+    """A spare read and matched: said in its comment, under its current stamp. False when
+    it was opened outside the toolkit meanwhile (then it is not ready)."""
+    with _sealing(target, name):
+        mark = _inspect(target, name)
+        if mark is None or not mark.trusted() or mark.interrupted:
+            return False
+        head, _ = SealMark.split(_row(target.maint, name)[2])
+        _write_mark(target, name, head, replace(mark, ready=ready))
+        return True
+
+
+def _readers(target: Target, name: str) -> Readers:
+    return Readers(target.maint, target.facts.system_identifier, name)
+
+
+def _end_outsiders(target: Target, name: str) -> list:
+    """Sessions on a point database that are not the toolkit's readers, ended."""
+    found = [s for s in sessions_on(target.maint, name) if not (s.application or "").startswith(READER_APPLICATION)]
+    for s in found:
+        terminate_session(target.maint, s.pid)
+    return found
+
+
+READER_APPLICATION = "rollback-toolkit verify"
 
 
 @contextmanager
@@ -50,18 +199,31 @@ def opened(target: Target, name: str) -> Iterator[object]:
     """Briefly allow connections to a sealed point database to read it. Readers may
     overlap (the background's baseline, a diff, a verify): each joins the database's
     Readers when it opens it and leaves when done, and the last to leave seals it; both
-    under a SealLock, so that no reader finds it sealed under it."""
+    under a SealLock, so that no reader finds it sealed under it. The comment says the
+    toolkit opened it, so that one killed meanwhile is told from someone else's opening
+    (SealMark); a session that is not a reader, found when the last reader leaves, marks
+    the database changed."""
     with _sealing(target, name):
-        set_allow_connections(target.maint, name, True)
-        readers = Readers(target.maint, target.facts.system_identifier, name)
+        mark = _inspect(target, name)
+        row = _row(target.maint, name)
+        if mark is not None and row is not None and not row[0]:
+            head, _ = SealMark.split(row[2])
+            _write_mark(target, name, head, replace(mark, open=True))
+            set_allow_connections(target.maint, name, True)
+        readers = _readers(target, name)
         readers.join()
     try:
-        with connection(target.info, name, application_name="rollback-toolkit verify") as conn:
+        with connection(target.info, name, application_name=READER_APPLICATION) as conn:
             yield conn
     finally:
         with _sealing(target, name):
             if readers.leave():
-                set_allow_connections(target.maint, name, False)
+                row = _row(target.maint, name)
+                if row is not None:
+                    head, mark = SealMark.split(row[2])
+                    if _end_outsiders(target, name):
+                        mark = replace(mark, changed=mark.changed or "session")
+                    _seal_as(target, name, head, mark)
 
 
 @contextmanager

@@ -475,12 +475,19 @@ class Manifest(_Record):
 
 @dataclass(frozen=True, slots=True)
 class Baseline(_Record):
-    """Every row of a template point's database, read once in the background, for
-    ``verify --deep`` to compare with later."""
+    """Every row of a template point's database, read once (in the background, or by the
+    first restore that needed it) while nobody else could write to it: what its copies'
+    rows are compared with. ``unknown`` says why it never can be (its reading was killed
+    and the database stood open since), and then it has no rows."""
 
     row_counts: Mapping[str, int] | None = _key("row_counts", shown=False)
     content: Mapping[str, str] | None = _key("content", shown=False)  # order-independent hash of each table's rows
     read_at: str | None = None
+    unknown: str | None = None
+
+    @property
+    def known(self) -> bool:
+        return self.unknown is None and self.content is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -490,6 +497,7 @@ class VerificationRecord(_Record):
 
     level: VerificationLevel | str | None = _key("level", coerce=_one_of(VerificationLevel))
     verified_at: str | None = None
+    failed: str | None = None  # when the last verification failed, and why (cleared when one passes)
     baseline: Baseline | None = _key("baseline", coerce=_section(Baseline))
     manifest_sha256: str | None = None
 

@@ -22,7 +22,7 @@ import psycopg2
 
 from lib import faults
 from lib.config import redact
-from lib.errors import CatalogError, ConfigError, DatabaseError, RollbackError, VerificationError
+from lib.errors import CatalogError, ConfigError, CopyRejected, DatabaseError, RollbackError, VerificationError
 from lib.files import age, utc_now
 from lib.interaction import Reporter
 from lib.pg.codes import OBJECT_IN_USE
@@ -56,7 +56,7 @@ from lib.points.catalog import (
 )
 from lib.points.manifest import Kind, Manifest, thawed
 from lib.points.methods import registry
-from lib.points.methods.base import SWAP, TABLES
+from lib.points.methods.base import SWAP, TABLES, Built
 from lib.points.methods.data import restore_in_transaction
 from lib.points.methods.dump import database_section
 from lib.points.methods.template import TemplateMethod
@@ -125,7 +125,7 @@ class RestoreResult:
     before_point_id: str | None
     unavailable_seconds: float | None
     sessions_terminated: int
-    verified: bool = True
+    verified: str | None = None  # the level the check reached, as said (lib/points/reading.py)
     tool: str | None = None
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
@@ -182,20 +182,28 @@ def check_point_usable(target: Target, catalog: Catalog, point: Point) -> None:
     refuse_other_database(target, point)
     problems = check_files(point)
     if problems:
-        good = [
-            p
-            for p in catalog.points()
-            if p.id != point.id
-            and p.database_name == target.dbname
-            and (p.manifest.created_at_text or "") <= (m.created_at_text or "")
-            and p.manifest.is_completed
-            and not check_files(p)
-        ]
-        hint = _earlier_points_hint(good)
-        raise VerificationError(f"Point {point.id} failed its checksums: " + "; ".join(problems) + ". Nothing was changed.", hint)
+        raise VerificationError(
+            f"Point {point.id} failed its checksums: " + "; ".join(problems) + ". Nothing was changed.",
+            earlier_points_hint(target, catalog, point),
+        )
     crypto.check_point_keys(point, target.settings)  # a missing or wrong key: refused here, nothing touched
     refuse_prepared_transactions(target.maint, target.dbname, f"restore {target.dbname}")
     registry.of(point).check_usable(target, point)
+
+
+def earlier_points_hint(target: Target, catalog: Catalog, point: Point) -> str:
+    """The points of staging older than ``point`` whose files are intact, as a next step."""
+    m = point.manifest
+    good = [
+        p
+        for p in catalog.points()
+        if p.id != point.id
+        and p.database_name == target.dbname
+        and (p.manifest.created_at_text or "") <= (m.created_at_text or "")
+        and p.manifest.is_completed
+        and not check_files(p)
+    ]
+    return _earlier_points_hint(good)
 
 
 def _earlier_points_hint(good: list[Point]) -> str:
@@ -275,26 +283,48 @@ def swap_databases(target: Target, aside: str, before: str, attempts: int = 3) -
     return time.monotonic() - started, ended
 
 
-def restore_swap(target: Target, catalog: Catalog, rplan: RestorePlan, ui: Reporter) -> RestoreResult:
+def restore_swap(
+    target: Target, catalog: Catalog, rplan: RestorePlan, ui: Reporter, *, catalog_only: bool = False
+) -> RestoreResult:
+    """Rebuilt beside staging, checked by its catalog, then read (every page, every row
+    against the point) unless ``catalog_only``; swapped in."""
     point = rplan.point
+    method = registry.of(point)
+    untouched = f"Staging {target.dbname} was not touched."
+    built: list[Built] = []
 
-    def verify(conn) -> None:
-        verify_restored(conn, point, ui, untouched=f"Staging {target.dbname} was not touched.")
+    def build(aside: str) -> str | None:
+        built.append(method.build_beside(target, point, aside, ui))
+        return built[0].tool
+
+    def verify(conn) -> str:
+        try:
+            level = verify_restored(conn, point, ui, untouched=untouched)
+            if catalog_only:
+                ui.warn("The copy was not read (--catalog-check-only): a changed or damaged page would not be seen.")
+                return f"{level}; not read (--catalog-check-only)"
+            read = method.read_copy(target, point, conn, built[0], ui)
+        except VerificationError as exc:
+            message = exc.message if exc.message.endswith(untouched) else f"{exc.message} {untouched}"
+            raise CopyRejected(message, earlier_points_hint(target, catalog, point)) from None
+        if read:
+            ui.ok(f"The copy matches the point ({read})")
+        return read or level
 
     return build_verify_swap(
         target,
         catalog,
         ui,
-        build=lambda aside: registry.of(point).build_beside(target, point, aside, ui),
+        build=build,
         verify=verify,
         properties=thawed(point.manifest.database.properties),
         restored=point.id,
     )
 
 
-def verify_restored(conn, point: Point, ui: Reporter, *, untouched: str) -> None:
+def verify_restored(conn, point: Point, ui: Reporter, *, untouched: str) -> str:
     """Against the point's manifest; a bare archive (restore --file) against its own
-    table of contents, since nothing else was recorded."""
+    table of contents, since nothing else was recorded. Returns the level reached."""
     if point.manifest.fingerprint is None:
         found = len(counted_tables(conn))
         want = point.manifest.archive_table_count or 0
@@ -304,8 +334,8 @@ def verify_restored(conn, point: Point, ui: Reporter, *, untouched: str) -> None
                 "Check the archive with `rollback_manager.py info --file`.",
             )
         ui.ok(f"Restored without an error; all {want} tables of the archive's table of contents are there")
-        return
-    ui.step(f"Verifying the restored database against the manifest of {point.id}")
+        return f"tables: all {want} tables of the archive's table of contents are there (nothing else was recorded)"
+    ui.step(f"Checking the rebuilt copy against the manifest of {point.id}")
     expected = thawed(point.manifest.fingerprint)
     problems = compare(expected, fingerprint_like(conn, expected))
     if problems:
@@ -314,9 +344,10 @@ def verify_restored(conn, point: Point, ui: Reporter, *, untouched: str) -> None
             "Try an earlier point (`python3 rollback_manager.py list`).",
         )
     if is_physical(expected):
-        ui.ok("The copy matches the point (schema digest, every relation's file and size, sequences, large objects)")
-    else:
-        ui.ok("Rebuilt copy matches the point (schema digest, row counts, sequences, large objects)")
+        ui.ok("The copy's catalog matches the point (schema digest, every relation's file and size, sequences, large objects)")
+        return "catalog: schema digest, every relation's file and size, sequences, large objects"
+    ui.ok("Rebuilt copy matches the point (schema digest, row counts, sequences, large objects)")
+    return "rows counted: schema digest, every table's row count, sequences, large objects"
 
 
 def build_verify_swap(
@@ -341,7 +372,7 @@ def build_verify_swap(
         intents.mark(target, aside, f"{restored} rebuilt beside {target.dbname}")
         lap("build")
         with connection(target.info, aside, application_name="rollback-toolkit verify") as conn:
-            verify(conn)
+            level = verify(conn)
         lap("verify")
         try:
             apply_database_properties(target.maint, aside, properties)
@@ -388,7 +419,7 @@ def build_verify_swap(
                     ui.warn(f"The command after the swap (ROLLBACK_AFTER_SWAP) failed too: {problem}. Run it by hand.")
     log.info("restore timings: %s", timings)
     result = RestoreResult(
-        restored, target.dbname, "swap", before_point.id, round(unavailable, 3), ended, tool=tool, timings=timings
+        restored, target.dbname, "swap", before_point.id, round(unavailable, 3), ended, tool=tool, timings=timings, verified=level
     )
     if after_problem:
         result.after_swap_failed = (
@@ -457,7 +488,9 @@ def restore_data(target: Target, rplan: RestorePlan, ui: Reporter, before: Point
     tables = point.manifest.tables or ()
     mode = restore_in_transaction(target, point, ui)
     ui.ok(f"{len(tables)} table(s) restored and their row counts checked before the commit")
-    return RestoreResult(point.id, target.dbname, TABLES, before.id, None, 0, notes=[mode])
+    return RestoreResult(
+        point.id, target.dbname, TABLES, before.id, None, 0, notes=[mode], verified="rows counted: every table's row count"
+    )
 
 
 def restore_in_place(target: Target, rplan: RestorePlan, ui: Reporter, before: Point) -> RestoreResult:
@@ -468,7 +501,7 @@ def restore_in_place(target: Target, rplan: RestorePlan, ui: Reporter, before: P
     tool = registry.of(point).restore_in_place(target, point, ui)
     with connection(target.info, application_name="rollback-toolkit verify") as conn:
         try:
-            verify_restored(conn, point, ui, untouched="Staging was restored in place and differs.")
+            level = verify_restored(conn, point, ui, untouched="Staging was restored in place and differs.")
         except VerificationError as exc:
             raise VerificationError(
                 exc.message,
@@ -483,4 +516,5 @@ def restore_in_place(target: Target, rplan: RestorePlan, ui: Reporter, before: P
         len(rplan.sessions),
         tool=tool,
         notes=[rplan.reason],
+        verified=level,
     )

@@ -55,6 +55,15 @@ class FollowUp:
     notes: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class Built:
+    """What built a copy beside staging (a client tool, a spare copy), and the level it
+    was already read at when that was done ahead (a spare read in the background)."""
+
+    tool: str | None = None
+    read: str | None = None
+
+
 @dataclass
 class Taken:
     point: Point
@@ -63,7 +72,7 @@ class Taken:
 
 class Method(ABC):
     name: ClassVar[str]
-    level: ClassVar[str]  # the verification a point has when taken: "deep", "physical" or "repository"
+    level: ClassVar[str]  # the check a point has when taken: "catalog", "counted" (rows) or "repository"
     restore_mode: ClassVar[str] = SWAP
     holds_database: ClassVar[bool] = False  # a database on staging's server (dropped with the point)
     whole_database: ClassVar[bool] = True  # False: only the tables it was taken of
@@ -104,9 +113,19 @@ class Method(ABC):
     def check_usable(self, target: Target, point: Point) -> None:  # noqa: B027 - most methods need nothing more
         """Before a restore touches anything: what this method needs on the server."""
 
-    def build_beside(self, target: Target, point: Point, aside: str, ui: Reporter) -> str | None:
-        """The point rebuilt as database ``aside`` on staging's server; returns what built it."""
+    def check_unchanged(self, target: Target, point: Point, doing: str) -> None:  # noqa: B027 - most hold nothing to open
+        """Refused (VerificationError) when what the point holds may have been changed
+        outside the toolkit since it was taken; --force skips this."""
+
+    def build_beside(self, target: Target, point: Point, aside: str, ui: Reporter) -> Built:
+        """The point rebuilt as database ``aside`` on staging's server; says what built it."""
         raise ConfigError(f"A {self.name} point is not rebuilt beside staging.")
+
+    def read_copy(self, target: Target, point: Point, conn, built: Built, ui: Reporter) -> str | None:
+        """After the catalog check, what a copy built beside staging (``conn``) is read
+        against, before it is swapped in: returns the level reached, as said (None: this
+        method's rebuild is checked by the catalog check alone, which says its level)."""
+        return None
 
     def can_restore_in_place(self) -> bool:
         return False

@@ -508,7 +508,7 @@ class DataMethod(Method):
     table in one transaction, the rest of the database untouched."""
 
     name = "data"
-    level = "deep"
+    level = "counted"  # every row counted in the snapshot it was taken in
     restore_mode = TABLES
     whole_database = False
     verify_label = "Reading the data"

@@ -36,7 +36,7 @@ from lib.pg.tools import (
 from lib.points import crypto, intents
 from lib.points.catalog import MANIFEST, Catalog, Point, point_at
 from lib.points.manifest import DatabaseSection, Kind, Manifest, Status, ToolSection, VerificationLevel, thawed
-from lib.points.methods.base import Method, Taken, TakeRequest
+from lib.points.methods.base import Built, Method, Taken, TakeRequest
 from lib.process import NO_INPUT, pipeline
 
 log = logging.getLogger(__name__)
@@ -450,7 +450,7 @@ class DumpMethod(Method):
     when it is taken (deep), read end to end by `verify`, rebuilt by pg_restore."""
 
     name = "dump"
-    level = "deep"
+    level = "counted"  # every row counted in the snapshot it was taken in
     read_by_rebuilding = True
 
     def take(self, request: TakeRequest) -> Taken:
@@ -475,10 +475,10 @@ class DumpMethod(Method):
             f"; rebuilt and counted {found.verified_at}" if found.verified_at else ""
         )
 
-    def build_beside(self, target: Target, point: Point, aside: str, ui: Reporter) -> str | None:
+    def build_beside(self, target: Target, point: Point, aside: str, ui: Reporter) -> Built:
         create_database_like(target.maint, aside, thawed(point.manifest.database.properties), target.facts.major)
         tool = restore_into(target, point, aside, ui)
-        return f"{tool.path} ({tool.version})"
+        return Built(f"{tool.path} ({tool.version})")
 
     def can_restore_in_place(self) -> bool:
         return True

@@ -24,8 +24,7 @@ from lib.pg.db import (
     sessions_on,
     terminate_sessions,
 )
-from lib.pg.fingerprint import compare, fingerprint, fingerprint_like, is_physical
-from lib.pg.locks import CountLock
+from lib.pg.fingerprint import compare, fingerprint_like, is_physical
 from lib.pg.retry import retry_on
 from lib.pg.target import Target
 from lib.points import intents, spare
@@ -36,37 +35,22 @@ from lib.points.copies import (
     copy_error,
     database_state,
     invalid_databases,
+    mark_ready,
     opened,
     read_physical,
     seal,
+    seal_mark,
 )
 from lib.points.manifest import Baseline, Kind, Manifest, VerificationLevel, thawed
-from lib.points.methods.base import FollowUp, Method, Taken, TakeRequest
+from lib.points.methods.base import Built, FollowUp, Method, Taken, TakeRequest
 from lib.points.methods.dump import database_section
+from lib.points.reading import CATALOG, PAGES, ROWS, Reading, database_bytes, read_rows, read_side_by_side
 
 log = logging.getLogger(__name__)
 
 
-def read_baseline(target: Target, point: Point, name: str) -> Baseline:
-    """Every row of a point's database (exact counts and content hashes): the background
-    reads them once, as the baseline `verify --deep` compares with later. Held under a
-    CountLock, so a check that finds the database open to connections knows why; a
-    foreground copy of the database ends this session (the background yields)."""
-    with CountLock(target.maint, target.facts.system_identifier, name), opened(target, name) as conn:
-        fp = fingerprint(conn, deep=True)
-    return point.record_verification(baseline=_baseline_of(fp)).baseline
-
-
-def _baseline_of(fp) -> Baseline:
-    return Baseline(row_counts=fp.row_counts, content=fp.content, read_at=utc_now().isoformat(timespec="seconds"))
-
-
-def verify_point_database(target: Target, point: Point, *, deep: bool = False) -> dict:
-    """Physically (O(relations)): the database exists, is valid and sealed, and its
-    schema digest, every relation's file node and size, sequences and large objects are
-    the manifest's. With ``deep``, every row is read and compared with the baseline the
-    background read when the point was taken."""
-    name = point.manifest.template_database
+def _point_database(target: Target, point: Point) -> str:
+    name = point.manifest.template_database or ""
     state = database_state(target.maint, name) if name else None
     if state is None:
         raise VerificationError(
@@ -79,44 +63,177 @@ def verify_point_database(target: Target, point: Point, *, deep: bool = False) -
             f"The database {name!r} that holds point {point.id} is invalid (an interrupted DROP DATABASE left it).",
             "Drop it by hand (DROP DATABASE) and use another point.",
         )
-    counting = CountLock(target.maint, target.facts.system_identifier, name)
-    if state["allow_connections"] and counting.try_acquire() is None:
-        counting.release()
+    return name
+
+
+def changed_outside(target: Target, point: Point) -> str | None:
+    """Why the point's database may have been changed outside the toolkit (its seal was
+    broken: lib/points/copies.py SealMark), or None."""
+    mark = seal_mark(target, point.manifest.template_database or "")
+    return None if mark is None or mark.trusted() else mark.why_changed()
+
+
+def refuse_changed(target: Target, point: Point, doing: str) -> None:
+    why = changed_outside(target, point)
+    if why:
         raise VerificationError(
-            f"Point {point.id}'s database {name!r} takes connections, and it should be sealed: someone may have changed it.",
-            f"Use another point, or check it with `python3 rollback_manager.py verify {point.id} --deep`.",
+            f"Point {point.id}'s database {point.manifest.template_database!r} may have been changed outside the "
+            f"toolkit: {why}. Refusing to {doing}; nothing was changed.",
+            "Use another point (`python3 rollback_manager.py list`), or add --force to use it all the same "
+            "(its rows are then compared with the baseline read when it was taken, where there is one).",
         )
-    expected = thawed(point.manifest.fingerprint or {})
+
+
+def _baseline_from(reading: Reading) -> Baseline:
+    return Baseline(row_counts=reading.row_counts, content=reading.content, read_at=utc_now().isoformat(timespec="seconds"))
+
+
+def _baseline_unknown(point: Point, why: str) -> Baseline:
+    return point.record_verification(baseline=Baseline(unknown=why)).baseline
+
+
+def baseline_readable(target: Target, point: Point) -> str | None:
+    """Why the point's own rows can no longer be its baseline, or None: a baseline is read
+    only from a point database nobody else could have written since it was taken."""
+    mark = seal_mark(target, point.manifest.template_database or "")
+    if mark is None:
+        return "its database is gone"
+    if not mark.trusted():
+        return f"its database may have been changed: {mark.why_changed()}"
+    if mark.interrupted:
+        return "a reading of its database was killed, and the database stood open to connections until it was sealed again"
+    return None
+
+
+def read_baseline(target: Target, point: Point, copy_name: str | None = None) -> tuple[Baseline, Reading | None]:
+    """Every row of a point's database, in one snapshot, as its baseline; with
+    ``copy_name`` (its spare), that copy is read beside it and returned, to be compared.
+    Never from a database that may have been written since the point was taken: then the
+    baseline is recorded unknown, with the reason, and no copy is read."""
+    why = baseline_readable(target, point)
+    if why:
+        return _baseline_unknown(point, why), None
+    name = point.manifest.template_database
     with opened(target, name) as conn:
-        found = fingerprint_like(conn, expected)
-        problems = compare(expected, found)
-        result = {
-            "database": name,
-            "fingerprint": "matches the manifest",
-            "verified": "physical" if is_physical(expected) else "deep",
-        }
-        if deep and not problems:
-            result.update(_deep_check(point, conn, problems))
+        if copy_name is None:
+            base, copy = read_rows(conn, f"point {point.id}"), None
+        else:
+            with opened(target, copy_name) as copy_conn:
+                base, copy = read_side_by_side(conn, f"point {point.id}", copy_conn, f"the copy {copy_name}")
+    why = baseline_readable(target, point)  # a session that was not a reader, found when the last one left
+    if why:
+        return _baseline_unknown(point, why), None
+    return point.record_verification(baseline=_baseline_from(base)).baseline, copy
+
+
+def read_copy(target: Target, point: Point, conn, what: str, ui: Reporter) -> str:
+    """Every row of a copy of the point (``conn`` is connected to it), compared with the
+    point's baseline; where none has been read yet, the point is read beside the copy
+    and becomes it. Returns the level reached, as output and the audit say it."""
+    total = database_bytes(conn)
+    baseline = point.verification.baseline
+    if baseline is None and not baseline_readable(target, point):
+        with (
+            ui.progress(
+                f"Reading every row of {what} and of point {point.id}", total=2 * total, unit="B", estimated=True
+            ) as tick,
+            opened(target, point.manifest.template_database) as point_conn,
+        ):
+            base, found = read_side_by_side(
+                point_conn, f"point {point.id}", conn, what, lambda done, table: tick(table or None, done=done)
+            )
+        why = baseline_readable(target, point)
+        if why:
+            raise VerificationError(
+                f"Point {point.id} may have been changed while it was read: {why}. Nothing was changed.",
+                "Use another point (`python3 rollback_manager.py list`).",
+            )
+        baseline = point.record_verification(baseline=_baseline_from(base)).baseline
+        _compare_with(point, found, baseline, what)
+        return f"{ROWS}: {found.total_rows} rows read, every one matching the point read beside it"
+    with ui.progress(f"Reading every row of {what}", total=total, unit="B", estimated=True) as tick:
+        found = read_rows(conn, what, lambda done, table: tick(table or None, done=done))
+    if baseline is None or not baseline.known:
+        why = (baseline.unknown if baseline else None) or baseline_readable(target, point)
+        return f"{PAGES}: every table page read; rows not compared, there is no baseline ({why})"
+    _compare_with(point, found, baseline, what)
+    return f"{ROWS}: {found.total_rows} rows read, every one matching the baseline read {baseline.read_at}"
+
+
+def _compare_with(point: Point, found: Reading, baseline: Baseline, what: str) -> None:
+    problems = found.differences(thawed(baseline.row_counts), thawed(baseline.content))
     if problems:
         raise VerificationError(
-            f"Point {point.id}'s database {name!r} no longer matches its manifest: " + "; ".join(problems[:10]) + ".",
-            "Someone changed it; use another point.",
+            f"The rows of {what} differ from point {point.id}'s baseline: " + "; ".join(problems[:10]) + ".",
+            "The point or its copy was changed after the point was taken: use an earlier point "
+            "(`python3 rollback_manager.py list`).",
         )
+
+
+def ready_spare(target: Target, point: Point, name: str) -> str | None:
+    """Read a point's spare (held by the caller: lib/points/spare.py ``held``): every row
+    against the point's baseline, the point itself read beside it where no baseline has
+    been read yet; a spare that matches is marked ready. Returns when it was read (None:
+    not ready, and why is logged)."""
+    baseline = point.verification.baseline
+    if baseline is None:
+        baseline, found = read_baseline(target, point, name)
+    elif baseline.known:
+        with opened(target, name) as conn:
+            found = read_rows(conn, f"the spare copy {name}")
+    else:
+        found = None
+    if found is None or not baseline.known:
+        log.info("spare %s of %s not marked ready: there is no baseline (%s)", name, point.id, baseline.unknown)
+        return None
+    _compare_with(point, found, baseline, f"the spare copy {name}")
+    when = utc_now().isoformat(timespec="seconds")
+    return when if mark_ready(target, name, when) else None
+
+
+def verify_point_database(target: Target, point: Point, *, deep: bool = False) -> dict:
+    """By its catalog (O(relations)): the database exists, is valid, sealed as the toolkit
+    left it, and its schema digest, every relation's file node and size, sequences and
+    large objects are the manifest's. With ``deep``, every row is read and compared with
+    the baseline."""
+    name = _point_database(target, point)
+    refuse_changed(target, point, "call it verified")
+    expected = thawed(point.manifest.fingerprint or {})
+    with opened(target, name) as conn:
+        problems = compare(expected, fingerprint_like(conn, expected))
+        if problems:
+            raise VerificationError(
+                f"Point {point.id}'s database {name!r} no longer matches its manifest: " + "; ".join(problems[:10]) + ".",
+                "Someone changed it; use another point.",
+            )
+        result = {"database": name, "fingerprint": "matches the manifest", "verified": CATALOG if is_physical(expected) else ROWS}
+        if deep:
+            found = read_rows(conn, f"point {point.id}'s database {name!r}")
+    if deep:
+        result.update(_deep_check(target, point, found))
     return result
 
 
-def _deep_check(point: Point, conn, problems: list[str]) -> dict:
-    """Every row against the baseline (``problems`` grows where they differ)."""
+def _deep_check(target: Target, point: Point, found: Reading) -> dict:
     baseline = point.verification.baseline
-    now = fingerprint(conn, deep=True)
-    if not baseline:
-        point.record_verification(baseline=_baseline_of(now))
-        return {"rows": f"{now.total_rows} read; no baseline had been read yet: it is now, for the next `verify --deep`"}
-    problems += compare({"row_counts": thawed(baseline.row_counts), "content": thawed(baseline.content)}, now)
-    if not problems:
-        point.record_verification(level=VerificationLevel.DEEP, verified_at=utc_now().isoformat(timespec="seconds"))
-        return {"verified": "deep", "rows": f"{now.total_rows} rows match the baseline read on {baseline.read_at}"}
-    return {}
+    if baseline is None:
+        why = baseline_readable(target, point)
+        if why:
+            _baseline_unknown(point, why)
+            return {"verified": PAGES, "rows": f"{found.total_rows} read; no baseline can be read ({why})"}
+        point.record_verification(baseline=_baseline_from(found))
+        return {
+            "verified": PAGES,
+            "rows": f"{found.total_rows} read; no baseline had been read yet: it is now, for the next `verify --deep`",
+        }
+    if not baseline.known:
+        return {
+            "verified": PAGES,
+            "rows": f"{found.total_rows} read; rows not compared, there is no baseline ({baseline.unknown})",
+        }
+    _compare_with(point, found, baseline, f"point {point.id}'s database")
+    point.record_verification(level=VerificationLevel.DEEP, verified_at=utc_now().isoformat(timespec="seconds"))
+    return {"verified": ROWS, "rows": f"{found.total_rows} rows match the baseline read on {baseline.read_at}"}
 
 
 def preflight(target: Target, ui: Reporter, ask: Confirmer) -> None:
@@ -216,11 +333,12 @@ def take(target: Target, catalog: Catalog, ui: Reporter, ask: Confirmer, *, labe
 
 
 class TemplateMethod(Method):
-    """A copy of staging on its own server: taken and restored by the server, checked
-    by the catalog (physical), its rows read in the background as the baseline."""
+    """A copy of staging on its own server: taken and restored by the server, checked by
+    its catalog when taken, its rows read in the background as the baseline, and every
+    copy of it read against that baseline before it is swapped in (lib/points/reading.py)."""
 
     name = "template"
-    level = "physical"
+    level = CATALOG
     holds_database = True
     encryptable = False
 
@@ -244,13 +362,12 @@ class TemplateMethod(Method):
         return self.wants_spare(settings, point)
 
     def verified_level(self, point: Point) -> str:
-        found = point.verification.level
-        return self.level if found is None else found
+        return ROWS if point.verification.level == VerificationLevel.DEEP else self.level
 
     def verify(self, point: Point, settings, ui: Reporter, target: Target | None, *, deep: bool) -> dict:
         found = verify_point_database(target, point, deep=deep)
         ui.ok(
-            "Database copy matches the manifest: schema digest, every relation's file and size, sequences"
+            f"Database copy matches the manifest ({CATALOG}: schema digest, every relation's file and size, sequences)"
             + (f"; {found['rows']}" if found.get("rows") else "")
         )
         return found
@@ -258,10 +375,15 @@ class TemplateMethod(Method):
     def describe_verification(self, point: Point) -> str:
         found = point.verification
         if found.level == VerificationLevel.DEEP:
-            return f"deep: every row matched its baseline {found.verified_at}"
-        return "physical: schema digest, every relation's file and size, sequences" + (
-            "; rows read as the baseline" if found.baseline else "; rows not read yet (the background reads them)"
-        )
+            return f"{ROWS}: every row matched its baseline {found.verified_at}"
+        baseline = found.baseline
+        if baseline is None:
+            rows = "rows not read yet (the background reads them)"
+        elif baseline.known:
+            rows = f"rows read as the baseline {baseline.read_at}"
+        else:
+            rows = f"no baseline: {baseline.unknown}"
+        return f"{CATALOG}: schema digest, every relation's file and size, sequences; {rows}"
 
     def describe_rows(self, point: Point) -> str:
         fp = point.manifest.fingerprint or {}
@@ -293,21 +415,33 @@ class TemplateMethod(Method):
         state = database_state(target.maint, point.manifest.template_database or "")
         return state is not None and not state["invalid"]
 
-    def build_beside(self, target: Target, point: Point, aside: str, ui: Reporter) -> str | None:
+    def check_unchanged(self, target: Target, point: Point, doing: str) -> None:
+        refuse_changed(target, point, doing)
+
+    def build_beside(self, target: Target, point: Point, aside: str, ui: Reporter) -> Built:
         source = point.manifest.template_database
         if spare.enabled(target.settings):
-            with ui.progress(f"Taking the spare copy of {point.id} (waiting if it is still being prepared)"):
-                claimed = spare.claim(target, point, aside)
-            if claimed:
-                ui.step(f"Using the spare copy of {point.id} prepared in the background")
-                return "spare copy"
+            claimed = spare.claim(target, point, aside)
+            if claimed.taken:
+                ui.step(
+                    f"Using the spare copy of {point.id} prepared in the background"
+                    + (f" ({claimed.note})" if claimed.note else "")
+                )
+                return Built("spare copy", read=claimed.read)
+            if claimed.note:
+                ui.info(f"  {claimed.note}; copying the point itself")
         owner = point.manifest.database.properties.get("owner")
         with ui.progress(f"Copying {source} into {aside} on the server"):
             try:
                 copy_database(target, source, aside, owner)
             except psycopg2.Error as exc:
                 raise copy_error(target, exc, source) from None
-        return None
+        return Built()
+
+    def read_copy(self, target: Target, point: Point, conn, built: Built, ui: Reporter) -> str | None:
+        if built.read:
+            return built.read
+        return read_copy(target, point, conn, "the copy built beside staging", ui)
 
     def drop(self, target: Target, point: Point) -> None:
         name = point.manifest.template_database

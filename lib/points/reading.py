@@ -1,0 +1,164 @@
+"""Reading a database copy, and the level a check of it reaches.
+
+A check of a copy against its point reaches one of three levels, and says which:
+
+- ``catalog``: the copy's catalog is the point's (schema digest, every relation's
+  file node and size, sequences, the number of large objects). No page is read: a
+  page changed in place, a corrupted page or a missing file passes.
+- ``pages``: every page of every table, its TOAST and every materialized view is read
+  by the server, which checks each page's header and, where the cluster has data
+  checksums, its checksum as it reads it; a missing relation file fails the read.
+  Index pages are not read.
+- ``rows``: the pages, and every row hashed and compared with the point's baseline
+  (read from the point itself, while nobody else could write to it). A row changed in
+  place is caught, with or without checksums.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import psycopg2
+
+from lib.errors import CopyDamaged
+from lib.pg.codes import is_damage
+from lib.pg.db import query
+from lib.pg.fingerprint import (
+    LARGE_OBJECTS,
+    USER_NAMESPACES,
+    Fingerprint,
+    compare,
+    counted_tables,
+    large_object_content,
+    qualified,
+    table_content,
+)
+
+CATALOG = "catalog"
+PAGES = "pages"
+ROWS = "rows"
+
+WHAT_LEVELS_PROVE = {
+    CATALOG: "catalog: schema digest, every relation's file and size, sequences, large objects (no page read)",
+    PAGES: "pages: every table page read by the server (headers and checksums), no missing file",
+    ROWS: "rows: every page read and every row matched the point's baseline",
+}
+
+
+@dataclass
+class Reading:
+    """Every row of a database, read in one snapshot: exact counts and content hashes."""
+
+    row_counts: dict[str, int] = field(default_factory=dict)
+    content: dict[str, str] = field(default_factory=dict)
+    bytes: int = 0
+    seconds: float = 0.0
+
+    @property
+    def total_rows(self) -> int:
+        return sum(self.row_counts.values())
+
+    def differences(self, row_counts: dict | None, content: dict | None) -> list[str]:
+        """Where this reading differs from a baseline's counts and hashes, as sentences."""
+        found = Fingerprint(
+            schema_digest="", schema_objects=0, row_counts=self.row_counts, sequences={}, large_objects=0, content=self.content
+        )
+        return compare({"row_counts": row_counts or {}, "content": content or {}}, found)
+
+
+def table_bytes(conn) -> dict[tuple[str, str], int]:
+    """Each counted table's size on disk with its TOAST: what reading it costs, in O(relations)."""
+    rows = query(
+        conn,
+        f"""
+        SELECT n.nspname, c.relname, pg_table_size(c.oid)
+          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE (c.relkind = 'r' OR (c.relkind = 'm' AND c.relispopulated)) AND {USER_NAMESPACES}""",
+    )
+    return {(r[0], r[1]): int(r[2] or 0) for r in rows}
+
+
+Tick = Callable[[int, str], None]  # bytes read so far (by this reader), the table being read
+
+
+def read_rows(conn, what: str, tick: Tick | None = None) -> Reading:
+    """Every row of the database ``conn`` is connected to, in one read-only snapshot
+    (repeatable read), table by table. A page or file the server cannot read raises
+    CopyDamaged naming ``what`` and the relation."""
+    started = time.monotonic()
+    was = conn.autocommit
+    conn.autocommit = False
+    conn.set_session(isolation_level="REPEATABLE READ", readonly=True)
+    reading = Reading()
+    table = "the catalog"
+    try:
+        sizes = table_bytes(conn)
+        for schema, name in counted_tables(conn):
+            table = qualified(schema, name)
+            if tick:
+                tick(reading.bytes, table)
+            content = table_content(conn, schema, name)
+            reading.content[table] = content
+            reading.row_counts[table] = int(content.split(":", 1)[0])
+            reading.bytes += sizes.get((schema, name), 0)
+        table = "the large objects"
+        reading.content[LARGE_OBJECTS] = large_object_content(conn)
+    except psycopg2.Error as exc:
+        conn.rollback()
+        if is_damage(exc):
+            raise damaged(what, table, exc) from None
+        raise
+    finally:
+        if not conn.closed:
+            conn.rollback()
+            conn.autocommit = was
+    if tick:
+        tick(reading.bytes, "")
+    reading.seconds = round(time.monotonic() - started, 3)
+    return reading
+
+
+def damaged(what: str, relation: str, exc: psycopg2.Error) -> CopyDamaged:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return CopyDamaged(
+        f"Reading {what} failed at {relation}: {first}. Its storage is damaged (a page that fails its checksum "
+        "or header check, or a missing file); nothing read from it is used.",
+        "Use an earlier point (`python3 rollback_manager.py list`).",
+    )
+
+
+def read_side_by_side(first, first_what: str, second, second_what: str, tick: Tick | None = None) -> tuple[Reading, Reading]:
+    """Two databases read at once, one thread each (the server does the work): a point
+    and its copy cost one read's time where there are two cores. ``tick`` gets the
+    bytes both have read."""
+    done = [0, 0]
+
+    def side(i: int) -> Tick | None:
+        if tick is None:
+            return None
+
+        def report(read: int, table: str) -> None:
+            done[i] = read
+            tick(done[0] + done[1], table)
+
+        return report
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        a = pool.submit(read_rows, first, first_what, side(0))
+        b = pool.submit(read_rows, second, second_what, side(1))
+        try:
+            return a.result(), b.result()
+        except BaseException:
+            for conn in (first, second):
+                try:
+                    conn.cancel()
+                except psycopg2.Error:
+                    pass
+            raise
+
+
+def database_bytes(conn) -> int:
+    return sum(table_bytes(conn).values())
