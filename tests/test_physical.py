@@ -62,11 +62,14 @@ def test_a_point_database_truncated_or_grown_behind_the_toolkits_back_is_caught(
             cur.execute("INSERT INTO measurements_2024 SELECT DATE '2024-03-01', 'Hualien', g FROM generate_series(1, 20000) g")
     verified = staging.run("rollback_manager.py", "verify", created["id"])
     assert verified.returncode == 3, verified.stderr
+    assert "changed outside the toolkit" in verified.stderr  # its seal was broken, and what changed is named
     assert "public.measurements_2024" in verified.stderr
     assert ("its file was replaced" if change == "truncated" else "bytes recorded") in verified.stderr
     staging.sql("DELETE FROM documents")
     refused = staging.run("rollback_manager.py", "restore", created["id"], "--yes")
-    assert refused.returncode == 3
+    assert refused.returncode == 3 and "--force" in refused.stderr
+    forced = staging.run("rollback_manager.py", "restore", created["id"], "--yes", "--force")
+    assert forced.returncode == 3 and "public.measurements_2024" in forced.stderr  # the catalog check still holds
     assert staging.sql("SELECT count(*) FROM documents")[0][0] == 0  # untouched
 
 
@@ -79,7 +82,9 @@ def test_a_kept_state_that_grew_is_caught_before_it_is_restored(staging):
     with _opened(staging, kept["template_database"]) as cur:
         cur.execute("INSERT INTO audit_events (what) SELECT 'x' || g FROM generate_series(1, 20000) g")
     refused = staging.run("rollback_manager.py", "restore", before_id, "--yes")
-    assert refused.returncode == 3 and "public.audit_events" in refused.stderr
+    assert refused.returncode == 3 and "changed outside the toolkit" in refused.stderr
+    forced = staging.run("rollback_manager.py", "restore", before_id, "--yes", "--force")
+    assert forced.returncode == 3 and "public.audit_events" in forced.stderr
 
 
 def test_verify_deep_catches_a_changed_row_the_catalog_cannot_show(staging):
@@ -88,18 +93,21 @@ def test_verify_deep_catches_a_changed_row_the_catalog_cannot_show(staging):
     assert baseline["row_counts"]["public.customers"] == 300
     with _opened(staging, created["template_database"]) as cur:
         cur.execute("UPDATE documents SET body = 'secreT' WHERE body = 'secret'")  # the same size, in place: no file grows
-    assert staging.run("rollback_manager.py", "verify", created["id"]).returncode == 0  # the catalog cannot tell
+    plain = staging.run("rollback_manager.py", "verify", created["id"])  # the catalog cannot tell; the seal can
+    assert plain.returncode == 3 and "sealed again outside the toolkit" in plain.stderr
     deep = staging.run("rollback_manager.py", "verify", created["id"], "--deep")
     assert deep.returncode == 3, deep.stderr
     assert "public.documents: the rows' content differs" in deep.stderr
     listed = {p["id"]: p for p in staging.run_json("rollback_manager.py", "list")}
-    assert listed[created["id"]]["verified"] == "physical"
+    assert listed[created["id"]]["verified"] == "verify failed"
+    forced = staging.run("quick_rollback.py", "--yes", "--force")  # skipped all the same: its last verification failed
+    assert forced.returncode != 0 and f"Skipping point {created['id']}" in forced.stderr
 
 
 def test_verify_deep_rebuilds_a_dump_point_and_counts_it(staging):
     point_id = staging.create_point("dump", "--method", "dump")
     deep = staging.run_json("rollback_manager.py", "verify", point_id, "--deep")
-    assert deep["level"] == "deep" and "rows in" in deep["rebuilt"]
+    assert deep["level"] == "counted" and "rows in" in deep["rebuilt"]
     assert not [d for d in _databases(staging) if d.endswith("_rb_verify")]
 
 

@@ -50,25 +50,28 @@ CHANGED = {
 @dataclass(frozen=True)
 class SealMark:
     """What a sealed database's comment says of its seal, after the point's own text:
-    `` [seal=XMIN; open; changed=CODE; interrupted; ready=LEVEL AT]``.
+    `` [seal=XMIN; open=XMIN/SESSIONS/READERS; changed=CODE; interrupted; ready=AT]``.
 
     ``stamp`` is the xmin of the database's pg_database row when the toolkit sealed it:
     ALTER DATABASE (opening it to connections, sealing it again) writes a new row
     version, a comment does not, so a stamp that no longer matches means someone opened
-    it since. ``open``: the toolkit opened it to read it. ``changed``: it may have been
+    it since. ``open``: the toolkit opened it to read it, and what the opening was: the
+    row's xmin then, the server's count of sessions established to it, and how many of
+    the toolkit's readers joined since (ALTER DATABASE by anyone else, or more sessions
+    than readers, mean someone else was there). ``changed``: it may have been
     changed outside the toolkit (sticky: a key of CHANGED). ``interrupted``: a reading
     of it was killed and it stood open with nobody reading. ``ready``: a spare copy that
     was read and matched its point (the level and when)."""
 
     stamp: str | None = None
-    open: bool = False
+    open: str | None = None
     changed: str | None = None
     interrupted: bool = False
     ready: str | None = None
 
     def text(self) -> str:
         parts = [f"seal={self.stamp}"] if self.stamp else []
-        parts += ["open"] if self.open else []
+        parts += [f"open={self.open}"] if self.open else []
         parts += [f"changed={self.changed}"] if self.changed else []
         parts += ["interrupted"] if self.interrupted else []
         parts += [f"ready={self.ready}"] if self.ready else []
@@ -86,11 +89,21 @@ class SealMark:
             key, _, value = part.partition("=")
             if key == "seal":
                 found["stamp"] = value
-            elif key in ("open", "interrupted"):
+            elif key == "interrupted":
                 found[key] = True
-            elif key in ("changed", "ready"):
-                found[key] = value
+            elif key in ("open", "changed", "ready"):
+                found[key] = value or "?"
         return head, cls(**found)
+
+    def opening(self) -> tuple[str, int, int]:
+        """The xmin, session count and readers of the toolkit's opening."""
+        xmin, _, rest = (self.open or "").partition("/")
+        sessions, _, readers = rest.partition("/")
+        return xmin, int(sessions or 0), int(readers or 0)
+
+    def joined(self) -> SealMark:
+        xmin, sessions, readers = self.opening()
+        return replace(self, open=f"{xmin}/{sessions}/{readers + 1}")
 
     def trusted(self) -> bool:
         return self.changed is None
@@ -125,7 +138,7 @@ def _seal_as(target: Target, name: str, head: str, mark: SealMark) -> SealMark:
     """No connections, and the comment stamped with the pg_database row that says so."""
     set_allow_connections(target.maint, name, False)
     row = _row(target.maint, name)
-    sealed = replace(mark, stamp=row[1] if row else None, open=False)
+    sealed = replace(mark, stamp=row[1] if row else None, open=None)
     _write_mark(target, name, head, sealed)
     return sealed
 
@@ -194,22 +207,33 @@ def _end_outsiders(target: Target, name: str) -> list:
 READER_APPLICATION = "rollback-toolkit verify"
 
 
+def _sessions(target: Target, name: str) -> int:
+    """Sessions ever established to a database, as the server counts them (client sessions only)."""
+    execute(target.maint, "SELECT pg_stat_clear_snapshot()")
+    found = query(target.maint, "SELECT sessions FROM pg_stat_database WHERE datname = %s", (name,))
+    return int(found[0][0] or 0) if found else 0
+
+
 @contextmanager
 def opened(target: Target, name: str) -> Iterator[object]:
     """Briefly allow connections to a sealed point database to read it. Readers may
     overlap (the background's baseline, a diff, a verify): each joins the database's
     Readers when it opens it and leaves when done, and the last to leave seals it; both
     under a SealLock, so that no reader finds it sealed under it. The comment says the
-    toolkit opened it, so that one killed meanwhile is told from someone else's opening
-    (SealMark); a session that is not a reader, found when the last reader leaves, marks
-    the database changed."""
+    toolkit opened it, so that one killed meanwhile is told from someone else's opening;
+    when the last reader leaves, anyone else's ALTER DATABASE meanwhile, or more
+    sessions than readers, marks the database changed (SealMark). Not nested in one
+    process for the same database."""
     with _sealing(target, name):
         mark = _inspect(target, name)
         row = _row(target.maint, name)
-        if mark is not None and row is not None and not row[0]:
+        if mark is not None and row is not None:
             head, _ = SealMark.split(row[2])
-            _write_mark(target, name, head, replace(mark, open=True))
-            set_allow_connections(target.maint, name, True)
+            if not row[0]:
+                before = _sessions(target, name)
+                set_allow_connections(target.maint, name, True)
+                mark = replace(mark, open=f"{_row(target.maint, name)[1]}/{before}/0")
+            _write_mark(target, name, head, mark.joined())
         readers = _readers(target, name)
         readers.join()
     try:
@@ -218,12 +242,23 @@ def opened(target: Target, name: str) -> Iterator[object]:
     finally:
         with _sealing(target, name):
             if readers.leave():
-                row = _row(target.maint, name)
-                if row is not None:
-                    head, mark = SealMark.split(row[2])
-                    if _end_outsiders(target, name):
-                        mark = replace(mark, changed=mark.changed or "session")
-                    _seal_as(target, name, head, mark)
+                _reseal_after_reading(target, name)
+
+
+def _reseal_after_reading(target: Target, name: str) -> None:
+    row = _row(target.maint, name)
+    if row is None:
+        return
+    head, mark = SealMark.split(row[2])
+    xmin, sessions, readers = mark.opening()
+    outsiders = _end_outsiders(target, name)
+    if mark.open and xmin and xmin != row[1]:
+        log.warning("%s was altered by someone else while the toolkit read it: marked changed", name)
+        mark = replace(mark, changed=mark.changed or "resealed")
+    elif outsiders or (mark.open and _sessions(target, name) - sessions > readers):
+        log.warning("%s had a session outside the toolkit while it was open for reading: marked changed", name)
+        mark = replace(mark, changed=mark.changed or "session")
+    _seal_as(target, name, head, mark)
 
 
 @contextmanager

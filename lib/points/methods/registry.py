@@ -85,7 +85,11 @@ def summary(point: Point) -> dict:
         "method": point.method,
         "size_bytes": point.size,
         "status": m.status,
-        "verified": of(point).verified_level(point) if m.is_completed and find(point.method) else None,
+        "verified": (
+            ("verify failed" if point.verification.failed else of(point).verified_level(point))
+            if m.is_completed and find(point.method)
+            else None
+        ),
         "kind": m.kind,
         "description": m.description,
     }

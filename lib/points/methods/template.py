@@ -195,22 +195,25 @@ def verify_point_database(target: Target, point: Point, *, deep: bool = False) -
     """By its catalog (O(relations)): the database exists, is valid, sealed as the toolkit
     left it, and its schema digest, every relation's file node and size, sequences and
     large objects are the manifest's. With ``deep``, every row is read and compared with
-    the baseline."""
+    the baseline. Every problem found is named at once."""
     name = _point_database(target, point)
-    refuse_changed(target, point, "call it verified")
+    why = changed_outside(target, point)
+    problems = [f"it may have been changed outside the toolkit ({why})"] if why else []
     expected = thawed(point.manifest.fingerprint or {})
     with opened(target, name) as conn:
-        problems = compare(expected, fingerprint_like(conn, expected))
-        if problems:
-            raise VerificationError(
-                f"Point {point.id}'s database {name!r} no longer matches its manifest: " + "; ".join(problems[:10]) + ".",
-                "Someone changed it; use another point.",
-            )
-        result = {"database": name, "fingerprint": "matches the manifest", "verified": CATALOG if is_physical(expected) else ROWS}
-        if deep:
-            found = read_rows(conn, f"point {point.id}'s database {name!r}")
-    if deep:
-        result.update(_deep_check(target, point, found))
+        problems += compare(expected, fingerprint_like(conn, expected))
+        found = read_rows(conn, f"point {point.id}'s database {name!r}") if deep and len(problems) <= 1 else None
+    result = {"database": name, "fingerprint": "matches the manifest", "verified": CATALOG if is_physical(expected) else ROWS}
+    if found is not None:
+        try:
+            result.update(_deep_check(target, point, found))
+        except VerificationError as exc:
+            problems.append(exc.message)
+    if problems:
+        raise VerificationError(
+            f"Point {point.id}'s database {name!r} is not as it was taken: " + "; ".join(problems[:10]) + ".",
+            "Use another point (`python3 rollback_manager.py list`).",
+        )
     return result
 
 
