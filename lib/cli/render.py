@@ -8,6 +8,7 @@ from lib.cli.console import UI
 from lib.files import age, human_size, percent
 from lib.points.catalog import Point
 from lib.points.methods import registry
+from lib.points.methods.dump import SEQUENCES_NOT_RECORDED
 
 
 def Table(*columns, **options):
@@ -115,6 +116,13 @@ def points_table(ui: UI, points: list[Point], *, numbered: bool = False) -> None
     _draw(ui, columns, widths, title="Rollback points (oldest first)", title_justify="left")
 
 
+def _sequences(fp) -> str:
+    """How many the point recorded, or why it recorded none (a dump point says so)."""
+    if "sequences" not in fp and fp.get(SEQUENCES_NOT_RECORDED):
+        return f"not recorded: {fp[SEQUENCES_NOT_RECORDED]}"
+    return str(len(fp.get("sequences") or {}))
+
+
 def point_details(ui: UI, point: Point) -> None:
     m = point.manifest
     db = m.database
@@ -138,7 +146,7 @@ def point_details(ui: UI, point: Point) -> None:
         ("Folder", str(point.path)),
         ("Schema digest", f"{fp.get('schema_digest', '?')[:16]}… over {fp.get('schema_objects')} objects"),
         ("Rows", _rows(point)),
-        ("Sequences", str(len(fp.get("sequences", {})))),
+        ("Sequences", _sequences(fp)),
         ("Large objects", str(fp.get("large_objects", 0))),
     ]
     table = Table(show_header=False, box=None, pad_edge=False)

@@ -12,7 +12,7 @@ import io
 import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -106,10 +106,30 @@ def manifest_section() -> dict:
 # ------------------------------------------------------------------ writing
 
 
+class _Tapped(io.RawIOBase):
+    """A plaintext stream that shows the chunks read from it to ``tap`` on the way,
+    until ``tap`` answers that it wants no more."""
+
+    def __init__(self, src: io.BufferedReader, tap: Callable[[memoryview], bool]) -> None:
+        super().__init__()
+        self.src, self.tap = src, tap
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = self.src.readinto(buffer)
+        if n and self.tap is not None and not self.tap(memoryview(buffer)[:n]):
+            self.tap = None
+        return n
+
+
 @contextmanager
-def encrypting(dest: Path, to: list) -> Iterator[io.BufferedWriter]:
+def encrypting(dest: Path, to: list, *, tap: Callable[[memoryview], bool] | None = None) -> Iterator[io.BufferedWriter]:
     """A pipe whose plaintext is encrypted into ``dest`` as it arrives. Write to it, or
-    hand ``.fileno()`` to a child process (as /dev/fd/N, with pass_fds)."""
+    hand ``.fileno()`` to a child process (as /dev/fd/N, with pass_fds). ``tap`` is
+    shown the plaintext as it passes, in memory, until it answers False (a point keeps
+    its archive's head to read back what the archive sets)."""
     read_fd, write_fd = os.pipe()
     errors: list[BaseException] = []
 
@@ -117,7 +137,7 @@ def encrypting(dest: Path, to: list) -> Iterator[io.BufferedWriter]:
         try:
             fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(read_fd, "rb", buffering=CHUNK) as src, os.fdopen(fd, "wb") as out:
-                pyrage.encrypt_io(src, out, to)
+                pyrage.encrypt_io(_Tapped(src, tap) if tap else src, out, to)
                 out.flush()
                 os.fsync(out.fileno())
         except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread below

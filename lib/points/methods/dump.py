@@ -1,6 +1,7 @@
 """Points as pg_dump archives (the directory format by parallel jobs; the custom format
 when encrypted, and in points written before), taken in one exported snapshot so the
-recorded row counts are exactly the archive's."""
+recorded row counts are exactly the archive's. Sequences are not held by a snapshot:
+their recorded positions are read back from the archive, as pg_dump wrote them."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import psycopg2
 from lib.errors import CatalogError, ConfigError, ToolError, VerificationError
 from lib.files import human_size, utc_now, write_private_file
 from lib.interaction import Reporter
+from lib.pg.archive_sequences import archived_positions, fed
 from lib.pg.db import connection, create_database_like, database_properties, derived_name, drop_database, query, snapshot_session
 from lib.pg.fingerprint import compare, fingerprint
 from lib.pg.progress import DumpTracker, RestoreTracker, Watch, application_name, named_sessions, table_sizes
@@ -82,8 +84,9 @@ def take(
     base: Mapping[str, Any],
 ) -> Point:
     """pg_dump in one exported snapshot, its exact row counts read in the same snapshot
-    while it runs. Unencrypted: the directory format by ``DUMP_JOBS`` parallel jobs;
-    encrypted: the custom format streamed into age (one stream, no plaintext on disk)."""
+    while it runs, its sequences read back from the archive it wrote. Unencrypted: the
+    directory format by ``DUMP_JOBS`` parallel jobs; encrypted: the custom format
+    streamed into age (one stream, no plaintext on disk; its head kept in memory)."""
     to = crypto.recipients_if_asked(target.settings)  # refused before anything is written
     check_free_space(catalog.root, target.facts.database_size)
     candidates = candidates_for_server("pg_dump", target.facts.major, target.settings)
@@ -96,18 +99,20 @@ def take(
         tables = table_sizes(snap_conn)  # what pg_dump reads, for its progress; before the count uses the connection
         with catalog.writing(label) as writer:
             archive = writer.new_file(name) if to else writer.tmp / name
+            head = ArchiveHead(HEAD_LIMIT) if to else None
             with ThreadPoolExecutor(max_workers=1) as counter:
                 counted = counter.submit(fingerprint, snap_conn)  # the same snapshot, while pg_dump reads
                 with (
                     ui.progress(f"Dumping {target.dbname}", total=sum(t.size for t in tables), unit="B", estimated=True) as tick,
                     target.progress_poller(target.dbname, app) as poller,
-                    crypto.encrypting(archive, to) if to else nullcontext() as sink,
+                    crypto.encrypting(archive, to, tap=head.keep) if to else nullcontext() as sink,
                 ):
                     fds = (sink.fileno(),) if sink else ()
 
                     def dump_with(tool: Tool) -> None:
                         dump = command_for(tool, conn=target.info, env=named_sessions(app))
                         if fds:
+                            head.clear()  # a refused attempt may have begun it
                             args = dump.archive(snapshot=snapshot, file=f"/dev/fd/{fds[0]}", compress=COMPRESSION)
                         else:
                             shutil.rmtree(archive, ignore_errors=True)  # a refused attempt may have begun it
@@ -134,10 +139,18 @@ def take(
                             snap_conn.cancel()
                         raise
                 fp = counted.result()
+            recorded = fp.as_dict()
+            del recorded["sequences"]  # read in the snapshot's session at its own moment: not the archive's
+            recorded.update(sequences_as_archived(tool, archive, head, target.settings))
             ui.step(
                 f"Archive written by {tool.path} ({tool.version}), "
                 + ("custom format, encrypted with age" if to else f"directory format by {jobs} job(s)")
-                + f"; {fp.total_rows} rows counted in the same snapshot"
+                + f"; {fp.total_rows} rows counted in the same snapshot; "
+                + (
+                    f"{len(recorded['sequences'])} sequences as the archive sets them"
+                    if "sequences" in recorded
+                    else f"sequences not recorded: {recorded[SEQUENCES_NOT_RECORDED]}"
+                )
             )
             props = database_properties(snap_conn, target.dbname).as_dict()
             point = writer.commit(
@@ -153,11 +166,60 @@ def take(
                     compression=f"gzip:{COMPRESSION}",
                     jobs=jobs,
                     encryption=crypto.manifest_section() if to else None,
-                    fingerprint=fp.as_dict(),
+                    fingerprint=recorded,
                     duration_seconds=round((utc_now() - started).total_seconds(), 3),
                 )
             )
     return point
+
+
+# Where a dump point's recorded sequences come from (the fingerprint's keys beside "sequences").
+SEQUENCES_FROM = "sequences_from"  # "archive": its SEQUENCE SET entries, as pg_dump wrote them
+SEQUENCES_NOT_RECORDED = "sequences_not_recorded"  # why there are none; nothing is then compared for them
+HEAD_LIMIT = 64 << 20  # of an encrypted archive's plaintext, kept in memory for its table of contents
+
+
+class ArchiveHead:
+    """The first bytes of a custom-format archive as they pass into age, in memory only.
+    Written to a pipe, the format puts its whole table of contents first (pg_dump
+    cannot seek back to it), and SEQUENCE SET entries carry their SQL there: the head
+    is all pg_restore reads of them."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.kept = bytearray()
+        self.cut = False  # the archive went on past the limit
+
+    def keep(self, chunk: memoryview) -> bool:
+        room = self.limit - len(self.kept)
+        self.kept += chunk[:room]
+        self.cut = self.cut or len(chunk) > room
+        return not self.cut
+
+    def clear(self) -> None:
+        self.kept.clear()
+        self.cut = False
+
+
+def sequences_as_archived(dumped_by: Tool, archive: Path, head: ArchiveHead | None, settings) -> dict:
+    """The fingerprint's sequences as the archive sets them, read by a pg_restore that
+    reads what ``dumped_by`` wrote: from the archive's folder, or from the head of an
+    encrypted one. When that head was cut before the table of contents ended, none
+    are recorded, and the reason is."""
+    candidates = candidates_for_archive("pg_restore", dumped_by.major, settings)
+    source = (lambda: fed(head.kept)) if head is not None else (lambda: nullcontext(([str(archive)], NO_INPUT)))
+    try:
+        reader, positions = archived_positions(candidates, source)
+    except ToolError as exc:
+        if head is None or not head.cut:
+            raise
+        log.warning("no sequences read from the first %s of the encrypted archive: %s", human_size(HEAD_LIMIT), exc)
+        return {
+            SEQUENCES_NOT_RECORDED: f"the archive's table of contents is longer than the {human_size(HEAD_LIMIT)} "
+            "kept in memory while it was encrypted"
+        }
+    log.info("%d sequences read back from the archive by %s", len(positions), reader.describe())
+    return {"sequences": positions, SEQUENCES_FROM: "archive"}
 
 
 def is_archive_folder(path: Path) -> bool:
@@ -442,6 +504,10 @@ def rebuild_and_count(target: Target, point: Point, ui: Reporter) -> dict:
     return {"rebuilt": f"{found.total_rows} rows in {len(found.row_counts or {})} tables match the manifest"}
 
 
+def _sequences_recorded(point: Point) -> bool:
+    return "sequences" in (point.manifest.fingerprint or {})
+
+
 DIFF_SUFFIX = "_rb_diff"
 
 
@@ -466,7 +532,8 @@ class DumpMethod(Method):
         ui.ok("Archive read end to end")
         if deep:
             result.update(rebuild_and_count(target, point, ui))
-            ui.ok("Rebuilt beside staging: schema digest, row counts and sequences match the manifest")
+            compared = "schema digest, row counts and sequences" if _sequences_recorded(point) else "schema digest and row counts"
+            ui.ok(f"Rebuilt beside staging: {compared} match the manifest")
         return result
 
     def describe_verification(self, point: Point) -> str:
