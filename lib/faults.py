@@ -14,7 +14,7 @@ import os
 import time
 from pathlib import Path
 
-PLACES = ("between renames", "after swap", "data copy", "before copy", "after copy", "side server up")
+PLACES = ("between renames", "after swap", "data copy", "before copy", "after copy", "side server up", "reading rows")
 _arrivals: dict[str, int] = {}
 
 

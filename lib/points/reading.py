@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import psycopg2
 
+from lib import faults
 from lib.errors import CopyDamaged
 from lib.pg.codes import is_damage
 from lib.pg.db import query
@@ -100,6 +101,7 @@ def read_rows(conn, what: str, tick: Tick | None = None) -> Reading:
             table = qualified(schema, name)
             if tick:
                 tick(reading.bytes, table)
+            faults.pause("reading rows")
             content = table_content(conn, schema, name)
             reading.content[table] = content
             reading.row_counts[table] = int(content.split(":", 1)[0])
