@@ -12,6 +12,9 @@ from contextlib import closing
 
 import pytest
 
+from lib.config import ConnInfo
+from lib.sandbox.servers import LocalServer, embedded_bin_dir
+from tests.conftest import Server, _prepare
 from tests.helpers import deep_state, wait_for
 from tests.test_restore import MIGRATION
 from tests.test_template import wait_for_baseline
@@ -162,3 +165,54 @@ def test_a_reading_killed_midway_leaves_no_baseline_to_trust(staging, tmp_path):
     record = json.loads((staging.backup_dir / created["id"] / ".verification.json").read_text())
     assert record["baseline"]["unknown"] and not record["baseline"].get("content")
     assert staging.sql("SELECT datallowconn FROM pg_database WHERE datname = %s", (name,)) == [(False,)]
+
+
+@pytest.fixture
+def own_server18(tmp_path):
+    """A PostgreSQL 18 of this test's own, to crash on purpose."""
+    server = LocalServer(embedded_bin_dir())
+    try:
+        server.start()
+        view = Server("18own", 18, ConnInfo.parse(server.url()), server, server.bin_dir)
+        _prepare(view)
+        yield view
+    finally:
+        server.destroy()
+
+
+def test_after_a_crash_unlogged_tables_come_back_empty_and_every_logged_table_exactly(own_server18, new_staging):
+    """Case 7: crash recovery empties every UNLOGGED table, the point's copy's too. The
+    point is said at point time, still verifies, and a restore (quick rollback, through
+    the spare or the point) brings every logged table back exactly and says the unlogged
+    ones are empty."""
+    staging = new_staging(own_server18)
+    staging.sql("INSERT INTO scratch SELECT 'more' || g, '\\x00' FROM generate_series(1, 500) g")  # the schema's UNLOGGED table
+    created = staging.run("create_rollback_point.py", "with scratch", "--method", "template", "--json")
+    assert created.returncode == 0, created.stderr
+    assert "UNLOGGED tables" in created.stderr and "public.scratch" in created.stderr
+    point_id = json.loads(created.stdout)["id"]
+    manifest = json.loads((staging.backup_dir / point_id / "manifest.json").read_text())
+    assert manifest["unlogged_tables"] == ["public.scratch"]
+    before = _logged_state(staging)
+    wait_for_baseline(staging, point_id)
+    staging.sql(MIGRATION)
+    server = own_server18.local
+    server.pg_ctl("stop", "-m", "immediate")
+    server.start()
+
+    verified = staging.run("rollback_manager.py", "verify", point_id)
+    assert verified.returncode == 0, verified.stderr
+    quick = staging.run("quick_rollback.py", "--yes", "--json")
+    assert quick.returncode == 0, quick.stderr
+    assert "come back empty, as PostgreSQL's crash recovery left them" in quick.stderr and "public.scratch" in quick.stderr
+    assert json.loads(quick.stdout)["verified"].startswith("rows: ")
+    assert staging.sql("SELECT count(*) FROM scratch") == [(0,)]
+    assert _logged_state(staging) == before
+
+
+def _logged_state(staging) -> dict:
+    """Everything of staging but the rows of its UNLOGGED table."""
+    state = deep_state(staging.server, staging.name)
+    for key in ("row_counts", "content"):
+        state[key].pop("public.scratch", None)
+    return state

@@ -90,7 +90,18 @@ def _take(
 ) -> Point:
     """A point of staging under an operation already started (the lock held); the
     background work the method asks for is started here."""
-    base = {"description": description, "migration_id": migration_id, "kind": kind, "created_by": _who()}
+    unlogged = op.target.facts.unlogged_tables  # read with the server's facts: no session of its own
+    if unlogged and kind != Kind.BEFORE_ROLLBACK:
+        op.ui.warn(
+            f"UNLOGGED tables in {op.target.dbname}: {', '.join(unlogged)}. For this {method.name} point, {method.unlogged_note}."
+        )
+    base = {
+        "description": description,
+        "migration_id": migration_id,
+        "kind": kind,
+        "created_by": _who(),
+        "unlogged_tables": unlogged or None,
+    }
     taken = method.take(
         TakeRequest(op.target, op.catalog, op.ui, op.ask, label=migration_id or description, base=base, tables=tables)
     )

@@ -188,6 +188,7 @@ class ServerFacts:
     is_db_owner: bool
     db_owner: str
     tablespaces: list[str] = field(default_factory=list)  # the database's own and every one its relations use
+    unlogged_tables: list[str] = field(default_factory=list)  # never in the WAL: emptied by crash recovery
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -206,6 +207,11 @@ def server_facts(conn) -> ServerFacts:
                ARRAY(SELECT DISTINCT t.spcname FROM pg_tablespace t
                       WHERE t.spcname <> 'pg_global'  -- the shared catalogs: never part of a database's copy
                         AND (t.oid = d.dattablespace OR t.oid IN (SELECT reltablespace FROM pg_class WHERE reltablespace <> 0))
+                      ORDER BY 1),
+               ARRAY(SELECT format('%I.%I', n.nspname, c.relname)
+                       FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                      WHERE c.relpersistence = 'u' AND c.relkind IN ('r', 'p', 'm')
+                        AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%'
                       ORDER BY 1)
           FROM pg_database d, pg_roles r
          WHERE d.datname = current_database() AND r.rolname = current_user
@@ -223,6 +229,7 @@ def server_facts(conn) -> ServerFacts:
         is_db_owner=row[5] or row[7],
         db_owner=row[8],
         tablespaces=list(row[9]),
+        unlogged_tables=list(row[10]),
     )
 
 

@@ -62,12 +62,26 @@ class Reading:
     def total_rows(self) -> int:
         return sum(self.row_counts.values())
 
-    def differences(self, row_counts: dict | None, content: dict | None) -> list[str]:
-        """Where this reading differs from a baseline's counts and hashes, as sentences."""
+    def emptied(self, row_counts: dict | None, unlogged: set[str]) -> list[str]:
+        """The UNLOGGED tables that had rows in the baseline and have none now: emptied by
+        PostgreSQL's crash recovery, not changed."""
+        return sorted(t for t in unlogged if (row_counts or {}).get(t) and self.row_counts.get(t) == 0)
+
+    def differences(self, row_counts: dict | None, content: dict | None, unlogged: set[str] = frozenset()) -> list[str]:
+        """Where this reading differs from a baseline's counts and hashes, as sentences
+        (UNLOGGED tables that crash recovery emptied are not differences)."""
+        skip = set(self.emptied(row_counts, unlogged))
+        want_counts = {t: n for t, n in (row_counts or {}).items() if t not in skip}
+        want_content = {t: h for t, h in (content or {}).items() if t not in skip}
         found = Fingerprint(
-            schema_digest="", schema_objects=0, row_counts=self.row_counts, sequences={}, large_objects=0, content=self.content
+            schema_digest="",
+            schema_objects=0,
+            row_counts={t: n for t, n in self.row_counts.items() if t not in skip},
+            sequences={},
+            large_objects=0,
+            content={t: h for t, h in self.content.items() if t not in skip},
         )
-        return compare({"row_counts": row_counts or {}, "content": content or {}}, found)
+        return compare({"row_counts": want_counts, "content": want_content}, found)
 
 
 def table_bytes(conn) -> dict[tuple[str, str], int]:

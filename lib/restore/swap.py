@@ -40,7 +40,7 @@ from lib.pg.db import (
     set_allow_connections,
     terminate_sessions,
 )
-from lib.pg.fingerprint import compare, counted_tables, fingerprint_like, is_physical
+from lib.pg.fingerprint import compare, counted_tables, emptied_by_recovery, fingerprint_like, is_physical
 from lib.pg.retry import retry_on
 from lib.pg.target import Target
 from lib.points import copies, crypto, intents
@@ -337,7 +337,15 @@ def verify_restored(conn, point: Point, ui: Reporter, *, untouched: str) -> str:
         return f"tables: all {want} tables of the archive's table of contents are there (nothing else was recorded)"
     ui.step(f"Checking the rebuilt copy against the manifest of {point.id}")
     expected = thawed(point.manifest.fingerprint)
-    problems = compare(expected, fingerprint_like(conn, expected))
+    found = fingerprint_like(conn, expected)
+    problems = compare(expected, found)
+    emptied = emptied_by_recovery(expected.get("relations") or {}, found.relations or {})
+    if emptied:
+        ui.warn(
+            "These UNLOGGED tables come back empty, as PostgreSQL's crash recovery left them in the point "
+            "(every logged table is restored exactly): "
+            + ", ".join(n for n in emptied if n in (point.manifest.unlogged_tables or emptied))
+        )
     if problems:
         raise VerificationError(
             f"The rebuilt copy of {point.id} does not match its manifest: " + "; ".join(problems[:10]) + f". {untouched}",

@@ -113,6 +113,9 @@ class Method(ABC):
     def check_usable(self, target: Target, point: Point) -> None:  # noqa: B027 - most methods need nothing more
         """Before a restore touches anything: what this method needs on the server."""
 
+    # What a point of this method holds of staging's UNLOGGED tables, said when it is taken.
+    unlogged_note: ClassVar[str] = "their rows are in the point as they are now, and a restore brings them back"
+
     def check_unchanged(self, target: Target, point: Point, doing: str) -> None:  # noqa: B027 - most hold nothing to open
         """Refused (VerificationError) when what the point holds may have been changed
         outside the toolkit since it was taken; --force skips this."""

@@ -154,7 +154,6 @@ def take(target: Target, catalog: Catalog, ui: Reporter, *, label: str, base: Ma
     backup = backup_for(target, repo, ui)
     with catalog.writing(label) as writer, connection(target.info, application_name="rollback-toolkit pitr") as conn:
         lines = schema_lines(conn)
-        unlogged = [r[0] for r in query(conn, _UNLOGGED)]
         props = database_properties(conn, target.dbname).as_dict()
         lsn, segment = query(conn, "SELECT p, pg_walfile_name(p) FROM pg_create_restore_point(%s) p", (writer.id,))[0]
         # read right after the restore point, so never behind it (a restore sets them: recovery leaves them up to 32 ahead)
@@ -163,11 +162,6 @@ def take(target: Target, catalog: Catalog, ui: Reporter, *, label: str, base: Ma
         conn.commit()
         waited = wait_archived(target, segment, ui)
         reached_repository(repo, segment)
-        if unlogged:
-            ui.warn(
-                "These UNLOGGED tables come back empty from any pitr restore (their rows are never in the WAL): "
-                + ", ".join(unlogged)
-            )
         point = writer.commit(
             Manifest(
                 id=writer.id,
@@ -180,7 +174,6 @@ def take(target: Target, catalog: Catalog, ui: Reporter, *, label: str, base: Ma
                 repository=RepositorySection(stanza=repo.stanza, config=target.settings.pgbackrest_env.get("PGBACKREST_CONFIG")),
                 cluster=ClusterSection(data_directory=str(cluster.data_dir), owner=cluster.owner.pw_name, major=cluster.major),
                 sequences=sequences,
-                unlogged_tables=unlogged,
                 fingerprint={
                     "kind": "pitr",
                     "schema_digest": hashlib.sha256("\n".join(lines).encode()).hexdigest(),
@@ -195,12 +188,6 @@ def take(target: Target, catalog: Catalog, ui: Reporter, *, label: str, base: Ma
         f"Restore point {point.id} at {lsn} (WAL {segment}, archived); it needs backup {backup.label} of stanza {repo.stanza}"
     )
     return point
-
-
-_UNLOGGED = """
-SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
- WHERE c.relpersistence = 'u' AND c.relkind IN ('r', 'p', 'm')
-   AND n.nspname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1"""
 
 
 def verify(target: Target, point: Point) -> dict:
@@ -246,6 +233,7 @@ class PitrMethod(Method):
     name = "pitr"
     level = "repository"
     restore_mode = REPOSITORY
+    unlogged_note = "they come back empty from any pitr restore: their rows are never in the WAL"
 
     def take(self, request: TakeRequest) -> Taken:
         r = request
