@@ -195,7 +195,7 @@ def restore(args, ui, ask, settings) -> int:
         in_place=args.in_place,
         catalog_only=args.catalog_check_only,
     )
-    headline = f"{result.database} restored to {result.point_id} ({result.mode}); checked: {result.verified or 'see above'}."
+    headline = f"{result.database} restored to {result.point_id} ({result.mode})."
     return render.restore_outcome(ui, result, as_json=args.json, headline=headline)
 
 

@@ -172,9 +172,7 @@ def action(args: argparse.Namespace, ui, ask) -> int:
         raise ConfigError("--rollback restores a point; it takes no --retry-failed.")
     if args.rollback is not None:
         result = runner.rollback(settings, ui, ask, migration, args.rollback or None, force=args.force)
-        return render.restore_outcome(
-            ui, result, as_json=args.json, headline=f"{result.database} restored to {result.point_id} and verified."
-        )
+        return render.restore_outcome(ui, result, as_json=args.json, headline=f"{result.database} restored to {result.point_id}.")
     retry = runner.retry(migration, args.retry_failed) if args.retry_failed else None
     options = runner.Options(args.batch_size, args.failure_threshold, args.limit, parse_params(args.param), retry)
     if args.production:

@@ -70,5 +70,5 @@ def walk_through(settings: Settings, ui: UI, ask: Confirmer) -> dict:
         render.partial_outcome(ui, outcome)
         return outcome
     result = operations.restore_point(settings, ui, ask, point.id)
-    render.restore_outcome(ui, result, as_json=False, headline=f"{result.database} restored to {result.point_id} and verified.")
+    render.restore_outcome(ui, result, as_json=False, headline=f"{result.database} restored to {result.point_id}.")
     return result.as_dict()

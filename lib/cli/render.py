@@ -226,6 +226,8 @@ def restore_outcome(ui: UI, result, *, as_json: bool, headline: str) -> int:
         ui.emit_json(result.as_dict())
     else:
         ui.ok(headline)
+        if getattr(result, "verified", None):
+            ui.info(f"Checked before it was swapped in: {result.verified}")
         if result.before_point_id:
             ui.info(
                 f"The state before is kept as point {result.before_point_id}; "

@@ -343,7 +343,7 @@ def _after_failure(
         return
     _restore_automatically(settings, ui, ask, migration, report, database, force=force)
     report.outcome = "aborted" if interrupted else "rolled back"
-    ui.ok(f"Staging is back at {report.point_id}, verified")
+    ui.ok(f"Staging is back at {report.point_id}")
 
 
 def _restore_automatically(

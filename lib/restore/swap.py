@@ -93,7 +93,7 @@ class RestorePlan:
             return "\n".join(lines)
         if self.mode == SWAP:
             lines.append(
-                "  The point is rebuilt beside staging and verified first; staging is then swapped "
+                "  The point is rebuilt beside staging and read first (its catalog, then every page and row); staging is then swapped "
                 "in one short step, and its current state kept as a new point (undo: restore that point)."
             )
             lines += hook_lines(target)
