@@ -14,7 +14,17 @@ import os
 import time
 from pathlib import Path
 
-PLACES = ("between renames", "after swap", "data copy", "before copy", "after copy", "side server up", "reading rows")
+PLACES = (
+    "between renames",
+    "after swap",
+    "data copy",
+    "before copy",
+    "after copy",
+    "side server up",
+    "before removal",  # an unlisted point's removal, before it takes the point's lock
+    "removal locked",  # ... holding it, the folder found, nothing dropped yet
+    "reading rows",
+)
 _arrivals: dict[str, int] = {}
 
 

@@ -91,12 +91,29 @@ def run_after_restore(settings: Settings, restored_id: str, before_id: str) -> N
 
 
 def run_remove(settings: Settings, *point_ids: str) -> None:
-    """The databases of points --keep unlisted, dropped; then their folders."""
+    """The databases of unlisted points dropped, then their folders, each holding the
+    point's lock: a cleanup that came first did it already, one that comes meanwhile
+    leaves it to this process. The log says which. A point not removed keeps its folder
+    (and so its database an owner): the next cleanup finishes it."""
     catalog = Catalog(settings.backup_dir)
+    failed = []
     with open_target(settings, check_v2=False) as target:
         for point_id in point_ids:
-            retention.finish_removal(target, catalog, point_id)
-            log.info("removed %s", point_id)
+            try:
+                removal = retention.finish_removal(
+                    target, catalog, point_id, doing="background removal", wait=retention.LOCK_WAIT_SECONDS
+                )
+            except Exception as exc:  # noqa: BLE001 - one point's failure never stops the others' removal
+                message = exc.paragraph() if isinstance(exc, RollbackError) else str(exc).strip()
+                log.error("%s not removed: %s", point_id, message)
+                failed.append(point_id)
+                continue
+            log.info("%s", removal.describe())
+    if failed:
+        raise RollbackError(
+            f"Unlisted point(s) {', '.join(failed)} not removed (see above).",
+            "`python3 rollback_manager.py cleanup` finishes their removal.",
+        )
 
 
 def _prepare_spare(target, point: Point) -> None:

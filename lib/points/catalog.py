@@ -4,6 +4,9 @@ A point is ``<backup dir>/<id>/`` with its files and ``manifest.json``. It is
 built in ``.tmp-<id>/`` (hidden from listings), every file fsynced, the manifest
 written last, then the folder renamed into place: a failed or killed creation
 leaves only a hidden temporary folder, removed the next time the catalog opens.
+A point being removed is renamed to ``.tmp-deleting-<id>/`` first (unlisted at
+once); that folder is never a creation's, and only the removal that holds the
+point's lock (lib/points/retention.py) drops its databases and then removes it.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 TMP_PREFIX = ".tmp-"
 PENDING = ".pending.json"
+DELETING = f"{TMP_PREFIX}deleting-"  # an unlisted point, its databases and folder not yet removed
 INTENTS = ".intents"  # one file per database the toolkit is about to create, written before it exists
 CATALOG_ID = ".catalog-id"  # ties the databases this catalog creates to it (their comment names it)
 VERIFICATION = ".verification.json"  # beside a manifest: what has been verified since, and the rows read in the background
@@ -184,17 +188,19 @@ class Catalog:
                 log.warning("unreadable intent record %s", path)
         return found
 
-    def remove_stale_temporaries(self, dry_run: bool = False, *, deletions: bool = False) -> list[Path]:
+    def remove_stale_temporaries(self, dry_run: bool = False) -> list[Path]:
         """Folders of creations whose process is gone (a process on another host is taken
-        as alive); with ``deletions``, also the folders of unlisted points, which the
-        background removes and otherwise only cleanup touches. Returns them."""
+        as alive). Returns them. Never an unlisted point's folder: it holds no ``.owner``
+        and may hold the ``.pending.json`` of the swap that made it, but finishing it as a
+        creation would list it again (as ``deleting-<id>``) while the background drops its
+        database; its removal is finished by retention.finish_removal only."""
         found: list[Path] = []
         if not self.root.is_dir():
             return found
         for entry in self.root.iterdir():
             if not entry.name.startswith(TMP_PREFIX) or not entry.is_dir():
                 continue
-            if entry.name.startswith(f"{TMP_PREFIX}deleting-") and not deletions:
+            if entry.name.startswith(DELETING):
                 continue
             owner = entry / ".owner"
             try:
@@ -207,7 +213,7 @@ class Catalog:
                 continue
             if not alive:
                 found.append(entry)
-                self.stale_ids.append(entry.name[len(TMP_PREFIX) :].removeprefix("deleting-"))
+                self.stale_ids.append(entry.name[len(TMP_PREFIX) :])
                 if not dry_run:
                     log.info("removing %s, left by an interrupted creation", entry)
                     shutil.rmtree(entry, ignore_errors=True)
@@ -297,14 +303,21 @@ class Catalog:
 
     def unlist(self, point: Point) -> Path:
         """The point is no longer listed (its folder renamed aside, atomically); what is
-        left of it is removed now or later, by whoever holds the folder's name."""
+        left of it is removed now or later, by whoever first takes the point's lock
+        (lib/points/retention.py, finish_removal)."""
         trash = self.trash(point.id)
         os.rename(point.path, trash)
         fsync_path(self.root)
         return trash
 
     def trash(self, point_id: str) -> Path:
-        return self.root / f"{TMP_PREFIX}deleting-{point_id}"
+        return self.root / f"{DELETING}{point_id}"
+
+    def unlisted(self) -> list[str]:
+        """Ids of the points unlisted whose removal is not finished (their folders are still there)."""
+        if not self.root.is_dir():
+            return []
+        return sorted(e.name[len(DELETING) :] for e in self.root.iterdir() if e.name.startswith(DELETING) and e.is_dir())
 
     def remove(self, point: Point) -> None:
         shutil.rmtree(self.unlist(point), ignore_errors=True)
@@ -357,6 +370,7 @@ class PointWriter:
         final = self.catalog.root / self.id
         os.rename(self.tmp, final)
         fsync_path(self.catalog.root)
+        (final / PENDING).unlink(missing_ok=True)  # listed: nothing is pending (only now, or a kill before the rename loses it)
         self.committed = True
         return Point(final, manifest)
 

@@ -20,11 +20,13 @@ from lib.errors import RollbackError
 from lib.files import human_size
 from lib.pg.db import database_exists, derived_name, drop_database, query
 from lib.pg.target import Target
-from lib.points import spare
+from lib.points import retention, spare
 from lib.points.catalog import Catalog
+from lib.points.copies import comment_for
 from lib.points.intents import marker
 from lib.points.methods import template as template_method
 from lib.points.methods.dump import DIFF_SUFFIX, VERIFY_SUFFIX
+from lib.points.retention import Outcome
 from lib.process import dead_temporaries, pid_alive
 from lib.restore.pitr_recovery import leftover_sides
 from lib.restore.swap import ASIDE_SUFFIX, recover_pending
@@ -33,13 +35,24 @@ log = logging.getLogger(__name__)
 
 
 def _owned(target: Target, catalog: Catalog) -> set[str]:
-    """Databases that belong to a listed point, or are staging itself."""
+    """Databases that belong to a listed point, to an unlisted one whose removal is not
+    finished (the removal that holds its lock drops them), or are staging itself."""
     owned = {target.dbname}
     for point in catalog.points():
         name = point.manifest.template_database
         if name:
             owned |= {name, spare.spare_name(point)}
+    for point_id in catalog.unlisted():
+        owned |= set(retention.databases_of(target, catalog, point_id, retention.unlisted_point(catalog, point_id)))
     return owned
+
+
+def _why_marked(comment: str) -> str:
+    """Why a database whose comment names this catalog is unowned, naming its point when the comment does."""
+    head = comment_for("\0", "", "").split("\0")[0]  # "rollback point "
+    if comment.startswith(head) and ": " in comment:
+        return f"made by this catalog for point {comment[len(head) :].split(': ', 1)[0]}, which is no longer listed"
+    return "made by this catalog and belonging to no listed point"
 
 
 def unowned_databases(target: Target, catalog: Catalog, *, tidy: bool = False) -> list[tuple[str, int | None, str]]:
@@ -67,12 +80,15 @@ def unowned_databases(target: Target, catalog: Catalog, *, tidy: bool = False) -
         )
     rows = query(
         target.maint,
-        "SELECT datname FROM pg_database WHERE strpos(coalesce(shobj_description(oid, 'pg_database'), ''), %s) > 0",
+        """
+        SELECT datname, shobj_description(oid, 'pg_database') FROM pg_database
+         WHERE strpos(coalesce(shobj_description(oid, 'pg_database'), ''), %s) > 0
+        """,
         (marker(catalog),),
     )
-    for (name,) in rows:
+    for name, comment in rows:
         if name not in owned and name not in running and name not in found:
-            found[name] = "made by this catalog and belonging to no listed point"
+            found[name] = _why_marked(comment)
     for suffix in (ASIDE_SUFFIX, DIFF_SUFFIX, VERIFY_SUFFIX):
         name = derived_name(target.dbname, suffix)
         if name not in found and name not in running and database_exists(target.maint, name):
@@ -81,24 +97,48 @@ def unowned_databases(target: Target, catalog: Catalog, *, tidy: bool = False) -
     return [(name, sizes.get(name), why) for name, why in sorted(found.items())]
 
 
+def _finish_removals(target: Target, catalog: Catalog, *, dry_run: bool) -> list[str]:
+    """Points unlisted earlier whose removal is not finished: their databases dropped,
+    then their folders; never listed again. One whose lock another process holds (the
+    background remover at work) is left to it, its databases still its own."""
+    done = []
+    for point_id in catalog.unlisted():
+        if dry_run:
+            names = retention.databases_of(target, catalog, point_id, retention.unlisted_point(catalog, point_id))
+            what = f"database {', '.join(names)}, then its folder" if names else "its folder"
+            done.append(f"Would finish removing point {point_id}, unlisted earlier: {what}")
+            continue
+        removal = retention.finish_removal(target, catalog, point_id, doing="cleanup")
+        if removal.outcome is Outcome.REMOVED:
+            done.append(f"Removed point {point_id}, unlisted earlier ({removal.what_was_dropped})")
+        elif removal.outcome is Outcome.BUSY:
+            done.append(f"Left point {point_id}, unlisted earlier, alone: {removal.by} holds it now")
+        elif removal.outcome is Outcome.OTHER_SERVER:
+            done.append(
+                f"Left point {point_id}, unlisted earlier: its database copy lives on another server, "
+                "where a cleanup with --database-url for that server removes it"
+            )
+    return done
+
+
 def finish_interrupted(target: Target, catalog: Catalog, *, dry_run: bool = False, everything: bool = False) -> list[str]:
     """The one place what killed runs left is finished, with staging's lock held: before
     every operation starts (the scaffold), and on demand (cleanup, ``everything``: also
+    the removal of points unlisted earlier that the background has not finished, and
     every database this catalog made that nothing owns). Unfinished point folders are
     removed, the state kept before a restore killed after its swap is listed, and the
     database copy of a point whose creation was killed, the copy a killed restore was
     building beside staging, private temporary files and pgBackRest side servers of
     dead processes are removed. Returns what was (or would be) done, as sentences."""
     verb = "Would remove" if dry_run else "Removed"
-    found = [
-        f"{verb} unfinished point folder {p}" for p in catalog.remove_stale_temporaries(dry_run=dry_run, deletions=everything)
-    ]
+    found = [f"{verb} unfinished point folder {p}" for p in catalog.remove_stale_temporaries(dry_run=dry_run)]
     if dry_run:
         found += [f"Would finish unfinished point folder {p} (or remove it if its swap did not happen)" for p in catalog.pending]
     else:
         found += [line[0].upper() + line[1:] for line in recover_pending(target, catalog)]
     named: set[str] = set()
     if everything:
+        found += _finish_removals(target, catalog, dry_run=dry_run)
         for name, size, why in unowned_databases(target, catalog, tidy=not dry_run):
             found.append(f"{verb} database {name} ({human_size(size) if size is not None else 'invalid'}), {why}")
             named.add(name)
