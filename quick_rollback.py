@@ -34,8 +34,8 @@ def build_parser() -> Parser:
     p.add_argument(
         "--force",
         action="store_true",
-        help="go ahead although staging has logical replication slots or subscriptions (they stay with the state kept "
-        "before), or a point's database may have been changed outside the toolkit",
+        help="go ahead although staging has replication slots or subscriptions (they stay with the state kept before), "
+        "or a point's database was opened outside the toolkit",
     )
     p.add_argument("--catalog-check-only", action="store_true", help=CATALOG_CHECK_ONLY_HELP)
     p.add_argument("--database-url", help="staging database URL (default: STAGING_DATABASE_URL)")

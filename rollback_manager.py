@@ -96,8 +96,8 @@ def build_parser() -> Parser:
     restore.add_argument(
         "--force",
         action="store_true",
-        help="go ahead although staging has logical replication slots or subscriptions (they stay with the state kept "
-        "before), or the point's database may have been changed outside the toolkit",
+        help="go ahead although staging has replication slots or subscriptions (they stay with the state kept before), "
+        "or the point's database was opened outside the toolkit",
     )
     restore.add_argument("--catalog-check-only", action="store_true", help=CATALOG_CHECK_ONLY_HELP)
     differ = sub.add_parser("diff", parents=[parent], help="what restoring a point would undo")

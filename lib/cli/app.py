@@ -30,10 +30,7 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
 
-CATALOG_CHECK_ONLY_HELP = (
-    "swap the copy in after its catalog check only, without reading it: faster on a large database, "
-    "but a changed or damaged page in the point is not seen (a spare the background read is swapped at once anyway)"
-)
+CATALOG_CHECK_ONLY_HELP = "swap the copy in after its catalog check, unread: a changed or damaged page goes unseen"
 
 
 def common_flags(parser: argparse.ArgumentParser) -> None:
