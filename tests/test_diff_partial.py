@@ -32,7 +32,7 @@ def test_diff_counts_match_known_changes(staging, method):
         tables["public.customers"]["changed"],
     ) == (40, 0, 0)
     assert tables["public.audit_events"]["added"] == 40  # written by the customers trigger
-    lines = tables['Sales Ops.Order "Lines" Ü']
+    lines = tables[ORDER_LINES]  # tables are named as SQL writes them
     assert (lines["added"], lines["deleted"], lines["changed"]) == (20, 5, 7)
     assert tables["public.documents"]["deleted"] == 1
     assert tables["public.parent_log"]["has_primary_key"] is False
@@ -70,7 +70,7 @@ def test_partial_rollback_removes_only_added_rows(staging, method):
     done = staging.run("rollback_manager.py", "restore", point_id, "--type", "partial", *scope, "--yes", "--json")
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
-    assert out["deleted"] == {"public.customers": 40, "public.audit_events": 40, 'Sales Ops.Order "Lines" Ü': 20}
+    assert out["deleted"] == {"public.customers": 40, "public.audit_events": 40, ORDER_LINES: 20}
     assert staging.sql("SELECT count(*) FROM customers")[0][0] == 300
     assert staging.sql(f"SELECT count(*) FROM {ORDER_LINES}")[0][0] == 1195  # deletions are not undone
     assert staging.sql(f"SELECT count(*) FROM {ORDER_LINES} WHERE note = 'changed'")[0][0] == 7  # changes kept

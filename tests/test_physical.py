@@ -295,7 +295,7 @@ def test_on_xfs_with_reflink_the_server_clones_and_the_probe_leaves_nothing(new_
         assert _copies_line(staging).startswith("clone: every tablespace staging uses is on a filesystem that shares blocks")
         staging.sql(MIGRATION)
         quick = staging.run_json("quick_rollback.py", "--yes")
-        assert quick["verified"] is True
+        assert quick["verified"].startswith(("rows: ", "pages: "))
 
 
 def _unreachable(staging, server, *args: str) -> subprocess.CompletedProcess:

@@ -67,7 +67,7 @@ def test_create_writes_a_complete_private_point_whatever_the_umask(staging):
     assert manifest["database"]["url"].count("***") == 1
     assert manifest["database"]["server_major"] == staging.server.major
     assert manifest["database"]["system_identifier"]
-    assert manifest["fingerprint"]["row_counts"]['Sales Ops.Order "Lines" Ü'] == 1200
+    assert manifest["fingerprint"]["row_counts"]['"Sales Ops"."Order ""Lines"" Ü"'] == 1200
     assert (
         manifest["fingerprint"]["row_counts"]["public.measurements_2024"]
         + manifest["fingerprint"]["row_counts"]["public.measurements_2025"]

@@ -23,7 +23,7 @@ from lib.operations import background
 from lib.operations import pitr_restore as pitr_ops
 from lib.operations.scaffold import Operation, operation
 from lib.pg.db import connection, database_properties
-from lib.pg.fingerprint import compare, fingerprint, row_counts, sequence_positions
+from lib.pg.fingerprint import compare, fingerprint, rekeyed, row_counts, sequence_positions
 from lib.pg.target import Target, open_target
 from lib.points import crypto, retention
 from lib.points.catalog import MANIFEST, Catalog, Point, check_files, refuse_damaged_manifest
@@ -227,7 +227,7 @@ def verify_staging(settings: Settings, point_id: str) -> tuple[dict[str, dict], 
         with connection(settings.staging(), readonly=True, application_name="rollback-toolkit verify") as conn:
             if registry.of(point).whole_database:
                 fp = fingerprint(conn)
-                want = expected.get("row_counts", {})
+                want = rekeyed(expected.get("row_counts", {}), fp.row_counts)
                 tables = {
                     t: {
                         "expected_rows": want.get(t),
@@ -237,9 +237,9 @@ def verify_staging(settings: Settings, point_id: str) -> tuple[dict[str, dict], 
                     for t in sorted(set(want) | set(fp.row_counts))
                 }
                 problems = compare(expected, fp)
-            else:  # only the point's tables, and their sequences
+            else:  # only the point's tables, and their sequences (keys recorded before quoting, matched)
                 actual = row_counts(conn)
-                want = expected.get("row_counts", {})
+                want = rekeyed(expected.get("row_counts", {}), actual)
                 tables = {
                     t: {"expected_rows": n, "actual_rows": actual.get(t), "matches": actual.get(t) == n} for t, n in want.items()
                 }

@@ -42,7 +42,7 @@ from lib.interaction import Reporter
 from lib.pg.backrest import Backup, History, Repository, lsn_value
 from lib.pg.cluster import LocalCluster
 from lib.pg.db import connect, database_properties, query, scalar
-from lib.pg.fingerprint import compare, physical_fingerprint
+from lib.pg.fingerprint import compare, physical_fingerprint, rekeyed, split_qualified
 from lib.pg.target import Target
 from lib.points.catalog import Catalog, Point
 from lib.points.manifest import thawed
@@ -542,10 +542,9 @@ def _wait_recovered(target: Target) -> None:
 
 
 def set_sequences(conn, sequences: dict) -> None:
-    for key, (last, called) in sequences.items():
-        schema, _, name = key.partition(".")
+    for key, (last, called) in rekeyed(sequences, (t.key for t in data_method.all_sequences(conn))).items():
         with suppress(psycopg2.Error):
-            query(conn, "SELECT setval(%s::regclass, %s, %s)", (data_method.quoted(Table(schema, name)), last, called))
+            query(conn, "SELECT setval(%s::regclass, %s, %s)", (data_method.quoted(Table(*split_qualified(key))), last, called))
 
 
 def check_schema(conn, point: Point) -> None:

@@ -27,7 +27,15 @@ from lib.pg.db import (
     sessions_on,
     snapshot_session,
 )
-from lib.pg.fingerprint import portable_schema_lines, row_counts, schema_differences, schema_lines, sequence_positions
+from lib.pg.fingerprint import (
+    portable_schema_lines,
+    rekeyed,
+    row_counts,
+    schema_differences,
+    schema_lines,
+    sequence_positions,
+    split_qualified,
+)
 from lib.pg.progress import RestoreTracker, RowsLoaded, Watch, application_name, named_sessions
 from lib.pg.target import Target
 from lib.pg.tools import INDEX_MEMORY, candidates_for_archive, candidates_for_server, command_for, companion, try_each
@@ -67,6 +75,13 @@ def describe(target: Target, v2, v2_major: int, v2_size: int) -> str:
     return "\n".join(lines)
 
 
+# Every name quoted, by pg_dump and by the server's deparsing of expressions alike, as
+# pg_dump's manual advises when the copy goes to another major: each major quotes only
+# its own keywords, so V2 on 15 writes a column system_user bare, which 16 and later
+# read as the SQL function SYSTEM_USER.
+QUOTE_ALL = "--quote-all-identifiers"
+
+
 def copy_v2(target: Target, v2, v2_major: int, aside: str, snapshot: str, ui: Reporter, jobs: int, expected: V2State) -> str:
     dumps = candidates_for_server("pg_dump", v2_major, target.settings)
 
@@ -96,14 +111,13 @@ def _stream_then_index(
     once (large tables split by block ranges), sequences and large objects, all in the
     same snapshot and with no intermediate file; then indexes, constraints and the rest
     built by ``jobs`` workers from a small schema-only archive."""
-    common = ["--format=custom", "--compress=0", f"--snapshot={snapshot}"]
+    common = ["--format=custom", "--compress=0", f"--snapshot={snapshot}", QUOTE_ALL]
     with ui.progress(f"Creating V2's tables in {aside}"):
         pipeline(dump, [*common, "--section=pre-data", *v2.tool_args()], restore, restore.into(aside, []))
     _stream_rows(target, v2, dump, restore, aside, snapshot, jobs, ui, expected.rows)
     with connection(target.info, aside, application_name="rollback-toolkit reset") as conn:
         for key, (last, called) in expected.sequences.items():
-            schema, _, name = key.partition(".")
-            query(conn, "SELECT setval(%s::regclass, %s, %s)", (data_method.quoted(Table(schema, name)), last, called))
+            query(conn, "SELECT setval(%s::regclass, %s, %s)", (data_method.quoted(Table(*split_qualified(key))), last, called))
     with ui.progress("Copying large objects"):
         pipeline(dump, [*common, "--section=data", "--exclude-table-data=*.*", *v2.tool_args()], restore, restore.into(aside, []))
     with private_temporary_folder("reset") as tmp:
@@ -224,7 +238,7 @@ def _dump_then_script(target: Target, dump: PgDump, snapshot: str, restore_tool,
     its SQL script, filtered for the older server, into psql."""
     with private_temporary_folder("reset") as tmp:
         archive = Path(tmp) / "v2.dump"
-        dump.run(dump.archive(snapshot=snapshot, file=str(archive), compress="0"))
+        dump.run([QUOTE_ALL, *dump.archive(snapshot=snapshot, file=str(archive), compress="0")])
         restore_script(target, restore_tool, [str(archive)], aside, single_transaction=False)
 
 
@@ -288,7 +302,9 @@ def rebuild_from(
             schema_lines if source_major == target.facts.major else portable_schema_lines,
             source=what,
         )
-        expected.sequences.update({k: v for k, v in (sequences or {}).items() if k in expected.sequences})
+        expected.sequences.update(
+            {k: v for k, v in rekeyed(sequences or {}, expected.sequences).items() if k in expected.sequences}
+        )
         expected.schema = expected.read_schema(snap)
 
         def build(aside: str) -> str:

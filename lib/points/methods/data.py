@@ -5,7 +5,9 @@ table's columns changed since the point.
 Taken in one repeatable-read snapshot; each table is a gzip file of COPY text
 (one line per row), checksummed by the catalog. Restored in one transaction:
 the tables are truncated together, refilled, their sequences set and their row
-counts checked before the commit."""
+counts checked before the commit. Constraints marked NOT VALID stay what they
+were: promises about new rows, not about the rows the point holds (see
+``_set_aside``)."""
 
 from __future__ import annotations
 
@@ -21,11 +23,12 @@ import psycopg2
 from psycopg2 import sql
 
 from lib import faults
-from lib.errors import CatalogError, ConfigError, VerificationError
+from lib.errors import CatalogError, ConfigError, DatabaseError, VerificationError
 from lib.files import human_size, utc_now
 from lib.interaction import Reporter
+from lib.pg.codes import INSUFFICIENT_PRIVILEGE
 from lib.pg.db import connection, database_properties, query, snapshot_session
-from lib.pg.fingerprint import USER_NAMESPACES, schema_lines
+from lib.pg.fingerprint import USER_NAMESPACES, qualified, rekeyed, schema_lines, split_qualified
 from lib.pg.progress import estimated_rows
 from lib.pg.target import Target
 from lib.points import crypto
@@ -46,6 +49,13 @@ class Table:
 
     @property
     def key(self) -> str:
+        """As fingerprints name it (``qualified``): ``public.orders``, ``"Sales Ops"."Order Items"``."""
+        return qualified(self.schema, self.name)
+
+    @property
+    def label(self) -> str:
+        """As people type it plainly (``Sales Ops.Order Items``): for the manifest's
+        description of a point's tables, never read back."""
         return f"{self.schema}.{self.name}"
 
     def ident(self) -> sql.Composed:
@@ -177,6 +187,11 @@ def quoted(table: Table) -> str:
     return '"{}"."{}"'.format(table.schema.replace('"', '""'), table.name.replace('"', '""'))
 
 
+def regclasses(tables: list[Table]) -> list[str]:
+    """The tables as a parameter for ``%s::regclass[]``: compared by oid, never by a printed name."""
+    return [quoted(t) for t in tables]
+
+
 def owned_sequences(conn, tables: list[Table]) -> list[Table]:
     rows = query(
         conn,
@@ -186,11 +201,10 @@ def owned_sequences(conn, tables: list[Table]) -> list[Table]:
           JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S'
           JOIN pg_namespace sn ON sn.oid = s.relnamespace
           JOIN pg_class t ON t.oid = d.refobjid
-          JOIN pg_namespace tn ON tn.oid = t.relnamespace
          WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass
-           AND d.deptype IN ('a', 'i') AND (tn.nspname || '.' || t.relname) = ANY(%s)
+           AND d.deptype IN ('a', 'i') AND t.oid = ANY(%s::regclass[])
          ORDER BY 1, 2""",
-        ([t.key for t in tables],),
+        (regclasses(tables),),
     )
     return [Table(s, n) for s, n in rows]
 
@@ -318,7 +332,7 @@ def take(
                     **base,
                     created_at_text=started.isoformat(timespec="milliseconds"),
                     method=DataMethod.name,
-                    table=", ".join(t.key for t in chosen) if tables else None,
+                    table=", ".join(t.label for t in chosen) if tables else None,
                     database=database_section(target, props),
                     tables=entries,
                     fingerprint={"row_counts": counts, "sequences": positions, "schema_objects": len(lines)},
@@ -342,7 +356,7 @@ def read_through(point: Point, settings) -> dict:
             raise VerificationError(f"{path} cannot be read: {exc}.", "Use an earlier point.") from None
         if rows != entry.rows:
             raise VerificationError(f"{path} holds {rows} rows, the manifest says {entry.rows}.", "Use an earlier point.")
-        counted[entry.key] = rows
+        counted[qualified(entry.schema, entry.name)] = rows
     return {"archive": "read end to end", "tables": len(counted), "rows_read": counted}
 
 
@@ -379,17 +393,16 @@ def _check_columns(conn, point: Point) -> list[Table]:
 
 def _outside_references(conn, tables: list[Table]) -> list[str]:
     """Tables outside the point whose foreign keys point into it: TRUNCATE would need CASCADE."""
-    keys = [t.key for t in tables]
+    oids = regclasses(tables)
     rows = query(
         conn,
         """
         SELECT DISTINCT format('%%I.%%I', fn.nspname, f.relname)
           FROM pg_constraint c
           JOIN pg_class f ON f.oid = c.conrelid JOIN pg_namespace fn ON fn.oid = f.relnamespace
-          JOIN pg_class r ON r.oid = c.confrelid JOIN pg_namespace rn ON rn.oid = r.relnamespace
-         WHERE c.contype = 'f' AND (rn.nspname || '.' || r.relname) = ANY(%s)
-           AND NOT (fn.nspname || '.' || f.relname) = ANY(%s)""",
-        (keys, keys),
+         WHERE c.contype = 'f' AND c.confrelid = ANY(%s::regclass[]) AND NOT c.conrelid = ANY(%s::regclass[])
+           AND f.relkind <> 'p'  -- a partitioned table's rows are its partitions', whose own foreign keys name them""",
+        (oids, oids),
     )
     return [r[0] for r in rows]
 
@@ -438,13 +451,17 @@ def restore_in_transaction(target: Target, point: Point, ui: Reporter) -> str:
             replica = False
         mode = "triggers and foreign-key checks off (session_replication_role = replica)" if replica else "dependency order"
         ordered = tables if replica else _dependency_order(conn, tables)
-        by_key = {e.key: e for e in point.manifest.tables}
-        rows = sum(by_key[t.key].rows for t in tables)
+        by_table = {Table(e.schema, e.name): e for e in point.manifest.tables or ()}
+        rows = sum(by_table[t].rows for t in tables)
         with ui.progress(f"Restoring {len(tables)} table(s) in one transaction ({mode})", total=rows, unit="rows") as tick:
-            query(conn, sql.SQL("TRUNCATE {}").format(sql.SQL(", ").join(sql.SQL("ONLY {}").format(t.ident()) for t in tables)))
+            if tables:
+                query(conn, _truncate(conn, tables))
+            # foreign keys check rows only while triggers are on
+            not_valid = _not_valid_constraints(conn, tables, ("c", "n") if replica else ("c", "n", "f"))
+            _set_aside(conn, not_valid, put_back=False)
             loaded = 0
             for n, table in enumerate(ordered, start=1):
-                entry = by_key[table.key]
+                entry = by_table[table]
                 with (
                     crypto.payload(point, entry.file, target.settings) as raw,
                     gzip.GzipFile(fileobj=raw, mode="rb") as fh,
@@ -457,14 +474,15 @@ def restore_in_transaction(target: Target, point: Point, ui: Reporter) -> str:
                     )
                 loaded += entry.rows
                 tick(f"{n}/{len(tables)}: {table.key}", done=loaded)
-            for key, (last, called) in thawed((point.manifest.fingerprint or {}).get("sequences", {})).items():
-                schema, _, name = key.partition(".")
-                query(conn, "SELECT setval(%s::regclass, %s, %s)", (quoted(Table(schema, name)), last, called))
+            _set_aside(conn, not_valid, put_back=True)
+            recorded = thawed((point.manifest.fingerprint or {}).get("sequences", {}))
+            for key, (last, called) in rekeyed(recorded, (t.key for t in all_sequences(conn))).items():
+                query(conn, "SELECT setval(%s::regclass, %s, %s)", (quoted(Table(*split_qualified(key))), last, called))
             problems = []
             for table in tables:
                 got = query(conn, sql.SQL("SELECT count(*) FROM ONLY {}").format(table.ident()))[0][0]
-                if got != by_key[table.key].rows:
-                    problems.append(f"{table.key}: {got} rows, the point has {by_key[table.key].rows}")
+                if got != by_table[table].rows:
+                    problems.append(f"{table.key}: {got} rows, the point has {by_table[table].rows}")
             if problems:
                 conn.rollback()
                 raise VerificationError(
@@ -474,30 +492,142 @@ def restore_in_transaction(target: Target, point: Point, ui: Reporter) -> str:
     return mode
 
 
+def _truncate(conn, tables: list[Table]) -> sql.Composed:
+    """TRUNCATE of the tables, ONLY each, together with the partitioned tables all of whose
+    partitions they are: a foreign key of a partitioned table is checked on it, so
+    emptying the table it references needs it named too (it holds no rows of its own)."""
+    whole = [
+        Table(s, n)
+        for s, n in query(
+            conn,
+            """
+            SELECT DISTINCT n.nspname, c.relname
+              FROM unnest(%(tables)s::regclass[]) t, pg_partition_ancestors(t) a
+              JOIN pg_class c ON c.oid = a.relid JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE a.relid <> t AND NOT EXISTS (SELECT 1 FROM pg_partition_tree(a.relid) l
+                                                 WHERE l.isleaf AND NOT l.relid = ANY(%(tables)s::regclass[]))""",
+            {"tables": regclasses(tables)},
+        )
+    ]
+    names = [sql.SQL("ONLY {}").format(t.ident()) for t in tables] + [t.ident() for t in whole]
+    return sql.SQL("TRUNCATE {}").format(sql.SQL(", ").join(names))
+
+
+@dataclass(frozen=True)
+class _NotValid:
+    """A constraint marked NOT VALID, on the relation it is defined on."""
+
+    schema: str
+    table: str
+    name: str
+    definition: str  # pg_get_constraintdef: ends in NOT VALID
+    comment: str | None
+    depth: int  # how far above a restored table its relation is (0: the table itself)
+
+    def on(self) -> sql.Composed:
+        return sql.SQL("{}.{}").format(sql.Identifier(self.schema), sql.Identifier(self.table))
+
+
+def _not_valid_constraints(conn, tables: list[Table], types: tuple[str, ...]) -> list[_NotValid]:
+    """The NOT VALID constraints of ``types`` that check the tables' rows, where each is
+    defined: on the table itself, or on the parent it inherits it from (a partitioned
+    table's CHECK is its partitions')."""
+    rows = query(
+        conn,
+        """
+        WITH RECURSIVE up(relid, restored, depth) AS (
+            SELECT t::oid, t::oid, 0 FROM unnest(%s::regclass[]) t
+          UNION
+            SELECT i.inhparent, up.restored, up.depth + 1 FROM pg_inherits i JOIN up ON i.inhrelid = up.relid)
+        SELECT n.nspname, c.relname, co.conname, pg_get_constraintdef(co.oid), obj_description(co.oid, 'pg_constraint'),
+               max(up.depth)
+          FROM up
+          JOIN pg_constraint co ON co.conrelid = up.relid
+          JOIN pg_class c ON c.oid = co.conrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE co.conislocal AND NOT co.convalidated AND co.contype::text = ANY(%s)
+           AND EXISTS (SELECT 1 FROM pg_constraint own WHERE own.conrelid = up.restored AND own.conname = co.conname
+                          AND own.contype = co.contype AND NOT own.convalidated)
+         GROUP BY co.oid, n.nspname, c.relname, co.conname""",
+        (regclasses(tables), list(types)),
+    )
+    return [_NotValid(*row) for row in rows]
+
+
+def _set_aside(conn, constraints: list[_NotValid], *, put_back: bool) -> None:
+    """Drops the NOT VALID constraints before the rows are loaded; adds them back, NOT
+    VALID as they were and with their comments, after (``put_back``), in the same
+    transaction.
+
+    NOT VALID promises that new rows are checked and old ones are not. The rows a point
+    holds are old rows: a NOT VALID CHECK (or a NOT VALID NOT NULL on 18, or a NOT VALID
+    foreign key while triggers are on) that rows broke when the point was taken would
+    refuse them again, and the point could never come back. session_replication_role
+    does not help: it turns off triggers (foreign keys), never CHECK or NOT NULL.
+    Adding a constraint NOT VALID reads no row, so putting one back costs nothing per
+    row; TRUNCATE already holds the tables' ACCESS EXCLUSIVE lock, so no session sees
+    them without it. A parent's constraint is set aside on the parent (its other
+    children lack it only inside this transaction, which nobody else sees)."""
+    try:
+        if not put_back:
+            for c in sorted(constraints, key=lambda c: -c.depth):  # a parent's before its children's own
+                query(conn, sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(c.on(), sql.Identifier(c.name)))
+            return
+        for c in sorted(constraints, key=lambda c: c.depth):  # a child's own before the parent's, which merges with it
+            query(
+                conn, sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} ").format(c.on(), sql.Identifier(c.name)) + sql.SQL(c.definition)
+            )
+            if c.comment is not None:
+                query(
+                    conn,
+                    sql.SQL("COMMENT ON CONSTRAINT {} ON {} IS {}").format(
+                        sql.Identifier(c.name), c.on(), sql.Literal(c.comment)
+                    ),
+                )
+    except psycopg2.Error as exc:
+        if exc.pgcode != INSUFFICIENT_PRIVILEGE:
+            raise
+        raise DatabaseError(
+            f"Restoring the rows needs NOT VALID constraints set aside and put back "
+            f"({', '.join(c.name for c in constraints)}), which only their tables' owner may do: "
+            f"{(exc.pgerror or str(exc)).strip()}. Rolled back; nothing was changed.",
+            "Restore as the tables' owner or as a superuser.",
+        ) from None
+
+
 def _dependency_order(conn, tables: list[Table]) -> list[Table]:
     """Referenced tables before the tables that reference them (self references ignored)."""
-    keys = {t.key: t for t in tables}
+    by_oid = dict(
+        zip(
+            (
+                r[0]
+                for r in query(
+                    conn, "SELECT t::oid FROM unnest(%s::regclass[]) WITH ORDINALITY u(t, i) ORDER BY i", (regclasses(tables),)
+                )
+            ),
+            tables,
+            strict=True,
+        )
+    )
     edges = query(
         conn,
         """
-        SELECT fn.nspname || '.' || f.relname, rn.nspname || '.' || r.relname
-          FROM pg_constraint c
-          JOIN pg_class f ON f.oid = c.conrelid JOIN pg_namespace fn ON fn.oid = f.relnamespace
-          JOIN pg_class r ON r.oid = c.confrelid JOIN pg_namespace rn ON rn.oid = r.relnamespace
-         WHERE c.contype = 'f' AND c.conrelid <> c.confrelid""",
+        SELECT c.conrelid, c.confrelid FROM pg_constraint c
+         WHERE c.contype = 'f' AND c.conrelid <> c.confrelid
+           AND c.conrelid = ANY(%s::oid[]) AND c.confrelid = ANY(%s::oid[])""",
+        (list(by_oid), list(by_oid)),
     )
-    needs = {k: {ref for child, ref in edges if child == k and ref in keys} for k in keys}
+    needs = {t: {by_oid[ref] for child, ref in edges if by_oid[child] == t} for t in tables}
     ordered: list[Table] = []
     while needs:
-        ready = sorted(k for k, deps in needs.items() if not deps)
+        ready = sorted((t for t, deps in needs.items() if not deps), key=lambda t: t.key)
         if not ready:
             raise CatalogError(
-                "The tables' foreign keys form a cycle: " + ", ".join(sorted(needs)) + ".",
+                "The tables' foreign keys form a cycle: " + ", ".join(sorted(t.key for t in needs)) + ".",
                 "Restore as a superuser (triggers off), or restore a dump or template point.",
             )
-        for k in ready:
-            ordered.append(keys[k])
-            del needs[k]
+        for t in ready:
+            ordered.append(t)
+            del needs[t]
         for deps in needs.values():
             deps.difference_update(ready)
     return ordered
