@@ -311,7 +311,7 @@ def rebuild_from(
             create_database_like(target.maint, aside, props, target.facts.major)
             return copy_v2(target, source, source_major, aside, snapshot, ui, jobs, expected)
 
-        def verify(conn) -> None:
+        def verify(conn) -> str:
             expected.check(conn, target.dbname)
             note = (
                 ""
@@ -319,5 +319,6 @@ def rebuild_from(
                 else f", as PostgreSQL {source_major} and {target.facts.major} both print them"
             )
             ui.ok(f"The copy matches {what}: its schema ({len(expected.schema)} objects{note}) and {expected.describe_rows()}")
+            return f"counted: the schema ({len(expected.schema)} objects{note}) and {expected.describe_rows()}, as in {what}"
 
         return build_verify_swap(target, catalog, ui, build=build, verify=verify, properties=props, restored=restored)

@@ -356,7 +356,7 @@ def verify_restored(conn, point: Point, ui: Reporter, *, untouched: str) -> str:
         return "catalog: schema digest, every relation's file and size, sequences, large objects"
     sequences = "sequences, " if "sequences" in expected else ""  # a point may say why it recorded none
     ui.ok(f"Rebuilt copy matches the point (schema digest, row counts, {sequences}large objects)")
-    return f"rows counted: schema digest, every table's row count, {sequences}large objects"
+    return f"counted: schema digest, every table's row count, {sequences}large objects"
 
 
 def build_verify_swap(
@@ -498,7 +498,7 @@ def restore_data(target: Target, rplan: RestorePlan, ui: Reporter, before: Point
     mode = restore_in_transaction(target, point, ui)
     ui.ok(f"{len(tables)} table(s) restored and their row counts checked before the commit")
     return RestoreResult(
-        point.id, target.dbname, TABLES, before.id, None, 0, notes=[mode], verified="rows counted: every table's row count"
+        point.id, target.dbname, TABLES, before.id, None, 0, notes=[mode], verified="counted: every table's row count"
     )
 
 
