@@ -133,3 +133,44 @@ def test_older_than_removes_only_what_is_older_and_both_rules_must_agree():
 def test_a_retention_that_makes_no_sense_is_refused(keep, older, message):
     with pytest.raises(ConfigError, match=message):
         retention_rules.check_retention_request(keep, older)
+
+
+# ---------------------------------------------------------------- a sealed database's mark
+
+
+def test_a_seal_mark_reads_back_what_was_written_after_the_points_own_text():
+    from lib.points.copies import SealMark
+
+    head = "rollback point rb_x: Before [migration]; (managed by rollback_manager.py, catalog 1; do not connect)"
+    for mark in (
+        SealMark(),
+        SealMark(stamp="754"),
+        SealMark(stamp="754", open="760/12/2"),
+        SealMark(stamp="9", changed="resealed", interrupted=True, ready="2026-12-06T22:00:00+00:00"),
+    ):
+        assert SealMark.split(head + mark.text()) == (head, mark)
+    assert SealMark.split(None) == ("", SealMark())
+    assert SealMark.split("a comment of someone else [not ours]") == ("a comment of someone else [not ours]", SealMark())
+
+
+def test_a_seal_mark_counts_the_readers_that_joined_an_opening():
+    from lib.points.copies import SealMark
+
+    opened = SealMark(stamp="5", open="7/40/0")
+    assert opened.joined().joined().opening() == ("7", 40, 2)
+    assert SealMark(changed="open").why_changed().startswith("it was found open")
+    assert not SealMark(changed="session").trusted() and SealMark(interrupted=True).trusted()
+
+
+def test_rows_of_an_unlogged_table_emptied_by_recovery_are_no_difference_and_any_other_is():
+    from lib.points.reading import Reading
+
+    baseline = {"public.orders": 3, "public.scratch": 50}, {"public.orders": "3:99", "public.scratch": "50:7"}
+    after_crash = Reading({"public.orders": 3, "public.scratch": 0}, {"public.orders": "3:99", "public.scratch": "0:0"})
+    assert after_crash.differences(*baseline, unlogged={"public.scratch"}) == []
+    assert after_crash.emptied(baseline[0], {"public.scratch"}) == ["public.scratch"]
+    assert after_crash.differences(*baseline)  # a logged table emptied is a difference
+    changed = Reading({"public.orders": 3, "public.scratch": 50}, {"public.orders": "3:98", "public.scratch": "50:7"})
+    assert changed.differences(*baseline, unlogged={"public.scratch"}) == [
+        "public.orders: the rows' content differs from what was read before"
+    ]
