@@ -510,10 +510,10 @@ def cleanup(
             return [], None, left
         plan = retention.cleanup_plan(target, catalog, keep=keep, older_than_days=older_than_days)
         if plan.protected:
-            ui.info(f"Newest verified point, always kept: {plan.protected.id}")
+            ui.info(f"Newest point that passes its checks, always kept: {plan.protected.id}")
         manual = plan.protected_manual
         if manual and manual is not plan.protected and manual.id != plan.protected.id:
-            ui.info(f"Newest verified point quick_rollback.py would use, also kept: {manual.id}")
+            ui.info(f"Newest point quick_rollback.py would use, also kept: {manual.id}")
         if not plan.remove:
             ui.info("No point to remove.")
             return [], plan.protected, left

@@ -78,7 +78,7 @@ class CleanupPlan:
 def check_retention_request(keep: int | None, older_than_days: float | None) -> None:
     """Refused before anything is looked at: a retention that makes no sense."""
     if keep is not None and keep < 1:
-        raise ConfigError(f"--keep must be at least 1 (not {keep}).", "The newest verified point is always kept.")
+        raise ConfigError(f"--keep must be at least 1 (not {keep}).", "The newest point that passes its checks is always kept.")
     if older_than_days is not None and not (math.isfinite(older_than_days) and older_than_days >= 0):
         raise ConfigError(
             f"--older-than must be a number of days, 0 or more (not {older_than_days:g}).",
