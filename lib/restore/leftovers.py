@@ -20,7 +20,7 @@ from lib.errors import RollbackError
 from lib.files import human_size
 from lib.pg.db import database_exists, derived_name, drop_database, query
 from lib.pg.target import Target
-from lib.points import retention, spare
+from lib.points import copies, retention, spare
 from lib.points.catalog import Catalog
 from lib.points.copies import comment_for
 from lib.points.intents import marker
@@ -164,7 +164,33 @@ def finish_interrupted(target: Target, catalog: Catalog, *, dry_run: bool = Fals
             drop_database(target.maint, aside)
         return [f"{verb} database {aside}, left behind by an interrupted restore"]
 
+    def reseal_open() -> list[str]:
+        """Point databases of this catalog found open with nobody of the toolkit reading
+        them: sealed again (a killed reading: its baseline, if unfinished, becomes
+        unknown; anyone else's opening: the point is marked changed)."""
+        found_open = query(
+            target.maint,
+            "SELECT datname FROM pg_database WHERE datallowconn AND datname <> %s "
+            "AND left(coalesce(shobj_description(oid, 'pg_database'), ''), 15) = 'rollback point ' "
+            "AND strpos(shobj_description(oid, 'pg_database'), %s) > 0",
+            (target.dbname, marker(catalog)),
+        )
+        done = []
+        for (name,) in found_open:
+            if dry_run:
+                done.append(f"Would seal database {name} again, found open to connections")
+                continue
+            before = copies.seal_mark(target, name)
+            state = copies.database_state(target.maint, name)
+            if state is not None and not state["allow_connections"] and before is not None:
+                done.append(
+                    f"Sealed database {name} again, found open to connections"
+                    + (f" ({before.why_changed()})" if not before.trusted() else " (a reading of it was killed)")
+                )
+        return done
+
     for step in (
+        reseal_open,
         drop_orphans,
         drop_aside,
         lambda: [f"{verb} {line}" for line in dead_temporaries(dry_run)],
