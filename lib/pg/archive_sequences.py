@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from psycopg2.extensions import encodings as PYTHON_CODECS
 
 from lib.errors import ToolError
-from lib.pg.fingerprint import qualified
+from lib.pg.fingerprint import qualified, split_qualified
 from lib.pg.tools import Tool, command_for, try_each
 
 # An archive as pg_restore reads it: its arguments (a path; none for stdin) and its stdin.
@@ -334,45 +334,12 @@ def _shown(tokens: list[_Token]) -> str:
 
 
 def split_qualified_name(text: str) -> tuple[str, str]:
-    """``schema.name`` as PostgreSQL reads a qualified name (regclass input): parts
-    separated by dots outside double quotes, a quoted part with ``""`` for a quote,
-    an unquoted one folded to lower case. Never split on a dot inside quotes."""
-    parts: list[str] = []
-    pos = 0
-    while True:
-        while pos < len(text) and text[pos].isspace():
-            pos += 1
-        if pos < len(text) and text[pos] == '"':
-            part, pos = [], pos + 1
-            while True:
-                end = text.find('"', pos)
-                if end < 0:
-                    raise ToolError(f"An unterminated quoted name in pg_restore's script: {text!r}.")
-                part.append(text[pos:end])
-                pos = end + 1
-                if not text.startswith('"', pos):
-                    break
-                part.append('"')
-                pos += 1
-            parts.append("".join(part))
-        else:
-            end = pos
-            while end < len(text) and text[end] != "." and not text[end].isspace():
-                end += 1
-            if end == pos:
-                raise ToolError(f"An empty name in pg_restore's script: {text!r}.")
-            parts.append(text[pos:end].translate(_ASCII_LOWER))  # PostgreSQL folds ASCII letters only
-            pos = end
-        while pos < len(text) and text[pos].isspace():
-            pos += 1
-        if pos == len(text):
-            break
-        if text[pos] != ".":
-            raise ToolError(f"A malformed qualified name in pg_restore's script: {text!r}.")
-        pos += 1
-    if len(parts) < 2:
-        raise ToolError(f"pg_restore's script sets the sequence {text!r} without its schema.")
-    return parts[-2], parts[-1]
-
-
-_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+    """``schema.name`` as pg_dump writes it into setval (fmtQualifiedId: each part quoted
+    where PostgreSQL would need it, exactly as ``fingerprint.qualified`` writes keys),
+    read back by the one parser of such names. Never split on a dot inside quotes."""
+    if text.startswith('"') and text.count('"') % 2:
+        raise ToolError(f"An unterminated quoted name in pg_restore's script: {text!r}.")
+    try:
+        return split_qualified(text)
+    except ValueError:
+        raise ToolError(f"pg_restore's script sets the sequence {text!r} without its schema.") from None
