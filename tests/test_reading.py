@@ -216,3 +216,24 @@ def _logged_state(staging) -> dict:
     for key in ("row_counts", "content"):
         state[key].pop("public.scratch", None)
     return state
+
+
+def test_quick_rollback_never_waits_for_the_background_and_reads_what_it_swaps_in(staging, tmp_path):
+    """Case 11: the background holds the spare while it reads it (paused there); a quick
+    rollback does not wait for it under staging's lock: it copies the point itself and
+    reads the copy (beside the point, whose baseline was not read yet) before the swap."""
+    ready, resume = tmp_path / "ready", tmp_path / "resume"
+    paused = {"ROLLBACK_SPARE": "1", "ROLLBACK_FAULT_PAUSE": "reading rows", "ROLLBACK_FAULT_READY": str(ready)}
+    paused["ROLLBACK_FAULT_RESUME"] = str(resume)
+    before = deep_state(staging.server, staging.name)
+    created = staging.run_json("create_rollback_point.py", "Before migration", "--method", "template", env=paused)
+    wait_for(lambda: ready.is_file() and ready.read_text().strip(), timeout=60, what="the background to hold the spare")
+    staging.sql(MIGRATION)
+    quick = staging.run("quick_rollback.py", "--yes", "--json", env={"ROLLBACK_SPARE": "1"}, timeout=120)
+    resume.write_text("go\n")
+    assert quick.returncode == 0, quick.stderr
+    assert "still being prepared or read in the background; copying the point itself" in quick.stderr
+    result = json.loads(quick.stdout)
+    assert result["point_id"] == created["id"] and result["tool"] is None
+    assert result["verified"].startswith("rows: ") and "read beside it" in result["verified"]
+    assert deep_state(staging.server, staging.name) == before
