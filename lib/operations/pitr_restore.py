@@ -97,7 +97,10 @@ def _in_place(op: Operation, recovery: pitr.Recovery, point: Point | None) -> Re
         stopped = "the last commit before it" if recovery.kind == "time" else "that position"
         ui.ok(f"The cluster is back at {recovery.label} (recovery stopped at {stopped})")
     op.record.set(mode="pitr in place", cluster=done["cluster"], databases=databases)
-    return RestoreResult(point.id if point else recovery.label, target.dbname, "pitr in place", before.id, None, 0)
+    checked = "catalog: the point's schema and sequences" if point is not None else None  # a moment records nothing to check
+    return RestoreResult(
+        point.id if point else recovery.label, target.dbname, "pitr in place", before.id, None, 0, verified=checked
+    )
 
 
 def refuse_for_other_methods(point: Point, *, in_place: bool) -> None:
