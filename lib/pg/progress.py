@@ -27,7 +27,7 @@ from psycopg2 import sql
 from lib.config import ConnInfo, redact
 from lib.interaction import Tick
 from lib.pg.db import execute, query
-from lib.pg.fingerprint import USER_NAMESPACES
+from lib.pg.fingerprint import USER_NAMESPACES, split_qualified
 
 log = logging.getLogger(__name__)
 
@@ -404,6 +404,7 @@ class RestoreTracker(Tracker):
         self.unit = "rows" if self.rows else "entries"
         self.total = sum(self.rows.values()) if self.rows else (len(self.listed) or None)
         self.data_ids = _data_entries(self.listed, self.rows)
+        self.printed = {".".join(_names(key)): key for key in self.rows}  # "schema.name" as pg_restore prints it
         self.parallel = False
         self.started = 0  # by one job: entries begun
         self.done_ids: set[int] = set()
@@ -422,7 +423,7 @@ class RestoreTracker(Tracker):
             self._finish_current()
             self.started += 1
             data = _DATA.match(message)
-            self.current = data.group(1) if data else None
+            self.current = self.printed.get(data.group(1), data.group(1)) if data else None
 
     def _finish_id(self, dump_id: int) -> None:
         if dump_id in self.listed and dump_id not in self.done_ids:
@@ -447,15 +448,19 @@ class RestoreTracker(Tracker):
         return "; ".join([*parts, building] if building else parts) or None
 
 
+def _names(key: str) -> tuple[str, ...]:
+    """A row-count key's schema and name as the client tools print them: unquoted."""
+    try:
+        return split_qualified(key)
+    except ValueError:
+        return (key,)
+
+
 def _data_entries(listed: dict[int, str], rows: dict[str, int]) -> dict[int, str]:
     """Dump id -> 'schema.table' for the entries that load rows. The listing separates
     schema, name and owner by spaces, which names may hold too: the longest run of words
     that names a counted table wins."""
-    spaced = {}
-    for key in rows:
-        for i, char in enumerate(key):
-            if char == ".":
-                spaced[f"{key[:i]} {key[i + 1 :]}"] = key
+    spaced = {" ".join(_names(key)): key for key in rows}
     found = {}
     for dump_id, text in listed.items():
         kind = next((k for k in _DATA_KINDS if text.startswith(k)), None)
