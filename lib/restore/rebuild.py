@@ -212,7 +212,9 @@ def _run_units(
             f"COPY (SELECT {column_list} FROM ONLY {name}{condition}) TO STDOUT",
             "COMMIT",
         )
-        into = staging_psql.commands(aside, f"COPY {name} ({column_list}) FROM STDIN")
+        into = staging_psql.commands(
+            aside, f"COPY {name} ({column_list}) FROM STDIN" if column_list else f"COPY {name} FROM STDIN"
+        )
         pipeline(v2_psql, out, staging_psql, into)
 
     tracker = watch.tracker

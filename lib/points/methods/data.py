@@ -274,6 +274,14 @@ def copy_columns(cols: tuple[tuple[str, str, str], ...]) -> sql.Composed:
     return sql.SQL(", ").join(sql.Identifier(c[0]) for c in cols if not c[2])
 
 
+def copy_into(table: Table, cols: tuple[tuple[str, str, str], ...]) -> sql.Composed:
+    """COPY ... FROM STDIN of the columns a point wrote; a table without any (it has
+    rows all the same) takes its rows without a column list."""
+    if not any(not c[2] for c in cols):
+        return sql.SQL("COPY {} FROM STDIN").format(table.ident())
+    return sql.SQL("COPY {} ({}) FROM STDIN").format(table.ident(), copy_columns(cols))
+
+
 def take(
     target: Target,
     catalog: Catalog,
@@ -454,6 +462,8 @@ def restore_in_transaction(target: Target, point: Point, ui: Reporter) -> str:
         by_table = {Table(e.schema, e.name): e for e in point.manifest.tables or ()}
         rows = sum(by_table[t].rows for t in tables)
         with ui.progress(f"Restoring {len(tables)} table(s) in one transaction ({mode})", total=rows, unit="rows") as tick:
+            firing = _triggers_that_fire_anyway(conn, tables)
+            _switch(conn, firing, on=False)
             if tables:
                 query(conn, _truncate(conn, tables))
             # foreign keys check rows only while triggers are on
@@ -468,13 +478,11 @@ def restore_in_transaction(target: Target, point: Point, ui: Reporter) -> str:
                     conn.cursor() as cur,
                 ):
                     source = _CountingReader(fh, _telling(tick, f"{n}/{len(tables)}: {table.key}", loaded))
-                    cur.copy_expert(
-                        sql.SQL("COPY {} ({}) FROM STDIN").format(table.ident(), copy_columns(entry.columns)).as_string(conn),
-                        source,
-                    )
+                    cur.copy_expert(copy_into(table, entry.columns).as_string(conn), source)
                 loaded += entry.rows
                 tick(f"{n}/{len(tables)}: {table.key}", done=loaded)
             _set_aside(conn, not_valid, put_back=True)
+            _switch(conn, firing, on=True)
             recorded = thawed((point.manifest.fingerprint or {}).get("sequences", {}))
             for key, (last, called) in rekeyed(recorded, (t.key for t in all_sequences(conn))).items():
                 query(conn, "SELECT setval(%s::regclass, %s, %s)", (quoted(Table(*split_qualified(key))), last, called))
@@ -490,6 +498,34 @@ def restore_in_transaction(target: Target, point: Point, ui: Reporter) -> str:
                 )
             conn.commit()
     return mode
+
+
+_ENABLED = {"A": sql.SQL("ENABLE ALWAYS TRIGGER"), "R": sql.SQL("ENABLE REPLICA TRIGGER")}
+
+
+def _triggers_that_fire_anyway(conn, tables: list[Table]) -> list[tuple[Table, str, str]]:
+    """The tables' own triggers enabled ALWAYS or REPLICA: session_replication_role =
+    replica turns off only the ordinary ones, and a restore fires none (the rows it
+    loads are the point's, not new ones), so these are switched off for the
+    transaction and back on before it commits (ALTER TABLE: the tables' owner)."""
+    if not tables:
+        return []
+    rows = query(
+        conn,
+        """
+        SELECT n.nspname, c.relname, t.tgname, t.tgenabled::text
+          FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE t.tgrelid = ANY(%s::regclass[]) AND NOT t.tgisinternal AND t.tgenabled IN ('A', 'R')
+           AND t.tgparentid = 0""",
+        (regclasses(tables),),
+    )
+    return [(Table(schema, name), trigger, enabled) for schema, name, trigger, enabled in rows]
+
+
+def _switch(conn, triggers: list[tuple[Table, str, str]], *, on: bool) -> None:
+    for table, trigger, enabled in triggers:
+        how = _ENABLED[enabled] if on else sql.SQL("DISABLE TRIGGER")
+        query(conn, sql.SQL("ALTER TABLE {} {} {}").format(table.ident(), how, sql.Identifier(trigger)))
 
 
 def _truncate(conn, tables: list[Table]) -> sql.Composed:
