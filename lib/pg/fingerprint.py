@@ -294,9 +294,15 @@ KINDS: tuple[_Kind, ...] = (
           LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
          WHERE a.attnum > 0 AND NOT a.attisdropped
            AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'c') AND {USER_NAMESPACES}""",
-        portable="{table} #{position} {name} {type} notnull={notnull} default={default} identity={identity} "
+        portable="{table} #{position} {name} {portable_type} notnull={notnull} default={default} identity={identity} "
         "generated={generated} collation={collation} acl={portable_acl}",
-        portable_columns={"portable_acl": _portable_acl("a.attacl")},
+        portable_columns={
+            "portable_acl": _portable_acl("a.attacl"),
+            # a built-in type as every major prints it: with every identifier quoted, 15 quotes "json", which 18 (where
+            # JSON is a keyword) prints bare; a built-in type's name never holds a quote of its own
+            "portable_type": "CASE WHEN (SELECT typnamespace FROM pg_type WHERE oid = a.atttypid) = 'pg_catalog'::regnamespace "
+            "THEN replace(format_type(a.atttypid, a.atttypmod), '\"', '') ELSE format_type(a.atttypid, a.atttypmod) END",
+        },
         namespace="n.nspname",
         member=_member("pg_class", "c.oid"),
     ),
