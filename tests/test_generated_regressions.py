@@ -9,7 +9,15 @@ import pytest
 
 from tests.conftest import _drop_databases_like, get_server, make_staging
 from tests.schemas import GeneratedSchema
-from tests.test_generated_schemas import POINT, assert_point_round_trips, assert_reset_copies_v2, assert_round_trip, built
+from tests.test_generated_schemas import (
+    POINT,
+    assert_point_round_trips,
+    assert_reset_copies_v2,
+    assert_round_trip,
+    assert_same,
+    built,
+    read_state,
+)
 
 ACROSS_MAJORS = pytest.mark.parametrize(
     "v2_major, staging_major", [(15, 18), (18, 15)], ids=["v2_15-staging_18", "v2_18-staging_15"]
@@ -122,20 +130,35 @@ def test_a_data_point_restore_fires_no_trigger_not_even_one_enabled_always_or_re
 # ---------------------------------------------------------------- dump points
 
 
-def test_a_dump_point_restores_a_partition_named_like_its_parent_beside_a_sibling_partition(server, tmp_path):
+PARTITION_NAMED_LIKE_ITS_PARENT = fixed(
+    "CREATE SCHEMA other",
+    "CREATE TABLE other.events (id integer NOT NULL, what text) PARTITION BY RANGE (id)",
+    "CREATE TABLE public.early PARTITION OF other.events FOR VALUES FROM (MINVALUE) TO (0)",
+    "CREATE TABLE public.events PARTITION OF other.events FOR VALUES FROM (0) TO (100)",
+    "INSERT INTO other.events VALUES (-1, 'early'), (1, 'first')",
+    changes=("DELETE FROM other.events WHERE id = -1", "INSERT INTO other.events VALUES (2, 'second')"),
+)
+
+
+def test_a_dump_point_of_a_partition_named_like_its_parent_restores_on_15_and_is_refused_untouched_on_18(server, tmp_path):
     """On 18 a partition's NOT NULL constraint takes its parent's name: public.early and
     public.events both hold "events_id_not_null". pg_dump leaves the name out for
     public.events (it is that table's default name), so pg_restore, finding it taken in
-    the schema, calls it "events_id_not_null1"."""
-    schema = fixed(
-        "CREATE SCHEMA other",
-        "CREATE TABLE other.events (id integer NOT NULL, what text) PARTITION BY RANGE (id)",
-        "CREATE TABLE public.early PARTITION OF other.events FOR VALUES FROM (MINVALUE) TO (0)",
-        "CREATE TABLE public.events PARTITION OF other.events FOR VALUES FROM (0) TO (100)",
-        "INSERT INTO other.events VALUES (-1, 'early'), (1, 'first')",
-        changes=("DELETE FROM other.events WHERE id = -1", "INSERT INTO other.events VALUES (2, 'second')"),
-    )
-    point_round_trip(server, tmp_path, "dump", schema)
+    the schema, calls it "events_id_not_null1" (a plain pg_dump | pg_restore does the
+    same). The rebuilt copy's catalog is then not the point's: the restore is refused
+    before the swap, staging untouched, and a template point of it restores exactly."""
+    if server.major < 18:
+        point_round_trip(server, tmp_path, "dump", PARTITION_NAMED_LIKE_ITS_PARENT)
+        return
+    with built(server, tmp_path, PARTITION_NAMED_LIKE_ITS_PARENT) as staging:
+        point_id = staging.create_point("dump", "--method", "dump")
+        for statement in PARTITION_NAMED_LIKE_ITS_PARENT.changes:
+            staging.sql(statement)
+        changed = read_state(staging)
+        refused = staging.run("rollback_manager.py", "restore", point_id, "--yes")
+        assert refused.returncode == 3 and "schema digest differs" in refused.stderr and "was not touched" in refused.stderr
+        assert_same(changed, read_state(staging), "a refused restore changed staging")
+    point_round_trip(server, tmp_path / "template", "template", PARTITION_NAMED_LIKE_ITS_PARENT)
 
 
 # ---------------------------------------------------------------- reset from V2 across majors
