@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import psycopg2
@@ -99,10 +99,11 @@ def table_bytes(conn) -> dict[tuple[str, str], int]:
 Tick = Callable[[int, str], None]  # bytes read so far (by this reader), the table being read
 
 
-def read_rows(conn, what: str, tick: Tick | None = None) -> Reading:
+def read_rows(conn, what: str, tick: Tick | None = None, *, background: bool = False) -> Reading:
     """Every row of the database ``conn`` is connected to, in one read-only snapshot
     (repeatable read), table by table. A page or file the server cannot read raises
-    CopyDamaged naming ``what`` and the relation."""
+    CopyDamaged naming ``what`` and the relation. ``background``: without parallel
+    workers, so that a foreground command (a point, a rollback) keeps the cores."""
     started = time.monotonic()
     was = conn.autocommit
     conn.autocommit = False
@@ -110,6 +111,8 @@ def read_rows(conn, what: str, tick: Tick | None = None) -> Reading:
     reading = Reading()
     table = "the catalog"
     try:
+        if background:
+            query(conn, "SET LOCAL max_parallel_workers_per_gather = 0")
         sizes = table_bytes(conn)
         for schema, name in counted_tables(conn):
             table = qualified(schema, name)
@@ -146,10 +149,12 @@ def damaged(what: str, relation: str, exc: psycopg2.Error) -> CopyDamaged:
     )
 
 
-def read_side_by_side(first, first_what: str, second, second_what: str, tick: Tick | None = None) -> tuple[Reading, Reading]:
+def read_side_by_side(
+    first, first_what: str, second, second_what: str, tick: Tick | None = None, *, background: bool = False
+) -> tuple[Reading, Reading]:
     """Two databases read at once, one thread each (the server does the work): a point
     and its copy cost one read's time where there are two cores. ``tick`` gets the
-    bytes both have read."""
+    bytes both have read; ``background`` as read_rows."""
     done = [0, 0]
 
     def side(i: int) -> Tick | None:
@@ -163,9 +168,10 @@ def read_side_by_side(first, first_what: str, second, second_what: str, tick: Ti
         return report
 
     with ThreadPoolExecutor(max_workers=2) as pool:
-        a = pool.submit(read_rows, first, first_what, side(0))
-        b = pool.submit(read_rows, second, second_what, side(1))
+        a = pool.submit(read_rows, first, first_what, side(0), background=background)
+        b = pool.submit(read_rows, second, second_what, side(1), background=background)
         try:
+            wait((a, b), return_when=FIRST_EXCEPTION)  # one side failing stops the other at once
             return a.result(), b.result()
         except BaseException:
             for conn in (first, second):

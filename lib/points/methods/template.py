@@ -116,10 +116,10 @@ def read_baseline(target: Target, point: Point, copy_name: str | None = None) ->
     name = point.manifest.template_database
     with opened(target, name) as conn:
         if copy_name is None:
-            base, copy = read_rows(conn, f"point {point.id}"), None
+            base, copy = read_rows(conn, f"point {point.id}", background=True), None
         else:
             with opened(target, copy_name) as copy_conn:
-                base, copy = read_side_by_side(conn, f"point {point.id}", copy_conn, f"the copy {copy_name}")
+                base, copy = read_side_by_side(conn, f"point {point.id}", copy_conn, f"the copy {copy_name}", background=True)
     why = baseline_readable(target, point)  # a session that was not a reader, found when the last one left
     if why:
         return _baseline_unknown(point, why), None
@@ -187,7 +187,7 @@ def ready_spare(target: Target, point: Point, name: str) -> str | None:
         baseline, found = read_baseline(target, point, name)
     elif baseline.known:
         with opened(target, name) as conn:
-            found = read_rows(conn, f"the spare copy {name}")
+            found = read_rows(conn, f"the spare copy {name}", background=True)
     else:
         found = None
     if found is None or not baseline.known:
