@@ -39,11 +39,24 @@ FIGURES = {
     "dump point / pg_dump -Fc": lambda f: f["ratios"]["dump point / pg_dump -Fc"],
     "dump point size / pg_dump size": lambda f: f["ratios"]["dump point size / pg_dump size"],
     "dump point restore / pg_restore": lambda f: f["ratios"]["dump point restore / pg_restore"],
+    "spare ready / pg_dump read": lambda f: f["ratios"]["spare ready / pg_dump read"],
+    "point under background, slowest (s)": lambda f: f["seconds"]["point under background"],
 }
-EVERYWHERE = {"quick rollback / DSLR restore", "staging unavailable (s)", *(k for k in FIGURES if k.startswith("dump point"))}
+EVERYWHERE = {
+    "quick rollback / DSLR restore",
+    "staging unavailable (s)",
+    "spare ready / pg_dump read",
+    *(k for k in FIGURES if k.startswith("dump point")),
+}
 TARGETS = {
     "ordinary": {"template point − server copy (s)", *EVERYWHERE},
-    "xfs": {"template point (s)", "template point / DSLR snapshot", "quick rollback (s)", *EVERYWHERE},
+    "xfs": {
+        "template point (s)",
+        "template point / DSLR snapshot",
+        "quick rollback (s)",
+        "point under background, slowest (s)",
+        *EVERYWHERE,
+    },
 }
 NOT_MEASURED_WITHOUT_DSLR = {"template point / DSLR snapshot", "quick rollback / DSLR restore"}
 
