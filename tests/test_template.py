@@ -308,6 +308,11 @@ def wait_for_database(server, name: str, present: bool = True, timeout: float = 
     wait_for(done, timeout=timeout, what=f"database {name} {'to appear sealed' if present else 'to go away'}")
 
 
+def wait_for_ready(server, name: str) -> None:
+    """Until the background has read the spare and marked it ready (it holds it until then)."""
+    wait_for(lambda: "ready=" in ((db_row(server, name) or (None, ""))[1] or ""), timeout=120, what=f"{name} read and ready")
+
+
 def test_a_spare_copy_makes_quick_rollback_a_swap_and_is_prepared_again(staging):
     env = {"ROLLBACK_SPARE": "1"}
     before = deep_state(staging.server, staging.name)
@@ -316,7 +321,7 @@ def test_a_spare_copy_makes_quick_rollback_a_swap_and_is_prepared_again(staging)
     wait_for_database(staging.server, spare)
     assert db_row(staging.server, spare)[0] is False  # sealed like the point
 
-    wait_for(lambda: "ready=" in (db_row(staging.server, spare)[1] or ""), timeout=60, what="the spare read and ready")
+    wait_for_ready(staging.server, spare)
 
     staging.sql(MIGRATION)
     result = staging.run("quick_rollback.py", "--yes", "--json", env=env)
@@ -326,7 +331,7 @@ def test_a_spare_copy_makes_quick_rollback_a_swap_and_is_prepared_again(staging)
     assert swapped["verified"].startswith("rows: every row read in the background")  # swapped at once, already read
     assert "Using the spare copy" in result.stderr
     assert deep_state(staging.server, staging.name) == before
-    wait_for_database(staging.server, spare)  # ready again for the next rollback
+    wait_for_ready(staging.server, spare)  # ready again for the next rollback (the background is done with it)
 
     # a spare that may have been changed is never swapped in: one left open is dropped, and the point copied...
     staging.sql(f'ALTER DATABASE "{spare}" WITH ALLOW_CONNECTIONS true')
@@ -336,7 +341,7 @@ def test_a_spare_copy_makes_quick_rollback_a_swap_and_is_prepared_again(staging)
     assert "was dropped, unused: it was found open to connections" in opened.stderr
     assert json.loads(opened.stdout)["verified"].startswith("rows: ")  # the point's own copy, read before the swap
     assert deep_state(staging.server, staging.name) == before
-    wait_for_database(staging.server, spare)
+    wait_for_ready(staging.server, spare)
     # ...and one changed behind the toolkit's back and sealed again: a table truncated
     staging.sql(f'ALTER DATABASE "{spare}" WITH ALLOW_CONNECTIONS true')
     conn = staging.server.connect(spare)
