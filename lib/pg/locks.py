@@ -180,17 +180,6 @@ class SpareLock(Lock):
         return f"spare:{name}"
 
 
-class CountLock(Lock):
-    """Held by the background job while it reads a point's database row by row, which it
-    opens to connections meanwhile; a check that finds the database open knows why."""
-
-    purpose = "row count"
-
-    @staticmethod
-    def key_name(name: str) -> str:
-        return f"count:{name}"
-
-
 class SealLock(Lock):
     """Held for a moment while a point's database is opened to connections or sealed again:
     two readers that open and seal it at once would update its pg_database row together,

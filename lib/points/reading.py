@@ -42,12 +42,6 @@ CATALOG = "catalog"
 PAGES = "pages"
 ROWS = "rows"
 
-WHAT_LEVELS_PROVE = {
-    CATALOG: "catalog: schema digest, every relation's file and size, sequences, large objects (no page read)",
-    PAGES: "pages: every table page read by the server (headers and checksums), no missing file",
-    ROWS: "rows: every page read and every row matched the point's baseline",
-}
-
 
 @dataclass
 class Reading:
