@@ -359,7 +359,7 @@ class TemplateMethod(Method):
     def take(self, request: TakeRequest) -> Taken:
         r = request
         point = take(r.target, r.catalog, r.ui, r.ask, label=r.label, base=r.base)
-        notes = ["every row of its copy is read in the background, as the baseline `verify --deep` compares with"]
+        notes = ["every row of its copy is read in the background, as the baseline its copies are read against before a swap"]
         if self.wants_spare(r.target.settings, point):
             notes.insert(
                 0,
