@@ -434,3 +434,23 @@ def test_a_session_that_keeps_reconnecting_fails_the_copy_clearly_and_leaves_not
     finally:
         for conn in sessions:
             conn.close()
+
+
+def test_the_toolkits_own_sessions_are_ended_without_asking(staging):
+    """A background job's short session on staging (its facts) needs no one's consent,
+    while a client's does: a template point without a terminal refuses only for the client."""
+    own = psycopg2.connect(staging.url, application_name="rollback-toolkit")
+    try:
+        taken = staging.run("create_rollback_point.py", "beside our own", "--method", "template")
+        assert taken.returncode == 0, taken.stderr
+        with own.cursor() as cur:
+            with pytest.raises(psycopg2.OperationalError):
+                cur.execute("SELECT 1")  # ended by the copy
+    finally:
+        own.close()
+    client = psycopg2.connect(staging.url, application_name="night-migration")
+    try:
+        refused = staging.run("create_rollback_point.py", "beside a client", "--method", "template")
+        assert refused.returncode == 2 and "night-migration" in refused.stdout + refused.stderr
+    finally:
+        client.close()

@@ -43,7 +43,7 @@ def restore(op: Operation, recovery: pitr.Recovery, *, point: Point | None, in_p
 
 def _describe_beside(op: Operation, recovery: pitr.Recovery) -> str:
     target = op.target
-    sessions = sessions_on(target.maint, target.dbname)
+    sessions = sessions_on(target.maint, target.dbname, own=False)
     lines = [
         f"Restore database [bold]{target.dbname}[/] on {target.info.server_label()} to {recovery.label}, from pgBackRest.",
         "  The cluster is restored to it beside staging (only this database), recovered on a private server, and "

@@ -267,7 +267,13 @@ class Session:
         )
 
 
-def sessions_on(conn, dbname: str) -> list[Session]:
+TOOLKIT_APPLICATION = "rollback-toolkit"
+
+
+def sessions_on(conn, dbname: str, *, own: bool = True) -> list[Session]:
+    """Client sessions on ``dbname``. ``own=False`` leaves out the toolkit's own short
+    sessions (a background job reading a database's facts, say): they are ended with the
+    others when a copy or swap needs the database, but nobody needs to be asked about them."""
     rows = query(
         conn,
         """
@@ -276,9 +282,10 @@ def sessions_on(conn, dbname: str) -> list[Session]:
           FROM pg_stat_activity
          WHERE datname = %s AND pid <> pg_backend_pid()
            AND backend_type = 'client backend'
+           AND (%s OR coalesce(application_name, '') NOT LIKE %s)
          ORDER BY backend_start
         """,
-        (dbname,),
+        (dbname, own, TOOLKIT_APPLICATION + "%"),
     )
     return [Session(*r) for r in rows]
 

@@ -62,7 +62,7 @@ def v2_facts(settings: Settings):
 
 
 def describe(target: Target, v2, v2_major: int, v2_size: int) -> str:
-    sessions = sessions_on(target.maint, target.dbname)
+    sessions = sessions_on(target.maint, target.dbname, own=False)
     lines = [
         f"Rebuild [bold]{target.dbname}[/] on {target.info.server_label()} (PostgreSQL {target.facts.major}) "
         f"from V2 {v2.masked()} (PostgreSQL {v2_major}, {human_size(v2_size)}).",

@@ -237,7 +237,7 @@ def restore_plan(target: Target, point: Point) -> RestorePlan:
     method = registry.of(point)
     if method.restore_mode == TABLES:
         return RestorePlan(point, TABLES, [])
-    sessions = sessions_on(target.maint, target.dbname)
+    sessions = sessions_on(target.maint, target.dbname, own=False)
     if target.may_swap:
         return RestorePlan(point, SWAP, sessions, ties=replication_ties(target.maint, target.dbname))
     if not method.can_restore_in_place():

@@ -264,7 +264,7 @@ def preflight(target: Target, ui: Reporter, ask: Confirmer) -> None:
         ui.warn("Invalid databases on this server (left by interrupted drops; never used as sources): " + ", ".join(invalid))
     refuse_prepared_transactions(target.maint, target.dbname, "copy it")
     ui.info(f"  The copy needs about {human_size(f.database_size)} of free space on the server.")
-    sessions = sessions_on(target.maint, target.dbname)
+    sessions = sessions_on(target.maint, target.dbname, own=False)
     if sessions:
         ui.info(f"  A copy needs {target.dbname} to itself; these {len(sessions)} session(s) will be disconnected:")
         for s in sessions:
