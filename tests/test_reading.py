@@ -237,3 +237,32 @@ def test_quick_rollback_never_waits_for_the_background_and_reads_what_it_swaps_i
     assert result["point_id"] == created["id"] and result["tool"] is None
     assert result["verified"].startswith("rows: ") and "read beside it" in result["verified"]
     assert deep_state(staging.server, staging.name) == before
+
+
+def test_a_baseline_read_with_md5_row_hashes_is_compared_by_md5(staging):
+    """Baselines read before rows were hashed with hashtextextended carry no ``row_hash``:
+    their copies are read the old way (md5), so they still match, and a difference in
+    them is still found."""
+    from lib.pg.fingerprint import LARGE_OBJECTS, counted_tables, qualified, table_content
+
+    point_id = staging.create_point("md5 baseline", "--method", "template")
+    wait_for_baseline(staging, point_id)
+    path = staging.backup_dir / point_id / ".verification.json"
+    record = json.loads(path.read_text())
+    assert record["baseline"]["row_hash"] == "hashtext"
+    with closing(staging.server.connect(staging.name)) as conn:
+        old = {qualified(s, n): table_content(conn, s, n, "md5") for s, n in counted_tables(conn)}
+    assert set(old) == set(record["baseline"]["content"]) - {LARGE_OBJECTS}
+    assert old != {t: record["baseline"]["content"][t] for t in old}  # the two hashes differ
+    record["baseline"]["content"].update(old)
+    del record["baseline"]["row_hash"]
+    path.write_text(json.dumps(record))
+    deep = staging.run_json("rollback_manager.py", "verify", point_id, "--deep")
+    assert deep["level"] == "rows", deep
+
+    table = sorted(old)[0]
+    count, total = old[table].split(":")
+    record["baseline"]["content"][table] = f"{count}:{int(total) + 1}"
+    path.write_text(json.dumps(record))
+    differs = staging.run("rollback_manager.py", "verify", point_id, "--deep")
+    assert differs.returncode == 3 and table in differs.stderr, differs.stderr

@@ -484,10 +484,15 @@ class Baseline(_Record):
     content: Mapping[str, str] | None = _key("content", shown=False)  # order-independent hash of each table's rows
     read_at: str | None = None
     unknown: str | None = None
+    row_hash: str | None = None  # how each row was hashed (lib/pg/fingerprint.py ROW_HASHES); none written: "md5"
 
     @property
     def known(self) -> bool:
         return self.unknown is None and self.content is not None
+
+    @property
+    def hashed_with(self) -> str:
+        return self.row_hash or "md5"
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,6 +29,7 @@ from lib.pg.codes import is_damage
 from lib.pg.db import query
 from lib.pg.fingerprint import (
     LARGE_OBJECTS,
+    ROW_HASH,
     USER_NAMESPACES,
     Fingerprint,
     compare,
@@ -51,6 +52,7 @@ class Reading:
     content: dict[str, str] = field(default_factory=dict)
     bytes: int = 0
     seconds: float = 0.0
+    row_hash: str = ROW_HASH
 
     @property
     def total_rows(self) -> int:
@@ -93,16 +95,17 @@ def table_bytes(conn) -> dict[tuple[str, str], int]:
 Tick = Callable[[int, str], None]  # bytes read so far (by this reader), the table being read
 
 
-def read_rows(conn, what: str, tick: Tick | None = None, *, background: bool = False) -> Reading:
+def read_rows(conn, what: str, tick: Tick | None = None, *, background: bool = False, row_hash: str = ROW_HASH) -> Reading:
     """Every row of the database ``conn`` is connected to, in one read-only snapshot
-    (repeatable read), table by table. A page or file the server cannot read raises
+    (repeatable read), table by table, each row hashed by ``row_hash`` (that of the
+    baseline it is compared with). A page or file the server cannot read raises
     CopyDamaged naming ``what`` and the relation. ``background``: without parallel
     workers, so that a foreground command (a point, a rollback) keeps the cores."""
     started = time.monotonic()
     was = conn.autocommit
     conn.autocommit = False
     conn.set_session(isolation_level="REPEATABLE READ", readonly=True)
-    reading = Reading()
+    reading = Reading(row_hash=row_hash)
     table = "the catalog"
     try:
         if background:
@@ -113,7 +116,7 @@ def read_rows(conn, what: str, tick: Tick | None = None, *, background: bool = F
             if tick:
                 tick(reading.bytes, table)
             faults.pause("reading rows")
-            content = table_content(conn, schema, name)
+            content = table_content(conn, schema, name, row_hash)
             reading.content[table] = content
             reading.row_counts[table] = int(content.split(":", 1)[0])
             reading.bytes += sizes.get((schema, name), 0)

@@ -24,7 +24,7 @@ from lib.pg.db import (
     sessions_on,
     terminate_sessions,
 )
-from lib.pg.fingerprint import compare, fingerprint_like, is_physical
+from lib.pg.fingerprint import ROW_HASH, compare, fingerprint_like, is_physical
 from lib.pg.retry import retry_on
 from lib.pg.target import Target
 from lib.points import intents, spare
@@ -85,7 +85,12 @@ def refuse_changed(target: Target, point: Point, doing: str) -> None:
 
 
 def _baseline_from(reading: Reading) -> Baseline:
-    return Baseline(row_counts=reading.row_counts, content=reading.content, read_at=utc_now().isoformat(timespec="seconds"))
+    return Baseline(
+        row_counts=reading.row_counts,
+        content=reading.content,
+        read_at=utc_now().isoformat(timespec="seconds"),
+        row_hash=reading.row_hash,
+    )
 
 
 def _baseline_unknown(point: Point, why: str) -> Baseline:
@@ -152,12 +157,17 @@ def read_copy(target: Target, point: Point, conn, what: str, ui: Reporter) -> st
         _compare_with(point, found, baseline, what)
         return f"{ROWS}: {found.total_rows} rows read, every one matching the point read beside it"
     with ui.progress(f"Reading every row of {what}", total=total, unit="B", estimated=True) as tick:
-        found = read_rows(conn, what, lambda done, table: tick(table or None, done=done))
+        found = read_rows(conn, what, lambda done, table: tick(table or None, done=done), row_hash=_hashed_with(baseline))
     if baseline is None or not baseline.known:
         why = (baseline.unknown if baseline else None) or baseline_readable(target, point)
         return f"{PAGES}: every table page read; rows not compared, there is no baseline ({why})"
     _compare_with(point, found, baseline, what)
     return f"{ROWS}: {found.total_rows} rows read, every one matching the baseline read {baseline.read_at}"
+
+
+def _hashed_with(baseline: Baseline | None) -> str:
+    """How a reading compared with ``baseline`` hashes its rows: as the baseline did."""
+    return baseline.hashed_with if baseline is not None and baseline.known else ROW_HASH
 
 
 def unlogged_of(point: Point) -> set[str]:
@@ -187,7 +197,7 @@ def ready_spare(target: Target, point: Point, name: str) -> str | None:
         baseline, found = read_baseline(target, point, name)
     elif baseline.known:
         with opened(target, name) as conn:
-            found = read_rows(conn, f"the spare copy {name}", background=True)
+            found = read_rows(conn, f"the spare copy {name}", background=True, row_hash=baseline.hashed_with)
     else:
         found = None
     if found is None or not baseline.known:
@@ -209,7 +219,11 @@ def verify_point_database(target: Target, point: Point, *, deep: bool = False) -
     expected = thawed(point.manifest.fingerprint or {})
     with opened(target, name) as conn:
         problems += compare(expected, fingerprint_like(conn, expected))
-        found = read_rows(conn, f"point {point.id}'s database {name!r}") if deep and len(problems) <= 1 else None
+        found = (
+            read_rows(conn, f"point {point.id}'s database {name!r}", row_hash=_hashed_with(point.verification.baseline))
+            if deep and len(problems) <= 1
+            else None
+        )
     result = {"database": name, "fingerprint": "matches the manifest", "verified": CATALOG if is_physical(expected) else ROWS}
     if found is not None:
         try:
