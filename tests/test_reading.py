@@ -249,7 +249,7 @@ def test_a_baseline_read_with_md5_row_hashes_is_compared_by_md5(staging):
     wait_for_baseline(staging, point_id)
     path = staging.backup_dir / point_id / ".verification.json"
     record = json.loads(path.read_text())
-    assert record["baseline"]["row_hash"] == "hashtext"
+    assert record["baseline"]["row_hash"] == "columns"
     with closing(staging.server.connect(staging.name)) as conn:
         old = {qualified(s, n): table_content(conn, s, n, "md5") for s, n in counted_tables(conn)}
     assert set(old) == set(record["baseline"]["content"]) - {LARGE_OBJECTS}

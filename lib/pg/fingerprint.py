@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 
 from psycopg2 import sql
 
 from lib.pg.db import query, scalar
+from lib.pg.rowhash import row_hash_for, row_hash_sql
 
 log = logging.getLogger(__name__)
 
@@ -611,25 +612,39 @@ def sequence_positions(conn) -> dict[str, list]:
     return positions
 
 
-# How one row (its text form, every column as PostgreSQL prints it) becomes a number that
-# is summed over the table. "hashtext" (PostgreSQL's own 64-bit hashtextextended) costs
-# about 40 % of "md5" (60 bits of md5), which baselines read before it carry; a baseline
-# is always compared with a reading made the same way.
-ROW_HASHES = {
-    "md5": "('x' || substr(md5(t::text), 1, 15))::bit(60)::bigint",
-    "hashtext": "hashtextextended(t::text, 0)",
-}
-ROW_HASH = "hashtext"  # what new readings use
+CHUNK_BLOCKS = 4096  # 32 MiB of a table read at a time when reading yields (see table_content)
 
 
-def table_content(conn, schema: str, name: str, row_hash: str = ROW_HASH) -> str:
-    """Order-independent hash of every row of one table: ``count:sum`` of each row's hash."""
-    count, total = query(
+def table_content(conn, schema: str, name: str, row_hash: str | None = None, *, pause: Callable[[], None] | None = None) -> str:
+    """Order-independent hash of every row of one table: ``count:sum`` of each row's hash,
+    made ``row_hash``'s way (lib/pg/rowhash.py; by default, this server's). With ``pause``
+    (on 14 and later, which scan a range of pages by itself), the table is read
+    CHUNK_BLOCKS pages at a time and ``pause`` called before each: a background reading
+    waits there while a foreground operation runs. Sums add up, so the result is the same."""
+    expression = row_hash_sql(conn, schema, name, row_hash or row_hash_for(conn))
+    table = sql.SQL("SELECT count(*), coalesce(sum({}), 0) FROM ONLY {}.{} t").format(
+        expression, sql.Identifier(schema), sql.Identifier(name)
+    )
+    if pause is None or conn.server_version < 140000:
+        if pause is not None:
+            pause()  # before 14 a range of pages costs a whole scan: the table is read whole
+        count, total = query(conn, table)[0]
+        return f"{count}:{int(total)}"
+    blocks = scalar(
         conn,
-        sql.SQL("SELECT count(*), coalesce(sum({}), 0) FROM ONLY {}.{} t").format(
-            sql.SQL(ROW_HASHES[row_hash]), sql.Identifier(schema), sql.Identifier(name)
-        ),
-    )[0]
+        "SELECT pg_relation_size(c.oid) / current_setting('block_size')::int "
+        "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s",
+        (schema, name),
+    )
+    count = total = 0
+    for first in range(0, max(int(blocks), 1), CHUNK_BLOCKS):
+        pause()
+        last = first + CHUNK_BLOCKS >= blocks  # open-ended: pages past the size read at the start too
+        bounds = sql.SQL(" WHERE t.ctid >= {}::tid").format(sql.Literal(f"({first},0)"))
+        if not last:
+            bounds += sql.SQL(" AND t.ctid < {}::tid").format(sql.Literal(f"({first + CHUNK_BLOCKS},0)"))
+        n, h = query(conn, table + bounds)[0]  # no parameters: the row hash may hold format('%L', ...)
+        count, total = count + int(n), total + int(h)
     return f"{count}:{total}"
 
 

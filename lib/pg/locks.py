@@ -47,6 +47,34 @@ def server_holder(conn, key: int) -> str | None:
     return f"server session pid {pid} (user {user}, application {app or '-'}, from {client or 'local socket'}, since {since})"
 
 
+def held(conn, key: int) -> bool:
+    """Some session holds the advisory lock ``key`` now."""
+    return bool(
+        scalar(
+            conn,
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted "
+            "AND ((classid::bigint << 32) | objid::bigint) = %s)",
+            (key,),
+        )
+    )
+
+
+class Stopped(Exception):
+    """A wait ended because ``stop`` was set."""
+
+
+def wait_while_held(conn, key: int, *, stop=None, poll: float = 0.1) -> float:
+    """Wait while another session holds the advisory lock ``key``; seconds waited. Ends
+    with Stopped as soon as ``stop`` (a threading.Event) is set."""
+    started = time.monotonic()
+    while held(conn, key):
+        if stop is not None and stop.wait(poll):
+            raise Stopped(f"stopped while waiting for lock {key}")
+        if stop is None:
+            time.sleep(poll)
+    return time.monotonic() - started
+
+
 class Lock:
     """Held with ``with``; ``conn`` (autocommit) must stay open while it is held."""
 
@@ -55,7 +83,7 @@ class Lock:
     def __init__(self, conn, system_identifier: str | None, name: str, *, folder: Path | None = None, doing: str = "") -> None:
         self.conn = conn
         self.name = name
-        self.key = lock_key(system_identifier, self.key_name(name))
+        self.key = self.key_for(system_identifier, name)
         self.folder = folder
         self.doing = doing or self.purpose
         self._fd: int | None = None
@@ -64,6 +92,11 @@ class Lock:
     @staticmethod
     def key_name(name: str) -> str:
         return name
+
+    @classmethod
+    def key_for(cls, system_identifier: str | None, name: str) -> int:
+        """The advisory lock key this kind of lock takes for ``name``."""
+        return lock_key(system_identifier, cls.key_name(name))
 
     # -- the file, on this machine
 

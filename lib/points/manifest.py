@@ -484,7 +484,7 @@ class Baseline(_Record):
     content: Mapping[str, str] | None = _key("content", shown=False)  # order-independent hash of each table's rows
     read_at: str | None = None
     unknown: str | None = None
-    row_hash: str | None = None  # how each row was hashed (lib/pg/fingerprint.py ROW_HASHES); none written: "md5"
+    row_hash: str | None = None  # how each row was hashed (lib/pg/rowhash.py); none written: "md5"
 
     @property
     def known(self) -> bool:

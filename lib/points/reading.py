@@ -16,6 +16,7 @@ A check of a copy against its point reaches one of three levels, and says which:
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -29,7 +30,6 @@ from lib.pg.codes import is_damage
 from lib.pg.db import query
 from lib.pg.fingerprint import (
     LARGE_OBJECTS,
-    ROW_HASH,
     USER_NAMESPACES,
     Fingerprint,
     compare,
@@ -38,6 +38,8 @@ from lib.pg.fingerprint import (
     qualified,
     table_content,
 )
+from lib.pg.locks import wait_while_held
+from lib.pg.rowhash import row_hash_for
 
 CATALOG = "catalog"
 PAGES = "pages"
@@ -52,7 +54,8 @@ class Reading:
     content: dict[str, str] = field(default_factory=dict)
     bytes: int = 0
     seconds: float = 0.0
-    row_hash: str = ROW_HASH
+    row_hash: str = ""  # how its rows were hashed (lib/pg/rowhash.py)
+    yielded: float = 0.0  # seconds a background reading waited for foreground operations
 
     @property
     def total_rows(self) -> int:
@@ -95,17 +98,35 @@ def table_bytes(conn) -> dict[tuple[str, str], int]:
 Tick = Callable[[int, str], None]  # bytes read so far (by this reader), the table being read
 
 
-def read_rows(conn, what: str, tick: Tick | None = None, *, background: bool = False, row_hash: str = ROW_HASH) -> Reading:
+def read_rows(
+    conn,
+    what: str,
+    tick: Tick | None = None,
+    *,
+    background: bool = False,
+    row_hash: str | None = None,
+    yield_to: int | None = None,
+    stop: threading.Event | None = None,
+) -> Reading:
     """Every row of the database ``conn`` is connected to, in one read-only snapshot
-    (repeatable read), table by table, each row hashed by ``row_hash`` (that of the
-    baseline it is compared with). A page or file the server cannot read raises
+    (repeatable read), table by table, each row hashed ``row_hash``'s way (that of the
+    baseline it is compared with; by default, the server's: lib/pg/rowhash.py). A page or file the server cannot read raises
     CopyDamaged naming ``what`` and the relation. ``background``: without parallel
-    workers, so that a foreground command (a point, a rollback) keeps the cores."""
+    workers, so that a foreground command (a point, a rollback) keeps the cores; and with
+    ``yield_to`` (the advisory lock key every operation on staging holds), a table is
+    read a chunk at a time, and no chunk starts while an operation holds it (``stop``
+    set ends such a wait: the other side of read_side_by_side failed)."""
     started = time.monotonic()
     was = conn.autocommit
     conn.autocommit = False
     conn.set_session(isolation_level="REPEATABLE READ", readonly=True)
-    reading = Reading(row_hash=row_hash)
+    reading = Reading(row_hash=row_hash or row_hash_for(conn))
+    pause = None
+    if yield_to is not None:
+
+        def pause() -> None:
+            reading.yielded += wait_while_held(conn, yield_to, stop=stop)
+
     table = "the catalog"
     try:
         if background:
@@ -116,7 +137,7 @@ def read_rows(conn, what: str, tick: Tick | None = None, *, background: bool = F
             if tick:
                 tick(reading.bytes, table)
             faults.pause("reading rows")
-            content = table_content(conn, schema, name, row_hash)
+            content = table_content(conn, schema, name, reading.row_hash, pause=pause)
             reading.content[table] = content
             reading.row_counts[table] = int(content.split(":", 1)[0])
             reading.bytes += sizes.get((schema, name), 0)
@@ -147,11 +168,18 @@ def damaged(what: str, relation: str, exc: psycopg2.Error) -> CopyDamaged:
 
 
 def read_side_by_side(
-    first, first_what: str, second, second_what: str, tick: Tick | None = None, *, background: bool = False
+    first,
+    first_what: str,
+    second,
+    second_what: str,
+    tick: Tick | None = None,
+    *,
+    background: bool = False,
+    yield_to: int | None = None,
 ) -> tuple[Reading, Reading]:
     """Two databases read at once, one thread each (the server does the work): a point
     and its copy cost one read's time where there are two cores. ``tick`` gets the
-    bytes both have read; ``background`` as read_rows."""
+    bytes both have read; ``background`` and ``yield_to`` as read_rows."""
     done = [0, 0]
 
     def side(i: int) -> Tick | None:
@@ -164,13 +192,19 @@ def read_side_by_side(
 
         return report
 
+    stop = threading.Event()
+    options = {"background": background, "yield_to": yield_to, "stop": stop}
     with ThreadPoolExecutor(max_workers=2) as pool:
-        a = pool.submit(read_rows, first, first_what, side(0), background=background)
-        b = pool.submit(read_rows, second, second_what, side(1), background=background)
+        a = pool.submit(read_rows, first, first_what, side(0), **options)
+        b = pool.submit(read_rows, second, second_what, side(1), **options)
         try:
             wait((a, b), return_when=FIRST_EXCEPTION)  # one side failing stops the other at once
+            failed = [f.exception() for f in (a, b) if f.done() and f.exception() is not None]
+            if failed:
+                raise failed[0]
             return a.result(), b.result()
         except BaseException:
+            stop.set()
             for conn in (first, second):
                 try:
                     conn.cancel()

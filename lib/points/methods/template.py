@@ -24,7 +24,8 @@ from lib.pg.db import (
     sessions_on,
     terminate_sessions,
 )
-from lib.pg.fingerprint import ROW_HASH, compare, fingerprint_like, is_physical
+from lib.pg.fingerprint import compare, fingerprint_like, is_physical
+from lib.pg.locks import DatabaseLock
 from lib.pg.retry import retry_on
 from lib.pg.target import Target
 from lib.points import intents, spare
@@ -110,6 +111,11 @@ def baseline_readable(target: Target, point: Point) -> str | None:
     return None
 
 
+def _staging_lock(target: Target) -> int:
+    """The key of the lock every operation on staging holds: background readings pause while it is held."""
+    return DatabaseLock.key_for(target.facts.system_identifier, target.dbname)
+
+
 def read_baseline(target: Target, point: Point, copy_name: str | None = None) -> tuple[Baseline, Reading | None]:
     """Every row of a point's database, in one snapshot, as its baseline; with
     ``copy_name`` (its spare), that copy is read beside it and returned, to be compared.
@@ -121,10 +127,17 @@ def read_baseline(target: Target, point: Point, copy_name: str | None = None) ->
     name = point.manifest.template_database
     with opened(target, name) as conn:
         if copy_name is None:
-            base, copy = read_rows(conn, f"point {point.id}", background=True), None
+            base, copy = read_rows(conn, f"point {point.id}", background=True, yield_to=_staging_lock(target)), None
         else:
             with opened(target, copy_name) as copy_conn:
-                base, copy = read_side_by_side(conn, f"point {point.id}", copy_conn, f"the copy {copy_name}", background=True)
+                base, copy = read_side_by_side(
+                    conn,
+                    f"point {point.id}",
+                    copy_conn,
+                    f"the copy {copy_name}",
+                    background=True,
+                    yield_to=_staging_lock(target),
+                )
     why = baseline_readable(target, point)  # a session that was not a reader, found when the last one left
     if why:
         return _baseline_unknown(point, why), None
@@ -165,9 +178,10 @@ def read_copy(target: Target, point: Point, conn, what: str, ui: Reporter) -> st
     return f"{ROWS}: {found.total_rows} rows read, every one matching the baseline read {baseline.read_at}"
 
 
-def _hashed_with(baseline: Baseline | None) -> str:
-    """How a reading compared with ``baseline`` hashes its rows: as the baseline did."""
-    return baseline.hashed_with if baseline is not None and baseline.known else ROW_HASH
+def _hashed_with(baseline: Baseline | None) -> str | None:
+    """How a reading compared with ``baseline`` hashes its rows: as the baseline did
+    (None: the server's way, for a reading that may become the baseline)."""
+    return baseline.hashed_with if baseline is not None and baseline.known else None
 
 
 def unlogged_of(point: Point) -> set[str]:
@@ -197,7 +211,13 @@ def ready_spare(target: Target, point: Point, name: str) -> str | None:
         baseline, found = read_baseline(target, point, name)
     elif baseline.known:
         with opened(target, name) as conn:
-            found = read_rows(conn, f"the spare copy {name}", background=True, row_hash=baseline.hashed_with)
+            found = read_rows(
+                conn,
+                f"the spare copy {name}",
+                background=True,
+                row_hash=baseline.hashed_with,
+                yield_to=_staging_lock(target),
+            )
     else:
         found = None
     if found is None or not baseline.known:
