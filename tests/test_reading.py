@@ -41,6 +41,12 @@ def _overwrite_row_bytes(path, block: int) -> None:
         fh.write(b"Z" * 16)
 
 
+def _comment(staging, name: str) -> str:
+    """A database's comment ("" while it has none, as between its copy and its seal)."""
+    found = staging.sql("SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s", (name,))
+    return (found[0][0] if found else None) or ""
+
+
 def _opened_and_changed(staging, name: str, statement: str, *, reseal: bool) -> None:
     staging.sql(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
     with closing(staging.server.connect(name)) as conn, conn.cursor() as cur:
@@ -127,14 +133,7 @@ def test_a_changed_point_never_reaches_staging_through_its_spare(staging):
     created = staging.run_json("create_rollback_point.py", "newest", "--method", "template", env=env)
     spare = created["template_database"] + "_spare"
     wait_for(
-        lambda: (
-            "ready="
-            in (
-                staging.sql("SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s", (spare,))
-                or [("",)]
-            )[0][0]
-            or ""
-        ),
+        lambda: "ready=" in _comment(staging, spare),
         timeout=60,
         what="the spare read and ready",
     )

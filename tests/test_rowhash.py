@@ -105,30 +105,20 @@ def test_a_table_read_in_chunks_hashes_as_read_whole(scratch, monkeypatch):
     assert len(pauses) == len(ROW_HASHES) * -(-blocks // 3)
 
 
-def test_a_background_reading_waits_while_a_foreground_operation_holds_staging(scratch, server):
-    """read_rows(yield_to=key) starts no chunk while another session holds the lock
-    ``key`` (every operation on staging holds its DatabaseLock), and goes on after."""
-    import threading
-    import time
-
-    from lib.points.reading import read_rows
+def test_a_background_reading_stops_for_a_foreground_operation_and_reads_whole_after(scratch, server):
+    """read_rows(yield_to=key) stops before its next chunk while another session holds the
+    lock ``key`` (every operation on staging holds its DatabaseLock), so that the
+    background lets go of everything at once; once the lock is free it reads every row."""
+    from lib.points.reading import Yielded, read_rows
 
     key = 4242424242
     with scratch.cursor() as cur:
         cur.execute("CREATE TABLE rowhash.r AS SELECT g AS id FROM generate_series(1, 1000) g")
         cur.execute("SELECT pg_advisory_lock(%s)", (key,))
-    reader = server.connect()
-    done: dict = {}
-    thread = threading.Thread(target=lambda: done.update(reading=read_rows(reader, "the test", background=True, yield_to=key)))
-    try:
-        thread.start()
-        time.sleep(1.0)
-        assert thread.is_alive() and not done  # waiting for the lock's holder
+    with closing(server.connect()) as reader:
+        with pytest.raises(Yielded):
+            read_rows(reader, "the test", background=True, yield_to=key)
         with scratch.cursor() as cur:
             cur.execute("SELECT pg_advisory_unlock(%s)", (key,))
-        thread.join(timeout=30)
-        assert not thread.is_alive()
-        assert done["reading"].row_counts["rowhash.r"] == 1000 and done["reading"].yielded >= 0.9
-    finally:
-        thread.join(timeout=30)
-        reader.close()
+        reading = read_rows(reader, "the test", background=True, yield_to=key)
+    assert reading.row_counts["rowhash.r"] == 1000

@@ -12,14 +12,18 @@ from __future__ import annotations
 import logging
 import sys
 
+import psycopg2
+
 from lib.config import Settings, load_settings
 from lib.errors import RollbackError
 from lib.logfiles import setup_logging
+from lib.pg.locks import DatabaseLock, wait_while_held
 from lib.pg.target import open_target
 from lib.points import retention, spare
 from lib.points.catalog import Catalog, Point
 from lib.points.methods import registry
 from lib.points.methods import template as template_method
+from lib.points.reading import Yielded
 from lib.process import PythonModule
 
 log = logging.getLogger(__name__)
@@ -76,7 +80,7 @@ def run_after_point(settings: Settings, point_id: str) -> None:
         if _wants_spare(settings, point):
             spare.drop_all_but(target, catalog, point)
             _prepare_spare(target, point)
-        _read(target, point)
+        _read(target, catalog, point)
 
 
 def run_after_restore(settings: Settings, restored_id: str, before_id: str) -> None:
@@ -85,9 +89,9 @@ def run_after_restore(settings: Settings, restored_id: str, before_id: str) -> N
         restored = catalog.get(restored_id) if restored_id != "-" else None
         if restored is not None:  # first: the next quick rollback needs it
             _prepare_spare(target, restored)
-            _read(target, restored)
+            _read(target, catalog, restored)
         if before_id != "-":
-            _read(target, catalog.get(before_id))
+            _read(target, catalog, catalog.get(before_id))
 
 
 def run_remove(settings: Settings, *point_ids: str) -> None:
@@ -124,25 +128,52 @@ def _prepare_spare(target, point: Point) -> None:
         log.error("could not prepare a spare copy of %s: %s", point.id, exc.paragraph())
 
 
-def _read(target, point: Point) -> None:
-    """The point's baseline, read once, and its spare read against it and marked ready;
-    yields to any foreground work that ends its sessions."""
-    try:
-        with spare.held(target, point) as name:
-            if name is not None and _wants_spare(target.settings, point):
-                ready = template_method.ready_spare(target, point, name)
-                log.info("spare copy of %s: %s", point.id, f"read and ready ({ready})" if ready else "not ready")
-            elif point.verification.baseline is None:
-                baseline, _ = template_method.read_baseline(target, point)
-                log.info(
-                    "baseline of %s: %s",
-                    point.id,
-                    f"{sum(baseline.row_counts.values())} rows read" if baseline.known else f"unknown ({baseline.unknown})",
-                )
-    except RollbackError as exc:  # ended by a foreground copy, the point is gone, or the copy differs
-        log.info("reading %s stopped: %s", point.id, exc.message)
-    except Exception as exc:  # noqa: BLE001 - psycopg2's errors when the foreground ended this session
-        log.info("reading %s stopped (yielded to the foreground): %s", point.id, str(exc).strip())
+READ_ATTEMPTS = 5  # readings started over after operations on staging, before giving up
+
+
+def _read(target, catalog: Catalog, point: Point) -> None:
+    """The point's baseline, read once, and its spare read against it and marked ready.
+    It yields to foreground work: an operation on staging stops it (between chunks of
+    pages) and it lets go of the point and the spare at once, waits for that operation to
+    end and reads again, up to READ_ATTEMPTS times; a copy or a drop of what it reads
+    ends its sessions."""
+    staging_lock = DatabaseLock.key_for(target.facts.system_identifier, target.dbname)
+    for _ in range(READ_ATTEMPTS):
+        try:
+            _read_once(target, point)
+            return
+        except Yielded as exc:
+            waited = wait_while_held(target.maint, staging_lock)
+            log.info("reading %s stopped for an operation on staging (%s); %.1f s later, reading again", point.id, exc, waited)
+        except RollbackError as exc:  # ended by a foreground copy, the point is gone, or the copy differs
+            log.info("reading %s stopped: %s", point.id, exc.message)
+            return
+        except psycopg2.Error as exc:  # the foreground ended this session
+            log.info("reading %s stopped (yielded to the foreground): %s", point.id, str(exc).strip())
+            return
+        except Exception:  # noqa: BLE001 - a defect: logged in full, the point keeps no baseline yet
+            log.exception("reading %s failed", point.id)
+            return
+        try:
+            point = catalog.get(point.id)  # as it is now: deleted, or read by the operation meanwhile
+        except RollbackError:
+            log.info("reading %s stopped: the point was removed meanwhile", point.id)
+            return
+    log.info("reading %s given up: %d operations on staging interrupted it; the next one reads it", point.id, READ_ATTEMPTS)
+
+
+def _read_once(target, point: Point) -> None:
+    with spare.held(target, point) as name:
+        if name is not None and _wants_spare(target.settings, point):
+            ready = template_method.ready_spare(target, point, name)
+            log.info("spare copy of %s: %s", point.id, f"read and ready ({ready})" if ready else "not ready")
+        elif point.verification.baseline is None:
+            baseline, _ = template_method.read_baseline(target, point)
+            log.info(
+                "baseline of %s: %s",
+                point.id,
+                f"{sum(baseline.row_counts.values())} rows read" if baseline.known else f"unknown ({baseline.unknown})",
+            )
 
 
 # ---- the detached process: ``python -m lib.operations.background JOB POINT_ID...`` ----

@@ -59,19 +59,11 @@ def held(conn, key: int) -> bool:
     )
 
 
-class Stopped(Exception):
-    """A wait ended because ``stop`` was set."""
-
-
-def wait_while_held(conn, key: int, *, stop=None, poll: float = 0.1) -> float:
-    """Wait while another session holds the advisory lock ``key``; seconds waited. Ends
-    with Stopped as soon as ``stop`` (a threading.Event) is set."""
+def wait_while_held(conn, key: int, poll: float = 0.1) -> float:
+    """Wait while another session holds the advisory lock ``key``; seconds waited."""
     started = time.monotonic()
     while held(conn, key):
-        if stop is not None and stop.wait(poll):
-            raise Stopped(f"stopped while waiting for lock {key}")
-        if stop is None:
-            time.sleep(poll)
+        time.sleep(poll)
     return time.monotonic() - started
 
 

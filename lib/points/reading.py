@@ -38,12 +38,16 @@ from lib.pg.fingerprint import (
     qualified,
     table_content,
 )
-from lib.pg.locks import wait_while_held
+from lib.pg.locks import held
 from lib.pg.rowhash import row_hash_for
 
 CATALOG = "catalog"
 PAGES = "pages"
 ROWS = "rows"
+
+
+class Yielded(Exception):
+    """A background reading stopped for an operation on staging: read again after it."""
 
 
 @dataclass
@@ -55,7 +59,6 @@ class Reading:
     bytes: int = 0
     seconds: float = 0.0
     row_hash: str = ""  # how its rows were hashed (lib/pg/rowhash.py)
-    yielded: float = 0.0  # seconds a background reading waited for foreground operations
 
     @property
     def total_rows(self) -> int:
@@ -114,8 +117,9 @@ def read_rows(
     CopyDamaged naming ``what`` and the relation. ``background``: without parallel
     workers, so that a foreground command (a point, a rollback) keeps the cores; and with
     ``yield_to`` (the advisory lock key every operation on staging holds), a table is
-    read a chunk at a time, and no chunk starts while an operation holds it (``stop``
-    set ends such a wait: the other side of read_side_by_side failed)."""
+    read a chunk at a time, and Yielded is raised before a chunk when an operation holds
+    that lock (or ``stop`` is set: the reading beside this one stopped), so that the
+    caller lets go of everything the operation may need and reads again after it."""
     started = time.monotonic()
     was = conn.autocommit
     conn.autocommit = False
@@ -125,7 +129,8 @@ def read_rows(
     if yield_to is not None:
 
         def pause() -> None:
-            reading.yielded += wait_while_held(conn, yield_to, stop=stop)
+            if (stop is not None and stop.is_set()) or held(conn, yield_to):
+                raise Yielded(f"{what}: an operation on staging started, or the reading beside this one stopped")
 
     table = "the catalog"
     try:
