@@ -265,3 +265,37 @@ def test_a_baseline_read_with_md5_row_hashes_is_compared_by_md5(staging):
     path.write_text(json.dumps(record))
     differs = staging.run("rollback_manager.py", "verify", point_id, "--deep")
     assert differs.returncode == 3 and table in differs.stderr, differs.stderr
+
+
+def test_the_background_stops_reading_for_an_operation_on_staging_and_reads_again_after(staging, tmp_path):
+    """While an operation holds staging's lock, the background's reading lets go of the
+    point at once (sealed again, nobody reading it) instead of holding what the operation
+    may need; when the lock is free it reads the point again, and its baseline is whole."""
+    from lib.pg.db import system_identifier
+    from lib.pg.locks import DatabaseLock
+
+    ready, resume = tmp_path / "ready", tmp_path / "resume"
+    env = {"ROLLBACK_FAULT_PAUSE": "reading rows", "ROLLBACK_FAULT_READY": str(ready), "ROLLBACK_FAULT_RESUME": str(resume)}
+    created = staging.run_json("create_rollback_point.py", "read twice", "--method", "template", env=env)
+    wait_for(lambda: ready.is_file() and ready.read_text().split(), timeout=60, what="the reading to pause")
+    name = created["template_database"]
+    operation = staging.server.connect()
+    operation.autocommit = True
+    try:
+        with operation.cursor() as cur:
+            key = DatabaseLock.key_for(system_identifier(operation), staging.name)
+            cur.execute("SELECT pg_advisory_lock(%s)", (key,))
+        resume.write_text("go\n")
+        wait_for(
+            lambda: staging.sql("SELECT datallowconn FROM pg_database WHERE datname = %s", (name,)) == [(False,)],
+            timeout=60,
+            what="the point sealed again while the operation holds staging",
+        )
+        assert not (staging.backup_dir / created["id"] / ".verification.json").is_file()
+        assert not staging.sql("SELECT pid FROM pg_stat_activity WHERE datname = %s", (name,))
+    finally:
+        operation.close()  # the operation ends: its lock goes with its session
+    baseline = wait_for_baseline(staging, created["id"])
+    assert baseline["row_counts"] and baseline.get("unknown") is None and baseline["row_hash"] == "columns"
+    logs = "".join(p.read_text() for p in staging.log_dir.glob("background_*.log"))
+    assert "stopped for an operation on staging" in logs and "reading again" in logs

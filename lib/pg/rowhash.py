@@ -10,11 +10,11 @@ a reading made the same way:
   40 % of md5's cost. Used on servers before 14.
 - ``columns`` (14 and later): ``hash_record_extended`` over the row's columns, each
   column taken as it is where its type's hash is exact (equal hashes input only for
-  identical values: integers, booleans, bytea, uuid, dates and times, enums, text under
-  a deterministic collation, numeric and char with a declared scale or length) and as
+  identical values: integers, booleans, bytea, uuid, dates and times, text under a
+  deterministic collation, numeric and char with a declared scale or length) and as
   its text otherwise (unconstrained numeric, where 1.0 = 1.00; floats, where -0 = 0;
-  jsonb, where 1.0 = 1.00 inside; intervals, where '1 day' = '24 hours'; everything
-  else). Printing a row is what costs: this prints only the columns that need it, and
+  jsonb, where 1.0 = 1.00 inside; intervals, where '1 day' = '24 hours'; enums, whose
+  hash is of an oid that a copy made by a dump would not keep; everything else). Printing a row is what costs: this prints only the columns that need it, and
   is two to three times faster than ``hashtext`` on ordinary tables.
 
 Every way tells a changed row apart with the odds of a 60- or 64-bit collision, and
@@ -61,7 +61,7 @@ def _columns(conn, schema: str, name: str) -> sql.Composable:
     parts = []
     for column, type_oid, typmod, typtype, deterministic in rows:
         ident = sql.SQL("t.{}").format(sql.Identifier(column))
-        exact = (type_oid in _EXACT or typtype == "e" or (type_oid in _WITH_TYPMOD and typmod >= 0)) and (
+        exact = (type_oid in _EXACT or (type_oid in _WITH_TYPMOD and typmod >= 0)) and (
             deterministic or type_oid not in _COLLATABLE
         )
         # format('%L') prints through the type's output function (a cast to text may drop
