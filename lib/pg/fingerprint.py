@@ -612,7 +612,7 @@ def sequence_positions(conn) -> dict[str, list]:
     return positions
 
 
-CHUNK_BLOCKS = 4096  # 32 MiB of a table read at a time when reading yields (see table_content)
+CHUNK_BLOCKS = 4096  # 32 MiB of a table read at a time by a reading that yields (see table_content)
 
 
 def table_content(conn, schema: str, name: str, row_hash: str | None = None, *, pause: Callable[[], None] | None = None) -> str:
@@ -620,7 +620,7 @@ def table_content(conn, schema: str, name: str, row_hash: str | None = None, *, 
     made ``row_hash``'s way (lib/pg/rowhash.py; by default, this server's). With ``pause``
     (on 14 and later, which scan a range of pages by itself), the table is read
     CHUNK_BLOCKS pages at a time and ``pause`` called before each: a background reading
-    waits there while a foreground operation runs. Sums add up, so the result is the same."""
+    stops there when a foreground operation starts. Sums add up, so the result is the same."""
     expression = row_hash_sql(conn, schema, name, row_hash or row_hash_for(conn))
     table = sql.SQL("SELECT count(*), coalesce(sum({}), 0) FROM ONLY {}.{} t").format(
         expression, sql.Identifier(schema), sql.Identifier(name)

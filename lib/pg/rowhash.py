@@ -14,8 +14,9 @@ a reading made the same way:
   deterministic collation, numeric and char with a declared scale or length) and as
   its text otherwise (unconstrained numeric, where 1.0 = 1.00; floats, where -0 = 0;
   jsonb, where 1.0 = 1.00 inside; intervals, where '1 day' = '24 hours'; enums, whose
-  hash is of an oid that a copy made by a dump would not keep; everything else). Printing a row is what costs: this prints only the columns that need it, and
-  is two to three times faster than ``hashtext`` on ordinary tables.
+  hash is of an oid that a copy made by a dump would not keep; everything else).
+  Printing a row is what costs: this prints only the columns that need it, and is two
+  to three times faster than ``hashtext`` on ordinary tables.
 
 Every way tells a changed row apart with the odds of a 60- or 64-bit collision, and
 none of them is a defence against someone crafting a collision on purpose.

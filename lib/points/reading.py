@@ -113,13 +113,14 @@ def read_rows(
 ) -> Reading:
     """Every row of the database ``conn`` is connected to, in one read-only snapshot
     (repeatable read), table by table, each row hashed ``row_hash``'s way (that of the
-    baseline it is compared with; by default, the server's: lib/pg/rowhash.py). A page or file the server cannot read raises
-    CopyDamaged naming ``what`` and the relation. ``background``: without parallel
-    workers, so that a foreground command (a point, a rollback) keeps the cores; and with
-    ``yield_to`` (the advisory lock key every operation on staging holds), a table is
-    read a chunk at a time, and Yielded is raised before a chunk when an operation holds
-    that lock (or ``stop`` is set: the reading beside this one stopped), so that the
-    caller lets go of everything the operation may need and reads again after it."""
+    baseline it is compared with; by default, the server's: lib/pg/rowhash.py). A page or
+    file the server cannot read raises CopyDamaged naming ``what`` and the relation.
+    ``background``: without parallel workers, so that a foreground command (a point, a
+    rollback) keeps the cores. With ``yield_to`` (the advisory lock key every operation
+    on staging holds), a table is read a chunk at a time, and Yielded is raised before a
+    chunk when an operation holds that lock (or ``stop`` is set: the reading beside this
+    one stopped), so that the caller lets go of everything the operation may need and
+    reads again after it."""
     started = time.monotonic()
     was = conn.autocommit
     conn.autocommit = False

@@ -112,7 +112,7 @@ def baseline_readable(target: Target, point: Point) -> str | None:
 
 
 def _staging_lock(target: Target) -> int:
-    """The key of the lock every operation on staging holds: background readings pause while it is held."""
+    """The key of the lock every operation on staging holds: a background reading stops when it is taken."""
     return DatabaseLock.key_for(target.facts.system_identifier, target.dbname)
 
 
