@@ -178,3 +178,8 @@ class RecordFailed(Exception):  # noqa: N818 - what a migration raises through c
 
 class RecordSkipped(RecordFailed):
     """Raised by ``ctx.skip``: this record is rolled back and counted as skipped."""
+
+
+class Yielded(Exception):
+    """A background reading stopped for an operation on staging, to read again after it
+    (lib/points/reading.py). Not an error: it never reaches a person."""

@@ -74,11 +74,35 @@ def test_values_that_print_differently_hash_differently(scratch, column_type, a,
 
 
 @pytest.mark.servers(15)  # Debian's build has ICU (the embedded 18 has not)
-def test_a_nondeterministic_collation_is_hashed_by_its_text(scratch):
+@pytest.mark.parametrize("column_type", ['text COLLATE "ci"', 'char(3) COLLATE "ci"', "bpchar COLLATE ci", "ci_text"])
+def test_a_nondeterministic_collation_is_hashed_by_its_text(scratch, column_type):
     with scratch.cursor() as cur:
         cur.execute("CREATE COLLATION rowhash.ci (provider = icu, locale = 'und-u-ks-level2', deterministic = false)")
-    upper, lower = _contents(scratch, 'text COLLATE "ci"', ["A", "a"])
+        cur.execute("CREATE DOMAIN rowhash.ci_text AS text COLLATE rowhash.ci")
+    upper, lower = _contents(scratch, column_type, ["A", "a"])
     assert upper[COLUMNS] != lower[COLUMNS]
+
+
+SWAPS = [
+    ("text", "'a'", "'b'"),
+    ("int", "1", "2"),
+    ("text", "'a'", "NULL"),
+    ("numeric", "1.5", "2.5"),
+]
+
+
+@pytest.mark.parametrize(("column_type", "a", "b"), SWAPS, ids=[f"{c}-{b}" for c, _, b in SWAPS])
+def test_values_swapped_between_rows_change_the_tables_hash(scratch, column_type, a, b):
+    """A row's columns combine linearly in hash_record_extended: without mixing each row's
+    hash again, values swapped between rows would leave the table's sum unchanged."""
+    with scratch.cursor() as cur:
+        cur.execute(f"CREATE TABLE rowhash.s (id int, v {column_type})")
+        cur.execute(f"INSERT INTO rowhash.s VALUES (1, {a}), (2, {b})")
+        before = {way: table_content(scratch, "rowhash", "s", way) for way in ROW_HASHES}
+        cur.execute(f"UPDATE rowhash.s SET v = CASE id WHEN 1 THEN {b} ELSE {a} END")
+        after = {way: table_content(scratch, "rowhash", "s", way) for way in ROW_HASHES}
+    for way in ROW_HASHES:
+        assert before[way] != after[way], way
 
 
 def test_the_server_hashes_columns_from_14_on(server):
@@ -109,7 +133,8 @@ def test_a_background_reading_stops_for_a_foreground_operation_and_reads_whole_a
     """read_rows(yield_to=key) stops before its next chunk while another session holds the
     lock ``key`` (every operation on staging holds its DatabaseLock), so that the
     background lets go of everything at once; once the lock is free it reads every row."""
-    from lib.points.reading import Yielded, read_rows
+    from lib.errors import Yielded
+    from lib.points.reading import read_rows
 
     key = 4242424242
     with scratch.cursor() as cur:

@@ -15,7 +15,7 @@ import sys
 import psycopg2
 
 from lib.config import Settings, load_settings
-from lib.errors import RollbackError
+from lib.errors import RollbackError, Yielded
 from lib.logfiles import setup_logging
 from lib.pg.locks import DatabaseLock, wait_while_held
 from lib.pg.target import open_target
@@ -23,7 +23,6 @@ from lib.points import retention, spare
 from lib.points.catalog import Catalog, Point
 from lib.points.methods import registry
 from lib.points.methods import template as template_method
-from lib.points.reading import Yielded
 from lib.process import PythonModule
 
 log = logging.getLogger(__name__)
@@ -138,6 +137,7 @@ def _read(target, catalog: Catalog, point: Point) -> None:
     end and reads again, up to READ_ATTEMPTS times; a copy or a drop of what it reads
     ends its sessions."""
     staging_lock = DatabaseLock.key_for(target.facts.system_identifier, target.dbname)
+    wait_while_held(target.maint, staging_lock)  # the operation that started this job may still hold it
     for _ in range(READ_ATTEMPTS):
         try:
             _read_once(target, point)

@@ -271,9 +271,10 @@ TOOLKIT_APPLICATION = "rollback-toolkit"
 
 
 def sessions_on(conn, dbname: str, *, own: bool = True) -> list[Session]:
-    """Client sessions on ``dbname``. ``own=False`` leaves out the toolkit's own short
-    sessions (a background job reading a database's facts, say): they are ended with the
-    others when a copy or swap needs the database, but nobody needs to be asked about them."""
+    """Client sessions on ``dbname``. ``own=False`` leaves out those that name themselves
+    the toolkit's (application_name "rollback-toolkit…": a background job reading a
+    database's facts, say): they are ended with the others when a copy or swap needs the
+    database, but are not listed for a person to agree to."""
     rows = query(
         conn,
         """

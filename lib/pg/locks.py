@@ -52,8 +52,8 @@ def held(conn, key: int) -> bool:
     return bool(
         scalar(
             conn,
-            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted "
-            "AND ((classid::bigint << 32) | objid::bigint) = %s)",
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1 "
+            "AND ((classid::bigint << 32) | objid::bigint) = %s)",  # objsubid 1: a bigint key
             (key,),
         )
     )

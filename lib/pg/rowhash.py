@@ -8,7 +8,8 @@ a reading made the same way:
   prints it). Baselines read before the others existed carry it.
 - ``hashtext``: PostgreSQL's own 64-bit ``hashtextextended`` of the row's text; about
   40 % of md5's cost. Used on servers before 14.
-- ``columns`` (14 and later): ``hash_record_extended`` over the row's columns, each
+- ``columns`` (14 and later): ``hash_record_extended`` over the row's columns, mixed
+  once more by ``hashint8extended`` (the record hash is linear in its columns), each
   column taken as it is where its type's hash is exact (equal hashes input only for
   identical values: integers, booleans, bytea, uuid, dates and times, text under a
   deterministic collation, numeric and char with a declared scale or length) and as
@@ -68,9 +69,13 @@ def _columns(conn, schema: str, name: str) -> sql.Composable:
         # format('%L') prints through the type's output function (a cast to text may drop
         # a bpchar's trailing blanks); ::text is cheaper and exact for everything else. The
         # text is hashed under "C": a column's nondeterministic collation would hash 'A' as 'a'
-        text = sql.SQL("format('%L', {})" if type_oid == 1042 or typtype == "d" else '({}::text COLLATE "C")')
+        printed = "format('%L', {})" if type_oid == 1042 or typtype == "d" else "{}::text"
+        text = sql.SQL("(" + printed + ' COLLATE "C")')
         parts.append(ident if exact else text.format(ident))
-    return sql.SQL("hash_record_extended(ROW({}), 0)").format(sql.SQL(", ").join(parts))
+    # hash_record_extended combines its columns linearly (h * 31 + column), so a sum of it
+    # over the rows would be a sum per column, blind to values swapped between rows: each
+    # row's hash is mixed once more (hashint8extended) before the sum
+    return sql.SQL("hashint8extended(hash_record_extended(ROW({}), 0), 0)").format(sql.SQL(", ").join(parts))
 
 
 def row_hash_sql(conn, schema: str, name: str, row_hash: str) -> sql.Composable:

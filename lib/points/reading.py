@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import psycopg2
 
 from lib import faults
-from lib.errors import CopyDamaged
+from lib.errors import CopyDamaged, Yielded
 from lib.pg.codes import is_damage
 from lib.pg.db import query
 from lib.pg.fingerprint import (
@@ -44,10 +44,6 @@ from lib.pg.rowhash import row_hash_for
 CATALOG = "catalog"
 PAGES = "pages"
 ROWS = "rows"
-
-
-class Yielded(Exception):
-    """A background reading stopped for an operation on staging: read again after it."""
 
 
 @dataclass
