@@ -282,7 +282,7 @@ def test_create_keep_removes_old_points_and_their_copies(staging):
 
 
 def test_template_point_of_a_database_with_a_long_name(server, new_staging):
-    staging = new_staging(server, "long_" + "x" * 45)
+    staging = new_staging(server, "long_" + "x" * (52 - len(str(os.getpid()))))  # "_<pid>_<n>" follows: 60-62 bytes
     assert len(staging.name.encode()) >= 58
     before = deep_state(server, staging.name)
     created = staging.run_json(
