@@ -17,7 +17,7 @@ import psycopg2
 from lib.config import Settings, load_settings
 from lib.errors import RollbackError, Yielded
 from lib.logfiles import setup_logging
-from lib.pg.locks import DatabaseLock, wait_while_held
+from lib.pg.locks import wait_while_held
 from lib.pg.target import open_target
 from lib.points import retention, spare
 from lib.points.catalog import Catalog, Point
@@ -136,14 +136,13 @@ def _read(target, catalog: Catalog, point: Point) -> None:
     pages) and it lets go of the point and the spare at once, waits for that operation to
     end and reads again, up to READ_ATTEMPTS times; a copy or a drop of what it reads
     ends its sessions."""
-    staging_lock = DatabaseLock.key_for(target.facts.system_identifier, target.dbname)
-    wait_while_held(target.maint, staging_lock)  # the operation that started this job may still hold it
+    wait_while_held(target.maint, target.lock_key)  # the operation that started this job may still hold it
     for _ in range(READ_ATTEMPTS):
         try:
             _read_once(target, point)
             return
         except Yielded as exc:
-            waited = wait_while_held(target.maint, staging_lock)
+            waited = wait_while_held(target.maint, target.lock_key)
             log.info("reading %s stopped for an operation on staging (%s); %.1f s later, reading again", point.id, exc, waited)
         except RollbackError as exc:  # ended by a foreground copy, the point is gone, or the copy differs
             log.info("reading %s stopped: %s", point.id, exc.message)

@@ -107,13 +107,16 @@ def explain_connect_error(info: ConnInfo, dbname: str, exc: Exception) -> Connec
     return ConnectError(f"Could not connect to {target}: {first}.", _CONNECT_HINTS[problem], problem=problem)
 
 
+TOOLKIT_APPLICATION = "rollback-toolkit"  # every session of the toolkit's names itself so, or starts so
+
+
 def connect(
     info: ConnInfo,
     dbname: str | None = None,
     *,
     autocommit: bool = True,
     readonly: bool = False,
-    application_name: str = "rollback-toolkit",
+    application_name: str = TOOLKIT_APPLICATION,
     connection_factory=None,
 ) -> psycopg2.extensions.connection:
     name = dbname or info.dbname
@@ -265,9 +268,6 @@ class Session:
             f"pid {self.pid} user {self.user or '?'} app {self.application or '-'} "
             f"from {self.client or 'local socket'} {self.state or '?'} since {self.since or '?'}"
         )
-
-
-TOOLKIT_APPLICATION = "rollback-toolkit"
 
 
 def sessions_on(conn, dbname: str, *, own: bool = True) -> list[Session]:

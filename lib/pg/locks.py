@@ -29,15 +29,18 @@ def lock_key(system_identifier: str | None, name: str) -> int:
     return int.from_bytes(digest[:8], "big") & 0x7FFFFFFFFFFFFFFF
 
 
+# the granted advisory lock with a bigint key (objsubid 1) of %s, in pg_locks as l
+_GRANTED = "l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 AND ((l.classid::bigint << 32) | l.objid::bigint) = %s"
+
+
 def server_holder(conn, key: int) -> str | None:
     rows = query(
         conn,
-        """
+        f"""
         SELECT a.pid, a.usename, a.application_name, a.client_addr::text,
                to_char(a.backend_start, 'YYYY-MM-DD HH24:MI:SS')
           FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-         WHERE l.locktype = 'advisory' AND l.granted
-           AND ((l.classid::bigint << 32) | l.objid::bigint) = %s
+         WHERE {_GRANTED}
         """,
         (key,),
     )
@@ -49,14 +52,7 @@ def server_holder(conn, key: int) -> str | None:
 
 def held(conn, key: int) -> bool:
     """Some session holds the advisory lock ``key`` now."""
-    return bool(
-        scalar(
-            conn,
-            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1 "
-            "AND ((classid::bigint << 32) | objid::bigint) = %s)",  # objsubid 1: a bigint key
-            (key,),
-        )
-    )
+    return bool(scalar(conn, f"SELECT EXISTS (SELECT 1 FROM pg_locks l WHERE {_GRANTED})", (key,)))
 
 
 def wait_while_held(conn, key: int, poll: float = 0.1) -> float:

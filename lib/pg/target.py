@@ -42,6 +42,11 @@ class Target:
         return self.info.masked()
 
     @property
+    def lock_key(self) -> int:
+        """The advisory lock key every operation on staging holds (its DatabaseLock)."""
+        return DatabaseLock.key_for(self.facts.system_identifier, self.dbname)
+
+    @property
     def may_swap(self) -> bool:
         """Whether staging can be replaced by renaming: a superuser, or its owner with CREATEDB."""
         f = self.facts

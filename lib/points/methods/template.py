@@ -25,7 +25,6 @@ from lib.pg.db import (
     terminate_sessions,
 )
 from lib.pg.fingerprint import compare, fingerprint_like, is_physical
-from lib.pg.locks import DatabaseLock
 from lib.pg.retry import retry_on
 from lib.pg.target import Target
 from lib.points import intents, spare
@@ -111,11 +110,6 @@ def baseline_readable(target: Target, point: Point) -> str | None:
     return None
 
 
-def _staging_lock(target: Target) -> int:
-    """The key of the lock every operation on staging holds: a background reading stops when it is taken."""
-    return DatabaseLock.key_for(target.facts.system_identifier, target.dbname)
-
-
 def read_baseline(target: Target, point: Point, copy_name: str | None = None) -> tuple[Baseline, Reading | None]:
     """Every row of a point's database, in one snapshot, as its baseline; with
     ``copy_name`` (its spare), that copy is read beside it and returned, to be compared.
@@ -127,7 +121,7 @@ def read_baseline(target: Target, point: Point, copy_name: str | None = None) ->
     name = point.manifest.template_database
     with opened(target, name) as conn:
         if copy_name is None:
-            base, copy = read_rows(conn, f"point {point.id}", background=True, yield_to=_staging_lock(target)), None
+            base, copy = read_rows(conn, f"point {point.id}", background=True, yield_to=target.lock_key), None
         else:
             with opened(target, copy_name) as copy_conn:
                 base, copy = read_side_by_side(
@@ -136,7 +130,7 @@ def read_baseline(target: Target, point: Point, copy_name: str | None = None) ->
                     copy_conn,
                     f"the copy {copy_name}",
                     background=True,
-                    yield_to=_staging_lock(target),
+                    yield_to=target.lock_key,
                 )
     why = baseline_readable(target, point)  # a session that was not a reader, found when the last one left
     if why:
@@ -216,7 +210,7 @@ def ready_spare(target: Target, point: Point, name: str) -> str | None:
                 f"the spare copy {name}",
                 background=True,
                 row_hash=baseline.hashed_with,
-                yield_to=_staging_lock(target),
+                yield_to=target.lock_key,
             )
     else:
         found = None
