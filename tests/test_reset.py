@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -128,3 +129,102 @@ def test_a_copy_that_lost_its_indexes_and_constraints_is_refused(server, new_sta
     assert result.returncode == 3, result.stderr
     assert "does not match V2" in result.stderr and "schema missing: constraint" in result.stderr
     assert deep_state(staging.server, staging.name) == before
+
+
+def _tool(name: str, major: int):
+    from lib.config import load_settings
+    from lib.pg.tools import discover
+
+    return next(t for t in discover(name, load_settings())[0] if t.major == major)
+
+
+@pytest.mark.parametrize("major", [15, 18])
+def test_foreign_keys_between_the_same_tables_are_never_built_at_once(servers, tmp_path, major):
+    """The reset's index stage (pg_restore -j) builds two foreign keys between the same
+    tables in opposite directions one after the other. Here both are forced to start
+    together: another session holds both tables until both workers wait. From the
+    reset's archive pg_restore sees that they lock the same tables and runs them in
+    turn; from an archive of post-data alone (the shape that failed) they deadlock,
+    which shows the forced start is real."""
+    import threading
+    import time
+    from contextlib import closing
+
+    from lib.errors import ToolError
+    from lib.pg.tools import command_for
+    from lib.points.methods.dump import archive_listing
+    from lib.restore.rebuild import POST_DATA, post_data_archive
+    from tests.conftest import get_server
+
+    server = get_server(servers, major)
+    src = f"ring_{major}_{os.getpid()}"
+    with closing(server.connect()) as conn, conn.cursor() as cur:
+        conn.autocommit = True
+        for db in (src, f"{src}_new", f"{src}_old"):
+            cur.execute(f'DROP DATABASE IF EXISTS "{db}"')
+            cur.execute(f'CREATE DATABASE "{db}"')
+    with closing(server.connect(src)) as conn, conn.cursor() as cur:
+        cur.execute(
+            "CREATE TABLE a (id int PRIMARY KEY, b int); CREATE TABLE b (id int PRIMARY KEY, a int);"
+            "INSERT INTO a SELECT g, g FROM generate_series(1, 20000) g;"
+            "INSERT INTO b SELECT g, g FROM generate_series(1, 20000) g;"
+            "ALTER TABLE a ADD CONSTRAINT a_to_b FOREIGN KEY (b) REFERENCES b (id);"
+            "ALTER TABLE b ADD CONSTRAINT b_to_a FOREIGN KEY (a) REFERENCES a (id);"
+        )
+        conn.commit()
+    info = ConnInfo.parse(server.url(src))
+    dump = command_for(_tool("pg_dump", major), conn=info)
+    restore = command_for(_tool("pg_restore", major), conn=info)
+    tables = tmp_path / "tables.dump"
+    dump.run(["--format=custom", "--section=pre-data", "--section=data", f"--file={tables}", *info.tool_args()])
+    reset_shape = post_data_archive(dump, ["--format=custom", *info.tool_args()], tmp_path / "schema.dump")
+    old_shape = [POST_DATA, str(tmp_path / "post.dump")]
+    dump.run(["--format=custom", POST_DATA, f"--file={old_shape[1]}", *info.tool_args()])
+
+    def build(db: str, post: list[str]) -> str | None:
+        """Tables and rows, the primary keys, then the two foreign keys by two workers
+        started together; the error pg_restore gave, or None."""
+        restore.run(restore.into(db, [str(tables)]))
+        listing = archive_listing(restore.tool, post).splitlines()
+        keys, foreign = tmp_path / f"{db}.keys", tmp_path / f"{db}.foreign"
+        keys.write_text("\n".join(line for line in listing if "FK CONSTRAINT" not in line) + "\n")
+        foreign.write_text("\n".join(line for line in listing if "FK CONSTRAINT" in line) + "\n")
+        assert len(foreign.read_text().split()) > 2 and "a_to_b" in foreign.read_text() and "b_to_a" in foreign.read_text()
+        restore.run(restore.into(db, ["-L", str(keys), *post]))
+        failure: list[str] = []
+
+        def workers() -> None:
+            try:
+                restore.run(restore.into(db, ["-L", str(foreign), *post], jobs=2))
+            except ToolError as exc:
+                failure.append(str(exc))
+
+        with closing(server.connect(db)) as holder, holder.cursor() as cur:
+            cur.execute("BEGIN; LOCK TABLE a, b IN ACCESS EXCLUSIVE MODE")
+            thread = threading.Thread(target=workers)
+            thread.start()
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                cur.execute(
+                    "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity s USING (pid)"
+                    " WHERE NOT l.granted AND s.datname = current_database() AND s.query LIKE '%FOREIGN KEY%'"
+                )
+                if cur.fetchone()[0] >= 1:
+                    break
+                time.sleep(0.05)
+            time.sleep(0.5)  # a second worker, when there is one, is waiting too by now
+            cur.execute("COMMIT")
+        thread.join(120)
+        assert not thread.is_alive()
+        return failure[0] if failure else None
+
+    assert build(f"{src}_new", reset_shape) is None
+    with closing(server.connect(f"{src}_new")) as conn, conn.cursor() as cur:
+        cur.execute("SELECT conname FROM pg_constraint WHERE contype = 'f' ORDER BY 1")
+        assert [r[0] for r in cur.fetchall()] == ["a_to_b", "b_to_a"]
+    old = build(f"{src}_old", old_shape)
+    assert old is not None and "deadlock detected" in old
+    with closing(server.connect()) as conn, conn.cursor() as cur:
+        conn.autocommit = True
+        for db in (src, f"{src}_new", f"{src}_old"):
+            cur.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')

@@ -121,24 +121,38 @@ def _stream_then_index(
     with ui.progress("Copying large objects"):
         pipeline(dump, [*common, "--section=data", "--exclude-table-data=*.*", *v2.tool_args()], restore, restore.into(aside, []))
     with private_temporary_folder("reset") as tmp:
-        post = Path(tmp) / "post-data.dump"
-        dump.run([*common, "--section=post-data", f"--file={post}", *v2.tool_args()])
+        post = post_data_archive(dump, [*common, *v2.tool_args()], Path(tmp) / "schema.dump")
         _build_indexes(target, restore, post, aside, jobs, ui)
 
 
-def _build_indexes(target: Target, restore: PgRestore, post: Path, aside: str, jobs: int, ui: Reporter) -> None:
+POST_DATA = "--section=post-data"
+
+
+def post_data_archive(dump: PgDump, args: list[str], file: Path) -> list[str]:
+    """V2's pre-data and post-data sections in one archive at ``file`` (post-data
+    holds the materialized views' refreshes, which --schema-only would leave out);
+    returns pg_restore's arguments for the post-data part. The archive holds the
+    tables too, though only post-data is restored: a parallel pg_restore keeps two entries that lock the same table (two
+    foreign keys between the same tables in opposite directions) apart only when it
+    finds that table's entry in the archive. A post-data-only archive lacks it, and
+    its workers can deadlock."""
+    dump.run([*args, "--section=pre-data", POST_DATA, f"--file={file}"])
+    return [POST_DATA, str(file)]
+
+
+def _build_indexes(target: Target, restore: PgRestore, post: list[str], aside: str, jobs: int, ui: Reporter) -> None:
     """The post-data archive by ``jobs`` workers: progress in its entries, and the index
     builds under way (pg_stat_progress_create_index)."""
     app = application_name("reset")
     options = f"-c maintenance_work_mem={INDEX_MEMORY}"
     indexer = command_for(restore.tool, conn=target.info, options=options, env=named_sessions(app))
-    tracker = RestoreTracker(archive_listing(restore.tool, [str(post)]), None)
+    tracker = RestoreTracker(archive_listing(restore.tool, post), None)
     with (
         ui.progress(f"Building indexes and constraints with {jobs} worker(s)", total=tracker.total, unit="entries") as tick,
         target.progress_poller(aside, app) as poller,
     ):
         watch = Watch(tick, tracker, poller)
-        indexer.run(indexer.into(aside, [str(post)], jobs=jobs, verbose=True), on_tick=watch, on_stderr=tracker.line)
+        indexer.run(indexer.into(aside, post, jobs=jobs, verbose=True), on_tick=watch, on_stderr=tracker.line)
         watch.finished()
 
 
