@@ -20,7 +20,7 @@ LAYERS = [
     {"lib.pg"},
     {"lib.sandbox"},
     {"lib.points"},
-    {"lib.restore"},
+    {"lib.restore", "lib.undo"},
     {"lib.operations"},
     {"lib.migrate"},
     {"lib.api"},

@@ -1,0 +1,227 @@
+"""The undo of one captured run (lib/undo/__init__.py): in one transaction, statement by
+statement in reverse order of the run's, each table's rows put back where they still
+hold what the run wrote:
+
+- a row the run inserted is deleted if it is still exactly as inserted;
+- a row it updated gets its before image back if it still holds the after image;
+- a row it deleted is inserted again if no row has its key.
+
+"Exactly" is by each row's text, every column as PostgreSQL prints it (so 1.0 and 1.00
+differ). Every other row is a conflict: someone changed it after the run. Each step
+returns the keys it changed, and a conflict is a key it was to change and did not, so a
+row another session changes meanwhile is a conflict too, never overwritten. With
+conflicts nothing is changed unless ``skip_conflicts``. Sequences are never moved back."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from psycopg2 import sql
+
+from lib.errors import RollbackError
+from lib.pg.db import query, scalar
+from lib.undo.capture import SCHEMA, CapturedTable
+
+
+class UndoRefused(RollbackError):
+    """The run cannot be undone (truncated, already undone, unknown) or has conflicts."""
+
+
+@dataclass(frozen=True)
+class Conflict:
+    table: str
+    key: dict
+    run_wrote: str | None  # the row as the run left it (None: the run deleted it)
+    now: str | None  # the row as it is now (None: no row with that key)
+
+
+@dataclass
+class UndoResult:
+    run_id: str
+    deleted: dict[str, int] = field(default_factory=dict)
+    restored: dict[str, int] = field(default_factory=dict)
+    reinserted: dict[str, int] = field(default_factory=dict)
+    conflicts: list[Conflict] = field(default_factory=list)
+    applied: bool = False
+
+
+def _tables(conn, run_id: str) -> list[CapturedTable]:
+    row = query(conn, f"SELECT tables, truncated, undone_at FROM {SCHEMA}.undo_runs WHERE run_id = %s", (run_id,))
+    if not row:
+        raise UndoRefused(f"Run {run_id} has no undo log in staging.", "Restore the run's point instead.")
+    tables, truncated, undone_at = row[0]
+    if undone_at is not None:
+        raise UndoRefused(
+            f"Run {run_id} was undone already, at {undone_at:%Y-%m-%d %H:%M:%S %Z}.",
+            "To have its changes again, run the migration again (or restore a point taken after it).",
+        )
+    if truncated:
+        raise UndoRefused(
+            f"Run {run_id} cannot be undone: {truncated} was truncated while it was captured, and a TRUNCATE "
+            "leaves no rows to put back.",
+            "Restore the run's point instead.",
+        )
+    tables = tables if isinstance(tables, list) else json.loads(tables)
+    return [CapturedTable(t["schema"], t["name"], tuple(t["key"]), t["log"]) for t in tables]
+
+
+def _columns(conn, table: CapturedTable) -> tuple[list[str], bool]:
+    """The columns a row is written back with (generated ones are computed again), and
+    whether an identity column is GENERATED ALWAYS (then OVERRIDING SYSTEM VALUE)."""
+    rows = query(
+        conn,
+        """
+        SELECT a.attname, a.attidentity, a.attgenerated FROM pg_attribute a
+          JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE n.nspname = %s AND c.relname = %s AND a.attnum > 0 AND NOT a.attisdropped
+         ORDER BY a.attnum""",
+        (table.schema, table.name),
+    )
+    return [r[0] for r in rows if not r[2]], any(r[1] == "a" for r in rows)
+
+
+def _key_json(alias: str, table: CapturedTable, image: str | None = None) -> sql.Composable:
+    """The key of a row as JSON: of table row ``alias``, or of ``alias``'s ``image`` column."""
+    parts = []
+    for k in table.key:
+        value = (
+            sql.SQL("({}.{}).{}").format(sql.Identifier(alias), sql.Identifier(image), sql.Identifier(k))
+            if image
+            else (sql.SQL("{}.{}").format(sql.Identifier(alias), sql.Identifier(k)))
+        )
+        parts += [sql.Literal(k), value]
+    return sql.SQL("jsonb_build_object({})").format(sql.SQL(", ").join(parts))
+
+
+def _key_match(table_alias: str, table: CapturedTable, log_alias: str, image: str) -> sql.Composable:
+    return sql.SQL(" AND ").join(
+        sql.SQL("{}.{} = ({}.{}).{}").format(
+            sql.Identifier(table_alias), sql.Identifier(k), sql.Identifier(log_alias), sql.Identifier(image), sql.Identifier(k)
+        )
+        for k in table.key
+    )
+
+
+def _steps(conn, tables: list[CapturedTable]) -> list[tuple[int, CapturedTable]]:
+    """(statement, table) for every statement of the run, newest first."""
+    found = []
+    for t in tables:
+        for (statement,) in query(conn, sql.SQL("SELECT DISTINCT statement FROM {}").format(sql.Identifier(SCHEMA, t.log))):
+            found.append((int(statement), t))
+    return sorted(found, key=lambda s: s[0], reverse=True)
+
+
+def _undo_statement(conn, t: CapturedTable, statement: int, columns: list[str], always: bool, result: UndoResult) -> None:
+    log = sql.Identifier(SCHEMA, t.log)
+    table = sql.Identifier(t.schema, t.name)
+    st = sql.Literal(statement)
+    # rows the run inserted: deleted where still exactly as inserted
+    deleted = query(
+        conn,
+        sql.SQL(
+            "DELETE FROM {table} t USING {log} l WHERE l.statement = {st} AND l.op = 'I' AND {match} "
+            "AND t::text = (l.new_row)::text RETURNING {key}"
+        ).format(table=table, log=log, st=st, match=_key_match("t", t, "l", "new_row"), key=_key_json("t", t)),
+    )
+    _conflicts(conn, t, statement, "I", {json.dumps(r[0], sort_keys=True) for r in deleted}, result)
+    result.deleted[t.qualified] = result.deleted.get(t.qualified, 0) + len(deleted)
+    # rows it updated: their before image back where they still hold the after image
+    settable = [c for c in columns if c not in t.key]
+    if settable:
+        restored = query(
+            conn,
+            sql.SQL(
+                "UPDATE {table} t SET ({cols}) = ROW({values}) FROM {log} l WHERE l.statement = {st} AND l.op = 'U' "
+                "AND {match} AND t::text = (l.new_row)::text RETURNING {key}"
+            ).format(
+                table=table,
+                cols=sql.SQL(", ").join(sql.Identifier(c) for c in settable),
+                values=sql.SQL(", ").join(sql.SQL("(l.old_row).{}").format(sql.Identifier(c)) for c in settable),
+                log=log,
+                st=st,
+                match=_key_match("t", t, "l", "new_row"),
+                key=_key_json("t", t),
+            ),
+        )
+    else:
+        restored = []
+    _conflicts(conn, t, statement, "U", {json.dumps(r[0], sort_keys=True) for r in restored}, result)
+    result.restored[t.qualified] = result.restored.get(t.qualified, 0) + len(restored)
+    # rows it deleted: inserted again where no row has their key
+    reinserted = query(
+        conn,
+        sql.SQL(
+            "INSERT INTO {table} ({cols}) {overriding} SELECT {values} FROM {log} l WHERE l.statement = {st} AND l.op = 'D' "
+            "ON CONFLICT DO NOTHING RETURNING {key}"
+        ).format(
+            table=table,
+            cols=sql.SQL(", ").join(sql.Identifier(c) for c in columns),
+            overriding=sql.SQL("OVERRIDING SYSTEM VALUE" if always else ""),
+            values=sql.SQL(", ").join(sql.SQL("(l.old_row).{}").format(sql.Identifier(c)) for c in columns),
+            log=log,
+            st=st,
+            key=_key_json(t.name, t),
+        ),
+    )
+    _conflicts(conn, t, statement, "D", {json.dumps(r[0], sort_keys=True) for r in reinserted}, result)
+    result.reinserted[t.qualified] = result.reinserted.get(t.qualified, 0) + len(reinserted)
+
+
+def _conflicts(conn, t: CapturedTable, statement: int, op: str, done: set[str], result: UndoResult) -> None:
+    """The rows of ``op`` in ``statement`` that the step was to change and did not."""
+    image = "old_row" if op == "D" else "new_row"
+    rows = query(
+        conn,
+        sql.SQL(
+            "SELECT {key}, (l.{image})::text, (SELECT t::text FROM {table} t WHERE {match}) "
+            "FROM {log} l WHERE l.statement = {st} AND l.op = {op}"
+        ).format(
+            key=_key_json("l", t, image),
+            image=sql.Identifier(image),
+            table=sql.Identifier(t.schema, t.name),
+            match=_key_match("t", t, "l", image),
+            log=sql.Identifier(SCHEMA, t.log),
+            st=sql.Literal(statement),
+            op=sql.Literal(op),
+        ),
+    )
+    for key, wrote, now in rows:
+        if json.dumps(key, sort_keys=True) not in done:
+            result.conflicts.append(Conflict(t.qualified, key, None if op == "D" else wrote, now))
+
+
+def undo(conn, run_id: str, *, skip_conflicts: bool = False, dry_run: bool = False) -> UndoResult:
+    """Revert the run's captured changes in one transaction on ``conn`` (committed unless
+    ``dry_run``, or conflicts without ``skip_conflicts``: then rolled back, nothing changed)."""
+    was = conn.autocommit
+    conn.autocommit = False
+    result = UndoResult(run_id)
+    try:
+        scalar(conn, f"SELECT 1 FROM {SCHEMA}.undo_runs WHERE run_id = %s FOR UPDATE", (run_id,))  # one undo at a time
+        tables = _tables(conn, run_id)
+        shapes = {t.log: _columns(conn, t) for t in tables}
+        for statement, t in _steps(conn, tables):
+            _undo_statement(conn, t, statement, *shapes[t.log], result)
+        if dry_run or (result.conflicts and not skip_conflicts):
+            conn.rollback()
+            return result
+        summary = {
+            "deleted": result.deleted,
+            "restored": result.restored,
+            "reinserted": result.reinserted,
+            "conflicts": len(result.conflicts),
+        }
+        scalar(
+            conn,
+            f"UPDATE {SCHEMA}.undo_runs SET undone_at = now(), undone = %s WHERE run_id = %s",
+            (json.dumps(summary), run_id),
+        )
+        conn.commit()
+        result.applied = True
+        return result
+    except BaseException:
+        conn.rollback()
+        raise
+    finally:
+        conn.autocommit = was

@@ -1,0 +1,131 @@
+"""Undo of one captured run (lib/undo): only the run's writes are captured, the undo
+puts back exactly what the run changed, keeps every other session's writes, and refuses
+(changing nothing) where someone changed a row after the run."""
+
+from __future__ import annotations
+
+from contextlib import closing
+
+import pytest
+
+from lib.undo import capture, revert
+
+SCHEMA_SQL = """
+CREATE TYPE mood AS ENUM ('sad', 'happy');
+CREATE TABLE parent (id int PRIMARY KEY, name text NOT NULL, price numeric, note jsonb, m mood, raw bytea,
+                     tags text[], f float8, total numeric GENERATED ALWAYS AS (price * 2) STORED);
+CREATE TABLE child (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, parent_id int NOT NULL REFERENCES parent(id),
+                    body text);
+CREATE TABLE nokey (v int);
+INSERT INTO parent (id, name, price, note, m, raw, tags, f) VALUES
+  (1, 'one', 1.0, '{"a": 1.0}', 'sad', '\\x00', '{x}', -0.0),
+  (2, 'two', 'NaN', null, 'happy', '\\x0102', '{}', 'Infinity'),
+  (3, 'three', 3.00, '[]', null, null, null, 1e-300);
+INSERT INTO child (parent_id, body) SELECT 1 + g % 3, repeat('b', g * 500) FROM generate_series(1, 6) g;
+"""
+
+RUN = "run-001"
+
+
+def _state(conn) -> dict:
+    with conn.cursor() as cur:
+        cur.execute("SELECT p::text FROM parent p ORDER BY id")
+        parents = [r[0] for r in cur.fetchall()]
+        cur.execute("SELECT c::text FROM child c ORDER BY id")
+        return {"parent": parents, "child": [r[0] for r in cur.fetchall()]}
+
+
+@pytest.fixture
+def db(staging):
+    staging.sql(SCHEMA_SQL)
+    with closing(staging.server.connect(staging.name)) as conn:
+        conn.autocommit = True
+        yield staging, conn
+
+
+def _capture(conn, tables=(("public", "parent"), ("public", "child"), ("public", "nokey"))):
+    usable, without = capture.plan(conn, RUN, list(tables))
+    capture.install(conn, RUN, usable)
+    return usable, without
+
+
+def _migrate(staging, statements: list[str]) -> None:
+    with closing(staging.server.connect(staging.name)) as run:
+        run.autocommit = True
+        capture.mark(run, RUN)
+        with run.cursor() as cur:
+            for s in statements:
+                cur.execute(s)
+
+
+MIGRATION = [
+    "INSERT INTO parent (id, name, price) VALUES (10, 'ten', 10.50)",
+    "INSERT INTO child (parent_id, body) VALUES (10, 'new child'), (2, 'another')",
+    "UPDATE parent SET price = 1.00, note = '{\"a\": 1.00}', name = 'uno' WHERE id = 1",
+    "UPDATE child SET body = upper(body) WHERE parent_id = 3",
+    "DELETE FROM child WHERE parent_id = 2 AND body LIKE 'bb%'",
+    "UPDATE parent SET name = 'ten!' WHERE id = 10",
+]
+
+
+def test_a_table_without_a_key_is_named_and_left_out(db):
+    staging, conn = db
+    usable, without = _capture(conn)
+    assert without == ["public.nokey"] and {t.name for t in usable} == {"parent", "child"}
+
+
+def test_undo_puts_back_exactly_what_the_run_changed_and_keeps_other_sessions_writes(db):
+    staging, conn = db
+    _capture(conn)
+    before = _state(conn)
+    _migrate(staging, MIGRATION)
+    # another session writes the same tables meanwhile, with nothing to do with the run
+    staging.sql("INSERT INTO parent (id, name, price) VALUES (20, 'theirs', 2)")
+    staging.sql("UPDATE parent SET name = 'theirs too' WHERE id = 3")
+    staging.sql("INSERT INTO child (parent_id, body) VALUES (20, 'their child')")
+    theirs = _state(conn)
+    assert theirs != before
+    capture.remove_triggers(conn, RUN)
+
+    dry = revert.undo(conn, RUN, dry_run=True)
+    assert not dry.applied and not dry.conflicts and _state(conn) == theirs
+    done = revert.undo(conn, RUN)
+    assert done.applied and not done.conflicts
+    assert done.deleted == {"public.parent": 1, "public.child": 2}
+    after = _state(conn)
+    # every row the run touched is as before it, every row the other session wrote as it wrote it
+    expected_parent = list(before["parent"])
+    expected_parent[2] = expected_parent[2].replace("three", '"theirs too"')
+    assert after["parent"][:3] == expected_parent
+    assert after["parent"][3].startswith("(20,theirs,")
+    assert [c for c in after["child"] if "their child" not in c] == before["child"]
+    with pytest.raises(revert.UndoRefused, match="undone already"):
+        revert.undo(conn, RUN)
+
+
+def test_a_row_changed_after_the_run_is_a_conflict_and_nothing_changes(db):
+    staging, conn = db
+    _capture(conn)
+    _migrate(staging, MIGRATION)
+    capture.remove_triggers(conn, RUN)
+    staging.sql("UPDATE parent SET name = 'someone else' WHERE id = 1")
+    changed = _state(conn)
+    result = revert.undo(conn, RUN)
+    assert not result.applied and _state(conn) == changed
+    assert [(c.table, c.key) for c in result.conflicts] == [("public.parent", {"id": 1})]
+    assert "someone else" in result.conflicts[0].now and "uno" in result.conflicts[0].run_wrote
+    skipped = revert.undo(conn, RUN, skip_conflicts=True)
+    assert skipped.applied and len(skipped.conflicts) == 1
+    assert staging.sql("SELECT name FROM parent WHERE id = 1") == [("someone else",)]
+    assert staging.sql("SELECT count(*) FROM parent WHERE id = 10") == [(0,)]
+
+
+def test_only_the_runs_own_session_is_captured_and_a_truncate_refuses_the_undo(db):
+    staging, conn = db
+    _capture(conn)
+    staging.sql("INSERT INTO parent (id, name) VALUES (30, 'not the run')")
+    log = capture.log_name(RUN, "public", "parent")
+    assert staging.sql(f'SELECT count(*) FROM rollback_toolkit."{log}"') == [(0,)]
+    staging.sql("TRUNCATE child")
+    with pytest.raises(revert.UndoRefused, match="truncated"):
+        revert.undo(conn, RUN)
