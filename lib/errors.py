@@ -183,3 +183,7 @@ class RecordSkipped(RecordFailed):
 class Yielded(Exception):
     """A background reading stopped for an operation on staging, to read again after it
     (lib/points/reading.py). Not an error: it never reaches a person."""
+
+
+class UndoRefused(RollbackError):
+    """A run's undo cannot be made (no log, truncated, undone already)."""

@@ -8,6 +8,7 @@ from contextlib import closing
 
 import pytest
 
+from lib.errors import UndoRefused
 from lib.undo import capture, revert
 
 SCHEMA_SQL = """
@@ -99,7 +100,7 @@ def test_undo_puts_back_exactly_what_the_run_changed_and_keeps_other_sessions_wr
     assert after["parent"][:3] == expected_parent
     assert after["parent"][3].startswith("(20,theirs,")
     assert [c for c in after["child"] if "their child" not in c] == before["child"]
-    with pytest.raises(revert.UndoRefused, match="undone already"):
+    with pytest.raises(UndoRefused, match="undone already"):
         revert.undo(conn, RUN)
 
 
@@ -127,5 +128,5 @@ def test_only_the_runs_own_session_is_captured_and_a_truncate_refuses_the_undo(d
     log = capture.log_name(RUN, "public", "parent")
     assert staging.sql(f'SELECT count(*) FROM rollback_toolkit."{log}"') == [(0,)]
     staging.sql("TRUNCATE child")
-    with pytest.raises(revert.UndoRefused, match="truncated"):
+    with pytest.raises(UndoRefused, match="truncated"):
         revert.undo(conn, RUN)

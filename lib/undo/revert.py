@@ -19,13 +19,9 @@ from dataclasses import dataclass, field
 
 from psycopg2 import sql
 
-from lib.errors import RollbackError
+from lib.errors import UndoRefused
 from lib.pg.db import query, scalar
 from lib.undo.capture import SCHEMA, CapturedTable
-
-
-class UndoRefused(RollbackError):
-    """The run cannot be undone (truncated, already undone, unknown) or has conflicts."""
 
 
 @dataclass(frozen=True)
