@@ -130,3 +130,53 @@ def test_only_the_runs_own_session_is_captured_and_a_truncate_refuses_the_undo(d
     staging.sql("TRUNCATE child")
     with pytest.raises(UndoRefused, match="truncated"):
         revert.undo(conn, RUN)
+
+
+def test_the_tables_own_triggers_do_not_fire_again_and_stay_as_they_were(db):
+    staging, conn = db
+    staging.sql(
+        "CREATE TABLE audit_trail (what text);"
+        "CREATE FUNCTION note_it() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN INSERT INTO audit_trail VALUES (TG_OP); RETURN NULL; END $$;"
+        "CREATE TRIGGER noted AFTER INSERT OR UPDATE OR DELETE ON parent FOR EACH ROW EXECUTE FUNCTION note_it();"
+        "ALTER TABLE parent ENABLE ALWAYS TRIGGER noted"
+    )
+    _capture(conn, (("public", "parent"),))
+    _migrate(staging, ["INSERT INTO parent (id, name) VALUES (40, 'forty')", "UPDATE parent SET name = 'x' WHERE id = 2"])
+    capture.remove_triggers(conn, RUN)
+    written = staging.sql("SELECT count(*) FROM audit_trail")
+    assert written == [(2,)]
+    assert revert.undo(conn, RUN).applied
+    assert staging.sql("SELECT count(*) FROM audit_trail") == written  # not fired by the undo
+    assert staging.sql("SELECT tgenabled FROM pg_trigger WHERE tgname = 'noted'") == [("A",)]
+
+
+def test_rows_that_moved_between_partitions_move_back(db):
+    staging, conn = db
+    staging.sql(
+        "CREATE TABLE events (id int, region text, body text, PRIMARY KEY (id, region)) PARTITION BY LIST (region);"
+        "CREATE TABLE events_eu PARTITION OF events FOR VALUES IN ('eu');"
+        "CREATE TABLE events_us PARTITION OF events FOR VALUES IN ('us');"
+        "INSERT INTO events SELECT g, CASE WHEN g % 2 = 0 THEN 'eu' ELSE 'us' END, 'e' || g FROM generate_series(1, 10) g"
+    )
+    before = staging.sql("SELECT tableoid::regclass::text, e::text FROM events e ORDER BY id")
+    _capture(conn, (("public", "events"),))
+    _migrate(
+        staging,
+        [
+            "UPDATE events SET body = body || '!' WHERE id <= 4",
+            "DELETE FROM events WHERE id = 5",
+            "INSERT INTO events VALUES (11, 'eu', 'new')",
+        ],
+    )
+    # a key change that moves rows to the other partition counts as a delete and an insert
+    with closing(staging.server.connect(staging.name)) as run:
+        run.autocommit = True
+        capture.mark(run, RUN)
+        with run.cursor() as cur:
+            cur.execute("UPDATE events SET region = 'eu' WHERE id IN (7, 9)")
+    capture.remove_triggers(conn, RUN)
+    assert staging.sql("SELECT count(*) FROM events_eu") == [(8,)]
+    result = revert.undo(conn, RUN)
+    assert result.applied and not result.conflicts
+    assert staging.sql("SELECT tableoid::regclass::text, e::text FROM events e ORDER BY id") == before

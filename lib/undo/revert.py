@@ -187,6 +187,40 @@ def _conflicts(conn, t: CapturedTable, statement: int, op: str, done: set[str], 
             result.conflicts.append(Conflict(t.qualified, key, None if op == "D" else wrote, now))
 
 
+_ENABLE = {"O": "ENABLE TRIGGER", "A": "ENABLE ALWAYS TRIGGER", "R": "ENABLE REPLICA TRIGGER"}
+
+
+def _quiet_triggers(conn, tables: list[CapturedTable]) -> list[tuple[CapturedTable, str, str]]:
+    """The tables' own enabled triggers switched off inside the undo's transaction (a
+    trigger that wrote elsewhere when the run wrote must not write again when the run's
+    rows are put back; foreign keys are internal triggers and stay on). Returns what to
+    switch on again, as it was, before the commit."""
+    quiet = []
+    for t in tables:
+        for name, enabled in query(
+            conn,
+            """
+            SELECT tg.tgname, tg.tgenabled FROM pg_trigger tg
+              JOIN pg_class c ON c.oid = tg.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE n.nspname = %s AND c.relname = %s AND NOT tg.tgisinternal AND tg.tgenabled <> 'D'
+               AND tg.tgparentid = 0""",
+            (t.schema, t.name),
+        ):
+            scalar(
+                conn, sql.SQL("ALTER TABLE {} DISABLE TRIGGER {}").format(sql.Identifier(t.schema, t.name), sql.Identifier(name))
+            )
+            quiet.append((t, name, enabled))
+    return quiet
+
+
+def _wake_triggers(conn, quiet: list[tuple[CapturedTable, str, str]]) -> None:
+    for t, name, enabled in quiet:
+        scalar(
+            conn,
+            sql.SQL("ALTER TABLE {} " + _ENABLE[enabled] + " {}").format(sql.Identifier(t.schema, t.name), sql.Identifier(name)),
+        )
+
+
 def undo(conn, run_id: str, *, skip_conflicts: bool = False, dry_run: bool = False) -> UndoResult:
     """Revert the run's captured changes in one transaction on ``conn`` (committed unless
     ``dry_run``, or conflicts without ``skip_conflicts``: then rolled back, nothing changed)."""
@@ -197,8 +231,10 @@ def undo(conn, run_id: str, *, skip_conflicts: bool = False, dry_run: bool = Fal
         scalar(conn, f"SELECT 1 FROM {SCHEMA}.undo_runs WHERE run_id = %s FOR UPDATE", (run_id,))  # one undo at a time
         tables = _tables(conn, run_id)
         shapes = {t.log: _columns(conn, t) for t in tables}
+        quiet = _quiet_triggers(conn, tables)
         for statement, t in _steps(conn, tables):
             _undo_statement(conn, t, statement, *shapes[t.log], result)
+        _wake_triggers(conn, quiet)
         if dry_run or (result.conflicts and not skip_conflicts):
             conn.rollback()
             return result
