@@ -180,3 +180,22 @@ def test_rows_that_moved_between_partitions_move_back(db):
     result = revert.undo(conn, RUN)
     assert result.applied and not result.conflicts
     assert staging.sql("SELECT tableoid::regclass::text, e::text FROM events e ORDER BY id") == before
+
+
+def test_a_row_another_sessions_row_refers_to_is_a_conflict_not_a_failure(db):
+    """The run inserted parent 10; another session then gave it a child. Deleting it
+    would break that foreign key: a conflict with the server's reason, and with
+    --skip-conflicts everything else is undone and parent 10 stays, as the run
+    inserted it (its later update by the run is undone)."""
+    staging, conn = db
+    _capture(conn)
+    _migrate(staging, MIGRATION)
+    capture.remove_triggers(conn, RUN)
+    staging.sql("INSERT INTO child (parent_id, body) VALUES (10, 'theirs, under the run''s parent')")
+    refused = revert.undo(conn, RUN)
+    assert not refused.applied
+    assert [(c.table, c.key) for c in refused.conflicts] == [("public.parent", {"id": 10})]
+    assert "foreign key" in refused.conflicts[0].why
+    done = revert.undo(conn, RUN, skip_conflicts=True)
+    assert done.applied and len(done.conflicts) == 1
+    assert staging.sql("SELECT name FROM parent WHERE id IN (1, 10) ORDER BY id") == [("one",), ("ten",)]

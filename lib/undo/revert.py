@@ -17,9 +17,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+import psycopg2
 from psycopg2 import sql
 
 from lib.errors import UndoRefused
+from lib.pg.codes import sqlstate
 from lib.pg.db import query, scalar
 from lib.undo.capture import SCHEMA, CapturedTable
 
@@ -30,6 +32,7 @@ class Conflict:
     key: dict
     run_wrote: str | None  # the row as the run left it (None: the run deleted it)
     now: str | None  # the row as it is now (None: no row with that key)
+    why: str = "changed after the run"  # or the constraint putting it back would break
 
 
 @dataclass
@@ -40,6 +43,7 @@ class UndoResult:
     reinserted: dict[str, int] = field(default_factory=dict)
     conflicts: list[Conflict] = field(default_factory=list)
     applied: bool = False
+    blocked: dict[tuple[str, str], str] = field(default_factory=dict)  # (table, key) -> the constraint's error
 
 
 def _tables(conn, run_id: str) -> list[CapturedTable]:
@@ -113,24 +117,29 @@ def _undo_statement(conn, t: CapturedTable, statement: int, columns: list[str], 
     table = sql.Identifier(t.schema, t.name)
     st = sql.Literal(statement)
     # rows the run inserted: deleted where still exactly as inserted
-    deleted = query(
+    deleted = _step(
         conn,
-        sql.SQL(
-            "DELETE FROM {table} t USING {log} l WHERE l.statement = {st} AND l.op = 'I' AND {match} "
+        lambda only: sql.SQL(
+            "DELETE FROM {table} t USING {log} l WHERE l.statement = {st} AND l.op = 'I'{only} AND {match} "
             "AND t::text = (l.new_row)::text RETURNING {key}"
-        ).format(table=table, log=log, st=st, match=_key_match("t", t, "l", "new_row"), key=_key_json("t", t)),
+        ).format(table=table, log=log, st=st, only=only, match=_key_match("t", t, "l", "new_row"), key=_key_json("t", t)),
+        t,
+        statement,
+        "I",
+        result,
     )
     _conflicts(conn, t, statement, "I", {json.dumps(r[0], sort_keys=True) for r in deleted}, result)
     result.deleted[t.qualified] = result.deleted.get(t.qualified, 0) + len(deleted)
     # rows it updated: their before image back where they still hold the after image
     settable = [c for c in columns if c not in t.key]
     if settable:
-        restored = query(
+        restored = _step(
             conn,
-            sql.SQL(
-                "UPDATE {table} t SET ({cols}) = ROW({values}) FROM {log} l WHERE l.statement = {st} AND l.op = 'U' "
+            lambda only: sql.SQL(
+                "UPDATE {table} t SET ({cols}) = ROW({values}) FROM {log} l WHERE l.statement = {st} AND l.op = 'U'{only} "
                 "AND {match} AND t::text = (l.new_row)::text RETURNING {key}"
             ).format(
+                only=only,
                 table=table,
                 cols=sql.SQL(", ").join(sql.Identifier(c) for c in settable),
                 values=sql.SQL(", ").join(sql.SQL("(l.old_row).{}").format(sql.Identifier(c)) for c in settable),
@@ -139,18 +148,23 @@ def _undo_statement(conn, t: CapturedTable, statement: int, columns: list[str], 
                 match=_key_match("t", t, "l", "new_row"),
                 key=_key_json("t", t),
             ),
+            t,
+            statement,
+            "U",
+            result,
         )
     else:
         restored = []
     _conflicts(conn, t, statement, "U", {json.dumps(r[0], sort_keys=True) for r in restored}, result)
     result.restored[t.qualified] = result.restored.get(t.qualified, 0) + len(restored)
     # rows it deleted: inserted again where no row has their key
-    reinserted = query(
+    reinserted = _step(
         conn,
-        sql.SQL(
-            "INSERT INTO {table} ({cols}) {overriding} SELECT {values} FROM {log} l WHERE l.statement = {st} AND l.op = 'D' "
+        lambda only: sql.SQL(
+            "INSERT INTO {table} ({cols}) {overriding} SELECT {values} FROM {log} l WHERE l.statement = {st} AND l.op = 'D'{only} "
             "ON CONFLICT DO NOTHING RETURNING {key}"
         ).format(
+            only=only,
             table=table,
             cols=sql.SQL(", ").join(sql.Identifier(c) for c in columns),
             overriding=sql.SQL("OVERRIDING SYSTEM VALUE" if always else ""),
@@ -159,9 +173,50 @@ def _undo_statement(conn, t: CapturedTable, statement: int, columns: list[str], 
             st=st,
             key=_key_json(t.name, t),
         ),
+        t,
+        statement,
+        "D",
+        result,
     )
     _conflicts(conn, t, statement, "D", {json.dumps(r[0], sort_keys=True) for r in reinserted}, result)
     result.reinserted[t.qualified] = result.reinserted.get(t.qualified, 0) + len(reinserted)
+
+
+INTEGRITY = {"23502", "23503", "23505", "23514", "23P01"}  # not null, foreign key, unique, check, exclusion
+
+
+def _step(conn, build, t: CapturedTable, statement: int, op: str, result: UndoResult) -> list:
+    """One step, set-based. When it breaks a constraint (another session's row refers to
+    a row the run inserted, say), once more row by row, each in a savepoint: the rows
+    that break one are conflicts, with the server's reason, and the others are done."""
+    scalar(conn, "SAVEPOINT undo_step")
+    try:
+        rows = query(conn, build(sql.SQL("")))
+        scalar(conn, "RELEASE SAVEPOINT undo_step")
+        return rows
+    except psycopg2.Error as exc:
+        if sqlstate(exc) not in INTEGRITY:
+            raise
+        scalar(conn, "ROLLBACK TO SAVEPOINT undo_step")
+    image = "old_row" if op == "D" else "new_row"
+    done = []
+    for ctid, key in query(
+        conn,
+        sql.SQL("SELECT l.ctid::text, {} FROM {} l WHERE l.statement = {} AND l.op = {}").format(
+            _key_json("l", t, image), sql.Identifier(SCHEMA, t.log), sql.Literal(statement), sql.Literal(op)
+        ),
+    ):
+        scalar(conn, "SAVEPOINT undo_row")
+        try:
+            done += query(conn, build(sql.SQL(" AND l.ctid = {}::tid").format(sql.Literal(ctid))))
+            scalar(conn, "RELEASE SAVEPOINT undo_row")
+        except psycopg2.Error as exc:
+            if sqlstate(exc) not in INTEGRITY:
+                raise
+            scalar(conn, "ROLLBACK TO SAVEPOINT undo_row")
+            result.blocked[(t.qualified, json.dumps(key, sort_keys=True))] = str(exc).strip().splitlines()[0]
+    scalar(conn, "RELEASE SAVEPOINT undo_step")
+    return done
 
 
 def _conflicts(conn, t: CapturedTable, statement: int, op: str, done: set[str], result: UndoResult) -> None:
@@ -183,8 +238,10 @@ def _conflicts(conn, t: CapturedTable, statement: int, op: str, done: set[str], 
         ),
     )
     for key, wrote, now in rows:
-        if json.dumps(key, sort_keys=True) not in done:
-            result.conflicts.append(Conflict(t.qualified, key, None if op == "D" else wrote, now))
+        k = json.dumps(key, sort_keys=True)
+        if k not in done:
+            why = result.blocked.get((t.qualified, k), "changed after the run")
+            result.conflicts.append(Conflict(t.qualified, key, None if op == "D" else wrote, now, why))
 
 
 _ENABLE = {"O": "ENABLE TRIGGER", "A": "ENABLE ALWAYS TRIGGER", "R": "ENABLE REPLICA TRIGGER"}
