@@ -191,6 +191,7 @@ class Settings:
     rollback_method: str = "auto"
     file_copy_method: str = "auto"  # FILE_COPY_METHOD: auto (by evidence), copy or clone
     rollback_spare: bool = True
+    rollback_undo: str = "on"  # ROLLBACK_UNDO: on | keyed | off, a production run's undo log (run_migration.py)
     protected_databases: tuple[str, ...] = ()  # PROTECTED_DATABASES: their name must be typed to change them
     encrypt_to: str | None = None  # ROLLBACK_ENCRYPT_TO: age recipients, or a file of them
     decrypt_key_file: str | None = None  # ROLLBACK_DECRYPT_KEY_FILE: the age identity file
@@ -296,6 +297,9 @@ def load_settings(
             "FILE_COPY_METHOD", (pick(None, "FILE_COPY_METHOD", "auto") or "auto").strip().lower(), ("auto", "copy", "clone")
         ),
         rollback_spare=(pick(None, "ROLLBACK_SPARE", "1") or "1").strip().lower() not in ("0", "false", "no", "off"),
+        rollback_undo=_one_of(
+            "ROLLBACK_UNDO", (pick(None, "ROLLBACK_UNDO", "on") or "on").strip().lower(), ("on", "keyed", "off")
+        ),
         protected_databases=tuple(n.strip() for n in (pick(None, "PROTECTED_DATABASES", "") or "").split(",") if n.strip()),
         encrypt_to=pick(None, "ROLLBACK_ENCRYPT_TO"),
         decrypt_key_file=pick(None, "ROLLBACK_DECRYPT_KEY_FILE"),

@@ -86,7 +86,7 @@ def test_undo_puts_back_exactly_what_the_run_changed_and_keeps_other_sessions_wr
     staging.sql("INSERT INTO child (parent_id, body) VALUES (20, 'their child')")
     theirs = _state(conn)
     assert theirs != before
-    capture.remove_triggers(conn, RUN)
+    capture.finish(conn, RUN)
 
     dry = revert.undo(conn, RUN, dry_run=True)
     assert not dry.applied and not dry.conflicts and _state(conn) == theirs
@@ -108,7 +108,7 @@ def test_a_row_changed_after_the_run_is_a_conflict_and_nothing_changes(db):
     staging, conn = db
     _capture(conn)
     _migrate(staging, MIGRATION)
-    capture.remove_triggers(conn, RUN)
+    capture.finish(conn, RUN)
     staging.sql("UPDATE parent SET name = 'someone else' WHERE id = 1")
     changed = _state(conn)
     result = revert.undo(conn, RUN)
@@ -128,6 +128,9 @@ def test_only_the_runs_own_session_is_captured_and_a_truncate_refuses_the_undo(d
     log = capture.log_name(RUN, "public", "parent")
     assert staging.sql(f'SELECT count(*) FROM rollback_toolkit."{log}"') == [(0,)]
     staging.sql("TRUNCATE child")
+    with pytest.raises(UndoRefused, match="still being captured"):
+        revert.undo(conn, RUN)
+    capture.finish(conn, RUN)
     with pytest.raises(UndoRefused, match="truncated"):
         revert.undo(conn, RUN)
 
@@ -143,7 +146,7 @@ def test_the_tables_own_triggers_do_not_fire_again_and_stay_as_they_were(db):
     )
     _capture(conn, (("public", "parent"),))
     _migrate(staging, ["INSERT INTO parent (id, name) VALUES (40, 'forty')", "UPDATE parent SET name = 'x' WHERE id = 2"])
-    capture.remove_triggers(conn, RUN)
+    capture.finish(conn, RUN)
     written = staging.sql("SELECT count(*) FROM audit_trail")
     assert written == [(2,)]
     assert revert.undo(conn, RUN).applied
@@ -175,7 +178,7 @@ def test_rows_that_moved_between_partitions_move_back(db):
         capture.mark(run, RUN)
         with run.cursor() as cur:
             cur.execute("UPDATE events SET region = 'eu' WHERE id IN (7, 9)")
-    capture.remove_triggers(conn, RUN)
+    capture.finish(conn, RUN)
     assert staging.sql("SELECT count(*) FROM events_eu") == [(8,)]
     result = revert.undo(conn, RUN)
     assert result.applied and not result.conflicts
@@ -190,7 +193,7 @@ def test_a_row_another_sessions_row_refers_to_is_a_conflict_not_a_failure(db):
     staging, conn = db
     _capture(conn)
     _migrate(staging, MIGRATION)
-    capture.remove_triggers(conn, RUN)
+    capture.finish(conn, RUN)
     staging.sql("INSERT INTO child (parent_id, body) VALUES (10, 'theirs, under the run''s parent')")
     refused = revert.undo(conn, RUN)
     assert not refused.applied

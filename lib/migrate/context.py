@@ -64,8 +64,15 @@ class TrackedConnection(psycopg2.extensions.connection):
         return False
 
 
-def open_staging(settings: Settings, application_name: str) -> TrackedConnection:
-    return connect(settings.staging(), autocommit=False, application_name=application_name, connection_factory=TrackedConnection)
+def open_staging(settings: Settings, application_name: str, options: str | None = None) -> TrackedConnection:
+    """The migration's session; ``options``: settings it starts with (the undo log's run id)."""
+    return connect(
+        settings.staging(),
+        autocommit=False,
+        application_name=application_name,
+        connection_factory=TrackedConnection,
+        options=options,
+    )
 
 
 # ---------------------------------------------------------------- the migration file

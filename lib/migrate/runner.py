@@ -16,6 +16,7 @@ from lib.errors import ConfigError, MigrationError, RollbackError, ThresholdExce
 from lib.files import percent
 from lib.interaction import Confirmer, Granted, Reporter
 from lib.migrate import failures, ledger
+from lib.migrate import undo as undo_runs
 from lib.migrate.context import (
     Migration,
     MigrationContext,
@@ -26,10 +27,11 @@ from lib.migrate.context import (
 )
 from lib.operations import commands as operations
 from lib.operations.scaffold import operation
-from lib.pg.db import replication_ties
+from lib.pg.db import connection, replication_ties
 from lib.pg.target import confirm_change, open_target
 from lib.points.catalog import Catalog
 from lib.restore.swap import RestoreResult, refuse_replication_ties
+from lib.undo import capture
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,8 @@ class Report:
     restored: RestoreResult | None = None
     notes: list[str] = field(default_factory=list)
     retry_of: Path | None = None  # --retry-failed: the failures file whose records ran again
+    undo_run: str | None = None  # the run's id in staging's undo log, when it was captured
+    undone: dict | None = None  # the automatic rollback's undo, when it was one
 
     @property
     def ok(self) -> bool:
@@ -74,6 +78,8 @@ class Report:
             "error": self.error,
             "restored_to": self.restored.point_id if self.restored else None,
             "before_rollback_point_id": self.restored.before_point_id if self.restored else None,
+            "undo_run": self.undo_run,
+            "undone": self.undone,
             "notes": self.notes,
         }
 
@@ -185,10 +191,16 @@ def production(
     no_rollback: bool = False,
     method: str | None = None,
     force: bool = False,
+    undo: str | None = None,
 ) -> Report:
+    """``undo``: on (capture the run's changes; refuse when one of its tables has no
+    key), keyed (capture the tables with a key; a write to one without makes the undo
+    unavailable), off; None: the ROLLBACK_UNDO setting."""
     options.check()
     report = Report(migration.id, "production", threshold=options.threshold, retry_of=_retry_path(options))
     started = time.monotonic()
+    undo = undo or settings.rollback_undo
+    plan = _undo_plan(settings, ui, migration, undo)
     database = _before_production(settings, ui, ask, migration, report, no_rollback=no_rollback, method=method, force=force)
     audit.event(
         settings.log_dir,
@@ -209,7 +221,7 @@ def production(
     )
     _say_retry(ui, options)
     guard = SequenceGuard(settings)
-    failure = _run_in_batches(settings, ui, ask, migration, options, report, guard, database)
+    failure = _run_in_batches(settings, ui, ask, migration, options, report, guard, database, plan)
     try:
         if failure is not None:
             _after_failure(settings, ui, ask, migration, report, failure, database, force=force)
@@ -261,6 +273,67 @@ def _before_production(
     return database
 
 
+def _undo_plan(settings: Settings, ui: Reporter, migration: Migration, undo: str):
+    """The run's tables and which can be captured, read before anything is done; None
+    without an undo log. A migration names its tables with ``TABLES = ["schema.table", ...]``
+    (else every table of staging's user schemas is the run's)."""
+    if undo == "off":
+        return None
+    with connection(settings.staging(), readonly=True, application_name="rollback-toolkit undo plan") as conn:
+        declared = getattr(migration.module, "TABLES", None) if migration.module is not None else None
+        if declared:
+            tables = []
+            for name in declared:
+                found = capture.resolve_table(conn, name)
+                if found is None:
+                    raise ConfigError(
+                        f"{migration.id} declares the table {name!r} (TABLES), and staging has no such table.",
+                        "Fix TABLES in the migration file; nothing was run.",
+                    )
+                tables.append(found)
+        else:
+            tables = capture.user_tables(conn)
+        usable, without = capture.plan(conn, "", tables)
+    if without and undo == "on":
+        raise ConfigError(
+            f"{migration.id} would run with an undo log, and {len(without)} of its tables have no primary key (or replica "
+            f"identity index), so their rows could not be found again: {', '.join(without)}.",
+            "Give them a key, name the migration's tables (TABLES = [...] in its file) to leave them out, run with "
+            "--undo-keyed-only (a write to one of them makes the undo unavailable) or --no-undo (the point alone). "
+            "Nothing was run.",
+        )
+    if without:
+        ui.warn(f"No undo for {', '.join(without)} (no key): a write of the run to one of them makes its undo unavailable.")
+    return usable, [tuple(t.split(".", 1)) for t in without], [(t.schema, t.name) for t in usable]
+
+
+def _start_capture(settings: Settings, op, migration: Migration, report: Report, plan) -> str | None:
+    """The run's capture installed just before it; returns the session options that make
+    its writes the run's."""
+    if plan is None:
+        return None
+    _, without, tables = plan
+    run_id = undo_runs.new_run_id(migration.id)
+    capture.marker(op.catalog.root, run_id).touch()
+    with connection(op.target.info, op.target.dbname, application_name="rollback-toolkit undo capture") as conn:
+        usable, _ = capture.plan(conn, run_id, tables)
+        capture.install(conn, run_id, usable, migration_id=migration.id, without_key=without)
+    report.undo_run = run_id
+    op.ui.info(f"Capturing the run's changes for an undo: run {run_id}, {len(usable)} table(s)")
+    return capture.session_options(run_id)
+
+
+def _end_capture(op, report: Report) -> None:
+    if report.undo_run is None:
+        return
+    try:
+        with connection(op.target.info, op.target.dbname, application_name="rollback-toolkit undo capture") as conn:
+            capture.finish(conn, report.undo_run)
+        capture.marker(op.catalog.root, report.undo_run).unlink(missing_ok=True)
+    except (RollbackError, psycopg2.Error) as exc:  # the next operation removes the triggers
+        log.warning("the capture of %s could not be ended now: %s", report.undo_run, exc)
+
+
 def _run_in_batches(
     settings: Settings,
     ui: Reporter,
@@ -270,14 +343,20 @@ def _run_in_batches(
     report: Report,
     guard: SequenceGuard,
     database: str,
+    plan=None,
 ) -> BaseException | None:
     """The migration under staging's lock; returns how it failed, or None."""
     failure: BaseException | None = None
     ctx = None
     try:
         # its own start and end events are written around it: no operation entry
-        with operation(settings, f"migration {migration.id}", ui=ui, ask=ask, migration_id=migration.id, audit=False):
-            staging = open_staging(settings, f"migration {migration.id}")
+        with operation(settings, f"migration {migration.id}", ui=ui, ask=ask, migration_id=migration.id, audit=False) as op:
+            session = _start_capture(settings, op, migration, report, plan)
+            try:
+                staging = open_staging(settings, f"migration {migration.id}", options=session)
+            except BaseException:
+                _end_capture(op, report)
+                raise
             ctx = _context(
                 settings, ui, migration, staging, options, dry_run=False, before_last_commit=_ledger_entry(migration, report)
             )
@@ -291,6 +370,7 @@ def _run_in_batches(
             finally:  # closing the session rolls back the open batch
                 _close(staging)
                 ctx.close()
+                _end_capture(op, report)
     except RollbackError as exc:
         if ctx is None:
             raise  # could not even start: nothing ran
@@ -327,23 +407,56 @@ def _after_failure(
     if committed == 0:
         report.notes.append("Nothing had been committed: rolling back the open transaction undid everything.")
         return
-    if report.point_id is None:
+    if report.point_id is None and report.undo_run is None:
         report.notes.append(
             f"{committed} batch(es) stay committed: there is no rollback point (--no-rollback). Put staging back with "
             "`python3 quick_rollback.py` (newest point) or `python3 reset_staging.py` (copy of V2)."
         )
         return
-    if interrupted and not ask.decide(
-        f"Restore staging to the point {report.point_id} taken before the migration?", default=True
-    ):
+    question = (
+        f"Undo the run's {committed} committed batch(es) (other sessions' writes are kept)?"
+        if report.undo_run
+        else f"Restore staging to the point {report.point_id} taken before the migration?"
+    )
+    if interrupted and not ask.decide(question, default=True):
+        later = (
+            f"`python3 rollback_manager.py undo {report.undo_run}`"
+            if report.undo_run
+            else f"`python3 run_migration.py {migration.path} --rollback {report.point_id}`"
+        )
+        report.notes.append(f"Staging keeps {committed} committed batch(es). Put them back later with {later}.")
+        return
+    if report.undo_run and _undo_automatically(settings, ui, ask, migration, report):
+        report.outcome = "aborted" if interrupted else "rolled back"
+        ui.ok(f"The run's changes are undone (run {report.undo_run}); other sessions' writes were kept")
+        return
+    if report.point_id is None:
         report.notes.append(
-            f"Staging keeps {committed} committed batch(es). Restore it later with "
-            f"`python3 run_migration.py {migration.path} --rollback {report.point_id}`."
+            f"{committed} batch(es) stay committed: the undo was not possible and there is no rollback point "
+            "(--no-rollback). Put staging back with `python3 quick_rollback.py` or `python3 reset_staging.py`."
         )
         return
     _restore_automatically(settings, ui, ask, migration, report, database, force=force)
     report.outcome = "aborted" if interrupted else "rolled back"
     ui.ok(f"Staging is back at {report.point_id}")
+
+
+def _undo_automatically(settings: Settings, ui: Reporter, ask: Confirmer, migration: Migration, report: Report) -> bool:
+    """The automatic rollback by the run's undo log; False (and why, said) when the undo
+    was refused or failed, and the point is to be restored instead."""
+    ui.step(f"Automatic rollback: undoing the run's own changes (run {report.undo_run})")
+    granted = Granted(getattr(ask, "typed", None))  # the run was the confirmation
+    try:
+        with operation(settings, "automatic undo", ui=ui, ask=granted, migration_id=migration.id, check_v2=False) as op:
+            op.record.set(reason=report.error)
+            report.undone = undo_runs.undo_in(op, report.undo_run, ask_first=False)
+        return True
+    except (RollbackError, psycopg2.Error) as exc:
+        why = getattr(exc, "message", None) or str(exc).strip()
+        instead = f"the point {report.point_id} is restored instead" if report.point_id else "there is no point to restore"
+        ui.warn(f"The undo was not possible: {why} So {instead}.")
+        report.notes.append(f"The undo of run {report.undo_run} was not possible ({why}); {instead}.")
+        return False
 
 
 def _restore_automatically(
@@ -422,6 +535,8 @@ def _audit_end(settings: Settings, report: Report, database: str) -> None:
         batches_committed=t.batches_committed,
         error=report.error,
         restored_to=report.restored.point_id if report.restored else None,
+        undo_run=report.undo_run,
+        undone=bool(report.undone),
     )
 
 

@@ -118,10 +118,14 @@ def connect(
     readonly: bool = False,
     application_name: str = TOOLKIT_APPLICATION,
     connection_factory=None,
+    options: str | None = None,
 ) -> psycopg2.extensions.connection:
+    """``options``: settings for the session given at its start (libpq's -c ...)."""
     name = dbname or info.dbname
     kwargs = info.connect_kwargs(name)
     kwargs.setdefault("application_name", application_name)
+    if options:
+        kwargs["options"] = (str(kwargs.get("options", "")) + " " + options).strip()
     if connection_factory is not None:
         kwargs["connection_factory"] = connection_factory
     if readonly:

@@ -18,7 +18,7 @@ import psycopg2
 
 from lib.errors import RollbackError
 from lib.files import human_size
-from lib.pg.db import database_exists, derived_name, drop_database, query
+from lib.pg.db import connection, database_exists, derived_name, drop_database, query
 from lib.pg.target import Target
 from lib.points import copies, retention, spare
 from lib.points.catalog import Catalog
@@ -30,6 +30,7 @@ from lib.points.retention import Outcome
 from lib.process import dead_temporaries, pid_alive
 from lib.restore.pitr_recovery import leftover_sides
 from lib.restore.swap import ASIDE_SUFFIX, recover_pending
+from lib.undo import capture
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +190,21 @@ def finish_interrupted(target: Target, catalog: Catalog, *, dry_run: bool = Fals
                 )
         return done
 
+    def end_captures() -> list[str]:
+        """A migration run killed while captured: its triggers removed from staging."""
+        left = capture.markers(catalog.root)
+        if not left:
+            return []
+        if dry_run:
+            return [f"Would remove the capture triggers of {len(left)} interrupted run(s)"]
+        with connection(target.info, target.dbname, application_name="rollback-toolkit cleanup") as conn:
+            done = capture.finish_killed(conn)
+        for path in left:
+            path.unlink(missing_ok=True)
+        return done
+
     for step in (
+        end_captures,
         reseal_open,
         drop_orphans,
         drop_aside,

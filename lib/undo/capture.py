@@ -3,38 +3,58 @@
 Each of the run's tables gets, for the run only, AFTER INSERT / UPDATE / DELETE
 statement triggers with transition tables and a BEFORE TRUNCATE trigger. They write
 every row the run's statements inserted, updated (before and after image, paired by
-the table's key) or deleted into a log table of that table's own row type in the
-``rollback_toolkit`` schema, so every value comes back exactly as it was. Only sessions
-that carry the run's id in the setting ``rollback_toolkit.undo_run`` are captured;
-every other session's writes are not. A TRUNCATE of a captured table by anyone is
-recorded, and makes the run's undo refuse."""
+the table's key) or deleted into a log table in the ``rollback_toolkit`` schema. A row
+is logged as its text (``row::text``, every column as PostgreSQL prints it, which is
+what pg_dump writes too), so every value comes back exactly, and the log does not
+depend on the table's row type: later migrations may still alter or drop the table.
+
+Only sessions that carry the run's id in the setting ``rollback_toolkit.undo_run``
+(given when the run's session connects) are captured; every other session's writes
+are not. A TRUNCATE of a captured table, by anyone, is recorded; so is DDL the run's
+sessions run (an event trigger, where the role may create one) and any change to the
+captured tables' columns or to staging's set of tables during the run (a digest of the
+catalog, for roles that may not create event triggers). Each makes the run's undo
+refuse."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
+import psycopg2
 from psycopg2 import sql
 
-from lib.pg.db import query, scalar
+from lib.pg.db import TOOLKIT_SCHEMA, query, scalar
 
-SCHEMA = "rollback_toolkit"
+SCHEMA = TOOLKIT_SCHEMA
 RUN_SETTING = "rollback_toolkit.undo_run"
 TRIGGER_PREFIX = "rb_undo_"
+EVENT_TRIGGER = "rb_undo_ddl"
+RUNS = f"{SCHEMA}.undo_runs"
 
 _SETUP = f"""
 CREATE SCHEMA IF NOT EXISTS {SCHEMA};
 CREATE SEQUENCE IF NOT EXISTS {SCHEMA}.statement_seq;
-CREATE TABLE IF NOT EXISTS {SCHEMA}.undo_runs (
+CREATE TABLE IF NOT EXISTS {RUNS} (
     run_id text PRIMARY KEY,
+    migration_id text,
     started_at timestamptz NOT NULL DEFAULT now(),
+    finished_at timestamptz,
     tables jsonb NOT NULL,
+    without_key jsonb NOT NULL DEFAULT '[]',
+    columns_digest jsonb NOT NULL DEFAULT '{{}}',
+    tables_digest text,
     capturing boolean NOT NULL DEFAULT true,
     truncated text,
+    ddl text,
+    uncaptured text,
     undone_at timestamptz,
     undone jsonb
 );
+COMMENT ON TABLE {RUNS} IS
+    'Migration runs whose changes were captured for an undo (rollback_manager.py undo RUN).';
 CREATE OR REPLACE FUNCTION {SCHEMA}.capture() RETURNS trigger LANGUAGE plpgsql AS $f$
 DECLARE
     statement bigint;
@@ -44,14 +64,13 @@ BEGIN
         RETURN NULL;
     END IF;
     statement := nextval('{SCHEMA}.statement_seq');
-    -- a transition table's rows are records: ROW(x.*) cast to the table's own row type
     IF TG_OP = 'INSERT' THEN
-        EXECUTE format('INSERT INTO {SCHEMA}.%I (statement, op, new_row) SELECT $1, ''I'', ROW(n.*)::%I.%I FROM new_rows n',
-                       TG_ARGV[1], TG_TABLE_SCHEMA, TG_TABLE_NAME)
+        EXECUTE format('INSERT INTO {SCHEMA}.%I (statement, op, new_row) SELECT $1, ''I'', n::text FROM new_rows n',
+                       TG_ARGV[1])
             USING statement;
     ELSIF TG_OP = 'DELETE' THEN
-        EXECUTE format('INSERT INTO {SCHEMA}.%I (statement, op, old_row) SELECT $1, ''D'', ROW(o.*)::%I.%I FROM old_rows o',
-                       TG_ARGV[1], TG_TABLE_SCHEMA, TG_TABLE_NAME)
+        EXECUTE format('INSERT INTO {SCHEMA}.%I (statement, op, old_row) SELECT $1, ''D'', o::text FROM old_rows o',
+                       TG_ARGV[1])
             USING statement;
     ELSE
         -- a row whose key the update changed pairs with nothing: its old image was
@@ -59,22 +78,67 @@ BEGIN
         EXECUTE format(
             'INSERT INTO {SCHEMA}.%1$I (statement, op, old_row, new_row) '
             'SELECT $1, CASE WHEN o.%3$I IS NULL THEN ''I'' WHEN n.%3$I IS NULL THEN ''D'' ELSE ''U'' END, '
-            'CASE WHEN o.%3$I IS NULL THEN NULL ELSE ROW(o.*)::%4$I.%5$I END, '
-            'CASE WHEN n.%3$I IS NULL THEN NULL ELSE ROW(n.*)::%4$I.%5$I END '
+            'CASE WHEN o.%3$I IS NULL THEN NULL ELSE o::text END, '
+            'CASE WHEN n.%3$I IS NULL THEN NULL ELSE n::text END '
             'FROM old_rows o FULL JOIN new_rows n ON %2$s',
-            TG_ARGV[1], TG_ARGV[2], TG_ARGV[3], TG_TABLE_SCHEMA, TG_TABLE_NAME) USING statement;
+            TG_ARGV[1], TG_ARGV[2], TG_ARGV[3]) USING statement;
+    END IF;
+    RETURN NULL;
+END
+$f$;
+CREATE OR REPLACE FUNCTION {SCHEMA}.uncaptured() RETURNS trigger LANGUAGE plpgsql AS $f$
+BEGIN
+    IF current_setting('{RUN_SETTING}', true) IS NOT DISTINCT FROM TG_ARGV[0] THEN
+        UPDATE {RUNS} SET uncaptured = coalesce(uncaptured || ', ', '') || format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME)
+         WHERE run_id = TG_ARGV[0] AND strpos(coalesce(uncaptured, ''), format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME)) = 0;
     END IF;
     RETURN NULL;
 END
 $f$;
 CREATE OR REPLACE FUNCTION {SCHEMA}.truncated() RETURNS trigger LANGUAGE plpgsql AS $f$
 BEGIN
-    UPDATE {SCHEMA}.undo_runs SET truncated = coalesce(truncated || ', ', '') || format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME)
+    UPDATE {RUNS} SET truncated = coalesce(truncated || ', ', '') || format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME)
      WHERE run_id = TG_ARGV[0];
     RETURN NULL;
 END
 $f$;
 """
+
+# DDL the run's own sessions run while it is captured (created only where the role may:
+# event triggers need a superuser before PostgreSQL 17's event-trigger privileges)
+_EVENT = rf"""
+CREATE OR REPLACE FUNCTION {SCHEMA}.ddl_seen() RETURNS event_trigger LANGUAGE plpgsql AS $f$
+DECLARE
+    run text := current_setting('{RUN_SETTING}', true);
+    seen text;
+BEGIN
+    IF run IS NULL OR run = '' THEN
+        RETURN;
+    END IF;
+    -- the toolkit's own bookkeeping (the ledger's first creation) and temporary tables are not the run's DDL
+    SELECT string_agg(command_tag || coalesce(' ' || object_identity, ''), ', ') INTO seen
+      FROM pg_event_trigger_ddl_commands()
+     WHERE schema_name IS DISTINCT FROM '{SCHEMA}' AND coalesce(schema_name, '') NOT LIKE 'pg\_temp%'
+       AND NOT (command_tag = 'CREATE SCHEMA' AND object_identity = '{SCHEMA}');
+    IF seen IS NOT NULL THEN
+        UPDATE {RUNS} SET ddl = coalesce(ddl || ', ', '') || seen WHERE run_id = run AND capturing;
+    END IF;
+END
+$f$;
+DROP EVENT TRIGGER IF EXISTS {EVENT_TRIGGER};
+CREATE EVENT TRIGGER {EVENT_TRIGGER} ON ddl_command_end EXECUTE FUNCTION {SCHEMA}.ddl_seen();
+"""
+
+# staging's tables and their columns, by name and type: what a digest compares
+_SHAPE = """
+SELECT n.nspname, c.relname, coalesce(string_agg(a.attname || ' ' || format_type(a.atttypid, a.atttypmod)
+                                                 || CASE WHEN a.attgenerated <> '' THEN ' generated' ELSE '' END,
+                                                 ', ' ORDER BY a.attnum), '')
+  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+  LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+ WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema', %s)
+   AND n.nspname NOT LIKE 'pg\\_%%'
+ GROUP BY 1, 2 ORDER BY 1, 2"""
 
 
 @dataclass(frozen=True)
@@ -111,6 +175,22 @@ def table_key(conn, schema: str, name: str) -> tuple[str, ...] | None:
     return tuple(r[0] for r in rows) or None
 
 
+def user_tables(conn) -> list[tuple[str, str]]:
+    """Every table of staging's user schemas (partitions are captured through their
+    parent only when the parent is named; here each partitioned table stands for its
+    partitions, and inheritance children are listed themselves)."""
+    rows = query(
+        conn,
+        """
+        SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
+           AND n.nspname NOT IN ('pg_catalog', 'information_schema', %s) AND n.nspname NOT LIKE 'pg\\_%%'
+         ORDER BY 1, 2""",
+        (SCHEMA,),
+    )
+    return [(r[0], r[1]) for r in rows]
+
+
 def log_name(run_id: str, schema: str, name: str) -> str:
     digest = hashlib.sha256(f"{run_id}\0{schema}\0{name}".encode()).hexdigest()[:16]
     return f"log_{digest}"
@@ -132,23 +212,69 @@ def plan(conn, run_id: str, tables: list[tuple[str, str]]) -> tuple[list[Capture
     return usable, without
 
 
-def install(conn, run_id: str, tables: list[CapturedTable]) -> None:
-    """The run's log tables and triggers, in one transaction (``conn`` autocommit off or on)."""
+def shape(conn) -> dict[str, str]:
+    """Staging's tables and their columns, by qualified name."""
+    return {f"{s}.{n}": cols for s, n, cols in query(conn, _SHAPE, (SCHEMA,))}
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def may_watch_ddl(conn) -> bool:
+    """Whether this role may create the event trigger (a superuser)."""
+    return bool(scalar(conn, "SELECT rolsuper FROM pg_roles WHERE rolname = current_user"))
+
+
+def install(
+    conn,
+    run_id: str,
+    tables: list[CapturedTable],
+    *,
+    migration_id: str | None = None,
+    without_key: list[tuple[str, str]] = (),
+) -> None:
+    """The run's log tables and triggers, in one transaction. ``without_key``: tables
+    whose rows cannot be found again; a write of the run to one of them is recorded, and
+    makes the undo refuse."""
     was = conn.autocommit
     conn.autocommit = False
     try:
         with conn.cursor() as cur:
             cur.execute(_SETUP)
+            if may_watch_ddl(conn):
+                cur.execute(_EVENT)
+            now = shape(conn)
             cur.execute(
-                f"INSERT INTO {SCHEMA}.undo_runs (run_id, tables) VALUES (%s, %s)",
-                (run_id, _tables_json(tables)),
+                f"INSERT INTO {RUNS} (run_id, migration_id, tables, without_key, columns_digest, tables_digest) "
+                "VALUES (%s, %s, %s, %s, %s, %s)",
+                (
+                    run_id,
+                    migration_id,
+                    _tables_json(tables),
+                    json.dumps([f"{s}.{n}" for s, n in without_key]),
+                    json.dumps({t.qualified: _digest(now.get(t.qualified, "")) for t in tables}),
+                    _digest(json.dumps(sorted(now))),
+                ),
             )
+            for schema, name in without_key:
+                cur.execute(
+                    sql.SQL(
+                        "CREATE TRIGGER {} AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON {} "
+                        "FOR EACH STATEMENT EXECUTE FUNCTION {}.uncaptured({})"
+                    ).format(
+                        sql.Identifier(trigger_name(run_id, "w")),
+                        sql.Identifier(schema, name),
+                        sql.Identifier(SCHEMA),
+                        sql.Literal(run_id),
+                    )
+                )
             for t in tables:
                 table = sql.Identifier(t.schema, t.name)
                 log = sql.Identifier(SCHEMA, t.log)
                 cur.execute(
-                    sql.SQL('CREATE TABLE {} (statement bigint NOT NULL, op "char" NOT NULL, old_row {}, new_row {})').format(
-                        log, table, table
+                    sql.SQL('CREATE TABLE {} (statement bigint NOT NULL, op "char" NOT NULL, old_row text, new_row text)').format(
+                        log
                     )
                 )
                 join = " AND ".join(f"o.{_ident(cur, k)} = n.{_ident(cur, k)}" for k in t.key)
@@ -187,9 +313,31 @@ def _tables_json(tables: list[CapturedTable]) -> str:
     return json.dumps([{"schema": t.schema, "name": t.name, "key": list(t.key), "log": t.log} for t in tables])
 
 
+def session_options(run_id: str) -> str:
+    """libpq ``options`` that make a new session's writes the run's (the setting is given
+    at connection start, so no transaction of the run can lose it)."""
+    escaped = run_id.replace("\\", "\\\\").replace(" ", "\\ ")
+    return f"-c {RUN_SETTING}={escaped}"
+
+
 def mark(conn, run_id: str) -> None:
     """This session's writes belong to the run from now on (until the session ends)."""
     scalar(conn, "SELECT set_config(%s, %s, false)", (RUN_SETTING, run_id))
+
+
+def finish(conn, run_id: str) -> None:
+    """The run's capture ended: its triggers dropped (the logs stay for the undo), and a
+    change of staging's set of tables during the run recorded (``conn`` autocommit)."""
+    remove_triggers(conn, run_id)
+    row = query(conn, f"SELECT tables_digest FROM {RUNS} WHERE run_id = %s", (run_id,))
+    changed = bool(row) and row[0][0] != _digest(json.dumps(sorted(shape(conn))))
+    scalar(
+        conn,
+        f"UPDATE {RUNS} SET capturing = false, finished_at = now(), "
+        "ddl = CASE WHEN %s THEN coalesce(ddl || ', ', '') || 'tables created or dropped' ELSE ddl END WHERE run_id = %s",
+        (changed, run_id),
+    )
+    _drop_event_trigger(conn)
 
 
 def remove_triggers(conn, run_id: str | None = None) -> list[str]:
@@ -201,11 +349,77 @@ def remove_triggers(conn, run_id: str | None = None) -> list[str]:
         """
         SELECT t.tgname, n.nspname, c.relname FROM pg_trigger t
           JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace
-         WHERE NOT t.tgisinternal AND t.tgname LIKE %s""",
+         WHERE NOT t.tgisinternal AND t.tgparentid = 0 AND t.tgname LIKE %s""",
         (like,),
     )
     for tgname, schema, name in rows:
         scalar(conn, sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(tgname), sql.Identifier(schema, name)))
-    if rows and run_id:
-        scalar(conn, f"UPDATE {SCHEMA}.undo_runs SET capturing = false WHERE run_id = %s", (run_id,))
     return sorted({f"{s}.{n}" for _, s, n in rows})
+
+
+def finish_killed(conn) -> list[str]:
+    """Runs still capturing while no run holds staging (its runner was killed): their
+    triggers removed and their capture ended. Called with staging's lock held; returns
+    what was done, as sentences."""
+    if scalar(conn, "SELECT to_regclass(%s)", (RUNS,)) is None:
+        return []
+    done = []
+    for (run_id,) in query(conn, f"SELECT run_id FROM {RUNS} WHERE capturing ORDER BY started_at"):
+        tables = remove_triggers(conn, run_id)
+        scalar(
+            conn, f"UPDATE {RUNS} SET capturing = false, finished_at = coalesce(finished_at, now()) WHERE run_id = %s", (run_id,)
+        )
+        done.append(f"Removed the capture triggers of the interrupted run {run_id} ({', '.join(tables) or 'none left'})")
+    if done:
+        _drop_event_trigger(conn)
+    return done
+
+
+def _drop_event_trigger(conn) -> None:
+    """The DDL watch dropped once no run is captured (it is a database-wide object)."""
+    if scalar(conn, f"SELECT count(*) FROM {RUNS} WHERE capturing") == 0 and scalar(
+        conn, "SELECT count(*) FROM pg_event_trigger WHERE evtname = %s", (EVENT_TRIGGER,)
+    ):
+        scalar(conn, f"DROP EVENT TRIGGER IF EXISTS {EVENT_TRIGGER}")
+
+
+def changed_columns(conn, run_id: str, tables: list[CapturedTable]) -> list[str]:
+    """The captured tables whose columns differ from when the run started."""
+    row = query(conn, f"SELECT columns_digest FROM {RUNS} WHERE run_id = %s", (run_id,))
+    then = row[0][0] if row else {}
+    now = shape(conn)
+    return [t.qualified for t in tables if then.get(t.qualified) != _digest(now.get(t.qualified, ""))]
+
+
+def readable(conn) -> bool:
+    """Whether staging has an undo log at all."""
+    try:
+        return scalar(conn, "SELECT to_regclass(%s)", (RUNS,)) is not None
+    except psycopg2.Error:
+        return False
+
+
+def marker(folder: Path, run_id: str) -> Path:
+    """A file in the catalog's folder that says a run is being captured: the next
+    operation looks in staging for capture triggers only where one is left."""
+    return folder / f".capturing-{hashlib.sha256(run_id.encode()).hexdigest()[:16]}"
+
+
+def markers(folder: Path) -> list[Path]:
+    return sorted(folder.glob(".capturing-*"))
+
+
+def resolve_table(conn, name: str) -> tuple[str, str] | None:
+    """A table as a migration names it (``schema.table``, quoted where needed, or a name
+    found on the search path): its schema and name, or None."""
+    try:
+        rows = query(
+            conn,
+            "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE c.oid = to_regclass(%s) AND c.relkind IN ('r', 'p')",
+            (name,),
+        )
+    except psycopg2.Error:
+        conn.rollback()
+        return None
+    return (rows[0][0], rows[0][1]) if rows else None

@@ -23,7 +23,7 @@ from psycopg2 import sql
 from lib.errors import UndoRefused
 from lib.pg.codes import sqlstate
 from lib.pg.db import query, scalar
-from lib.undo.capture import SCHEMA, CapturedTable
+from lib.undo.capture import RUNS, SCHEMA, CapturedTable, changed_columns
 
 
 @dataclass(frozen=True)
@@ -47,23 +47,51 @@ class UndoResult:
 
 
 def _tables(conn, run_id: str) -> list[CapturedTable]:
-    row = query(conn, f"SELECT tables, truncated, undone_at FROM {SCHEMA}.undo_runs WHERE run_id = %s", (run_id,))
+    row = query(conn, f"SELECT tables, truncated, undone_at, ddl, capturing, uncaptured FROM {RUNS} WHERE run_id = %s", (run_id,))
     if not row:
-        raise UndoRefused(f"Run {run_id} has no undo log in staging.", "Restore the run's point instead.")
-    tables, truncated, undone_at = row[0]
+        raise UndoRefused(
+            f"Run {run_id} has no undo log in staging.",
+            "See `python3 run_migration.py --status` for the runs that have one, or restore the run's point instead.",
+        )
+    tables, truncated, undone_at, ddl, capturing, uncaptured = row[0]
     if undone_at is not None:
         raise UndoRefused(
             f"Run {run_id} was undone already, at {undone_at:%Y-%m-%d %H:%M:%S %Z}.",
-            "To have its changes again, run the migration again (or restore a point taken after it).",
+            "An undo is not undone: to have the run's changes again, run the migration again "
+            "(or restore a point taken after the run).",
+        )
+    if capturing:
+        raise UndoRefused(
+            f"Run {run_id} is still being captured (its migration is running, or was killed and nothing has run since).",
+            "Wait for the run to end; after a killed run, `python3 rollback_manager.py cleanup` ends its capture.",
         )
     if truncated:
         raise UndoRefused(
             f"Run {run_id} cannot be undone: {truncated} was truncated while it was captured, and a TRUNCATE "
             "leaves no rows to put back.",
-            "Restore the run's point instead.",
+            "Restore the run's point instead (`python3 run_migration.py FILE --rollback`).",
+        )
+    if uncaptured:
+        raise UndoRefused(
+            f"Run {run_id} cannot be undone: it wrote to {uncaptured}, which has no primary key (or replica identity "
+            "index), so its rows could not be captured.",
+            "Restore the run's point instead (`python3 run_migration.py FILE --rollback`).",
+        )
+    if ddl:
+        raise UndoRefused(
+            f"Run {run_id} cannot be undone: it changed the schema ({ddl}), and the undo puts back rows, not schema.",
+            "Restore the run's point instead (`python3 run_migration.py FILE --rollback`).",
         )
     tables = tables if isinstance(tables, list) else json.loads(tables)
-    return [CapturedTable(t["schema"], t["name"], tuple(t["key"]), t["log"]) for t in tables]
+    found = [CapturedTable(t["schema"], t["name"], tuple(t["key"]), t["log"]) for t in tables]
+    changed = changed_columns(conn, run_id, found)
+    if changed:
+        raise UndoRefused(
+            f"Run {run_id} cannot be undone: the columns of {', '.join(changed)} changed since the run started, "
+            "so its logged rows no longer fit.",
+            "Restore the run's point instead (`python3 run_migration.py FILE --rollback`).",
+        )
+    return found
 
 
 def _columns(conn, table: CapturedTable) -> tuple[list[str], bool]:
@@ -103,6 +131,16 @@ def _key_match(table_alias: str, table: CapturedTable, log_alias: str, image: st
     )
 
 
+def _log(t: CapturedTable) -> sql.Composable:
+    """The run's log of ``t`` with each image as text (old_text, new_text) and as a row
+    of the table (old_row, new_row); ``lid`` the log row's position."""
+    table = sql.Identifier(t.schema, t.name)
+    return sql.SQL(
+        "(SELECT x.ctid AS lid, x.statement, x.op, x.old_row AS old_text, x.new_row AS new_text, "
+        "x.old_row::{table} AS old_row, x.new_row::{table} AS new_row FROM {log} x)"
+    ).format(table=table, log=sql.Identifier(SCHEMA, t.log))
+
+
 def _steps(conn, tables: list[CapturedTable]) -> list[tuple[int, CapturedTable]]:
     """(statement, table) for every statement of the run, newest first."""
     found = []
@@ -113,7 +151,7 @@ def _steps(conn, tables: list[CapturedTable]) -> list[tuple[int, CapturedTable]]
 
 
 def _undo_statement(conn, t: CapturedTable, statement: int, columns: list[str], always: bool, result: UndoResult) -> None:
-    log = sql.Identifier(SCHEMA, t.log)
+    log = _log(t)
     table = sql.Identifier(t.schema, t.name)
     st = sql.Literal(statement)
     # rows the run inserted: deleted where still exactly as inserted
@@ -121,7 +159,7 @@ def _undo_statement(conn, t: CapturedTable, statement: int, columns: list[str], 
         conn,
         lambda only: sql.SQL(
             "DELETE FROM {table} t USING {log} l WHERE l.statement = {st} AND l.op = 'I'{only} AND {match} "
-            "AND t::text = (l.new_row)::text RETURNING {key}"
+            "AND t::text = l.new_text RETURNING {key}"
         ).format(table=table, log=log, st=st, only=only, match=_key_match("t", t, "l", "new_row"), key=_key_json("t", t)),
         t,
         statement,
@@ -137,7 +175,7 @@ def _undo_statement(conn, t: CapturedTable, statement: int, columns: list[str], 
             conn,
             lambda only: sql.SQL(
                 "UPDATE {table} t SET ({cols}) = ROW({values}) FROM {log} l WHERE l.statement = {st} AND l.op = 'U'{only} "
-                "AND {match} AND t::text = (l.new_row)::text RETURNING {key}"
+                "AND {match} AND t::text = l.new_text RETURNING {key}"
             ).format(
                 only=only,
                 table=table,
@@ -202,13 +240,13 @@ def _step(conn, build, t: CapturedTable, statement: int, op: str, result: UndoRe
     done = []
     for ctid, key in query(
         conn,
-        sql.SQL("SELECT l.ctid::text, {} FROM {} l WHERE l.statement = {} AND l.op = {}").format(
-            _key_json("l", t, image), sql.Identifier(SCHEMA, t.log), sql.Literal(statement), sql.Literal(op)
+        sql.SQL("SELECT l.lid::text, {} FROM {} l WHERE l.statement = {} AND l.op = {}").format(
+            _key_json("l", t, image), _log(t), sql.Literal(statement), sql.Literal(op)
         ),
     ):
         scalar(conn, "SAVEPOINT undo_row")
         try:
-            done += query(conn, build(sql.SQL(" AND l.ctid = {}::tid").format(sql.Literal(ctid))))
+            done += query(conn, build(sql.SQL(" AND l.lid = {}::tid").format(sql.Literal(ctid))))
             scalar(conn, "RELEASE SAVEPOINT undo_row")
         except psycopg2.Error as exc:
             if sqlstate(exc) not in INTEGRITY:
@@ -225,14 +263,14 @@ def _conflicts(conn, t: CapturedTable, statement: int, op: str, done: set[str], 
     rows = query(
         conn,
         sql.SQL(
-            "SELECT {key}, (l.{image})::text, (SELECT t::text FROM {table} t WHERE {match}) "
+            "SELECT {key}, l.{text}, (SELECT t::text FROM {table} t WHERE {match}) "
             "FROM {log} l WHERE l.statement = {st} AND l.op = {op}"
         ).format(
             key=_key_json("l", t, image),
-            image=sql.Identifier(image),
+            text=sql.Identifier(image.replace("_row", "_text")),
             table=sql.Identifier(t.schema, t.name),
             match=_key_match("t", t, "l", image),
-            log=sql.Identifier(SCHEMA, t.log),
+            log=_log(t),
             st=sql.Literal(statement),
             op=sql.Literal(op),
         ),
@@ -278,14 +316,20 @@ def _wake_triggers(conn, quiet: list[tuple[CapturedTable, str, str]]) -> None:
         )
 
 
-def undo(conn, run_id: str, *, skip_conflicts: bool = False, dry_run: bool = False) -> UndoResult:
+def undo(conn, run_id: str, *, skip_conflicts: bool = False, dry_run: bool = False, before_commit=None) -> UndoResult:
     """Revert the run's captured changes in one transaction on ``conn`` (committed unless
-    ``dry_run``, or conflicts without ``skip_conflicts``: then rolled back, nothing changed)."""
+    ``dry_run``, or conflicts without ``skip_conflicts``: then rolled back, nothing changed).
+    ``before_commit(conn, result)`` writes what else belongs to the same transaction."""
     was = conn.autocommit
     conn.autocommit = False
     result = UndoResult(run_id)
     try:
-        scalar(conn, f"SELECT 1 FROM {SCHEMA}.undo_runs WHERE run_id = %s FOR UPDATE", (run_id,))  # one undo at a time
+        if scalar(conn, "SELECT to_regclass(%s)", (RUNS,)) is None:
+            raise UndoRefused(
+                "Staging has no undo log: no run was captured here (or a point restore took staging back before one).",
+                "Restore the run's point instead.",
+            )
+        scalar(conn, f"SELECT 1 FROM {RUNS} WHERE run_id = %s FOR UPDATE", (run_id,))  # one undo at a time
         tables = _tables(conn, run_id)
         shapes = {t.log: _columns(conn, t) for t in tables}
         quiet = _quiet_triggers(conn, tables)
@@ -301,11 +345,11 @@ def undo(conn, run_id: str, *, skip_conflicts: bool = False, dry_run: bool = Fal
             "reinserted": result.reinserted,
             "conflicts": len(result.conflicts),
         }
-        scalar(
-            conn,
-            f"UPDATE {SCHEMA}.undo_runs SET undone_at = now(), undone = %s WHERE run_id = %s",
-            (json.dumps(summary), run_id),
-        )
+        scalar(conn, f"UPDATE {RUNS} SET undone_at = now(), undone = %s WHERE run_id = %s", (json.dumps(summary), run_id))
+        for t in tables:  # the log has served: an undo is not undone
+            scalar(conn, sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(SCHEMA, t.log)))
+        if before_commit is not None:
+            before_commit(conn, result)
         conn.commit()
         result.applied = True
         return result
