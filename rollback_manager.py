@@ -13,6 +13,7 @@ from lib.api import *  # noqa: F403 - the Python API of seed 000, re-exported
 from lib.cli import render
 from lib.cli.app import CATALOG_CHECK_ONLY_HELP, Parser, common_flags, epilog, run_script, settings_from
 from lib.errors import ConfigError
+from lib.migrate import undo as undo_runs
 from lib.operations import commands as operations
 from lib.points.methods import registry
 
@@ -31,6 +32,9 @@ commands:
       --in-place                      a pitr point: the whole cluster, stopped and restored
   restore --to-time T | --to-lsn L    staging back to a moment the pgBackRest repository covers
   diff ID                  what restoring ID would undo: rows added, deleted, changed per table
+  undo RUN                 revert exactly what one captured migration run changed, keep every other
+                           session's writes (RUN: a run id, or a migration id for its newest run);
+                           --dry-run, --skip-conflicts; run_migration.py --status lists the runs
   backup TABLE             a data point of one table (--description TEXT)
   delete ID                remove one point, its database copy included
   cleanup                  remove what interrupted runs left (half-made points, temporary databases
@@ -44,6 +48,7 @@ examples:
   python3 rollback_manager.py verify rb_before_migration_test_20261121_101500 --json
   python3 rollback_manager.py restore rb_before_migration_test_20261121_101500
   python3 rollback_manager.py restore --to-time "2026-11-21 21:55:00+00"
+  python3 rollback_manager.py undo 003_fix_prices --dry-run
   python3 rollback_manager.py cleanup --keep 5 --dry-run
   python3 rollback_manager.py audit --limit 50 --json
   python3 rollback_manager.py "$V2_DATABASE_URL" "$STAGING_DATABASE_URL" list
@@ -102,6 +107,14 @@ def build_parser() -> Parser:
     restore.add_argument("--catalog-check-only", action="store_true", help=CATALOG_CHECK_ONLY_HELP)
     differ = sub.add_parser("diff", parents=[parent], help="what restoring a point would undo")
     differ.add_argument("point_id", metavar="ID")
+    undo = sub.add_parser("undo", parents=[parent], help="revert one migration run's own changes, keep the rest")
+    undo.add_argument("run", metavar="RUN", help="a run id (run_migration.py --status), or a migration id for its newest run")
+    undo.add_argument("--dry-run", action="store_true", help="show per table what would be put back, and the conflicts")
+    undo.add_argument(
+        "--skip-conflicts",
+        action="store_true",
+        help="undo the rest where rows were changed after the run (those stay as they are now; listed and audited)",
+    )
     backup = sub.add_parser("backup", parents=[parent], help="a data point of one or more tables")
     backup.add_argument("tables", nargs="+", metavar="TABLE")
     backup.add_argument("--description", default=None, help="what this point is for")
@@ -170,6 +183,9 @@ def action(args, ui, ask) -> int:
     if command == "audit":
         entries = operations.audit_trail(settings, ui, None if args.limit == 0 else args.limit)
         return ui.result(entries, lambda: render.audit_trail(ui, entries))
+    if command == "undo":
+        done = undo_runs.undo_run(settings, ui, ask, args.run, dry_run=args.dry_run, skip_conflicts=args.skip_conflicts)
+        return ui.result(done, lambda: render.undo_outcome(ui, done))
     if command == "diff":
         found = operations.diff_point(settings, ui, args.point_id)
         return ui.result(found.as_dict(), lambda: render.diff_lines(ui, found))

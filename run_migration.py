@@ -33,6 +33,13 @@ against the threshold, and a warning says when it passes half the threshold.
 and only for those, dry or --production as any run; the records that fail again go
 to a new failures file.
 
+A production run also captures its own changes in staging's undo log (statement
+triggers, only the run's session; other sessions' writes are not captured), so
+`rollback_manager.py undo RUN` can revert exactly what it changed and keep the rest.
+The automatic rollback uses that undo when it can, the point otherwise, and says
+which. A table without a primary key makes the run refuse first: --undo-keyed-only
+captures the others, --no-undo captures nothing (ROLLBACK_UNDO=on|keyed|off).
+
 A production run that succeeds is written in staging's ledger of applied migrations
 (the table rollback_toolkit.migrations, part of every point). Given a folder, the
 migrations it holds that the ledger does not list run one after the other in name
@@ -51,7 +58,8 @@ examples:
   python3 run_migration.py migrations/001_migrate_clients.py --production \\
       --retry-failed logs/001_migrate_clients_20250101_120000_failures.csv   # those records only
   python3 run_migration.py migrations/ --production      # every pending migration, in name order
-  python3 run_migration.py --status                      # applied, rolled back, pending
+  python3 run_migration.py --status                      # applied, rolled back, pending; runs and their undo
+  python3 rollback_manager.py undo 001_migrate_clients --dry-run   # what undoing its newest run would do
 
 exit codes of a migration: 0 it ran (a dry run, or a production run that succeeded),
 1 it failed or was rolled back (the summary says which; for a folder, the first that did).
@@ -77,6 +85,21 @@ def build_parser() -> Parser:
         help="stop and roll back above this failure rate (default 0.10)",
     )
     p.add_argument("--limit", type=int, metavar="N", help="migrate at most N records")
+    undo = p.add_mutually_exclusive_group()
+    undo.add_argument(
+        "--no-undo",
+        dest="undo",
+        action="store_const",
+        const="off",
+        help="production: capture no undo log (the point alone puts staging back)",
+    )
+    undo.add_argument(
+        "--undo-keyed-only",
+        dest="undo",
+        action="store_const",
+        const="keyed",
+        help="production: capture the tables that have a key; a write to one without makes the undo unavailable",
+    )
     p.add_argument(
         "--retry-failed",
         metavar="FILE",
@@ -144,7 +167,11 @@ def run_folder(args: argparse.Namespace, ui, ask, settings, where: Path) -> int:
     if args.rollback is not None or args.retry_failed:
         raise ConfigError(f"{where} is a folder: --rollback and --retry-failed take one migration file.")
     options = runner.Options(args.batch_size, args.failure_threshold, args.limit, parse_params(args.param))
-    flags = {"no_rollback": args.no_rollback, "method": args.method, "force": args.force} if args.production else {}
+    flags = (
+        {"no_rollback": args.no_rollback, "method": args.method, "force": args.force, "undo": args.undo}
+        if args.production
+        else {}
+    )
     report = folder.run_pending(settings, ui, ask, where, options, production=args.production, **flags)
     if args.json:
         ui.emit_json(report.as_dict())
@@ -164,6 +191,8 @@ def action(args: argparse.Namespace, ui, ask) -> int:
         args.migration, args.rollback = args.rollback, ""
     if args.no_rollback and not args.production:
         raise ConfigError("--no-rollback only applies with --production.", "A dry run never changes staging.")
+    if args.undo and not args.production:
+        raise ConfigError("--no-undo and --undo-keyed-only only apply with --production.", "A dry run never changes staging.")
     given = args.migration or choose(ui, ask)
     if Path(given).is_dir():
         return run_folder(args, ui, ask, settings, Path(given))
@@ -185,6 +214,7 @@ def action(args: argparse.Namespace, ui, ask) -> int:
             no_rollback=args.no_rollback,
             method=args.method,
             force=args.force,
+            undo=args.undo,
         )
     else:
         report = runner.dry_run(settings, ui, migration, options)

@@ -24,6 +24,7 @@ PLACES = (
     "before removal",  # an unlisted point's removal, before it takes the point's lock
     "removal locked",  # ... holding it, the folder found, nothing dropped yet
     "reading rows",
+    "undo applied",  # an undo's rows all put back, its transaction not committed yet
 )
 _arrivals: dict[str, int] = {}
 

@@ -415,6 +415,7 @@ def make_staging(server: Server, tmp_path: Path, prefix: str = "staging", *, cor
         ROLLBACK_ENV_FILE=str(tmp_path / "no.env"),
         ROLLBACK_METHOD="dump",  # tests of other methods ask for them
         ROLLBACK_SPARE="0",  # no background copies unless a test asks for them
+        ROLLBACK_UNDO="off",  # production runs keep no undo log unless a test asks for one (tests/test_undo_runs.py)
     )
     return Staging(server, name, env, backup_dir, log_dir)
 
@@ -424,7 +425,15 @@ def staging(server, tmp_path, monkeypatch) -> Staging:
     s = make_staging(server, tmp_path)
     for key in ("V2_DATABASE_URL", "PG_BIN_DIR", "PG_BIN_DIR_ONLY"):
         monkeypatch.delenv(key, raising=False)
-    for key in ("STAGING_DATABASE_URL", "BACKUP_DIR", "LOG_DIR", "ROLLBACK_ENV_FILE", "ROLLBACK_METHOD", "ROLLBACK_SPARE"):
+    for key in (
+        "STAGING_DATABASE_URL",
+        "BACKUP_DIR",
+        "LOG_DIR",
+        "ROLLBACK_ENV_FILE",
+        "ROLLBACK_METHOD",
+        "ROLLBACK_SPARE",
+        "ROLLBACK_UNDO",
+    ):
         monkeypatch.setenv(key, s.env[key])
     yield s
     _drop_databases_like(server, s.name)

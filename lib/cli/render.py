@@ -301,6 +301,20 @@ def migration_status(ui: UI, found) -> None:
     ui.out.print(table)
     if not found.ledger:
         ui.info("Staging has no ledger yet: no production run has applied a migration to it.")
+    if found.runs:
+        runs = Table(title="Captured runs (rollback_manager.py undo RUN)", title_justify="left")
+        for col in ("Run", "Started (UTC)", "Tables", "Undo"):
+            runs.add_column(col, overflow="fold")
+        colour = {"available": "green", "undone": "yellow"}
+        for r in found.runs:
+            state = r["undo"] + (f" at {r['undone_at'][:19].replace('T', ' ')}" if r.get("undone_at") else "")
+            runs.add_row(
+                r["run_id"],
+                (r["started_at"] or "-")[:19].replace("T", " "),
+                str(len(r["tables"])),
+                f"[{colour.get(r['undo'], 'red')}]{state}[/]",
+            )
+        ui.out.print(runs)
 
 
 def audit_trail(ui: UI, entries: list[dict]) -> None:
@@ -356,3 +370,15 @@ def findings(ui: UI, found: list) -> None:
     failed = sum(f.status == "fail" for f in found)
     warned = sum(f.status == "warn" for f in found)
     ui.out.print(f"{failed} failed, {warned} warning(s), {len(found) - failed - warned} ok")
+
+
+def undo_outcome(ui: UI, done: dict) -> None:
+    """rollback_manager.py undo: what was (or, in a dry run, would be) put back."""
+    conflicts = len(done["conflicts"])
+    if done["dry_run"]:
+        ui.ok(f"Dry run: nothing was changed ({conflicts} conflict(s))")
+        return
+    rows = sum(done["deleted"].values()) + sum(done["restored"].values()) + sum(done["reinserted"].values())
+    skipped = f"; {conflicts} conflict(s) left as they are now" if conflicts else ""
+    ui.ok(f"Run {done['run_id']} undone: {rows} row(s) put back in {done['seconds']} s{skipped}")
+    ui.info("Other sessions' writes were kept; sequences were left where they are.")

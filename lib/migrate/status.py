@@ -10,10 +10,11 @@ from dataclasses import asdict, dataclass, field
 from lib import audit
 from lib.config import Settings
 from lib.migrate import ledger
+from lib.migrate import undo as undo_log
 from lib.migrate.context import Migration
 
 APPLIED, ROLLED_BACK, PENDING = "applied", "rolled back", "pending"
-_UNDOING = ("restore", "reset")  # audit events that put staging back wholesale
+_UNDOING = ("restore", "reset", "undo")  # audit events that put staging back (wholesale, or one run's changes)
 
 
 @dataclass
@@ -31,6 +32,7 @@ class Status:
     database: str
     ledger: bool  # whether staging has a ledger at all
     migrations: list[MigrationStatus] = field(default_factory=list)
+    runs: list[dict] = field(default_factory=list)  # captured production runs, and whether each can be undone
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -40,7 +42,7 @@ def status(settings: Settings, migrations: list[Migration]) -> Status:
     database = settings.staging().masked()
     entries = ledger.applied(settings)
     trail = [e for e in audit.read(settings.log_dir).entries if e.get("database") == database]
-    found = Status(database, entries is not None)
+    found = Status(database, entries is not None, runs=[r.as_dict() for r in undo_log.runs(settings)])
     entries = entries or {}
     files = {m.id: m.path.name for m in migrations}
     for migration_id, name in files.items():
@@ -73,6 +75,16 @@ def _one(migration_id: str, file: str | None, entries: dict[str, ledger.Entry], 
     if not ends:
         return MigrationStatus(migration_id, file, PENDING, detail="never run in production")
     n, end = ends[-1]
+    if end.get("undone") and end.get("outcome") in ("rolled back", "aborted"):
+        why = f": {end['error']}" if end.get("error") else ""
+        return MigrationStatus(
+            migration_id,
+            file,
+            ROLLED_BACK,
+            None,
+            end.get("timestamp"),
+            f"{end.get('outcome')}, run {end.get('undo_run')} undone{why}",
+        )
     restored_to = end.get("restored_to") or (end.get("point_id") if end.get("outcome") == "rolled back" else None)
     if restored_to:
         why = f": {end['error']}" if end.get("error") else ""
@@ -94,10 +106,23 @@ def _one(migration_id: str, file: str | None, entries: dict[str, ledger.Entry], 
 
 def _undone_later(migration_id: str, file: str | None, end: dict, after: list[dict]) -> MigrationStatus:
     """Applied, and out of the ledger now: a restore or a reset took it back."""
-    undo = next((e for e in after if e.get("event") in _UNDOING and e.get("outcome") == "succeeded"), None)
+    undo = next(
+        (
+            e
+            for e in after
+            if e.get("event") in _UNDOING
+            and e.get("outcome") == "succeeded"
+            and (e["event"] != "undo" or e.get("migration_id") == migration_id)
+        ),
+        None,
+    )
     if undo is None:
         return MigrationStatus(migration_id, file, ROLLED_BACK, end.get("point_id"), None, "applied, and no longer in the ledger")
-    how = f"a restore to {undo.get('point_id')}" if undo["event"] == "restore" else "a reset from V2"
+    how = {
+        "restore": f"a restore to {undo.get('point_id')}",
+        "reset": "a reset from V2",
+        "undo": f"the undo of run {undo.get('run_id')}",
+    }[undo["event"]]
     return MigrationStatus(
         migration_id, file, ROLLED_BACK, undo.get("point_id"), undo.get("timestamp"), f"applied, then undone by {how}"
     )

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import psycopg2
 from psycopg2 import sql
 
+from lib import faults
 from lib.errors import UndoRefused
 from lib.pg.codes import sqlstate
 from lib.pg.db import query, scalar
@@ -43,7 +44,9 @@ class UndoResult:
     reinserted: dict[str, int] = field(default_factory=dict)
     conflicts: list[Conflict] = field(default_factory=list)
     applied: bool = False
-    blocked: dict[tuple[str, str], str] = field(default_factory=dict)  # (table, key) -> the constraint's error
+    # rows whose step broke a constraint, tried again once the other steps are done
+    # (a child the run deleted by a cascade before its parent): (table, statement, op, log row, key) -> the error
+    pending: dict[tuple, tuple] = field(default_factory=dict)
 
 
 def _tables(conn, run_id: str) -> list[CapturedTable]:
@@ -252,7 +255,12 @@ def _step(conn, build, t: CapturedTable, statement: int, op: str, result: UndoRe
             if sqlstate(exc) not in INTEGRITY:
                 raise
             scalar(conn, "ROLLBACK TO SAVEPOINT undo_row")
-            result.blocked[(t.qualified, json.dumps(key, sort_keys=True))] = str(exc).strip().splitlines()[0]
+            result.pending[(t.qualified, statement, op, ctid, json.dumps(key, sort_keys=True))] = (
+                build,
+                t,
+                key,
+                str(exc).strip().splitlines()[0],
+            )
     scalar(conn, "RELEASE SAVEPOINT undo_step")
     return done
 
@@ -275,11 +283,44 @@ def _conflicts(conn, t: CapturedTable, statement: int, op: str, done: set[str], 
             op=sql.Literal(op),
         ),
     )
+    waiting = {k[4] for k in result.pending if k[:3] == (t.qualified, statement, op)}
     for key, wrote, now in rows:
         k = json.dumps(key, sort_keys=True)
-        if k not in done:
-            why = result.blocked.get((t.qualified, k), "changed after the run")
-            result.conflicts.append(Conflict(t.qualified, key, None if op == "D" else wrote, now, why))
+        if k not in done and k not in waiting:
+            result.conflicts.append(Conflict(t.qualified, key, None if op == "D" else wrote, now))
+
+
+_COUNTS = {"I": "deleted", "U": "restored", "D": "reinserted"}
+
+
+def _retry_pending(conn, result: UndoResult) -> None:
+    """The rows a constraint held back, tried again until none more goes through; those
+    left are conflicts with the constraint's reason."""
+    progress = True
+    while result.pending and progress:
+        progress = False
+        for marker, (build, t, key, _why) in list(result.pending.items()):
+            table, _statement, op, lid, _k = marker
+            scalar(conn, "SAVEPOINT undo_row")
+            try:
+                done = query(conn, build(sql.SQL(" AND l.lid = {}::tid").format(sql.Literal(lid))))
+                scalar(conn, "RELEASE SAVEPOINT undo_row")
+            except psycopg2.Error as exc:
+                if sqlstate(exc) not in INTEGRITY:
+                    raise
+                scalar(conn, "ROLLBACK TO SAVEPOINT undo_row")
+                result.pending[marker] = (build, t, key, str(exc).strip().splitlines()[0])
+                continue
+            del result.pending[marker]
+            progress = True
+            if done:
+                counts = getattr(result, _COUNTS[op])
+                counts[table] = counts.get(table, 0) + 1
+            else:
+                result.conflicts.append(Conflict(table, key, None, None))
+    for (table, _statement, _op, _lid, _k), (_build, _t, key, why) in result.pending.items():
+        result.conflicts.append(Conflict(table, key, None, None, why))
+    result.pending.clear()
 
 
 _ENABLE = {"O": "ENABLE TRIGGER", "A": "ENABLE ALWAYS TRIGGER", "R": "ENABLE REPLICA TRIGGER"}
@@ -335,7 +376,10 @@ def undo(conn, run_id: str, *, skip_conflicts: bool = False, dry_run: bool = Fal
         quiet = _quiet_triggers(conn, tables)
         for statement, t in _steps(conn, tables):
             _undo_statement(conn, t, statement, *shapes[t.log], result)
+        _retry_pending(conn, result)
         _wake_triggers(conn, quiet)
+        if not dry_run:
+            faults.pause("undo applied")
         if dry_run or (result.conflicts and not skip_conflicts):
             conn.rollback()
             return result
