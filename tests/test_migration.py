@@ -51,6 +51,7 @@ def make_sample(server, tmp_path: Path, monkeypatch) -> Staging:
         ROLLBACK_ENV_FILE=str(tmp_path / "no.env"),
         ROLLBACK_METHOD="dump",
         ROLLBACK_SPARE="0",
+        ROLLBACK_UNDO="off",  # the point restores; the undo's own test asks for it
     )
     for key in (
         "STAGING_DATABASE_URL",
@@ -60,6 +61,7 @@ def make_sample(server, tmp_path: Path, monkeypatch) -> Staging:
         "ROLLBACK_ENV_FILE",
         "ROLLBACK_METHOD",
         "ROLLBACK_SPARE",
+        "ROLLBACK_UNDO",
     ):
         monkeypatch.setenv(key, env[key])
     s = Staging(server, staging_name, env, tmp_path / "backups", tmp_path / "logs")
@@ -122,6 +124,30 @@ def test_a_dry_run_changes_nothing_and_reports_what_would_change(mig18):
     assert not any(p.name.startswith("rb_") for p in mig18.backup_dir.glob("*"))  # a dry run takes no point
     (failures,) = [e for e in audit_events(mig18) if e["event"] == "record failures"]  # one for the run
     assert (failures["failed"], failures["mode"], failures["failures_file"]) == (180, "dry run", report["failures_file"])
+
+
+def _user_content(state: dict) -> dict:
+    """Every user table's rows and row count (the toolkit's own schema and the sequences
+    aside: an undo leaves sequences where the run left them)."""
+    return {
+        k: {t: v for t, v in state[k].items() if not t.startswith("rollback_toolkit.")} for k in ("row_counts", "content")
+    }
+
+
+def test_the_threshold_stops_the_run_and_the_runs_undo_puts_back_its_batches(mig):
+    before = state(mig)
+    result = mig.run("run_migration.py", CLIENTS, "--production", "--param", "strict=1", "--json", env={"ROLLBACK_UNDO": "on"})
+    assert result.returncode == 1, result.stderr
+    report = json.loads(result.stdout)
+    assert report["outcome"] == "rolled back" and report["batches_committed"] >= 10
+    assert report["undo_run"] and report["undone"]["applied"] and report["restored_to"] is None
+    assert report["undone"]["deleted"]["public.customers"] > 0
+    assert "undoing the run's own changes" in result.stderr and "other sessions' writes were kept" in result.stderr
+    assert _user_content(state(mig)) == _user_content(before)
+    events = [(e["event"], e["outcome"]) for e in audit_events(mig)]
+    assert ("automatic undo", "succeeded") in events and ("restore", "succeeded") not in events
+    end = [e for e in audit_events(mig) if e["event"] == "migration end"][-1]
+    assert end["undone"] is True and end["undo_run"] == report["undo_run"]
 
 
 def test_the_threshold_stops_the_run_and_restores_the_point_by_itself(mig):

@@ -12,7 +12,9 @@ import sys
 import threading
 import time
 from contextlib import closing
+from decimal import Decimal
 
+import psycopg2
 import pytest
 
 from lib.undo import capture
@@ -238,3 +240,53 @@ def test_an_unknown_run_is_a_clear_error(staging, wanted):
     result = staging.run("rollback_manager.py", "undo", wanted, "--yes")
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "no undo log" in result.stderr or "no captured run" in result.stderr
+
+
+def test_a_role_that_owns_staging_without_being_superuser_captures_and_undoes(staging, tmp_path):
+    """As on a managed service: the migration's role owns its database and tables, and
+    may not create event triggers; schema changes are then found by the catalog digest."""
+    owner, password, db = "undo_owner", "owner-pw-7", f"{staging.name}_owned"
+    with closing(staging.server.connect()) as conn, conn.cursor() as cur:
+        conn.autocommit = True
+        cur.execute(f"SELECT 1 FROM pg_roles WHERE rolname = '{owner}'")
+        if not cur.fetchone():
+            cur.execute(f"CREATE ROLE {owner} LOGIN PASSWORD '{password}' NOSUPERUSER CREATEDB")
+        cur.execute(f'CREATE DATABASE "{db}" OWNER {owner}')
+    url = staging.server.url(db, user=owner, password=password)
+    env = {**staging.env, "STAGING_DATABASE_URL": url, "ROLLBACK_UNDO": "on"}
+    with closing(psycopg2.connect(url)) as conn, conn.cursor() as cur:
+        conn.autocommit = True
+        cur.execute(
+            "CREATE TABLE items (id int PRIMARY KEY, price numeric, note text);"
+            "INSERT INTO items SELECT g, g * 1.5, 'n' || g FROM generate_series(1, 100) g"
+        )
+    path = tmp_path / "006_prices.sql"
+    path.write_text("-- Raise prices\nUPDATE items SET price = price * 2 WHERE id <= 10; DELETE FROM items WHERE id = 50;\n")
+
+    def run(*args: str):
+        return subprocess.run(
+            [sys.executable, str(ROOT / args[0]), *args[1:]],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+        )
+
+    done = run("run_migration.py", str(path), "--production", "--yes", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    undo = run("rollback_manager.py", "undo", report["undo_run"], "--yes", "--json")
+    assert undo.returncode == 0, undo.stderr
+    with closing(psycopg2.connect(url)) as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*), sum(price) FROM items")
+        assert cur.fetchone() == (100, sum(Decimal(g) * Decimal("1.5") for g in range(1, 101)))
+    # a column added by a run (no event trigger for this role): the digest refuses the undo
+    path.write_text("-- Add a column\nALTER TABLE items ADD COLUMN region text; UPDATE items SET region = 'eu';\n")
+    changed = run("run_migration.py", str(path), "--production", "--yes", "--json")
+    assert changed.returncode == 0, changed.stderr
+    refused = run("rollback_manager.py", "undo", json.loads(changed.stdout)["undo_run"], "--yes")
+    assert refused.returncode != 0 and "columns of public.items changed" in refused.stderr
+    with closing(staging.server.connect()) as conn, conn.cursor() as cur:
+        conn.autocommit = True
+        cur.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
