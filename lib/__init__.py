@@ -12,6 +12,7 @@ Layers, each importing only the ones below it:
     lib/migrate     migrations with rollback built in
     lib/operations  the commands and the one operation scaffold
     lib/restore     putting staging back: swap, in place, partial, diff, reset, leftovers
+    lib/undo        one run's changes captured and reverted (beside lib/restore)
     lib/points      the catalog of points and the methods that take them
     lib/pg          servers, client tools, processes, connections, locks
     lib (files)     errors, config, ports, audit, files, faults: the foundation

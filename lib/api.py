@@ -20,11 +20,13 @@ from pathlib import Path
 
 from lib import audit
 from lib.config import Settings, load_settings
-from lib.errors import ConfigError, VerificationError
+from lib.errors import ConfigError, RollbackError, VerificationError
 from lib.interaction import Granted, Reporter, Silent
+from lib.migrate import undo as undo_runs
 from lib.migrate.context import SequenceGuard, TrackedConnection, open_staging
 from lib.operations import commands as operations
 from lib.points.methods import registry
+from lib.undo import capture
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +161,16 @@ class SyncRollbackManager:
         """The audit trail, oldest first (the newest ``limit`` entries)."""
         return audit.read(self.settings.log_dir, limit).entries
 
+    def undo(self, run_id: str, *, dry_run: bool = False, skip_conflicts: bool = False) -> dict:
+        """Revert exactly what one captured run changed (a run id, or a migration id for
+        its newest run), keeping every other session's writes; see rollback_manager.py undo.
+        Raises UndoRefused (changing nothing) on conflicts unless ``skip_conflicts``."""
+        return undo_runs.undo_run(self.settings, self.ui, self.ask, run_id, dry_run=dry_run, skip_conflicts=skip_conflicts)
+
+    def undo_runs(self) -> list[dict]:
+        """The captured runs in staging, and whether each can be undone."""
+        return [r.as_dict() for r in undo_runs.runs(self.settings)]
+
     def list_rollback_points(self) -> list[dict]:
         return [registry.summary(p) for p in operations.list_points(self.settings)]
 
@@ -166,7 +178,14 @@ class SyncRollbackManager:
 class SyncMigrationTransaction:
     """``with``: a point on entry, a psycopg2 connection in a transaction as the
     session; commit on success. On an exception the transaction is rolled back and,
-    when the body had already committed (batches), the point is restored."""
+    when the body had already committed (batches), staging is put back: by the undo
+    log with ``undo_log=True`` (only the session's own changes, other writes kept),
+    else, or when the undo is refused, by restoring the point.
+
+    ``undo_log``: True (or "on") captures the session's changes in the tables
+    ``table_name`` names (else every user table), refusing tables without a key;
+    "keyed" captures those with a key and makes the undo unavailable after a write to
+    one without."""
 
     def __init__(
         self,
@@ -174,14 +193,21 @@ class SyncMigrationTransaction:
         migration_id: str,
         table_name: str | list[str] | None = None,
         description: str | None = None,
+        *,
+        undo_log: bool | str = False,
     ) -> None:
         self.manager = manager
         self.migration_id = migration_id
         self.table_name = table_name
         self.description = description
+        self.undo_mode = ("on" if undo_log else "off") if isinstance(undo_log, bool) else undo_log
+        if self.undo_mode not in ("on", "keyed", "off"):
+            raise ConfigError(f"undo_log={undo_log!r}: give True, False, 'on', 'keyed' or 'off'.")
         self.rollback_id: str | None = None
         self.session: TrackedConnection | None = None
         self.restored: dict | None = None
+        self.undo_run: str | None = None  # the run's id in staging's undo log
+        self.undone: dict | None = None  # the undo that put staging back, when it was one
 
     def _event(self, name: str, **fields) -> None:
         audit.event(
@@ -194,9 +220,23 @@ class SyncMigrationTransaction:
         )
 
     def __enter__(self) -> TrackedConnection:
+        settings, ui = self.manager.settings, self.manager.ui
+        declared = [self.table_name] if isinstance(self.table_name, str) else self.table_name
+        plan = undo_runs.plan_capture(settings, ui, self.migration_id, declared, self.undo_mode)
         self.rollback_id = self.manager._create(self.migration_id, self.table_name, self.description)
-        self._sequences = SequenceGuard(self.manager.settings)
-        self.session = open_staging(self.manager.settings, f"migration {self.migration_id}")
+        self._sequences = SequenceGuard(settings)
+        if plan is not None:
+            self.undo_run = undo_runs.start_capture(settings, ui, plan, self.migration_id)
+        try:
+            self.session = open_staging(
+                settings,
+                f"migration {self.migration_id}",
+                options=capture.session_options(self.undo_run) if self.undo_run else None,
+            )
+        except BaseException:
+            if self.undo_run:
+                undo_runs.end_capture(settings, self.undo_run)
+            raise
         self.manager._open_transactions[self.rollback_id] = self
         self._event("migration start", mode="MigrationTransaction")
         return self.session
@@ -215,7 +255,7 @@ class SyncMigrationTransaction:
         try:
             if exc_type is None:
                 session.commit()
-                self._event("migration end", outcome="succeeded", commits=session.commits)
+                self._event("migration end", outcome="succeeded", commits=session.commits, undo_run=self.undo_run)
                 return False
             committed = session.commits
             if not committed:
@@ -223,10 +263,14 @@ class SyncMigrationTransaction:
             session.rollback()
         finally:
             session.close()
+            if self.undo_run:
+                undo_runs.end_capture(self.manager.settings, self.undo_run)
         if not committed:
             self._sequences.put_back()
         reason = f"{exc_type.__name__}: {exc}"
-        if committed:
+        if committed and self.undo_run and self._undo(reason):
+            outcome = "rolled back"
+        elif committed:
             database = self.manager.settings.staging().masked()
             with audit.audited(
                 self.manager.settings.log_dir, "automatic rollback", database, self.rollback_id, self.migration_id
@@ -236,8 +280,27 @@ class SyncMigrationTransaction:
             outcome = "rolled back"
         else:
             outcome = "transaction rolled back"
-        self._event("migration end", outcome=outcome, error=reason, commits=committed)
+        self._event(
+            "migration end", outcome=outcome, error=reason, commits=committed, undo_run=self.undo_run, undone=bool(self.undone)
+        )
         return False  # the exception goes on to the caller
+
+    def _undo(self, reason: str) -> bool:
+        """The committed work undone by the log; False (logged) when refused or failed."""
+        try:
+            self.undone = undo_runs.undo_run(
+                self.manager.settings,
+                self.manager.ui,
+                self.manager.ask,
+                self.undo_run,
+                event="automatic undo",
+                ask_first=False,
+                reason=reason,
+            )
+            return True
+        except RollbackError as exc:
+            log.warning("the undo of %s was not possible (%s); the point is restored instead", self.undo_run, exc.message)
+            return False
 
 
 class SyncMigrationBackup:
@@ -296,6 +359,12 @@ class RollbackManager:
     def get_rollback_history(self, limit: int | None = None) -> list[dict]:
         return self.sync.get_rollback_history(limit)
 
+    async def undo(self, run_id: str, *, dry_run: bool = False, skip_conflicts: bool = False) -> dict:
+        return await asyncio.to_thread(self.sync.undo, run_id, dry_run=dry_run, skip_conflicts=skip_conflicts)
+
+    def undo_runs(self) -> list[dict]:
+        return self.sync.undo_runs()
+
     def list_rollback_points(self) -> list[dict]:
         return self.sync.list_rollback_points()
 
@@ -310,8 +379,10 @@ class MigrationTransaction:
         migration_id: str,
         table_name: str | list[str] | None = None,
         description: str | None = None,
+        *,
+        undo_log: bool | str = False,
     ) -> None:
-        self.sync = SyncMigrationTransaction(manager.sync, migration_id, table_name, description)
+        self.sync = SyncMigrationTransaction(manager.sync, migration_id, table_name, description, undo_log=undo_log)
 
     @property
     def rollback_id(self) -> str | None:
@@ -320,6 +391,14 @@ class MigrationTransaction:
     @property
     def restored(self) -> dict | None:
         return self.sync.restored
+
+    @property
+    def undo_run(self) -> str | None:
+        return self.sync.undo_run
+
+    @property
+    def undone(self) -> dict | None:
+        return self.sync.undone
 
     async def __aenter__(self) -> TrackedConnection:
         return await asyncio.to_thread(self.sync.__enter__)

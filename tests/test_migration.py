@@ -129,9 +129,7 @@ def test_a_dry_run_changes_nothing_and_reports_what_would_change(mig18):
 def _user_content(state: dict) -> dict:
     """Every user table's rows and row count (the toolkit's own schema and the sequences
     aside: an undo leaves sequences where the run left them)."""
-    return {
-        k: {t: v for t, v in state[k].items() if not t.startswith("rollback_toolkit.")} for k in ("row_counts", "content")
-    }
+    return {k: {t: v for t, v in state[k].items() if not t.startswith("rollback_toolkit.")} for k in ("row_counts", "content")}
 
 
 def test_the_threshold_stops_the_run_and_the_runs_undo_puts_back_its_batches(mig):
@@ -458,6 +456,40 @@ def test_api_async_migration_transaction(mig18):
     ends = [e for e in manager.get_rollback_history() if e["event"] == "migration end"]
     assert [e["outcome"] for e in ends] == ["rolled back", "succeeded", "transaction rolled back"]
     assert [e["migration_id"] for e in ends] == ["my_migration_001", "my_migration_002", "my_migration_003"]
+
+
+def test_api_migration_transaction_with_an_undo_log_keeps_other_sessions_writes(mig18):
+    from lib import MigrationTransaction, RollbackManager, SyncMigrationTransaction, SyncRollbackManager
+
+    manager = RollbackManager(mig18.url)
+    before = mig18.sql("SELECT c::text FROM customers c ORDER BY id")
+
+    async def failing_after_a_commit() -> MigrationTransaction:
+        tx = MigrationTransaction(manager, "undo_api_001", "customers", "with an undo log", undo_log=True)
+        with pytest.raises(ValueError):
+            async with tx as session:
+                with session.cursor() as cur:
+                    cur.execute("INSERT INTO customers (code, name, phone) VALUES ('U1', 'batch one', '1')")
+                    cur.execute("UPDATE customers SET name = name || ' (api)' WHERE id IN (SELECT min(id) FROM customers)")
+                session.commit()
+                mig18.sql("INSERT INTO customers (code, name, phone) VALUES ('OTHER', 'another session', '2')")
+                raise ValueError("validation failed in batch two")
+        return tx
+
+    tx = asyncio.run(failing_after_a_commit())
+    assert tx.undo_run and tx.undone and tx.undone["applied"] and tx.restored is None
+    assert mig18.sql("SELECT c::text FROM customers c WHERE code <> 'OTHER' ORDER BY id") == before
+    assert mig18.sql("SELECT count(*) FROM customers WHERE code = 'OTHER'") == [(1,)]  # kept
+
+    sync = SyncRollbackManager(mig18.url)
+    with SyncMigrationTransaction(sync, "undo_api_002", "customers", undo_log=True) as session, session.cursor() as cur:
+        cur.execute("INSERT INTO customers (code, name, phone) VALUES ('U2', 'kept until undone', '1')")
+    runs = {r["run_id"]: r["undo"] for r in sync.undo_runs()}
+    assert runs == {tx.undo_run: "undone", next(r for r in runs if r.startswith("undo_api_002")): "available"}
+    dry = asyncio.run(manager.undo("undo_api_002", dry_run=True))
+    assert dry["deleted"] == {"public.customers": 1} and not dry["applied"]
+    assert sync.undo("undo_api_002")["applied"]
+    assert mig18.sql("SELECT count(*) FROM customers WHERE code = 'U2'") == [(0,)]
 
 
 def test_the_seed_api_is_awaitable_exactly_as_seed_000_shows_it(mig18):

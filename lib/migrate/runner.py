@@ -27,7 +27,7 @@ from lib.migrate.context import (
 )
 from lib.operations import commands as operations
 from lib.operations.scaffold import operation
-from lib.pg.db import connection, replication_ties
+from lib.pg.db import replication_ties
 from lib.pg.target import confirm_change, open_target
 from lib.points.catalog import Catalog
 from lib.restore.swap import RestoreResult, refuse_replication_ties
@@ -273,65 +273,23 @@ def _before_production(
     return database
 
 
-def _undo_plan(settings: Settings, ui: Reporter, migration: Migration, undo: str):
-    """The run's tables and which can be captured, read before anything is done; None
-    without an undo log. A migration names its tables with ``TABLES = ["schema.table", ...]``
-    (else every table of staging's user schemas is the run's)."""
-    if undo == "off":
-        return None
-    with connection(settings.staging(), readonly=True, application_name="rollback-toolkit undo plan") as conn:
-        declared = getattr(migration.module, "TABLES", None) if migration.module is not None else None
-        if declared:
-            tables = []
-            for name in declared:
-                found = capture.resolve_table(conn, name)
-                if found is None:
-                    raise ConfigError(
-                        f"{migration.id} declares the table {name!r} (TABLES), and staging has no such table.",
-                        "Fix TABLES in the migration file; nothing was run.",
-                    )
-                tables.append(found)
-        else:
-            tables = capture.user_tables(conn)
-        usable, without = capture.plan(conn, "", tables)
-    if without and undo == "on":
-        raise ConfigError(
-            f"{migration.id} would run with an undo log, and {len(without)} of its tables have no primary key (or replica "
-            f"identity index), so their rows could not be found again: {', '.join(without)}.",
-            "Give them a key, name the migration's tables (TABLES = [...] in its file) to leave them out, run with "
-            "--undo-keyed-only (a write to one of them makes the undo unavailable) or --no-undo (the point alone). "
-            "Nothing was run.",
-        )
-    if without:
-        ui.warn(f"No undo for {', '.join(without)} (no key): a write of the run to one of them makes its undo unavailable.")
-    return usable, [tuple(t.split(".", 1)) for t in without], [(t.schema, t.name) for t in usable]
+def _undo_plan(settings: Settings, ui: Reporter, migration: Migration, undo: str) -> undo_runs.CapturePlan | None:
+    declared = getattr(migration.module, "TABLES", None) if migration.module is not None else None
+    return undo_runs.plan_capture(settings, ui, migration.id, declared, undo)
 
 
-def _start_capture(settings: Settings, op, migration: Migration, report: Report, plan) -> str | None:
+def _start_capture(op, migration: Migration, report: Report, plan) -> str | None:
     """The run's capture installed just before it; returns the session options that make
     its writes the run's."""
     if plan is None:
         return None
-    _, without, tables = plan
-    run_id = undo_runs.new_run_id(migration.id)
-    capture.marker(op.catalog.root, run_id).touch()
-    with connection(op.target.info, op.target.dbname, application_name="rollback-toolkit undo capture") as conn:
-        usable, _ = capture.plan(conn, run_id, tables)
-        capture.install(conn, run_id, usable, migration_id=migration.id, without_key=without)
-    report.undo_run = run_id
-    op.ui.info(f"Capturing the run's changes for an undo: run {run_id}, {len(usable)} table(s)")
-    return capture.session_options(run_id)
+    report.undo_run = undo_runs.start_capture(op.settings, op.ui, plan, migration.id)
+    return capture.session_options(report.undo_run)
 
 
 def _end_capture(op, report: Report) -> None:
-    if report.undo_run is None:
-        return
-    try:
-        with connection(op.target.info, op.target.dbname, application_name="rollback-toolkit undo capture") as conn:
-            capture.finish(conn, report.undo_run)
-        capture.marker(op.catalog.root, report.undo_run).unlink(missing_ok=True)
-    except (RollbackError, psycopg2.Error) as exc:  # the next operation removes the triggers
-        log.warning("the capture of %s could not be ended now: %s", report.undo_run, exc)
+    if report.undo_run is not None:
+        undo_runs.end_capture(op.settings, report.undo_run)
 
 
 def _run_in_batches(
@@ -351,7 +309,7 @@ def _run_in_batches(
     try:
         # its own start and end events are written around it: no operation entry
         with operation(settings, f"migration {migration.id}", ui=ui, ask=ask, migration_id=migration.id, audit=False) as op:
-            session = _start_capture(settings, op, migration, report, plan)
+            session = _start_capture(op, migration, report, plan)
             try:
                 staging = open_staging(settings, f"migration {migration.id}", options=session)
             except BaseException:
@@ -447,9 +405,9 @@ def _undo_automatically(settings: Settings, ui: Reporter, ask: Confirmer, migrat
     ui.step(f"Automatic rollback: undoing the run's own changes (run {report.undo_run})")
     granted = Granted(getattr(ask, "typed", None))  # the run was the confirmation
     try:
-        with operation(settings, "automatic undo", ui=ui, ask=granted, migration_id=migration.id, check_v2=False) as op:
-            op.record.set(reason=report.error)
-            report.undone = undo_runs.undo_in(op, report.undo_run, ask_first=False)
+        report.undone = undo_runs.undo_run(
+            settings, ui, granted, report.undo_run, event="automatic undo", ask_first=False, reason=report.error
+        )
         return True
     except (RollbackError, psycopg2.Error) as exc:
         why = getattr(exc, "message", None) or str(exc).strip()

@@ -6,6 +6,7 @@ run_migration.py --status."""
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass
 
@@ -13,12 +14,15 @@ import psycopg2
 from psycopg2 import sql
 
 from lib.config import Settings
-from lib.errors import DatabaseError, UndoRefused
+from lib.errors import ConfigError, DatabaseError, RollbackError, UndoRefused
 from lib.interaction import Confirmer, Reporter
 from lib.migrate import ledger
 from lib.operations.scaffold import Operation, operation
 from lib.pg.db import connection, query, scalar
+from lib.points.catalog import Catalog
 from lib.undo import capture, revert
+
+log = logging.getLogger(__name__)
 
 AVAILABLE = "available"
 UNDONE = "undone"
@@ -107,6 +111,72 @@ def runs(settings: Settings) -> list[Run]:
 
 def new_run_id(migration_id: str) -> str:
     return f"{migration_id}@{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
+
+
+@dataclass(frozen=True)
+class CapturePlan:
+    """A run's tables, read before anything is done: those captured, and those without a
+    key (a write of the run to one of them makes its undo unavailable)."""
+
+    tables: tuple[tuple[str, str], ...]
+    without_key: tuple[tuple[str, str], ...]
+
+
+def plan_capture(
+    settings: Settings, ui: Reporter, migration_id: str, declared: list[str] | None, mode: str
+) -> CapturePlan | None:
+    """``declared``: the tables a migration names (``TABLES = ["schema.table", ...]``); else
+    every table of staging's user schemas. ``mode``: on (refuse when one has no key),
+    keyed (capture the others, and say so), off (None: no undo log)."""
+    if mode == "off":
+        return None
+    with connection(settings.staging(), readonly=True, application_name="rollback-toolkit undo plan") as conn:
+        if declared:
+            tables = []
+            for name in declared:
+                found = capture.resolve_table(conn, name)
+                if found is None:
+                    raise ConfigError(
+                        f"{migration_id} declares the table {name!r} (TABLES), and staging has no such table.",
+                        "Fix TABLES in the migration file; nothing was run.",
+                    )
+                tables.append(found)
+        else:
+            tables = capture.user_tables(conn)
+        usable, without = capture.plan(conn, "", tables)
+    if without and mode == "on":
+        raise ConfigError(
+            f"{migration_id} would run with an undo log, and {len(without)} of its tables have no primary key (or replica "
+            f"identity index), so their rows could not be found again: {', '.join(without)}.",
+            "Give them a key, name the migration's tables (TABLES = [...] in its file) to leave them out, run with "
+            "--undo-keyed-only (a write to one of them makes the undo unavailable) or --no-undo (the point alone). "
+            "Nothing was run.",
+        )
+    if without:
+        ui.warn(f"No undo for {', '.join(without)} (no key): a write of the run to one of them makes its undo unavailable.")
+    return CapturePlan(tuple((t.schema, t.name) for t in usable), tuple(tuple(t.split(".", 1)) for t in without))
+
+
+def start_capture(settings: Settings, ui: Reporter, plan: CapturePlan, migration_id: str) -> str:
+    """The run's capture installed just before it runs; returns the run's id. A marker in
+    the catalog's folder lets the next operation remove the triggers of a killed run."""
+    run_id = new_run_id(migration_id)
+    capture.marker(Catalog(settings.backup_dir).ensure().root, run_id).touch()
+    with connection(settings.staging(), application_name="rollback-toolkit undo capture") as conn:
+        usable, _ = capture.plan(conn, run_id, list(plan.tables))
+        capture.install(conn, run_id, usable, migration_id=migration_id, without_key=list(plan.without_key))
+    ui.info(f"Capturing the run's changes for an undo: run {run_id}, {len(usable)} table(s)")
+    return run_id
+
+
+def end_capture(settings: Settings, run_id: str) -> None:
+    """The run's triggers removed (its log stays); on failure the next operation does it."""
+    try:
+        with connection(settings.staging(), application_name="rollback-toolkit undo capture") as conn:
+            capture.finish(conn, run_id)
+        capture.marker(Catalog(settings.backup_dir).root, run_id).unlink(missing_ok=True)
+    except (RollbackError, psycopg2.Error) as exc:
+        log.warning("the capture of %s could not be ended now: %s", run_id, exc)
 
 
 def _resolve(conn, wanted: str) -> tuple[str, str | None]:
@@ -233,8 +303,18 @@ def undo_in(op: Operation, wanted: str, *, dry_run: bool = False, skip_conflicts
 
 
 def undo_run(
-    settings: Settings, ui: Reporter, ask: Confirmer, wanted: str, *, dry_run: bool = False, skip_conflicts: bool = False
+    settings: Settings,
+    ui: Reporter,
+    ask: Confirmer,
+    wanted: str,
+    *,
+    dry_run: bool = False,
+    skip_conflicts: bool = False,
+    event: str = "undo",
+    ask_first: bool = True,
+    **audit_fields,
 ) -> dict:
-    """rollback_manager.py undo RUN."""
-    with operation(settings, "undo", ui=ui, ask=ask, check_v2=False, audit=not dry_run) as op:
-        return undo_in(op, wanted, dry_run=dry_run, skip_conflicts=skip_conflicts)
+    """rollback_manager.py undo RUN (``event``: the audit entry's name)."""
+    with operation(settings, event, ui=ui, ask=ask, check_v2=False, audit=not dry_run) as op:
+        op.record.set(**audit_fields)
+        return undo_in(op, wanted, dry_run=dry_run, skip_conflicts=skip_conflicts, ask_first=ask_first)
