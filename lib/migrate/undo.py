@@ -141,20 +141,22 @@ def plan_capture(
                         "Fix TABLES in the migration file; nothing was run.",
                     )
                 tables.append(found)
+            tables = capture.with_members(conn, tables)  # a partition or a child written by name is the run's too
         else:
             tables = capture.user_tables(conn)
         usable, without = capture.plan(conn, "", tables)
+        names = [sql.Identifier(*t).as_string(conn) for t in without]
     if without and mode == "on":
         raise ConfigError(
             f"{migration_id} would run with an undo log, and {len(without)} of its tables have no primary key (or replica "
-            f"identity index), so their rows could not be found again: {', '.join(without)}.",
+            f"identity index), so their rows could not be found again: {', '.join(names)}.",
             "Give them a key, name the migration's tables (TABLES = [...] in its file) to leave them out, run with "
             "--undo-keyed-only (a write to one of them makes the undo unavailable) or --no-undo (the point alone). "
             "Nothing was run.",
         )
     if without:
-        ui.warn(f"No undo for {', '.join(without)} (no key): a write of the run to one of them makes its undo unavailable.")
-    return CapturePlan(tuple((t.schema, t.name) for t in usable), tuple(tuple(t.split(".", 1)) for t in without))
+        ui.warn(f"No undo for {', '.join(names)} (no key): a write of the run to one of them makes its undo unavailable.")
+    return CapturePlan(tuple((t.schema, t.name) for t in usable), tuple(without))
 
 
 def start_capture(settings: Settings, ui: Reporter, plan: CapturePlan, migration_id: str) -> str:

@@ -86,6 +86,19 @@ BEGIN
     RETURN NULL;
 END
 $f$;
+CREATE OR REPLACE FUNCTION {SCHEMA}.capture_row() RETURNS trigger LANGUAGE plpgsql AS $f$
+BEGIN
+    -- TG_ARGV: run id, log table. For tables in an inheritance tree: a statement on the
+    -- parent reaches the children's rows, which only their own row triggers see as theirs.
+    IF current_setting('{RUN_SETTING}', true) IS DISTINCT FROM TG_ARGV[0] THEN
+        RETURN NULL;
+    END IF;
+    EXECUTE format('INSERT INTO {SCHEMA}.%I (statement, op, old_row, new_row) VALUES ($1, $2, $3, $4)', TG_ARGV[1])
+        USING nextval('{SCHEMA}.statement_seq'), left(TG_OP, 1),
+              CASE WHEN TG_OP <> 'INSERT' THEN OLD::text END, CASE WHEN TG_OP <> 'DELETE' THEN NEW::text END;
+    RETURN NULL;
+END
+$f$;
 CREATE OR REPLACE FUNCTION {SCHEMA}.uncaptured() RETURNS trigger LANGUAGE plpgsql AS $f$
 BEGIN
     IF current_setting('{RUN_SETTING}', true) IS NOT DISTINCT FROM TG_ARGV[0] THEN
@@ -147,6 +160,7 @@ class CapturedTable:
     name: str
     key: tuple[str, ...]  # the primary key's columns, or a replica identity index's
     log: str  # its log table in SCHEMA
+    by_row: bool = False  # in an inheritance tree: captured by row triggers (see capture_row)
 
     @property
     def qualified(self) -> str:
@@ -176,19 +190,50 @@ def table_key(conn, schema: str, name: str) -> tuple[str, ...] | None:
 
 
 def user_tables(conn) -> list[tuple[str, str]]:
-    """Every table of staging's user schemas (partitions are captured through their
-    parent only when the parent is named; here each partitioned table stands for its
-    partitions, and inheritance children are listed themselves)."""
+    """Every table of staging's user schemas, partitions and inheritance children
+    included (a statement that names a partition fires only that partition's statement
+    triggers)."""
     rows = query(
         conn,
         """
         SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-         WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
+         WHERE c.relkind IN ('r', 'p')
            AND n.nspname NOT IN ('pg_catalog', 'information_schema', %s) AND n.nspname NOT LIKE 'pg\\_%%'
          ORDER BY 1, 2""",
         (SCHEMA,),
     )
     return [(r[0], r[1]) for r in rows]
+
+
+def with_members(conn, tables: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """``tables`` and every table below them: partitions, and inheritance children."""
+    found: list[tuple[str, str]] = []
+    for schema, name in tables:
+        rows = query(
+            conn,
+            """
+            WITH RECURSIVE tree(oid) AS (
+                SELECT to_regclass(%s)::oid
+                UNION SELECT i.inhrelid FROM pg_inherits i JOIN tree ON i.inhparent = tree.oid)
+            SELECT n.nspname, c.relname FROM tree JOIN pg_class c ON c.oid = tree.oid
+              JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind IN ('r', 'p')""",
+            (sql.Identifier(schema, name).as_string(conn),),
+        )
+        found += [(r[0], r[1]) for r in rows if (r[0], r[1]) not in found]
+    return found
+
+
+def _in_inheritance(conn, schema: str, name: str) -> bool:
+    """Whether the table is a parent or a child in an inheritance tree (not partitioning)."""
+    return bool(
+        scalar(
+            conn,
+            """
+            SELECT EXISTS (SELECT 1 FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent
+                            WHERE p.relkind = 'r' AND (i.inhrelid = to_regclass(%s) OR i.inhparent = to_regclass(%s)))""",
+            (sql.Identifier(schema, name).as_string(conn),) * 2,
+        )
+    )
 
 
 def log_name(run_id: str, schema: str, name: str) -> str:
@@ -200,15 +245,15 @@ def trigger_name(run_id: str, op: str) -> str:
     return f"{TRIGGER_PREFIX}{hashlib.sha256(run_id.encode()).hexdigest()[:12]}_{op}"
 
 
-def plan(conn, run_id: str, tables: list[tuple[str, str]]) -> tuple[list[CapturedTable], list[str]]:
-    """The tables that can be captured, and the names of those without a key (no undo for them)."""
+def plan(conn, run_id: str, tables: list[tuple[str, str]]) -> tuple[list[CapturedTable], list[tuple[str, str]]]:
+    """The tables that can be captured, and those without a key (schema, name): no undo for them."""
     usable, without = [], []
     for schema, name in tables:
         key = table_key(conn, schema, name)
         if key is None:
-            without.append(f"{schema}.{name}")
+            without.append((schema, name))
         else:
-            usable.append(CapturedTable(schema, name, key, log_name(run_id, schema, name)))
+            usable.append(CapturedTable(schema, name, key, log_name(run_id, schema, name), _in_inheritance(conn, schema, name)))
     return usable, without
 
 
@@ -279,11 +324,26 @@ def install(
                 )
                 join = " AND ".join(f"o.{_ident(cur, k)} = n.{_ident(cur, k)}" for k in t.key)
                 args = [sql.Literal(run_id), sql.Literal(t.log), sql.Literal(join), sql.Literal(t.key[0])]
+                if t.by_row:
+                    cur.execute(
+                        sql.SQL(
+                            "CREATE TRIGGER {} AFTER INSERT OR UPDATE OR DELETE ON {} FOR EACH ROW "
+                            "EXECUTE FUNCTION {}.capture_row({}, {})"
+                        ).format(
+                            sql.Identifier(trigger_name(run_id, "r")),
+                            table,
+                            sql.Identifier(SCHEMA),
+                            sql.Literal(run_id),
+                            sql.Literal(t.log),
+                        )
+                    )
                 for op, event, referencing in (
                     ("i", "INSERT", "NEW TABLE AS new_rows"),
                     ("u", "UPDATE", "OLD TABLE AS old_rows NEW TABLE AS new_rows"),
                     ("d", "DELETE", "OLD TABLE AS old_rows"),
                 ):
+                    if t.by_row:
+                        break
                     cur.execute(
                         sql.SQL(
                             "CREATE TRIGGER {} AFTER " + event + " ON {} REFERENCING " + referencing + " "
@@ -310,7 +370,9 @@ def _ident(cur, name: str) -> str:
 
 
 def _tables_json(tables: list[CapturedTable]) -> str:
-    return json.dumps([{"schema": t.schema, "name": t.name, "key": list(t.key), "log": t.log} for t in tables])
+    return json.dumps(
+        [{"schema": t.schema, "name": t.name, "key": list(t.key), "log": t.log, "by_row": t.by_row} for t in tables]
+    )
 
 
 def session_options(run_id: str) -> str:

@@ -86,7 +86,7 @@ def _tables(conn, run_id: str) -> list[CapturedTable]:
             "Restore the run's point instead (`python3 run_migration.py FILE --rollback`).",
         )
     tables = tables if isinstance(tables, list) else json.loads(tables)
-    found = [CapturedTable(t["schema"], t["name"], tuple(t["key"]), t["log"]) for t in tables]
+    found = [CapturedTable(t["schema"], t["name"], tuple(t["key"]), t["log"], t.get("by_row", False)) for t in tables]
     changed = changed_columns(conn, run_id, found)
     if changed:
         raise UndoRefused(
@@ -97,9 +97,10 @@ def _tables(conn, run_id: str) -> list[CapturedTable]:
     return found
 
 
-def _columns(conn, table: CapturedTable) -> tuple[list[str], bool]:
+def _columns(conn, table: CapturedTable) -> tuple[list[str], list[str]]:
     """The columns a row is written back with (generated ones are computed again), and
-    whether an identity column is GENERATED ALWAYS (then OVERRIDING SYSTEM VALUE)."""
+    the identity columns GENERATED ALWAYS (inserted with OVERRIDING SYSTEM VALUE, never
+    updated: an update cannot have changed them)."""
     rows = query(
         conn,
         """
@@ -109,7 +110,7 @@ def _columns(conn, table: CapturedTable) -> tuple[list[str], bool]:
          ORDER BY a.attnum""",
         (table.schema, table.name),
     )
-    return [r[0] for r in rows if not r[2]], any(r[1] == "a" for r in rows)
+    return [r[0] for r in rows if not r[2]], [r[0] for r in rows if r[1] == "a"]
 
 
 def _key_json(alias: str, table: CapturedTable, image: str | None = None) -> sql.Composable:
@@ -153,7 +154,7 @@ def _steps(conn, tables: list[CapturedTable]) -> list[tuple[int, CapturedTable]]
     return sorted(found, key=lambda s: s[0], reverse=True)
 
 
-def _undo_statement(conn, t: CapturedTable, statement: int, columns: list[str], always: bool, result: UndoResult) -> None:
+def _undo_statement(conn, t: CapturedTable, statement: int, columns: list[str], always: list[str], result: UndoResult) -> None:
     log = _log(t)
     table = sql.Identifier(t.schema, t.name)
     st = sql.Literal(statement)
@@ -172,7 +173,8 @@ def _undo_statement(conn, t: CapturedTable, statement: int, columns: list[str], 
     _conflicts(conn, t, statement, "I", {json.dumps(r[0], sort_keys=True) for r in deleted}, result)
     result.deleted[t.qualified] = result.deleted.get(t.qualified, 0) + len(deleted)
     # rows it updated: their before image back where they still hold the after image
-    settable = [c for c in columns if c not in t.key]
+    # a row trigger pairs an update's images exactly, so its key may have changed too
+    settable = [c for c in columns if (t.by_row or c not in t.key) and c not in always]
     if settable:
         restored = _step(
             conn,
@@ -349,6 +351,43 @@ def _quiet_triggers(conn, tables: list[CapturedTable]) -> list[tuple[CapturedTab
     return quiet
 
 
+def _relax_not_valid(conn, tables: list[CapturedTable]) -> list[tuple[CapturedTable, str, str, str | None]]:
+    """The tables' NOT VALID check and foreign key constraints, dropped inside the undo's
+    transaction where the run deleted or updated rows: a row put back held its values
+    before the run, and may be one of the rows such a constraint was never checked on
+    (an insert would check it). Returns what to add again, NOT VALID, as it was."""
+    relaxed = []
+    for t in tables:
+        if not query(conn, sql.SQL("SELECT 1 FROM {} WHERE op <> 'I' LIMIT 1").format(sql.Identifier(SCHEMA, t.log))):
+            continue
+        for name, definition, comment in query(
+            conn,
+            """
+            SELECT co.conname, pg_get_constraintdef(co.oid), obj_description(co.oid, 'pg_constraint')
+              FROM pg_constraint co JOIN pg_class c ON c.oid = co.conrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE n.nspname = %s AND c.relname = %s AND co.contype IN ('c', 'f') AND NOT co.convalidated
+               AND co.conislocal AND co.coninhcount = 0 AND co.conparentid = 0""",
+            (t.schema, t.name),
+        ):
+            scalar(
+                conn, sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(sql.Identifier(t.schema, t.name), sql.Identifier(name))
+            )
+            relaxed.append((t, name, definition, comment))
+    return relaxed
+
+
+def _restore_not_valid(conn, relaxed: list[tuple[CapturedTable, str, str, str | None]]) -> None:
+    for t, name, definition, comment in relaxed:
+        table = sql.Identifier(t.schema, t.name)
+        scalar(
+            conn, sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} " + definition.replace("%", "%%")).format(table, sql.Identifier(name))
+        )
+        if comment is not None:
+            scalar(
+                conn, sql.SQL("COMMENT ON CONSTRAINT {} ON {} IS {}").format(sql.Identifier(name), table, sql.Literal(comment))
+            )
+
+
 def _wake_triggers(conn, quiet: list[tuple[CapturedTable, str, str]]) -> None:
     for t, name, enabled in quiet:
         scalar(
@@ -374,9 +413,11 @@ def undo(conn, run_id: str, *, skip_conflicts: bool = False, dry_run: bool = Fal
         tables = _tables(conn, run_id)
         shapes = {t.log: _columns(conn, t) for t in tables}
         quiet = _quiet_triggers(conn, tables)
+        relaxed = _relax_not_valid(conn, tables)
         for statement, t in _steps(conn, tables):
             _undo_statement(conn, t, statement, *shapes[t.log], result)
         _retry_pending(conn, result)
+        _restore_not_valid(conn, relaxed)
         _wake_triggers(conn, quiet)
         if not dry_run:
             faults.pause("undo applied")
