@@ -30,7 +30,6 @@ from hypothesis import HealthCheck, Phase, given, note, settings
 from hypothesis import strategies as st
 from psycopg2 import sql
 
-from lib.errors import UndoRefused
 from tests.conftest import Server, Staging, _drop_databases_like, get_server, make_staging
 from tests.schemas import ALL_FEATURES, GeneratedSchema, database_state, differences, feature_sets, schemas
 
