@@ -202,3 +202,27 @@ def test_a_row_another_sessions_row_refers_to_is_a_conflict_not_a_failure(db):
     done = revert.undo(conn, RUN, skip_conflicts=True)
     assert done.applied and len(done.conflicts) == 1
     assert staging.sql("SELECT name FROM parent WHERE id IN (1, 10) ORDER BY id") == [("one",), ("ten",)]
+
+
+def test_a_row_a_not_valid_constraint_was_never_checked_on_comes_back_and_the_constraint_stays_not_valid(db):
+    """Found by the generated schemas: the run deleted a row that breaks a NOT VALID
+    CHECK (and one that breaks a NOT VALID foreign key); putting them back must not
+    check them, and the constraints stay as they were, comments included."""
+    staging, conn = db
+    staging.sql(
+        "INSERT INTO parent (id, name, price) VALUES (90, 'cheap', -5);"
+        "ALTER TABLE parent ADD CONSTRAINT positive CHECK (price >= 0) NOT VALID;"
+        "COMMENT ON CONSTRAINT positive ON parent IS 'new rows only';"
+        "CREATE TABLE orphan (id int PRIMARY KEY, parent_id int); INSERT INTO orphan VALUES (1, 999);"
+        "ALTER TABLE orphan ADD CONSTRAINT to_parent FOREIGN KEY (parent_id) REFERENCES parent (id) NOT VALID"
+    )
+    constraints = "SELECT conname, pg_get_constraintdef(oid), convalidated, obj_description(oid, 'pg_constraint') FROM pg_constraint WHERE conname IN ('positive', 'to_parent') ORDER BY 1"
+    shape = staging.sql(constraints)
+    _capture(conn, (("public", "parent"), ("public", "orphan")))
+    before = staging.sql("SELECT p::text FROM parent p ORDER BY id") + staging.sql("SELECT o::text FROM orphan o")
+    _migrate(staging, ["DELETE FROM parent WHERE id = 90", "DELETE FROM orphan", "UPDATE parent SET price = 1 WHERE id = 1"])
+    capture.finish(conn, RUN)
+    done = revert.undo(conn, RUN)
+    assert done.applied and not done.conflicts
+    assert staging.sql("SELECT p::text FROM parent p ORDER BY id") + staging.sql("SELECT o::text FROM orphan o") == before
+    assert staging.sql(constraints) == shape
