@@ -145,7 +145,7 @@ def plan_capture(
         else:
             tables = capture.user_tables(conn)
         usable, without = capture.plan(conn, "", tables)
-        names = [sql.Identifier(*t).as_string(conn) for t in without]
+        names = [f"{s}.{n}" for s, n in without]
     if without and mode == "on":
         raise ConfigError(
             f"{migration_id} would run with an undo log, and {len(without)} of its tables have no primary key (or replica "

@@ -55,50 +55,6 @@ CREATE TABLE IF NOT EXISTS {RUNS} (
 );
 COMMENT ON TABLE {RUNS} IS
     'Migration runs whose changes were captured for an undo (rollback_manager.py undo RUN).';
-CREATE OR REPLACE FUNCTION {SCHEMA}.capture() RETURNS trigger LANGUAGE plpgsql AS $f$
-DECLARE
-    statement bigint;
-BEGIN
-    -- TG_ARGV: run id, log table, key join condition (old_rows o, new_rows n), first key column
-    IF current_setting('{RUN_SETTING}', true) IS DISTINCT FROM TG_ARGV[0] THEN
-        RETURN NULL;
-    END IF;
-    statement := nextval('{SCHEMA}.statement_seq');
-    IF TG_OP = 'INSERT' THEN
-        EXECUTE format('INSERT INTO {SCHEMA}.%I (statement, op, new_row) SELECT $1, ''I'', n::text FROM new_rows n',
-                       TG_ARGV[1])
-            USING statement;
-    ELSIF TG_OP = 'DELETE' THEN
-        EXECUTE format('INSERT INTO {SCHEMA}.%I (statement, op, old_row) SELECT $1, ''D'', o::text FROM old_rows o',
-                       TG_ARGV[1])
-            USING statement;
-    ELSE
-        -- a row whose key the update changed pairs with nothing: its old image was
-        -- deleted and its new one inserted, as far as the undo is concerned
-        EXECUTE format(
-            'INSERT INTO {SCHEMA}.%1$I (statement, op, old_row, new_row) '
-            'SELECT $1, CASE WHEN o.%3$I IS NULL THEN ''I'' WHEN n.%3$I IS NULL THEN ''D'' ELSE ''U'' END, '
-            'CASE WHEN o.%3$I IS NULL THEN NULL ELSE o::text END, '
-            'CASE WHEN n.%3$I IS NULL THEN NULL ELSE n::text END '
-            'FROM old_rows o FULL JOIN new_rows n ON %2$s',
-            TG_ARGV[1], TG_ARGV[2], TG_ARGV[3]) USING statement;
-    END IF;
-    RETURN NULL;
-END
-$f$;
-CREATE OR REPLACE FUNCTION {SCHEMA}.capture_row() RETURNS trigger LANGUAGE plpgsql AS $f$
-BEGIN
-    -- TG_ARGV: run id, log table. For tables in an inheritance tree: a statement on the
-    -- parent reaches the children's rows, which only their own row triggers see as theirs.
-    IF current_setting('{RUN_SETTING}', true) IS DISTINCT FROM TG_ARGV[0] THEN
-        RETURN NULL;
-    END IF;
-    EXECUTE format('INSERT INTO {SCHEMA}.%I (statement, op, old_row, new_row) VALUES ($1, $2, $3, $4)', TG_ARGV[1])
-        USING nextval('{SCHEMA}.statement_seq'), left(TG_OP, 1),
-              CASE WHEN TG_OP <> 'INSERT' THEN OLD::text END, CASE WHEN TG_OP <> 'DELETE' THEN NEW::text END;
-    RETURN NULL;
-END
-$f$;
 CREATE OR REPLACE FUNCTION {SCHEMA}.uncaptured() RETURNS trigger LANGUAGE plpgsql AS $f$
 BEGIN
     IF current_setting('{RUN_SETTING}', true) IS NOT DISTINCT FROM TG_ARGV[0] THEN
@@ -160,7 +116,9 @@ class CapturedTable:
     name: str
     key: tuple[str, ...]  # the primary key's columns, or a replica identity index's
     log: str  # its log table in SCHEMA
-    by_row: bool = False  # in an inheritance tree: captured by row triggers (see capture_row)
+    by_row: bool = (
+        False  # in an inheritance tree: captured by row triggers (a statement on the parent reaches its children's rows)
+    )
 
     @property
     def qualified(self) -> str:
@@ -315,48 +273,7 @@ def install(
                     )
                 )
             for t in tables:
-                table = sql.Identifier(t.schema, t.name)
-                log = sql.Identifier(SCHEMA, t.log)
-                cur.execute(
-                    sql.SQL('CREATE TABLE {} (statement bigint NOT NULL, op "char" NOT NULL, old_row text, new_row text)').format(
-                        log
-                    )
-                )
-                join = " AND ".join(f"o.{_ident(cur, k)} = n.{_ident(cur, k)}" for k in t.key)
-                args = [sql.Literal(run_id), sql.Literal(t.log), sql.Literal(join), sql.Literal(t.key[0])]
-                if t.by_row:
-                    cur.execute(
-                        sql.SQL(
-                            "CREATE TRIGGER {} AFTER INSERT OR UPDATE OR DELETE ON {} FOR EACH ROW "
-                            "EXECUTE FUNCTION {}.capture_row({}, {})"
-                        ).format(
-                            sql.Identifier(trigger_name(run_id, "r")),
-                            table,
-                            sql.Identifier(SCHEMA),
-                            sql.Literal(run_id),
-                            sql.Literal(t.log),
-                        )
-                    )
-                for op, event, referencing in (
-                    ("i", "INSERT", "NEW TABLE AS new_rows"),
-                    ("u", "UPDATE", "OLD TABLE AS old_rows NEW TABLE AS new_rows"),
-                    ("d", "DELETE", "OLD TABLE AS old_rows"),
-                ):
-                    if t.by_row:
-                        break
-                    cur.execute(
-                        sql.SQL(
-                            "CREATE TRIGGER {} AFTER " + event + " ON {} REFERENCING " + referencing + " "
-                            "FOR EACH STATEMENT EXECUTE FUNCTION {}.capture({})"
-                        ).format(
-                            sql.Identifier(trigger_name(run_id, op)), table, sql.Identifier(SCHEMA), sql.SQL(", ").join(args)
-                        )
-                    )
-                cur.execute(
-                    sql.SQL(
-                        "CREATE TRIGGER {} BEFORE TRUNCATE ON {} FOR EACH STATEMENT EXECUTE FUNCTION {}.truncated({})"
-                    ).format(sql.Identifier(trigger_name(run_id, "t")), table, sql.Identifier(SCHEMA), sql.Literal(run_id))
-                )
+                _install_table(cur, run_id, t)
         conn.commit()
     except BaseException:
         conn.rollback()
@@ -367,6 +284,107 @@ def install(
 
 def _ident(cur, name: str) -> str:
     return sql.Identifier(name).as_string(cur)
+
+
+def key_types(conn, t: CapturedTable) -> list[str]:
+    """The key columns' types, as the catalog writes them."""
+    rows = query(
+        conn,
+        """
+        SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
+         WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped""",
+        (sql.Identifier(t.schema, t.name).as_string(conn),),
+    )
+    types = dict(rows)
+    return [types[k] for k in t.key]
+
+
+def old_key(t: CapturedTable) -> list[str]:
+    """The log's columns holding the key of a row's image before (ok_*) and after (nk_*) a statement."""
+    return [f"ok_{i}" for i in range(len(t.key))]
+
+
+def new_key(t: CapturedTable) -> list[str]:
+    return [f"nk_{i}" for i in range(len(t.key))]
+
+
+def _function_name(t: CapturedTable) -> str:
+    return "cap_" + t.log.removeprefix("log_")
+
+
+def _install_table(cur, run_id: str, t: CapturedTable) -> None:
+    """The table's log (each image as text, and its key typed, so the undo finds rows by
+    the table's own index), its capture function (static SQL: planned once per session)
+    and its triggers, which fire only in the run's sessions (WHEN)."""
+    conn = cur.connection
+    q = lambda name: _ident(cur, name)  # noqa: E731
+    log = sql.Identifier(SCHEMA, t.log).as_string(cur)
+    function = sql.Identifier(SCHEMA, _function_name(t)).as_string(cur)
+    table = sql.Identifier(t.schema, t.name)
+    types = key_types(conn, t)
+    ok, nk = old_key(t), new_key(t)
+    columns = ", ".join(
+        [f"{c} {ty}" for c, ty in zip(ok, types, strict=True)] + [f"{c} {ty}" for c, ty in zip(nk, types, strict=True)]
+    )
+    cur.execute(f'CREATE TABLE {log} (statement bigint NOT NULL, op "char" NOT NULL, old_row text, new_row text, {columns})')
+    targets = ", ".join(["statement", "op", "old_row", "new_row", *ok, *nk])
+    o_keys = ", ".join(f"o.{q(k)}" for k in t.key)
+    n_keys = ", ".join(f"n.{q(k)}" for k in t.key)
+    nulls = ", ".join("NULL" for _ in t.key)
+    first = q(t.key[0])
+    if t.by_row:
+        old_vals = ", ".join(f"CASE WHEN TG_OP <> 'INSERT' THEN OLD.{q(k)} END" for k in t.key)
+        new_vals = ", ".join(f"CASE WHEN TG_OP <> 'DELETE' THEN NEW.{q(k)} END" for k in t.key)
+        body = f"""
+    INSERT INTO {log} ({targets}) VALUES (nextval('{SCHEMA}.statement_seq'), left(TG_OP, 1)::"char",
+        CASE WHEN TG_OP <> 'INSERT' THEN OLD::text END, CASE WHEN TG_OP <> 'DELETE' THEN NEW::text END,
+        {old_vals}, {new_vals});"""
+    else:
+        join = " AND ".join(f"o.{q(k)} = n.{q(k)}" for k in t.key)
+        body = f"""
+    IF TG_OP = 'INSERT' THEN
+        INSERT INTO {log} ({targets}) SELECT s, 'I', NULL, n::text, {nulls}, {n_keys} FROM new_rows n;
+    ELSIF TG_OP = 'DELETE' THEN
+        INSERT INTO {log} ({targets}) SELECT s, 'D', o::text, NULL, {o_keys}, {nulls} FROM old_rows o;
+    ELSE
+        -- a row whose key the update changed pairs with nothing: its old image was
+        -- deleted and its new one inserted, as far as the undo is concerned
+        INSERT INTO {log} ({targets})
+        SELECT s, CASE WHEN o.{first} IS NULL THEN 'I' WHEN n.{first} IS NULL THEN 'D' ELSE 'U' END,
+               CASE WHEN o.{first} IS NULL THEN NULL ELSE o::text END, CASE WHEN n.{first} IS NULL THEN NULL ELSE n::text END,
+               {o_keys}, {n_keys}
+          FROM old_rows o FULL JOIN new_rows n ON {join};
+    END IF;"""
+    cur.execute(
+        f"""CREATE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $f$
+DECLARE
+    s bigint := nextval('{SCHEMA}.statement_seq');
+BEGIN{body}
+    RETURN NULL;
+END
+$f$"""
+    )
+    when = sql.SQL("WHEN (current_setting({}, true) = {})").format(sql.Literal(RUN_SETTING), sql.Literal(run_id))
+    triggers = (
+        [("r", "AFTER INSERT OR UPDATE OR DELETE", "FOR EACH ROW")]
+        if t.by_row
+        else [
+            ("i", "AFTER INSERT", "REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT"),
+            ("u", "AFTER UPDATE", "REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT"),
+            ("d", "AFTER DELETE", "REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT"),
+        ]
+    )
+    for op, event, how in triggers:
+        cur.execute(
+            sql.SQL("CREATE TRIGGER {} " + event + " ON {} " + how + " {} EXECUTE FUNCTION " + function + "()").format(
+                sql.Identifier(trigger_name(run_id, op)), table, when
+            )
+        )
+    cur.execute(
+        sql.SQL("CREATE TRIGGER {} BEFORE TRUNCATE ON {} FOR EACH STATEMENT EXECUTE FUNCTION {}.truncated({})").format(
+            sql.Identifier(trigger_name(run_id, "t")), table, sql.Identifier(SCHEMA), sql.Literal(run_id)
+        )
+    )
 
 
 def _tables_json(tables: list[CapturedTable]) -> str:
@@ -416,6 +434,13 @@ def remove_triggers(conn, run_id: str | None = None) -> list[str]:
     )
     for tgname, schema, name in rows:
         scalar(conn, sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(tgname), sql.Identifier(schema, name)))
+    for (function,) in query(
+        conn,
+        "SELECT p.oid::regprocedure::text FROM pg_proc p WHERE p.pronamespace = to_regnamespace(%s) "
+        "AND p.proname LIKE 'cap\\_%%' AND NOT EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgfoid = p.oid)",
+        (SCHEMA,),
+    ):
+        scalar(conn, f"DROP FUNCTION IF EXISTS {function}")
     return sorted({f"{s}.{n}" for _, s, n in rows})
 
 

@@ -1,15 +1,21 @@
-"""The undo of one captured run (lib/undo/__init__.py): in one transaction, statement by
-statement in reverse order of the run's, each table's rows put back where they still
-hold what the run wrote:
+"""The undo of one captured run (lib/undo/__init__.py), in one transaction.
 
-- a row the run inserted is deleted if it is still exactly as inserted;
-- a row it updated gets its before image back if it still holds the after image;
+The log is read per key first: for every key the run touched, its image before the
+run's first statement on it (none if the run inserted it) and after its last (none if
+the run deleted it), in the order of the run's statements. That is what replaying the
+log backwards statement by statement would give, in three set-based statements per
+table whatever the number of the run's statements:
+
+- a row the run inserted is deleted if it is still exactly as the run left it;
+- a row it changed gets its image before the run back if it still holds the run's last;
 - a row it deleted is inserted again if no row has its key.
 
 "Exactly" is by each row's text, every column as PostgreSQL prints it (so 1.0 and 1.00
 differ). Every other row is a conflict: someone changed it after the run. Each step
-returns the keys it changed, and a conflict is a key it was to change and did not, so a
-row another session changes meanwhile is a conflict too, never overwritten. With
+marks the keys it changed, and a conflict is a key it was to change and did not, so a
+row another session changes meanwhile is a conflict too, never overwritten. A step that
+breaks a constraint (a foreign key whose parent comes back in a later step) is done
+row by row, and the rows held back are tried again once the others are done. With
 conflicts nothing is changed unless ``skip_conflicts``. Sequences are never moved back."""
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from lib import faults
 from lib.errors import UndoRefused
 from lib.pg.codes import sqlstate
 from lib.pg.db import query, scalar
-from lib.undo.capture import RUNS, SCHEMA, CapturedTable, changed_columns
+from lib.undo.capture import RUNS, SCHEMA, CapturedTable, changed_columns, key_types, new_key, old_key
 
 
 @dataclass(frozen=True)
@@ -45,7 +51,7 @@ class UndoResult:
     conflicts: list[Conflict] = field(default_factory=list)
     applied: bool = False
     # rows whose step broke a constraint, tried again once the other steps are done
-    # (a child the run deleted by a cascade before its parent): (table, statement, op, log row, key) -> the error
+    # (a child the run deleted by a cascade before its parent): (table, step, key) -> (table, the error)
     pending: dict[tuple, tuple] = field(default_factory=dict)
 
 
@@ -113,216 +119,223 @@ def _columns(conn, table: CapturedTable) -> tuple[list[str], list[str]]:
     return [r[0] for r in rows if not r[2]], [r[0] for r in rows if r[1] == "a"]
 
 
-def _key_json(alias: str, table: CapturedTable, image: str | None = None) -> sql.Composable:
-    """The key of a row as JSON: of table row ``alias``, or of ``alias``'s ``image`` column."""
+def _net_name(t: CapturedTable) -> str:
+    return "rb_undo_net_" + t.log.removeprefix("log_")
+
+
+def _net(conn, t: CapturedTable) -> None:
+    """The table's net effect of the run, as a temporary table of the undo's transaction:
+    each key (k_*) the run touched, its image before the run (none: the run inserted the
+    row), after it (none: the run deleted it), and whether a step changed it (done)."""
+    keys = [f"k_{i}" for i in range(len(t.key))]
+    log = sql.Identifier(SCHEMA, t.log)
+    k = sql.SQL(", ").join(sql.Identifier(c) for c in keys)
+    net = sql.Identifier(_net_name(t))
+    # the order is found on narrow rows (key, statement, log row); the images are read
+    # once, by their log row, for the first and the last event of each key
+    scalar(
+        conn,
+        sql.SQL(
+            "CREATE TEMPORARY TABLE {net} ON COMMIT DROP AS "
+            "WITH ev AS (SELECT {ok}, statement, 0 AS kind, ctid AS lid FROM {log} WHERE old_row IS NOT NULL "
+            "            UNION ALL SELECT {nk}, statement, 1, ctid FROM {log} WHERE new_row IS NOT NULL), "
+            "ends AS (SELECT DISTINCT ON ({k}) {k}, first_value(kind) OVER w AS fk, first_value(lid) OVER w AS fl, "
+            "                last_value(kind) OVER w AS lk, last_value(lid) OVER w AS ll FROM ev "
+            "         WINDOW w AS (PARTITION BY {k} ORDER BY statement, kind ROWS BETWEEN UNBOUNDED PRECEDING "
+            "                      AND UNBOUNDED FOLLOWING)) "
+            "SELECT {k}, CASE WHEN fk = 0 THEN (SELECT x.old_row FROM {log} x WHERE x.ctid = e.fl) END AS before, "
+            "       CASE WHEN lk = 1 THEN (SELECT x.new_row FROM {log} x WHERE x.ctid = e.ll) END AS after, false AS done "
+            "  FROM ends e"
+        ).format(
+            net=net,
+            k=k,
+            ok=sql.SQL(", ").join(
+                sql.SQL("{} AS {}").format(sql.Identifier(c), sql.Identifier(f"k_{i}")) for i, c in enumerate(old_key(t))
+            ),
+            nk=sql.SQL(", ").join(sql.Identifier(c) for c in new_key(t)),
+            log=log,
+        ),
+    )
+    scalar(conn, sql.SQL("CREATE INDEX ON {} ({})").format(net, k))
+
+
+def _last_statement(conn, t: CapturedTable) -> int:
+    return scalar(conn, sql.SQL("SELECT coalesce(max(statement), 0) FROM {}").format(sql.Identifier(SCHEMA, t.log))) or 0
+
+
+def _match(t: CapturedTable) -> sql.Composable:
+    return sql.SQL(" AND ").join(
+        sql.SQL("t.{} = n.{}").format(sql.Identifier(k), sql.Identifier(f"k_{i}")) for i, k in enumerate(t.key)
+    )
+
+
+def _key_json(t: CapturedTable) -> sql.Composable:
     parts = []
-    for k in table.key:
-        value = (
-            sql.SQL("({}.{}).{}").format(sql.Identifier(alias), sql.Identifier(image), sql.Identifier(k))
-            if image
-            else (sql.SQL("{}.{}").format(sql.Identifier(alias), sql.Identifier(k)))
-        )
-        parts += [sql.Literal(k), value]
+    for i, k in enumerate(t.key):
+        parts += [sql.Literal(k), sql.SQL("n.{}").format(sql.Identifier(f"k_{i}"))]
     return sql.SQL("jsonb_build_object({})").format(sql.SQL(", ").join(parts))
 
 
-def _key_match(table_alias: str, table: CapturedTable, log_alias: str, image: str) -> sql.Composable:
-    return sql.SQL(" AND ").join(
-        sql.SQL("{}.{} = ({}.{}).{}").format(
-            sql.Identifier(table_alias), sql.Identifier(k), sql.Identifier(log_alias), sql.Identifier(image), sql.Identifier(k)
-        )
-        for k in table.key
-    )
+STEPS = {  # which keys each step is for, and what it counts
+    "delete": ("n.before IS NULL AND n.after IS NOT NULL", "deleted"),
+    "update": ("n.before IS NOT NULL AND n.after IS NOT NULL AND n.before <> n.after", "restored"),
+    "insert": ("n.before IS NOT NULL AND n.after IS NULL", "reinserted"),
+}
 
 
-def _log(t: CapturedTable) -> sql.Composable:
-    """The run's log of ``t`` with each image as text (old_text, new_text) and as a row
-    of the table (old_row, new_row); ``lid`` the log row's position."""
+@dataclass(frozen=True)
+class Shape:
+    """How a table's rows are written back."""
+
+    columns: list[str]  # not generated (those are computed again)
+    always: list[str]  # identity GENERATED ALWAYS: inserted with OVERRIDING SYSTEM VALUE, never updated
+    key_types: list[str]
+
+
+def _statement(t: CapturedTable, step: str, shape: Shape, only: sql.Composable) -> sql.Composable:
+    """One step over the keys of ``step`` (and ``only``), marking in the net table the
+    keys it changed; returns a row per key changed."""
     table = sql.Identifier(t.schema, t.name)
-    return sql.SQL(
-        "(SELECT x.ctid AS lid, x.statement, x.op, x.old_row AS old_text, x.new_row AS new_text, "
-        "x.old_row::{table} AS old_row, x.new_row::{table} AS new_row FROM {log} x)"
-    ).format(table=table, log=sql.Identifier(SCHEMA, t.log))
-
-
-def _steps(conn, tables: list[CapturedTable]) -> list[tuple[int, CapturedTable]]:
-    """(statement, table) for every statement of the run, newest first."""
-    found = []
-    for t in tables:
-        for (statement,) in query(conn, sql.SQL("SELECT DISTINCT statement FROM {}").format(sql.Identifier(SCHEMA, t.log))):
-            found.append((int(statement), t))
-    return sorted(found, key=lambda s: s[0], reverse=True)
-
-
-def _undo_statement(conn, t: CapturedTable, statement: int, columns: list[str], always: list[str], result: UndoResult) -> None:
-    log = _log(t)
-    table = sql.Identifier(t.schema, t.name)
-    st = sql.Literal(statement)
-    # rows the run inserted: deleted where still exactly as inserted
-    deleted = _step(
-        conn,
-        lambda only: sql.SQL(
-            "DELETE FROM {table} t USING {log} l WHERE l.statement = {st} AND l.op = 'I'{only} AND {match} "
-            "AND t::text = l.new_text RETURNING {key}"
-        ).format(table=table, log=log, st=st, only=only, match=_key_match("t", t, "l", "new_row"), key=_key_json("t", t)),
-        t,
-        statement,
-        "I",
-        result,
-    )
-    _conflicts(conn, t, statement, "I", {json.dumps(r[0], sort_keys=True) for r in deleted}, result)
-    result.deleted[t.qualified] = result.deleted.get(t.qualified, 0) + len(deleted)
-    # rows it updated: their before image back where they still hold the after image
-    # a row trigger pairs an update's images exactly, so its key may have changed too
-    settable = [c for c in columns if (t.by_row or c not in t.key) and c not in always]
-    if settable:
-        restored = _step(
-            conn,
-            lambda only: sql.SQL(
-                "UPDATE {table} t SET ({cols}) = ROW({values}) FROM {log} l WHERE l.statement = {st} AND l.op = 'U'{only} "
-                "AND {match} AND t::text = l.new_text RETURNING {key}"
-            ).format(
-                only=only,
-                table=table,
-                cols=sql.SQL(", ").join(sql.Identifier(c) for c in settable),
-                values=sql.SQL(", ").join(sql.SQL("(l.old_row).{}").format(sql.Identifier(c)) for c in settable),
-                log=log,
-                st=st,
-                match=_key_match("t", t, "l", "new_row"),
-                key=_key_json("t", t),
-            ),
-            t,
-            statement,
-            "U",
-            result,
+    net = sql.Identifier(_net_name(t))
+    which = sql.SQL(STEPS[step][0])
+    returning = sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(k)) for k in t.key)
+    if step == "delete":
+        change = sql.SQL(
+            "DELETE FROM {table} t USING {net} n WHERE {which}{only} AND {match} AND t::text = n.after RETURNING {r}"
+        ).format(table=table, net=net, which=which, only=only, match=_match(t), r=returning)
+    elif step == "update":
+        # each image becomes a row once (OFFSET 0 keeps the planner from casting it per column)
+        settable = [c for c in shape.columns if c not in shape.always]
+        change = sql.SQL(
+            "UPDATE {table} t SET ({cols}) = ROW({values}) "
+            "FROM (SELECT n.*, n.before::{table} AS b FROM {net} n WHERE {which}{only} OFFSET 0) n "
+            "WHERE {match} AND t::text = n.after RETURNING {r}"
+        ).format(
+            table=table,
+            cols=sql.SQL(", ").join(sql.Identifier(c) for c in settable),
+            values=sql.SQL(", ").join(sql.SQL("(n.b).{}").format(sql.Identifier(c)) for c in settable),
+            net=net,
+            which=which,
+            only=only,
+            match=_match(t),
+            r=returning,
         )
     else:
-        restored = []
-    _conflicts(conn, t, statement, "U", {json.dumps(r[0], sort_keys=True) for r in restored}, result)
-    result.restored[t.qualified] = result.restored.get(t.qualified, 0) + len(restored)
-    # rows it deleted: inserted again where no row has their key
-    reinserted = _step(
-        conn,
-        lambda only: sql.SQL(
-            "INSERT INTO {table} ({cols}) {overriding} SELECT {values} FROM {log} l WHERE l.statement = {st} AND l.op = 'D'{only} "
-            "ON CONFLICT DO NOTHING RETURNING {key}"
+        change = sql.SQL(
+            "INSERT INTO {table} AS t ({cols}) {overriding} "
+            "SELECT {values} FROM (SELECT n.before::{table} AS b FROM {net} n WHERE {which}{only} OFFSET 0) n "
+            "ON CONFLICT DO NOTHING RETURNING {r}"
         ).format(
-            only=only,
             table=table,
-            cols=sql.SQL(", ").join(sql.Identifier(c) for c in columns),
-            overriding=sql.SQL("OVERRIDING SYSTEM VALUE" if always else ""),
-            values=sql.SQL(", ").join(sql.SQL("(l.old_row).{}").format(sql.Identifier(c)) for c in columns),
-            log=log,
-            st=st,
-            key=_key_json(t.name, t),
+            cols=sql.SQL(", ").join(sql.Identifier(c) for c in shape.columns),
+            overriding=sql.SQL("OVERRIDING SYSTEM VALUE" if shape.always else ""),
+            values=sql.SQL(", ").join(sql.SQL("(n.b).{}").format(sql.Identifier(c)) for c in shape.columns),
+            net=net,
+            which=which,
+            only=only,
+            r=returning,
+        )
+    n = len(t.key)
+    return sql.SQL(
+        "WITH changed ({done}) AS ({change}) UPDATE {net} n SET done = true FROM changed d WHERE {same} RETURNING 1"
+    ).format(
+        done=sql.SQL(", ").join(sql.Identifier(f"d_{i}") for i in range(n)),
+        change=change,
+        net=net,
+        same=sql.SQL(" AND ").join(
+            sql.SQL("n.{} = d.{}").format(sql.Identifier(f"k_{i}"), sql.Identifier(f"d_{i}")) for i in range(n)
         ),
-        t,
-        statement,
-        "D",
-        result,
     )
-    _conflicts(conn, t, statement, "D", {json.dumps(r[0], sort_keys=True) for r in reinserted}, result)
-    result.reinserted[t.qualified] = result.reinserted.get(t.qualified, 0) + len(reinserted)
 
 
 INTEGRITY = {"23502", "23503", "23505", "23514", "23P01"}  # not null, foreign key, unique, check, exclusion
 
 
-def _step(conn, build, t: CapturedTable, statement: int, op: str, result: UndoResult) -> list:
+def _step(conn, t: CapturedTable, step: str, shape: Shape, result: UndoResult) -> None:
     """One step, set-based. When it breaks a constraint (another session's row refers to
-    a row the run inserted, say), once more row by row, each in a savepoint: the rows
-    that break one are conflicts, with the server's reason, and the others are done."""
+    a row the run inserted, say), once more key by key, each in a savepoint: the keys
+    that break one wait for a second try (_retry_pending), and the others are done."""
+    counts = getattr(result, STEPS[step][1])
     scalar(conn, "SAVEPOINT undo_step")
     try:
-        rows = query(conn, build(sql.SQL("")))
+        done = len(query(conn, _statement(t, step, shape, sql.SQL(""))))
         scalar(conn, "RELEASE SAVEPOINT undo_step")
-        return rows
+        counts[t.qualified] = counts.get(t.qualified, 0) + done
+        return
     except psycopg2.Error as exc:
         if sqlstate(exc) not in INTEGRITY:
             raise
         scalar(conn, "ROLLBACK TO SAVEPOINT undo_step")
-    image = "old_row" if op == "D" else "new_row"
-    done = []
-    for ctid, key in query(
-        conn,
-        sql.SQL("SELECT l.lid::text, {} FROM {} l WHERE l.statement = {} AND l.op = {}").format(
-            _key_json("l", t, image), _log(t), sql.Literal(statement), sql.Literal(op)
-        ),
+    for (key,) in query(
+        conn, sql.SQL("SELECT {} FROM {} n WHERE {}").format(_key_json(t), sql.Identifier(_net_name(t)), sql.SQL(STEPS[step][0]))
     ):
-        scalar(conn, "SAVEPOINT undo_row")
-        try:
-            done += query(conn, build(sql.SQL(" AND l.lid = {}::tid").format(sql.Literal(ctid))))
-            scalar(conn, "RELEASE SAVEPOINT undo_row")
-        except psycopg2.Error as exc:
-            if sqlstate(exc) not in INTEGRITY:
-                raise
-            scalar(conn, "ROLLBACK TO SAVEPOINT undo_row")
-            result.pending[(t.qualified, statement, op, ctid, json.dumps(key, sort_keys=True))] = (
-                build,
-                t,
-                key,
-                str(exc).strip().splitlines()[0],
-            )
-    scalar(conn, "RELEASE SAVEPOINT undo_step")
-    return done
+        if _one_key(conn, t, step, shape, key, result):
+            counts[t.qualified] = counts.get(t.qualified, 0) + 1
 
 
-def _conflicts(conn, t: CapturedTable, statement: int, op: str, done: set[str], result: UndoResult) -> None:
-    """The rows of ``op`` in ``statement`` that the step was to change and did not."""
-    image = "old_row" if op == "D" else "new_row"
-    rows = query(
-        conn,
-        sql.SQL(
-            "SELECT {key}, l.{text}, (SELECT t::text FROM {table} t WHERE {match}) "
-            "FROM {log} l WHERE l.statement = {st} AND l.op = {op}"
-        ).format(
-            key=_key_json("l", t, image),
-            text=sql.Identifier(image.replace("_row", "_text")),
-            table=sql.Identifier(t.schema, t.name),
-            match=_key_match("t", t, "l", image),
-            log=_log(t),
-            st=sql.Literal(statement),
-            op=sql.Literal(op),
-        ),
+def _one_key(conn, t: CapturedTable, step: str, shape: Shape, key: dict, result: UndoResult) -> bool:
+    """The step for one key, in a savepoint; a key that breaks a constraint waits (pending)."""
+    only = sql.SQL("").join(
+        sql.SQL(" AND n.{} = {}::{}").format(
+            sql.Identifier(f"k_{i}"), sql.Literal(None if key[k] is None else str(key[k])), sql.SQL(shape.key_types[i])
+        )
+        for i, k in enumerate(t.key)
     )
-    waiting = {k[4] for k in result.pending if k[:3] == (t.qualified, statement, op)}
-    for key, wrote, now in rows:
-        k = json.dumps(key, sort_keys=True)
-        if k not in done and k not in waiting:
-            result.conflicts.append(Conflict(t.qualified, key, None if op == "D" else wrote, now))
+    marker = (t.qualified, step, json.dumps(key, sort_keys=True))
+    scalar(conn, "SAVEPOINT undo_row")
+    try:
+        done = bool(query(conn, _statement(t, step, shape, only)))
+        scalar(conn, "RELEASE SAVEPOINT undo_row")
+        result.pending.pop(marker, None)
+        return done
+    except psycopg2.Error as exc:
+        if sqlstate(exc) not in INTEGRITY:
+            raise
+        scalar(conn, "ROLLBACK TO SAVEPOINT undo_row")
+        result.pending[marker] = (t, key, str(exc).strip().splitlines()[0])
+        return False
 
 
-_COUNTS = {"I": "deleted", "U": "restored", "D": "reinserted"}
-
-
-def _retry_pending(conn, result: UndoResult) -> None:
-    """The rows a constraint held back, tried again until none more goes through; those
+def _retry_pending(conn, shapes: dict[str, Shape], result: UndoResult) -> None:
+    """The keys a constraint held back, tried again until none more goes through; those
     left are conflicts with the constraint's reason."""
     progress = True
     while result.pending and progress:
         progress = False
-        for marker, (build, t, key, _why) in list(result.pending.items()):
-            table, _statement, op, lid, _k = marker
-            scalar(conn, "SAVEPOINT undo_row")
-            try:
-                done = query(conn, build(sql.SQL(" AND l.lid = {}::tid").format(sql.Literal(lid))))
-                scalar(conn, "RELEASE SAVEPOINT undo_row")
-            except psycopg2.Error as exc:
-                if sqlstate(exc) not in INTEGRITY:
-                    raise
-                scalar(conn, "ROLLBACK TO SAVEPOINT undo_row")
-                result.pending[marker] = (build, t, key, str(exc).strip().splitlines()[0])
-                continue
-            del result.pending[marker]
-            progress = True
-            if done:
-                counts = getattr(result, _COUNTS[op])
-                counts[table] = counts.get(table, 0) + 1
-            else:
-                result.conflicts.append(Conflict(table, key, None, None))
-    for (table, _statement, _op, _lid, _k), (_build, _t, key, why) in result.pending.items():
+        for marker, (t, key, _why) in list(result.pending.items()):
+            step = marker[1]
+            if _one_key(conn, t, step, shapes[t.log], key, result):
+                counts = getattr(result, STEPS[step][1])
+                counts[t.qualified] = counts.get(t.qualified, 0) + 1
+                progress = True
+            elif marker not in result.pending:  # no constraint now, and nothing done: a conflict (below)
+                progress = True
+    for (table, _step, _key), (_t, key, why) in result.pending.items():
         result.conflicts.append(Conflict(table, key, None, None, why))
-    result.pending.clear()
+
+
+def _conflicts(conn, t: CapturedTable, result: UndoResult) -> None:
+    """The keys of the table's steps that no step changed and that no constraint holds
+    back: rows someone changed after the run, with what the run left and what is there."""
+    waiting = {m[2] for m in result.pending if m[0] == t.qualified}
+    rows = query(
+        conn,
+        sql.SQL(
+            "SELECT {key}, n.after, (SELECT t::text FROM {table} t WHERE {match}) FROM {net} n "
+            "WHERE NOT n.done AND (({a}) OR ({b}) OR ({c}))"
+        ).format(
+            key=_key_json(t),
+            table=sql.Identifier(t.schema, t.name),
+            match=_match(t),
+            net=sql.Identifier(_net_name(t)),
+            a=sql.SQL(STEPS["delete"][0]),
+            b=sql.SQL(STEPS["update"][0]),
+            c=sql.SQL(STEPS["insert"][0]),
+        ),
+    )
+    for key, wrote, now in rows:
+        if json.dumps(key, sort_keys=True) not in waiting:
+            result.conflicts.append(Conflict(t.qualified, key, wrote, now))
 
 
 _ENABLE = {"O": "ENABLE TRIGGER", "A": "ENABLE ALWAYS TRIGGER", "R": "ENABLE REPLICA TRIGGER"}
@@ -411,12 +424,25 @@ def undo(conn, run_id: str, *, skip_conflicts: bool = False, dry_run: bool = Fal
             )
         scalar(conn, f"SELECT 1 FROM {RUNS} WHERE run_id = %s FOR UPDATE", (run_id,))  # one undo at a time
         tables = _tables(conn, run_id)
-        shapes = {t.log: _columns(conn, t) for t in tables}
+        # each key looked up by the table's own index: the undo costs what the run
+        # changed, not what the table holds (a hash join would read every row)
+        scalar(conn, "SET LOCAL enable_hashjoin = off")
+        scalar(conn, "SET LOCAL enable_mergejoin = off")
+        shapes = {t.log: Shape(*_columns(conn, t), key_types(conn, t)) for t in tables}
         quiet = _quiet_triggers(conn, tables)
         relaxed = _relax_not_valid(conn, tables)
-        for statement, t in _steps(conn, tables):
-            _undo_statement(conn, t, statement, *shapes[t.log], result)
-        _retry_pending(conn, result)
+        # the table the run wrote last first: children it inserted after their parents
+        # are deleted first, parents it deleted after their children come back first;
+        # what a foreign key still holds back is tried again at the end
+        order = sorted(tables, key=lambda t: _last_statement(conn, t), reverse=True)
+        for t in order:
+            _net(conn, t)
+        for step in ("delete", "update", "insert"):
+            for t in order:
+                _step(conn, t, step, shapes[t.log], result)
+        _retry_pending(conn, shapes, result)
+        for t in order:
+            _conflicts(conn, t, result)
         _restore_not_valid(conn, relaxed)
         _wake_triggers(conn, quiet)
         if not dry_run:
