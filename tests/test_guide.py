@@ -265,11 +265,13 @@ def test_the_demo_runs_end_to_end_twice_and_leaves_env_alone(demo_env):
             "2. Take a rollback point",
             "4. The migration for real",
             "5. Verification",
-            "6. The rollback points",
-            "7. The audit trail",
+            "6. The migration for real, not strict",
+            "7. The rollback points",
+            "8. The audit trail",
         ):
             assert step in run.stderr, step
         assert "Staging is exactly as before" in run.stderr
+        assert "undone:" in run.stderr and "Every row of the" in run.stderr
         assert "threshold breach" in run.stdout and "automatic rollback" in run.stdout
         assert "Where things are" in run.stderr and "Try next" in run.stderr
     assert "already running" in runs[1].stderr

@@ -148,7 +148,7 @@ def run_demo(ui: UI) -> int:
         "4. The migration for real, in strict mode: clients without an e-mail address fail too, the failure rate "
         "passes 10% part-way, and staging is put back to the migration's point by itself",
     )
-    _run(ui, env, "run_migration.py", MIGRATION, "--production", "--param", "strict=1", expect=1)
+    _run(ui, env, "run_migration.py", MIGRATION, "--production", "--param", "strict=1", "--no-undo", expect=1)
     _say(ui, "5. Verification: the point is intact, and staging is exactly as before the migration")
     _run(ui, env, "rollback_manager.py", "verify", point_id)
     with connection(staging_info) as conn:
@@ -159,10 +159,23 @@ def run_demo(ui: UI) -> int:
         f"Staging is exactly as before: schema digest, {after.total_rows} rows and every row's content in "
         f"{len(after.row_counts)} tables match"
     )
-    _say(ui, "6. The rollback points")
+    _say(
+        ui,
+        "6. The migration for real, not strict, its changes captured; then only this run's changes undone "
+        "(every other session's writes would stay; sequences stay where they are)",
+    )
+    _run(ui, env, "run_migration.py", MIGRATION, "--production")
+    _run(ui, env, "rollback_manager.py", "undo", "001_migrate_clients", "--yes")
+    with connection(staging_info) as conn:
+        undone = fingerprint(conn, deep=True)
+    mine = lambda fp: {k: v for k, v in fp.content.items() if not k.startswith("rollback_toolkit.")}  # noqa: E731
+    if mine(undone) != mine(before):
+        raise ConfigError("After the undo, staging's tables differ from before the migration.", f"See {PGDATA / 'logs'}.")
+    ui.ok(f"Every row of the {len(mine(undone))} tables is as before the migration")
+    _say(ui, "7. The rollback points")
     _run(ui, env, "rollback_manager.py", "list")
-    _say(ui, "7. The audit trail")
-    _run(ui, env, "rollback_manager.py", "audit", "--limit", "12")
+    _say(ui, "8. The audit trail")
+    _run(ui, env, "rollback_manager.py", "audit", "--limit", "20")
     ui.info(
         "\n[bold]Where things are[/]\n"
         f"  PostgreSQL {server.major} at 127.0.0.1:{server.port}, data in {server.base_dir}, databases v2 and staging\n"
@@ -170,7 +183,7 @@ def run_demo(ui: UI) -> int:
         f"  {env_note}\n"
         "\n[bold]Try next[/]\n"
         f"  {prefix}./setup_and_run.sh                     the menu\n"
-        f"  {prefix}python3 run_migration.py {MIGRATION} --production   the migration, this time without strict mode\n"
+        f"  {prefix}python3 run_migration.py {MIGRATION} --production   the migration again, kept this time\n"
         f"  {prefix}python3 quick_rollback.py              and back to the newest point\n"
         "  ./setup_and_run.sh demo --stop         stop the demo server (./setup_and_run.sh demo starts it again)"
     )

@@ -494,7 +494,7 @@ def _audit_end(settings: Settings, report: Report, database: str) -> None:
         error=report.error,
         restored_to=report.restored.point_id if report.restored else None,
         undo_run=report.undo_run,
-        undone=bool(report.undone),
+        **({"undone": True} if report.undone else {}),  # the automatic rollback was the run's undo
     )
 
 
