@@ -36,6 +36,7 @@ from lib.errors import (
     ServerStartError,
     ThresholdExceeded,
     ToolError,
+    UndoRefused,
     VerificationError,
     VersionMismatch,
 )
@@ -94,6 +95,7 @@ EXIT_CODE_OF = {
     DiffTimeout: ExitCode.FAILED,
     MigrationError: ExitCode.FAILED,
     ThresholdExceeded: ExitCode.FAILED,
+    UndoRefused: ExitCode.FAILED,  # nothing was changed; the message says why and names the point restore
 }
 
 
