@@ -248,7 +248,7 @@ def migration_report(ui: UI, report) -> None:
     rate = f"{percent(report.tally.failure_rate)} (threshold {percent(report.threshold)})"
     for key, value in (
         ("Outcome", d["outcome"]),
-        ("Migrated", f"{d['migrated']} (undone by the rollback)" if d["restored_to"] else d["migrated"]),
+        ("Migrated", f"{d['migrated']} (undone by the rollback)" if d["restored_to"] or d["undone"] else d["migrated"]),
         ("Failed", d["failed"]),
         ("Skipped", d["skipped"]),
         ("Failure rate", rate + (", passed" if d["threshold_exceeded"] else "")),
@@ -256,6 +256,7 @@ def migration_report(ui: UI, report) -> None:
         ("Duration", f"{d['duration_seconds']:.1f} s"),
         ("Rollback point", d["point_id"] or "none"),
         ("Restored to", d["restored_to"] or "-"),
+        *([("Undo log", f"run {d['undo_run']}" + (", undone" if d["undone"] else ""))] if d["undo_run"] else []),
         ("Failures file", d["failures_file"] or "-"),
         *([("Retry of", d["retry_of"])] if d["retry_of"] else []),
     ):
