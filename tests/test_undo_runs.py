@@ -290,3 +290,24 @@ def test_a_role_that_owns_staging_without_being_superuser_captures_and_undoes(st
     with closing(staging.server.connect()) as conn, conn.cursor() as cur:
         conn.autocommit = True
         cur.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+
+
+def test_check_setup_says_what_a_production_runs_undo_needs(staging):
+    on = staging.run("check_setup.py", "--json", env={"ROLLBACK_UNDO": "on"})
+    assert on.stdout, on.stderr
+    found = {f["item"]: f for f in json.loads(on.stdout)}["undo log"]
+    assert found["status"] == "warn" and "public.parent_log" in found["detail"] and "--undo-keyed-only" in found["fix"]
+    staging.sql("DROP ROLE IF EXISTS undo_reader; CREATE ROLE undo_reader LOGIN PASSWORD 'reader-pw-3'")
+    staging.sql(
+        f'GRANT CONNECT, CREATE ON DATABASE "{staging.name}" TO undo_reader; GRANT SELECT ON ALL TABLES IN SCHEMA public TO undo_reader'
+    )
+    url = staging.server.url(staging.name, user="undo_reader", password="reader-pw-3")
+    reader = staging.run("check_setup.py", "--json", env={"ROLLBACK_UNDO": "keyed", "STAGING_DATABASE_URL": url})
+    assert reader.stdout, reader.stderr
+    found = {f["item"]: f for f in json.loads(reader.stdout)}["undo log"]
+    assert found["status"] == "fail" and "may not put triggers on" in found["detail"] and "TRIGGER ON them" in found["fix"]
+    off = staging.run("check_setup.py", "--json", env={"ROLLBACK_UNDO": "off"})
+    assert {f["item"]: f for f in json.loads(off.stdout)}["undo log"]["status"] == "ok"
+    staging.sql(
+        f'REVOKE ALL ON DATABASE "{staging.name}" FROM undo_reader; REVOKE ALL ON ALL TABLES IN SCHEMA public FROM undo_reader'
+    )

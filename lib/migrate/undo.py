@@ -163,10 +163,19 @@ def start_capture(settings: Settings, ui: Reporter, plan: CapturePlan, migration
     """The run's capture installed just before it runs; returns the run's id. A marker in
     the catalog's folder lets the next operation remove the triggers of a killed run."""
     run_id = new_run_id(migration_id)
-    capture.marker(Catalog(settings.backup_dir).ensure().root, run_id).touch()
-    with connection(settings.staging(), application_name="rollback-toolkit undo capture") as conn:
-        usable, _ = capture.plan(conn, run_id, list(plan.tables))
-        capture.install(conn, run_id, usable, migration_id=migration_id, without_key=list(plan.without_key))
+    marker = capture.marker(Catalog(settings.backup_dir).ensure().root, run_id)
+    marker.touch()
+    try:
+        with connection(settings.staging(), application_name="rollback-toolkit undo capture") as conn:
+            usable, _ = capture.plan(conn, run_id, list(plan.tables))
+            capture.install(conn, run_id, usable, migration_id=migration_id, without_key=list(plan.without_key))
+    except psycopg2.Error as exc:
+        marker.unlink(missing_ok=True)
+        first = (exc.pgerror or str(exc)).strip().splitlines()[0].removeprefix("ERROR:").strip()
+        raise DatabaseError(
+            f"The undo log of {migration_id} could not be set up in staging: {first}.",
+            "`python3 check_setup.py` says what the role is missing; --no-undo runs with the point alone. Nothing was run.",
+        ) from exc
     ui.info(f"Capturing the run's changes for an undo: run {run_id}, {len(usable)} table(s)")
     return run_id
 

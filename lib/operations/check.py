@@ -17,6 +17,7 @@ from lib.pg.tools import candidates_for_server
 from lib.points.catalog import Catalog, refuse_a_file_for_a_folder
 from lib.points.clone import known_choice
 from lib.points.methods import pitr as pitr_method
+from lib.undo import capture
 
 
 @dataclass
@@ -38,6 +39,7 @@ def _server(name: str, info: ConnInfo, settings: Settings, *, staging: bool) -> 
             can_signal = staging and bool(
                 query(conn, "SELECT pg_has_role(current_user, 'pg_signal_backend', 'MEMBER') OR %s", (facts.is_superuser,))[0][0]
             )
+            undo = _undo_finding(conn, settings) if staging else None
     except RollbackError as exc:
         findings.append(Finding(f"{name} server", "fail", exc.message, exc.hint or "Check the URL, the server and the password."))
         return findings, None
@@ -74,6 +76,7 @@ def _server(name: str, info: ConnInfo, settings: Settings, *, staging: bool) -> 
         )
         findings.append(_copy_finding(settings, facts, info))
         findings.append(_pitr_finding(settings, conn_info=info))
+        findings.append(undo)
         findings.append(
             Finding("end sessions", "ok", f"role {facts.current_user} may end other sessions on staging")
             if can_signal
@@ -85,6 +88,52 @@ def _server(name: str, info: ConnInfo, settings: Settings, *, staging: bool) -> 
             )
         )
     return findings, facts
+
+
+def _undo_finding(conn, settings: Settings) -> Finding:
+    """Whether a production run can capture its changes for an undo here (ROLLBACK_UNDO),
+    and exactly what is missing where it cannot; reads only."""
+    if settings.rollback_undo == "off":
+        return Finding("undo log", "ok", "ROLLBACK_UNDO=off: production runs are put back by their point only")
+    role = query(conn, "SELECT current_user")[0][0]
+    if not capture.readable(conn) and not query(conn, "SELECT has_database_privilege(current_database(), 'CREATE')")[0][0]:
+        return Finding(
+            "undo log",
+            "fail",
+            f"role {role} may not create the schema {capture.SCHEMA} the undo log lives in",
+            f"GRANT CREATE ON DATABASE … TO {role}; (or create the schema for it), or ROLLBACK_UNDO=off",
+        )
+    tables = capture.user_tables(conn)
+    no_trigger = [
+        f"{s}.{n}"
+        for s, n in query(
+            conn,
+            "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema', %s) "
+            "AND n.nspname NOT LIKE 'pg\\_%%' AND NOT (has_schema_privilege(n.oid, 'USAGE') "
+            "AND has_table_privilege(c.oid, 'TRIGGER')) ORDER BY 1, 2",
+            (capture.SCHEMA,),
+        )
+    ]
+    if no_trigger:
+        return Finding(
+            "undo log",
+            "fail",
+            f"role {role} may not put triggers on {len(no_trigger)} table(s): {', '.join(no_trigger[:5])}"
+            + (" …" if len(no_trigger) > 5 else ""),
+            f"Let {role} own them (or GRANT USAGE on their schema and TRIGGER ON them); or ROLLBACK_UNDO=off",
+        )
+    _, keyless = capture.plan(conn, "", tables)
+    ddl = "DDL seen by an event trigger" if capture.may_watch_ddl(conn) else "DDL found by a digest of the tables' columns"
+    if keyless and settings.rollback_undo == "on":
+        names = ", ".join(f"{s}.{n}" for s, n in keyless[:5]) + (" …" if len(keyless) > 5 else "")
+        return Finding(
+            "undo log",
+            "warn",
+            f"{len(keyless)} table(s) without a primary key: a production run that does not name its tables refuses ({names})",
+            "Give them a key, name a migration's tables (TABLES = [...]), or ROLLBACK_UNDO=keyed / --undo-keyed-only",
+        )
+    return Finding("undo log", "ok", f"production runs capture their changes ({len(tables)} table(s); {ddl})")
 
 
 def _pitr_finding(settings: Settings, *, conn_info: ConnInfo) -> Finding:

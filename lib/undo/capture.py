@@ -187,9 +187,11 @@ def _in_inheritance(conn, schema: str, name: str) -> bool:
         scalar(
             conn,
             """
-            SELECT EXISTS (SELECT 1 FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent
-                            WHERE p.relkind = 'r' AND (i.inhrelid = to_regclass(%s) OR i.inhparent = to_regclass(%s)))""",
-            (sql.Identifier(schema, name).as_string(conn),) * 2,
+            WITH t AS (SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                        WHERE n.nspname = %s AND c.relname = %s)
+            SELECT EXISTS (SELECT 1 FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent, t
+                            WHERE p.relkind = 'r' AND (i.inhrelid = t.oid OR i.inhparent = t.oid))""",
+            (schema, name),
         )
     )
 
@@ -292,8 +294,9 @@ def key_types(conn, t: CapturedTable) -> list[str]:
         conn,
         """
         SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
-         WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped""",
-        (sql.Identifier(t.schema, t.name).as_string(conn),),
+          JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE n.nspname = %s AND c.relname = %s AND a.attnum > 0 AND NOT a.attisdropped""",
+        (t.schema, t.name),
     )
     types = dict(rows)
     return [types[k] for k in t.key]
