@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
+import psycopg2
+
 from lib import audit
 from lib.config import Settings, load_settings
 from lib.errors import ConfigError, RollbackError, VerificationError
@@ -298,8 +300,9 @@ class SyncMigrationTransaction:
                 reason=reason,
             )
             return True
-        except RollbackError as exc:
-            log.warning("the undo of %s was not possible (%s); the point is restored instead", self.undo_run, exc.message)
+        except (RollbackError, psycopg2.Error) as exc:
+            why = getattr(exc, "message", None) or str(exc).strip()
+            log.warning("the undo of %s was not possible (%s); the point is restored instead", self.undo_run, why)
             return False
 
 

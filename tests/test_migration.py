@@ -486,6 +486,18 @@ def test_api_migration_transaction_with_an_undo_log_keeps_other_sessions_writes(
         cur.execute("INSERT INTO customers (code, name, phone) VALUES ('U2', 'kept until undone', '1')")
     runs = {r["run_id"]: r["undo"] for r in sync.undo_runs()}
     assert runs == {tx.undo_run: "undone", next(r for r in runs if r.startswith("undo_api_002")): "available"}
+    # a point taken inside the body is an operation, and it must not end the living run's capture
+    with pytest.raises(RuntimeError):
+        with SyncMigrationTransaction(sync, "undo_api_003", "customers", undo_log=True) as session:
+            with session.cursor() as cur:
+                cur.execute("INSERT INTO customers (code, name, phone) VALUES ('U3a', 'before the point', '1')")
+            session.commit()
+            sync.create_rollback_point(None, "undo_api_003", None, "inside the body")
+            with session.cursor() as cur:
+                cur.execute("INSERT INTO customers (code, name, phone) VALUES ('U3b', 'after the point', '1')")
+            session.commit()
+            raise RuntimeError("boom after two commits")
+    assert mig18.sql("SELECT count(*) FROM customers WHERE code IN ('U3a', 'U3b')") == [(0,)]
     dry = asyncio.run(manager.undo("undo_api_002", dry_run=True))
     assert dry["deleted"] == {"public.customers": 1} and not dry["applied"]
     assert sync.undo("undo_api_002")["applied"]

@@ -210,8 +210,8 @@ def test_a_row_a_not_valid_constraint_was_never_checked_on_comes_back_and_the_co
     check them, and the constraints stay as they were, comments included."""
     staging, conn = db
     staging.sql(
-        "INSERT INTO parent (id, name, price) VALUES (90, 'cheap', -5);"
-        "ALTER TABLE parent ADD CONSTRAINT positive CHECK (price >= 0) NOT VALID;"
+        "INSERT INTO parent (id, name, price) VALUES (90, 'cheap%{}', -5);"
+        "ALTER TABLE parent ADD CONSTRAINT positive CHECK (price >= 0 AND name NOT LIKE '%{}%') NOT VALID;"
         "COMMENT ON CONSTRAINT positive ON parent IS 'new rows only';"
         "CREATE TABLE orphan (id int PRIMARY KEY, parent_id int); INSERT INTO orphan VALUES (1, 999);"
         "ALTER TABLE orphan ADD CONSTRAINT to_parent FOREIGN KEY (parent_id) REFERENCES parent (id) NOT VALID"
@@ -226,3 +226,114 @@ def test_a_row_a_not_valid_constraint_was_never_checked_on_comes_back_and_the_co
     assert done.applied and not done.conflicts
     assert staging.sql("SELECT p::text FROM parent p ORDER BY id") + staging.sql("SELECT o::text FROM orphan o") == before
     assert staging.sql(constraints) == shape
+
+
+# ---------------------------------------------------------------- found by a review (each failed before its fix)
+
+
+def _rows(staging, table: str) -> list:
+    return [r[0] for r in staging.sql(f"SELECT x::text FROM {table} x ORDER BY 1")]
+
+
+def _run_and_undo(staging, conn, tables, statements, *, session=(), **undo):
+    """The statements as the run (after ``session`` settings of its own), captured, then undone."""
+    usable, _ = capture.plan(conn, RUN, list(tables))
+    capture.install(conn, RUN, usable)
+    _migrate(staging, [*session, *statements])
+    capture.finish(conn, RUN)
+    return revert.undo(conn, RUN, **undo)
+
+
+def test_deleting_a_row_the_run_inserted_never_cascades_into_another_sessions_rows(db):
+    staging, conn = db
+    staging.sql(
+        "CREATE TABLE p (id int PRIMARY KEY, v text);"
+        "CREATE TABLE c (id int PRIMARY KEY, p int REFERENCES p ON DELETE CASCADE);"
+        "CREATE TABLE d (id int PRIMARY KEY, p int REFERENCES p ON DELETE SET NULL)"
+    )
+    usable, _ = capture.plan(conn, RUN, [("public", "p"), ("public", "c"), ("public", "d")])
+    capture.install(conn, RUN, usable)
+    # the run: a parent and its child, then the parent again (so p is written last)
+    _migrate(
+        staging,
+        ["INSERT INTO p VALUES (10, 'a'), (11, 'b')", "INSERT INTO c VALUES (1, 10)", "UPDATE p SET v = 'a2' WHERE id = 10"],
+    )
+    capture.finish(conn, RUN)
+    staging.sql("INSERT INTO c VALUES (2, 11); INSERT INTO d VALUES (3, 11)")  # another session's rows under p 11
+    refused = revert.undo(conn, RUN)
+    assert not refused.applied and [(c.table, c.key) for c in refused.conflicts] == [("public.p", {"id": 11})]
+    assert "refers to it" in refused.conflicts[0].why
+    done = revert.undo(conn, RUN, skip_conflicts=True)
+    assert done.applied and done.deleted == {"public.p": 1, "public.c": 1, "public.d": 0}
+    assert _rows(staging, "p") == ["(11,b)"] and _rows(staging, "c") == ["(2,11)"] and _rows(staging, "d") == ["(3,11)"]
+
+
+def test_a_primary_keys_include_columns_are_not_its_key(db):
+    staging, conn = db
+    staging.sql(
+        "CREATE TABLE p (id int, payload text, PRIMARY KEY (id) INCLUDE (payload)); INSERT INTO p VALUES (1, 'a');"
+        "CREATE TABLE c (id int PRIMARY KEY, p int REFERENCES p ON DELETE CASCADE); INSERT INTO c VALUES (7, 1)"
+    )
+    done = _run_and_undo(staging, conn, [("public", "p")], ["UPDATE p SET payload = 'b'"])
+    assert done.applied and done.restored == {"public.p": 1} and not done.deleted.get("public.p")
+    assert _rows(staging, "p") == ["(1,a)"] and _rows(staging, "c") == ["(7,1)"]
+
+
+def test_columns_named_like_the_undos_own_aliases_and_quotes(db):
+    staging, conn = db
+    staging.sql(
+        'CREATE TABLE odd ("id$f$" int PRIMARY KEY, n int, o int, s int, t timestamptz, "x$rb0$" text);'
+        "INSERT INTO odd VALUES (1, 1, 1, 1, '2024-01-01 00:00+00', 'q'), (2, 2, 2, 2, NULL, NULL)"
+    )
+    before = _rows(staging, "odd")
+    done = _run_and_undo(
+        staging,
+        conn,
+        [("public", "odd")],
+        [
+            "INSERT INTO odd VALUES (3, 3, 3, 3, now(), '$rb0$')",
+            "UPDATE odd SET n = 9, t = t + interval '1 day' WHERE \"id$f$\" = 1",
+            'DELETE FROM odd WHERE "id$f$" = 2',
+        ],
+    )
+    assert done.applied and not done.conflicts and _rows(staging, "odd") == before
+
+
+def test_the_runs_own_session_settings_change_no_value(db):
+    staging, conn = db
+    staging.sql(
+        "CREATE TABLE m (id int PRIMARY KEY, d date, ts timestamptz, f float8, i interval, b bytea, cash money);"
+        "INSERT INTO m VALUES (1, '2024-02-01', '2024-02-01 10:00+00', 0.1 + 0.2, '1 day 2 hours', '\\xdead', 12.34),"
+        "                     (2, '2024-03-04', '2024-03-04 23:30+00', 1e-300, '-3 mons', '\\x00', 0)"
+    )
+    before = _rows(staging, "m")
+    done = _run_and_undo(
+        staging,
+        conn,
+        [("public", "m")],
+        ["DELETE FROM m WHERE id = 1", "UPDATE m SET f = 2 WHERE id = 2"],
+        session=[
+            "SET DateStyle = 'SQL, DMY'",
+            "SET TimeZone = 'Asia/Tokyo'",
+            "SET extra_float_digits = 0",
+            "SET IntervalStyle = 'sql_standard'",
+            "SET bytea_output = 'escape'",
+        ],
+    )
+    assert done.applied and not done.conflicts and _rows(staging, "m") == before
+
+
+def test_a_deferred_foreign_key_is_a_conflict_not_a_failure_at_commit(db):
+    staging, conn = db
+    staging.sql(
+        "CREATE TABLE p (id int PRIMARY KEY);"
+        "CREATE TABLE c (id int PRIMARY KEY, p int REFERENCES p DEFERRABLE INITIALLY DEFERRED)"
+    )
+    usable, _ = capture.plan(conn, RUN, [("public", "p")])
+    capture.install(conn, RUN, usable)
+    _migrate(staging, ["INSERT INTO p VALUES (5)"])
+    capture.finish(conn, RUN)
+    staging.sql("INSERT INTO c VALUES (1, 5)")
+    refused = revert.undo(conn, RUN)
+    assert not refused.applied and [c.key for c in refused.conflicts] == [{"id": 5}]
+    assert _rows(staging, "p") == ["(5)"]

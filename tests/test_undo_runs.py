@@ -205,7 +205,7 @@ def test_a_run_that_changed_the_schema_or_a_killed_run_is_refused_and_its_trigge
     staging.env["ROLLBACK_UNDO"] = "on"
     path = tmp_path / "005_schema.py"
     path.write_text(
-        '"""Add a column and fill it."""\nTABLES = ["customers"]\n\n\ndef migrate(ctx):\n'
+        '"""Add a column and fill it."""\nTABLES = ["customers", "audit_events"]\n\n\ndef migrate(ctx):\n'
         "    with ctx.staging.cursor() as cur:\n"
         '        cur.execute("ALTER TABLE customers ADD COLUMN region text")\n'
         "        cur.execute(\"UPDATE customers SET region = 'eu'\")\n"

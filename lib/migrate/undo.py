@@ -53,7 +53,7 @@ def _why_not(truncated, ddl, capturing, uncaptured) -> str | None:
     if capturing:
         return "capturing"
     if uncaptured:
-        return f"unavailable: the run wrote to {uncaptured}, which has no key"
+        return f"unavailable: the run wrote to {uncaptured}, whose rows were not captured"
     if truncated:
         return f"unavailable: {truncated} truncated during the run"
     if ddl:
@@ -110,7 +110,9 @@ def runs(settings: Settings) -> list[Run]:
 
 
 def new_run_id(migration_id: str) -> str:
-    return f"{migration_id}@{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
+    """The migration's id and the moment, to the millisecond (two runs in one second differ)."""
+    now = time.time()
+    return f"{migration_id}@{time.strftime('%Y%m%dT%H%M%S', time.gmtime(now))}.{int(now * 1000) % 1000:03d}"
 
 
 @dataclass(frozen=True)
@@ -119,7 +121,7 @@ class CapturePlan:
     key (a write of the run to one of them makes its undo unavailable)."""
 
     tables: tuple[tuple[str, str], ...]
-    without_key: tuple[tuple[str, str], ...]
+    without_key: tuple[tuple[str, str], ...]  # watched, not captured: no key, or left out by TABLES
 
 
 def plan_capture(
@@ -142,8 +144,10 @@ def plan_capture(
                     )
                 tables.append(found)
             tables = capture.with_members(conn, tables)  # a partition or a child written by name is the run's too
+            # every other table is watched: a write of the run to one makes its undo unavailable
+            others = [t for t in capture.user_tables(conn) if t not in tables]
         else:
-            tables = capture.user_tables(conn)
+            tables, others = capture.user_tables(conn), []
         usable, without = capture.plan(conn, "", tables)
         names = [f"{s}.{n}" for s, n in without]
     if without and mode == "on":
@@ -156,7 +160,7 @@ def plan_capture(
         )
     if without:
         ui.warn(f"No undo for {', '.join(names)} (no key): a write of the run to one of them makes its undo unavailable.")
-    return CapturePlan(tuple((t.schema, t.name) for t in usable), tuple(without))
+    return CapturePlan(tuple((t.schema, t.name) for t in usable), tuple(without) + tuple(others))
 
 
 def start_capture(settings: Settings, ui: Reporter, plan: CapturePlan, migration_id: str) -> str:
@@ -164,7 +168,7 @@ def start_capture(settings: Settings, ui: Reporter, plan: CapturePlan, migration
     the catalog's folder lets the next operation remove the triggers of a killed run."""
     run_id = new_run_id(migration_id)
     marker = capture.marker(Catalog(settings.backup_dir).ensure().root, run_id)
-    marker.touch()
+    capture.write_marker(marker, run_id)
     try:
         with connection(settings.staging(), application_name="rollback-toolkit undo capture") as conn:
             usable, _ = capture.plan(conn, run_id, list(plan.tables))

@@ -192,14 +192,21 @@ def finish_interrupted(target: Target, catalog: Catalog, *, dry_run: bool = Fals
 
     def end_captures() -> list[str]:
         """A migration run killed while captured: its triggers removed from staging."""
-        left = capture.markers(catalog.root)
-        if not left:
+        here = socket.gethostname()
+        alive, dead = set(), []
+        for path in capture.markers(catalog.root):
+            run_id, pid, host = capture.marker_owner(path)
+            if run_id and host == here and isinstance(pid, int) and pid_alive(pid):
+                alive.add(run_id)  # an API transaction of a living process, taking a point inside its body
+            else:
+                dead.append(path)
+        if not dead:
             return []
         if dry_run:
-            return [f"Would remove the capture triggers of {len(left)} interrupted run(s)"]
+            return [f"Would remove the capture triggers of {len(dead)} interrupted run(s)"]
         with connection(target.info, target.dbname, application_name="rollback-toolkit cleanup") as conn:
-            done = capture.finish_killed(conn)
-        for path in left:
+            done = capture.finish_killed(conn, keep=alive)
+        for path in dead:
             path.unlink(missing_ok=True)
         return done
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,7 +57,8 @@ CREATE TABLE IF NOT EXISTS {RUNS} (
 );
 COMMENT ON TABLE {RUNS} IS
     'Migration runs whose changes were captured for an undo (rollback_manager.py undo RUN).';
-CREATE OR REPLACE FUNCTION {SCHEMA}.uncaptured() RETURNS trigger LANGUAGE plpgsql AS $f$
+CREATE OR REPLACE FUNCTION {SCHEMA}.uncaptured() RETURNS trigger LANGUAGE plpgsql
+    SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $f$
 BEGIN
     IF current_setting('{RUN_SETTING}', true) IS NOT DISTINCT FROM TG_ARGV[0] THEN
         UPDATE {RUNS} SET uncaptured = coalesce(uncaptured || ', ', '') || format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME)
@@ -64,7 +67,8 @@ BEGIN
     RETURN NULL;
 END
 $f$;
-CREATE OR REPLACE FUNCTION {SCHEMA}.truncated() RETURNS trigger LANGUAGE plpgsql AS $f$
+CREATE OR REPLACE FUNCTION {SCHEMA}.truncated() RETURNS trigger LANGUAGE plpgsql
+    SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $f$
 BEGIN
     UPDATE {RUNS} SET truncated = coalesce(truncated || ', ', '') || format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME)
      WHERE run_id = TG_ARGV[0];
@@ -94,8 +98,26 @@ BEGIN
     END IF;
 END
 $f$;
+CREATE OR REPLACE FUNCTION {SCHEMA}.drop_seen() RETURNS event_trigger LANGUAGE plpgsql AS $f$
+DECLARE
+    run text := current_setting('{RUN_SETTING}', true);
+    seen text;
+BEGIN
+    IF run IS NULL OR run = '' THEN
+        RETURN;
+    END IF;
+    SELECT string_agg('DROP ' || object_type || coalesce(' ' || object_identity, ''), ', ') INTO seen
+      FROM pg_event_trigger_dropped_objects()
+     WHERE original AND NOT is_temporary AND schema_name IS DISTINCT FROM '{SCHEMA}';
+    IF seen IS NOT NULL THEN
+        UPDATE {RUNS} SET ddl = coalesce(ddl || ', ', '') || seen WHERE run_id = run AND capturing;
+    END IF;
+END
+$f$;
 DROP EVENT TRIGGER IF EXISTS {EVENT_TRIGGER};
 CREATE EVENT TRIGGER {EVENT_TRIGGER} ON ddl_command_end EXECUTE FUNCTION {SCHEMA}.ddl_seen();
+DROP EVENT TRIGGER IF EXISTS {EVENT_TRIGGER}_drop;
+CREATE EVENT TRIGGER {EVENT_TRIGGER}_drop ON sql_drop EXECUTE FUNCTION {SCHEMA}.drop_seen();
 """
 
 # staging's tables and their columns, by name and type: what a digest compares
@@ -137,7 +159,7 @@ def table_key(conn, schema: str, name: str) -> tuple[str, ...] | None:
           JOIN pg_namespace n ON n.oid = c.relnamespace
           JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, pos) ON true
           JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum
-         WHERE n.nspname = %s AND c.relname = %s
+         WHERE n.nspname = %s AND c.relname = %s AND k.pos <= i.indnkeyatts
            AND i.indexrelid = (SELECT x.indexrelid FROM pg_index x WHERE x.indrelid = c.oid
                                  AND (x.indisprimary OR x.indisreplident)
                                ORDER BY x.indisprimary DESC LIMIT 1)
@@ -315,57 +337,85 @@ def _function_name(t: CapturedTable) -> str:
     return "cap_" + t.log.removeprefix("log_")
 
 
+# Every image is written and read back under the same output settings, whatever the
+# run's session sets (a date written under DateStyle 'SQL, DMY' would come back as
+# another day; a float under extra_float_digits 0 would lose digits): the capture
+# functions carry them, and the undo sets them for its transaction.
+OUTPUT_SETTINGS = (
+    ("DateStyle", "ISO, MDY"),
+    ("IntervalStyle", "postgres"),
+    ("TimeZone", "UTC"),
+    ("extra_float_digits", "3"),
+    ("bytea_output", "hex"),
+    ("lc_monetary", "C"),
+)
+
+
+def _dollar_tag(*texts: str) -> str:
+    """A dollar-quote tag that none of ``texts`` contains (identifiers are pasted into a
+    function body: a column named ``x$f$`` must not end it)."""
+    n = 0
+    while any(f"$rb{n}$" in text for text in texts):
+        n += 1
+    return f"$rb{n}$"
+
+
 def _install_table(cur, run_id: str, t: CapturedTable) -> None:
-    """The table's log (each image as text, and its key typed, so the undo finds rows by
-    the table's own index), its capture function (static SQL: planned once per session)
-    and its triggers, which fire only in the run's sessions (WHEN)."""
-    conn = cur.connection
+    """The table's log (each image as text, and its key as text, cast back to the key's
+    type by the undo so that rows are found by the table's own index; no column of the
+    log depends on a user type), its capture function (static SQL: planned once per
+    session; aliases no column name can shadow) and its triggers, which fire only in the
+    run's sessions (WHEN)."""
     q = lambda name: _ident(cur, name)  # noqa: E731
     log = sql.Identifier(SCHEMA, t.log).as_string(cur)
     function = sql.Identifier(SCHEMA, _function_name(t)).as_string(cur)
     table = sql.Identifier(t.schema, t.name)
-    types = key_types(conn, t)
     ok, nk = old_key(t), new_key(t)
-    columns = ", ".join(
-        [f"{c} {ty}" for c, ty in zip(ok, types, strict=True)] + [f"{c} {ty}" for c, ty in zip(nk, types, strict=True)]
+    cur.execute(
+        f'CREATE TABLE {log} (statement bigint NOT NULL, op "char" NOT NULL, old_row text, new_row text, '
+        + ", ".join(f"{c} text" for c in (*ok, *nk))
+        + ")"
     )
-    cur.execute(f'CREATE TABLE {log} (statement bigint NOT NULL, op "char" NOT NULL, old_row text, new_row text, {columns})')
     targets = ", ".join(["statement", "op", "old_row", "new_row", *ok, *nk])
-    o_keys = ", ".join(f"o.{q(k)}" for k in t.key)
-    n_keys = ", ".join(f"n.{q(k)}" for k in t.key)
+    o, n = "rb_undo_old", "rb_undo_new"
+    o_keys = ", ".join(f"{o}.{q(k)}::text" for k in t.key)
+    n_keys = ", ".join(f"{n}.{q(k)}::text" for k in t.key)
     nulls = ", ".join("NULL" for _ in t.key)
     first = q(t.key[0])
     if t.by_row:
-        old_vals = ", ".join(f"CASE WHEN TG_OP <> 'INSERT' THEN OLD.{q(k)} END" for k in t.key)
-        new_vals = ", ".join(f"CASE WHEN TG_OP <> 'DELETE' THEN NEW.{q(k)} END" for k in t.key)
+        old_vals = ", ".join(f"CASE WHEN TG_OP <> 'INSERT' THEN OLD.{q(k)}::text END" for k in t.key)
+        new_vals = ", ".join(f"CASE WHEN TG_OP <> 'DELETE' THEN NEW.{q(k)}::text END" for k in t.key)
         body = f"""
-    INSERT INTO {log} ({targets}) VALUES (nextval('{SCHEMA}.statement_seq'), left(TG_OP, 1)::"char",
+    INSERT INTO {log} ({targets}) VALUES (rb_undo_statement, left(TG_OP, 1)::"char",
         CASE WHEN TG_OP <> 'INSERT' THEN OLD::text END, CASE WHEN TG_OP <> 'DELETE' THEN NEW::text END,
         {old_vals}, {new_vals});"""
     else:
-        join = " AND ".join(f"o.{q(k)} = n.{q(k)}" for k in t.key)
+        join = " AND ".join(f"{o}.{q(k)} = {n}.{q(k)}" for k in t.key)
         body = f"""
     IF TG_OP = 'INSERT' THEN
-        INSERT INTO {log} ({targets}) SELECT s, 'I', NULL, n::text, {nulls}, {n_keys} FROM new_rows n;
+        INSERT INTO {log} ({targets}) SELECT rb_undo_statement, 'I', NULL, {n}::text, {nulls}, {n_keys} FROM new_rows {n};
     ELSIF TG_OP = 'DELETE' THEN
-        INSERT INTO {log} ({targets}) SELECT s, 'D', o::text, NULL, {o_keys}, {nulls} FROM old_rows o;
+        INSERT INTO {log} ({targets}) SELECT rb_undo_statement, 'D', {o}::text, NULL, {o_keys}, {nulls} FROM old_rows {o};
     ELSE
         -- a row whose key the update changed pairs with nothing: its old image was
         -- deleted and its new one inserted, as far as the undo is concerned
         INSERT INTO {log} ({targets})
-        SELECT s, CASE WHEN o.{first} IS NULL THEN 'I' WHEN n.{first} IS NULL THEN 'D' ELSE 'U' END,
-               CASE WHEN o.{first} IS NULL THEN NULL ELSE o::text END, CASE WHEN n.{first} IS NULL THEN NULL ELSE n::text END,
+        SELECT rb_undo_statement, CASE WHEN {o}.{first} IS NULL THEN 'I' WHEN {n}.{first} IS NULL THEN 'D' ELSE 'U' END,
+               CASE WHEN {o}.{first} IS NULL THEN NULL ELSE {o}::text END,
+               CASE WHEN {n}.{first} IS NULL THEN NULL ELSE {n}::text END,
                {o_keys}, {n_keys}
-          FROM old_rows o FULL JOIN new_rows n ON {join};
+          FROM old_rows {o} FULL JOIN new_rows {n} ON {join};
     END IF;"""
+    settings = " ".join(f"SET {name} = '{value}'" for name, value in OUTPUT_SETTINGS)
+    tag = _dollar_tag(body, log)
     cur.execute(
-        f"""CREATE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $f$
+        f"""CREATE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql {settings} AS {tag}
 DECLARE
-    s bigint := nextval('{SCHEMA}.statement_seq');
+    rb_undo_statement bigint := nextval('{SCHEMA}.statement_seq');
 BEGIN{body}
     RETURN NULL;
 END
-$f$"""
+{tag}"""
     )
     when = sql.SQL("WHEN (current_setting({}, true) = {})").format(sql.Literal(RUN_SETTING), sql.Literal(run_id))
     triggers = (
@@ -447,14 +497,16 @@ def remove_triggers(conn, run_id: str | None = None) -> list[str]:
     return sorted({f"{s}.{n}" for _, s, n in rows})
 
 
-def finish_killed(conn) -> list[str]:
-    """Runs still capturing while no run holds staging (its runner was killed): their
-    triggers removed and their capture ended. Called with staging's lock held; returns
-    what was done, as sentences."""
+def finish_killed(conn, keep: set[str] = frozenset()) -> list[str]:
+    """Runs still capturing whose process is gone (a killed runner): their triggers
+    removed and their capture ended; ``keep``: runs whose process lives. Called with
+    staging's lock held; returns what was done, as sentences."""
     if scalar(conn, "SELECT to_regclass(%s)", (RUNS,)) is None:
         return []
     done = []
     for (run_id,) in query(conn, f"SELECT run_id FROM {RUNS} WHERE capturing ORDER BY started_at"):
+        if run_id in keep:
+            continue
         tables = remove_triggers(conn, run_id)
         scalar(
             conn, f"UPDATE {RUNS} SET capturing = false, finished_at = coalesce(finished_at, now()) WHERE run_id = %s", (run_id,)
@@ -468,9 +520,10 @@ def finish_killed(conn) -> list[str]:
 def _drop_event_trigger(conn) -> None:
     """The DDL watch dropped once no run is captured (it is a database-wide object)."""
     if scalar(conn, f"SELECT count(*) FROM {RUNS} WHERE capturing") == 0 and scalar(
-        conn, "SELECT count(*) FROM pg_event_trigger WHERE evtname = %s", (EVENT_TRIGGER,)
+        conn, "SELECT count(*) FROM pg_event_trigger WHERE evtname IN (%s, %s)", (EVENT_TRIGGER, EVENT_TRIGGER + "_drop")
     ):
         scalar(conn, f"DROP EVENT TRIGGER IF EXISTS {EVENT_TRIGGER}")
+        scalar(conn, f"DROP EVENT TRIGGER IF EXISTS {EVENT_TRIGGER}_drop")
 
 
 def changed_columns(conn, run_id: str, tables: list[CapturedTable]) -> list[str]:
@@ -497,6 +550,21 @@ def marker(folder: Path, run_id: str) -> Path:
 
 def markers(folder: Path) -> list[Path]:
     return sorted(folder.glob(".capturing-*"))
+
+
+def write_marker(path: Path, run_id: str) -> None:
+    """The marker names its run and the process capturing it: a run whose process still
+    lives (an API transaction taking a point inside its body) is not a killed one."""
+    path.write_text(json.dumps({"run_id": run_id, "pid": os.getpid(), "host": socket.gethostname()}))
+
+
+def marker_owner(path: Path) -> tuple[str | None, int | None, str | None]:
+    """(run id, pid, host) a marker names; Nones where it cannot be read."""
+    try:
+        found = json.loads(path.read_text() or "{}")
+        return found.get("run_id"), found.get("pid"), found.get("host")
+    except (OSError, ValueError, AttributeError):
+        return None, None, None
 
 
 def resolve_table(conn, name: str) -> tuple[str, str] | None:

@@ -30,7 +30,7 @@ from lib import faults
 from lib.errors import UndoRefused
 from lib.pg.codes import sqlstate
 from lib.pg.db import query, scalar
-from lib.undo.capture import RUNS, SCHEMA, CapturedTable, changed_columns, key_types, new_key, old_key
+from lib.undo.capture import OUTPUT_SETTINGS, RUNS, SCHEMA, CapturedTable, changed_columns, key_types, new_key, old_key
 
 
 @dataclass(frozen=True)
@@ -82,8 +82,8 @@ def _tables(conn, run_id: str) -> list[CapturedTable]:
         )
     if uncaptured:
         raise UndoRefused(
-            f"Run {run_id} cannot be undone: it wrote to {uncaptured}, which has no primary key (or replica identity "
-            "index), so its rows could not be captured.",
+            f"Run {run_id} cannot be undone: it wrote to {uncaptured}, whose rows were not captured (a table without "
+            "a primary key or replica identity index, or one the migration's TABLES leaves out).",
             "Restore the run's point instead (`python3 run_migration.py FILE --rollback`).",
         )
     if ddl:
@@ -123,7 +123,7 @@ def _net_name(t: CapturedTable) -> str:
     return "rb_undo_net_" + t.log.removeprefix("log_")
 
 
-def _net(conn, t: CapturedTable) -> None:
+def _net(conn, t: CapturedTable, shape: Shape) -> None:
     """The table's net effect of the run, as a temporary table of the undo's transaction:
     each key (k_*) the run touched, its image before the run (none: the run inserted the
     row), after it (none: the run deleted it), and whether a step changed it (done)."""
@@ -150,9 +150,12 @@ def _net(conn, t: CapturedTable) -> None:
             net=net,
             k=k,
             ok=sql.SQL(", ").join(
-                sql.SQL("{} AS {}").format(sql.Identifier(c), sql.Identifier(f"k_{i}")) for i, c in enumerate(old_key(t))
+                sql.SQL("{}::{} AS {}").format(sql.Identifier(c), sql.SQL(shape.key_types[i]), sql.Identifier(f"k_{i}"))
+                for i, c in enumerate(old_key(t))
             ),
-            nk=sql.SQL(", ").join(sql.Identifier(c) for c in new_key(t)),
+            nk=sql.SQL(", ").join(
+                sql.SQL("{}::{}").format(sql.Identifier(c), sql.SQL(shape.key_types[i])) for i, c in enumerate(new_key(t))
+            ),
             log=log,
         ),
     )
@@ -165,7 +168,7 @@ def _last_statement(conn, t: CapturedTable) -> int:
 
 def _match(t: CapturedTable) -> sql.Composable:
     return sql.SQL(" AND ").join(
-        sql.SQL("t.{} = n.{}").format(sql.Identifier(k), sql.Identifier(f"k_{i}")) for i, k in enumerate(t.key)
+        sql.SQL("rb_undo_row.{} = n.{}").format(sql.Identifier(k), sql.Identifier(f"k_{i}")) for i, k in enumerate(t.key)
     )
 
 
@@ -177,9 +180,9 @@ def _key_json(t: CapturedTable) -> sql.Composable:
 
 
 STEPS = {  # which keys each step is for, and what it counts
-    "delete": ("n.before IS NULL AND n.after IS NOT NULL", "deleted"),
-    "update": ("n.before IS NOT NULL AND n.after IS NOT NULL AND n.before <> n.after", "restored"),
-    "insert": ("n.before IS NOT NULL AND n.after IS NULL", "reinserted"),
+    "delete": ("NOT n.done AND n.before IS NULL AND n.after IS NOT NULL", "deleted"),
+    "update": ("NOT n.done AND n.before IS NOT NULL AND n.after IS NOT NULL AND n.before <> n.after", "restored"),
+    "insert": ("NOT n.done AND n.before IS NOT NULL AND n.after IS NULL", "reinserted"),
 }
 
 
@@ -190,6 +193,41 @@ class Shape:
     columns: list[str]  # not generated (those are computed again)
     always: list[str]  # identity GENERATED ALWAYS: inserted with OVERRIDING SYSTEM VALUE, never updated
     key_types: list[str]
+    unreferenced: sql.Composable  # a row is deleted only where no row refers to it (see _unreferenced)
+
+
+def _unreferenced(conn, t: CapturedTable) -> sql.Composable:
+    """A condition on rb_undo_row: no row of any table refers to it by a foreign key. The
+    foreign keys stay on during the undo, so deleting a row that another session's row
+    refers to would cascade into that row (ON DELETE CASCADE, SET NULL): such a row is not
+    deleted, and is a conflict. A row the run's own rows refer to goes in a later pass,
+    once they are deleted."""
+    parts = []
+    for child_schema, child, pairs, own in query(
+        conn,
+        """
+        SELECT cn.nspname, cc.relname,
+               array(SELECT ARRAY[ca.attname, pa.attname]
+                       FROM unnest(co.conkey, co.confkey) AS k(c, p)
+                       JOIN pg_attribute ca ON ca.attrelid = co.conrelid AND ca.attnum = k.c
+                       JOIN pg_attribute pa ON pa.attrelid = co.confrelid AND pa.attnum = k.p),
+               co.conrelid = co.confrelid
+          FROM pg_constraint co
+          JOIN pg_class pc ON pc.oid = co.confrelid JOIN pg_namespace pn ON pn.oid = pc.relnamespace
+          JOIN pg_class cc ON cc.oid = co.conrelid JOIN pg_namespace cn ON cn.oid = cc.relnamespace
+         WHERE co.contype = 'f' AND pn.nspname = %s AND pc.relname = %s AND co.conparentid = 0""",
+        (t.schema, t.name),
+    ):
+        same = sql.SQL(" AND ").join(
+            sql.SQL("rb_undo_ref.{} = rb_undo_row.{}").format(sql.Identifier(c), sql.Identifier(p)) for c, p in pairs
+        )
+        itself = sql.SQL(" AND rb_undo_ref.ctid <> rb_undo_row.ctid") if own else sql.SQL("")
+        parts.append(
+            sql.SQL(" AND NOT EXISTS (SELECT 1 FROM {} rb_undo_ref WHERE {}{})").format(
+                sql.Identifier(child_schema, child), same, itself
+            )
+        )
+    return sql.SQL("").join(parts)
 
 
 def _statement(t: CapturedTable, step: str, shape: Shape, only: sql.Composable) -> sql.Composable:
@@ -198,19 +236,31 @@ def _statement(t: CapturedTable, step: str, shape: Shape, only: sql.Composable) 
     table = sql.Identifier(t.schema, t.name)
     net = sql.Identifier(_net_name(t))
     which = sql.SQL(STEPS[step][0])
-    returning = sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(k)) for k in t.key)
+    returning = sql.SQL(", ").join(sql.SQL("rb_undo_row.{}").format(sql.Identifier(k)) for k in t.key)
+    only_table = sql.SQL("ONLY " if t.by_row else "")  # an inheritance parent's statement would reach its children
     if step == "delete":
         change = sql.SQL(
-            "DELETE FROM {table} t USING {net} n WHERE {which}{only} AND {match} AND t::text = n.after RETURNING {r}"
-        ).format(table=table, net=net, which=which, only=only, match=_match(t), r=returning)
+            "DELETE FROM {only_table}{table} rb_undo_row USING {net} n WHERE {which}{only} AND {match} "
+            "AND rb_undo_row::text = n.after{unreferenced} RETURNING {r}"
+        ).format(
+            only_table=only_table,
+            table=table,
+            net=net,
+            which=which,
+            only=only,
+            match=_match(t),
+            unreferenced=shape.unreferenced,
+            r=returning,
+        )
     elif step == "update":
         # each image becomes a row once (OFFSET 0 keeps the planner from casting it per column)
         settable = [c for c in shape.columns if c not in shape.always]
         change = sql.SQL(
-            "UPDATE {table} t SET ({cols}) = ROW({values}) "
+            "UPDATE {only_table}{table} rb_undo_row SET ({cols}) = ROW({values}) "
             "FROM (SELECT n.*, n.before::{table} AS b FROM {net} n WHERE {which}{only} OFFSET 0) n "
-            "WHERE {match} AND t::text = n.after RETURNING {r}"
+            "WHERE {match} AND rb_undo_row::text = n.after RETURNING {r}"
         ).format(
+            only_table=only_table,
             table=table,
             cols=sql.SQL(", ").join(sql.Identifier(c) for c in settable),
             values=sql.SQL(", ").join(sql.SQL("(n.b).{}").format(sql.Identifier(c)) for c in settable),
@@ -222,7 +272,7 @@ def _statement(t: CapturedTable, step: str, shape: Shape, only: sql.Composable) 
         )
     else:
         change = sql.SQL(
-            "INSERT INTO {table} AS t ({cols}) {overriding} "
+            "INSERT INTO {table} AS rb_undo_row ({cols}) {overriding} "
             "SELECT {values} FROM (SELECT n.before::{table} AS b FROM {net} n WHERE {which}{only} OFFSET 0) n "
             "ON CONFLICT DO NOTHING RETURNING {r}"
         ).format(
@@ -266,20 +316,23 @@ def _step(conn, t: CapturedTable, step: str, shape: Shape, result: UndoResult) -
         if sqlstate(exc) not in INTEGRITY:
             raise
         scalar(conn, "ROLLBACK TO SAVEPOINT undo_step")
-    for (key,) in query(
-        conn, sql.SQL("SELECT {} FROM {} n WHERE {}").format(_key_json(t), sql.Identifier(_net_name(t)), sql.SQL(STEPS[step][0]))
+    texts = sql.SQL(", ").join(sql.SQL("n.{}::text").format(sql.Identifier(f"k_{i}")) for i in range(len(t.key)))
+    for key, *text in query(
+        conn,
+        sql.SQL("SELECT {}, {} FROM {} n WHERE {}").format(
+            _key_json(t), texts, sql.Identifier(_net_name(t)), sql.SQL(STEPS[step][0])
+        ),
     ):
-        if _one_key(conn, t, step, shape, key, result):
+        if _one_key(conn, t, step, shape, key, text, result):
             counts[t.qualified] = counts.get(t.qualified, 0) + 1
 
 
-def _one_key(conn, t: CapturedTable, step: str, shape: Shape, key: dict, result: UndoResult) -> bool:
-    """The step for one key, in a savepoint; a key that breaks a constraint waits (pending)."""
+def _one_key(conn, t: CapturedTable, step: str, shape: Shape, key: dict, text: list, result: UndoResult) -> bool:
+    """The step for one key (``text``: its columns as text, exact whatever their type), in
+    a savepoint; a key that breaks a constraint waits (pending)."""
     only = sql.SQL("").join(
-        sql.SQL(" AND n.{} = {}::{}").format(
-            sql.Identifier(f"k_{i}"), sql.Literal(None if key[k] is None else str(key[k])), sql.SQL(shape.key_types[i])
-        )
-        for i, k in enumerate(t.key)
+        sql.SQL(" AND n.{} = {}::{}").format(sql.Identifier(f"k_{i}"), sql.Literal(value), sql.SQL(shape.key_types[i]))
+        for i, value in enumerate(text)
     )
     marker = (t.qualified, step, json.dumps(key, sort_keys=True))
     scalar(conn, "SAVEPOINT undo_row")
@@ -292,7 +345,7 @@ def _one_key(conn, t: CapturedTable, step: str, shape: Shape, key: dict, result:
         if sqlstate(exc) not in INTEGRITY:
             raise
         scalar(conn, "ROLLBACK TO SAVEPOINT undo_row")
-        result.pending[marker] = (t, key, str(exc).strip().splitlines()[0])
+        result.pending[marker] = (t, key, text, str(exc).strip().splitlines()[0])
         return False
 
 
@@ -302,29 +355,29 @@ def _retry_pending(conn, shapes: dict[str, Shape], result: UndoResult) -> None:
     progress = True
     while result.pending and progress:
         progress = False
-        for marker, (t, key, _why) in list(result.pending.items()):
+        for marker, (t, key, text, _why) in list(result.pending.items()):
             step = marker[1]
-            if _one_key(conn, t, step, shapes[t.log], key, result):
+            if _one_key(conn, t, step, shapes[t.log], key, text, result):
                 counts = getattr(result, STEPS[step][1])
                 counts[t.qualified] = counts.get(t.qualified, 0) + 1
                 progress = True
             elif marker not in result.pending:  # no constraint now, and nothing done: a conflict (below)
                 progress = True
-    for (table, _step, _key), (_t, key, why) in result.pending.items():
-        result.conflicts.append(Conflict(table, key, None, None, why))
 
 
 def _conflicts(conn, t: CapturedTable, result: UndoResult) -> None:
     """The keys of the table's steps that no step changed and that no constraint holds
     back: rows someone changed after the run, with what the run left and what is there."""
-    waiting = {m[2] for m in result.pending if m[0] == t.qualified}
+    held = {m[2]: entry[3] for m, entry in result.pending.items() if m[0] == t.qualified}
     rows = query(
         conn,
         sql.SQL(
-            "SELECT {key}, n.after, (SELECT t::text FROM {table} t WHERE {match}) FROM {net} n "
+            "SELECT {key}, n.after, (SELECT rb_undo_row::text FROM {only_table}{table} rb_undo_row WHERE {match} LIMIT 1) "
+            "FROM {net} n "
             "WHERE NOT n.done AND (({a}) OR ({b}) OR ({c}))"
         ).format(
             key=_key_json(t),
+            only_table=sql.SQL("ONLY " if t.by_row else ""),
             table=sql.Identifier(t.schema, t.name),
             match=_match(t),
             net=sql.Identifier(_net_name(t)),
@@ -334,8 +387,10 @@ def _conflicts(conn, t: CapturedTable, result: UndoResult) -> None:
         ),
     )
     for key, wrote, now in rows:
-        if json.dumps(key, sort_keys=True) not in waiting:
-            result.conflicts.append(Conflict(t.qualified, key, wrote, now))
+        why = held.get(json.dumps(key, sort_keys=True))
+        if why is None and now is not None and now == wrote:  # as the run left it: only the guard kept it
+            why = "another row refers to it by a foreign key"
+        result.conflicts.append(Conflict(t.qualified, key, wrote, now, why or Conflict.why))
 
 
 _ENABLE = {"O": "ENABLE TRIGGER", "A": "ENABLE ALWAYS TRIGGER", "R": "ENABLE REPLICA TRIGGER"}
@@ -392,9 +447,7 @@ def _relax_not_valid(conn, tables: list[CapturedTable]) -> list[tuple[CapturedTa
 def _restore_not_valid(conn, relaxed: list[tuple[CapturedTable, str, str, str | None]]) -> None:
     for t, name, definition, comment in relaxed:
         table = sql.Identifier(t.schema, t.name)
-        scalar(
-            conn, sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} " + definition.replace("%", "%%")).format(table, sql.Identifier(name))
-        )
+        scalar(conn, sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} ").format(table, sql.Identifier(name)) + sql.SQL(definition))
         if comment is not None:
             scalar(
                 conn, sql.SQL("COMMENT ON CONSTRAINT {} ON {} IS {}").format(sql.Identifier(name), table, sql.Literal(comment))
@@ -426,9 +479,12 @@ def undo(conn, run_id: str, *, skip_conflicts: bool = False, dry_run: bool = Fal
         tables = _tables(conn, run_id)
         # each key looked up by the table's own index: the undo costs what the run
         # changed, not what the table holds (a hash join would read every row)
+        for name, value in OUTPUT_SETTINGS:  # images are read back as they were written (capture.OUTPUT_SETTINGS)
+            scalar(conn, "SELECT set_config(%s, %s, true)", (name, value))
+        scalar(conn, "SET CONSTRAINTS ALL IMMEDIATE")  # a deferred foreign key fails its step, not the commit
         scalar(conn, "SET LOCAL enable_hashjoin = off")
         scalar(conn, "SET LOCAL enable_mergejoin = off")
-        shapes = {t.log: Shape(*_columns(conn, t), key_types(conn, t)) for t in tables}
+        shapes = {t.log: Shape(*_columns(conn, t), key_types(conn, t), _unreferenced(conn, t)) for t in tables}
         quiet = _quiet_triggers(conn, tables)
         relaxed = _relax_not_valid(conn, tables)
         # the table the run wrote last first: children it inserted after their parents
@@ -436,13 +492,19 @@ def undo(conn, run_id: str, *, skip_conflicts: bool = False, dry_run: bool = Fal
         # what a foreign key still holds back is tried again at the end
         order = sorted(tables, key=lambda t: _last_statement(conn, t), reverse=True)
         for t in order:
-            _net(conn, t)
-        for step in ("delete", "update", "insert"):
+            _net(conn, t, shapes[t.log])
+        deleted = -1
+        while deleted != sum(result.deleted.values()):  # again while a pass deletes: rows their children held
+            deleted = sum(result.deleted.values())
+            for t in order:
+                _step(conn, t, "delete", shapes[t.log], result)
+        for step in ("update", "insert"):
             for t in order:
                 _step(conn, t, step, shapes[t.log], result)
         _retry_pending(conn, shapes, result)
         for t in order:
             _conflicts(conn, t, result)
+        result.pending.clear()
         _restore_not_valid(conn, relaxed)
         _wake_triggers(conn, quiet)
         if not dry_run:
