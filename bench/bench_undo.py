@@ -167,7 +167,7 @@ def thousand_rows(url: str) -> list[str]:
     return [
         "INSERT INTO orders (customer_id, status, amount, items, comment, placed_at) "
         "SELECT 1 + g, 'new', 1.00, '[]', 'undo bench', now() FROM generate_series(1, 400) g",
-        "UPDATE customers SET city = city || ' (moved)' WHERE id BETWEEN 5001 AND 5400",
+        "UPDATE customers SET city = city || ' (moved)' WHERE id BETWEEN 501 AND 900",
         f"DELETE FROM orders WHERE id BETWEEN {top - 1000} AND {top - 801}",
     ]
 

@@ -143,3 +143,18 @@ def test_pitr_benchmark_runs_end_to_end_on_a_small_database():
         assert figures[key] > 0, key
     assert figures["pg_dump + pg_restore"] == figures["pg_dump -Fc"] + figures["pg_restore"]
     assert "restore beside / pg_dump + pg_restore" in result.stderr
+
+
+def test_undo_benchmark_runs_end_to_end_on_small_databases():
+    result = _bench("bench_undo.py", "--sizes-gb", "0.02,0.04", "--records", "200", "--big-rows", "4000", "--json", timeout=900)
+    figures = json.loads(result.stdout)
+    capture = figures["capture"]
+    assert all(v > 0 for v in capture["seconds"].values())
+    assert capture["undo log / none"] == capture["seconds"]["undo log"] / capture["seconds"]["none"]
+    for size in figures["sizes"].values():
+        assert size["undo 1000 rows"]["deleted"]["public.orders"] == 400
+        assert size["undo 1000 rows"]["restored"]["public.customers"] == 400
+        assert size["undo 1000 rows"]["reinserted"]["public.orders"] == 200
+        assert 0 < size["seconds"]["undo 1000, database"] < size["seconds"]["undo 1000, command"]
+    assert figures["sizes"]["0.04"]["rows undone per second"] > 0
+    assert "undo log / no capture" in result.stderr and "rows per second" in result.stderr

@@ -267,44 +267,54 @@ def _forget_in_ledger(migration_id: str | None, run_id: str):
     return write
 
 
+def _show(ui: Reporter, result: revert.UndoResult) -> None:
+    for line in _plan_lines(result):
+        ui.info(f"  {line}")
+    if result.conflicts:
+        ui.warn(f"{len(result.conflicts)} conflict(s): rows changed after the run, left as they are now")
+        for line in conflict_lines(result):
+            ui.info(f"  {line}")
+
+
+def _refused(run_id: str, result: revert.UndoResult) -> UndoRefused:
+    return UndoRefused(
+        f"Run {run_id} was not undone: {len(result.conflicts)} row(s) it wrote were changed after it "
+        "(listed above); nothing was changed.",
+        f"`python3 rollback_manager.py undo {run_id} --skip-conflicts` undoes the rest and leaves those rows as "
+        "they are now; a point restore puts back everything, other sessions' writes included.",
+    )
+
+
 def undo_in(op: Operation, wanted: str, *, dry_run: bool = False, skip_conflicts: bool = False, ask_first: bool = True) -> dict:
     """The undo inside an operation that holds staging's lock (the command's own, or the
-    runner's after a failed run)."""
+    runner's after a failed run). Where a person is asked, the undo is first made and
+    rolled back to show what it will do; where the call is the confirmation (--yes, the
+    API, the runner) nobody reads that preview, and the undo is made once."""
     ui = op.ui
     target = op.target
     with connection(target.info, target.dbname, application_name="rollback-toolkit undo") as conn:
         run_id, migration_id = _resolve(conn, wanted)
         op.record.set(run_id=run_id, migration_id=migration_id)
-        preview = revert.undo(conn, run_id, dry_run=True)
         ui.info(
             f"Undo of run {run_id} on {target.dbname}: the run's own changes reverted in one transaction, "
             "every other session's writes kept; sequences stay where they are."
         )
-        for line in _plan_lines(preview):
-            ui.info(f"  {line}")
-        if preview.conflicts:
-            ui.warn(f"{len(preview.conflicts)} conflict(s): rows changed after the run, left as they are now")
-            for line in conflict_lines(preview):
-                ui.info(f"  {line}")
-        if dry_run:
-            return _document(run_id, migration_id, preview, dry_run=True)
-        if preview.conflicts and not skip_conflicts:
-            raise UndoRefused(
-                f"Run {run_id} was not undone: {len(preview.conflicts)} row(s) it wrote were changed after it "
-                "(listed above); nothing was changed.",
-                f"`python3 rollback_manager.py undo {run_id} --skip-conflicts` undoes the rest and leaves those rows as "
-                "they are now; a point restore puts back everything, other sessions' writes included.",
-            )
+        preview = dry_run or (ask_first and not op.ask.granted)
+        if preview:
+            shown = revert.undo(conn, run_id, dry_run=True)
+            _show(ui, shown)
+            if dry_run:
+                return _document(run_id, migration_id, shown, dry_run=True)
+            if shown.conflicts and not skip_conflicts:
+                raise _refused(run_id, shown)
         if ask_first:
             op.confirm_change(f"Undo run {run_id}?", what=f"undo {run_id}")
         started = time.monotonic()
         result = revert.undo(conn, run_id, skip_conflicts=skip_conflicts, before_commit=_forget_in_ledger(migration_id, run_id))
-        if not result.applied:  # a conflict appeared between the preview and the undo
-            raise UndoRefused(
-                f"Run {run_id} was not undone: {len(result.conflicts)} row(s) it wrote were changed meanwhile; "
-                "nothing was changed.",
-                "Run the undo again to see them, or add --skip-conflicts.",
-            )
+        if not preview:
+            _show(ui, result)
+        if not result.applied:  # conflicts, found now (or appeared since the preview)
+            raise _refused(run_id, result)
     document = _document(run_id, migration_id, result, dry_run=False)
     document["seconds"] = round(time.monotonic() - started, 3)
     op.record.set(
