@@ -235,12 +235,15 @@ def _rows(staging, table: str) -> list:
     return [r[0] for r in staging.sql(f"SELECT x::text FROM {table} x ORDER BY 1")]
 
 
-def _run_and_undo(staging, conn, tables, statements, *, session=(), **undo):
-    """The statements as the run (after ``session`` settings of its own), captured, then undone."""
+def _run_and_undo(staging, conn, tables, statements, *, session=(), then=(), **undo):
+    """The statements as the run (after ``session`` settings of its own), captured, then
+    ``then`` by another session, then the undo."""
     usable, _ = capture.plan(conn, RUN, list(tables))
     capture.install(conn, RUN, usable)
     _migrate(staging, [*session, *statements])
     capture.finish(conn, RUN)
+    for statement in then:
+        staging.sql(statement)
     return revert.undo(conn, RUN, **undo)
 
 
@@ -329,11 +332,14 @@ def test_a_deferred_foreign_key_is_a_conflict_not_a_failure_at_commit(db):
         "CREATE TABLE p (id int PRIMARY KEY);"
         "CREATE TABLE c (id int PRIMARY KEY, p int REFERENCES p DEFERRABLE INITIALLY DEFERRED)"
     )
-    usable, _ = capture.plan(conn, RUN, [("public", "p")])
-    capture.install(conn, RUN, usable)
-    _migrate(staging, ["INSERT INTO p VALUES (5)"])
-    capture.finish(conn, RUN)
-    staging.sql("INSERT INTO c VALUES (1, 5)")
-    refused = revert.undo(conn, RUN)
+    refused = _run_and_undo(staging, conn, [("public", "p")], ["INSERT INTO p VALUES (5)"], then=["INSERT INTO c VALUES (1, 5)"])
     assert not refused.applied and [c.key for c in refused.conflicts] == [{"id": 5}]
     assert _rows(staging, "p") == ["(5)"]
+
+
+def test_a_drop_by_the_run_is_schema_changed_and_refuses_the_undo(db):
+    staging, conn = db
+    staging.sql("CREATE TABLE u (id int PRIMARY KEY, email text); CREATE UNIQUE INDEX u_email ON u (email)")
+    with pytest.raises(UndoRefused, match="DROP index public.u_email"):
+        _run_and_undo(staging, conn, [("public", "u")], ["DROP INDEX u_email", "INSERT INTO u VALUES (1, 'a'), (2, 'a')"])
+    assert staging.sql("SELECT count(*) FROM u") == [(2,)]  # nothing was changed

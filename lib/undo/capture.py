@@ -88,27 +88,17 @@ BEGIN
     IF run IS NULL OR run = '' THEN
         RETURN;
     END IF;
-    -- the toolkit's own bookkeeping (the ledger's first creation) and temporary tables are not the run's DDL
-    SELECT string_agg(command_tag || coalesce(' ' || object_identity, ''), ', ') INTO seen
-      FROM pg_event_trigger_ddl_commands()
-     WHERE schema_name IS DISTINCT FROM '{SCHEMA}' AND coalesce(schema_name, '') NOT LIKE 'pg\_temp%'
-       AND NOT (command_tag = 'CREATE SCHEMA' AND object_identity = '{SCHEMA}');
-    IF seen IS NOT NULL THEN
-        UPDATE {RUNS} SET ddl = coalesce(ddl || ', ', '') || seen WHERE run_id = run AND capturing;
+    -- the toolkit's own bookkeeping (the ledger's first creation) and temporary objects are not the run's DDL
+    IF TG_EVENT = 'sql_drop' THEN
+        SELECT string_agg('DROP ' || object_type || coalesce(' ' || object_identity, ''), ', ') INTO seen
+          FROM pg_event_trigger_dropped_objects()
+         WHERE original AND NOT is_temporary AND schema_name IS DISTINCT FROM '{SCHEMA}';
+    ELSE
+        SELECT string_agg(command_tag || coalesce(' ' || object_identity, ''), ', ') INTO seen
+          FROM pg_event_trigger_ddl_commands()
+         WHERE schema_name IS DISTINCT FROM '{SCHEMA}' AND coalesce(schema_name, '') NOT LIKE 'pg\_temp%'
+           AND NOT (command_tag = 'CREATE SCHEMA' AND object_identity = '{SCHEMA}');
     END IF;
-END
-$f$;
-CREATE OR REPLACE FUNCTION {SCHEMA}.drop_seen() RETURNS event_trigger LANGUAGE plpgsql AS $f$
-DECLARE
-    run text := current_setting('{RUN_SETTING}', true);
-    seen text;
-BEGIN
-    IF run IS NULL OR run = '' THEN
-        RETURN;
-    END IF;
-    SELECT string_agg('DROP ' || object_type || coalesce(' ' || object_identity, ''), ', ') INTO seen
-      FROM pg_event_trigger_dropped_objects()
-     WHERE original AND NOT is_temporary AND schema_name IS DISTINCT FROM '{SCHEMA}';
     IF seen IS NOT NULL THEN
         UPDATE {RUNS} SET ddl = coalesce(ddl || ', ', '') || seen WHERE run_id = run AND capturing;
     END IF;
@@ -117,7 +107,7 @@ $f$;
 DROP EVENT TRIGGER IF EXISTS {EVENT_TRIGGER};
 CREATE EVENT TRIGGER {EVENT_TRIGGER} ON ddl_command_end EXECUTE FUNCTION {SCHEMA}.ddl_seen();
 DROP EVENT TRIGGER IF EXISTS {EVENT_TRIGGER}_drop;
-CREATE EVENT TRIGGER {EVENT_TRIGGER}_drop ON sql_drop EXECUTE FUNCTION {SCHEMA}.drop_seen();
+CREATE EVENT TRIGGER {EVENT_TRIGGER}_drop ON sql_drop EXECUTE FUNCTION {SCHEMA}.ddl_seen();
 """
 
 # staging's tables and their columns, by name and type: what a digest compares
