@@ -11,6 +11,12 @@ shows the automatic rollback.
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":  # run as seed 000 shows it: python3 migrations/001_migrate_clients.py --production
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import lib.cli.venv  # noqa: F401  (runs this file again under .venv when its packages are missing)
 
 from psycopg2.extras import RealDictCursor
 
@@ -45,3 +51,9 @@ def migrate(ctx) -> None:
             )
 
     ctx.run_batches(clients, migrate_client, key=lambda c: c["id"], total=total)
+
+
+if __name__ == "__main__":  # exactly `python3 run_migration.py THIS_FILE ...`: a dry run, --production, --rollback [ID]
+    from run_migration import main
+
+    sys.exit(main([__file__, *sys.argv[1:]]))

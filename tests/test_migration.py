@@ -867,3 +867,35 @@ def test_a_role_that_cannot_keep_the_ledger_is_stopped_before_any_record(mig18, 
     assert "may not write the ledger" in report["error"] and report["migrated"] == 0
     assert mig18.sql("SELECT count(*) FROM products WHERE code LIKE 'A%'")[0][0] == 0
     assert "runner-secret" not in result.stderr + result.stdout
+
+
+def test_the_migration_file_runs_as_seed_000_shows_it_under_a_bare_python3(mig18):
+    """`python3 migrations/001_migrate_clients.py [--production | --rollback]`: the same as
+    run_migration.py with the file, under .venv whatever python3 is; never exit 0 doing nothing."""
+    from tests.test_first_run import _bare_python, _no_venv_env
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [*_bare_python(), CLIENTS, *args],
+            cwd=ROOT,
+            env=_no_venv_env(mig18.env),
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+        )
+
+    dry = run("--json")
+    assert dry.returncode == 0, dry.stderr
+    assert json.loads(dry.stdout)["outcome"] == "dry run" and "running under" in dry.stderr
+    before = mig18.sql("SELECT count(*) FROM customers")[0][0]
+    done = run("--production", "--yes", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["outcome"] == "succeeded" and report["migrated"] == GOOD_CLIENTS
+    assert mig18.sql("SELECT count(*) FROM customers")[0][0] == before + GOOD_CLIENTS
+    back = run("--rollback", "--yes", "--json")
+    assert back.returncode == 0, back.stderr
+    assert json.loads(back.stdout)["point_id"] == report["point_id"]
+    assert mig18.sql("SELECT count(*) FROM customers")[0][0] == before
+    wrong = run("--production", "--no-such-flag")
+    assert wrong.returncode == 2 and "Traceback" not in wrong.stderr
