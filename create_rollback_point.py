@@ -45,7 +45,12 @@ def build_parser() -> Parser:
         action="store_true",
         help="write every file of the point in the age format, to the recipients in ROLLBACK_ENCRYPT_TO",
     )
-    p.add_argument("--keep", type=int, metavar="N", help="afterwards keep only the N newest points of this database")
+    p.add_argument(
+        "--keep",
+        type=int,
+        metavar="N",
+        help="afterwards keep the N newest points taken on purpose (with --migration-id: of that migration only)",
+    )
     p.add_argument(
         "--jobs", type=int, metavar="N", help="parallel pg_dump jobs for a dump point (default: DUMP_JOBS or the number of CPUs)"
     )

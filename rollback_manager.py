@@ -122,7 +122,12 @@ def build_parser() -> Parser:
     delete = sub.add_parser("delete", parents=[parent], help="remove one point and its database copy")
     delete.add_argument("point_id", metavar="ID")
     clean = sub.add_parser("cleanup", parents=[parent], help="remove old points of staging")
-    clean.add_argument("--keep", type=int, metavar="N", help="keep the N newest points")
+    clean.add_argument(
+        "--keep",
+        type=int,
+        metavar="N",
+        help="keep the N newest points taken on purpose (states kept before rollbacks: KEEP_BEFORE_STATES)",
+    )
     clean.add_argument("--older-than", type=float, metavar="DAYS", help="remove only points older than DAYS days")
     clean.add_argument("--dry-run", action="store_true", help="show what would be removed, remove nothing")
     trail = sub.add_parser("audit", parents=[parent], help="show the audit trail")

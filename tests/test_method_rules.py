@@ -89,10 +89,28 @@ def test_every_method_says_how_it_is_restored_and_what_its_points_guarantee():
 NOW = datetime(2026, 12, 2, 12, 0, tzinfo=UTC)
 
 
-def _point(n: int, days_old: float, kind: Kind = Kind.MANUAL) -> Point:
+def _point(n: int, days_old: float, kind: Kind = Kind.MANUAL, migration_id: str | None = None) -> Point:
     created = (NOW - timedelta(days=days_old)).isoformat(timespec="milliseconds")
-    manifest = Manifest(id=f"rb_p{n}", method="dump", kind=kind, status=Status.COMPLETED, created_at_text=created)
+    manifest = Manifest(
+        id=f"rb_p{n}", method="dump", kind=kind, status=Status.COMPLETED, created_at_text=created, migration_id=migration_id
+    )
     return Point(Path(f"/nonexistent/rb_p{n}"), manifest)
+
+
+def test_keep_with_a_migration_id_counts_and_removes_only_that_migrations_points():
+    """The guide's example `--migration-id client_migration --keep 5` once removed the demo's
+    and other migrations' points and counted states kept before rollbacks among the five."""
+    points = [_point(n, 20 - n, migration_id="client_migration") for n in range(7)]
+    points += [_point(10 + n, 15 - n, migration_id="other") for n in range(3)]  # another migration's
+    points += [_point(20, 12), _point(21, 1, Kind.BEFORE_ROLLBACK), _point(22, 0.5, Kind.BEFORE_ROLLBACK)]
+    points.sort(key=lambda p: p.created_at)
+    plan = retention_rules.plan_cleanup(
+        points, lambda p: True, keep=5, older_than_days=None, now=NOW, migration_id="client_migration"
+    )
+    assert [p.id for p in plan.remove] == ["rb_p0", "rb_p1"]
+    assert plan.why["rb_p0"] == "beyond the newest 5 points of migration client_migration"
+    everything = retention_rules.plan_cleanup(points, lambda p: True, keep=2, older_than_days=None, now=NOW)
+    assert not {p.id for p in everything.remove} & {"rb_p21", "rb_p22"}  # states before rollbacks: KEEP_BEFORE_STATES
 
 
 def _plan(points, good_ids, **retention):

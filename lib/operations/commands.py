@@ -139,7 +139,8 @@ def create_point(
         )
         point = _take_trying(op, requested, chosen, description=description, migration_id=migration_id, tables=tables)
         op.record.set(point_id=point.id, method=point.method)
-        removed = retention.apply(target, op.catalog, ui, keep=keep, later=True) if keep else []
+        # --keep with a migration id keeps that migration's newest N and touches no other point
+        removed = retention.apply(target, op.catalog, ui, keep=keep, later=True, migration_id=migration_id) if keep else []
         if removed:
             background.start(settings, "remove", *(p.id for p in removed))  # their databases, dropped in the background
     return point, removed

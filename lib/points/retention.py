@@ -16,7 +16,7 @@ import logging
 import math
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
 
@@ -73,6 +73,7 @@ class CleanupPlan:
     remove: list[Point]
     protected: Point | None  # the newest point that verifies
     protected_manual: Point | None = None  # the newest one taken on purpose: quick_rollback's target
+    why: dict[str, str] = field(default_factory=dict)  # point id -> why it goes
 
 
 def check_retention_request(keep: int | None, older_than_days: float | None) -> None:
@@ -86,34 +87,56 @@ def check_retention_request(keep: int | None, older_than_days: float | None) -> 
         )
 
 
-def cleanup_plan(target: Target, catalog: Catalog, *, keep: int | None, older_than_days: float | None) -> CleanupPlan:
+def cleanup_plan(
+    target: Target, catalog: Catalog, *, keep: int | None, older_than_days: float | None, migration_id: str | None = None
+) -> CleanupPlan:
     if keep is None and older_than_days is None:
         raise ConfigError("Say what to remove: --keep N, --older-than DAYS, or both.", "Add --dry-run to see it first.")
     check_retention_request(keep, older_than_days)
     return plan_cleanup(
-        points_of(catalog, target), lambda p: is_good(target, p), keep=keep, older_than_days=older_than_days, now=utc_now()
+        points_of(catalog, target),
+        lambda p: is_good(target, p),
+        keep=keep,
+        older_than_days=older_than_days,
+        now=utc_now(),
+        migration_id=migration_id,
     )
 
 
 def plan_cleanup(
-    points: list[Point], good: Callable[[Point], bool], *, keep: int | None, older_than_days: float | None, now: datetime
+    points: list[Point],
+    good: Callable[[Point], bool],
+    *,
+    keep: int | None,
+    older_than_days: float | None,
+    now: datetime,
+    migration_id: str | None = None,
 ) -> CleanupPlan:
-    """The rule itself (``points`` oldest first): the newest ``keep`` and those younger than
-    ``older_than_days`` stay; so do, always, the newest point that is ``good`` and the
+    """The rule itself (``points`` oldest first). It counts and removes only points taken
+    on purpose (states kept before rollbacks follow KEEP_BEFORE_STATES alone), and with
+    ``migration_id`` only that migration's: the newest ``keep`` of them and those younger
+    than ``older_than_days`` stay; so do, always, the newest point that is ``good`` and the
     newest good one taken on purpose (quick rollback's target), whatever their age."""
     protected = newest_good(points, good)
-    protected_manual = newest_good([p for p in points if p.manifest.kind != Kind.BEFORE_ROLLBACK], good)
+    manual = [p for p in points if p.manifest.kind != Kind.BEFORE_ROLLBACK]
+    protected_manual = newest_good(manual, good)
     keep_ids = {p.id for p in (protected, protected_manual) if p is not None}
     cutoff = now - timedelta(days=older_than_days) if older_than_days is not None else None
-    remove = []
-    for rank, point in enumerate(reversed(points), start=1):
+    counted = [p for p in manual if migration_id is None or p.manifest.migration_id == migration_id]
+    whose = f"of migration {migration_id}" if migration_id else "of this database"
+    remove, why = [], {}
+    for rank, point in enumerate(reversed(counted), start=1):
         if point.id in keep_ids:
             continue
         beyond_keep = keep is None or rank > keep
         old_enough = cutoff is None or point.created_at < cutoff
         if beyond_keep and old_enough:
             remove.append(point)
-    return CleanupPlan(list(reversed(remove)), protected, protected_manual)
+            reasons = ([f"beyond the newest {keep} points {whose}"] if keep is not None else []) + (
+                [f"older than {older_than_days:g} days"] if cutoff is not None else []
+            )
+            why[point.id] = " and ".join(reasons)
+    return CleanupPlan(list(reversed(remove)), protected, protected_manual, why)
 
 
 def delete_point(target: Target, catalog: Catalog, point: Point) -> None:
@@ -156,13 +179,17 @@ def apply(
     dry_run: bool = False,
     cleanup: CleanupPlan | None = None,
     later: bool = False,
+    migration_id: str | None = None,
 ) -> list[Point]:
     """Remove the plan's points. ``later``: only unlisted now (a rename), their databases
     dropped by the background (lib/operations/background.py), so that taking a point
     never waits for a DROP DATABASE."""
-    cleanup = cleanup or cleanup_plan(target, catalog, keep=keep, older_than_days=older_than_days)
+    cleanup = cleanup or cleanup_plan(target, catalog, keep=keep, older_than_days=older_than_days, migration_id=migration_id)
     for point in cleanup.remove:
-        what = f"{point.id} ({point.method}, {(point.manifest.created_at_text or '?')[:19]}, {point.manifest.description or ''})"
+        what = (
+            f"{point.id} ({point.method}, {(point.manifest.created_at_text or '?')[:19]}, "
+            f"{point.manifest.description or ''}): {cleanup.why.get(point.id, 'by the retention asked for')}"
+        )
         if dry_run:
             ui.info(f"  would remove {what}")
             continue
