@@ -159,3 +159,17 @@ def test_help_usage_and_unknown_commands(staging):
     assert unknown.returncode == 2 and "unknown command: nope" in unknown.stderr
     menu = launcher(staging, "menu")
     assert menu.returncode == 2 and "the menu needs a terminal" in menu.stderr
+
+
+def test_the_advanced_menu_never_offers_a_state_kept_before_a_rollback_and_ended_input_exits_2(staging):
+    first = staging.create_point("first", "--method", "data")
+    staging.run("rollback_manager.py", "restore", first, "--yes")  # keeps the state before: the newest point now
+    child = spawn(staging, "8")
+    child.expect_exact("Restore which point? (number)")
+    child.expect_exact("(1)")  # the default is the point taken on purpose, not the newer kept state (2)
+    child.sendeof()  # the input ends (Ctrl-D) before an answer
+    child.expect(pexpect.EOF)
+    said = child.before
+    child.close()
+    assert child.exitstatus == 2, said
+    assert "input ended before an answer" in said and "Unexpected failure" not in said and "EOFError" not in said

@@ -139,3 +139,15 @@ def test_audit_json_keeps_every_detail(staging):
     assert found[0]["error"] == entries()[0]["error"] and "public.table_11: 11 rows" in found[0]["error"]
     table = staging.run("rollback_manager.py", "audit")
     assert table.returncode == 0 and LONGEST_ID in table.stdout and "public.table_11" not in table.stdout
+
+
+@pytest.mark.unit
+def test_at_80_columns_a_point_shows_when_it_was_made_and_how_and_at_120_its_migration():
+    typical = [
+        point("rb_client_migration_20261121_101500", "Before the clients", migration_id="client_migration"),
+        point("rb_before_rollback_staging_20261121_102000", "state before rollback to rb_client_migration", method="template"),
+    ]
+    narrow = "\n".join(rendered(lambda ui: render.points_table(ui, typical), 80))
+    assert "Created (UTC)" in narrow and "Method" in narrow and "2026-11-21 10:15:00" in narrow and "template" in narrow
+    wide = "\n".join(rendered(lambda ui: render.points_table(ui, typical), 120))
+    assert "Migration ID" in wide and "client_migration" in wide and "Description" in wide and "Created (UTC)" in wide

@@ -10,6 +10,7 @@ from lib.errors import ConfigError, ConfirmationRefused, RollbackError
 from lib.interaction import Confirmer
 from lib.operations import commands as operations
 from lib.points.catalog import refuse_damaged_manifest
+from lib.points.manifest import Kind
 from lib.points.methods import registry
 
 
@@ -22,11 +23,13 @@ def choose_point(settings: Settings, ui: UI, ask: Confirmer):
             "with `python3 reset_staging.py`.",
         )
     render.points_table(ui, points, numbered=True)
+    # the default is the newest point taken on purpose, never a state kept before a rollback
+    taken = [n for n, p in enumerate(points, start=1) if p.manifest.kind != Kind.BEFORE_ROLLBACK]
     answer = ask.choose(
         "Restore which point? (number)",
         what="the point to restore",
         choices=[str(n) for n in range(1, len(points) + 1)],
-        default=str(len(points)),
+        default=str(taken[-1]) if taken else None,
     )
     point = points[int(answer) - 1]
     refuse_damaged_manifest(point)  # its method is unknown: nothing to restore it with

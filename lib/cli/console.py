@@ -261,6 +261,10 @@ class TerminalConfirmer(Granted):
         self.console = console
 
     def confirm(self, question: str, *, what: str, protected: str | None = None) -> None:
+        with _input_may_end(what):
+            self._confirm(question, what=what, protected=protected)
+
+    def _confirm(self, question: str, *, what: str, protected: str | None = None) -> None:
         from rich.prompt import Confirm, Prompt
 
         if protected:
@@ -285,7 +289,20 @@ class TerminalConfirmer(Granted):
     def choose(self, question: str, *, what: str, choices: list[str] | None = None, default: str | None = None) -> str:
         from rich.prompt import Prompt
 
-        return Prompt.ask(question, console=self.console, default=default, choices=choices, show_choices=bool(choices))
+        with _input_may_end(what):
+            return Prompt.ask(question, console=self.console, default=default, choices=choices, show_choices=bool(choices))
+
+
+@contextmanager
+def _input_may_end(what: str) -> Iterator[None]:
+    """Input that ends before an answer (Ctrl-D, a closed pipe) is a refusal: exit 2, nothing done."""
+    try:
+        yield
+    except EOFError:
+        raise ConfirmationRefused(
+            f"The input ended before an answer about {what}; nothing has been changed.",
+            "Run it again on a terminal, or give the answer on the command line (--yes, an id).",
+        ) from None
 
 
 def confirmer_for(ui: UI, *, yes: bool, typed: str | None = None, terminal: bool | None = None) -> Confirmer:

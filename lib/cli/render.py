@@ -82,8 +82,8 @@ def _draw(ui: UI, columns: dict[str, _Column], widths: dict[str, int], **options
 
 def points_table(ui: UI, points: list[Point], *, numbered: bool = False) -> None:
     """Every point on one line. An id is never cut or wrapped, so it can be copied from the
-    screen: on a narrow screen the description is shortened first, then Migration ID,
-    Database, Size and the rest are left out."""
+    screen: on a narrow screen the description is shortened first, then Table, Database,
+    Size, Status, Migration ID and Description are left out, in that order."""
     if not points:
         ui.out.print('No rollback points yet. Take one with: python3 create_rollback_point.py "Before migration"')
         return
@@ -102,16 +102,9 @@ def points_table(ui: UI, points: list[Point], *, numbered: bool = False) -> None
         created=_Column("Created (UTC)", [(s["created_at"] or "?")[:19].replace("T", " ") for s in summaries]),
         description=_Column("Description", [s["description"] or "" for s in summaries], shrink_to=12),
     )
-    order = [
-        "migration",
-        "database",
-        "size",
-        "created",
-        "table",
-        "method",
-        "description",
-        "status",
-    ]  # created: the id says it too
+    # left out first to last: at 80 columns ID, Method and Created stay (the description
+    # is shortened, then left out), at 120 the migration id and the description too
+    order = ["table", "database", "size", "status", "migration", "description", "method", "created"]
     widths = _fit(columns, ui.out.width, order)
     _draw(ui, columns, widths, title="Rollback points (oldest first)", title_justify="left")
 
