@@ -162,6 +162,38 @@ def test_sessions_during_create_are_named_and_only_ended_with_yes(staging):
         idle.close()
 
 
+def test_clients_that_reconnect_at_once_are_named_with_what_to_do(pg18, new_staging):
+    """A pooler reconnecting as fast as its sessions are ended: the template point gives up
+    after its wait and says so, naming the clients and the hooks that pause a pooler, not
+    an empty list and a privilege the role has."""
+    staging = new_staging(pg18)
+    stop = threading.Event()
+
+    def pooler() -> None:
+        while not stop.is_set():
+            try:
+                conn = psycopg2.connect(staging.url, application_name="pooler-like")
+                while not stop.is_set():
+                    with conn.cursor() as cur:
+                        cur.execute("SELECT 1")
+            except psycopg2.Error:
+                continue
+
+    threads = [threading.Thread(target=pooler, daemon=True) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        failed = staging.run("create_rollback_point.py", "x", "--method", "template", "--yes")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+    assert failed.returncode != 0
+    assert "reconnected at once" in failed.stderr and "pooler-like" in failed.stderr, failed.stderr
+    assert "ROLLBACK_BEFORE_SWAP" in failed.stderr and "pg_signal_backend" not in failed.stderr
+    assert staging.run_json("rollback_manager.py", "list") == []
+
+
 @pytest.mark.parametrize("place", ["before copy", "after copy"])
 def test_a_copy_killed_half_way_leaves_no_point_and_staging_intact(staging, tmp_path, place):
     """kill -9 of the whole process group, stopped at a named place: before the server

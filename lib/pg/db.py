@@ -318,22 +318,39 @@ def terminate_session(conn, pid: int) -> bool:
 
 
 def terminate_sessions(conn, dbname: str, wait_seconds: float = 10.0) -> list[Session]:
-    """Terminate every other session on ``dbname`` and wait until they are gone."""
+    """Terminate every other session on ``dbname`` and wait until they are gone. Where
+    they do not end, the error says why it looks so: sessions the role may not end, or
+    clients that reconnect as fast as they are ended (a pooler, an application)."""
     gone = sessions_on(conn, dbname)
+    seen: dict[int, Session] = {s.pid: s for s in gone}
+    refused: dict[int, Session] = {}
 
     def ended() -> bool:
         current = sessions_on(conn, dbname)
         for s in current:
+            seen.setdefault(s.pid, s)
             if not scalar(conn, "SELECT pg_terminate_backend(%s)", (s.pid,)):
                 log.warning("could not terminate pid %s", s.pid)
+                refused[s.pid] = s
         return not current
 
     if not wait_until(ended, timeout=wait_seconds):
+        if refused:
+            raise DatabaseError(
+                f"Sessions on {dbname!r} did not end within {wait_seconds:.0f} s: the role may not end "
+                + "; ".join(s.describe() for s in refused.values())
+                + ".",
+                "Grant it pg_signal_backend (or ask a superuser), or stop those clients; then run the command again.",
+            )
+        clients = sorted({s.describe() for s in seen.values()})
         raise DatabaseError(
-            f"Sessions on {dbname!r} did not end within {wait_seconds:.0f} s: "
-            + "; ".join(s.describe() for s in sessions_on(conn, dbname))
-            + ".",
-            "The role may lack the right to end them (pg_signal_backend); ask a superuser, or stop those clients and run the command again.",
+            f"Sessions on {dbname!r} did not end within {wait_seconds:.0f} s: every one was ended, and clients "
+            f"reconnected at once ({len(seen)} session(s) in all: {'; '.join(clients[:5])}"
+            + (" …" if len(clients) > 5 else "")
+            + ").",
+            "A pooler or an application reconnects as soon as it is cut off: pause it around the swap "
+            "(ROLLBACK_BEFORE_SWAP / ROLLBACK_AFTER_SWAP, e.g. PgBouncer's PAUSE and RESUME), or stop those clients; "
+            "then run the command again.",
         )
     return gone
 
