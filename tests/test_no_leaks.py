@@ -100,7 +100,13 @@ class Paused:
 
     def stopped(self) -> int:
         """Its pid, once it has reached its pause."""
-        wait_for(self.ready.exists, timeout=60, what=f"a run to stop at {self.place}", every=0.05)
+        # the file exists a moment before its line is written: wait for the whole line
+        wait_for(
+            lambda: self.ready.exists() and self.ready.read_text().endswith("\n"),
+            timeout=60,
+            what=f"a run to stop at {self.place}",
+            every=0.05,
+        )
         return int(self.ready.read_text().split()[0])
 
     def release(self) -> None:
