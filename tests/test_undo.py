@@ -75,6 +75,7 @@ def test_a_table_without_a_key_is_named_and_left_out(db):
     assert without == [("public", "nokey")] and {t.name for t in usable} == {"parent", "child"}
 
 
+@pytest.mark.servers("14", "15", "16", "18")  # the majors the undo is built for
 def test_undo_puts_back_exactly_what_the_run_changed_and_keeps_other_sessions_writes(db):
     staging, conn = db
     _capture(conn)
@@ -247,6 +248,7 @@ def _run_and_undo(staging, conn, tables, statements, *, session=(), then=(), **u
     return revert.undo(conn, RUN, **undo)
 
 
+@pytest.mark.servers("14", "15", "16", "18")  # the majors the undo is built for
 def test_deleting_a_row_the_run_inserted_never_cascades_into_another_sessions_rows(db):
     staging, conn = db
     staging.sql(
@@ -302,6 +304,7 @@ def test_columns_named_like_the_undos_own_aliases_and_quotes(db):
     assert done.applied and not done.conflicts and _rows(staging, "odd") == before
 
 
+@pytest.mark.servers("14", "15", "16", "18")  # the majors the undo is built for
 def test_the_runs_own_session_settings_change_no_value(db):
     staging, conn = db
     staging.sql(
@@ -337,6 +340,7 @@ def test_a_deferred_foreign_key_is_a_conflict_not_a_failure_at_commit(db):
     assert _rows(staging, "p") == ["(5)"]
 
 
+@pytest.mark.servers("14", "15", "16", "18")  # the majors the undo is built for
 def test_a_drop_by_the_run_is_schema_changed_and_refuses_the_undo(db):
     staging, conn = db
     staging.sql("CREATE TABLE u (id int PRIMARY KEY, email text); CREATE UNIQUE INDEX u_email ON u (email)")

@@ -85,6 +85,7 @@ class Writer(threading.Thread):
             self.error = exc
 
 
+@pytest.mark.servers("14", "15", "16", "18")  # the majors the undo is built for
 def test_a_run_is_undone_exactly_while_another_session_writes_the_same_tables(staging, tmp_path):
     path = _setup(staging, tmp_path)
     before, lines_before = staging.sql(MINE), staging.sql(LINES_MINE)
@@ -242,6 +243,7 @@ def test_an_unknown_run_is_a_clear_error(staging, wanted):
     assert "no undo log" in result.stderr or "no captured run" in result.stderr
 
 
+@pytest.mark.servers("14", "15", "16", "18")  # the majors the undo is built for
 def test_a_role_that_owns_staging_without_being_superuser_captures_and_undoes(staging, tmp_path):
     """As on a managed service: the migration's role owns its database and tables, and
     may not create event triggers; schema changes are then found by the catalog digest."""
