@@ -209,3 +209,39 @@ def test_retention_and_limits_that_make_no_sense_are_refused_before_anything(sta
     assert "left behind" not in result.stderr  # refused before the leftover scan, not after it
     _one_paragraph(result.stderr)
     assert [p["id"] for p in staging.run_json("rollback_manager.py", "list")] == kept
+
+
+def test_a_role_that_writes_staging_but_does_not_own_it_is_refused_before_anything_and_told_why(staging):
+    """As on a team where the migration role only writes: the restore of a dump point
+    (in place, since the role may not create databases) is refused up front naming what
+    it does not own, nothing changed; check_setup says FAILED with the fix."""
+    point = staging.create_point("by the owner", "--method", "dump")
+    staging.sql(
+        "DROP ROLE IF EXISTS rb_writer; CREATE ROLE rb_writer LOGIN PASSWORD 'writer-pw-9';"
+        f'GRANT CONNECT ON DATABASE "{staging.name}" TO rb_writer;'
+        'GRANT USAGE ON SCHEMA public, "Sales Ops" TO rb_writer;'
+        'GRANT ALL ON ALL TABLES IN SCHEMA public, "Sales Ops" TO rb_writer;'
+        'GRANT ALL ON ALL SEQUENCES IN SCHEMA public, "Sales Ops" TO rb_writer'
+    )
+    url = staging.server.url(staging.name, user="rb_writer", password="writer-pw-9")
+    try:
+        staging.sql("DELETE FROM documents")
+        before = staging.sql("SELECT count(*) FROM customers")
+        refused = staging.run("rollback_manager.py", "restore", point, "--yes", env={"STAGING_DATABASE_URL": url})
+        assert refused.returncode == 2, refused.stderr
+        said = refused.stderr
+        assert "may not restore" in said and "in place" in said and "(owner postgres)" in said and "REASSIGN OWNED" in said
+        assert "Traceback" not in said and "Unexpected failure" not in said
+        assert staging.sql("SELECT count(*) FROM customers") == before and staging.sql("SELECT count(*) FROM documents") == [(0,)]
+        checked = staging.run("check_setup.py", "--json", env={"STAGING_DATABASE_URL": url})
+        restores = {f["item"]: f for f in json.loads(checked.stdout)}["restores"]
+        assert restores["status"] == "fail" and "not its own" in restores["detail"] and "OWNER TO rb_writer" in restores["fix"]
+        owner = staging.run("check_setup.py", "--json")
+        assert {f["item"]: f for f in json.loads(owner.stdout)}["restores"]["status"] == "ok"
+    finally:
+        staging.sql(
+            f'REVOKE ALL ON DATABASE "{staging.name}" FROM rb_writer;'
+            'REVOKE ALL ON ALL TABLES IN SCHEMA public, "Sales Ops" FROM rb_writer;'
+            'REVOKE ALL ON ALL SEQUENCES IN SCHEMA public, "Sales Ops" FROM rb_writer;'
+            'REVOKE USAGE ON SCHEMA public, "Sales Ops" FROM rb_writer'
+        )

@@ -11,7 +11,7 @@ from pathlib import Path
 from lib.config import ConnInfo, Settings
 from lib.errors import RollbackError
 from lib.files import human_size
-from lib.pg.db import connection, query, server_facts
+from lib.pg.db import connection, not_owned, query, server_facts
 from lib.pg.target import open_target
 from lib.pg.tools import candidates_for_server
 from lib.points.catalog import Catalog, refuse_a_file_for_a_folder
@@ -40,6 +40,7 @@ def _server(name: str, info: ConnInfo, settings: Settings, *, staging: bool) -> 
                 query(conn, "SELECT pg_has_role(current_user, 'pg_signal_backend', 'MEMBER') OR %s", (facts.is_superuser,))[0][0]
             )
             undo = _undo_finding(conn, settings) if staging else None
+            unowned = not_owned(conn) if staging else (0, [])
     except RollbackError as exc:
         findings.append(Finding(f"{name} server", "fail", exc.message, exc.hint or "Check the URL, the server and the password."))
         return findings, None
@@ -74,6 +75,7 @@ def _server(name: str, info: ConnInfo, settings: Settings, *, staging: bool) -> 
                 f"For template points and swap restores: ALTER ROLE {facts.current_user} CREATEDB;",
             )
         )
+        findings.append(_restore_finding(facts, info, unowned))
         findings.append(_copy_finding(settings, facts, info))
         findings.append(_pitr_finding(settings, conn_info=info))
         findings.append(undo)
@@ -88,6 +90,25 @@ def _server(name: str, info: ConnInfo, settings: Settings, *, staging: bool) -> 
             )
         )
     return findings, facts
+
+
+def _restore_finding(facts, info: ConnInfo, unowned: tuple[int, list[str]]) -> Finding:
+    """Whether this role can put staging back at all: by a swap (owner with CREATEDB, or a
+    superuser), else in place (owner of every object the restore makes again)."""
+    role = facts.current_user
+    if facts.is_superuser or (facts.can_create_db and facts.is_db_owner):
+        return Finding("restores", "ok", f"role {role} may swap a restored copy in")
+    count, named = unowned
+    if not count:
+        return Finding("restores", "ok", f"role {role} owns every object: restores run in place, in one transaction")
+    return Finding(
+        "restores",
+        "fail",
+        f"role {role} may neither swap a copy in (it needs to own {info.dbname} and CREATEDB) nor restore in place: "
+        f"{count} object(s) are not its own: {', '.join(named)}" + (" …" if count > len(named) else ""),
+        f"Run restores as the owner (or a superuser), or ALTER DATABASE {info.dbname} OWNER TO {role}; "
+        f"REASSIGN OWNED BY <old owner> TO {role}; (and ALTER ROLE {role} CREATEDB for swaps)",
+    )
 
 
 def _undo_finding(conn, settings: Settings) -> Finding:

@@ -295,6 +295,29 @@ def sessions_on(conn, dbname: str, *, own: bool = True) -> list[Session]:
     return [Session(*r) for r in rows]
 
 
+def not_owned(conn, limit: int = 5) -> tuple[int, list[str]]:
+    """The user schemas and relations of the connected database whose owner this role is
+    not (nor a member of): a restore in place drops and makes them again, which only
+    their owner may. Returns how many, and the first ``limit`` of them, named."""
+    rows = query(
+        conn,
+        """
+        WITH objects AS (
+            SELECT 'schema ' || quote_ident(n.nspname) AS what, n.nspowner AS owner
+              FROM pg_namespace n
+             WHERE n.nspname NOT IN ('information_schema', %s) AND n.nspname NOT LIKE 'pg\\_%%'
+            UNION ALL
+            SELECT CASE c.relkind WHEN 'S' THEN 'sequence ' WHEN 'v' THEN 'view ' WHEN 'm' THEN 'materialized view '
+                                  ELSE 'table ' END || quote_ident(n.nspname) || '.' || quote_ident(c.relname), c.relowner
+              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f') AND n.nspname NOT IN ('information_schema', %s)
+               AND n.nspname NOT LIKE 'pg\\_%%')
+        SELECT what, pg_get_userbyid(owner) FROM objects WHERE NOT pg_has_role(owner, 'MEMBER') ORDER BY what""",
+        (TOOLKIT_SCHEMA, TOOLKIT_SCHEMA),
+    )
+    return len(rows), [f"{what} (owner {owner})" for what, owner in rows[:limit]]
+
+
 def refuse_prepared_transactions(conn, dbname: str, doing: str) -> None:
     """A prepared transaction keeps a database busy for every copy, rename and drop, and
     no session can be ended to free it: refuse before anything starts, naming each one."""

@@ -33,6 +33,7 @@ from lib.pg.db import (
     database_properties,
     derived_name,
     execute,
+    not_owned,
     refuse_prepared_transactions,
     rename_database,
     replication_ties,
@@ -244,6 +245,17 @@ def restore_plan(target: Target, point: Point) -> RestorePlan:
         raise ConfigError(
             f"Role {f.current_user} may not create or rename databases, which restoring the database copy {point.id} needs.",
             "Run it as the database owner with CREATEDB, or as a superuser; or restore a dump point.",
+        )
+    with connection(target.info, target.dbname, application_name="rollback-toolkit restore plan") as conn:
+        count, named = not_owned(conn)
+    if count:
+        raise ConfigError(
+            f"Role {f.current_user} may not restore {target.dbname} in place: a restore in place drops and makes "
+            f"again every object of the point, which only their owner may, and {count} are not the role's: "
+            f"{', '.join(named)}{' …' if count > len(named) else ''}. Nothing was changed.",
+            f"Run it as their owner (or a superuser); or make the role own them: ALTER DATABASE {target.dbname} OWNER TO "
+            f"{f.current_user}; then, as the old owner, REASSIGN OWNED BY <old owner> TO {f.current_user}; "
+            "`python3 check_setup.py` checks it.",
         )
     reason = f"role {f.current_user} may not create or rename databases"
     return RestorePlan(point, IN_PLACE, sessions, reason)
